@@ -1,0 +1,1 @@
+"""Storage backends: where compressed blocks live (memory; disk tiers)."""

@@ -1,0 +1,183 @@
+"""The in-memory backend: every block in one growing contiguous buffer per level.
+
+Per level it keeps ``kv [N, Y, 2, H, K, D]``, ``vectors [N, V]`` (float32,
+plus unit-normalised copies for search) and metadata columns, all on the
+session's device. Buffers grow by doubling, so adding blocks is amortised
+O(1) and a search is one matrix-vector product over a contiguous view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import mukv
+from mukv.blocks import CompressedBlocks, KVLayout
+from mukv.errors import RetrievalError, StoreError
+from mukv.interfaces import BlockMeta, StorageBackend
+
+
+@dataclass
+class _Level:
+    n: int = 0
+    kv: torch.Tensor | None = None  # [cap, Y, 2, H, K, D]
+    vectors: torch.Tensor | None = None  # [cap, V] float32
+    unit: torch.Tensor | None = None  # [cap, V] float32, L2-normalised
+    positions: torch.Tensor | None = None  # [cap, K]
+    token_index: torch.Tensor | None = None  # [cap, K]
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)  # frame_start/end int64, t_start/end float64
+
+
+def _grow(buf: torch.Tensor | None, like: torch.Tensor, need: int) -> torch.Tensor:
+    if buf is not None and buf.shape[0] >= need:
+        return buf
+    cap = max(need, 16 if buf is None else 2 * buf.shape[0])
+    new = torch.empty((cap, *like.shape[1:]), dtype=like.dtype, device=like.device)
+    if buf is not None:
+        new[: buf.shape[0]] = buf
+    return new
+
+
+class MemoryBackend(StorageBackend):
+    """Blocks in RAM (CPU sessions) or GPU memory (CUDA sessions); nothing persists.
+
+    Args:
+        layout: the model's KV layout.
+        path: unused (must be ``None``).
+        device: where buffers live.
+    """
+
+    name = "memory"
+
+    def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu", **options: Any):
+        if path is not None:
+            raise StoreError("the memory backend keeps nothing on disk; pass path=None or choose a disk backend")
+        if options:
+            raise StoreError(f"the memory backend takes no options; got {sorted(options)}")
+        self.layout = layout
+        self.device = torch.device(device)
+        self._levels: dict[str, _Level] = {}
+        self._state: dict[str, Any] = {}
+
+    def _level(self, level: str) -> _Level:
+        return self._levels.setdefault(level, _Level())
+
+    # -- writing ------------------------------------------------------------------------
+    def add(self, blocks: CompressedBlocks) -> torch.Tensor:
+        b = len(blocks)
+        lay = self.layout
+        expect = (lay.num_layers, 2, lay.num_kv_heads, blocks.kv.shape[4], lay.head_dim)
+        if tuple(blocks.kv.shape[1:]) != expect:
+            raise StoreError(f"block KV shape {tuple(blocks.kv.shape[1:])} does not match the store's layout {expect}")
+        st = self._level(blocks.level)
+        if st.kv is not None and st.kv.shape[4] != blocks.kv.shape[4]:
+            raise StoreError(
+                f"level {blocks.level!r} stores {st.kv.shape[4]} tokens per block; got {blocks.kv.shape[4]}"
+            )
+        start, end = st.n, st.n + b
+        dev = self.device
+        kv = blocks.kv.to(dev, lay.dtype)
+        vec = blocks.vectors.to(dev, torch.float32)
+        columns = {
+            "frame_start": blocks.frame_start.to(dev, torch.int64),
+            "frame_end": blocks.frame_end.to(dev, torch.int64),
+            "t_start": blocks.t_start.to(dev, torch.float64),
+            "t_end": blocks.t_end.to(dev, torch.float64),
+        }
+        # allocate everything first, then write: a failure leaves n unchanged
+        st.kv = _grow(st.kv, kv, end)
+        st.vectors = _grow(st.vectors, vec, end)
+        st.unit = _grow(st.unit, vec, end)
+        st.positions = _grow(st.positions, blocks.positions.to(dev, torch.int64), end)
+        st.token_index = _grow(st.token_index, blocks.token_index.to(dev, torch.int64), end)
+        for key, col in columns.items():
+            st.meta[key] = _grow(st.meta.get(key), col, end)
+        st.kv[start:end] = kv
+        st.vectors[start:end] = vec
+        st.unit[start:end] = F.normalize(vec, dim=-1)
+        st.positions[start:end] = blocks.positions
+        st.token_index[start:end] = blocks.token_index
+        for key, col in columns.items():
+            st.meta[key][start:end] = col
+        st.n = end
+        return torch.arange(start, end)
+
+    def set_state(self, key: str, value: Any) -> None:
+        self._state[key] = value
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    # -- reading ------------------------------------------------------------------------
+    def count(self, level: str) -> int:
+        st = self._levels.get(level)
+        return 0 if st is None else st.n
+
+    def _ids(self, level: str, ids: torch.Tensor) -> tuple[_Level, torch.Tensor]:
+        st = self._levels.get(level)
+        n = 0 if st is None else st.n
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device).reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise RetrievalError(f"level {level!r}: block ids out of range (stored: {n})")
+        return st, ids
+
+    def search(self, level: str, query: torch.Tensor, k: int, within: torch.Tensor | None = None):
+        n = self.count(level)
+        empty = torch.empty(0, dtype=torch.int64, device=self.device), torch.empty(0, device=self.device)
+        if n == 0 or k <= 0:
+            return empty
+        st = self._levels[level]
+        q = F.normalize(query.to(self.device, torch.float32).reshape(-1), dim=0)
+        sims = st.unit[:n] @ q  # [N]
+        if within is not None:
+            within = within.to(self.device).reshape(-1, 2)
+            fs, fe = st.meta["frame_start"][:n], st.meta["frame_end"][:n]
+            ok = ((fs[:, None] >= within[None, :, 0]) & (fe[:, None] <= within[None, :, 1])).any(dim=1)
+            sims = sims.masked_fill(~ok, float("-inf"))
+            k = min(k, int(ok.sum()))
+            if k == 0:
+                return empty
+        scores, ids = sims.topk(min(k, n))
+        return ids, scores
+
+    def vectors(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        st, ids = self._ids(level, ids)
+        return st.vectors.index_select(0, ids) if ids.numel() else torch.empty(0, self.layout.vector_dim)
+
+    def metadata(self, level: str, ids: torch.Tensor) -> BlockMeta:
+        st, ids = self._ids(level, ids)
+        cols = {k: v.index_select(0, ids) for k, v in st.meta.items()} if st is not None else {}
+        if not cols:
+            z = torch.empty(0, dtype=torch.int64)
+            return BlockMeta(z, z, z.double(), z.double())
+        return BlockMeta(cols["frame_start"], cols["frame_end"], cols["t_start"], cols["t_end"])
+
+    def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        st, ids = self._ids(level, ids)
+        return st.kv.index_select(0, ids)
+
+    def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        st, ids = self._ids(level, ids)
+        return st.positions.index_select(0, ids)
+
+    def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        st, ids = self._ids(level, ids)
+        return st.token_index.index_select(0, ids)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, st in self._levels.items():
+            k = 0 if st.kv is None else st.kv.shape[4]
+            out[name] = {"blocks": st.n, "tokens": st.n * k, "bytes": st.n * k * self.layout.token_bytes()}
+        return out
+
+    def close(self) -> None:
+        self._levels.clear()
+
+
+@mukv.hookimpl
+def mukv_register_backends(register):
+    register("memory", MemoryBackend)

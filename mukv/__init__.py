@@ -1,0 +1,49 @@
+"""mukv: multi-grained KV-cache memory for long streaming video question answering.
+
+The one import a plugin needs is :data:`hookimpl`; the one class an application
+needs is :class:`Session`.
+"""
+
+from __future__ import annotations
+
+from .hookspecs import hookimpl
+from .errors import (
+    ConfigError,
+    EmptyMemoryError,
+    InputError,
+    MukvError,
+    RetrievalError,
+    StoreError,
+    UnknownPluginError,
+)
+from .config import MukvConfig, LevelConfig
+from .registry import register_plugin, registry, unregister_plugin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl",
+    "Session",
+    "MukvConfig",
+    "LevelConfig",
+    "register_plugin",
+    "unregister_plugin",
+    "registry",
+    "MukvError",
+    "ConfigError",
+    "UnknownPluginError",
+    "InputError",
+    "EmptyMemoryError",
+    "RetrievalError",
+    "StoreError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Session pulls in torch and transformers; import it on first use only.
+    if name == "Session":
+        from .session import Session
+
+        return Session
+    raise AttributeError(f"module 'mukv' has no attribute {name!r}")

@@ -1,0 +1,210 @@
+"""The data that flows through the pipeline, one batch of blocks at a time.
+
+Shape letters used throughout mukv:
+
+* ``B`` blocks in a batch, ``L`` tokens per block before compression,
+  ``K`` tokens per block after compression,
+* ``Y`` layers of the language model, ``H`` key/value heads, ``D`` head dim,
+* ``P`` tokens of the system prompt, ``V`` = ``H * D`` (vector dimension).
+
+KV tensors are laid out ``[Y, 2, B, H, L, D]`` during ingest (``2`` = keys,
+values) and ``[B, Y, 2, H, K, D]`` once stored (one contiguous row per block).
+Keys are stored with RoPE already applied, at the positions recorded in
+``positions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import LevelConfig
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of a model's KV cache: what a backend needs to allocate storage.
+
+    Attributes:
+        num_layers: Y, decoder layers.
+        num_kv_heads: H, key/value heads per layer.
+        head_dim: D.
+        dtype: storage dtype of keys and values.
+        model_id: a string identifying the model family and shape; a store
+            written with one layout refuses to open with another.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    model_id: str = ""
+
+    @property
+    def vector_dim(self) -> int:
+        """V = H * D, dimension of block and query vectors."""
+        return self.num_kv_heads * self.head_dim
+
+    def token_bytes(self) -> int:
+        """Bytes of KV per token over all layers (keys and values)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class PrefilledBlocks:
+    """A batch of blocks of one level after the language model ran over them.
+
+    Attributes:
+        level: the level's configuration.
+        kv: ``[Y, 2, B, H, L, D]`` keys and values of every layer (RoPE applied).
+        attention: ``[B, L]`` attention each token receives from the block's own
+            queries in the last layer, averaged over heads and summed over queries
+            (system-prompt columns dropped); ``None`` if not computed.
+        token_index: ``[B, L]`` index of each token inside its window of
+            ``level.frames`` frames (frame-major, raster order within a frame).
+        frame_start: ``[B]`` global index of the first frame of each block.
+        frame_end: ``[B]`` one past the last frame of each block.
+        positions: ``[B, L]`` RoPE positions the keys were rotated with.
+        grid: ``(h, w)`` visual tokens per frame as a grid.
+    """
+
+    level: LevelConfig
+    kv: torch.Tensor
+    attention: torch.Tensor | None
+    token_index: torch.Tensor
+    frame_start: torch.Tensor
+    frame_end: torch.Tensor
+    positions: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[B, H, L, D]`` last-layer keys (a view)."""
+        return self.kv[-1, 0]
+
+    @property
+    def num_blocks(self) -> int:
+        """B."""
+        return self.kv.shape[2]
+
+    @property
+    def block_len(self) -> int:
+        """L."""
+        return self.kv.shape[4]
+
+
+@dataclass
+class CompressedBlocks:
+    """A batch of compressed blocks of one level, ready to be stored.
+
+    Attributes:
+        level: name of the level.
+        kv: ``[B, Y, 2, H, K, D]`` kept keys and values, contiguous.
+        vectors: ``[B, V]`` representative vector of each block (mean of kept
+            last-layer keys, flattened over heads), float32.
+        kept: ``[B, K]`` kept token indices inside the block, ascending.
+        positions: ``[B, K]`` RoPE positions of the kept keys.
+        frame_start: ``[B]`` first frame of each block (global index).
+        frame_end: ``[B]`` one past the last frame.
+        t_start: ``[B]`` stream time (seconds) of the first frame, float64.
+        t_end: ``[B]`` stream time of the last frame, float64.
+        token_index: ``[B, K]`` kept tokens' index inside the block's window
+            (frame-major), so a kept token maps back to a frame and a grid cell.
+    """
+
+    level: str
+    kv: torch.Tensor
+    vectors: torch.Tensor
+    kept: torch.Tensor
+    positions: torch.Tensor
+    frame_start: torch.Tensor
+    frame_end: torch.Tensor
+    t_start: torch.Tensor
+    t_end: torch.Tensor
+    token_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.kv.shape[0]
+
+
+@dataclass
+class Hits:
+    """Blocks of one level chosen by a retriever.
+
+    Attributes:
+        level: level name.
+        ids: ``[k]`` block ids (per-level, in storage order), int64.
+        scores: ``[k]`` retrieval scores (higher = better), float32, sorted descending.
+    """
+
+    level: str
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass
+class Query:
+    """A question, as the retriever sees it.
+
+    Attributes:
+        text: the question.
+        vector: ``[V]`` last-layer key of the question's final token, float32.
+        time: stream time (seconds) when it was asked.
+        frames_seen: frames fed before it was asked.
+    """
+
+    text: str
+    vector: torch.Tensor
+    time: float
+    frames_seen: int
+
+
+@dataclass(frozen=True)
+class RetrievedBlock:
+    """One block used to answer, for the application and for plots."""
+
+    level: str
+    block_id: int
+    score: float
+    frame_start: int
+    frame_end: int
+    t_start: float
+    t_end: float
+    tokens: int
+
+
+@dataclass
+class Answer:
+    """What ``Session.ask`` returns.
+
+    Attributes:
+        question: the question asked.
+        text: the generated answer.
+        blocks: the retrieved blocks, in the order they were assembled.
+        kv_tokens: KV tokens in the answer context (system prompt included).
+        timings: seconds per stage ("query", "retrieve", "page_in", "prefill",
+            "first_token", "generate", "total").
+        notes: anything the caller should know (e.g. a top-k clamped to what
+            is stored).
+    """
+
+    question: str
+    text: str
+    blocks: list[RetrievedBlock] = field(default_factory=list)
+    kv_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def levels(self) -> dict[str, int]:
+        """Retrieved blocks per level."""
+        out: dict[str, int] = {}
+        for b in self.blocks:
+            out[b.level] = out.get(b.level, 0) + 1
+        return out

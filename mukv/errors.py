@@ -1,0 +1,52 @@
+"""Errors raised by mukv.
+
+Every error a user can trigger derives from :class:`MukvError`, so an
+application can catch one type. Each message names the offending value and,
+where there is a fixed set of valid choices, lists them.
+"""
+
+from __future__ import annotations
+
+
+class MukvError(Exception):
+    """Base class of every error mukv raises on purpose."""
+
+
+class ConfigError(MukvError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class UnknownPluginError(ConfigError, KeyError):
+    """A component name is not registered for its role.
+
+    Attributes:
+        role: the registry role ("scorers", "retrievers", ...).
+        name: the name that was asked for.
+        choices: the names registered for that role.
+        field: the configuration field that held the name, if any.
+    """
+
+    def __init__(self, role: str, name: str, choices: list[str], field: str | None = None):
+        self.role, self.name, self.choices, self.field = role, name, sorted(choices), field
+        where = f" (config field {field!r})" if field else ""
+        listed = ", ".join(self.choices) if self.choices else "none"
+        super().__init__(f"unknown {role[:-1]} {name!r}{where}; registered {role}: {listed}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+class InputError(MukvError, ValueError):
+    """Frames, timestamps, questions or files given to a session are invalid."""
+
+
+class EmptyMemoryError(MukvError, RuntimeError):
+    """A question was asked before any block was stored."""
+
+
+class RetrievalError(MukvError, ValueError):
+    """A retrieval request cannot be served from what is stored."""
+
+
+class StoreError(MukvError, RuntimeError):
+    """A store is missing, damaged, or does not match the session."""

@@ -1,0 +1,127 @@
+"""Validation and reading of frames: what ``Session.feed`` and ``Session.ingest`` accept."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def as_frames(frames: Any, expect_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Validate frames and return ``uint8 [n, H, W, 3]`` (a CPU tensor, no copy where possible).
+
+    Accepts a numpy array or torch tensor of shape ``[n, H, W, 3]`` or a single
+    ``[H, W, 3]`` frame, dtype uint8.
+
+    Raises:
+        InputError: wrong type, dtype, shape, an empty batch, or a frame size
+            different from ``expect_hw``.
+    """
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise InputError(f"frames must be uint8 RGB (0-255); got dtype {frames.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(frames))
+    elif isinstance(frames, torch.Tensor):
+        if frames.dtype != torch.uint8:
+            raise InputError(f"frames must be uint8 RGB (0-255); got dtype {frames.dtype}")
+        t = frames.detach().cpu()
+    else:
+        raise InputError(f"frames must be a numpy array or torch tensor of uint8 [n, H, W, 3]; got {type(frames).__name__}")
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise InputError(f"frames must have shape [n, H, W, 3] (RGB, channels last); got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise InputError("no frames given (an empty batch)")
+    if t.shape[1] < 2 or t.shape[2] < 2:
+        raise InputError(f"frames are too small: {t.shape[1]}x{t.shape[2]} pixels")
+    hw = (int(t.shape[1]), int(t.shape[2]))
+    if expect_hw is not None and hw != expect_hw:
+        raise InputError(
+            f"frame size changed: the stream's frames are {expect_hw[0]}x{expect_hw[1]}, these are {hw[0]}x{hw[1]}; "
+            "resize them, or start a new stream"
+        )
+    return t
+
+
+def as_timestamps(timestamps: Any, n: int, after: float | None) -> torch.Tensor | None:
+    """Validate ``n`` timestamps (seconds): finite, strictly increasing, after ``after``."""
+    if timestamps is None:
+        return None
+    try:
+        ts = torch.as_tensor(np.asarray(timestamps, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"timestamps must be numbers (seconds): {exc}") from None
+    if ts.numel() != n:
+        raise InputError(f"got {ts.numel()} timestamps for {n} frames")
+    if not torch.isfinite(ts).all():
+        raise InputError("timestamps must be finite numbers (seconds)")
+    if n > 1 and not bool((ts[1:] > ts[:-1]).all()):
+        raise InputError("timestamps must be strictly increasing")
+    if after is not None and float(ts[0]) <= after:
+        raise InputError(f"timestamps must continue the stream: first {float(ts[0])} <= last fed {after}")
+    return ts
+
+
+def iter_chunks(frames: Iterable[Any], size: int) -> Iterator[torch.Tensor]:
+    """Group an iterable of single frames (``[H, W, 3]``) or batches into batches of ``size``."""
+    buf: list[torch.Tensor] = []
+    count = 0
+    for item in frames:
+        t = as_frames(item)
+        buf.append(t)
+        count += t.shape[0]
+        if count >= size:
+            yield torch.cat(buf)
+            buf, count = [], 0
+    if buf:
+        yield torch.cat(buf)
+
+
+def read_video(path: str | Path, fps: float, chunk: int = 64) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Sample a video file at ``fps`` with decord.
+
+    Returns:
+        ``(n, chunks)``: the number of sampled frames and an iterator of
+        ``(frames uint8 [c, H, W, 3], times [c] seconds from the video's start)``.
+
+    Raises:
+        InputError: missing, unreadable or empty file, or a bad ``fps``.
+    """
+    p = Path(path)
+    if not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"fps must be a positive number; got {fps!r}")
+    if not p.exists():
+        raise InputError(f"video file not found: {p}")
+    if not p.is_file():
+        raise InputError(f"not a file: {p}")
+    try:
+        import decord
+    except ImportError:  # pragma: no cover - decord is a dependency of the video extra
+        raise InputError("reading video files needs decord: pip install 'mukv[video]'") from None
+    try:
+        vr = decord.VideoReader(str(p), ctx=decord.cpu(0))
+        total = len(vr)
+        native = float(vr.get_avg_fps())
+    except Exception as exc:  # decord raises its own DECORDError
+        raise InputError(f"cannot read video {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if total == 0 or native <= 0:
+        raise InputError(f"video {p} has no frames")
+    duration = total / native
+    times = np.arange(0.0, duration, 1.0 / fps)
+    idx = np.minimum(np.round(times * native).astype(np.int64), total - 1)
+
+    def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for s in range(0, len(idx), chunk):
+            try:
+                batch = vr.get_batch(idx[s : s + chunk].tolist()).asnumpy()
+            except Exception as exc:
+                raise InputError(f"cannot decode {p} near frame {int(idx[s])}: {exc}") from None
+            yield torch.from_numpy(batch), torch.from_numpy(times[s : s + chunk])
+
+    return len(idx), gen()

@@ -1,0 +1,133 @@
+"""The hook specifications of mukv: the one place that says what a plugin can do.
+
+A plugin is any module or object with functions decorated by
+:data:`mukv.hookimpl`. Every hook receives a ``register`` callback and calls it
+once per component it contributes::
+
+    import mukv
+
+    @mukv.hookimpl
+    def mukv_register_scorers(register):
+        register("key_norm", lambda blocks: blocks.keys.norm(dim=-1).mean(dim=1))
+
+Hooks run once, when the registry is built (the first time a session is
+created, or after :func:`mukv.register_plugin`). They never run per block,
+per layer or per question: the components they register are what the hot path
+calls.
+
+The ``register`` callback has the signature ``register(name: str, component)``.
+Registering a name that is already taken raises :class:`mukv.errors.ConfigError`
+unless the component is the same object.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mukv")
+hookimpl = pluggy.HookimplMarker("mukv")
+
+Register = Callable[[str, object], None]
+
+
+@hookspec
+def mukv_register_extractors(register: Register) -> None:
+    """Register granularity extractors: how a level cuts frames into blocks.
+
+    :param register: call ``register(name, extractor)`` once per extractor.
+        ``extractor`` is a :class:`mukv.interfaces.GranularityExtractor`
+        subclass (instantiated with no arguments) or instance. Its one method,
+        ``split(level, frames, grid)``, returns a ``LongTensor[n_blocks, block_len]``
+        of token indices into a window of ``level.frames`` frames of
+        ``grid[0] * grid[1]`` visual tokens each (frame-major, raster order).
+
+    Called once, when the registry is built. A level selects its extractor by
+    name with ``LevelConfig.extractor``.
+    """
+
+
+@hookspec
+def mukv_register_scorers(register: Register) -> None:
+    """Register token scorers: how important each token of a block is.
+
+    :param register: call ``register(name, scorer)`` once per scorer. ``scorer``
+        is a :class:`mukv.interfaces.TokenScorer` subclass (built with
+        ``from_config(config)``), an instance, or a plain function
+        ``f(blocks: PrefilledBlocks) -> Tensor[B, L]``. Higher scores mean keep.
+
+    Called once, when the registry is built. The configuration chooses a scorer
+    with ``scoring.scorer`` (or per level with ``LevelConfig.scorer``).
+    """
+
+
+@hookspec
+def mukv_register_compressors(register: Register) -> None:
+    """Register compressors: which tokens of a block are kept, given scores.
+
+    :param register: call ``register(name, compressor)`` once per compressor: a
+        :class:`mukv.interfaces.Compressor` subclass (built with
+        ``from_config(config)``) or instance. Its one method,
+        ``select(blocks, scores) -> LongTensor[B, K]``, returns kept token
+        indices in time order.
+
+    Called once, when the registry is built; chosen with ``compression.compressor``.
+    """
+
+
+@hookspec
+def mukv_register_retrievers(register: Register) -> None:
+    """Register retrievers: which stored blocks answer a question.
+
+    :param register: call ``register(name, retriever)`` once per retriever: a
+        :class:`mukv.interfaces.Retriever` subclass (built with
+        ``from_config(config)``) or instance. Its one method,
+        ``retrieve(query, index, plan) -> list[Hits]``, searches a
+        :class:`mukv.interfaces.BlockIndex`.
+
+    Called once, when the registry is built; chosen with ``retrieval.retriever``.
+    """
+
+
+@hookspec
+def mukv_register_backends(register: Register) -> None:
+    """Register storage backends: where compressed blocks live.
+
+    :param register: call ``register(name, backend_class)`` once per backend: a
+        :class:`mukv.interfaces.StorageBackend` subclass, constructed as
+        ``backend_class(layout=KVLayout, path=..., device=..., **options)``.
+
+    Called once, when the registry is built; chosen with ``Session(backend=name)``.
+    Heavy optional imports belong inside the class, not at module import.
+    """
+
+
+@hookspec
+def mukv_register_models(register: Register) -> None:
+    """Register model adapters and model presets.
+
+    :param register: call ``register(name, factory)`` once per entry. ``factory``
+        is either a :class:`mukv.interfaces.ModelAdapter` subclass whose
+        ``model_types`` attribute lists the Hugging Face ``config.model_type``
+        values it loads from a local checkpoint directory
+        (``cls.from_pretrained(path, device=..., dtype=...)``), or a preset: a
+        function ``f(device, dtype) -> ModelAdapter`` that builds a model
+        without downloading anything.
+
+    Called once, when the registry is built; chosen with ``Session(model=...)``.
+    """
+
+
+@hookspec
+def mukv_register_policies(register: Register) -> None:
+    """Register policies: named configurations (MuKV itself and the baselines).
+
+    :param register: call ``register(name, overrides)`` once per policy, where
+        ``overrides`` is a ``dict`` of :class:`mukv.config.MukvConfig` fields
+        (nested dicts allowed) applied over the defaults, or a function
+        ``f() -> dict``.
+
+    Called once, when the registry is built; chosen with
+    ``Session(policy=name)`` or ``MukvConfig.from_policy(name)``.
+    """

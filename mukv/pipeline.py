@@ -1,0 +1,187 @@
+"""The offline side of MuKV: frames in, compressed blocks of every level stored.
+
+For each level the :class:`LevelPipeline` holds its resolved components
+(extractor split, scorer, compressor). :class:`Ingestor` keeps the encoded
+frames that some level has not consumed yet and, when a feed completes
+windows, runs each level batched:
+
+    windows -> blocks [B, L, E] -> prefill (one pass per batch, sdpa, last-layer
+    column sums) -> scores [B, L] -> kept [B, K] -> KV gather [B, Y, 2, H, K, D]
+    + vectors [B, V] -> backend.add
+
+Bookkeeping (cursors, times) stays here; byte movement is in the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .blocks import CompressedBlocks, PrefilledBlocks
+from .config import LevelConfig, MukvConfig
+from .interfaces import Compressor, GranularityExtractor, StorageBackend, TokenScorer
+from .model import HFVideoLLM, PrefixKV
+
+
+@dataclass
+class LevelPipeline:
+    """A level with its components resolved for one model.
+
+    Attributes:
+        level: the level's configuration.
+        split: ``LongTensor[n_blocks, L]`` token indices of each block in a window.
+        scorer: token scorer.
+        compressor: compressor.
+        kept: K, tokens kept per block.
+    """
+
+    level: LevelConfig
+    split: torch.Tensor
+    scorer: TokenScorer
+    compressor: Compressor
+    kept: int
+
+    @property
+    def block_len(self) -> int:
+        return self.split.shape[1]
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.kept < self.block_len and getattr(self.scorer, "needs_attention", False)
+
+
+class Ingestor:
+    """Turns a growing sequence of encoded frames into stored blocks.
+
+    Args:
+        model: the model adapter.
+        prefix: the system prompt's KV.
+        levels: resolved levels.
+        backend: the store.
+        config: session configuration.
+    """
+
+    def __init__(self, model: HFVideoLLM, prefix: PrefixKV, levels: list[LevelPipeline], backend: StorageBackend,
+                 config: MukvConfig, start_frame: int = 0, cursors: dict[str, int] | None = None):
+        self.model = model
+        self.prefix = prefix
+        self.levels = levels
+        self.backend = backend
+        self.config = config
+        self.frames_seen = start_frame
+        self.cursor = {lp.level.name: start_frame for lp in levels}
+        if cursors:
+            self.cursor.update(cursors)
+        self._pending = None  # [n, T, E] encoded frames from frame index self._pending_start
+        self._pending_start = start_frame
+        self._times = torch.empty(0, dtype=torch.float64)  # times of frames from self._times_start
+        self._times_start = start_frame
+        self.on_stored: Callable[[CompressedBlocks], None] | None = None
+
+    # ------------------------------------------------------------------------------
+    def add_frames(self, embeds: torch.Tensor, times: torch.Tensor) -> int:
+        """Append encoded frames ``[n, T, E]`` with their times ``[n]`` and store
+        every block they complete. Returns the number of blocks stored."""
+        if self._pending is None:
+            self._pending = embeds
+        else:
+            self._pending = torch.cat([self._pending, embeds])
+        self._times = torch.cat([self._times, times.to(torch.float64)])
+        self.frames_seen += embeds.shape[0]
+        stored = 0
+        for lp in self.levels:
+            stored += self._run_level(lp)
+        self._trim()
+        return stored
+
+    def time_of(self, frames: torch.Tensor) -> torch.Tensor:
+        """Stream times of global frame indices (float64)."""
+        return self._times[(frames - self._times_start).clamp_min(0)]
+
+    def last_time(self) -> float | None:
+        return float(self._times[-1]) if self._times.numel() else None
+
+    def _trim(self) -> None:
+        low = min(self.cursor.values())
+        drop = low - self._pending_start
+        if drop > 0 and self._pending is not None:
+            self._pending = self._pending[drop:]
+            self._pending_start = low
+        # keep times of frames still pending, plus the newest one (for timestamps)
+        keep_from = min(low, self.frames_seen - 1)
+        tdrop = keep_from - self._times_start
+        if tdrop > 0:
+            self._times = self._times[tdrop:]
+            self._times_start = keep_from
+
+    def _run_level(self, lp: LevelPipeline) -> int:
+        name, frames = lp.level.name, lp.level.frames
+        windows = (self.frames_seen - self.cursor[name]) // frames
+        if windows <= 0:
+            return 0
+        per_window = lp.split.shape[0]
+        # one batch = whole windows, at most prefill_batch_tokens tokens (at least one window)
+        wb = max(1, self.config.stream.prefill_batch_tokens // max(1, per_window * lp.block_len))
+        stored = 0
+        for w0 in range(0, windows, wb):
+            nw = min(wb, windows - w0)
+            first = self.cursor[name]
+            blocks = self._prefill(lp, first, nw)
+            compressed = self._compress(lp, blocks)
+            self.backend.add(compressed)
+            if self.on_stored is not None:
+                self.on_stored(compressed)
+            self.cursor[name] = first + nw * frames
+            stored += len(compressed)
+        return stored
+
+    def _prefill(self, lp: LevelPipeline, first: int, nw: int) -> PrefilledBlocks:
+        frames, tpf = lp.level.frames, self.model.tokens_per_frame
+        off = first - self._pending_start
+        window_tokens = self._pending[off : off + nw * frames].reshape(nw, frames * tpf, -1)  # [nw, F*T, E]
+        split = lp.split.to(window_tokens.device)
+        per_window = split.shape[0]
+        embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
+        kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention)
+        start = torch.arange(nw).repeat_interleave(per_window) * frames + first
+        b = embeds.shape[0]
+        return PrefilledBlocks(
+            level=lp.level, kv=kv, attention=attention,
+            token_index=split.repeat(nw, 1), frame_start=start, frame_end=start + frames,
+            positions=positions[None].expand(b, -1), grid=self.model.grid,
+        )
+
+    def _compress(self, lp: LevelPipeline, blocks: PrefilledBlocks) -> CompressedBlocks:
+        b, length = blocks.num_blocks, blocks.block_len
+        device = blocks.kv.device
+        if lp.kept >= length:
+            kept = torch.arange(length, device=device).expand(b, -1)
+        else:
+            scores = lp.scorer.score(blocks)
+            if scores.shape != (b, length):
+                raise RuntimeError(
+                    f"scorer for level {lp.level.name!r} returned shape {tuple(scores.shape)}; expected {(b, length)}"
+                )
+            kept = lp.compressor.select(blocks, scores.to(device))
+            if kept.shape != (b, lp.kept):
+                raise RuntimeError(
+                    f"compressor returned shape {tuple(kept.shape)} for level {lp.level.name!r}; expected {(b, lp.kept)}"
+                )
+        kept = kept.to(device)
+        y, _, _, h, _, d = blocks.kv.shape
+        # one gather over every layer: [Y, 2, B, H, L, D] -> [Y, 2, B, H, K, D] -> [B, Y, 2, H, K, D]
+        idx = kept[None, None, :, None, :, None].expand(y, 2, b, h, lp.kept, d)
+        kv = blocks.kv.gather(4, idx).permute(2, 0, 1, 3, 4, 5).contiguous()
+        last_keys = kv[:, -1, 0]  # [B, H, K, D]
+        vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
+        frame_start = blocks.frame_start
+        frame_end = blocks.frame_end
+        return CompressedBlocks(
+            level=lp.level.name, kv=kv, vectors=vectors, kept=kept,
+            positions=blocks.positions.to(device).gather(1, kept),
+            frame_start=frame_start, frame_end=frame_end,
+            t_start=self.time_of(frame_start), t_end=self.time_of(frame_end - 1),
+            token_index=blocks.token_index.to(device).gather(1, kept),
+        )

@@ -1,0 +1,392 @@
+"""``mukv.Session``: the application API.
+
+    s = mukv.Session(model="tiny-llava-ov", backend="memory")
+    s.feed(frames)                      # uint8 [n, H, W, 3], again and again
+    s.ingest("video.mp4", fps=0.5)      # a file, sampled with decord
+    answer = s.ask("what color was the car?")
+    s.stats()
+
+A session is thread-safe: ``feed`` and ``ask`` may be called from different
+threads; calls are serialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .assembly import Piece, assemble
+from .blocks import Answer, Query, RetrievedBlock
+from .config import MukvConfig
+from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
+from .frames import as_frames, as_timestamps, iter_chunks, read_video
+from .interfaces import (
+    Compressor,
+    GranularityExtractor,
+    ModelAdapter,
+    Retriever,
+    StorageBackend,
+    TokenScorer,
+    build_component,
+)
+from .model import HFVideoLLM
+from .pipeline import Ingestor, LevelPipeline
+from .registry import registry
+
+MAX_QUESTION_TOKENS = 2048
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: torch.dtype | None = None) -> HFVideoLLM:
+    """A model adapter from a registered name (preset), a local checkpoint directory, or an adapter."""
+    if isinstance(model, ModelAdapter):
+        return model  # type: ignore[return-value]
+    if not isinstance(model, (str, Path)) or not str(model):
+        raise ConfigError(f"model must be a preset name, a checkpoint directory or a ModelAdapter; got {model!r}")
+    reg = registry()
+    path = Path(model)
+    if isinstance(model, str) and model in reg.entries["models"]:
+        factory = reg.get("models", model)
+        if isinstance(factory, type):
+            raise ConfigError(f"model {model!r} is an adapter class; pass a checkpoint directory it can load")
+        return factory(device=device, dtype=dtype)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise StoreError(f"{path}: not a model checkpoint (no config.json)")
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{cfg_file}: unreadable ({exc})") from None
+        adapters = {
+            t: e.component for e in reg.entries["models"].values()
+            if isinstance(e.component, type) for t in getattr(e.component, "model_types", ())
+        }
+        if model_type not in adapters:
+            raise ConfigError(f"no model adapter for model_type {model_type!r}; adapters exist for {sorted(adapters)}")
+        return adapters[model_type].from_pretrained(path, device=device, dtype=dtype)
+    presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]
+    raise ConfigError(f"unknown model {str(model)!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
+
+
+class Session:
+    """A stream's memory and the questions asked about it.
+
+    Args:
+        model: a registered preset ("tiny-llava-ov", "mukv-tiny", ...), a local
+            checkpoint directory, or a :class:`~mukv.interfaces.ModelAdapter`
+            (share one between sessions to load weights once).
+        backend: registered storage backend ("memory", ...).
+        path: where a disk backend keeps its store.
+        config: a :class:`MukvConfig`, a dict of fields, or ``None`` for the
+            policy's (default: MuKV's) configuration.
+        policy: a registered policy name ("mukv", "rekv", "uniform",
+            "sliding_window", "full_context", ...); ``config`` is applied over it.
+        device: torch device; default CUDA if available else CPU.
+        dtype: model dtype; default bf16 on CUDA, float32 on CPU.
+        stream_id: which stream of the store this session reads and writes.
+        backend_options: extra keyword arguments for the backend.
+        progress: show progress bars on long work.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelAdapter = "tiny-llava-ov",
+        backend: str = "memory",
+        path: str | Path | None = None,
+        config: MukvConfig | dict[str, Any] | None = None,
+        policy: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        stream_id: str = "default",
+        backend_options: dict[str, Any] | None = None,
+        progress: bool = False,
+    ):
+        self._lock = threading.RLock()
+        if policy is not None:
+            if not isinstance(policy, str):
+                raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
+            base = MukvConfig.from_policy(policy)
+            self.config = MukvConfig.build(base, **(config.model_dump() if isinstance(config, MukvConfig) else config or {}))
+        else:
+            self.config = MukvConfig.build(config)
+        self.progress = progress
+        self.stream_id = stream_id
+        reg = registry()
+        self.device = torch.device(device) if device is not None else default_device()
+        # resolve every component name before loading anything heavy
+        backend_cls = reg.get("backends", backend, field="backend") if isinstance(backend, str) else None
+        if backend_cls is None:
+            raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
+        self.retriever: Retriever = build_component(
+            "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
+            self.config, Retriever)
+        compressor: Compressor = build_component(
+            "compressors", reg.get("compressors", self.config.compression.compressor, "compression.compressor"),
+            self.config, Compressor)
+        extractors, scorers = {}, {}
+        for i, lv in enumerate(self.config.levels):
+            extractors[lv.name] = build_component(
+                "extractors", reg.get("extractors", lv.extractor, f"levels.{i}.extractor"), self.config,
+                GranularityExtractor)
+            sname = lv.scorer or self.config.scoring.scorer
+            field = f"levels.{i}.scorer" if lv.scorer else "scoring.scorer"
+            scorers[lv.name] = build_component("scorers", reg.get("scorers", sname, field), self.config, TokenScorer)
+
+        self.model = load_model(model, self.device, dtype)
+        self.device = self.model.device
+        self.levels: list[LevelPipeline] = []
+        for lv in self.config.levels:
+            split = extractors[lv.name].split(lv, self.model.grid)
+            if split.ndim != 2 or split.shape[1] == 0:
+                raise ConfigError(f"extractor {lv.extractor!r} returned an invalid split of shape {tuple(split.shape)}")
+            self.levels.append(LevelPipeline(lv, split, scorers[lv.name], compressor,
+                                             Compressor.kept_count(lv, split.shape[1])))
+        self.backend: StorageBackend = backend_cls(
+            layout=self.model.layout, path=None if path is None else str(path), device=self.device,
+            **({"stream_id": stream_id} if path is not None else {}), **(backend_options or {}))
+        self.prefix = self.model.prefix(self.config.generation.system_prompt)
+        start = int(self.backend.get_state("frames_seen", 0) or 0)
+        cursors = self.backend.get_state("cursors", None)
+        self._ingestor = Ingestor(self.model, self.prefix, self.levels, self.backend, self.config, start, cursors)
+        self._frame_hw: tuple[int, int] | None = None
+        last = self.backend.get_state("last_time", None)
+        self._last_time: float | None = last
+        self._closed = False
+
+    # -- feeding --------------------------------------------------------------------------
+    def feed(self, frames: Any, timestamps: Any = None) -> int:
+        """Add frames to the stream; store every block they complete.
+
+        Args:
+            frames: ``uint8 [n, H, W, 3]`` (numpy or torch), one ``[H, W, 3]``
+                frame, or an iterable of frames or batches (a live source).
+            timestamps: ``[n]`` stream times in seconds (strictly increasing,
+                after the last fed frame); default: ``1 / config.stream.fps``
+                apart, continuing the stream.
+
+        Returns:
+            Number of blocks stored (all levels).
+
+        Raises:
+            InputError: bad frames or timestamps; nothing of the call is stored.
+        """
+        with self._lock:
+            self._check_open()
+            if isinstance(frames, (np.ndarray, torch.Tensor)):
+                return self._feed_batch(as_frames(frames, self._frame_hw), timestamps)
+            if timestamps is not None:
+                raise InputError("timestamps can only be given with an array of frames, not an iterable")
+            if isinstance(frames, (str, bytes, Path)):
+                raise InputError("feed() takes frames; use ingest() for a video file")
+            if not isinstance(frames, Iterable):
+                raise InputError(f"frames must be an array of uint8 [n, H, W, 3] or an iterable of frames; got {type(frames).__name__}")
+            stored = 0
+            for chunk in iter_chunks(frames, self.config.stream.encode_batch_frames):
+                stored += self._feed_batch(as_frames(chunk, self._frame_hw), None)
+            return stored
+
+    def _feed_batch(self, frames: torch.Tensor, timestamps: Any) -> int:
+        n = frames.shape[0]
+        ts = as_timestamps(timestamps, n, self._last_time)
+        if ts is None:
+            step = 1.0 / self.config.stream.fps
+            base = -step if self._last_time is None else self._last_time
+            ts = base + step * torch.arange(1, n + 1, dtype=torch.float64)
+        bs = self.config.stream.encode_batch_frames
+        embeds = torch.cat([self.model.encode_frames(frames[i : i + bs]) for i in range(0, n, bs)])
+        self._frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
+        self._last_time = float(ts[-1])
+        stored = self._ingestor.add_frames(embeds, ts)
+        self.backend.set_state("frames_seen", self._ingestor.frames_seen)
+        self.backend.set_state("cursors", dict(self._ingestor.cursor))
+        self.backend.set_state("last_time", self._last_time)
+        return stored
+
+    def ingest(self, path: str | Path, fps: float | None = None) -> int:
+        """Read a video file with decord, sampled at ``fps`` (default ``config.stream.fps``), and feed it.
+
+        Times continue the stream: the video's first frame comes ``1 / fps``
+        after the last frame fed so far.
+
+        Returns:
+            Number of blocks stored.
+
+        Raises:
+            InputError: missing or unreadable file, bad fps.
+        """
+        fps = self.config.stream.fps if fps is None else fps
+        n, chunks = read_video(path, fps, chunk=self.config.stream.encode_batch_frames)
+        stored = 0
+        bar = _progress(n, f"ingest {Path(path).name}", self.progress)
+        with self._lock:
+            self._check_open()
+            offset = 0.0 if self._last_time is None else self._last_time + 1.0 / fps
+            try:
+                for frames, times in chunks:
+                    stored += self._feed_batch(as_frames(frames, self._frame_hw), times + offset)
+                    bar.update(frames.shape[0])
+            finally:
+                bar.close()
+        return stored
+
+    # -- asking -----------------------------------------------------------------------------
+    def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None) -> Answer:
+        """Answer a question from what has been fed so far.
+
+        Args:
+            question: the question text.
+            top_k: per-level number of blocks, overriding the configuration; a
+                value larger than what the level stores raises.
+            max_new_tokens: decoding budget (default ``config.generation.max_new_tokens``).
+
+        Returns:
+            An :class:`~mukv.blocks.Answer`: text, retrieved blocks (level, time
+            span, score), KV tokens at answer time, timings per stage.
+
+        Raises:
+            InputError: empty or too long question; EmptyMemoryError: nothing stored
+            yet; RetrievalError: a top-k the store cannot serve.
+        """
+        if not isinstance(question, str):
+            raise InputError(f"question must be a string; got {type(question).__name__}")
+        if not question.strip():
+            raise InputError("question is empty")
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise InputError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        with self._lock:
+            self._check_open()
+            t_start = time.perf_counter()
+            timings: dict[str, float] = {}
+            notes: list[str] = []
+            plan = self._plan(top_k, notes)
+            n_q = self.model.tokenize(question).numel()
+            if n_q > MAX_QUESTION_TOKENS:
+                raise InputError(f"question is too long: {n_q} tokens (at most {MAX_QUESTION_TOKENS})")
+            t0 = time.perf_counter()
+            vector = self.model.query_vector(self.prefix, question)
+            timings["query"] = time.perf_counter() - t0
+            query = Query(question, vector, self._last_time or 0.0, self._ingestor.frames_seen)
+            t0 = time.perf_counter()
+            hits = self.retriever.retrieve(query, self.backend, plan)
+            timings["retrieve"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pieces = []
+            by_level = {h.level: h for h in hits}
+            for lp in self.levels:  # configuration order
+                h = by_level.get(lp.level.name)
+                if h is None or len(h) == 0:
+                    continue
+                pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
+                                    self.backend.metadata(h.level, h.ids)))
+            context, order = assemble(self.prefix.kv, pieces, self.config.assembly.order)
+            timings["page_in"] = time.perf_counter() - t0
+            budget = max_new_tokens or self.config.generation.max_new_tokens
+            text, _, gen_t = self.model.generate(context, question, budget)
+            timings.update(gen_t)
+            timings["total"] = time.perf_counter() - t_start
+            blocks = []
+            for pi, r in order:
+                p = pieces[pi]
+                blocks.append(RetrievedBlock(
+                    level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
+                    frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
+                    t_start=float(p.meta.t_start[r]), t_end=float(p.meta.t_end[r]), tokens=int(p.kv.shape[4]),
+                ))
+            return Answer(question, text, blocks, int(context.shape[4]), timings, notes)
+
+    def _plan(self, top_k: dict[str, int] | None, notes: list[str]) -> dict[str, int]:
+        names = [lp.level.name for lp in self.levels]
+        if top_k is not None:
+            if not isinstance(top_k, dict):
+                raise InputError(f"top_k must be a dict of level name -> count; got {type(top_k).__name__}")
+            unknown = sorted(set(top_k) - set(names))
+            if unknown:
+                raise InputError(f"top_k names unknown levels {unknown}; levels: {names}")
+            for name, k in top_k.items():
+                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                    raise InputError(f"top_k[{name!r}] must be a non-negative integer; got {k!r}")
+        if sum(self.backend.count(n) for n in names) == 0:
+            seen = self._ingestor.frames_seen
+            raise EmptyMemoryError(
+                "nothing is stored yet: feed frames before asking" if seen == 0 else
+                f"nothing is stored yet: {seen} frame(s) fed, no level has completed a block"
+            )
+        plan = {}
+        for lp in self.levels:
+            name = lp.level.name
+            stored = self.backend.count(name)
+            if top_k is not None and name in top_k:
+                k = top_k[name]
+                if k > stored:
+                    raise RetrievalError(f"top_k[{name!r}] = {k} but only {stored} {name} block(s) are stored")
+            else:
+                k = lp.level.top_k
+                if k > stored:
+                    if self.config.retrieval.on_short_stream == "error":
+                        raise RetrievalError(
+                            f"levels.{name}.top_k = {k} but only {stored} {name} block(s) are stored "
+                            "(retrieval.on_short_stream = 'error')")
+                    if stored < k and k < 1_000_000:
+                        notes.append(f"{name}: top-k {k} clamped to the {stored} block(s) stored")
+                    k = stored
+            plan[name] = k
+        return plan
+
+    # -- state ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Frames fed, and blocks / tokens / bytes held per level."""
+        with self._lock:
+            levels = self.backend.stats()
+            return {
+                "frames": self._ingestor.frames_seen,
+                "last_time": self._last_time,
+                "levels": {lp.level.name: levels.get(lp.level.name, {"blocks": 0, "tokens": 0, "bytes": 0})
+                           for lp in self.levels},
+                "bytes": sum(v.get("bytes", 0) for v in levels.values()),
+                "kv_bytes_per_token": self.model.layout.token_bytes(),
+            }
+
+    def close(self) -> None:
+        """Flush and close the store. The session cannot be used afterwards."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    self.backend.flush()
+                finally:
+                    self.backend.close()
+                    self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MukvError("this session is closed")
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame")

@@ -1,0 +1,19 @@
+"""Built-in retrievers: MuKV's semi-hierarchical retrieval, flat cosine, and the
+baselines (uniform sampling, sliding window, full context)."""
+
+from __future__ import annotations
+
+import mukv
+
+from .baselines import AllRetriever, RecentRetriever, UniformRetriever
+from .cosine import CosineRetriever
+from .semi_hierarchical import SemiHierarchicalRetriever
+
+
+@mukv.hookimpl
+def mukv_register_retrievers(register):
+    register("semi_hierarchical", SemiHierarchicalRetriever)
+    register("cosine", CosineRetriever)
+    register("uniform", UniformRetriever)
+    register("recent", RecentRetriever)
+    register("all", AllRetriever)
