@@ -131,3 +131,43 @@ def mukv_register_policies(register: Register) -> None:
     Called once, when the registry is built; chosen with
     ``Session(policy=name)`` or ``MukvConfig.from_policy(name)``.
     """
+
+
+@hookspec
+def mukv_register_evictors(register: Register) -> None:
+    """Register hot-tier eviction policies: which blocks leave fast memory first.
+
+    :param register: call ``register(name, policy)`` once per policy: a
+        :class:`mukv.interfaces.EvictionPolicy` subclass (built with
+        ``from_config(config)``) or instance. Its one method,
+        ``victims(candidates, need_bytes)``, orders hot blocks for eviction.
+
+    Called once, when the registry is built; chosen with the tiered backend's
+    ``eviction`` option.
+    """
+
+
+@hookspec
+def mukv_register_indexes(register: Register) -> None:
+    """Register vector indexes: how block vectors are searched at scale.
+
+    :param register: call ``register(name, index_class)`` once per index: a
+        :class:`mukv.interfaces.VectorIndex` subclass, built as
+        ``index_class(dim=V, device=...)``. Heavy imports (faiss) belong inside
+        the class.
+
+    Called once, when the registry is built; chosen by a backend's ``index`` option.
+    """
+
+
+@hookspec
+def mukv_register_sources(register: Register) -> None:
+    """Register frame sources: where live frames come from (files, folders, cameras).
+
+    :param register: call ``register(name, source_class)`` once per source: a
+        :class:`mukv.interfaces.FrameSource` subclass, built as
+        ``source_class(location, fps=..., **options)``. Its one method,
+        ``chunks()``, yields ``(frames uint8 [n, H, W, 3], times [n])``.
+
+    Called once, when the registry is built; chosen with ``Session.feed_from(name, ...)``.
+    """

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -201,6 +201,13 @@ class StorageBackend(BlockIndex):
         """Read back a value stored with :meth:`set_state`."""
         return default
 
+    @classmethod
+    def peek_state(cls, path: str, stream_id: str, key: str) -> Any:
+        """Read a value stored with :meth:`set_state` without opening the store for
+        writing (``None`` if the store or the key does not exist). Used by
+        ``Session.open`` to learn the model and configuration of a stream."""
+        return None
+
     def flush(self) -> None:
         """Make everything added so far durable (no-op for memory backends)."""
 
@@ -249,6 +256,71 @@ class ModelAdapter(ABC):
             ``[n, T, E]`` input embeddings of the language model (``E`` its
             hidden size), ``T = grid[0] * grid[1]`` tokens per frame in raster order.
         """
+
+
+# --------------------------------------------------------------------------- tiers
+@dataclass
+class HotBlocks:
+    """Blocks currently in the hot tier, as eviction policies see them (``[n]`` tensors).
+
+    Attributes:
+        level: level name of each block (a list of n strings).
+        ids: block ids (per level).
+        segment: index of the segment window each block belongs to.
+        nbytes: bytes each block occupies in the hot tier.
+        last_used: a logical clock value of each block's last retrieval (or storage).
+        stored_at: the logical clock value when the block was stored.
+    """
+
+    level: list[str]
+    ids: torch.Tensor
+    segment: torch.Tensor
+    nbytes: torch.Tensor
+    last_used: torch.Tensor
+    stored_at: torch.Tensor
+
+
+class EvictionPolicy(Component):
+    """Decides which hot blocks leave fast memory when the budget is exceeded."""
+
+    @abstractmethod
+    def victims(self, candidates: HotBlocks, need_bytes: int) -> torch.Tensor:
+        """Return ``LongTensor[m]``: positions in ``candidates`` to evict, in
+        eviction order, freeing at least ``need_bytes`` if possible."""
+
+
+class VectorIndex(ABC):
+    """A nearest-neighbour index over block vectors (cosine similarity).
+
+    Built as ``cls(dim=V, device=...)``. :meth:`add` appends vectors whose ids
+    are their insertion order; :meth:`search` is the one method subclasses must
+    make fast.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.dim = dim
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries [Q, V]`` -> ``(scores [Q, k'], ids [Q, k'])``, best first."""
+
+    def add(self, vectors: torch.Tensor) -> None:
+        """Append ``[n, V]`` vectors (ids continue from the current size)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return 0
+
+
+# --------------------------------------------------------------------------- sources
+class FrameSource(ABC):
+    """A live or recorded source of frames, read in chunks."""
+
+    @abstractmethod
+    def chunks(self) -> "Iterator[tuple[torch.Tensor, torch.Tensor]]":
+        """Yield ``(frames uint8 [n, H, W, 3], times [n] seconds, float64)`` until the
+        source ends (a camera may never end)."""
 
 
 def build_component(role: str, component: Any, config: MukvConfig, base: type[Component]) -> Any:

@@ -38,6 +38,9 @@ ROLES: dict[str, str] = {
     "backends": "mukv_register_backends",
     "models": "mukv_register_models",
     "policies": "mukv_register_policies",
+    "evictors": "mukv_register_evictors",
+    "indexes": "mukv_register_indexes",
+    "sources": "mukv_register_sources",
 }
 
 

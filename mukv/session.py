@@ -114,6 +114,13 @@ class Session:
         progress: bool = False,
     ):
         self._lock = threading.RLock()
+        reg = registry()
+        if not isinstance(backend, str):
+            raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
+        backend_cls = reg.get("backends", backend, field="backend")
+        stored = backend_cls.peek_state(str(path), stream_id, "session") if path is not None else None
+        if stored and config is None and policy is None:
+            config = stored.get("config")
         if policy is not None:
             if not isinstance(policy, str):
                 raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
@@ -123,12 +130,8 @@ class Session:
             self.config = MukvConfig.build(config)
         self.progress = progress
         self.stream_id = stream_id
-        reg = registry()
         self.device = torch.device(device) if device is not None else default_device()
         # resolve every component name before loading anything heavy
-        backend_cls = reg.get("backends", backend, field="backend") if isinstance(backend, str) else None
-        if backend_cls is None:
-            raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
         self.retriever: Retriever = build_component(
             "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
             self.config, Retriever)
@@ -156,6 +159,12 @@ class Session:
         self.backend: StorageBackend = backend_cls(
             layout=self.model.layout, path=None if path is None else str(path), device=self.device,
             **({"stream_id": stream_id} if path is not None else {}), **(backend_options or {}))
+        if path is not None and not stored:
+            self.backend.set_state("session", {
+                "model": str(model) if isinstance(model, (str, Path)) else self.model.name,
+                "model_id": self.model.layout.model_id,
+                "config": self.config.model_dump(mode="json"),
+            })
         self.prefix = self.model.prefix(self.config.generation.system_prompt)
         start = int(self.backend.get_state("frames_seen", 0) or 0)
         cursors = self.backend.get_state("cursors", None)
@@ -164,6 +173,30 @@ class Session:
         last = self.backend.get_state("last_time", None)
         self._last_time: float | None = last
         self._closed = False
+
+    @classmethod
+    def open(cls, path: str | Path, stream_id: str = "default", backend: str = "lancedb",
+             model: str | Path | ModelAdapter | None = None, **kwargs: Any) -> "Session":
+        """Reopen a stored stream: same model and configuration, ingestion resumes
+        where it stopped.
+
+        Args:
+            path: the store (a local directory or a URI the backend supports).
+            stream_id: which stream of the store.
+            backend: the backend that wrote it.
+            model: override the recorded model (e.g. a checkpoint that moved);
+                by default the one recorded in the store.
+
+        Raises:
+            StoreError: no mukv stream at ``path`` / ``stream_id``.
+        """
+        reg = registry()
+        backend_cls = reg.get("backends", backend, field="backend")
+        stored = backend_cls.peek_state(str(path), stream_id, "session")
+        if not stored:
+            raise StoreError(f"{path}: no mukv stream {stream_id!r} (not a mukv store, or a different stream id)")
+        return cls(model=model if model is not None else stored["model"], backend=backend, path=path,
+                   stream_id=stream_id, **kwargs)
 
     # -- feeding --------------------------------------------------------------------------
     def feed(self, frames: Any, timestamps: Any = None) -> int:
