@@ -17,7 +17,8 @@ from .errors import (
     UnknownPluginError,
 )
 from .config import MukvConfig, LevelConfig
-from .registry import register_plugin, registry, unregister_plugin
+from .registry import register_plugin, unregister_plugin
+from .registry import registry as get_registry
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,7 @@ __all__ = [
     "LevelConfig",
     "register_plugin",
     "unregister_plugin",
-    "registry",
+    "get_registry",
     "MukvError",
     "ConfigError",
     "UnknownPluginError",

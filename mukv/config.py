@@ -113,7 +113,7 @@ class RetrievalConfig(BaseModel):
 
     guide_level: str | None = "segment"
     """Level whose top candidates guide the rerank of the others; ``None`` disables
-    the rerank."""
+    the rerank. Left unset with no "segment" level, it becomes ``None``."""
 
     on_short_stream: Literal["clamp", "error"] = "clamp"
     """When a level stores fewer blocks than its configured top-k: "clamp" takes
@@ -195,6 +195,20 @@ class MukvConfig(BaseModel):
 
     stream: StreamConfig = StreamConfig()
     """Stream timing and batching."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_guide(cls, data: Any) -> Any:
+        # The default guide level is "segment"; configurations without such a
+        # level and without an explicit guide get no rerank instead of an error.
+        if isinstance(data, dict) and "levels" in data:
+            retrieval = data.get("retrieval") or {}
+            if isinstance(retrieval, BaseModel):
+                retrieval = retrieval.model_dump(exclude_unset=True)
+            names = [lv.get("name") if isinstance(lv, dict) else getattr(lv, "name", None) for lv in data["levels"] or []]
+            if isinstance(retrieval, dict) and "guide_level" not in retrieval and "segment" not in names:
+                data = {**data, "retrieval": {**retrieval, "guide_level": None}}
+        return data
 
     @model_validator(mode="after")
     def _check_levels(self) -> "MukvConfig":

@@ -1,0 +1,5 @@
+"""``python -m mukv``: the same as the ``mukv`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
