@@ -21,9 +21,11 @@ Coordinates
 -----------
 Positions and sizes are in *canonical units*: pixels of a 64 x 64 frame. The
 renderer scales them to the requested frame size. Objects sit on a 3 x 3 grid
-of cells centred at 14, 32 and 50 (or move along a row/column of it), corner
-marks live in the 5 x 5 boxes at the frame corners, and nothing else ever
-enters those boxes.
+of cells centred at 15, 32 and 49 (or move along a row/column of it), corner
+marks live in the 4 x 4 boxes one pixel in from the frame corners, and nothing
+else ever enters those boxes. All gaps (object to object, object to mark) are
+at least 2 canonical pixels, so rendering at 48 pixels or more never lets two
+things overlap.
 
 Everything here is pure Python + numpy and deterministic given a
 ``numpy.random.Generator``.
@@ -102,9 +104,9 @@ N_IDENTITIES = N_COLORS * N_SHAPES
 
 # Canonical geometry (units: pixels of a 64 x 64 frame).
 CANONICAL = 64
-CELL_CENTERS: tuple[float, ...] = (14.0, 32.0, 50.0)
-SIZE_SMALL, SIZE_NORMAL, SIZE_LARGE = 9.0, 13.0, 16.0
-MARK_OFFSET, MARK_SIZE = 1.0, 5.0
+CELL_CENTERS: tuple[float, ...] = (15.0, 32.0, 49.0)
+SIZE_SMALL, SIZE_NORMAL, SIZE_LARGE = 9.0, 13.0, 15.0
+MARK_OFFSET, MARK_SIZE = 1.0, 4.0
 DOT_SIZE = 4.0
 #: Longest natural length (frames) of any scene built with the default ``max_len``.
 MAX_SCENE_LEN = 8
@@ -390,6 +392,7 @@ def make_scene(
     key: tuple[int, int] | None = None,
     blocked: np.ndarray | None = None,
     max_len: int = MAX_SCENE_LEN,
+    attempts: int = 100,
 ) -> Scene:
     """Draw a random scene for question ``kind``.
 
@@ -401,9 +404,14 @@ def make_scene(
         blocked: bool ``[48, 48]``; no two objects of the scene may form a
             True pair, except the key pair itself. None forbids nothing.
         max_len: upper bound on the scene's natural length (>= 4).
+        attempts: how many random layouts to try before giving up.
 
     Returns:
         A :class:`Scene` whose ``n`` is between 2 and ``max_len`` frames.
+
+    Raises:
+        RuntimeError: no layout satisfied the constraints (possible when a
+            fixed ``key`` meets a dense ``blocked`` matrix).
     """
     if max_len < MIN_SCENE_LEN:
         raise ValueError(f"max_len must be >= {MIN_SCENE_LEN}, got {max_len}")
@@ -411,7 +419,7 @@ def make_scene(
         kind = KINDS[int(rng.integers(len(KINDS)))]
     if kind not in LEVELS:
         raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
-    for _ in range(100):
+    for _ in range(attempts):
         try:
             return _build(rng, kind, key, blocked, max_len)
         except _Retry:
