@@ -173,6 +173,7 @@ class Session:
         last = self.backend.get_state("last_time", None)
         self._last_time: float | None = last
         self._closed = False
+        self._owner = True
 
     @classmethod
     def open(cls, path: str | Path, stream_id: str = "default", backend: str = "lancedb",
@@ -197,6 +198,48 @@ class Session:
             raise StoreError(f"{path}: no mukv stream {stream_id!r} (not a mukv store, or a different stream id)")
         return cls(model=model if model is not None else stored["model"], backend=backend, path=path,
                    stream_id=stream_id, **kwargs)
+
+    def fork(self, config: MukvConfig | dict[str, Any] | None = None, policy: str | None = None) -> "Session":
+        """A session over the same stored memory with another retrieval, assembly or
+        generation configuration (e.g. to compare retrievers on one ingest).
+
+        The fork shares the model, the store and the stream: frames fed through
+        either are seen by both. Closing a fork does not close the store.
+
+        Raises:
+            ConfigError: the new configuration changes how blocks are stored
+                (levels, scoring, compression or stream settings).
+        """
+        with self._lock:
+            self._check_open()
+            if policy is not None:
+                base = MukvConfig.from_policy(policy)
+                extra = config.model_dump() if isinstance(config, MukvConfig) else (config or {})
+                new = MukvConfig.build(base, **extra)
+            else:
+                new = MukvConfig.build(self.config, **(config.model_dump() if isinstance(config, MukvConfig)
+                                                       else config or {}))
+            fixed = ("scoring", "compression", "stream")
+            old_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in self.config.levels]
+            new_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in new.levels]
+            changed = [f for f in fixed if getattr(new, f) != getattr(self.config, f)]
+            if old_levels != new_levels:
+                changed.insert(0, "levels")
+            if changed:
+                raise ConfigError(f"a fork shares stored blocks, so it cannot change {', '.join(changed)}; "
+                                  "only top_k, rerank weights, retrieval, assembly and generation")
+            reg = registry()
+            child = object.__new__(Session)
+            child.__dict__.update(self.__dict__)
+            child.config = new
+            child.levels = [LevelPipeline(lv, lp.split, lp.scorer, lp.compressor, lp.kept)
+                            for lv, lp in zip(new.levels, self.levels)]
+            child.retriever = build_component(
+                "retrievers", reg.get("retrievers", new.retrieval.retriever, "retrieval.retriever"), new, Retriever)
+            child._owner = False
+            if new.generation.system_prompt != self.config.generation.system_prompt:
+                child.prefix = self.model.prefix(new.generation.system_prompt)
+            return child
 
     # -- feeding --------------------------------------------------------------------------
     def feed(self, frames: Any, timestamps: Any = None) -> int:
@@ -395,6 +438,9 @@ class Session:
         """Flush and close the store. The session cannot be used afterwards."""
         with self._lock:
             if not self._closed:
+                if not self._owner:  # a fork: the store belongs to its parent
+                    self._closed = True
+                    return
                 try:
                     self.backend.flush()
                 finally:

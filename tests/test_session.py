@@ -265,3 +265,19 @@ def test_concurrent_feed_and_ask(tiny_model, frames):
     t.join()
     assert not errors and all(a.blocks for a in answers)
     assert s.stats()["frames"] == 16
+
+
+def test_fork_shares_memory_and_refuses_storage_changes(tiny_model, frames):
+    with mukv.Session(model=tiny_model, policy="rekv") as s:
+        s.feed(frames(6))
+        window = s.fork(policy="sliding_window", config={"levels": [
+            {"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 2}]})
+        assert sorted(b.frame_start for b in window.ask("q?").blocks) == [4, 5]
+        s.feed(frames(2, seed=3))  # fed through the parent, seen by the fork
+        assert sorted(b.frame_start for b in window.ask("q?").blocks) == [6, 7]
+        with pytest.raises(ConfigError, match="cannot change levels"):
+            s.fork(policy="mukv")
+        with pytest.raises(ConfigError, match="compression"):
+            s.fork(config={"compression": {"dedup": True}})
+        window.close()  # closing a fork leaves the parent's store open
+        assert s.ask("q?").levels() == {"frame": 8}
