@@ -26,7 +26,7 @@ from .assembly import Piece, assemble
 from .blocks import Answer, Query, RetrievedBlock
 from .config import MukvConfig
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
-from .frames import as_frames, as_timestamps, iter_chunks, read_video
+from .frames import as_frames, as_timestamps, iter_chunks
 from .interfaces import (
     Compressor,
     GranularityExtractor,
@@ -302,19 +302,54 @@ class Session:
         Raises:
             InputError: missing or unreadable file, bad fps.
         """
+        return self.feed_from("video", path, fps=fps)
+
+    def feed_from(self, source: str, location: Any, fps: float | None = None, background: bool = False,
+                  **options: Any) -> "int | LiveFeed":
+        """Feed every chunk of a registered frame source.
+
+        Args:
+            source: registered source name ("video", "images", "iterator", "stream").
+            location: what the source reads (a path, a URL, an iterable).
+            fps: sampling rate (default ``config.stream.fps``).
+            background: run in a daemon thread and return a :class:`LiveFeed`
+                handle at once; questions can be asked meanwhile.
+            options: passed to the source (e.g. ``format="v4l2"`` for a camera).
+
+        Returns:
+            The number of blocks stored, or a :class:`LiveFeed` if ``background``.
+
+        Raises:
+            UnknownPluginError: unknown source; InputError: the source cannot be
+            opened (raised here, before any thread starts).
+        """
+        self._check_open()
         fps = self.config.stream.fps if fps is None else fps
-        n, chunks = read_video(path, fps, chunk=self.config.stream.encode_batch_frames)
+        source_cls = registry().get("sources", source, field="source")
+        options.setdefault("chunk", self.config.stream.encode_batch_frames)
+        src = source_cls(location, fps=fps, **options)
+        label = str(location) if isinstance(location, (str, Path)) else type(location).__name__
+        if background:
+            return LiveFeed(self, src, fps, label)
+        return self._feed_source(src, fps, label)
+
+    def _feed_source(self, src: Any, fps: float, label: str, stop: threading.Event | None = None) -> int:
+        total = getattr(src, "total", None)
+        bar = _progress(total, f"ingest {Path(label).name}", self.progress)
         stored = 0
-        bar = _progress(n, f"ingest {Path(path).name}", self.progress)
-        with self._lock:
-            self._check_open()
-            offset = 0.0 if self._last_time is None else self._last_time + 1.0 / fps
-            try:
-                for frames, times in chunks:
-                    stored += self._feed_batch(as_frames(frames, self._frame_hw), times + offset)
-                    bar.update(frames.shape[0])
-            finally:
-                bar.close()
+        offset: float | None = None
+        try:
+            for frames, times in src.chunks():
+                with self._lock:
+                    self._check_open()
+                    if offset is None:
+                        offset = 0.0 if self._last_time is None else self._last_time + 1.0 / fps
+                    stored += self._feed_batch(as_frames(frames, self._frame_hw), times.to(torch.float64) + offset)
+                bar.update(frames.shape[0])
+                if stop is not None and stop.is_set():
+                    break
+        finally:
+            bar.close()
         return stored
 
     # -- asking -----------------------------------------------------------------------------
@@ -456,6 +491,46 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class LiveFeed:
+    """A frame source feeding a session from a background thread.
+
+    Attributes:
+        blocks: blocks stored so far (updated when the feed ends).
+        error: the exception that ended the feed, if any.
+    """
+
+    def __init__(self, session: Session, source: Any, fps: float, label: str):
+        self.session, self.source, self.label = session, source, label
+        self.blocks = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fps,), name=f"mukv-feed-{label}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fps: float) -> None:
+        try:
+            self.blocks = self.session._feed_source(self.source, fps, self.label, self._stop)
+        except BaseException as exc:  # reported through .error and join()
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        """Whether the feed thread is still reading."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the feed to stop after its current chunk and wait for it."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> int:
+        """Wait for the source to end; re-raise its error; return blocks stored."""
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.blocks
 
 
 class _NoBar:

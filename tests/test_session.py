@@ -92,7 +92,7 @@ def test_third_party_scorer_changes_which_tokens_are_kept(tiny_model, frames):
     class KeyNorm:
         @mukv.hookimpl
         def mukv_register_scorers(self, register):
-            register("key_norm", lambda blocks: blocks.keys.norm(dim=-1).mean(dim=1))
+            register("runtime_key_norm", lambda blocks: blocks.keys.norm(dim=-1).mean(dim=1))
 
     class NegKeyNorm:
         @mukv.hookimpl
@@ -105,15 +105,18 @@ def test_third_party_scorer_changes_which_tokens_are_kept(tiny_model, frames):
     try:
         f = frames(4)
         kept = {}
-        for name in ("dual", "key_norm", "neg_key_norm"):
+        for name in ("dual", "runtime_key_norm", "neg_key_norm"):
             with mukv.Session(model=tiny_model, config={"scoring": {"scorer": name}}) as s:
                 s.feed(f)
                 kept[name] = s.backend.token_index("frame", torch.arange(4))
-        assert not torch.equal(kept["key_norm"], kept["dual"])
-        assert not torch.equal(kept["key_norm"], kept["neg_key_norm"])
-        # the kept tokens are exactly the top key norms
-        with mukv.Session(model=tiny_model, config={"scoring": {"scorer": "key_norm"}}) as s:
-            s.feed(f)
+        assert not torch.equal(kept["runtime_key_norm"], kept["dual"])
+        assert not torch.equal(kept["runtime_key_norm"], kept["neg_key_norm"])
+        # the kept tokens of a frame block are exactly its 19 largest key norms
+        embeds = tiny_model.encode_frames(torch.from_numpy(f[:1]))
+        kv, _, _ = tiny_model.prefill_blocks(tiny_model.prefix(), embeds)
+        norms = kv[-1, 0].norm(dim=-1).mean(dim=1)  # [1, 196]
+        expect = norms.topk(19, dim=1).indices.sort(dim=1).values
+        assert torch.equal(kept["runtime_key_norm"][:1], expect)
     finally:
         mukv.unregister_plugin(a)
         mukv.unregister_plugin(b)
