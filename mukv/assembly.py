@@ -6,9 +6,11 @@ Two orders:
   level best score first;
 * ``time``: every block in stream-time order (ties: configuration order of levels).
 
-Keys keep the RoPE positions they were stored with (no re-rotation). The whole
-context is built with one concatenation and one token gather, never block by
-block.
+By default keys keep the RoPE positions they were stored with (the authors'
+behaviour: blocks overlap in position). With re-rotation, the assembled tokens
+are moved onto one timeline, ``P, P + 1, ...`` in assembled order, as if they
+had been prefilled as one sequence (see :mod:`mukv.rope`). The whole context is
+built with one concatenation and one token gather, never block by block.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Piece:
         scores: ``[k]`` retrieval scores.
         kv: ``[k, Y, 2, H, K, D]``.
         meta: frame ranges and times of the blocks.
+        positions: ``[k, K]`` RoPE positions the keys were stored with.
     """
 
     level: str
@@ -37,15 +40,20 @@ class Piece:
     scores: torch.Tensor
     kv: torch.Tensor
     meta: BlockMeta
+    positions: torch.Tensor | None = None
 
 
-def assemble(prefix: torch.Tensor, pieces: list[Piece], order: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def assemble(prefix: torch.Tensor, pieces: list[Piece], order: str,
+             rerotate_fn=None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Build the context.
 
     Args:
         prefix: ``[Y, 2, 1, H, P, D]`` system-prompt KV.
         pieces: retrieved blocks per level, in configuration order of levels.
         order: "level_score" or "time".
+        rerotate_fn: if given, ``f(keys [..., C', D], old [C'], new [C'])`` moving
+            the assembled keys to positions ``P .. P + C' - 1`` (needs
+            ``Piece.positions``).
 
     Returns:
         ``(context [Y, 2, 1, H, C, D], block_order)`` where ``block_order`` lists
@@ -83,4 +91,12 @@ def assemble(prefix: torch.Tensor, pieces: list[Piece], order: str) -> tuple[tor
     within = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
     index = first + within
     body = tokens.index_select(3, index)[:, :, None]  # [Y, 2, 1, H, C', D]
+    if rerotate_fn is not None:
+        if any(p.positions is None for p in pieces):
+            raise ValueError("re-rotation needs the stored positions of every retrieved block")
+        old = torch.cat([p.positions.to(dev).reshape(-1) for p in pieces]).index_select(0, index)
+        p0 = prefix.shape[4]
+        new = torch.arange(p0, p0 + old.numel(), device=dev)
+        body = body.clone()
+        body[:, 0] = rerotate_fn(body[:, 0], old, new)
     return torch.cat([prefix.to(body.dtype), body], dim=4), block_order

@@ -130,6 +130,11 @@ class AssemblyConfig(BaseModel):
     """"level_score": level by level, best score first (the authors' order);
     "time": every retrieved block in stream-time order."""
 
+    rerotate: bool = False
+    """Move retrieved keys onto one timeline (consecutive positions in assembled
+    order) instead of keeping their overlapping prefill positions (the authors'
+    behaviour)."""
+
 
 class GenerationConfig(BaseModel):
     """Prompts and decoding."""

@@ -39,6 +39,7 @@ from .interfaces import (
 from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
+from .rope import rerotate
 
 MAX_QUESTION_TOKENS = 2048
 
@@ -399,9 +400,12 @@ class Session:
                 h = by_level.get(lp.level.name)
                 if h is None or len(h) == 0:
                     continue
+                rerot = self.config.assembly.rerotate
                 pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
-                                    self.backend.metadata(h.level, h.ids)))
-            context, order = assemble(self.prefix.kv, pieces, self.config.assembly.order)
+                                    self.backend.metadata(h.level, h.ids),
+                                    self.backend.positions(h.level, h.ids) if rerot else None))
+            fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
+            context, order = assemble(self.prefix.kv, pieces, self.config.assembly.order, fn)
             timings["page_in"] = time.perf_counter() - t0
             budget = max_new_tokens or self.config.generation.max_new_tokens
             text, _, gen_t = self.model.generate(context, question, budget)

@@ -29,6 +29,7 @@ POLICIES: dict[str, dict] = {
         {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 12},
     ]},
     "mukv_time": {"assembly": {"order": "time"}},
+    "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     "rekv": _frames_only("cosine", 64),
     "uniform": _frames_only("uniform", 64, "time"),
     "sliding_window": _frames_only("recent", 64, "time"),
