@@ -202,10 +202,12 @@ class StorageBackend(BlockIndex):
         return default
 
     @classmethod
-    def peek_state(cls, path: str, stream_id: str, key: str) -> Any:
+    def peek_state(cls, path: str, stream_id: str, key: str, **options: Any) -> Any:
         """Read a value stored with :meth:`set_state` without opening the store for
         writing (``None`` if the store or the key does not exist). Used by
-        ``Session.open`` to learn the model and configuration of a stream."""
+        ``Session.open`` to learn the model and configuration of a stream.
+        ``options`` are the backend options the session was given (e.g. the
+        credentials of a remote store)."""
         return None
 
     def flush(self) -> None:

@@ -119,7 +119,8 @@ class Session:
         if not isinstance(backend, str):
             raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
         backend_cls = reg.get("backends", backend, field="backend")
-        stored = backend_cls.peek_state(str(path), stream_id, "session") if path is not None else None
+        stored = (backend_cls.peek_state(str(path), stream_id, "session", **(backend_options or {}))
+                  if path is not None else None)
         if stored and config is None and policy is None:
             config = stored.get("config")
         if policy is not None:
@@ -194,7 +195,7 @@ class Session:
         """
         reg = registry()
         backend_cls = reg.get("backends", backend, field="backend")
-        stored = backend_cls.peek_state(str(path), stream_id, "session")
+        stored = backend_cls.peek_state(str(path), stream_id, "session", **(kwargs.get("backend_options") or {}))
         if not stored:
             raise StoreError(f"{path}: no mukv stream {stream_id!r} (not a mukv store, or a different stream id)")
         return cls(model=model if model is not None else stored["model"], backend=backend, path=path,
@@ -469,7 +470,8 @@ class Session:
                 "last_time": self._last_time,
                 "levels": {lp.level.name: levels.get(lp.level.name, {"blocks": 0, "tokens": 0, "bytes": 0})
                            for lp in self.levels},
-                "bytes": sum(v.get("bytes", 0) for v in levels.values()),
+                "bytes": sum(levels.get(lp.level.name, {}).get("bytes", 0) for lp in self.levels),
+                "uncovered_frames": {k: v for k, v in self._ingestor.uncovered.items() if v},
                 "kv_bytes_per_token": self.model.layout.token_bytes(),
             }
 

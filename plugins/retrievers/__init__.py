@@ -7,6 +7,7 @@ import mukv
 
 from .baselines import AllRetriever, RecentRetriever, UniformRetriever
 from .cosine import CosineRetriever
+from .hierarchical import HierarchicalRetriever
 from .semi_hierarchical import SemiHierarchicalRetriever
 
 
@@ -14,6 +15,7 @@ from .semi_hierarchical import SemiHierarchicalRetriever
 def mukv_register_retrievers(register):
     register("semi_hierarchical", SemiHierarchicalRetriever)
     register("cosine", CosineRetriever)
+    register("hierarchical", HierarchicalRetriever)
     register("uniform", UniformRetriever)
     register("recent", RecentRetriever)
     register("all", AllRetriever)

@@ -1,0 +1,27 @@
+"""The disk tier: a bounded hot tier over zarr KV and a lancedb index, locally or on ``s3://``.
+
+Registered as the ``lancedb`` storage backend (``mukv.Session(backend="lancedb", path=...)``).
+Modules, one concern each:
+
+* :mod:`.tiered`: the backend (bookkeeping: ids, counts, state, recovery, search merging);
+* :mod:`.hot`: the hot tier (one preallocated arena, slots, eviction);
+* :mod:`.zarr_kv`: KV bytes in sharded zarr arrays;
+* :mod:`.lance_index`: the lancedb table of vectors and metadata;
+* :mod:`.writer`: the background offload thread;
+* :mod:`.transfer`: device/host copies (pinned buffers, side stream);
+* :mod:`.files`: store layout, names, small files, the writer lock;
+* :mod:`.options`: the backend's typed options.
+
+zarr, lancedb and pyarrow are imported only when a store is opened.
+"""
+
+from __future__ import annotations
+
+import mukv
+
+from .tiered import TieredBackend
+
+
+@mukv.hookimpl
+def mukv_register_backends(register):
+    register("lancedb", TieredBackend)

@@ -1,0 +1,280 @@
+"""Block vectors and metadata on disk: one lancedb table for every stream of a store.
+
+One row per stored block::
+
+    stream_id, level, block_id, segment_id, frame_start, frame_end, t_start, t_end,
+    tokens (K), kept [K], token_index [K], positions [K], kv_path, kv_row, crc32,
+    vector [V] (float32)
+
+Filters are built here and only here, from validated stream ids and level
+names (:func:`~mukv.backends.disk.files.check_stream_id`) and integers: user
+text never reaches a ``where`` clause. Searches are cosine; the table is
+scanned exactly until it holds ``vector_index_rows`` rows, then an IVF_PQ
+index is built (and kept up to date by :meth:`BlockTable.maintain`, which also
+compacts the small fragments that frequent commits leave).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from mukv.errors import StoreError
+
+from .files import Files, check_level, check_stream_id, lance_storage_options
+
+TABLE = "blocks"
+#: columns every search returns (the rest are fetched by id when needed)
+META_COLUMNS = ["block_id", "segment_id", "frame_start", "frame_end", "t_start", "t_end"]
+
+
+def schema(vector_dim: int):
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("stream_id", pa.string(), nullable=False),
+        pa.field("level", pa.string(), nullable=False),
+        pa.field("block_id", pa.int64(), nullable=False),
+        pa.field("segment_id", pa.int64(), nullable=False),
+        pa.field("frame_start", pa.int64(), nullable=False),
+        pa.field("frame_end", pa.int64(), nullable=False),
+        pa.field("t_start", pa.float64(), nullable=False),
+        pa.field("t_end", pa.float64(), nullable=False),
+        pa.field("tokens", pa.int32(), nullable=False),
+        pa.field("kept", pa.list_(pa.int32())),
+        pa.field("token_index", pa.list_(pa.int32())),
+        pa.field("positions", pa.list_(pa.int64())),
+        pa.field("kv_path", pa.string(), nullable=False),
+        pa.field("kv_row", pa.int64(), nullable=False),
+        pa.field("crc32", pa.int64(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), vector_dim)),
+    ])
+
+
+def _stream_level(stream_id: str, level: str) -> str:
+    return f"stream_id = '{check_stream_id(stream_id)}' AND level = '{check_level(level)}'"
+
+
+def merge_ranges(within: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted, merged ``[start, end)`` frame ranges (``within [R, 2]``)."""
+    rs = sorted((int(a), int(b)) for a, b in np.asarray(within, dtype=np.int64).reshape(-1, 2) if b > a)
+    out: list[list[int]] = []
+    for a, b in rs:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def where(stream_id: str, level: str, below: int, within: np.ndarray | None = None) -> str:
+    """The filter of one stream's level: ids ``< below`` and (optionally) inside frame ranges."""
+    clause = f"{_stream_level(stream_id, level)} AND block_id < {int(below)}"
+    if within is not None:
+        ranges = merge_ranges(within)
+        if not ranges:
+            return clause + " AND false"
+        parts = " OR ".join(f"(frame_start >= {a} AND frame_end <= {b})" for a, b in ranges)
+        clause += f" AND ({parts})"
+    return clause
+
+
+class BlockTable:
+    """The lancedb table of a store.
+
+    Args:
+        files: the store root.
+        vector_dim: V.
+        read_only: never create or change the table; see every new commit.
+        vector_index_rows: build an IVF_PQ index once the table has this many
+            rows (``None``: never, exact search only).
+        optimize_every: compact fragments and update indexes every this many commits.
+        cache_bytes: lance's index cache (its metadata cache gets a quarter of it), so a
+            long stream does not grow the process's memory; ``None``: lance's defaults.
+    """
+
+    def __init__(self, files: Files, vector_dim: int, read_only: bool = False,
+                 vector_index_rows: int | None = 100_000, scalar_index_rows: int = 20_000,
+                 optimize_every: int = 32, nprobes: int = 32, refine_factor: int = 4,
+                 cache_bytes: int | None = 256 << 20):
+        import lancedb  # heavy; only when a disk store is opened
+
+        self.files = files
+        self.vector_dim = vector_dim
+        self.read_only = read_only
+        self.vector_index_rows = vector_index_rows
+        self.scalar_index_rows = scalar_index_rows
+        self.optimize_every = optimize_every
+        self.nprobes = nprobes
+        self.refine_factor = refine_factor
+        opts: dict[str, Any] = {}
+        if files.storage_options:
+            opts["storage_options"] = lance_storage_options(files.storage_options)
+        if read_only:
+            opts["read_consistency_interval"] = timedelta(0)  # always see the writer's latest commit
+        if cache_bytes is not None and hasattr(lancedb, "Session"):  # bound lance's index/metadata caches
+            opts["session"] = lancedb.Session(index_cache_size_bytes=int(cache_bytes),
+                                              metadata_cache_size_bytes=max(1 << 20, int(cache_bytes) // 4))
+        try:
+            self.db = lancedb.connect(files.uri("index"), **opts)
+        except Exception as exc:
+            raise StoreError(f"{files.uri('index')}: cannot open the lancedb index ({exc})") from None
+        self._table = None
+        self._commits = 0
+        self._has_vector_index: bool | None = None
+        self._has_scalar_index: bool | None = None
+
+    # -- table ------------------------------------------------------------------------
+    def table(self, create: bool = False):
+        if self._table is not None:
+            return self._table
+        try:
+            self._table = self.db.open_table(TABLE)
+        except (FileNotFoundError, ValueError) as exc:
+            if "not found" not in str(exc).lower() and "was not found" not in str(exc).lower() \
+                    and not isinstance(exc, FileNotFoundError):
+                raise StoreError(f"{self.files.uri('index')}: cannot open table {TABLE!r} ({exc})") from None
+            if not create or self.read_only:
+                return None
+            self._table = self.db.create_table(TABLE, schema=schema(self.vector_dim))
+        field = self._table.schema.field("vector")
+        if field.type.list_size != self.vector_dim:
+            raise StoreError(f"{self.files.uri('index')}: block vectors have {field.type.list_size} dims; "
+                             f"this model's have {self.vector_dim}")
+        return self._table
+
+    # -- writing ------------------------------------------------------------------------
+    def add(self, rows) -> None:
+        """Append a pyarrow table of rows in one commit."""
+        tbl = self.table(create=True)
+        tbl.add(rows)
+        self._commits += 1
+
+    def delete_uncounted(self, stream_id: str, counts: dict[str, int]) -> int:
+        """Delete the stream's rows beyond the committed ``counts`` (crash leftovers). Returns rows deleted."""
+        tbl = self.table()
+        if tbl is None:
+            return 0
+        keep = " OR ".join(f"(level = '{check_level(lv)}' AND block_id < {int(n)})" for lv, n in counts.items() if n > 0)
+        clause = f"stream_id = '{check_stream_id(stream_id)}'" + (f" AND NOT ({keep})" if keep else "")
+        n = tbl.count_rows(clause)
+        if n:
+            tbl.delete(clause)
+        return n
+
+    def maintain(self) -> None:
+        """Compact fragments, update indexes, build them once the table is large (writer thread)."""
+        tbl = self.table()
+        if tbl is None:
+            return
+        rows = None
+        if self._commits and self._commits % self.optimize_every == 0:
+            try:
+                tbl.optimize(cleanup_older_than=timedelta(minutes=5))
+            except AttributeError:  # very old lancedb
+                tbl.compact_files()
+        if self._has_scalar_index is None or self._has_vector_index is None:
+            names = " ".join(str(i) for i in tbl.list_indices())
+            self._has_scalar_index = "block_id" in names
+            self._has_vector_index = "vector" in names
+        if not self._has_scalar_index:
+            rows = tbl.count_rows() if rows is None else rows
+            if rows >= self.scalar_index_rows:
+                self.build_scalar_indexes()
+        if not self._has_vector_index and self.vector_index_rows is not None:
+            rows = tbl.count_rows() if rows is None else rows
+            if rows >= self.vector_index_rows:
+                self.build_vector_index(rows)
+
+    def build_scalar_indexes(self) -> None:
+        """BTREE on block ids and frame starts, BITMAP on stream ids and levels (fast filters)."""
+        tbl = self.table()
+        for col, kind in (("block_id", "BTree"), ("frame_start", "BTree"), ("stream_id", "Bitmap"), ("level", "Bitmap")):
+            try:
+                import lancedb.index as li
+
+                tbl.create_index(col, config=getattr(li, kind)(), replace=True)
+            except (ImportError, AttributeError, TypeError):  # older lancedb
+                tbl.create_scalar_index(col, replace=True)
+        self._has_scalar_index = True
+
+    def build_vector_index(self, rows: int | None = None) -> None:
+        """IVF_PQ over the vectors, cosine: sqrt(n) partitions, sub-vectors of 8 dims."""
+        tbl = self.table()
+        rows = tbl.count_rows() if rows is None else rows
+        v = self.vector_dim
+        sub = next(s for s in (v // 8, v // 4, v // 2, v, 1) if s >= 1 and v % s == 0)
+        parts = int(min(4096, max(8, math.sqrt(rows))))
+        try:
+            from lancedb.index import IvfPq
+
+            tbl.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=parts,
+                                                    num_sub_vectors=sub), replace=True)
+        except (ImportError, TypeError):  # older lancedb
+            tbl.create_index(metric="cosine", num_partitions=parts, num_sub_vectors=sub,
+                             vector_column_name="vector", index_type="IVF_PQ", replace=True)
+        self._has_vector_index = True
+
+    # -- reading ------------------------------------------------------------------------
+    def count(self, stream_id: str, level: str, below: int | None = None) -> int:
+        tbl = self.table()
+        if tbl is None:
+            return 0
+        clause = _stream_level(stream_id, level) + ("" if below is None else f" AND block_id < {int(below)}")
+        return tbl.count_rows(clause)
+
+    def levels(self, stream_id: str) -> dict[str, int]:
+        """Rows per level of a stream (used by :meth:`verify` and recovery)."""
+        tbl = self.table()
+        if tbl is None:
+            return {}
+        t = self._query(tbl.search().where(f"stream_id = '{check_stream_id(stream_id)}'"), ["level"], None)
+        out: dict[str, int] = {}
+        for lv in t.column("level").to_pylist():
+            out[lv] = out.get(lv, 0) + 1
+        return out
+
+    def search(self, stream_id: str, level: str, below: int, query: np.ndarray, k: int,
+               within: np.ndarray | None = None, columns: list[str] | None = None):
+        """Top-``k`` rows by cosine similarity (best first), as a pyarrow table with ``vector``."""
+        tbl = self.table()
+        if tbl is None or k <= 0 or below <= 0:
+            return None
+        q = (tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
+             .distance_type("cosine").where(where(stream_id, level, below, within), prefilter=True))
+        if self._has_vector_index:
+            q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
+        return self._query(q, (columns or META_COLUMNS) + ["vector", "_distance"], int(k))
+
+    def scan(self, stream_id: str, level: str, below: int, within: np.ndarray | None = None,
+             columns: list[str] | None = None, limit: int | None = None):
+        """Rows matching the filter, no ranking (for small ``within`` sets)."""
+        tbl = self.table()
+        if tbl is None or below <= 0:
+            return None
+        return self._query(tbl.search().where(where(stream_id, level, below, within)),
+                           (columns or META_COLUMNS) + ["vector"], limit)
+
+    def fetch(self, stream_id: str, level: str, ids: np.ndarray, columns: list[str]):
+        """Rows of block ``ids`` (unique ints), in ascending id order."""
+        tbl = self.table()
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if tbl is None or ids.size == 0:
+            return None
+        lo, hi = int(ids[0]), int(ids[-1])
+        if hi - lo + 1 == ids.size:
+            clause = f"{_stream_level(stream_id, level)} AND block_id >= {lo} AND block_id <= {hi}"
+        else:
+            clause = f"{_stream_level(stream_id, level)} AND block_id IN ({', '.join(str(int(i)) for i in ids)})"
+        cols = list(dict.fromkeys(["block_id", *columns]))
+        t = self._query(tbl.search().where(clause), cols, int(ids.size))
+        return t.sort_by("block_id")
+
+    @staticmethod
+    def _query(q, columns: list[str], limit: int | None):
+        q = q.select(columns)
+        # a plain query without limit returns only 10 rows in lancedb; ask for all explicitly
+        return q.limit(limit if limit is not None else 2**31 - 1).to_arrow()

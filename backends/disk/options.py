@@ -1,0 +1,105 @@
+"""Options of the disk backend, typed and documented field by field.
+
+Passed as ``mukv.Session(backend="lancedb", path=..., backend_options={...})``;
+an unknown or invalid option raises :class:`mukv.errors.ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mukv.config import format_validation_error
+from mukv.errors import ConfigError
+
+
+class TieredOptions(BaseModel):
+    """Options of the ``lancedb`` backend (hot tier + zarr KV + lancedb index)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    hot_bytes: int | None = Field(default=None, ge=0)
+    """Hot-tier budget in bytes (GPU memory on CUDA, RAM otherwise), preallocated
+    once. ``None``: 1 GiB on CUDA, 256 MiB on CPU. 0 disables the hot tier
+    (every question pages in from disk)."""
+
+    hot_slab_bytes: int | None = Field(default=None, ge=4096)
+    """Bytes of one slab of the hot tier (a slab holds blocks of one level).
+    ``None``: a sixteenth of ``hot_bytes``. Must hold at least one block of every level."""
+
+    eviction: str = "lru_segment"
+    """Registered eviction policy (``mukv_register_evictors``): which hot blocks
+    leave first. "lru_segment": least recently retrieved segment first."""
+
+    index: str = "flat"
+    """Registered vector index (``mukv_register_indexes``) searched over the hot
+    tier's vectors."""
+
+    cold_index: Literal["auto", "exact"] = "auto"
+    """Search of blocks on disk: "auto" scans exactly until the table holds
+    ``cold_index_rows`` rows, then builds an IVF_PQ index (approximate, refined);
+    "exact" always scans."""
+
+    cold_index_rows: int = Field(default=100_000, ge=256)
+    """Table size (rows, all streams) at which the IVF_PQ index is built."""
+
+    lance_cache_bytes: int | None = Field(default=256 << 20, ge=1 << 20)
+    """Bound of lancedb's index cache in bytes (its metadata cache: a quarter of it), so
+    memory stays flat over a long stream; ``None``: lancedb's defaults (lancedb >= 0.2x with
+    ``lancedb.Session``; ignored otherwise)."""
+
+    scan_frames: int = Field(default=4096, ge=0)
+    """A search restricted to frame ranges (``within``) covering at most this
+    many frames reads those rows and ranks them exactly instead of using the index."""
+
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Object-store settings for ``s3://`` stores, lancedb names
+    (``aws_access_key_id``, ``aws_secret_access_key``, ``aws_endpoint``,
+    ``aws_region``, ``allow_http``); used for lancedb and zarr alike."""
+
+    shard_bytes: int = Field(default=16 << 20, ge=1)
+    """Target bytes of one zarr shard (a file holding many blocks of a level)."""
+
+    commit_interval: float = Field(default=2.0, ge=0.0, le=3600.0)
+    """Seconds the offload writer lets blocks gather before one commit (longer:
+    fewer shard rewrites and index fragments; shorter: less to lose in a crash)."""
+
+    max_pending_bytes: int = Field(default=256 << 20, ge=1)
+    """KV bytes that may wait for the offload writer before ``feed`` waits for it."""
+
+    read_only: bool | None = None
+    """``None``: write if no other process writes this stream, else open
+    read-only; ``True``: read-only; ``False``: fail if another process writes it."""
+
+    verify_reads: bool = True
+    """Check each block's crc32 when it is paged in from disk."""
+
+    fsync: bool = False
+    """fsync state files after writing (power-loss safety; kill -9 safety does not need it)."""
+
+    segment_frames: int | None = Field(default=None, ge=1)
+    """Frames of one segment, the unit of eviction. ``None``: the largest
+    ``frames`` of the session's levels (4 by default)."""
+
+    promote: bool = True
+    """Admit blocks paged in for a question into the hot tier."""
+
+    row_cache: int = Field(default=32768, ge=0)
+    """Rows (vector + metadata) of cold blocks kept after a search, so the
+    retriever's follow-up calls need no second index query."""
+
+    min_free_bytes: int = Field(default=0, ge=0)
+    """Refuse a batch (with :class:`StoreError`, nothing stored) when the local
+    disk would have less than this many bytes free after it."""
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> "TieredOptions":
+        unknown = sorted(set(options) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown} for the lancedb backend; options: {sorted(cls.model_fields)}")
+        try:
+            return cls.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc).replace("mukv configuration", "lancedb backend option")) from None

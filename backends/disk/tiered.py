@@ -1,0 +1,799 @@
+"""The ``lancedb`` storage backend: a hot tier in fast memory over a disk tier.
+
+    s = mukv.Session(model=..., backend="lancedb", path="/data/cam1.mukv",
+                     stream_id="cam1", backend_options={"hot_bytes": 2 << 30})
+
+* **Hot tier** (:mod:`.hot`): a preallocated budget of GPU memory (CUDA) or
+  RAM holding recent and recently retrieved blocks; the eviction policy is a
+  plugin (default: least recently retrieved segment first).
+* **Disk tier**: KV in sharded zarr arrays (:mod:`.zarr_kv`), vectors and
+  metadata in a lancedb table (:mod:`.lance_index`), on a local folder or an
+  ``s3://`` URI.
+* **Offload** (:mod:`.writer`): a background thread commits each batch:
+  KV first, then its index rows, then the stream's state file. ``feed`` never
+  waits for disk unless the writer falls ``max_pending_bytes`` behind.
+* **Page-in**: ``load_kv`` (called once per question with the final
+  selection) reads the missing blocks in one batched zarr read per level,
+  checks their crc32, and admits them into the hot tier.
+* **Search**: hot blocks by a matmul over the hot tier's vectors, blocks on
+  disk through lancedb (exact, or IVF_PQ once the table is large); the union
+  is re-scored exactly and merged.
+
+A block counts as stored once its stream state (written after its KV and
+rows) counts it. On opening a stream for writing, whatever a killed writer
+left beyond that is removed; a reader opened beside a writer sees the state
+as of its opening (:meth:`TieredBackend.refresh` to catch up).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import threading
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mukv.blocks import CompressedBlocks, KVLayout
+from mukv.errors import RetrievalError, StoreError
+from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
+
+from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
+from .hot import BlockInfo, HotTier
+from .options import TieredOptions
+from .transfer import HostCopy, Mover, as_numpy_rows
+from .writer import OffloadWriter
+
+MANIFEST = "mukv.json"
+_ROW_COLUMNS = ["block_id", "segment_id", "frame_start", "frame_end", "t_start", "t_end", "crc32"]
+_open_backends: "weakref.WeakSet[TieredBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # pragma: no cover - interpreter exit
+    for b in list(_open_backends):
+        try:
+            b.close()
+        except Exception:
+            pass
+
+
+@dataclass
+class _Job:
+    """A batch of blocks waiting for the offload writer."""
+
+    level: str
+    first: int
+    host: HostCopy  # [B, Y, 2, H, K, D] KV on the host
+    vectors: np.ndarray  # [B, V] float32
+    kept: np.ndarray  # [B, K]
+    token_index: np.ndarray  # [B, K]
+    positions: np.ndarray  # [B, K]
+    info: BlockInfo
+
+
+@dataclass
+class _Mark:
+    """A point in the stream: the state values and block counts to persist once all before it is committed."""
+
+    key: str | None
+    value: Any
+    counts: dict[str, int]
+
+
+def layout_dict(layout: KVLayout) -> dict[str, Any]:
+    from .zarr_kv import dtype_name
+
+    return {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+            "dtype": dtype_name(layout.dtype), "model_id": layout.model_id}
+
+
+class TieredBackend(StorageBackend):
+    """Blocks in a bounded hot tier and on disk (zarr KV + lancedb index); see the module docstring.
+
+    Args:
+        layout: the model's KV layout (must match the store's).
+        path: store folder or ``s3://bucket/prefix``.
+        device: the session's device (where the hot tier and loaded KV live).
+        stream_id: the stream of the store ([A-Za-z0-9_.-], see
+            :func:`~mukv.backends.disk.files.check_stream_id`).
+        **options: :class:`~mukv.backends.disk.options.TieredOptions` fields.
+
+    Raises:
+        StoreError: not a mukv store, another model's store, a hostile stream
+            id, a damaged store, or (``read_only=False``) a stream another
+            process writes.
+        ConfigError: an unknown or invalid option.
+    """
+
+    name = "lancedb"
+
+    def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu",
+                 stream_id: str = "default", **options: Any):
+        self._closed = True
+        self.options = o = TieredOptions.parse(options)
+        if path is None:
+            raise StoreError("the lancedb backend keeps blocks on disk: pass path= (a folder or an s3:// URI)")
+        self.stream_id = check_stream_id(stream_id)
+        self.layout = layout
+        self.device = torch.device(device)
+        self._lock = threading.RLock()
+        self.files = Files(str(path), o.storage_options, o.fsync)
+        self._lockfile: WriterLock | None = None
+        self.read_only = self._open_store(o.read_only)
+        try:
+            self._init_tiers()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._closed = False
+        _open_backends.add(self)
+
+    # ------------------------------------------------------------------ opening
+    def _open_store(self, read_only: bool | None) -> bool:
+        files = self.files
+        if not files.remote and files.local.exists() and not files.local.is_dir():
+            raise StoreError(f"{files.local}: not a mukv store (a file, not a folder)")
+        manifest = files.read_json(MANIFEST)
+        if manifest is None:
+            if files.exists_nonempty_root():
+                raise StoreError(f"{files.uri()}: not a mukv store (no {MANIFEST}; refusing to write into a "
+                                 "folder that holds other files)")
+            if read_only:
+                raise StoreError(f"{files.uri()}: no mukv store to open read-only")
+            files.write_json(MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                        "layout": layout_dict(self.layout), "created": time.time()})
+        else:
+            self._check_manifest(manifest)
+        if read_only:
+            return True
+        if files.remote:
+            return False  # object stores: no lock, one writer per stream is the caller's duty
+        lock = WriterLock(files.local / "streams" / f"{self.stream_id}.lock")
+        if lock.acquire():
+            self._lockfile = lock
+            return False
+        if read_only is False:
+            raise StoreError(f"{files.uri()}: stream {self.stream_id!r} is being written by another process "
+                             f"(pid {lock.holder()}); open it read-only or wait")
+        warnings.warn(f"stream {self.stream_id!r} of {files.uri()} is being written by another process "
+                      f"(pid {lock.holder()}); opened read-only", stacklevel=4)
+        return True
+
+    def _check_manifest(self, m: dict[str, Any]) -> None:
+        where = self.files.uri()
+        if m.get("format") != FORMAT:
+            raise StoreError(f"{where}: not a mukv store ({MANIFEST} has format {m.get('format')!r})")
+        if int(m.get("format_version", 0)) > FORMAT_VERSION:
+            raise StoreError(f"{where}: store format {m.get('format_version')} is newer than this mukv "
+                             f"({FORMAT_VERSION}); upgrade mukv")
+        stored, mine = m.get("layout", {}), layout_dict(self.layout)
+        diffs = [k for k in ("num_layers", "num_kv_heads", "head_dim", "dtype") if stored.get(k) != mine[k]]
+        if stored.get("model_id") and mine["model_id"] and stored["model_id"] != mine["model_id"]:
+            diffs.append("model_id")
+        if diffs:
+            show = lambda d: ", ".join(f"{k}={d.get(k)!r}" for k in diffs)  # noqa: E731
+            raise StoreError(f"{where}: written by another model ({show(stored)}); this session's model has "
+                             f"{show(mine)}")
+
+    def _init_tiers(self) -> None:
+        from mukv.config import MukvConfig
+        from mukv.interfaces import build_component
+        from mukv.registry import registry
+
+        from .lance_index import BlockTable
+        from .zarr_kv import KVArchive
+
+        o = self.options
+        state = self.files.read_json(self._state_rel()) or {}
+        self._persisted = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+        self._values: dict[str, Any] = dict(state.get("values", {}))
+        self._pvalues: dict[str, Any] = dict(self._values)  # values in the state file (writer thread)
+        self._level_info: dict[str, dict[str, Any]] = dict(state.get("levels", {}))
+        for lv in list(self._persisted) + list(self._level_info):
+            check_level(lv)
+        evictor = build_component("evictors", registry().get("evictors", o.eviction, "backend_options.eviction"),
+                                  MukvConfig.build(), EvictionPolicy)
+        self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only)
+        self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
+                                vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
+                                cache_bytes=o.lance_cache_bytes)
+        self.recovered: dict[str, Any] = {}
+        if not self.read_only:
+            self._recover()
+        self._n = dict(self._persisted)  # ids handed out
+        self._committed = dict(self._persisted)  # KV + rows on disk
+        self._unadmitted: dict[str, int] = {}  # level -> 1 + highest id that is neither hot nor committed
+        if o.hot_bytes is None:
+            hot_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+        else:
+            hot_bytes = o.hot_bytes
+        slab = o.hot_slab_bytes or max(4096, hot_bytes // 16)
+        self.hot = HotTier(hot_bytes, min(slab, hot_bytes) if hot_bytes else 0, self.device, self.layout.dtype,
+                           self.layout.vector_dim, evictor)
+        self.mover = Mover(self.device)
+        self._rows: OrderedDict[tuple[str, int], tuple] = OrderedDict()
+        self._clock = 0
+        self._seg_frames: int | None = o.segment_frames
+        self.pagein = {"questions": 0, "blocks_hot": 0, "blocks_disk": 0, "bytes_disk": 0, "seconds_disk": 0.0}
+        self._failure: str | None = None
+        self.writer = None if self.read_only else OffloadWriter(
+            self._commit, o.max_pending_bytes, o.commit_interval, on_idle=self._maintain,
+            name=f"mukv-offload-{self.stream_id}")
+
+    def _state_rel(self) -> str:
+        return f"streams/{self.stream_id}.json"
+
+    def _recover(self) -> None:
+        """Remove what a killed writer left beyond the committed state; fail on real damage."""
+        counts = self._persisted
+        partials = self.archive.remove_partials()
+        rows = self.table.delete_uncounted(self.stream_id, counts)
+        cut: dict[str, int] = {}
+        for level in sorted(set(self.archive.levels()) | set(counts)):
+            n = counts.get(level, 0)
+            length = self.archive.length(level)
+            if length < n:
+                raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks are "
+                                 f"committed but only {length} have KV on disk")
+            if length > n:
+                self.archive.truncate(level, n)
+                cut[level] = length - n
+            if n:
+                have = self.table.count(self.stream_id, level)
+                if have != n:
+                    raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
+                                     f"are committed but the index holds {have} rows for them")
+        self.recovered = {"temp_files": partials, "index_rows": rows, "kv_rows": cut}
+
+    @classmethod
+    def peek_state(cls, path: str, stream_id: str, key: str, **options: Any) -> Any:
+        check_stream_id(stream_id)
+        try:
+            files = Files(str(path), storage_options=options.get("storage_options"))
+        except StoreError:
+            return None
+        if not files.remote and not files.local.is_dir():
+            return None
+        if files.read_json(MANIFEST) is None:
+            return None
+        state = files.read_json(f"streams/{stream_id}.json")
+        return None if state is None else state.get("values", {}).get(key)
+
+    def refresh(self) -> None:
+        """Reader: catch up with what the writer has committed since opening (or the last refresh)."""
+        with self._lock:
+            if not self.read_only:
+                return
+            state = self.files.read_json(self._state_rel()) or {}
+            self._persisted = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+            self._values = dict(state.get("values", {}))
+            self._level_info = dict(state.get("levels", {}))
+            self._n = dict(self._persisted)
+            self._committed = dict(self._persisted)
+
+    # ------------------------------------------------------------------ writing
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError("this store is closed")
+        if self.read_only:
+            raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is open read-only")
+        self._check_writer()
+
+    def _check_writer(self) -> None:
+        if self._failure is not None:
+            raise StoreError(self._failure)
+        w = self.writer
+        if w is not None and w.error is not None:
+            lost = {lv: (self._committed.get(lv, 0), n) for lv, n in self._n.items() if n > self._committed.get(lv, 0)}
+            for lv, (c, _) in lost.items():
+                self.hot.rollback(lv, c)
+            self._n = dict(self._committed)
+            dropped = ", ".join(f"{lv} blocks {c}..{n - 1}" for lv, (c, n) in lost.items()) or "none"
+            msg = _describe(w.error)
+            self._failure = (f"{self.files.uri()}: writing stream {self.stream_id!r} failed: {msg}. Not stored: "
+                             f"{dropped}. Everything committed before is intact; reopen the store to continue.")
+            raise StoreError(self._failure)
+
+    def _segment_frames(self) -> int:
+        if self._seg_frames is None:
+            try:
+                levels = self._values["session"]["config"]["levels"]
+                self._seg_frames = max(int(lv.get("frames", 1)) for lv in levels)
+            except (KeyError, TypeError, ValueError):
+                self._seg_frames = 4
+        return self._seg_frames
+
+    def add(self, blocks: CompressedBlocks) -> torch.Tensor:
+        with self._lock:
+            self._check_writable()
+            level = check_level(blocks.level)
+            kv = blocks.kv
+            b = kv.shape[0]
+            lay = self.layout
+            if kv.ndim != 6 or tuple(kv.shape[1:4]) != (lay.num_layers, 2, lay.num_kv_heads) or kv.shape[5] != lay.head_dim:
+                raise StoreError(f"block KV shape {tuple(kv.shape[1:])} does not match the store's layout "
+                                 f"({lay.num_layers}, 2, {lay.num_kv_heads}, K, {lay.head_dim})")
+            k = int(kv.shape[4])
+            info = self._level_info.get(level)
+            if info is not None and int(info["tokens"]) != k:
+                raise StoreError(f"level {level!r} stores {info['tokens']} tokens per block; got {k}")
+            if b == 0:
+                return torch.empty(0, dtype=torch.int64)
+            nbytes = kv.numel() * torch.empty((), dtype=lay.dtype).element_size()
+            if not self.files.remote:
+                try:
+                    free = shutil.disk_usage(self.files.local).free
+                except OSError:
+                    free = None
+                if free is not None and free < nbytes + self.options.min_free_bytes:
+                    raise StoreError(f"disk full: {free} bytes free at {self.files.local}, a batch of {b} {level} "
+                                     f"blocks needs {nbytes} (+ min_free_bytes {self.options.min_free_bytes}); "
+                                     "nothing of it was stored")
+            first = self._n.get(level, 0)
+            ids = np.arange(first, first + b, dtype=np.int64)
+            fs = blocks.frame_start.detach().cpu().to(torch.int64).numpy()
+            binfo = BlockInfo(ids, fs // self._segment_frames(), fs,
+                              blocks.frame_end.detach().cpu().to(torch.int64).numpy(),
+                              blocks.t_start.detach().cpu().to(torch.float64).numpy(),
+                              blocks.t_end.detach().cpu().to(torch.float64).numpy())
+            vectors = blocks.vectors.detach().to(torch.float32)
+            host = self.mover.to_host(kv, lay.dtype)  # non-blocking on CUDA
+            if info is None:
+                self._level_info[level] = {"tokens": k, "block_shape": [int(s) for s in kv.shape[1:]]}
+            self._admit_new(level, kv, vectors, binfo)
+            job = _Job(level, first, host, vectors.cpu().numpy(), _np(blocks.kept), _np(blocks.token_index),
+                       _np(blocks.positions), binfo)
+            try:
+                self.writer.submit(job, nbytes)
+            except StoreError:
+                self.hot.rollback(level, first)
+                self._check_writer()
+                raise
+            self._n[level] = first + b
+            return torch.from_numpy(ids)
+
+    def _admit_new(self, level: str, kv: torch.Tensor, vectors: torch.Tensor, info: BlockInfo) -> None:
+        if self.hot.budget_bytes == 0:
+            self._unadmitted[level] = int(info.ids[-1]) + 1
+            return
+        admitted = self.hot.admit(level, kv, vectors, info, self._clock, committed=False)
+        if not admitted.all() and self.writer.pending:
+            # the tier is full of blocks not yet on disk: commit them, then evict
+            self.writer.wait()
+            rest = np.flatnonzero(~admitted)
+            sub = torch.from_numpy(rest).to(kv.device)
+            admitted[rest] = self.hot.admit(level, kv[sub], vectors[sub.to(vectors.device)], info.take(rest),
+                                            self._clock, committed=False)
+        if not admitted.all():
+            self._unadmitted[level] = int(info.ids[~admitted].max()) + 1
+
+    def set_state(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._check_writable()
+            try:
+                value = json.loads(json.dumps(value))
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"state {key!r} is not JSON-serialisable: {exc}") from None
+            self._values[key] = value
+            self.writer.submit(_Mark(key, value, dict(self._n)))
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._closed or self.read_only:
+                return
+            self._check_writer()
+            self.writer.submit(_Mark(None, None, dict(self._n)))
+            try:
+                self.writer.wait()
+            except StoreError:
+                self._check_writer()
+                raise
+
+    # ------------------------------------------------------------------ the writer thread
+    def _commit(self, items: list[Any]) -> None:
+        """Write a group: KV (zarr), then rows (lancedb, one commit), then the state file."""
+        import pyarrow as pa
+
+        jobs = [it for it in items if isinstance(it, _Job)]
+        marks = [it for it in items if isinstance(it, _Mark)]
+        if jobs:
+            runs: list[list[_Job]] = []
+            for job in jobs:
+                rows = as_numpy_rows(job.host.wait())
+                job.rows, job.crc = rows, _crc(rows)  # type: ignore[attr-defined]
+                last = runs[-1][-1] if runs else None
+                if last is not None and last.level == job.level and last.first + len(last.info.ids) == job.first:
+                    runs[-1].append(job)
+                else:
+                    runs.append([job])
+            for run in runs:
+                data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
+                self.archive.write(run[0].level, run[0].first, data)
+            self.table.add(pa.concat_tables([self._arrow_rows(j) for j in jobs]))
+            ends: dict[str, int] = {}
+            for job in jobs:
+                ends[job.level] = max(ends.get(job.level, 0), job.first + len(job.info.ids))
+                job.host.release()
+                job.rows = None  # type: ignore[attr-defined]
+            with self.hot.lock:
+                for level, end in ends.items():
+                    self._committed[level] = max(self._committed.get(level, 0), end)
+                    self.hot.mark_committed(level, end)
+        if marks:
+            for m in marks:
+                if m.key is not None:
+                    self._persist_value(m.key, m.value)
+            counts = marks[-1].counts
+            self.files.write_json(self._state_rel(), {
+                "format_version": FORMAT_VERSION, "stream_id": self.stream_id, "counts": counts,
+                "values": self._persisted_values(), "levels": dict(self._level_info), "updated": time.time(),
+            })
+            self._persisted = dict(counts)
+
+    def _persist_value(self, key: str, value: Any) -> None:
+        self._pvalues[key] = value
+
+    def _persisted_values(self) -> dict[str, Any]:
+        return dict(self._pvalues)
+
+    def _arrow_rows(self, job: _Job):
+        import pyarrow as pa
+
+        from .lance_index import schema
+
+        b = len(job.info.ids)
+        k = job.kept.shape[1]
+
+        def lists(a: np.ndarray, typ):
+            offsets = pa.array(np.arange(0, b * k + 1, k, dtype=np.int32))
+            return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(a).reshape(-1).astype(typ)))
+
+        v = self.layout.vector_dim
+        cols = {
+            "stream_id": pa.array([self.stream_id] * b, pa.string()),
+            "level": pa.array([job.level] * b, pa.string()),
+            "block_id": pa.array(job.info.ids), "segment_id": pa.array(job.info.segment),
+            "frame_start": pa.array(job.info.frame_start), "frame_end": pa.array(job.info.frame_end),
+            "t_start": pa.array(job.info.t_start), "t_end": pa.array(job.info.t_end),
+            "tokens": pa.array(np.full(b, k, dtype=np.int32)),
+            "kept": lists(job.kept, np.int32), "token_index": lists(job.token_index, np.int32),
+            "positions": lists(job.positions, np.int64),
+            "kv_path": pa.array([self.archive.rel(job.level)] * b, pa.string()),
+            "kv_row": pa.array(job.info.ids), "crc32": pa.array(job.crc),  # type: ignore[attr-defined]
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(job.vectors.reshape(-1).astype(np.float32)), v),
+        }
+        return pa.table(cols, schema=schema(v))
+
+    def _maintain(self) -> None:
+        try:
+            self.table.maintain()
+        except Exception as exc:  # index upkeep is an optimisation: never lose a write over it
+            warnings.warn(f"lancedb index upkeep failed (searches stay exact): {exc}", stacklevel=1)
+
+    # ------------------------------------------------------------------ reading
+    def count(self, level: str) -> int:
+        return self._n.get(level, 0)
+
+    def _block_shape(self, level: str) -> tuple[int, ...]:
+        info = self._level_info[level]
+        return tuple(int(s) for s in info["block_shape"])
+
+    def _ids(self, level: str, ids: Any) -> np.ndarray:
+        n = self.count(level)
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu().numpy()
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise RetrievalError(f"level {level!r}: block ids out of range (stored: {n})")
+        return ids
+
+    def _ensure_on_disk(self, level: str, upto: int) -> None:
+        """Blocks below ``upto`` that are not hot must be committed before they can be read."""
+        if self.writer is not None and self._committed.get(level, 0) < upto:
+            self._check_writer()
+            self.writer.wait()
+            self._check_writer()
+
+    def _cold_rows(self, level: str, ids: np.ndarray) -> dict[int, tuple]:
+        """(vector, segment, frame_start, frame_end, t_start, t_end, crc) of blocks on disk, via the row cache."""
+        out: dict[int, tuple] = {}
+        missing = []
+        for i in ids.tolist():
+            row = self._rows.get((level, i))
+            if row is None:
+                missing.append(i)
+            else:
+                self._rows.move_to_end((level, i))
+                out[i] = row
+        if missing:
+            self._ensure_on_disk(level, max(missing) + 1)
+            t = self.table.fetch(self.stream_id, level, np.array(missing), _ROW_COLUMNS + ["vector"])
+            got = self._cache_rows(level, t)
+            for i in missing:
+                if i not in got:
+                    raise StoreError(f"{self.files.uri()}: {level} block {i} of stream {self.stream_id!r} is "
+                                     "missing from the index")
+            out.update(got)
+        return out
+
+    def _cache_rows(self, level: str, t) -> dict[int, tuple]:
+        if t is None or t.num_rows == 0:
+            return {}
+        cols = {c: t.column(c).to_numpy() for c in _ROW_COLUMNS}
+        vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                          dtype=np.float32).reshape(t.num_rows, -1)
+        got = {}
+        for r in range(t.num_rows):
+            i = int(cols["block_id"][r])
+            row = (vecs[r], int(cols["segment_id"][r]), int(cols["frame_start"][r]), int(cols["frame_end"][r]),
+                   float(cols["t_start"][r]), float(cols["t_end"][r]), int(cols["crc32"][r]))
+            got[i] = row
+            if self.options.row_cache:
+                self._rows[(level, i)] = row
+                self._rows.move_to_end((level, i))
+        while len(self._rows) > self.options.row_cache:
+            self._rows.popitem(last=False)
+        return got
+
+    def search(self, level: str, query: torch.Tensor, k: int, within: torch.Tensor | None = None):
+        with self._lock:
+            self._check_open()
+            empty = (torch.empty(0, dtype=torch.int64, device=self.device), torch.empty(0, device=self.device))
+            n = self.count(level)
+            if n == 0 or k <= 0:
+                return empty
+            self._ensure_on_disk(level, self._unadmitted.get(level, 0))
+            q = query.detach().to("cpu", torch.float32).reshape(-1)
+            w = None if within is None else within.detach().cpu().to(torch.int64).reshape(-1, 2).numpy()
+            hot_ids, hot_vecs = self.hot.search(level, F.normalize(q, dim=0), k, w)
+            below = min(self._committed.get(level, 0), n)
+            cold_ids, cold_vecs = np.empty(0, dtype=np.int64), np.empty((0, self.layout.vector_dim), np.float32)
+            if below > 0:
+                covered = None if w is None else int(np.clip(w[:, 1] - w[:, 0], 0, None).sum())
+                if w is not None and covered <= self.options.scan_frames:
+                    t = self.table.scan(self.stream_id, level, below, w, _ROW_COLUMNS)
+                else:
+                    t = self.table.search(self.stream_id, level, below, q.numpy(), k, w, _ROW_COLUMNS)
+                if t is not None and t.num_rows:
+                    cold_ids = t.column("block_id").to_numpy()
+                    cold_vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                                           dtype=np.float32).reshape(t.num_rows, -1)
+                    keep_t = t
+                else:
+                    keep_t = None
+            else:
+                keep_t = None
+            ids = np.concatenate([hot_ids, cold_ids])
+            vecs = np.concatenate([hot_vecs.cpu().numpy().reshape(-1, self.layout.vector_dim), cold_vecs])
+            if ids.size == 0:
+                return empty
+            ids, first = np.unique(ids, return_index=True)  # ascending ids, first occurrence
+            vecs = vecs[first].astype(np.float64)
+            q64 = q.numpy().astype(np.float64)
+            q64 /= max(np.sqrt((q64 * q64).sum()), 1e-12)
+            norms = np.sqrt((vecs * vecs).sum(axis=1))
+            scores = (vecs * q64[None]).sum(axis=1) / np.maximum(norms, 1e-12)
+            order = np.argsort(-scores, kind="stable")[:k]
+            top = ids[order]
+            if keep_t is not None:  # remember the winners' rows for vectors()/metadata()/load_kv()
+                pos = np.flatnonzero(np.isin(keep_t.column("block_id").to_numpy(), top))
+                self._cache_rows(level, keep_t.take(pos))
+            return (torch.from_numpy(top.copy()).to(self.device),
+                    torch.from_numpy(scores[order].astype(np.float32)).to(self.device))
+
+    def vectors(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self._check_open()
+            ids = self._ids(level, ids)
+            out = torch.empty(ids.size, self.layout.vector_dim, dtype=torch.float32, device=self.device)
+            slots = self.hot.lookup(level, ids)
+            hot = slots >= 0
+            if hot.any():
+                out[torch.from_numpy(np.flatnonzero(hot)).to(self.device)] = self.hot.vectors(level, slots[hot]).to(self.device)
+            if (~hot).any():
+                rows = self._cold_rows(level, ids[~hot])
+                vec = np.stack([rows[int(i)][0] for i in ids[~hot]])
+                out[torch.from_numpy(np.flatnonzero(~hot)).to(self.device)] = torch.from_numpy(vec).to(self.device)
+            return out
+
+    def metadata(self, level: str, ids: torch.Tensor) -> BlockMeta:
+        with self._lock:
+            self._check_open()
+            ids = self._ids(level, ids)
+            cols = {k: np.empty(ids.size, dtype=np.int64) for k in ("frame_start", "frame_end")}
+            cols.update({k: np.empty(ids.size, dtype=np.float64) for k in ("t_start", "t_end")})
+            slots = self.hot.lookup(level, ids)
+            hot = slots >= 0
+            if hot.any():
+                m = self.hot.meta(level, slots[hot])
+                for c in cols:
+                    cols[c][hot] = m[c]
+            if (~hot).any():
+                rows = self._cold_rows(level, ids[~hot])
+                sel = [rows[int(i)] for i in ids[~hot]]
+                for j, c in enumerate(("frame_start", "frame_end", "t_start", "t_end")):
+                    cols[c][~hot] = [r[2 + j] for r in sel]
+            d = self.device
+            return BlockMeta(*(torch.from_numpy(cols[c]).to(d) for c in ("frame_start", "frame_end", "t_start", "t_end")))
+
+    def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        """Page in blocks ``ids`` (the final selection of one question): hot ones are copied from
+        the hot tier, the rest read from zarr in one batched read, checked, and admitted."""
+        with self._lock:
+            self._check_open()
+            ids = self._ids(level, ids)
+            shape = self._block_shape(level)
+            out = torch.empty((ids.size, *shape), dtype=self.layout.dtype, device=self.device)
+            if ids.size == 0:
+                return out
+            self._clock += 1
+            self.pagein["questions"] += 1
+            slots = self.hot.lookup(level, ids)
+            hot = slots >= 0
+            if hot.any():
+                out[torch.from_numpy(np.flatnonzero(hot)).to(self.device)] = self.hot.read(level, slots[hot])
+                self.hot.touch(level, slots[hot], self._clock)
+                self.pagein["blocks_hot"] += int(hot.sum())
+            if (~hot).any():
+                t0 = time.perf_counter()
+                miss = ids[~hot]
+                uniq = np.unique(miss)
+                self._ensure_on_disk(level, int(uniq[-1]) + 1)
+                rows = self._cold_rows(level, uniq)
+                data = self.archive.read(level, uniq)
+                if self.options.verify_reads:
+                    crc = _crc(data)
+                    bad = [int(i) for i, c in zip(uniq, crc) if int(c) != rows[int(i)][6]]
+                    if bad:
+                        raise StoreError(f"{self.files.uri()}: {level} blocks {bad} of stream {self.stream_id!r} "
+                                         "fail their checksum (damaged on disk)")
+                from .zarr_kv import from_numpy
+
+                dev = self.mover.to_device(from_numpy(data, self.layout.dtype))
+                where = np.searchsorted(uniq, miss)
+                out[torch.from_numpy(np.flatnonzero(~hot)).to(self.device)] = dev[torch.from_numpy(where).to(self.device)]
+                self.pagein["blocks_disk"] += int(uniq.size)
+                self.pagein["bytes_disk"] += int(data.nbytes)
+                self.pagein["seconds_disk"] += time.perf_counter() - t0
+                if self.options.promote and self.hot.budget_bytes:
+                    sel = [rows[int(i)] for i in uniq]
+                    info = BlockInfo(uniq, np.array([r[1] for r in sel], np.int64), np.array([r[2] for r in sel], np.int64),
+                                     np.array([r[3] for r in sel], np.int64), np.array([r[4] for r in sel]),
+                                     np.array([r[5] for r in sel]))
+                    vec = torch.from_numpy(np.stack([r[0] for r in sel]))
+                    self.hot.admit(level, dev, vec, info, self._clock, committed=True)
+            return out
+
+    def _lance_lists(self, level: str, ids: torch.Tensor, column: str) -> torch.Tensor:
+        with self._lock:
+            self._check_open()
+            ids = self._ids(level, ids)
+            if ids.size == 0:
+                return torch.empty(0, int(self._level_info.get(level, {}).get("tokens", 0)), dtype=torch.int64)
+            self._ensure_on_disk(level, int(ids.max()) + 1)
+            t = self.table.fetch(self.stream_id, level, ids, [column])
+            got = t.column("block_id").to_numpy()
+            vals = np.asarray(t.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                              dtype=np.int64).reshape(t.num_rows, -1)
+            pos = np.searchsorted(got, ids)
+            return torch.from_numpy(vals[pos]).to(self.device)
+
+    def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        return self._lance_lists(level, ids, "positions")
+
+    def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        return self._lance_lists(level, ids, "token_index")
+
+    def kept(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, K]`` kept token indices inside each block."""
+        return self._lance_lists(level, ids, "kept")
+
+    # ------------------------------------------------------------------ numbers, checks, closing
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        tb = self.layout.token_bytes()
+        for level, n in self._n.items():
+            k = int(self._level_info.get(level, {}).get("tokens", 0))
+            out[level] = {"blocks": n, "tokens": n * k, "bytes": n * k * tb}
+        return out
+
+    def tier_stats(self) -> dict[str, Any]:
+        """Hot tier (budget, bytes held, blocks, evictions), disk, page-in and writer counters."""
+        return {
+            "hot": {"budget_bytes": self.hot.budget_bytes, "reserved_bytes": self.hot.reserved_bytes(),
+                    "used_bytes": self.hot.used_bytes(), "blocks": self.hot.blocks(), "evicted": self.hot.evicted},
+            "disk": {"committed": dict(self._committed), "kv_bytes": self.archive.nbytes_stored()},
+            "pagein": dict(self.pagein),
+            "writer": {"pending": self.writer.pending if self.writer else 0,
+                       "groups": self.writer.groups if self.writer else 0},
+            "read_only": self.read_only,
+            "recovered": dict(self.recovered),
+        }
+
+    def verify(self) -> dict[str, Any]:
+        """Check every stored block: one index row per id ``0..n-1`` and KV matching its crc32.
+
+        Returns:
+            ``{"ok": bool, "levels": {level: {"blocks": n, "missing": [...], "corrupt": [...]}}}``
+            (ids listed, at most 100 each).
+        """
+        with self._lock:
+            if self.writer is not None:
+                self.flush()
+            report: dict[str, Any] = {"ok": True, "levels": {}}
+            for level, n in sorted(self._committed.items()):
+                missing, corrupt = [], []
+                for lo in range(0, n, 4096):
+                    ids = np.arange(lo, min(n, lo + 4096))
+                    t = self.table.fetch(self.stream_id, level, ids, ["crc32"])
+                    have = {} if t is None else dict(zip(t.column("block_id").to_pylist(), t.column("crc32").to_pylist()))
+                    present = np.array([i for i in ids.tolist() if i in have], dtype=np.int64)
+                    missing += [i for i in ids.tolist() if i not in have]
+                    if present.size:
+                        crc = _crc(self.archive.read(level, present))
+                        corrupt += [int(i) for i, c in zip(present, crc) if int(c) != have[int(i)]]
+                report["levels"][level] = {"blocks": n, "missing": missing[:100], "corrupt": corrupt[:100]}
+                if missing or corrupt:
+                    report["ok"] = False
+            return report
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("this store is closed")
+
+    def _release_lock(self) -> None:
+        if self._lockfile is not None:
+            self._lockfile.release()
+            self._lockfile = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            _open_backends.discard(self)
+            try:
+                if self.writer is not None:
+                    if self.writer.error is None:
+                        try:
+                            self.writer.submit(_Mark(None, None, dict(self._n)))
+                        except StoreError:
+                            pass
+                    self.writer.close()
+            finally:
+                self._release_lock()
+                self._rows.clear()
+            if self.writer is not None and self.writer.error is not None and self._failure is None:
+                self._check_writer()  # a write that failed while closing: say what was not stored
+
+
+def _describe(err: BaseException) -> str:
+    """A writer error in words; a full disk is called so, whichever library reported it."""
+    if isinstance(err, StoreError):
+        return str(err)
+    if isinstance(err, OSError):
+        return str(disk_error(err, "writing blocks"))
+    text = f"{type(err).__name__}: {err}"
+    if "no space left" in text.lower() or "quota exceeded" in text.lower():
+        return f"disk full while writing blocks ({text})"
+    return text
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.int64).numpy()
+
+
+def _crc(rows: np.ndarray) -> np.ndarray:
+    from .zarr_kv import block_crc
+
+    return block_crc(rows)

@@ -1,0 +1,231 @@
+"""KV bytes on disk: one sharded zarr array per stream and level.
+
+``kv/<stream>/<level>.zarr`` has shape ``[N, Y, 2, H, K, D]``: row ``i`` is
+block ``i`` of that level. A chunk holds as many blocks as fit in about
+``chunk_bytes`` (one segment block of a real model, a few dozen patch blocks:
+zarr's cost is per chunk, and reading a block reads its chunk); a shard holds
+many chunks (about ``shard_bytes``), so a week-long stream keeps a few
+thousand files, not millions. zarr has no bfloat16:
+bf16 KV is stored as its ``uint16`` bit pattern with the attribute
+``mukv_dtype = "bfloat16"`` (other dtypes are stored as themselves).
+
+zarr's local store writes every object through a temp file and a rename, and
+an object-store PUT is atomic, so a shard on disk is always some complete
+version: a crash can lose an unfinished write, never damage blocks written
+before it. Rows beyond what the index has committed are cut off when a writer
+reopens the stream (:meth:`KVArchive.truncate`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from mukv.errors import StoreError
+
+from .files import Files, disk_error
+
+_NUMPY = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+    torch.bfloat16: np.uint16,  # bit pattern; see module docstring
+}
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.bfloat16: "bfloat16"}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype KV of ``dtype`` is stored as."""
+    try:
+        return np.dtype(_NUMPY[dtype])
+    except KeyError:
+        raise StoreError(f"KV dtype {dtype} cannot be stored; supported: {sorted(_NAMES.values())}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    numpy_dtype(dtype)
+    return _NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    for k, v in _NAMES.items():
+        if v == name:
+            return k
+    raise StoreError(f"unknown KV dtype {name!r} in store")
+
+
+def to_numpy(kv: torch.Tensor) -> np.ndarray:
+    """A CPU tensor of KV as the numpy array that is stored (no copy when possible)."""
+    if kv.dtype == torch.bfloat16:
+        kv = kv.view(torch.int16)
+        return kv.numpy().view(np.uint16)
+    return kv.numpy()
+
+
+def from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`to_numpy` (shares memory)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if dtype == torch.bfloat16:
+        return t.view(torch.int16).view(torch.bfloat16) if t.dtype == torch.uint16 else t.view(torch.bfloat16)
+    return t
+
+
+def block_crc(rows: np.ndarray) -> np.ndarray:
+    """``[n]`` crc32 of each block's bytes (rows of ``[n, ...]``), as int64."""
+    flat = np.ascontiguousarray(rows).reshape(rows.shape[0], -1)
+    return np.array([zlib.crc32(r) for r in flat.view(np.uint8)], dtype=np.int64)
+
+
+class KVArchive:
+    """The zarr arrays of one stream.
+
+    Args:
+        files: the store root.
+        stream_id: a validated stream id.
+        dtype: KV dtype.
+        shard_bytes: target bytes per shard.
+        read_only: open arrays read-only (a reader beside a writer).
+    """
+
+    def __init__(self, files: Files, stream_id: str, dtype: torch.dtype, shard_bytes: int = 64 << 20,
+                 read_only: bool = False, chunk_bytes: int = 256 << 10):
+        import zarr  # heavy; only when a disk store is opened
+        import zarr.storage
+
+        self._zarr = zarr
+        self.files = files
+        self.stream_id = stream_id
+        self.dtype = dtype
+        self.np_dtype = numpy_dtype(dtype)
+        self.shard_bytes = shard_bytes
+        self.chunk_bytes = chunk_bytes
+        self.read_only = read_only
+        if files.remote:
+            self.store = zarr.storage.ObjectStore(files.object_store)
+        else:
+            self.store = zarr.storage.LocalStore(str(files.local))
+        self._arrays: dict[str, Any] = {}
+
+    def rel(self, level: str) -> str:
+        """Path of a level's array under the store root."""
+        return f"kv/{self.stream_id}/{level}.zarr"
+
+    def levels(self) -> list[str]:
+        """Levels with an array on disk."""
+        return [n[:-5] for n in self.files.listing(f"kv/{self.stream_id}") if n.endswith(".zarr")]
+
+    def array(self, level: str, block_shape: tuple[int, ...] | None = None, create: bool = False):
+        """The level's array (opened once); created with ``block_shape`` if missing and ``create``."""
+        arr = self._arrays.get(level)
+        if arr is not None:
+            return arr
+        zarr = self._zarr
+        try:
+            arr = zarr.open_array(store=self.store, path=self.rel(level), mode="r" if self.read_only else "r+")
+        except Exception as exc:  # zarr raises FileNotFoundError or its own *NotFoundError
+            if isinstance(exc, (FileNotFoundError, KeyError)) or type(exc).__name__.endswith("NotFoundError"):
+                arr = None
+            else:
+                raise StoreError(f"{self.files.uri(self.rel(level))}: cannot open KV array ({exc})") from None
+        if arr is None:
+            if not create or block_shape is None or self.read_only:
+                return None
+            block_bytes = int(np.prod(block_shape)) * self.np_dtype.itemsize
+            per_chunk = max(1, min(self.chunk_bytes, self.shard_bytes) // max(1, block_bytes))
+            per_shard = per_chunk * max(1, self.shard_bytes // (per_chunk * max(1, block_bytes)))
+            try:
+                arr = zarr.create_array(
+                    store=self.store, name=self.rel(level), shape=(0, *block_shape),
+                    chunks=(per_chunk, *block_shape), shards=(per_shard, *block_shape), dtype=self.np_dtype,
+                    fill_value=0, compressors=None,
+                    attributes={"mukv_dtype": dtype_name(self.dtype), "blocks_per_chunk": per_chunk,
+                                "blocks_per_shard": per_shard},
+                )
+            except OSError as exc:
+                raise disk_error(exc, f"creating {self.rel(level)}") from None
+        else:
+            stored = arr.attrs.get("mukv_dtype")
+            if stored != dtype_name(self.dtype):
+                raise StoreError(f"{self.rel(level)}: stores {stored} KV; this session uses {dtype_name(self.dtype)}")
+            if block_shape is not None and tuple(arr.shape[1:]) != tuple(block_shape):
+                raise StoreError(
+                    f"{self.rel(level)}: blocks of shape {tuple(arr.shape[1:])} stored; got {tuple(block_shape)}")
+        self._arrays[level] = arr
+        return arr
+
+    def length(self, level: str) -> int:
+        arr = self.array(level)
+        return 0 if arr is None else int(arr.shape[0])
+
+    def write(self, level: str, first: int, rows: np.ndarray) -> None:
+        """Write blocks ``first .. first + n`` (``rows [n, Y, 2, H, K, D]`` in the stored dtype)."""
+        arr = self.array(level, tuple(rows.shape[1:]), create=True)
+        end = first + rows.shape[0]
+        try:
+            if arr.shape[0] < end:
+                arr.resize((end, *arr.shape[1:]))
+            arr[first:end] = rows
+        except OSError as exc:
+            raise disk_error(exc, f"writing KV of {level} blocks {first}..{end - 1}") from None
+
+    def read(self, level: str, ids: np.ndarray) -> np.ndarray:
+        """``[n, Y, 2, H, K, D]`` stored rows of ``ids`` (any order), one batched zarr read."""
+        arr = self.array(level)
+        if arr is None:
+            raise StoreError(f"{self.rel(level)}: no KV stored for level {level!r}")
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return np.empty((0, *arr.shape[1:]), dtype=self.np_dtype)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        # one slice per run of consecutive ids (zarr's orthogonal indexing is ~10x slower per block)
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = np.split(uniq, breaks)
+        data = np.concatenate(self._read_runs(arr, [(int(r[0]), int(r[-1]) + 1) for r in runs]))
+        return data[inverse.reshape(-1)]
+
+    @staticmethod
+    def _read_runs(arr, runs: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Read slices concurrently through zarr's async API (sequentially if it is not there)."""
+        aarr = getattr(arr, "_async_array", None)
+        if aarr is not None and len(runs) > 1:
+            try:
+                import asyncio
+
+                from zarr.core.sync import sync
+
+                async def gather():
+                    return await asyncio.gather(*(aarr.getitem(slice(a, b)) for a, b in runs))
+
+                return [np.asarray(x) for x in sync(gather())]
+            except (ImportError, AttributeError, TypeError):
+                pass
+        return [np.asarray(arr[a:b]) for a, b in runs]
+
+    def truncate(self, level: str, n: int) -> None:
+        """Drop rows from ``n`` on (crash recovery: rows never committed to the index)."""
+        arr = self.array(level)
+        if arr is not None and arr.shape[0] > n:
+            arr.resize((n, *arr.shape[1:]))
+
+    def nbytes_stored(self) -> int:
+        """Bytes of the stream's KV files (local stores; 0 for object stores)."""
+        if self.files.remote:
+            return 0
+        root = self.files.local / "kv" / self.stream_id
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+
+    def remove_partials(self) -> int:
+        """Delete temp files a killed writer left behind (local stores). Returns how many."""
+        if self.files.remote:
+            return 0
+        root = self.files.local / "kv" / self.stream_id
+        n = 0
+        if root.exists():
+            for p in root.rglob("*.partial"):
+                try:
+                    p.unlink()
+                    n += 1
+                except OSError:
+                    pass
+        return n
