@@ -14,8 +14,11 @@ Bookkeeping (cursors, times) stays here; byte movement is in the backend.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,6 +50,13 @@ class LevelPipeline:
     def block_len(self) -> int:
         return self.split.shape[1]
 
+    @cached_property
+    def is_identity_split(self) -> bool:
+        """Whether the blocks are consecutive runs of the window's tokens (frame,
+        segment and raster-patch levels), so that cutting them is a view."""
+        n = self.split.numel()
+        return bool(torch.equal(self.split.reshape(-1), torch.arange(n, device=self.split.device)))
+
     @property
     def needs_attention(self) -> bool:
         return self.kept < self.block_len and getattr(self.scorer, "needs_attention", False)
@@ -72,13 +82,35 @@ class Ingestor:
         self.config = config
         self.frames_seen = start_frame
         self.cursor = {lp.level.name: start_frame for lp in levels}
-        if cursors:
-            self.cursor.update(cursors)
+        #: Frames a level never covered: when a stream is reopened, the encoded
+        #: frames of an unfinished window (e.g. 3 of a segment's 4) are gone, so
+        #: that level resumes at the next frame fed.
+        self.uncovered = {lp.level.name: 0 for lp in levels}
+        for name, cur in (cursors or {}).items():
+            if name in self.cursor:
+                self.uncovered[name] = max(0, start_frame - int(cur))
+                self.cursor[name] = max(int(cur), start_frame)
         self._pending = None  # [n, T, E] encoded frames from frame index self._pending_start
         self._pending_start = start_frame
         self._times = torch.empty(0, dtype=torch.float64)  # times of frames from self._times_start
         self._times_start = start_frame
         self.on_stored: Callable[[CompressedBlocks], None] | None = None
+        #: Set to a dict to time the stages ("prefill", "score", "compress",
+        #: "store") in seconds, summed over calls. Each timed stage ends with a
+        #: device synchronisation, so leave it ``None`` when throughput matters.
+        self.stage_times: dict[str, float] | None = None
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        times = self.stage_times
+        if times is None:
+            yield
+            return
+        _sync(self.model.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.model.device)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------
     def add_frames(self, embeds: torch.Tensor, times: torch.Tensor) -> int:
@@ -128,9 +160,11 @@ class Ingestor:
         for w0 in range(0, windows, wb):
             nw = min(wb, windows - w0)
             first = self.cursor[name]
-            blocks = self._prefill(lp, first, nw)
+            with self._stage("prefill"):
+                blocks = self._prefill(lp, first, nw)
             compressed = self._compress(lp, blocks)
-            self.backend.add(compressed)
+            with self._stage("store"):
+                self.backend.add(compressed)
             if self.on_stored is not None:
                 self.on_stored(compressed)
             self.cursor[name] = first + nw * frames
@@ -143,7 +177,10 @@ class Ingestor:
         window_tokens = self._pending[off : off + nw * frames].reshape(nw, frames * tpf, -1)  # [nw, F*T, E]
         split = lp.split.to(window_tokens.device)
         per_window = split.shape[0]
-        embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
+        if lp.is_identity_split and per_window * lp.block_len == frames * tpf:  # consecutive runs: a view, no copy
+            embeds = window_tokens.reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
+        else:
+            embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
         kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention)
         start = torch.arange(nw).repeat_interleave(per_window) * frames + first
         b = embeds.shape[0]
@@ -156,26 +193,32 @@ class Ingestor:
     def _compress(self, lp: LevelPipeline, blocks: PrefilledBlocks) -> CompressedBlocks:
         b, length = blocks.num_blocks, blocks.block_len
         device = blocks.kv.device
-        if lp.kept >= length:
-            kept = torch.arange(length, device=device).expand(b, -1)
-        else:
-            scores = lp.scorer.score(blocks)
-            if scores.shape != (b, length):
-                raise RuntimeError(
-                    f"scorer for level {lp.level.name!r} returned shape {tuple(scores.shape)}; expected {(b, length)}"
-                )
-            kept = lp.compressor.select(blocks, scores.to(device))
-            if kept.shape != (b, lp.kept):
-                raise RuntimeError(
-                    f"compressor returned shape {tuple(kept.shape)} for level {lp.level.name!r}; expected {(b, lp.kept)}"
-                )
-        kept = kept.to(device)
-        y, _, _, h, _, d = blocks.kv.shape
-        # one gather over every layer: [Y, 2, B, H, L, D] -> [Y, 2, B, H, K, D] -> [B, Y, 2, H, K, D]
-        idx = kept[None, None, :, None, :, None].expand(y, 2, b, h, lp.kept, d)
-        kv = blocks.kv.gather(4, idx).permute(2, 0, 1, 3, 4, 5).contiguous()
-        last_keys = kv[:, -1, 0]  # [B, H, K, D]
-        vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
+        with self._stage("score"):
+            if lp.kept >= length:
+                kept = torch.arange(length, device=device).expand(b, -1)
+                scores = None
+            else:
+                scores = lp.scorer.score(blocks)
+                if scores.shape != (b, length):
+                    raise RuntimeError(
+                        f"scorer for level {lp.level.name!r} returned shape {tuple(scores.shape)}; expected {(b, length)}"
+                    )
+        with self._stage("compress"):
+            if scores is not None:
+                kept = lp.compressor.select(blocks, scores.to(device))
+                if kept.shape != (b, lp.kept):
+                    raise RuntimeError(
+                        f"compressor returned shape {tuple(kept.shape)} for level {lp.level.name!r}; "
+                        f"expected {(b, lp.kept)}"
+                    )
+            kept = kept.to(device)
+            y, _, _, h, _, d = blocks.kv.shape
+            # one gather over every layer, straight into the stored layout:
+            # [Y, 2, B, H, L, D] viewed as [B, Y, 2, H, L, D] -> [B, Y, 2, H, K, D], contiguous
+            idx = kept[:, None, None, None, :, None].expand(b, y, 2, h, lp.kept, d)
+            kv = torch.gather(blocks.kv.permute(2, 0, 1, 3, 4, 5), 4, idx)
+            last_keys = kv[:, -1, 0]  # [B, H, K, D]
+            vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
         frame_start = blocks.frame_start
         frame_end = blocks.frame_end
         return CompressedBlocks(
@@ -185,3 +228,8 @@ class Ingestor:
             t_start=self.time_of(frame_start), t_end=self.time_of(frame_end - 1),
             token_index=blocks.token_index.to(device).gather(1, kept),
         )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -71,8 +71,8 @@ class LlavaOnevisionAdapter(HFVideoLLM):
         n = pixels.shape[0]
         out = self.model.model.get_video_features(
             pixels[None], vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy,
-        ).pooler_output  # [1, n * T + 1, E]; the last token is the video's newline embedding
-        return out[:, :-1].reshape(n, self.tokens_per_frame, -1)
+        ).pooler_output  # [1, n * T (+ 1), E]: transformers >= 5.2x appends the video's newline embedding
+        return out[:, : n * self.tokens_per_frame].reshape(n, self.tokens_per_frame, -1)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
