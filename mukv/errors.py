@@ -16,6 +16,16 @@ class ConfigError(MukvError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+_SINGULAR = {"policies": "policy", "indexes": "index", "extractors": "extractor", "scorers": "scorer",
+             "compressors": "compressor", "retrievers": "retriever", "backends": "backend", "models": "model",
+             "evictors": "eviction policy", "sources": "frame source"}
+
+
+def singular(role: str) -> str:
+    """What one component of a registry role is called ("policies" -> "policy")."""
+    return _SINGULAR.get(role, role)
+
+
 class UnknownPluginError(ConfigError, KeyError):
     """A component name is not registered for its role.
 
@@ -30,7 +40,7 @@ class UnknownPluginError(ConfigError, KeyError):
         self.role, self.name, self.choices, self.field = role, name, sorted(choices), field
         where = f" (config field {field!r})" if field else ""
         listed = ", ".join(self.choices) if self.choices else "none"
-        super().__init__(f"unknown {role[:-1]} {name!r}{where}; registered {role}: {listed}")
+        super().__init__(f"unknown {singular(role)} {name!r}{where}; registered {role}: {listed}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]

@@ -26,6 +26,7 @@ import torch
 
 from .blocks import CompressedBlocks, Hits, KVLayout, PrefilledBlocks, Query
 from .config import LevelConfig, MukvConfig
+from .errors import singular
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -329,10 +330,10 @@ def build_component(role: str, component: Any, config: MukvConfig, base: type[Co
     """Turn a registered component (class, instance or function) into an object."""
     if isinstance(component, type):
         if not issubclass(component, base):
-            raise TypeError(f"registered {role[:-1]} {component!r} is not a subclass of {base.__name__}")
+            raise TypeError(f"registered {singular(role)} {component!r} is not a subclass of {base.__name__}")
         return component.from_config(config)
     if isinstance(component, base):
         return component
     if base is TokenScorer and callable(component):
         return FunctionScorer(component)
-    raise TypeError(f"registered {role[:-1]} {component!r} is neither a {base.__name__} subclass nor an instance")
+    raise TypeError(f"registered {singular(role)} {component!r} is neither a {base.__name__} subclass nor an instance")

@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, UnknownPluginError
+from .errors import ConfigError, UnknownPluginError, singular
 
 ENTRY_POINT_GROUP = "mukv"
 ENV_ALLOW = "MUKV_PLUGINS"
@@ -143,11 +143,11 @@ def registry() -> Registry:
 
                     def register(name: str, component: Any, *, _role=role, _p=plugin_name, _pkg=package) -> None:
                         if not isinstance(name, str) or not name:
-                            raise ConfigError(f"plugin {_p!r} registered a {_role[:-1]} with an invalid name {name!r}")
+                            raise ConfigError(f"plugin {_p!r} registered a {singular(_role)} with an invalid name {name!r}")
                         old = reg.entries[_role].get(name)
                         if old is not None and old.component is not component:
                             raise ConfigError(
-                                f"{_role[:-1]} {name!r} is registered twice: by plugin {old.plugin!r} and {_p!r}"
+                                f"{singular(_role)} {name!r} is registered twice: by plugin {old.plugin!r} and {_p!r}"
                             )
                         reg.entries[_role][name] = Entry(name, component, _p, _pkg)
 
