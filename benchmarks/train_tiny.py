@@ -1,0 +1,249 @@
+"""Train mukv-tiny (or resume a run), evaluate it per question kind and regime, export it.
+
+Examples::
+
+    # a short CPU smoke run of the toy shape
+    python benchmarks/train_tiny.py --shape toy --steps 20 --batch 4 --workers 0 --out runs/toy
+
+    # the real run on the GPU machine, in calls of at most 10 minutes
+    python benchmarks/train_tiny.py --steps 6000 --time-limit 470 --out $OUT/ckpt
+    python benchmarks/train_tiny.py --steps 6000 --time-limit 470 --resume runs/ckpt --out $OUT/ckpt \\
+        --export $OUT/mukv-tiny
+
+Training stops at ``--steps`` (the length of the cosine schedule) or after
+``--time-limit`` seconds, whichever comes first, then saves a resumable
+checkpoint in ``--out`` (float32 weights and bf16 Adam moments, files of at most
+15 MB, and ``state.json``), evaluates held-out clips (``--eval-per-kind`` per
+kind, in every regime, batched through the training forward) and, with
+``--export``, writes the shippable bf16 checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--shape", default="mukv-tiny", choices=["mukv-tiny", "toy"], help="model shape")
+    ap.add_argument("--out", required=True, help="checkpoint directory written at the end (and every --save-every s)")
+    ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (length of the LR schedule)")
+    ap.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    ap.add_argument("--save-every", type=float, default=None, help="also checkpoint every this many seconds")
+    ap.add_argument("--batch", type=int, default=64, help="clips per step")
+    ap.add_argument("--frames", type=int, default=8, help="frames per training clip")
+    ap.add_argument("--max-questions", type=int, default=3, help="questioned scenes packed into one clip")
+    ap.add_argument("--single", type=float, default=0.3, help="share of plain sample_clip clips (one question)")
+    ap.add_argument("--plain", type=float, default=0.0, help="share of sample_clip clips without distractors")
+    ap.add_argument("--aux", type=float, default=0.0,
+                    help="weight of the per-token perception loss (targets from the pixel oracle)")
+    ap.add_argument("--aux-lm", type=float, default=0.0,
+                    help="weight of the same loss read from the language model's final hidden states at visual tokens")
+    ap.add_argument("--vis-rms", type=float, default=1.0,
+                    help="weight of (log(rms_visual / rms_text))**2, keeping visual tokens at the text-embedding scale")
+    ap.add_argument("--stage1-steps", type=int, default=0,
+                    help="curriculum: the first this many steps use --stage1-frames-frame clips, "
+                         "--stage1-plain of them without distractors")
+    ap.add_argument("--stage1-frames", type=int, default=4)
+    ap.add_argument("--stage1-plain", type=float, default=1.0)
+    ap.add_argument("--stage1-batch", type=int, default=None, help="clips per stage-1 step (default: --batch)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--restart-schedule", action="store_true",
+                    help="on --resume: start a new warmup + cosine schedule at the resumed step, ending at --steps")
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--weights", default="full=1,frames=1,mukv=1", help="loss weight per regime")
+    ap.add_argument("--offset-prob", type=float, default=0.5, help="share of (b)/(c) answers moved past the context end")
+    ap.add_argument("--max-offset", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0, help="model init and data seed")
+    ap.add_argument("--workers", type=int, default=8, help="clip-rendering worker processes")
+    ap.add_argument("--device", default=None, help="default: cuda if available")
+    ap.add_argument("--no-bf16", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-per-kind", type=int, default=100, help="held-out clips per kind at the end (0: none)")
+    ap.add_argument("--eval-seed", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=0, help="quick probe (10 clips per kind) every this many steps")
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--export", default=None, help="write the shippable bf16 checkpoint here")
+    ap.add_argument("--eval-only", action="store_true", help="no training: evaluate --model (an exported checkpoint)")
+    ap.add_argument("--model", default=None, help="with --eval-only: checkpoint directory (default: the shipped one)")
+    ap.add_argument("--session", default="", help="with --eval-only: also evaluate through mukv.Session per clip with "
+                    "these policies, comma-separated (e.g. mukv,full_context)")
+    ap.add_argument("--check-attention", action="store_true",
+                    help="first compare gradients of the lower-right causal attention with the masked reference")
+    return ap.parse_args(argv)
+
+
+def check_attention(device: torch.device) -> None:
+    """Gradients of mukv's causal_attention against the explicit-mask reference (bf16 and fp32)."""
+    from mukv.model import _masked_attention, causal_attention
+
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(3, 8, 50, 32, generator=g).to(device, dtype).requires_grad_()
+        k = torch.randn(3, 2, 61, 32, generator=g).to(device, dtype).requires_grad_()
+        v = torch.randn(3, 2, 61, 32, generator=g).to(device, dtype).requires_grad_()
+        w = torch.randn(3, 8, 50, 32, generator=g).to(device, dtype)
+        outs = []
+        for fn in (causal_attention, _masked_attention):
+            for t in (q, k, v):
+                t.grad = None
+            o = fn(q, k, v, None)
+            (o.float() * w.float()).sum().backward()
+            outs.append([o.detach().float()] + [t.grad.detach().float().clone() for t in (q, k, v)])
+        errs = [float((a - b).norm() / b.norm()) for a, b in zip(*outs)]
+        print(f"attention check {dtype}: rel err out/dq/dk/dv = " + ", ".join(f"{e:.2e}" for e in errs), flush=True)
+
+
+def eval_only(args: argparse.Namespace, device: torch.device) -> int:
+    """Evaluate an exported checkpoint: batched regimes, then (optionally) mukv.Session per clip."""
+    from mukv import train as T
+    from mukv.plugins.models.llava_onevision import LlavaOnevisionAdapter
+    from mukv.plugins.models.mukv_tiny import asset_dir
+
+    path = Path(args.model) if args.model else asset_dir()
+    adapter = LlavaOnevisionAdapter.from_pretrained(path, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
+    t0 = time.perf_counter()
+    reports = T.evaluate(adapter, clips, batch=args.eval_batch)
+    print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
+          f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
+    print(T.format_report(reports), flush=True)
+    result = {"batched": reports}
+    session = {}
+    for policy in [p for p in args.session.split(",") if p]:
+        t0 = time.perf_counter()
+        report, rows = T.session_accuracy(adapter, clips, policy=policy, device=device)
+        dt = time.perf_counter() - t0
+        session[f"session:{policy}"] = report
+        result[f"session:{policy}"] = {"report": report, "rows": rows, "seconds": dt}
+        print(f"session policy {policy}: {100 * report['overall']:.1f}% in {dt:.0f} s "
+              f"({dt / len(clips):.2f} s per clip: session, feed, ask)", flush=True)
+    if session:
+        print(T.format_report(session), flush=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mukv import train as T
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.check_attention:
+        check_attention(device)
+    if args.eval_only:
+        return eval_only(args, device)
+    weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
+    cfg = T.TrainConfig(shape=args.shape, seed=args.seed, steps=args.steps, batch=args.batch, frames=args.frames,
+                        max_questions=args.max_questions, single=args.single, plain=args.plain, lr=args.lr, warmup=args.warmup,
+                        weight_decay=args.weight_decay, weights=weights, vis_rms=args.vis_rms, aux=args.aux, aux_lm=args.aux_lm, offset_prob=args.offset_prob,
+                        max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
+    config = T.toy_config() if args.shape == "toy" else None
+    adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)
+    params = T.count_parameters(adapter.model)
+    print(f"model {args.shape}: {params} parameters; grid {adapter.grid}; device {device}", flush=True)
+    trainer = T.Trainer(adapter, cfg, config)
+    if args.resume:
+        state = trainer.load(args.resume)
+        saved = state["train_config"]
+        for key in ("shape", "seed", "batch", "frames"):
+            if saved.get(key) != getattr(cfg, key):
+                print(f"warning: resuming with {key}={getattr(cfg, key)} (checkpoint: {saved.get(key)})", flush=True)
+        if args.restart_schedule:
+            cfg.schedule_start = trainer.step
+        else:
+            cfg.schedule_start = int(saved.get("schedule_start", 0))
+        print(f"resumed from {args.resume} at step {trainer.step}; LR schedule from step {cfg.schedule_start} "
+              f"to {cfg.steps}", flush=True)
+    T.training_mode(adapter, True)
+    label_grid = adapter.grid[0] if args.aux > 0 or args.aux_lm > 0 else None
+    dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, num_frames=args.frames,
+                              max_questions=args.max_questions, single=args.single, plain=args.plain)
+
+    def curriculum():
+        if trainer.step < args.stage1_steps:
+            first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, num_frames=args.stage1_frames,
+                                    max_questions=args.max_questions, single=args.single,
+                                    plain=args.stage1_plain)
+            for b in T.iterate_batches(first, args.stage1_batch or args.batch, trainer.samples, args.workers):
+                yield b
+                if trainer.step >= args.stage1_steps:
+                    break
+            print(f"curriculum: stage 2 ({args.frames}-frame clips) from step {trainer.step}", flush=True)
+        yield from T.iterate_batches(dataset, args.batch, trainer.samples, args.workers)
+
+    batches = curriculum()
+    probe = T.eval_clips(args.eval_seed + 1000, 10, num_frames=args.frames) if args.eval_every else None
+    t_start = time.perf_counter()
+    last_save = t_start
+    window = {"t": time.perf_counter(), "clips": 0, "questions": 0, "wait": 0.0, "stats": []}
+    first_step = trainer.step
+    while trainer.step < cfg.steps:
+        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+            break
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window["wait"] += time.perf_counter() - t0
+        stats = trainer.train_step(batch)
+        window["clips"] += batch["frames"].shape[0]
+        window["questions"] += len(batch["questions"])
+        window["stats"].append(stats)
+        if trainer.step % args.log_every == 0 or trainer.step == cfg.steps or trainer.step == first_step + 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - window["t"]
+            n = len(window["stats"])
+            mean = {k: sum(s[k] for s in window["stats"]) / n for k in window["stats"][0]}
+            row = {"step": trainer.step, "time": round(time.perf_counter() - t_start, 1), "lr": stats["lr"],
+                   **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms"))},
+                   "clips_s": round(window["clips"] / dt, 1), "questions_s": round(window["questions"] / dt, 1),
+                   "step_s": round(dt / n, 3), "data_wait_s": round(window["wait"] / n, 4)}
+            if device.type == "cuda":
+                row["mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            trainer.history.append(row)
+            print(json.dumps(row), flush=True)
+            window = {"t": time.perf_counter(), "clips": 0, "questions": 0, "wait": 0.0, "stats": []}
+        if probe and trainer.step % args.eval_every == 0:
+            rep = T.evaluate(adapter, probe, config, batch=args.eval_batch)
+            T.training_mode(adapter, True)
+            print(json.dumps({"probe_step": trainer.step, **{r: round(v["overall"], 3) for r, v in rep.items()},
+                              "by_kind_full": {k: v["accuracy"] for k, v in rep["full"]["by_kind"].items()}}),
+                  flush=True)
+        if args.save_every and time.perf_counter() - last_save > args.save_every:
+            trainer.save(args.out)
+            last_save = time.perf_counter()
+    train_s = time.perf_counter() - t_start
+    print(f"trained steps {first_step}..{trainer.step} in {train_s:.0f} s", flush=True)
+    trainer.save(args.out, extra={"train_seconds_this_call": train_s})
+    print(f"checkpoint: {args.out}", flush=True)
+    T.training_mode(adapter, False)
+    if args.eval_per_kind:
+        t0 = time.perf_counter()
+        clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
+        reports = T.evaluate(adapter, clips, config, batch=args.eval_batch)
+        print(f"evaluation of {len(clips)} held-out clips (seed {args.eval_seed}) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        print(T.format_report(reports), flush=True)
+        Path(args.out, "eval.json").write_text(json.dumps(reports, indent=1))
+    if args.export:
+        path = T.export(adapter, args.export)
+        print(f"exported {path} ({T.directory_bytes(path) / 2**20:.2f} MiB)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1207 @@
+"""Training of mukv-tiny, the small Video-LLM that ships with mukv.
+
+No real Video-LLM weights can be downloaded where mukv is built, so whether MuKV
+answers better than its baselines is measured with a model trained here: a
+LLaVA-OneVision built from transformers' own classes (a tiny SigLIP vision tower,
+LLaVA-OneVision's projector and 2x2 pooling, a tiny Qwen2 language model) with a
+word-level tokenizer over the benchmark's vocabulary. Every code path at answer
+time is the real one.
+
+The model is trained from scratch on short, context-complete clips of
+:mod:`mukv.bench` and learns to answer from three kinds of memory, on the same
+clips in the same step (the vision tower runs once per clip and its tokens feed
+all three):
+
+``full`` (a)
+    system prompt + every frame's visual tokens in one causal sequence + the
+    answer prompt: the "whole clip in context" figure.
+``frames`` (b)
+    ReKV-style memory, and the memory of mukv's baselines: every frame prefilled
+    on its own after the system prompt (positions ``P .. P + T - 1``, so frames
+    overlap in position), their KV concatenated, then the answer prompt.
+``mukv`` (c)
+    MuKV's memory: patch, frame and segment blocks prefilled on their own,
+    compressed with mukv's own scorer and compressor plugins (selection under
+    ``no_grad`` with the current weights), the blocks chosen by MuKV's retrieval
+    (cosine to the query vector, segment-guided rerank), then the answer prompt.
+
+Gradients flow through every block prefill. :func:`prefill` is the training
+twin of :meth:`mukv.model.HFVideoLLM.prefill_blocks` (same HF modules, same
+positions, same lower-right causal attention, same last-layer column sums);
+``tests/test_train.py`` checks that both give the same KV, scores and logits.
+
+The loss is cross-entropy on the answer word and the end token. Training clips
+may carry several questioned scenes (:func:`sample_training_clip`): the memory
+is built once and every question is answered from it, which multiplies the
+supervision per unit of compute.
+
+Command line: ``python benchmarks/train_tiny.py --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .blocks import PrefilledBlocks
+from .config import LevelConfig, MukvConfig
+
+# ------------------------------------------------------------------------------ shapes
+#: The shipped model: 196 visual tokens per frame (112 px, patch 4 -> 28x28 -> pooled 14x14),
+#: so mukv's default levels (49 / 196 / 784 tokens) apply unchanged.
+MUKV_TINY_SHAPE: dict[str, Any] = dict(
+    text_config=dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=2, rope_theta=10_000.0,
+                     max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512,
+                       num_hidden_layers=4, num_attention_heads=4, image_size=112, patch_size=4,
+                       vision_use_head=False),
+)
+
+#: A toy of the same family for CPU tests (49 visual tokens per frame: 28 px, patch 2 -> 14x14 -> 7x7).
+TOY_SHAPE: dict[str, Any] = dict(
+    text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
+                     max_position_embeddings=32768, tie_word_embeddings=True),
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=2,
+                       vision_use_head=False),
+)
+
+SHAPES: dict[str, dict[str, Any]] = {"mukv-tiny": MUKV_TINY_SHAPE, "toy": TOY_SHAPE}
+
+REGIMES: tuple[str, ...] = ("full", "frames", "mukv")
+
+
+def toy_config() -> MukvConfig:
+    """MuKV's levels for the toy shape's 7x7 grid: one-row patches, frames, 4-frame segments."""
+    return MukvConfig.build({"levels": [
+        {"name": "patch", "extractor": "patch_raster", "frames": 1, "tokens": 7, "keep_ratio": 0.3, "alpha": 0.5,
+         "top_k": 20, "rerank_weight": 0.3},
+        {"name": "frame", "extractor": "frame", "frames": 1, "keep_ratio": 0.1, "alpha": 0.7, "top_k": 32,
+         "rerank_weight": 0.3},
+        {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 12},
+    ]})
+
+
+def build_model(shape: str | dict[str, Any] = "mukv-tiny", seed: int = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, name: str = "mukv-tiny", calibrate: bool = True):
+    """A LLaVA-OneVision of ``shape`` with random weights (seeded), wrapped in
+    :class:`~mukv.plugins.models.llava_onevision.LlavaOnevisionAdapter`.
+
+    The tokenizer is :func:`mukv.tokenizer.build_word_tokenizer` over the
+    benchmark's :data:`~mukv.bench.VOCABULARY` (plus the base words). With ``calibrate``
+    the projector is initialised at the text-embedding scale (:func:`calibrate_projector`).
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from mukv.bench import VOCABULARY
+    from mukv.plugins.models.llava_onevision import LlavaOnevisionAdapter
+    from mukv.tokenizer import build_word_tokenizer
+
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    tokenizer = build_word_tokenizer(VOCABULARY)
+    text = dict(shape["text_config"])
+    text["vocab_size"] = len(tokenizer)
+    config = LlavaOnevisionConfig(
+        text_config=text, vision_config=dict(shape["vision_config"]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=text.get("tie_word_embeddings", False),
+    )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = LlavaOnevisionForConditionalGeneration(config)
+    model = model.to(dtype=dtype)
+    adapter = LlavaOnevisionAdapter(model, tokenizer, name=name)
+    if calibrate:
+        calibrate_projector(adapter)
+    return adapter
+
+
+@torch.no_grad()
+def visual_text_rms(adapter, frames: torch.Tensor | None = None) -> tuple[float, float]:
+    """RMS of the visual embeddings of ``frames`` (default: one fixed benchmark clip) and of the text embeddings."""
+    if frames is None:
+        from mukv.bench import sample_clip
+
+        frames = torch.from_numpy(sample_clip(np.random.default_rng(0), 4).frames)[None]
+    frames = frames.to(adapter.device)
+    was = adapter.model.training
+    adapter.model.eval()
+    try:
+        v = encode(adapter, frames).float()
+    finally:
+        adapter.model.train(was)
+    e = adapter.language_model.embed_tokens.weight.float()
+    return float(v.pow(2).mean().sqrt()), float(e.pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def calibrate_projector(adapter) -> float:
+    """Initialise the multi-modal projector so that visual embeddings enter the language
+    model at the scale of the text embeddings: zero biases, ``linear_2`` rescaled so that
+    the RMS of the visual tokens of a fixed clip equals the RMS of the token embeddings
+    (transformers' default init leaves them ~5x larger, and training without
+    :attr:`TrainConfig.vis_rms` let them grow to ~40x, which collapsed the visual tokens
+    into attention sinks). Returns the scale applied."""
+    proj = adapter.model.model.multi_modal_projector
+    proj.linear_1.bias.zero_()
+    proj.linear_2.bias.zero_()
+    vis, txt = visual_text_rms(adapter)
+    scale = txt / max(vis, 1e-12)
+    proj.linear_2.weight.mul_(scale)
+    return scale
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of the vision tower, projector (+ newline) and language model (tied head counted once)."""
+    m = model.model
+    vision = sum(p.numel() for p in m.vision_tower.parameters())
+    lm = sum(p.numel() for p in m.language_model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"vision": vision, "projector": total - vision - lm, "language": lm, "total": total}
+
+
+# ------------------------------------------------------------------------------ data
+@dataclass
+class TrainingClip:
+    """A clip with one or more questions about scenes inside it.
+
+    Attributes:
+        frames: uint8 ``[n, S, S, 3]``.
+        questions: ``(text, answer, kind)`` per questioned scene.
+        labels: optional int64 ``[n, 3, g, g]`` per-token perception targets
+            (see :func:`token_labels`).
+    """
+
+    frames: np.ndarray
+    questions: list[tuple[str, str, str]]
+    labels: np.ndarray | None = None
+
+
+#: Classes of the auxiliary per-token targets: colour (8 + none), shape (6 + mark + none), dot colour (8 + none).
+AUX_CLASSES: tuple[int, int, int] = (9, 8, 9)
+
+
+def token_labels(frames: np.ndarray, grid: int) -> np.ndarray:
+    """Auxiliary perception targets for every visual token of every frame: int64
+    ``[n, 3, grid, grid]`` = (colour of the object or corner mark under the
+    token's centre, its shape (6 = mark, 7 = nothing), colour of the dot on that
+    object). Read from the pixels by :func:`mukv.bench.perceive` (the benchmark's
+    pixel oracle), so they apply to any rendered clip."""
+    from mukv.bench import perceive
+    from mukv.bench.render import mark_box
+    from mukv.bench.scene import CANONICAL
+
+    n, size = frames.shape[0], frames.shape[1]
+    out = np.empty((n, 3, grid, grid), dtype=np.int64)
+    centres = (np.arange(grid) + 0.5) * CANONICAL / grid  # canonical units
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    scale = size / CANONICAL
+    for i in range(n):
+        p = perceive(frames[i])
+        color = np.full((grid, grid), 8)
+        shape = np.full((grid, grid), 7)
+        dot = np.full((grid, grid), 8)
+        for o in p.objects:
+            h = o.size / 2.0
+            inside = (np.abs(cx - o.x) <= h) & (np.abs(cy - o.y) <= h)
+            color[inside], shape[inside] = o.color, o.shape
+            if o.dot >= 0:
+                dot[inside] = o.dot
+        for corner, c in p.marks.items():
+            x0, y0, px = mark_box(corner, size)
+            inside = ((cx * scale >= x0 - 1) & (cx * scale <= x0 + px + 1) & (cy * scale >= y0 - 1)
+                      & (cy * scale <= y0 + px + 1))
+            color[inside], shape[inside] = c, 6
+        out[i, 0], out[i, 1], out[i, 2] = color, shape, dot
+    return out
+
+
+#: Tag mixed into training seeds so that training clips never share a random
+#: stream with :func:`mukv.bench.clip_at` or with :func:`eval_clips`.
+TAG_TRAIN = 0x7A1
+TAG_EVAL = 0xE7A
+
+
+def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, size: int = 64,
+                         max_questions: int = 3, single: float = 0.3, plain: float = 0.0) -> TrainingClip:
+    """A training clip: with probability ``plain`` :func:`mukv.bench.sample_clip` without
+    distractors (the questioned scene on empty background frames: an easy start);
+    with probability ``single`` exactly :func:`mukv.bench.sample_clip`
+    (one questioned scene among distractors); otherwise up to ``max_questions``
+    questioned scenes packed into ``num_frames`` frames, the gaps filled with
+    distractor scenes.
+
+    Uniqueness holds as in a benchmark stream: every questioned scene's key pair
+    co-occurs in no other scene of the clip (each new questioned scene is built
+    with every pair of the earlier ones blocked; distractors with every key pair
+    blocked), so each question has exactly one answer in the clip.
+    """
+    from mukv.bench import KINDS, pose, render_scene, sample_clip
+    from mukv.bench.scene import MIN_SCENE_LEN, N_IDENTITIES, blocked_matrix, make_scene
+
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    u = rng.random()
+    if u < plain:
+        c = sample_clip(rng, num_frames, size=size, distractors=False)
+        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+    if u < plain + single or max_questions <= 1:
+        c = sample_clip(rng, num_frames, size=size)
+        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+    want = max_questions  # as many as fit
+    scenes = []
+    pairs = np.zeros((N_IDENTITIES, N_IDENTITIES), dtype=bool)
+    used = 0
+    for _ in range(want):
+        room = num_frames - used
+        if room < 2:
+            break
+        scene = None
+        for _try in range(8):
+            kind = KINDS[int(rng.integers(len(KINDS)))]
+            try:
+                cand = make_scene(rng, kind, blocked=pairs, max_len=max(MIN_SCENE_LEN, room), attempts=20)
+            except RuntimeError:
+                continue
+            if cand.n <= room:
+                scene = cand
+                break
+        if scene is None:
+            break
+        ids = sorted(set().union(*(o.identities() for o in scene.objects)))
+        for a in ids:
+            for b in ids:
+                if a != b:
+                    pairs[a, b] = True
+        scenes.append(scene)
+        used += scene.n
+    if not scenes:
+        c = sample_clip(rng, num_frames, size=size)
+        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+    blocked = blocked_matrix([s.key for s in scenes])
+    gaps = np.bincount(rng.integers(0, len(scenes) + 1, size=num_frames - used), minlength=len(scenes) + 1)
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    t = 0
+    questions = []
+    for i in range(len(scenes) + 1):
+        g = int(gaps[i])
+        if g:
+            d = make_scene(rng, None, blocked=blocked)
+            start = max(0, d.n - g) if i == 0 else 0  # the clip opens at the end of a scene
+            frames[t : t + g] = render_scene(d, size, length=g, start=start)
+            t += g
+        if i < len(scenes):
+            s = scenes[i]
+            frames[t : t + s.n] = render_scene(s, size)
+            t += s.n
+            text, answer = pose(s)
+            questions.append((text, answer, s.kind))
+    return TrainingClip(frames, questions)
+
+
+class TrainingClips(torch.utils.data.Dataset):
+    """Map-style dataset: item ``i`` is :func:`sample_training_clip` of the
+    generator seeded ``[seed, TAG_TRAIN, i]`` (any worker makes any item; a
+    resumed run continues the same sequence)."""
+
+    def __init__(self, seed: int, length: int, label_grid: int | None = None, **kwargs: Any):
+        self.seed, self.length, self.kwargs = int(seed), int(length), kwargs
+        self.label_grid = label_grid
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> TrainingClip:
+        clip = sample_training_clip(np.random.default_rng([self.seed, TAG_TRAIN, int(i)]), **self.kwargs)
+        if self.label_grid:
+            clip.labels = token_labels(clip.frames, self.label_grid)
+        return clip
+
+
+def eval_clips(seed: int, per_kind: int, num_frames: int = 8, kinds: Sequence[str] | None = None) -> list[Any]:
+    """Held-out evaluation clips, ``per_kind`` of every question kind, exactly as
+    :func:`mukv.bench.sample_clip` draws them (one questioned scene among distractors)."""
+    from mukv.bench import KINDS, sample_clip
+
+    out = []
+    for k, kind in enumerate(kinds or KINDS):
+        for i in range(per_kind):
+            out.append(sample_clip(np.random.default_rng([int(seed), TAG_EVAL, k, i]), num_frames, kinds=(kind,)))
+    return out
+
+
+def collate(items: list[TrainingClip]) -> dict[str, Any]:
+    """Stack frames (``uint8 [B, F, S, S, 3]``) and flatten the questions (with their clip index)."""
+    frames = torch.from_numpy(np.stack([c.frames for c in items]))
+    qs = [(i, *q) for i, c in enumerate(items) for q in c.questions]
+    out = {"frames": frames, "clip": torch.tensor([q[0] for q in qs]), "questions": [q[1] for q in qs],
+           "answers": [q[2] for q in qs], "kinds": [q[3] for q in qs]}
+    if items[0].labels is not None:
+        out["labels"] = torch.from_numpy(np.stack([c.labels for c in items]))
+    return out
+
+
+# ------------------------------------------------------------------------------ attention
+TRAIN_ATTN_IMPL = "mukv_train"
+_state = threading.local()
+_train_registered = False
+
+
+def register_train_attention() -> None:
+    """Register the "mukv_train" attention: inside :func:`_ours` calls, every layer runs
+    mukv's :func:`~mukv.model.causal_attention` (lower-right causal sdpa, differentiable)
+    and the named layer also records :func:`~mukv.model.attention_column_sums` under
+    ``no_grad`` (exactly what :class:`~mukv.model.HFVideoLLM` computes at inference);
+    every other call (the vision tower) goes to transformers' sdpa."""
+    global _train_registered
+    if _train_registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from .model import attention_column_sums, causal_attention
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if not getattr(_state, "active", False):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+        out = causal_attention(query, key, value, scaling)
+        if getattr(_state, "module", None) is module:
+            with torch.no_grad():
+                _state.colsum = attention_column_sums(query.detach(), key.detach(), scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(TRAIN_ATTN_IMPL, attention)
+    AttentionMaskInterface.register(TRAIN_ATTN_IMPL, sdpa_mask)
+    _train_registered = True
+
+
+class _ours:
+    """Marks a language-model call as causal aligned to the end (see :func:`register_train_attention`)."""
+
+    def __init__(self, module: torch.nn.Module | None = None):
+        self.module = module
+        self.colsum = None
+
+    def __enter__(self) -> "_ours":
+        self._saved = (getattr(_state, "active", False), getattr(_state, "module", None))
+        _state.active, _state.module, _state.colsum = True, self.module, None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.colsum = getattr(_state, "colsum", None)
+        _state.active, _state.module = self._saved
+        _state.colsum = None
+
+
+def training_mode(adapter, on: bool = True) -> None:
+    """Switch ``adapter.model`` between training ("mukv_train" attention, train mode)
+    and mukv's inference attention (eval mode)."""
+    from .model import ATTN_IMPL
+
+    if on:
+        register_train_attention()
+        adapter.model.set_attn_implementation(TRAIN_ATTN_IMPL)
+        adapter.model.train()
+    else:
+        adapter.model.set_attn_implementation(ATTN_IMPL)
+        adapter.model.eval()
+
+
+# ------------------------------------------------------------------------------ forward pieces
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [B, H, S, D]
+
+
+def _cache(kv: KV | None):
+    from transformers import DynamicCache
+
+    return DynamicCache() if kv is None else DynamicCache(ddp_cache_data=[(k, v) for k, v in kv])
+
+
+def encode(adapter, frames: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, F, S, S, 3]`` -> visual tokens ``[B, F, T, E]`` (with gradients):
+    the adapter's own preprocessing and ``get_video_features`` (tower, projector, 2x2 pooling)."""
+    b, f = frames.shape[:2]
+    pixels = adapter.preprocess(frames.reshape(b * f, *frames.shape[2:]))
+    pixels = pixels.reshape(b, f, *pixels.shape[1:])
+    out = adapter.model.model.get_video_features(
+        pixels, vision_feature_layer=adapter.feature_layer, vision_feature_select_strategy=adapter.select_strategy,
+    ).pooler_output  # [B, F * T (+ 1), E]: newer transformers append the newline embedding
+    return out[:, : f * adapter.tokens_per_frame].reshape(b, f, adapter.tokens_per_frame, -1)
+
+
+def prefix_kv(adapter, system_prompt: str | None = None) -> KV:
+    """KV of the system prompt ``[1, H, P, D]`` per layer (with gradients)."""
+    ids = adapter.tokenize(adapter.default_system_prompt if system_prompt is None else system_prompt)
+    cache = _cache(None)
+    with _ours():
+        adapter.language_model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefill(adapter, prefix: KV, embeds: torch.Tensor, attention: bool = False,
+            hidden: list[torch.Tensor] | None = None) -> tuple[KV, torch.Tensor | None]:
+    """Blocks ``[B, L, E]``, each on its own after the system prompt at positions
+    ``P .. P + L - 1`` (the training twin of ``HFVideoLLM.prefill_blocks``).
+
+    Returns the blocks' KV ``[B, H, L, D]`` per layer (prompt positions dropped)
+    and, with ``attention``, the last layer's column sums ``[B, L]`` (no gradient).
+    With ``hidden`` (a list), the blocks' final hidden states ``[B, L, E]`` are appended to it.
+    """
+    b, length, _ = embeds.shape
+    p = prefix[0][0].shape[2]
+    cache = _cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix])
+    positions = torch.arange(p, p + length, device=embeds.device)[None].expand(b, -1)
+    last = adapter.language_model.layers[-1].self_attn
+    with _ours(last if attention else None) as call:
+        out = adapter.language_model(inputs_embeds=embeds, past_key_values=cache, position_ids=positions,
+                                     use_cache=True)
+    if hidden is not None:
+        hidden.append(out.last_hidden_state)
+    kv = [(layer.keys[:, :, p:], layer.values[:, :, p:]) for layer in cache.layers]
+    cols = call.colsum[:, p:] if call.colsum is not None else None
+    return kv, cols
+
+
+def answer_logits(adapter, context: KV, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Logits of the answer prompt + teacher-forced answer run after ``context``.
+
+    Args:
+        context: ``[Q, H, C, D]`` per layer (system prompt + memory).
+        ids: ``[Q, N]`` answer-prompt + answer token ids (right-padded).
+        start: ``[Q]`` RoPE position of each row's first token (``C`` in ``HFVideoLLM.generate``).
+        at: ``[Q, M]`` token positions (within ``ids``) whose next-token logits are wanted.
+
+    Returns:
+        ``[Q, M, V]`` logits.
+    """
+    n = ids.shape[1]
+    positions = start[:, None] + torch.arange(n, device=ids.device)[None]
+    with _ours():
+        hidden = adapter.language_model(input_ids=ids, past_key_values=_cache(context), position_ids=positions,
+                                        use_cache=True).last_hidden_state
+    hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+    return adapter.lm_head(hidden)
+
+
+def query_vectors(adapter, prefix: KV, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``[Q, V]`` last-layer key of each question's final token after the system
+    prompt (``HFVideoLLM.query_vector``, batched over right-padded ``ids``)."""
+    q = ids.shape[0]
+    p = prefix[0][0].shape[2]
+    cache = _cache([(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix])
+    positions = torch.arange(p, p + ids.shape[1], device=ids.device)[None].expand(q, -1)
+    with _ours():
+        adapter.language_model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True)
+    keys = cache.layers[-1].keys  # [Q, H, P + N, D]
+    last = keys[torch.arange(q, device=ids.device), :, p + lengths - 1]  # [Q, H, D]
+    return last.reshape(q, -1).float()
+
+
+def _cat_kv(parts: Sequence[KV]) -> KV:
+    return [(torch.cat([p[y][0] for p in parts], dim=2), torch.cat([p[y][1] for p in parts], dim=2))
+            for y in range(len(parts[0]))]
+
+
+def _take(kv: KV, index: torch.Tensor) -> KV:
+    return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
+
+
+# ------------------------------------------------------------------------------ MuKV memory
+@dataclass
+class _Level:
+    level: LevelConfig
+    split: torch.Tensor  # [n_blocks, L] token indices in a window
+    scorer: Any
+    compressor: Any
+    kept: int
+
+
+def resolve_levels(adapter, config: MukvConfig) -> list[_Level]:
+    """Each level of ``config`` with its registered extractor, scorer and compressor,
+    built exactly as :class:`mukv.Session` builds them."""
+    from .interfaces import Compressor, GranularityExtractor, TokenScorer, build_component
+    from .registry import registry
+
+    reg = registry()
+    compressor = build_component("compressors", reg.get("compressors", config.compression.compressor), config,
+                                 Compressor)
+    out = []
+    for lv in config.levels:
+        ext = build_component("extractors", reg.get("extractors", lv.extractor), config, GranularityExtractor)
+        scorer = build_component("scorers", reg.get("scorers", lv.scorer or config.scoring.scorer), config,
+                                 TokenScorer)
+        split = ext.split(lv, adapter.grid)
+        out.append(_Level(lv, split, scorer, compressor, Compressor.kept_count(lv, split.shape[1])))
+    return out
+
+
+@dataclass
+class LevelMemory:
+    """Compressed blocks of one level for a batch of clips.
+
+    Attributes:
+        name: level name.
+        kv: ``[B * n, H, K, D]`` per layer (clip-major), with gradients.
+        vectors: ``[B, n, V]`` block vectors (float32, no gradient).
+        n: blocks per clip.
+    """
+
+    name: str
+    kv: KV
+    vectors: torch.Tensor
+    n: int
+
+
+def level_memory(adapter, prefix: KV, visual: torch.Tensor, lv: _Level,
+                 prefilled: tuple[KV, torch.Tensor | None] | None = None) -> LevelMemory:
+    """Prefill, score and compress every block of one level, as
+    :class:`mukv.pipeline.Ingestor` does (selection under ``no_grad``).
+
+    ``visual`` is ``[B, F, T, E]``; only whole windows of ``lv.level.frames`` frames make blocks.
+    ``prefilled`` reuses an identical prefill (e.g. the frame blocks of regime (b)).
+    """
+    b, f, t, e = visual.shape
+    w = lv.level.frames
+    nw = f // w
+    split = lv.split.to(visual.device)
+    per_window, length = split.shape
+    windows = visual[:, : nw * w].reshape(b * nw, w * t, e)
+    embeds = windows[:, split].reshape(b * nw * per_window, length, e)
+    need_att = lv.kept < length and getattr(lv.scorer, "needs_attention", False)
+    if prefilled is None or (need_att and prefilled[1] is None):
+        prefilled = prefill(adapter, prefix, embeds, attention=need_att)
+    kv, cols = prefilled
+    nb = embeds.shape[0]
+    with torch.no_grad():
+        if lv.kept >= length:
+            kept = torch.arange(length, device=visual.device).expand(nb, -1)
+        else:
+            stacked = torch.stack([torch.stack((k.detach(), v.detach())) for k, v in kv])  # [Y, 2, nb, H, L, D]
+            start = torch.arange(b * nw, device=visual.device).repeat_interleave(per_window) * w
+            p = prefix[0][0].shape[2]
+            blocks = PrefilledBlocks(
+                level=lv.level, kv=stacked, attention=cols, token_index=split.repeat(b * nw, 1),
+                frame_start=start, frame_end=start + w,
+                positions=torch.arange(p, p + length, device=visual.device)[None].expand(nb, -1), grid=adapter.grid,
+            )
+            scores = lv.scorer.score(blocks)
+            kept = lv.compressor.select(blocks, scores.to(visual.device)).to(visual.device)
+    idx = kept[:, None, :, None]
+    out = []
+    for k, v in kv:
+        g = idx.expand(-1, k.shape[1], -1, k.shape[3])
+        out.append((k.gather(2, g), v.gather(2, g)))
+    with torch.no_grad():
+        vectors = out[-1][0].detach().float().mean(dim=2).reshape(b, nw * per_window, -1)
+    return LevelMemory(lv.level.name, out, vectors, nw * per_window)
+
+
+def retrieve(memories: list[LevelMemory], config: MukvConfig, query: torch.Tensor, clip: torch.Tensor
+             ) -> dict[str, torch.Tensor]:
+    """MuKV's semi-hierarchical retrieval, batched over questions: for each level
+    the block indices (within a clip) chosen for each question, ``[Q, k]``.
+
+    Mirrors :class:`~mukv.plugins.retrievers.semi_hierarchical.SemiHierarchicalRetriever`
+    over the memory backend's cosine search, with a short clip's top-k clamped
+    to the blocks it has (``retrieval.on_short_stream = "clamp"``)."""
+    r = config.retrieval
+    qn = F.normalize(query.float(), dim=-1)
+    cands: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    tops: dict[str, int] = {}
+    for mem in memories:
+        lv = config.level(mem.name)
+        k = min(lv.top_k, mem.n)
+        tops[mem.name] = k
+        if k <= 0:
+            continue
+        unit = F.normalize(mem.vectors.float(), dim=-1)[clip]  # [Q, n, V]
+        sims = torch.einsum("qnv,qv->qn", unit, qn)
+        c = min(math.ceil(k * r.over_retrieval), mem.n)
+        s, ids = sims.topk(c, dim=1)
+        cands[mem.name] = (ids, s)
+    context = None
+    guide = r.guide_level
+    vec = {m.name: m.vectors for m in memories}
+    if guide is not None and guide in cands:
+        ids = cands[guide][0][:, : r.rerank_n]
+        v = vec[guide][clip[:, None], ids]  # [Q, N, V]
+        context = v.float().mean(dim=1)
+    out = {}
+    for name, (ids, s) in cands.items():
+        lv = config.level(name)
+        if context is not None and name != guide and lv.rerank_weight > 0:
+            v = vec[name][clip[:, None], ids].float()
+            cos = F.cosine_similarity(v, context[:, None], dim=-1)
+            s = (1.0 - lv.rerank_weight) * s + lv.rerank_weight * cos
+            order = s.argsort(dim=1, descending=True)
+            ids = ids.gather(1, order)
+        out[name] = ids[:, : tops[name]]
+    return out
+
+
+def mukv_context(prefix: KV, memories: list[LevelMemory], chosen: dict[str, torch.Tensor], clip: torch.Tensor) -> KV:
+    """System prompt + every chosen block of every level, ``[Q, H, C, D]`` per layer
+    (the order inside the context does not change the answer: attention over a
+    cache is order-free; each key keeps the position it was computed at)."""
+    q = clip.shape[0]
+    parts = [[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix]]
+    for mem in memories:
+        if mem.name not in chosen:
+            continue
+        ids = chosen[mem.name]  # [Q, k]
+        rows = (clip[:, None] * mem.n + ids).reshape(-1)
+        kk = ids.shape[1]
+        part = []
+        for k, v in mem.kv:
+            h, kt, d = k.shape[1:]
+            part.append((k.index_select(0, rows).reshape(q, kk, h, kt, d).transpose(1, 2).reshape(q, h, kk * kt, d),
+                         v.index_select(0, rows).reshape(q, kk, h, kt, d).transpose(1, 2).reshape(q, h, kk * kt, d)))
+        parts.append(part)
+    return _cat_kv(parts)
+
+
+# ------------------------------------------------------------------------------ text
+@dataclass
+class QuestionBatch:
+    """Token ids of a batch of questions.
+
+    Attributes:
+        ids: ``[Q, N]`` answer prompt + answer word + end token, right-padded.
+        at: ``[Q, 2]`` positions whose next-token logits predict the answer and the end token.
+        targets: ``[Q, 2]`` answer word id, end token id.
+        query_ids: ``[Q, M]`` query-template ids (right-padded), ``query_len`` ``[Q]``.
+    """
+
+    ids: torch.Tensor
+    at: torch.Tensor
+    targets: torch.Tensor
+    query_ids: torch.Tensor
+    query_len: torch.Tensor
+
+
+def encode_questions(adapter, questions: Sequence[str], answers: Sequence[str] | None = None,
+                     device: torch.device | str = "cpu") -> QuestionBatch:
+    """Tokenize questions with the adapter's templates (answers optional: at evaluation
+    the answer slot holds a pad token and only the first logits row matters)."""
+    tok = adapter.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id
+    rows, at, targets, qrows = [], [], [], []
+    for i, q in enumerate(questions):
+        prompt = tok(adapter.answer_template.format(question=q), add_special_tokens=False)["input_ids"]
+        if answers is not None:
+            a = tok(answers[i], add_special_tokens=False)["input_ids"]
+            if len(a) != 1:
+                raise ValueError(f"answer {answers[i]!r} is not one token of the tokenizer")
+            a = a[0]
+        else:
+            a = pad
+        rows.append(prompt + [a])
+        at.append([len(prompt) - 1, len(prompt)])
+        targets.append([a, eos])
+        qrows.append(tok(adapter.query_template.format(question=q), add_special_tokens=False)["input_ids"])
+
+    def pad_rows(rs):
+        n = max(len(r) for r in rs)
+        return torch.tensor([r + [pad] * (n - len(r)) for r in rs], dtype=torch.long, device=device)
+
+    return QuestionBatch(pad_rows(rows), torch.tensor(at, device=device), torch.tensor(targets, device=device),
+                         pad_rows(qrows), torch.tensor([len(r) for r in qrows], device=device))
+
+
+# ------------------------------------------------------------------------------ one step
+@dataclass
+class RegimeOptions:
+    """What a step computes.
+
+    Attributes:
+        regimes: subset of :data:`REGIMES`.
+        offset_prob: probability that a question of regimes (b)/(c) starts its
+            answer prompt past the context end (a long stream's answer sits
+            thousands of positions after the blocks' positions).
+        max_offset: largest such extra offset.
+    """
+
+    regimes: tuple[str, ...] = REGIMES
+    offset_prob: float = 0.5
+    max_offset: int = 16384
+
+
+def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: torch.Tensor, clip: torch.Tensor,
+                  qb: QuestionBatch, opts: RegimeOptions, generator: torch.Generator | None = None,
+                  visual: torch.Tensor | None = None, hidden: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Logits ``[Q, 2, V]`` (answer word, end token) for every regime in ``opts``,
+    from one encoding of the clips (``visual``, computed here if not given).
+    Gradients flow when grad mode is on. With ``hidden`` (a dict), the final
+    hidden states of the visual tokens are stored there (``"full"``: ``[B, F * T, E]``,
+    ``"frames"``: ``[B * F, T, E]``) for the auxiliary perception loss."""
+    dev = frames.device
+    if visual is None:
+        visual = encode(adapter, frames)  # [B, F, T, E]
+    b, f, t, e = visual.shape
+    prefix = prefix_kv(adapter, config.generation.system_prompt)
+    p = prefix[0][0].shape[2]
+    q = clip.shape[0]
+    out: dict[str, torch.Tensor] = {}
+
+    def offsets() -> torch.Tensor:
+        if opts.offset_prob <= 0 or not torch.is_grad_enabled():
+            return torch.zeros(q, dtype=torch.long, device=dev)
+        u = torch.rand(q, generator=generator, device="cpu")
+        extra = torch.randint(0, opts.max_offset + 1, (q,), generator=generator, device="cpu")
+        return torch.where(u < opts.offset_prob, extra, torch.zeros_like(extra)).to(dev)
+
+    if "full" in opts.regimes:
+        hs: list[torch.Tensor] | None = [] if hidden is not None else None
+        kv, _ = prefill(adapter, prefix, visual.reshape(b, f * t, e), hidden=hs)
+        if hs:
+            hidden["full"] = hs[0]
+        ctx = _cat_kv([[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix], _take(kv, clip)])
+        start = torch.full((q,), p + f * t, dtype=torch.long, device=dev)
+        out["full"] = answer_logits(adapter, ctx, qb.ids, start, qb.at)
+        del kv, ctx
+    frame_level = next((lv for lv in levels if lv.level.frames == 1 and lv.split.shape == (1, t)), None)
+    frames_pre = None
+    if "frames" in opts.regimes or "mukv" in opts.regimes:
+        need_att = "mukv" in opts.regimes and frame_level is not None and frame_level.kept < t
+        hs = [] if hidden is not None else None
+        frames_pre = prefill(adapter, prefix, visual.reshape(b * f, t, e), attention=need_att, hidden=hs)
+        if hs:
+            hidden["frames"] = hs[0]
+    if "frames" in opts.regimes:
+        kv = frames_pre[0]
+        mem = [(k.reshape(b, f, *k.shape[1:]).transpose(1, 2).reshape(b, k.shape[1], f * t, k.shape[3]),
+                v.reshape(b, f, *v.shape[1:]).transpose(1, 2).reshape(b, v.shape[1], f * t, v.shape[3])) for k, v in kv]
+        ctx = _cat_kv([[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix], _take(mem, clip)])
+        start = p + f * t + offsets()
+        out["frames"] = answer_logits(adapter, ctx, qb.ids, start, qb.at)
+        del mem, ctx
+    if "mukv" in opts.regimes:
+        memories = []
+        for lv in levels:
+            if f // lv.level.frames == 0:
+                continue
+            reuse = frames_pre if lv is frame_level else None
+            memories.append(level_memory(adapter, prefix, visual, lv, reuse))
+        with torch.no_grad():
+            qv = query_vectors(adapter, [(k.detach(), v.detach()) for k, v in prefix], qb.query_ids, qb.query_len)
+            chosen = retrieve(memories, config, qv, clip)
+        ctx = mukv_context(prefix, memories, chosen, clip)
+        start = ctx[0][0].shape[2] + offsets()
+        out["mukv"] = answer_logits(adapter, ctx, qb.ids, start, qb.at)
+    return out
+
+
+def loss_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the answer word and the end token; and per-row correctness of the answer word."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    correct = logits[:, 0].argmax(-1) == targets[:, 0]
+    return loss, correct
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (saved with every checkpoint)."""
+
+    shape: str = "mukv-tiny"
+    seed: int = 0
+    steps: int = 3000
+    batch: int = 64
+    frames: int = 8
+    max_questions: int = 3
+    single: float = 0.3
+    plain: float = 0.0
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 150
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    weights: dict[str, float] = field(default_factory=lambda: {"full": 1.0, "frames": 1.0, "mukv": 1.0})
+    aux: float = 0.0
+    aux_lm: float = 0.0
+    vis_rms: float = 1.0
+    schedule_start: int = 0
+    offset_prob: float = 0.5
+    max_offset: int = 16384
+    bf16: bool = True
+    workers: int = 8
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup then cosine to ``min_lr_ratio * lr`` at ``steps``; both start at
+        ``schedule_start`` (a resumed run may restart its schedule there)."""
+        step, steps = step - self.schedule_start, self.steps - self.schedule_start
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, steps - self.warmup))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA); no weight decay on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in n or "norm" in n or "position" in n else decay).append(p)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                             fused=fused)
+
+
+class Trainer:
+    """Runs training steps on a model adapter.
+
+    Args:
+        adapter: a :class:`LlavaOnevisionAdapter` (float32 weights).
+        cfg: hyper-parameters.
+        config: the mukv configuration whose levels regime (c) builds (default: mukv's).
+    """
+
+    def __init__(self, adapter, cfg: TrainConfig, config: MukvConfig | None = None):
+        self.adapter = adapter
+        self.cfg = cfg
+        self.config = config or MukvConfig.build()
+        self.levels = resolve_levels(adapter, self.config)
+        self.device = adapter.device
+        e = adapter.language_model.config.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            #: training-only head: per-token perception targets from the visual tokens (not shipped)
+            self.aux_head = torch.nn.Linear(e, sum(AUX_CLASSES)).to(self.device)
+            #: the same targets read from the language model's final hidden states at the visual positions
+            self.aux_head_lm = torch.nn.Linear(e, sum(AUX_CLASSES)).to(self.device)
+        self.opt = make_optimizer(adapter.model, cfg)
+        if cfg.aux > 0:
+            self.opt.add_param_group({"params": list(self.aux_head.parameters()), "weight_decay": 0.0})
+        if cfg.aux_lm > 0:
+            self.opt.add_param_group({"params": list(self.aux_head_lm.parameters()), "weight_decay": 0.0})
+        self.step = 0
+        self.samples = 0  # clips consumed (the data position of a resumed run)
+        self.history: list[dict[str, float]] = []
+
+    def batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        adapter, cfg = self.adapter, self.cfg
+        frames = batch["frames"].to(self.device, non_blocking=True)
+        clip = batch["clip"].to(self.device)
+        qb = encode_questions(adapter, batch["questions"], batch["answers"], self.device)
+        opts = RegimeOptions(tuple(r for r in REGIMES if cfg.weights.get(r, 0) > 0), cfg.offset_prob, cfg.max_offset)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        use_amp = cfg.bf16 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            visual = encode(adapter, frames)
+            hidden: dict[str, torch.Tensor] | None = {} if cfg.aux_lm > 0 and "labels" in batch else None
+            logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual, hidden)
+            aux_logits = self.aux_head(visual) if cfg.aux > 0 and "labels" in batch else None
+            lm_logits = {k: self.aux_head_lm(h) for k, h in hidden.items()} if hidden else {}
+        total = 0.0
+        stats: dict[str, float] = {}
+        # keep the visual tokens at the scale of the text embeddings (log-ratio of RMS, squared)
+        rms_v = visual.float().pow(2).mean().sqrt()
+        rms_t = adapter.language_model.embed_tokens.weight.float().pow(2).mean().sqrt().detach()
+        ratio = torch.log(rms_v / rms_t)
+        stats["rms_ratio"] = float(ratio.detach().exp())
+        if cfg.vis_rms > 0:
+            total = total + cfg.vis_rms * ratio.square()
+        if aux_logits is not None or lm_logits:
+            labels = batch["labels"].to(self.device)  # [B, F, 3, g, g]
+            b, f = labels.shape[:2]
+            labels = labels.reshape(b, f, 3, -1).permute(0, 1, 3, 2)  # [B, F, T, 3]
+
+            def aux_loss(lg: torch.Tensor) -> torch.Tensor:
+                parts = lg.float().reshape(b, f, -1, lg.shape[-1]).split(AUX_CLASSES, dim=-1)
+                return sum(F.cross_entropy(pl.reshape(-1, pl.shape[-1]), labels[..., i].reshape(-1))
+                           for i, pl in enumerate(parts)) / len(parts)
+
+            if aux_logits is not None:
+                aux = aux_loss(aux_logits)
+                total = total + cfg.aux * aux
+                stats["loss_aux"] = float(aux.detach())
+            for k, lg in lm_logits.items():
+                aux = aux_loss(lg)
+                total = total + cfg.aux_lm * aux / len(lm_logits)
+                stats[f"loss_aux_lm_{k}"] = float(aux.detach())
+        for name, lg in logits.items():
+            loss, correct = loss_from_logits(lg, qb.targets)
+            total = total + cfg.weights[name] * loss
+            stats[f"loss_{name}"] = float(loss.detach())
+            stats[f"acc_{name}"] = float(correct.float().mean())
+        stats["questions"] = float(clip.shape[0])
+        return total, stats
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg = self.cfg
+        lr = cfg.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.adapter.model.train()
+        loss, stats = self.batch_loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.adapter.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        stats.update(loss=float(loss.detach()), lr=lr, grad_norm=float(gn), step=self.step)
+        self.step += 1
+        self.samples += int(batch["frames"].shape[0])
+        return stats
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Resumable checkpoint: float32 weights and bf16 Adam moments as safetensors
+        files of at most 15 MB each, plus ``state.json`` (step, config, RNG states, history)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.glob("*.safetensors"):
+            old.unlink()
+        weights, seen = {}, set()
+        for k, v in self.adapter.model.state_dict().items():
+            if v.data_ptr() in seen:  # tied (lm_head = embeddings)
+                continue
+            seen.add(v.data_ptr())
+            weights[k] = v.detach().float().cpu().clone().contiguous()
+        _save_sharded(weights, path, "weights")
+        names = {id(p): n for n, p in self.adapter.model.named_parameters()}
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        steps = {}
+        for group in self.opt.param_groups[:2]:
+            for p in group["params"]:
+                st = self.opt.state.get(p)
+                if not st:
+                    continue
+                n = names[id(p)]
+                for key in moments:
+                    moments[key][n] = st[key].detach().to(torch.bfloat16).cpu().contiguous()
+                steps[n] = float(st["step"])
+        names.update({id(p): "aux_head." + n for n, p in self.aux_head.named_parameters()})
+        names.update({id(p): "aux_head_lm." + n for n, p in self.aux_head_lm.named_parameters()})
+        for group in self.opt.param_groups[2:]:
+            for p in group["params"]:
+                st = self.opt.state.get(p)
+                if st:
+                    for key in moments:
+                        moments[key][names[id(p)]] = st[key].detach().to(torch.bfloat16).cpu().contiguous()
+                    steps[names[id(p)]] = float(st["step"])
+        for key, tensors in moments.items():
+            _save_sharded(tensors, path, key)
+        aux = {"aux_head." + k: v for k, v in self.aux_head.state_dict().items()}
+        aux.update({"aux_head_lm." + k: v for k, v in self.aux_head_lm.state_dict().items()})
+        _save_sharded({k: v.detach().float().cpu().contiguous() for k, v in aux.items()}, path, "aux")
+        rng = {"torch": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state().tolist()
+        rng["numpy"] = list(np.random.get_state()[1][:8].tolist())
+        state = {"step": self.step, "samples": self.samples, "train_config": asdict(self.cfg), "adam_steps": steps,
+                 "history": self.history, "rng": rng, **(extra or {})}
+        (path / "state.json").write_text(json.dumps(state))
+        return path
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore weights, Adam moments, step and RNG state from :meth:`save`."""
+        path = Path(path)
+        state = json.loads((path / "state.json").read_text())
+        weights = _load_sharded(path, "weights")
+        missing, unexpected = self.adapter.model.load_state_dict(
+            {k: v.to(self.device) for k, v in weights.items()}, strict=False)
+        tied = {"lm_head.weight"} if self.adapter.model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        moments = {key: _load_sharded(path, key) for key in ("exp_avg", "exp_avg_sq")}
+        params = dict(self.adapter.model.named_parameters())
+        if list(path.glob("aux-*.safetensors")):
+            aux = _load_sharded(path, "aux")
+            for prefix, head in (("aux_head.", self.aux_head), ("aux_head_lm.", self.aux_head_lm)):
+                own = {k[len(prefix):]: v.to(self.device) for k, v in aux.items() if k.startswith(prefix)}
+                if not any(k.startswith(("aux_head.", "aux_head_lm.")) for k in aux):  # first format: one head
+                    own = {k: v.to(self.device) for k, v in aux.items()} if prefix == "aux_head." else {}
+                if own:
+                    head.load_state_dict(own)
+        params.update({"aux_head." + n: p for n, p in self.aux_head.named_parameters()})
+        params.update({"aux_head_lm." + n: p for n, p in self.aux_head_lm.named_parameters()})
+        for n, s in state["adam_steps"].items():
+            if n not in params:
+                continue
+            p = params[n]
+            st = self.opt.state[p]
+            st["step"] = torch.tensor(s, dtype=torch.float32, device=p.device if self.device.type == "cuda" else "cpu")
+            st["exp_avg"] = moments["exp_avg"][n].to(p.device, torch.float32)
+            st["exp_avg_sq"] = moments["exp_avg_sq"][n].to(p.device, torch.float32)
+        self.step = int(state["step"])
+        self.samples = int(state.get("samples", self.step * state["train_config"]["batch"]))
+        self.history = state.get("history", [])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+        return state
+
+
+SHARD_BYTES = 15 * 2**20
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], path: Path, stem: str, limit: int = SHARD_BYTES) -> list[Path]:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += nbytes
+    files = []
+    for i, sh in enumerate(shards):
+        f = path / f"{stem}-{i:02d}.safetensors"
+        save_file(sh, str(f))
+        files.append(f)
+    return files
+
+
+def _load_sharded(path: Path, stem: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob(f"{stem}-*.safetensors")):
+        out.update(load_file(str(f)))
+    if not out:
+        raise FileNotFoundError(f"{path}: no {stem}-*.safetensors")
+    return out
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(adapter, clips: Sequence[Any], config: MukvConfig | None = None, regimes: Sequence[str] = REGIMES,
+             batch: int = 32) -> dict[str, dict[str, Any]]:
+    """Per-kind accuracy of every regime on ``clips`` (objects with ``frames``,
+    ``question``, ``answer``, ``kind``), batched through the training forward in
+    eval mode. The prediction is the greedy first answer token, which is what
+    :func:`mukv.bench.score` compares after ``HFVideoLLM.generate``.
+
+    Returns ``{regime: accuracy_report}`` (see :func:`mukv.bench.accuracy_report`).
+    """
+    from mukv.bench import accuracy_report
+
+    config = config or MukvConfig.build()
+    levels = resolve_levels(adapter, config)
+    was_training = adapter.model.training
+    training_mode(adapter, True)
+    adapter.model.eval()
+    dev = adapter.device
+    tok = adapter.tokenizer
+    opts = RegimeOptions(tuple(regimes), 0.0, 0)
+    rows: dict[str, list[dict[str, Any]]] = {r: [] for r in regimes}
+    try:
+        for i in range(0, len(clips), batch):
+            part = clips[i : i + batch]
+            frames = torch.from_numpy(np.stack([c.frames for c in part])).to(dev)
+            clip = torch.arange(len(part), device=dev)
+            qb = encode_questions(adapter, [c.question for c in part], None, dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = memory_logits(adapter, levels, config, frames, clip, qb, opts)
+            for name, lg in logits.items():
+                pred = lg[:, 0].argmax(-1).tolist()
+                for c, t in zip(part, pred):
+                    rows[name].append({"kind": c.kind, "answer": c.answer,
+                                       "prediction": tok.decode([t], skip_special_tokens=True).strip()})
+    finally:
+        training_mode(adapter, False)
+        if was_training:
+            adapter.model.train()
+    return {name: accuracy_report(r) for name, r in rows.items()}
+
+
+def session_accuracy(adapter, clips: Sequence[Any], policy: str = "mukv", **session_kwargs: Any
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-kind accuracy through mukv's real product path: for each clip a fresh
+    :class:`mukv.Session` over ``adapter`` (memory backend, ``policy``), the clip's
+    frames fed, the question asked, the answer scored with :func:`mukv.bench.score`."""
+    import mukv
+    from mukv.bench import accuracy_report, score
+
+    rows = []
+    for c in clips:
+        with mukv.Session(model=adapter, backend="memory", policy=policy, **session_kwargs) as s:
+            s.feed(c.frames)
+            a = s.ask(c.question)
+        rows.append({"kind": c.kind, "answer": c.answer, "prediction": a.text, "correct": score(a.text, c.answer),
+                     "kv_tokens": a.kv_tokens})
+    return accuracy_report(rows), rows
+
+
+# ------------------------------------------------------------------------------ export
+def export(adapter, path: str | Path, card: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a shippable checkpoint: ``config.json`` + ``model.safetensors`` in
+    ``dtype`` + tokenizer files (``save_pretrained``) + ``MODEL_CARD.md``.
+    :meth:`LlavaOnevisionAdapter.from_pretrained` loads it offline (upcast on CPU)."""
+    import copy
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(adapter.model).to("cpu", dtype)
+    model.save_pretrained(str(path), safe_serialization=True)
+    adapter.tokenizer.save_pretrained(str(path))
+    if card is not None:
+        (path / "MODEL_CARD.md").write_text(card)
+    return path
+
+
+def directory_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def format_report(reports: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per kind (and level, and overall), one column per regime."""
+    from mukv.bench import KINDS
+
+    names = list(reports)
+    head = "| kind | level | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names) + "\n"
+    from mukv.bench import LEVELS
+
+    lines = []
+    for kind in KINDS:
+        cells = []
+        for n in names:
+            k = reports[n]["by_kind"].get(kind)
+            cells.append(f"{100 * k['accuracy']:.1f} ({k['correct']}/{k['n']})" if k else "-")
+        lines.append(f"| {kind} | {LEVELS[kind]} | " + " | ".join(cells) + " |")
+    for lvl in ("patch", "frame", "segment"):
+        cells = []
+        for n in names:
+            k = reports[n]["by_level"].get(lvl)
+            cells.append(f"{100 * k['accuracy']:.1f}" if k else "-")
+        lines.append(f"| **{lvl}** | | " + " | ".join(cells) + " |")
+    lines.append("| **overall** | | " + " | ".join(
+        f"**{100 * reports[n]['overall']:.1f}** ({reports[n]['correct']}/{reports[n]['n']})" for n in names) + " |")
+    return head + "\n".join(lines)
+
+
+def iterate_batches(dataset: TrainingClips, batch: int, start: int, workers: int) -> Iterator[dict[str, Any]]:
+    """Batches of consecutive dataset items from item ``start`` on (resumable), rendered in worker processes."""
+    sampler = range(start, len(dataset))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        drop_last=True,
+    )
+    yield from loader

@@ -1,0 +1,287 @@
+"""mukv-tiny's training code (on a toy shape, CPU) and the shipped checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mukv import train as T
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A random toy-shape model (49 tokens per frame) in float32."""
+    return T.build_model("toy", seed=1)
+
+
+def _in_training_forward(adapter):
+    T.training_mode(adapter, True)
+    adapter.model.eval()
+
+
+def test_training_forward_equals_inference(toy):
+    """Prefix, block prefill (KV and column sums) and answer logits of the training
+    forward equal mukv's inference path (HFVideoLLM) for the same weights."""
+    from mukv.bench import sample_clip
+    from mukv.model import _Causal, kv_to_cache
+
+    clip = sample_clip(3, 8)
+    frames = torch.from_numpy(clip.frames)
+    T.training_mode(toy, False)
+    ref_prefix = toy.prefix()
+    ref_visual = toy.encode_frames(frames)
+    embeds = ref_visual.reshape(8, toy.tokens_per_frame, -1)
+    ref_kv, ref_cols, _ = toy.prefill_blocks(ref_prefix, embeds, attention=True)
+    _in_training_forward(toy)
+    try:
+        with torch.no_grad():
+            visual = T.encode(toy, frames[None])[0]
+            prefix = T.prefix_kv(toy)
+            kv, cols = T.prefill(toy, prefix, embeds, attention=True)
+            # system prompt + two frame blocks (both at positions P .. P + T - 1)
+            ctx = T._cat_kv([prefix] + [[(k[i : i + 1], v[i : i + 1]) for k, v in kv] for i in range(2)])
+            c = ctx[0][0].shape[2]
+            qb = T.encode_questions(toy, [clip.question])
+            logits = T.answer_logits(toy, ctx, qb.ids, torch.tensor([c]), qb.at)[0, 0]
+    finally:
+        T.training_mode(toy, False)
+    torch.testing.assert_close(visual, ref_visual)
+    for y in range(len(kv)):
+        torch.testing.assert_close(prefix[y][0][0], ref_prefix.kv[y, 0, 0])
+        torch.testing.assert_close(kv[y][0], ref_kv[y, 0])
+        torch.testing.assert_close(kv[y][1], ref_kv[y, 1])
+    torch.testing.assert_close(cols, ref_cols)
+    # the first decoding step of HFVideoLLM.generate, from the same context
+    ref_ctx = torch.cat([ref_prefix.kv] + [ref_kv[:, :, i : i + 1] for i in range(2)], dim=4)
+    ids = toy.tokenize(toy.answer_template.format(question=clip.question))
+    cache = kv_to_cache(ref_ctx, extra=ids.numel())
+    with torch.inference_mode(), _Causal():
+        hidden = toy.language_model(input_ids=ids[None], past_key_values=cache,
+                                    position_ids=torch.arange(c, c + ids.numel())[None], use_cache=True
+                                    ).last_hidden_state[:, -1]
+        ref_logits = toy.lm_head(hidden)[0]
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_mukv_memory_matches_session(toy):
+    """Regime (c) of training picks the blocks mukv's Session retrieves and predicts its answer."""
+    import mukv
+    from mukv.bench import sample_clip
+
+    config = T.toy_config()
+    levels = T.resolve_levels(toy, config)
+    for seed in (0, 1):
+        clip = sample_clip(seed, 8)
+        with mukv.Session(model=toy, config=config) as s:
+            s.feed(clip.frames)
+            answer = s.ask(clip.question, max_new_tokens=1)
+        retrieved: dict[str, list[int]] = {}
+        for b in answer.blocks:
+            retrieved.setdefault(b.level, []).append(b.block_id)
+        _in_training_forward(toy)
+        try:
+            with torch.no_grad():
+                frames = torch.from_numpy(clip.frames)[None]
+                qb = T.encode_questions(toy, [clip.question])
+                prefix = T.prefix_kv(toy)
+                visual = T.encode(toy, frames)
+                memories = [T.level_memory(toy, prefix, visual, lv) for lv in levels]
+                chosen = T.retrieve(memories, config, T.query_vectors(toy, prefix, qb.query_ids, qb.query_len),
+                                    torch.tensor([0]))
+                logits = T.memory_logits(toy, levels, config, frames, torch.tensor([0]), qb,
+                                         T.RegimeOptions(("mukv",), 0.0, 0))["mukv"]
+        finally:
+            T.training_mode(toy, False)
+        assert {k: sorted(v) for k, v in retrieved.items()} == {k: sorted(v[0].tolist()) for k, v in chosen.items()}
+        assert toy.tokenizer.decode([int(logits[0, 0].argmax())]).strip() == answer.text
+
+
+def test_training_steps_decrease_loss():
+    """A few steps on one batch of a toy model lower the loss of every regime."""
+    adapter = T.build_model("toy", seed=0)
+    cfg = T.TrainConfig(shape="toy", batch=2, frames=4, lr=3e-3, warmup=1, steps=100, bf16=False, workers=0)
+    trainer = T.Trainer(adapter, cfg, T.toy_config())
+    T.training_mode(adapter, True)
+    batch = T.collate([T.TrainingClips(0, 10, num_frames=4)[i] for i in range(2)])
+    first = trainer.train_step(batch)
+    for _ in range(6):
+        last = trainer.train_step(batch)
+    T.training_mode(adapter, False)
+    for regime in T.REGIMES:
+        assert last[f"loss_{regime}"] < first[f"loss_{regime}"] - 0.5, (first, last)
+
+
+def test_checkpoint_resumes(tmp_path):
+    """save() / load() restore weights, Adam moments and the step."""
+    adapter = T.build_model("toy", seed=0)
+    cfg = T.TrainConfig(shape="toy", batch=1, frames=4, lr=1e-3, warmup=1, steps=10, bf16=False, workers=0)
+    trainer = T.Trainer(adapter, cfg, T.toy_config())
+    T.training_mode(adapter, True)
+    batch = T.collate([T.TrainingClips(0, 10, num_frames=4)[0]])
+    trainer.train_step(batch)
+    trainer.save(tmp_path / "ckpt")
+    other = T.Trainer(T.build_model("toy", seed=5), cfg, T.toy_config())
+    other.load(tmp_path / "ckpt")
+    assert other.step == 1
+    for (n, p), (_, q) in zip(adapter.model.named_parameters(), other.adapter.model.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    p = next(iter(trainer.opt.state))
+    q = dict(other.adapter.model.named_parameters())[{id(v): k for k, v in adapter.model.named_parameters()}[id(p)]]
+    torch.testing.assert_close(other.opt.state[q]["exp_avg"], trainer.opt.state[p]["exp_avg"], rtol=1e-2, atol=1e-6)
+    assert all(f.stat().st_size <= T.SHARD_BYTES for f in (tmp_path / "ckpt").glob("*.safetensors"))
+    T.training_mode(adapter, False)
+
+
+def test_packed_clips_are_unambiguous():
+    """Every question of a packed training clip is answered correctly by the pixel oracle."""
+    from mukv.bench import solve
+
+    ds = T.TrainingClips(3, 100)
+    n = 0
+    for i in range(60):
+        clip = ds[i]
+        assert clip.frames.shape == (8, 64, 64, 3)
+        for question, answer, _ in clip.questions:
+            assert solve(question, clip.frames) == answer
+            n += 1
+    assert n > 80  # packing puts more than one question in many clips
+
+
+def test_export_round_trip(toy, tmp_path):
+    """export() writes a checkpoint that LlavaOnevisionAdapter.from_pretrained loads offline."""
+    from mukv.plugins.models.llava_onevision import LlavaOnevisionAdapter
+
+    path = T.export(toy, tmp_path / "toy-export")
+    loaded = LlavaOnevisionAdapter.from_pretrained(path)
+    assert loaded.grid == toy.grid and loaded.dtype == torch.float32
+    for (n, p), (_, q) in zip(toy.model.named_parameters(), loaded.model.named_parameters()):
+        torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=n)
+
+
+# ------------------------------------------------------------------------------ the shipped model
+def _shipped():
+    from mukv.plugins.models.mukv_tiny import asset_dir
+
+    path = asset_dir()
+    if not (path / "model.safetensors").exists():
+        pytest.skip("the mukv-tiny checkpoint is not installed")
+    return path
+
+
+def test_shipped_checkpoint_is_small():
+    path = _shipped()
+    assert T.directory_bytes(path) <= 15 * 10**6
+    assert (path / "MODEL_CARD.md").exists()
+
+
+@pytest.fixture(scope="module")
+def shipped_session_answer():
+    """The shipped mukv-tiny through Session(model="mukv-tiny"): a 4-frame clip fed, its question asked."""
+    import mukv
+    from mukv.bench import sample_clip
+
+    _shipped()
+    clip = sample_clip(SHIPPED_CLIP_SEED, 4, kinds=("object_color",))
+    with mukv.Session(model="mukv-tiny", device="cpu") as s:
+        grid = s.model.grid
+        s.feed(clip.frames)
+        answer = s.ask(clip.question)
+    return clip, answer, grid
+
+
+def test_session_mukv_tiny_loads_and_answers(shipped_session_answer):
+    """Session(model="mukv-tiny") loads the shipped checkpoint (196 tokens per frame) and
+    answers with a word of the question kind's answer set."""
+    from mukv.bench import answer_space
+
+    clip, answer, grid = shipped_session_answer
+    assert grid == (14, 14)
+    assert answer.text in answer_space(clip.kind)
+    assert {b.level for b in answer.blocks} == {"patch", "frame", "segment"}
+
+
+@pytest.mark.xfail(reason="the shipped mukv-tiny is only partly trained (29.5% on held-out 8-frame clips, "
+                          "object_color 13%: docs/mukv-tiny.md); make this strict (>= 70% on 20 fixed clips) "
+                          "once a checkpoint near the 90% target ships", strict=False)
+def test_session_mukv_tiny_answers_a_clip_correctly(shipped_session_answer):
+    from mukv.bench import score
+
+    clip, answer, _ = shipped_session_answer
+    assert score(answer.text, clip.answer), (clip.question, clip.answer, answer.text)
+
+
+def test_calibrated_projector_matches_text_scale():
+    """build_model initialises the projector so that visual tokens enter the language model
+    at the RMS of the text embeddings (the uncalibrated init is several times larger)."""
+    raw = T.build_model("toy", seed=2, calibrate=False)
+    vis, txt = T.visual_text_rms(raw)
+    cal = T.build_model("toy", seed=2)
+    vis_c, txt_c = T.visual_text_rms(cal)
+    assert txt_c == pytest.approx(txt)
+    assert vis_c / txt_c == pytest.approx(1.0, rel=1e-3)
+    assert abs(vis / txt - 1.0) > 0.2  # the calibration did something
+    proj = cal.model.model.multi_modal_projector
+    assert float(proj.linear_2.bias.detach().abs().max()) == 0.0
+
+
+def test_visual_rms_regulariser_in_the_loss():
+    """The training loss carries (log(rms_vis / rms_txt))**2 with weight vis_rms (stats: rms_ratio)."""
+    from mukv.bench import sample_clip
+
+    model = T.build_model("toy", seed=3, calibrate=False)
+    clips = [T.TrainingClip(sample_clip(s, 4).frames, [(sample_clip(s, 4).question, sample_clip(s, 4).answer,
+                                                          sample_clip(s, 4).kind)]) for s in (1, 2)]
+    batch = T.collate(clips)
+    losses = {}
+    for w in (0.0, 1.0):
+        T.training_mode(model, True)
+        tr = T.Trainer(model, T.TrainConfig(shape="toy", batch=2, frames=4, vis_rms=w, offset_prob=0.0,
+                                            weights={"full": 1.0}), T.toy_config())
+        model.model.eval()
+        with torch.no_grad():
+            loss, stats = tr.batch_loss(batch)
+        losses[w] = (float(loss), stats["rms_ratio"])
+    T.training_mode(model, False)
+    ratio = losses[1.0][1]
+    assert losses[0.0][1] == pytest.approx(ratio)
+    assert losses[1.0][0] - losses[0.0][0] == pytest.approx(math.log(ratio) ** 2, rel=1e-3, abs=1e-5)
+
+
+def test_shipped_mukv_tiny_reads_the_clip():
+    """Regression test for the collapse of the first checkpoint (visual tokens 40x the text
+    scale, identical across clips inside the language model, answer logits equal to 1e-3
+    whatever the clip): the shipped model's visual tokens stay near the text scale and the
+    answer logits for one question depend on the clip."""
+    _shipped()
+    from mukv.bench import sample_clip
+    from mukv.plugins.models.mukv_tiny import load_mukv_tiny
+
+    m = load_mukv_tiny("cpu")
+    c1, c2 = sample_clip(1, 4), sample_clip(2, 4)
+    vis, txt = T.visual_text_rms(m, torch.from_numpy(c1.frames)[None])
+    assert 0.5 < vis / txt < 4.0
+    q = m.tokenize(m.answer_template.format(question=c1.question))
+    pre = m.embed(m.tokenize(m.default_system_prompt))
+    logits = []
+    with torch.no_grad():
+        for c in (c1, c2):
+            e = m.encode_frames(torch.from_numpy(c.frames))
+            seq = torch.cat([pre, e.reshape(-1, e.shape[-1]), m.embed(q)])[None]
+            h = m.language_model(inputs_embeds=seq).last_hidden_state
+            logits.append(m.lm_head(h[:, -1]))
+    assert float((logits[0] - logits[1]).abs().max()) > 0.05
+
+
+def test_mukv_tiny_missing_asset_is_a_clear_error(monkeypatch, tmp_path):
+    from mukv.errors import StoreError
+    from mukv.plugins.models import mukv_tiny
+
+    monkeypatch.setattr(mukv_tiny, "asset_dir", lambda: tmp_path / "nowhere")
+    with pytest.raises(StoreError, match="mukv-tiny checkpoint is missing"):
+        mukv_tiny.load_mukv_tiny()
+
+
+#: The clip (``sample_clip(seed, 4, kinds=("object_color",))``) the shipped-model tests ask about.
+SHIPPED_CLIP_SEED = 0
