@@ -10,7 +10,8 @@ Shape letters used throughout mukv:
 KV tensors are laid out ``[Y, 2, B, H, L, D]`` during ingest (``2`` = keys,
 values) and ``[B, Y, 2, H, K, D]`` once stored (one contiguous row per block).
 Keys are stored with RoPE already applied, at the positions recorded in
-``positions``.
+``positions``: one int64 position code per token, the position itself for 1D
+RoPE, a packed ``(origin, dt, h, w)`` for M-RoPE models (see :mod:`mukv.rope`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class PrefilledBlocks:
             ``level.frames`` frames (frame-major, raster order within a frame).
         frame_start: ``[B]`` global index of the first frame of each block.
         frame_end: ``[B]`` one past the last frame of each block.
-        positions: ``[B, L]`` RoPE positions the keys were rotated with.
+        positions: ``[B, L]`` position codes the keys were rotated with (1D RoPE:
+            the positions; M-RoPE: see :mod:`mukv.rope`).
         grid: ``(h, w)`` visual tokens per frame as a grid.
     """
 
@@ -104,7 +106,7 @@ class CompressedBlocks:
         vectors: ``[B, V]`` representative vector of each block (mean of kept
             last-layer keys, flattened over heads), float32.
         kept: ``[B, K]`` kept token indices inside the block, ascending.
-        positions: ``[B, K]`` RoPE positions of the kept keys.
+        positions: ``[B, K]`` position codes of the kept keys (see :mod:`mukv.rope`).
         frame_start: ``[B]`` first frame of each block (global index).
         frame_end: ``[B]`` one past the last frame.
         t_start: ``[B]`` stream time (seconds) of the first frame, float64.

@@ -210,7 +210,8 @@ class MukvConfig(BaseModel):
             retrieval = data.get("retrieval") or {}
             if isinstance(retrieval, BaseModel):
                 retrieval = retrieval.model_dump(exclude_unset=True)
-            names = [lv.get("name") if isinstance(lv, dict) else getattr(lv, "name", None) for lv in data["levels"] or []]
+            levels = data["levels"] if isinstance(data["levels"], (list, tuple)) else []  # else: field error below
+            names = [lv.get("name") if isinstance(lv, dict) else getattr(lv, "name", None) for lv in levels]
             if isinstance(retrieval, dict) and "guide_level" not in retrieval and "segment" not in names:
                 data = {**data, "retrieval": {**retrieval, "guide_level": None}}
         return data

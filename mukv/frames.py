@@ -25,17 +25,22 @@ def as_frames(frames: Any, expect_hw: tuple[int, int] | None = None) -> torch.Te
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8:
             raise InputError(f"frames must be uint8 RGB (0-255); got dtype {frames.dtype}")
+        if any(s < 0 for s in frames.strides):  # torch takes no negative strides, even on size-1 axes
+            frames = frames.copy()
         t = torch.from_numpy(np.ascontiguousarray(frames))
     elif isinstance(frames, torch.Tensor):
         if frames.dtype != torch.uint8:
             raise InputError(f"frames must be uint8 RGB (0-255); got dtype {frames.dtype}")
+        if frames.is_nested or frames.layout != torch.strided or frames.device.type == "meta":
+            kind = "nested" if frames.is_nested else frames.device.type if frames.device.type == "meta" else frames.layout
+            raise InputError(f"frames must be a dense tensor holding pixel data; got a {kind} tensor")
         t = frames.detach().cpu()
     else:
         raise InputError(f"frames must be a numpy array or torch tensor of uint8 [n, H, W, 3]; got {type(frames).__name__}")
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4 or t.shape[-1] != 3:
-        raise InputError(f"frames must have shape [n, H, W, 3] (RGB, channels last); got {tuple(t.shape)}")
+        raise InputError(f"frames must have shape [n, H, W, 3] (RGB, channels last); got {tuple(frames.shape)}")
     if t.shape[0] == 0:
         raise InputError("no frames given (an empty batch)")
     if t.shape[1] < 2 or t.shape[2] < 2:
@@ -55,7 +60,7 @@ def as_timestamps(timestamps: Any, n: int, after: float | None) -> torch.Tensor 
         return None
     try:
         ts = torch.as_tensor(np.asarray(timestamps, dtype=np.float64)).reshape(-1)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InputError(f"timestamps must be numbers (seconds): {exc}") from None
     if ts.numel() != n:
         raise InputError(f"got {ts.numel()} timestamps for {n} frames")
@@ -73,7 +78,7 @@ def iter_chunks(frames: Iterable[Any], size: int) -> Iterator[torch.Tensor]:
     buf: list[torch.Tensor] = []
     count = 0
     for item in frames:
-        t = as_frames(item)
+        t = as_frames(item, tuple(buf[0].shape[1:3]) if buf else None)  # one chunk, one frame size
         buf.append(t)
         count += t.shape[0]
         if count >= size:

@@ -281,7 +281,8 @@ def _BufferLayer(keys: torch.Tensor, values: torch.Tensor, length: int):
 FUSED_NORMS = True
 #: RMSNorm classes whose forward is ``weight * normalise(x in float32).to(dtype)``; inside
 #: mukv's own calls they run as one fused ``F.rms_norm`` kernel instead of seven.
-FUSABLE_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2_5_VLRMSNorm")
+FUSABLE_NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2_5_VLRMSNorm",
+                 "Qwen3VLTextRMSNorm")
 
 
 def _fuse_norms(module: nn.Module) -> int:
@@ -602,41 +603,92 @@ class HFVideoLLM(ModelAdapter):
 
     @torch.inference_mode()
     def prefill_blocks(
-        self, prefix: PrefixKV, embeds: torch.Tensor, attention: bool = True
+        self, prefix: PrefixKV, embeds: torch.Tensor, attention: bool = True, token_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Run a batch of blocks, each on its own after the system prompt.
 
         Each block attends to the system prompt and causally within itself, at
-        positions ``P .. P + L - 1``, as in the authors' method; blocks of a
-        batch never see each other. One forward pass for the whole batch: every
-        layer on sdpa (flash attention on CUDA), each layer's KV written in place
-        into one preallocated buffer, and the last layer's column sums computed
-        from its queries and keys in chunks (its attention weights never exist
-        whole).
+        the positions :meth:`block_positions` gives (1D RoPE: ``P .. P + L - 1``,
+        as in the authors' method); blocks of a batch never see each other. One
+        forward pass for the whole batch: every layer on sdpa (flash attention on
+        CUDA), each layer's KV written in place into one preallocated buffer, and
+        the last layer's column sums computed from its queries and keys in chunks
+        (its attention weights never exist whole).
 
         Args:
             prefix: the system prompt's KV.
-            embeds: ``[B, L, E]`` input embeddings of the blocks.
+            embeds: ``[B, L, E']`` rows of :meth:`encode_frames` output (``E' = E``,
+                or more where :meth:`block_inputs` splits extra features off).
             attention: also return the last layer's attention column sums.
+            token_index: ``[B, L]`` each token's index in its window (frame-major,
+                raster order in a frame); default ``0 .. L - 1``. M-RoPE models
+                place tokens by it.
 
         Returns:
-            ``(kv [Y, 2, B, H, L, D], attention [B, L] or None, positions [L])``.
-            ``kv`` is a view into the prefill buffer (the system prompt's
-            positions skipped); gather from it rather than copying it whole.
+            ``(kv [Y, 2, B, H, L, D], attention [B, L] or None, positions)`` with
+            ``positions`` the position codes the keys were rotated with: ``[L]``
+            when every block shares them (1D RoPE), else ``[B, L]``
+            (``positions.expand(B, -1)`` gives ``[B, L]`` either way). ``kv`` is a
+            view into the prefill buffer (the system prompt's positions skipped);
+            gather from it rather than copying it whole.
         """
-        b, length, _ = embeds.shape
+        b, length = embeds.shape[:2]
         p = prefix.length
+        if token_index is None:
+            token_index = torch.arange(length, device=self.device)[None].expand(b, -1)
         buf = self._kv_buffer(b, p + length)
         buf[..., :p, :].copy_(prefix.kv.expand(-1, -1, b, -1, -1, -1))
-        positions = torch.arange(p, p + length, device=self.device)
+        positions = self.block_positions(p, token_index.to(self.device))
+        inputs, extra = self.block_inputs(embeds)
         last = self.language_model.layers[-1].self_attn
         with _Causal(last if attention else None) as call:
             self.language_model(
-                inputs_embeds=embeds.to(self.dtype), past_key_values=buffer_cache(buf, p),
-                position_ids=positions[None].expand(b, -1), use_cache=True,
+                inputs_embeds=inputs.to(self.dtype), past_key_values=buffer_cache(buf, p),
+                position_ids=self.position_ids(positions.expand(b, -1)), use_cache=True, **extra,
             )
         cols = call.colsum[:, p:] if call.colsum is not None else None
         return buf[..., p:, :], cols, positions
+
+    # -- positions (hooks; 1D RoPE here, M-RoPE in MRopeVideoLLM) -----------------------
+    def block_positions(self, start: int, token_index: torch.Tensor) -> torch.Tensor:
+        """Position codes of blocks prefilled after ``start`` text tokens.
+
+        Args:
+            start: P, the system prompt's length.
+            token_index: ``[B, L]`` each token's index in its window.
+
+        Returns:
+            ``[L]`` (shared by every block) or ``[B, L]`` int64 codes (see
+            :mod:`mukv.rope`); 1D RoPE: ``start .. start + L - 1``.
+        """
+        return torch.arange(start, start + token_index.shape[-1], device=self.device)
+
+    def position_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """What the decoder's ``position_ids`` takes for ``codes [B, L]``: ``[B, L]``
+        for 1D RoPE (M-RoPE: ``[3, B, L]``). Text positions are always passed
+        as ``[B, L]`` (M-RoPE decoders repeat them on every row)."""
+        return codes
+
+    def block_inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Split block rows ``[B, L, E']`` into the decoder's ``inputs_embeds [B, L, E]``
+        and extra keyword arguments of its forward (Qwen3-VL: DeepStack
+        features). Default: the rows as they are, nothing extra."""
+        return embeds, {}
+
+    def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """Positions of assembled tokens on one timeline after ``start`` tokens.
+
+        Args:
+            codes: ``[C]`` stored codes of the assembled tokens, in assembled order.
+            block: ``[C]`` index of each token's block in assembled order.
+            start: position of the first assembled token (the system prompt's length).
+
+        Returns:
+            ``(new codes [C], next position)``; 1D RoPE: ``start .. start + C - 1``
+            and ``start + C``.
+        """
+        n = codes.numel()
+        return torch.arange(start, start + n, device=codes.device), start + n
 
     @torch.inference_mode()
     def query_vector(self, prefix: PrefixKV, question: str) -> torch.Tensor:
@@ -773,6 +825,42 @@ class HFVideoLLM(ModelAdapter):
         timings["generate"] = time.perf_counter() - t0
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return text, out, timings
+
+
+class MRopeVideoLLM(HFVideoLLM):
+    """An :class:`HFVideoLLM` whose decoder uses multimodal RoPE (Qwen2.5-VL, Qwen3-VL).
+
+    Visual tokens are placed by :attr:`mrope` (a :class:`~mukv.rope.MRopeLayout`):
+    stored position codes pack each token's ``(origin, dt, h, w)``, the decoder
+    gets ``[3, B, L]`` rows (temporal, height, width), re-rotation turns each
+    frequency pair by the delta of its own row, and the assembled timeline
+    lays retrieved blocks out as the frames of one video. Text (system prompt,
+    question, answer) keeps 1D positions repeated on the three rows, as Qwen
+    does. Subclasses set :attr:`mrope` in ``__init__``.
+    """
+
+    mrope: Any = None  # MRopeLayout
+
+    def block_positions(self, start: int, token_index: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` M-RoPE codes of the blocks' visual tokens (see :meth:`MRopeLayout.block_codes`)."""
+        return self.mrope.block_codes(start, token_index).to(self.device)
+
+    def position_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[3, B, L]`` rows (temporal, height, width) of codes ``[B, L]``."""
+        from .rope import mrope_rows
+
+        return mrope_rows(codes)
+
+    def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """Assembled units as consecutive frames of one video (see :meth:`MRopeLayout.timeline`)."""
+        return self.mrope.timeline(codes, block.to(codes.device), start)
+
+    def rerotate(self, keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Move ``keys [..., C, D]`` from codes ``old [C]`` to codes ``new [C]``, row by row."""
+        from .rope import mrope_rows, rerotate_rows
+
+        delta = mrope_rows(new.to(keys.device)) - mrope_rows(old.to(keys.device))  # [3, C]
+        return rerotate_rows(self.language_model.rotary_emb, keys, delta)
 
 
 def _sync(device: torch.device) -> None:

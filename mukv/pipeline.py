@@ -181,13 +181,15 @@ class Ingestor:
             embeds = window_tokens.reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
         else:
             embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
-        kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention)
+        token_index = split.repeat(nw, 1)  # [B, L]
+        kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention,
+                                                             token_index=token_index)
         start = torch.arange(nw).repeat_interleave(per_window) * frames + first
         b = embeds.shape[0]
         return PrefilledBlocks(
             level=lp.level, kv=kv, attention=attention,
-            token_index=split.repeat(nw, 1), frame_start=start, frame_end=start + frames,
-            positions=positions[None].expand(b, -1), grid=self.model.grid,
+            token_index=token_index, frame_start=start, frame_end=start + frames,
+            positions=positions.expand(b, -1), grid=self.model.grid,
         )
 
     def _compress(self, lp: LevelPipeline, blocks: PrefilledBlocks) -> CompressedBlocks:

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .assembly import Piece, assemble
+from .assembly import Piece, assemble_context
 from .blocks import Answer, Query, RetrievedBlock
 from .config import MukvConfig
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
@@ -42,6 +42,8 @@ from .registry import registry
 from .rope import rerotate
 
 MAX_QUESTION_TOKENS = 2048
+#: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
+MAX_NEW_TOKENS = 4096
 
 
 def default_device() -> torch.device:
@@ -132,7 +134,10 @@ class Session:
             self.config = MukvConfig.build(config)
         self.progress = progress
         self.stream_id = stream_id
-        self.device = torch.device(device) if device is not None else default_device()
+        try:
+            self.device = torch.device(device) if device is not None else default_device()
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"invalid device {device!r}: {exc}") from None
         # resolve every component name before loading anything heavy
         self.retriever: Retriever = build_component(
             "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
@@ -258,7 +263,9 @@ class Session:
             Number of blocks stored (all levels).
 
         Raises:
-            InputError: bad frames or timestamps; nothing of the call is stored.
+            InputError: bad frames or timestamps; nothing of the call is stored (for an
+                iterable: nothing from the chunk of ``encode_batch_frames`` frames holding
+                the bad one on; the chunks before it are stored).
         """
         with self._lock:
             self._check_open()
@@ -276,12 +283,17 @@ class Session:
             return stored
 
     def _feed_batch(self, frames: torch.Tensor, timestamps: Any) -> int:
+        if getattr(self.backend, "read_only", False):  # refuse before any bookkeeping moves
+            raise StoreError(f"stream {self.stream_id!r} is open read-only; frames cannot be fed")
         n = frames.shape[0]
         ts = as_timestamps(timestamps, n, self._last_time)
         if ts is None:
             step = 1.0 / self.config.stream.fps
             base = -step if self._last_time is None else self._last_time
             ts = base + step * torch.arange(1, n + 1, dtype=torch.float64)
+            if not (bool(torch.isfinite(ts).all()) and float(ts[0]) > base and bool((ts[1:] > ts[:-1]).all())):
+                raise InputError(f"stream time {base} is too large to continue at {self.config.stream.fps} fps; "
+                                 "pass timestamps")
         bs = self.config.stream.encode_batch_frames
         embeds = torch.cat([self.model.encode_frames(frames[i : i + bs]) for i in range(0, n, bs)])
         self._frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
@@ -376,8 +388,13 @@ class Session:
             raise InputError(f"question must be a string; got {type(question).__name__}")
         if not question.strip():
             raise InputError("question is empty")
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-            raise InputError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no tokenizer takes it
+            raise InputError(f"question is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                           or not 1 <= max_new_tokens <= MAX_NEW_TOKENS):
+            raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
         with self._lock:
             self._check_open()
             t_start = time.perf_counter()
@@ -406,10 +423,12 @@ class Session:
                                     self.backend.metadata(h.level, h.ids),
                                     self.backend.positions(h.level, h.ids) if rerot else None))
             fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
-            context, order = assemble(self.prefix.kv, pieces, self.config.assembly.order, fn)
+            tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
+            assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
+            context, order = assembled.kv, assembled.block_order
             timings["page_in"] = time.perf_counter() - t0
             budget = max_new_tokens or self.config.generation.max_new_tokens
-            text, _, gen_t = self.model.generate(context, question, budget)
+            text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
             timings.update(gen_t)
             timings["total"] = time.perf_counter() - t_start
             blocks = []
@@ -427,7 +446,7 @@ class Session:
         if top_k is not None:
             if not isinstance(top_k, dict):
                 raise InputError(f"top_k must be a dict of level name -> count; got {type(top_k).__name__}")
-            unknown = sorted(set(top_k) - set(names))
+            unknown = sorted(set(top_k) - set(names), key=repr)
             if unknown:
                 raise InputError(f"top_k names unknown levels {unknown}; levels: {names}")
             for name, k in top_k.items():
