@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
-from .blocks import CompressedBlocks, Hits, KVLayout, PrefilledBlocks, Query
+from .blocks import CompressedBlocks, Hits, PrefilledBlocks, Query
 from .config import LevelConfig, MukvConfig
 from .errors import singular
 

@@ -24,7 +24,7 @@ import torch
 
 from .blocks import CompressedBlocks, PrefilledBlocks
 from .config import LevelConfig, MukvConfig
-from .interfaces import Compressor, GranularityExtractor, StorageBackend, TokenScorer
+from .interfaces import Compressor, StorageBackend, TokenScorer
 from .model import HFVideoLLM, PrefixKV
 
 

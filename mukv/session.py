@@ -13,7 +13,6 @@ threads; calls are serialised.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from pathlib import Path

@@ -22,7 +22,7 @@ import torch
 
 import mukv
 from mukv.errors import InputError
-from mukv.frames import as_frames, read_video
+from mukv.frames import read_video
 from mukv.interfaces import FrameSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")

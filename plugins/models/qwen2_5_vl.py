@@ -249,29 +249,35 @@ def text_token_ids(tokenizer) -> dict[str, int | None]:
                 pad_token_id=tokenizer.pad_token_id)
 
 
-def build_qwen2_5_vl(preset: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     seed: int = 0, words: tuple[str, ...] = (), text_overrides: dict[str, Any] | None = None,
-                     **kwargs: Any) -> Qwen2_5_VLAdapter:
-    """A Qwen2.5-VL of a preset shape with random weights, built offline and deterministically
+def build_random_qwen(shape: dict[str, Any], preset: str, config_cls: Any, model_cls: Any, adapter_cls: Any,
+                      device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0,
+                      words: tuple[str, ...] = (), text_overrides: dict[str, Any] | None = None, **kwargs: Any):
+    """A Qwen-VL model of a preset shape with random weights, built offline and deterministically
     (``text_overrides`` change fields of the language model's config, e.g. its number of layers;
-    ``kwargs`` go to :class:`Qwen2_5_VLAdapter`)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+    ``kwargs`` go to the adapter). Shared by the Qwen2.5-VL and Qwen3-VL presets."""
     from .llava_onevision import _bench_words
 
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = REAL_CONFIGS[preset]
     tokenizer = qwen_word_tokenizer(words or _bench_words())
     text = {**shape["text_config"], **text_token_ids(tokenizer), **(text_overrides or {})}
     text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(shape["vision_config"]),
-                              tie_word_embeddings=text.get("tie_word_embeddings", False), **token_config(tokenizer))
+    config = config_cls(text_config=text, vision_config=dict(shape["vision_config"]),
+                        tie_word_embeddings=text.get("tie_word_embeddings", False), **token_config(tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
+            model = model_cls(config)
     model = model.to(dtype=dtype).eval()
-    return Qwen2_5_VLAdapter(model, tokenizer, name=preset, **kwargs)
+    return adapter_cls(model, tokenizer, name=preset, **kwargs)
+
+
+def build_qwen2_5_vl(preset: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                     **kwargs: Any) -> Qwen2_5_VLAdapter:
+    """A Qwen2.5-VL of a preset shape with random weights (see :func:`build_random_qwen`)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return build_random_qwen(REAL_CONFIGS[preset], preset, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                             Qwen2_5_VLAdapter, device, dtype, **kwargs)
 

@@ -29,7 +29,7 @@ import torch
 
 from mukv.rope import MRopeLayout
 
-from .qwen2_5_vl import QwenVLAdapter, qwen_word_tokenizer, text_token_ids, token_config
+from .qwen2_5_vl import QwenVLAdapter, build_random_qwen
 
 QWEN3_MEAN = (0.5, 0.5, 0.5)
 QWEN3_STD = (0.5, 0.5, 0.5)
@@ -118,27 +118,11 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def build_qwen3_vl(preset: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   seed: int = 0, words: tuple[str, ...] = (), text_overrides: dict[str, Any] | None = None,
                    **kwargs: Any) -> Qwen3VLAdapter:
-    """A Qwen3-VL of a preset shape with random weights, built offline and deterministically
-    (``text_overrides`` change fields of the language model's config, e.g. its number of layers;
-    ``kwargs`` go to :class:`Qwen3VLAdapter`)."""
+    """A Qwen3-VL of a preset shape with random weights (see
+    :func:`mukv.plugins.models.qwen2_5_vl.build_random_qwen`)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from .llava_onevision import _bench_words
 
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = REAL_CONFIGS[preset]
-    tokenizer = qwen_word_tokenizer(words or _bench_words())
-    text = {**shape["text_config"], **text_token_ids(tokenizer), **(text_overrides or {})}
-    text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
-    config = Qwen3VLConfig(text_config=text, vision_config=dict(shape["vision_config"]),
-                           tie_word_embeddings=text.get("tie_word_embeddings", False), **token_config(tokenizer))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = Qwen3VLForConditionalGeneration(config)
-    model = model.to(dtype=dtype).eval()
-    return Qwen3VLAdapter(model, tokenizer, name=preset, **kwargs)
+    return build_random_qwen(REAL_CONFIGS[preset], preset, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                             Qwen3VLAdapter, device, dtype, **kwargs)

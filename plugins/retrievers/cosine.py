@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from mukv.blocks import Hits, Query
 from mukv.interfaces import BlockIndex, Retriever
