@@ -10,7 +10,8 @@ Modules, one concern each:
 * :mod:`.writer`: the background offload thread;
 * :mod:`.transfer`: device/host copies (pinned buffers, side stream);
 * :mod:`.files`: store layout, names, small files, the writer lock;
-* :mod:`.options`: the backend's typed options.
+* :mod:`.options`: the backend's typed options;
+* :mod:`.verify`: an end-to-end, read-only check of a store (:func:`verify_store`).
 
 zarr, lancedb and pyarrow are imported only when a store is opened.
 """
@@ -20,6 +21,9 @@ from __future__ import annotations
 import mukv
 
 from .tiered import TieredBackend
+from .verify import Problem, VerifyReport, verify_store
+
+__all__ = ["TieredBackend", "verify_store", "VerifyReport", "Problem"]
 
 
 @mukv.hookimpl

@@ -44,7 +44,8 @@ def check_stream_id(stream_id: Any) -> str:
     ``[A-Za-z0-9_.-]`` (1 to 128 characters, not starting with ``.`` or ``-``,
     no ``..``) is accepted: no path separators, quotes, spaces or SQL.
     """
-    if not isinstance(stream_id, str) or not _STREAM_RE.match(stream_id) or ".." in stream_id:
+    # fullmatch, not match: the pattern's "$" also matches before a trailing newline
+    if not isinstance(stream_id, str) or not _STREAM_RE.fullmatch(stream_id) or ".." in stream_id:
         raise StoreError(
             f"invalid stream id {stream_id!r}: use 1-128 characters of [A-Za-z0-9_.-], starting with a "
             "letter, digit or underscore, without '..'")
@@ -53,7 +54,7 @@ def check_stream_id(stream_id: Any) -> str:
 
 def check_level(level: Any) -> str:
     """Return ``level`` if it is a valid level name (``[A-Za-z_][A-Za-z0-9_]*``), else raise."""
-    if not isinstance(level, str) or not _LEVEL_RE.match(level):
+    if not isinstance(level, str) or not _LEVEL_RE.fullmatch(level):
         raise StoreError(f"invalid level name {level!r}: use [A-Za-z_][A-Za-z0-9_]* (at most 64 characters)")
     return level
 
@@ -142,13 +143,18 @@ class Files:
             return None
         except IsADirectoryError:
             raise StoreError(f"{p}: expected a file, found a folder") from None
+        except OSError as exc:
+            raise disk_error(exc, f"reading {p}") from None
 
     def write(self, rel: str, data: bytes) -> None:
         """Replace ``rel`` atomically: readers see the old or the new bytes, never a mix."""
         if self.remote:
             import obstore
 
-            obstore.put(self._store, rel, data)
+            try:
+                obstore.put(self._store, rel, data)
+            except Exception as exc:  # obstore raises its own types
+                raise StoreError(f"{self.uri(rel)}: cannot write ({exc})") from None
             return
         p = self.local / rel
         p.parent.mkdir(parents=True, exist_ok=True)

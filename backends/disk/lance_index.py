@@ -16,9 +16,10 @@ compacts the small fragments that frequent commits leave).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,6 +53,22 @@ def schema(vector_dim: int):
         pa.field("crc32", pa.int64(), nullable=False),
         pa.field("vector", pa.list_(pa.float32(), vector_dim)),
     ])
+
+
+@contextlib.contextmanager
+def lance_errors(where: str, what: str) -> Iterator[None]:
+    """Turn an error of lancedb (a missing or damaged file, a full disk, ...) into a :class:`StoreError`."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:  # lancedb raises RuntimeError, OSError, ValueError, its own types
+        text = str(exc).split(", /", 1)[0].strip() or type(exc).__name__  # drop lance's source location
+        low = text.lower()
+        if "no space left" in low or "quota exceeded" in low:
+            raise StoreError(f"{where}: disk full while {what} ({text})") from None
+        hint = "; run `mukv inspect --verify` to see what is damaged" if "not found" in low or "corrupt" in low else ""
+        raise StoreError(f"{where}: lancedb index error while {what}: {text}{hint}") from None
 
 
 def _stream_level(stream_id: str, level: str) -> str:
@@ -139,18 +156,53 @@ class BlockTable:
                 raise StoreError(f"{self.files.uri('index')}: cannot open table {TABLE!r} ({exc})") from None
             if not create or self.read_only:
                 return None
-            self._table = self.db.create_table(TABLE, schema=schema(self.vector_dim))
+            # writers of several streams may make their first commit at once: one creates the table, the
+            # others open it (two concurrent creations can even overwrite each other's first rows in lance)
+            with self._creation_lock(), lance_errors(self.files.uri("index"), f"creating table {TABLE!r}"):
+                try:
+                    self._table = self.db.open_table(TABLE)  # created meanwhile
+                except (FileNotFoundError, ValueError):
+                    try:
+                        self._table = self.db.create_table(TABLE, schema=schema(self.vector_dim))
+                    except (ValueError, OSError, RuntimeError) as exc:  # created meanwhile (another process)
+                        if "already exists" not in str(exc).lower():
+                            raise
+                        self._table = self.db.open_table(TABLE)
+        except Exception as exc:  # a damaged table (e.g. a manifest that cannot be read)
+            raise StoreError(f"{self.files.uri('index')}: cannot open table {TABLE!r} ({exc}); run "
+                             "`mukv inspect --verify` to see what is damaged") from None
         field = self._table.schema.field("vector")
         if field.type.list_size != self.vector_dim:
             raise StoreError(f"{self.files.uri('index')}: block vectors have {field.type.list_size} dims; "
                              f"this model's have {self.vector_dim}")
         return self._table
 
+    @contextlib.contextmanager
+    def _creation_lock(self) -> Iterator[None]:
+        """Serialise the creation of the table between writers of a local store (``streams/.index.lock``).
+        Object stores have no lock: there, let one stream commit first."""
+        if self.files.remote:
+            yield
+            return
+        import fcntl
+        import os
+
+        path = self.files.local / "streams" / ".index.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     # -- writing ------------------------------------------------------------------------
     def add(self, rows) -> None:
         """Append a pyarrow table of rows in one commit."""
         tbl = self.table(create=True)
-        tbl.add(rows)
+        with lance_errors(self.files.uri("index"), "writing index rows"):
+            tbl.add(rows)
         self._commits += 1
 
     def delete_uncounted(self, stream_id: str, counts: dict[str, int]) -> int:
@@ -160,10 +212,96 @@ class BlockTable:
             return 0
         keep = " OR ".join(f"(level = '{check_level(lv)}' AND block_id < {int(n)})" for lv, n in counts.items() if n > 0)
         clause = f"stream_id = '{check_stream_id(stream_id)}'" + (f" AND NOT ({keep})" if keep else "")
-        n = tbl.count_rows(clause)
-        if n:
-            tbl.delete(clause)
+        with lance_errors(self.files.uri("index"), f"removing rows a killed writer left (stream {stream_id!r})"):
+            n = tbl.count_rows(clause)
+            if n:
+                tbl.delete(clause)
         return n
+
+    def restore_readable(self, counts: dict[str, dict[str, int]], max_versions: int = 64) -> tuple[int, int] | None:
+        """Go back to the newest version of the table that can be read whole and holds every committed row
+        (writers only; the caller makes sure no other process writes the store).
+
+        A copy of a store taken while it was being written can hold a version of the
+        table that references a data file written after that folder was copied. The
+        rows the copy's stream states count were committed before those states were
+        written, so an older version holds them all.
+
+        Args:
+            counts: committed blocks per level of every stream of the store.
+
+        Returns:
+            ``(latest version, version restored)``, or ``None`` (nothing changed) if the
+            latest version is readable or no older version is readable and complete.
+        """
+        tbl = self.table()
+        if tbl is None or self.read_only:
+            return None
+        try:
+            versions = sorted((v["version"] for v in tbl.list_versions()), reverse=True)
+        except Exception:  # noqa: BLE001
+            return None
+        if not versions or self._readable(tbl):
+            return None
+        try:
+            for v in versions[1:max_versions]:
+                try:
+                    tbl.checkout(v)
+                except Exception:  # noqa: BLE001 - that version's manifest is gone too
+                    continue
+                if self._readable(tbl) and self._holds(tbl, counts):
+                    with lance_errors(self.files.uri("index"), f"restoring version {v} of the table"):
+                        tbl.restore()
+                    self._has_vector_index = self._has_scalar_index = None
+                    return versions[0], v
+        finally:
+            try:
+                tbl.checkout_latest()
+            except Exception:  # noqa: BLE001
+                pass
+        return None
+
+    @staticmethod
+    def _holds(tbl, counts: dict[str, dict[str, int]]) -> bool:
+        """Whether the checked-out version has a row for every committed block of every stream."""
+        try:
+            return all(tbl.count_rows(where(sid, level, n)) == n
+                       for sid, levels in counts.items() for level, n in levels.items() if n > 0)
+        except Exception:  # noqa: BLE001
+            return False
+
+    def rows_of_readable_version(self, stream_id: str | None, columns: list[str], max_versions: int = 64):
+        """``(latest version, version read, rows)`` of the newest older version of the table that can be read
+        whole (nothing is written), or ``None``."""
+        tbl = self.table()
+        if tbl is None:
+            return None
+        try:
+            versions = sorted((v["version"] for v in tbl.list_versions()), reverse=True)
+        except Exception:  # noqa: BLE001
+            return None
+        try:
+            for v in versions[1:max_versions]:
+                try:
+                    tbl.checkout(v)
+                    return versions[0], v, self.rows(stream_id, columns)
+                except Exception:  # noqa: BLE001 - not readable either: an older one
+                    continue
+            return None
+        finally:
+            try:
+                tbl.checkout_latest()
+            except Exception:  # noqa: BLE001
+                pass
+
+    @staticmethod
+    def _readable(tbl) -> bool:
+        """Whether every data file of the checked-out version can be read (one small column of every row)."""
+        try:
+            tbl.search().select(["block_id"]).limit(2**31 - 1).to_arrow()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     def maintain(self) -> None:
         """Compact fragments, update indexes, build them once the table is large (writer thread)."""
@@ -224,14 +362,16 @@ class BlockTable:
         if tbl is None:
             return 0
         clause = _stream_level(stream_id, level) + ("" if below is None else f" AND block_id < {int(below)}")
-        return tbl.count_rows(clause)
+        with lance_errors(self.files.uri("index"), f"counting {level} rows of stream {stream_id!r}"):
+            return tbl.count_rows(clause)
 
     def levels(self, stream_id: str) -> dict[str, int]:
         """Rows per level of a stream (used by :meth:`verify` and recovery)."""
         tbl = self.table()
         if tbl is None:
             return {}
-        t = self._query(tbl.search().where(f"stream_id = '{check_stream_id(stream_id)}'"), ["level"], None)
+        with lance_errors(self.files.uri("index"), f"reading rows of stream {stream_id!r}"):
+            t = self._query(tbl.search().where(f"stream_id = '{check_stream_id(stream_id)}'"), ["level"], None)
         out: dict[str, int] = {}
         for lv in t.column("level").to_pylist():
             out[lv] = out.get(lv, 0) + 1
@@ -247,7 +387,8 @@ class BlockTable:
              .distance_type("cosine").where(where(stream_id, level, below, within), prefilter=True))
         if self._has_vector_index:
             q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
-        return self._query(q, (columns or META_COLUMNS) + ["vector", "_distance"], int(k))
+        with lance_errors(self.files.uri("index"), f"searching {level} blocks of stream {stream_id!r}"):
+            return self._query(q, (columns or META_COLUMNS) + ["vector", "_distance"], int(k))
 
     def scan(self, stream_id: str, level: str, below: int, within: np.ndarray | None = None,
              columns: list[str] | None = None, limit: int | None = None):
@@ -255,8 +396,9 @@ class BlockTable:
         tbl = self.table()
         if tbl is None or below <= 0:
             return None
-        return self._query(tbl.search().where(where(stream_id, level, below, within)),
-                           (columns or META_COLUMNS) + ["vector"], limit)
+        with lance_errors(self.files.uri("index"), f"reading {level} blocks of stream {stream_id!r}"):
+            return self._query(tbl.search().where(where(stream_id, level, below, within)),
+                               (columns or META_COLUMNS) + ["vector"], limit)
 
     def fetch(self, stream_id: str, level: str, ids: np.ndarray, columns: list[str]):
         """Rows of block ``ids`` (unique ints), in ascending id order."""
@@ -270,8 +412,66 @@ class BlockTable:
         else:
             clause = f"{_stream_level(stream_id, level)} AND block_id IN ({', '.join(str(int(i)) for i in ids)})"
         cols = list(dict.fromkeys(["block_id", *columns]))
-        t = self._query(tbl.search().where(clause), cols, int(ids.size))
+        with lance_errors(self.files.uri("index"), f"reading {level} blocks of stream {stream_id!r}"):
+            t = self._query(tbl.search().where(clause), cols, int(ids.size))
         return t.sort_by("block_id")
+
+    def rows(self, stream_id: str | None, columns: list[str]):
+        """Every row of one stream (or of the whole table), ``columns`` only (:func:`~.verify.verify_store`)."""
+        tbl = self.table()
+        if tbl is None:
+            return None
+        q = tbl.search()
+        if stream_id is not None:
+            q = q.where(f"stream_id = '{check_stream_id(stream_id)}'")
+        with lance_errors(self.files.uri("index"), "reading every row" if stream_id is None
+                          else f"reading the rows of stream {stream_id!r}"):
+            return self._query(q, columns, None)
+
+    def rows_by_fragment(self, columns: list[str], chunk: int = 4096, max_probes: int = 1 << 20):
+        """Read the table fragment by fragment, so that a fragment whose data file is gone loses only its own rows.
+
+        Fragments are found by their ids (lance row ids are ``fragment << 32 | offset``), up to the number of
+        fragments the table's latest version has.
+
+        Returns:
+            ``(rows, missing, complete)``: a pyarrow table of the readable rows (``columns``), one line per
+            fragment that cannot be read (its error), and whether every fragment was found.
+        """
+        import pyarrow as pa
+
+        tbl = self.table()
+        if tbl is None:
+            return None, [], True
+        if not hasattr(tbl, "take_row_ids"):  # lancedb too old to read by row id
+            return None, ["this lancedb cannot read a table fragment by fragment"], False
+        try:
+            versions = tbl.list_versions()
+            latest = max(versions, key=lambda v: v["version"]) if versions else {}
+            fragments = int(latest.get("metadata", {}).get("total_fragments", -1))
+        except Exception:  # noqa: BLE001 - without the count we probe until max_probes
+            fragments = -1
+        parts, missing, found = [], [], 0
+        for fid in range(max_probes):
+            if 0 <= fragments <= found:
+                break
+            offset, seen = 0, False
+            while True:
+                ids = [(fid << 32) | o for o in range(offset, offset + chunk)]
+                try:
+                    t = tbl.take_row_ids(ids).select(columns).to_arrow()
+                except Exception as exc:  # noqa: BLE001 - the fragment's data cannot be read
+                    missing.append(f"fragment {fid}: {str(exc).split(', /', 1)[0]}")
+                    seen = True
+                    break
+                if t.num_rows == 0:
+                    break
+                seen = True
+                parts.append(t.select(columns))
+                offset += chunk
+            found += seen
+        rows = pa.concat_tables(parts) if parts else None
+        return rows, missing, fragments < 0 or found >= fragments
 
     @staticmethod
     def _query(q, columns: list[str], limit: int | None):

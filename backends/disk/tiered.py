@@ -143,10 +143,12 @@ class TieredBackend(StorageBackend):
         if not files.remote and files.local.exists() and not files.local.is_dir():
             raise StoreError(f"{files.local}: not a mukv store (a file, not a folder)")
         manifest = files.read_json(MANIFEST)
-        if manifest is None:
-            if files.exists_nonempty_root():
+        if manifest is None and files.exists_nonempty_root():
+            manifest = self._await_manifest()  # another session may be creating this store right now
+            if manifest is None:
                 raise StoreError(f"{files.uri()}: not a mukv store (no {MANIFEST}; refusing to write into a "
                                  "folder that holds other files)")
+        if manifest is None:
             if read_only:
                 raise StoreError(f"{files.uri()}: no mukv store to open read-only")
             files.write_json(MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -167,6 +169,21 @@ class TieredBackend(StorageBackend):
         warnings.warn(f"stream {self.stream_id!r} of {files.uri()} is being written by another process "
                       f"(pid {lock.holder()}); opened read-only", stacklevel=4)
         return True
+
+    def _await_manifest(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The manifest of a store that another session is creating (the root holds only mukv's own
+        names and the manifest's temp file); ``None`` at once for a folder of other files."""
+        own = {MANIFEST, "streams", "kv", "index"}
+        deadline = time.monotonic() + timeout
+        while True:
+            names = self.files.listing()
+            temp = [n for n in names if n.startswith(f".{MANIFEST}.") and n.endswith(".tmp")]
+            if not all(n in own or n in temp for n in names) or not (temp or MANIFEST in names):
+                return None  # other files, or a store whose manifest is gone (a creator writes it first)
+            manifest = self.files.read_json(MANIFEST)
+            if manifest is not None or time.monotonic() > deadline:
+                return manifest
+            time.sleep(0.02)
 
     def _check_manifest(self, m: dict[str, Any]) -> None:
         where = self.files.uri()
@@ -236,7 +253,16 @@ class TieredBackend(StorageBackend):
         """Remove what a killed writer left beyond the committed state; fail on real damage."""
         counts = self._persisted
         partials = self.archive.remove_partials()
-        rows = self.table.delete_uncounted(self.stream_id, counts)
+        try:
+            rows = self.table.delete_uncounted(self.stream_id, counts)
+        except StoreError:
+            # a version of the table that references files that are gone (a copy taken while being
+            # written): go back to the newest readable version holding every committed row of every stream
+            restored = self._restore_index_version()
+            if restored is None:
+                raise
+            self.recovered["index_version"] = {"latest": restored[0], "restored": restored[1]}
+            rows = self.table.delete_uncounted(self.stream_id, counts)
         cut: dict[str, int] = {}
         for level in sorted(set(self.archive.levels()) | set(counts)):
             n = counts.get(level, 0)
@@ -252,7 +278,23 @@ class TieredBackend(StorageBackend):
                 if have != n:
                     raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
                                      f"are committed but the index holds {have} rows for them")
-        self.recovered = {"temp_files": partials, "index_rows": rows, "kv_rows": cut}
+        self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut}
+
+    def _restore_index_version(self) -> tuple[int, int] | None:
+        """:meth:`BlockTable.restore_readable` with every stream's committed counts, unless another
+        process writes a stream of this store (a restore would race its commits)."""
+        from .verify import writer_active
+
+        counts: dict[str, dict[str, int]] = {}
+        for name in self.files.listing("streams"):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            sid = check_stream_id(name[: -len(".json")])
+            if sid != self.stream_id and writer_active(self.files, sid):
+                return None
+            state = self.files.read_json(f"streams/{name}") or {}
+            counts[sid] = {check_level(str(k)): int(v) for k, v in state.get("counts", {}).items()}
+        return self.table.restore_readable(counts)
 
     @classmethod
     def peek_state(cls, path: str, stream_id: str, key: str, **options: Any) -> Any:
@@ -279,6 +321,7 @@ class TieredBackend(StorageBackend):
             self._level_info = dict(state.get("levels", {}))
             self._n = dict(self._persisted)
             self._committed = dict(self._persisted)
+            self.archive.forget()  # the arrays grew: read their lengths again
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -297,6 +340,8 @@ class TieredBackend(StorageBackend):
             for lv, (c, _) in lost.items():
                 self.hot.rollback(lv, c)
             self._n = dict(self._committed)
+            # what was not stored is not waited for: reads go on over what is committed
+            self._unadmitted = {lv: min(u, self._committed.get(lv, 0)) for lv, u in self._unadmitted.items()}
             dropped = ", ".join(f"{lv} blocks {c}..{n - 1}" for lv, (c, n) in lost.items()) or "none"
             msg = _describe(w.error)
             self._failure = (f"{self.files.uri()}: writing stream {self.stream_id!r} failed: {msg}. Not stored: "
@@ -349,7 +394,12 @@ class TieredBackend(StorageBackend):
             host = self.mover.to_host(kv, lay.dtype)  # non-blocking on CUDA
             if info is None:
                 self._level_info[level] = {"tokens": k, "block_shape": [int(s) for s in kv.shape[1:]]}
-            self._admit_new(level, kv, vectors, binfo)
+            try:
+                self._admit_new(level, kv, vectors, binfo)  # may wait for the writer, which may have failed
+            except StoreError:
+                self.hot.rollback(level, first)
+                self._check_writer()
+                raise
             job = _Job(level, first, host, vectors.cpu().numpy(), _np(blocks.kept), _np(blocks.token_index),
                        _np(blocks.positions), binfo)
             try:
@@ -720,32 +770,27 @@ class TieredBackend(StorageBackend):
             "recovered": dict(self.recovered),
         }
 
-    def verify(self) -> dict[str, Any]:
-        """Check every stored block: one index row per id ``0..n-1`` and KV matching its crc32.
+    def verify(self, check_kv: bool = True) -> dict[str, Any]:
+        """Check every committed block of this stream: one index row per id ``0..n-1`` and KV matching
+        its crc32 (the per-stream part of :func:`~mukv.backends.disk.verify.verify_store`; never raises
+        for damage, it reports it).
 
         Returns:
-            ``{"ok": bool, "levels": {level: {"blocks": n, "missing": [...], "corrupt": [...]}}}``
-            (ids listed, at most 100 each).
+            ``{"ok": bool, "levels": {level: {"blocks": n, "missing": [...], "corrupt": [...],
+            "unreadable": [...]}}, "problems": [line, ...]}`` (ids listed, at most 100 each); ``ok`` is
+            False only for damage, not for leftovers of a killed writer.
         """
+        from .verify import VerifyReport, check_backend
+
         with self._lock:
-            if self.writer is not None:
+            if self.writer is not None and self.writer.error is None:
                 self.flush()
-            report: dict[str, Any] = {"ok": True, "levels": {}}
-            for level, n in sorted(self._committed.items()):
-                missing, corrupt = [], []
-                for lo in range(0, n, 4096):
-                    ids = np.arange(lo, min(n, lo + 4096))
-                    t = self.table.fetch(self.stream_id, level, ids, ["crc32"])
-                    have = {} if t is None else dict(zip(t.column("block_id").to_pylist(), t.column("crc32").to_pylist()))
-                    present = np.array([i for i in ids.tolist() if i in have], dtype=np.int64)
-                    missing += [i for i in ids.tolist() if i not in have]
-                    if present.size:
-                        crc = _crc(self.archive.read(level, present))
-                        corrupt += [int(i) for i, c in zip(present, crc) if int(c) != have[int(i)]]
-                report["levels"][level] = {"blocks": n, "missing": missing[:100], "corrupt": corrupt[:100]}
-                if missing or corrupt:
-                    report["ok"] = False
-            return report
+            rep = VerifyReport(self.files.uri())
+            check_backend(self, rep, check_kv=check_kv)
+            levels = {lv: {"blocks": e["blocks"], "missing": e["missing"][:100], "corrupt": e["corrupt"][:100],
+                           "unreadable": e["unreadable"][:100]}
+                      for lv, e in sorted(rep.streams.get(self.stream_id, {}).items())}
+            return {"ok": rep.ok, "levels": levels, "problems": [p.line() for p in rep.problems]}
 
     def _check_open(self) -> None:
         if self._closed:

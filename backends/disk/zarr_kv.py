@@ -71,6 +71,18 @@ def from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def describe_ids(ids: Any, most: int = 8) -> str:
+    """Block ids in words: ``0-7, 12, 20-23`` (the first ``most`` runs, then how many more)."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+    if ids.size == 0:
+        return "none"
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+    words = [f"{r[0]}" if r.size == 1 else f"{r[0]}-{r[-1]}" for r in runs[:most]]
+    if len(runs) > most:
+        words.append(f"... ({int(sum(r.size for r in runs[most:]))} more)")
+    return ", ".join(words)
+
+
 def block_crc(rows: np.ndarray) -> np.ndarray:
     """``[n]`` crc32 of each block's bytes (rows of ``[n, ...]``), as int64."""
     flat = np.ascontiguousarray(rows).reshape(rows.shape[0], -1)
@@ -154,6 +166,10 @@ class KVArchive:
         self._arrays[level] = arr
         return arr
 
+    def forget(self) -> None:
+        """Drop the opened arrays, so the next use reads their metadata (length) again (readers)."""
+        self._arrays.clear()
+
     def length(self, level: str) -> int:
         arr = self.array(level)
         return 0 if arr is None else int(arr.shape[0])
@@ -178,11 +194,37 @@ class KVArchive:
         if ids.size == 0:
             return np.empty((0, *arr.shape[1:]), dtype=self.np_dtype)
         uniq, inverse = np.unique(ids, return_inverse=True)
+        if int(uniq[0]) < 0 or int(uniq[-1]) >= arr.shape[0]:
+            raise StoreError(f"{self.files.uri(self.rel(level))}: {level} blocks {describe_ids(uniq)} asked for, "
+                             f"{arr.shape[0]} have KV on disk")
         # one slice per run of consecutive ids (zarr's orthogonal indexing is ~10x slower per block)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         runs = np.split(uniq, breaks)
-        data = np.concatenate(self._read_runs(arr, [(int(r[0]), int(r[-1]) + 1) for r in runs]))
+        try:
+            data = np.concatenate(self._read_runs(arr, [(int(r[0]), int(r[-1]) + 1) for r in runs]))
+        except StoreError:
+            raise
+        except Exception as exc:  # an I/O error, or a damaged shard (zarr: checksum / decode errors)
+            what = disk_error(exc, "reading KV") if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            bad = self._unreadable(arr, uniq)
+            asked = "" if bad.size == uniq.size else f" (of {describe_ids(uniq)} asked for)"
+            raise StoreError(f"{self.files.uri(self.rel(level))}: cannot read KV of {level} blocks "
+                             f"{describe_ids(bad)}{asked} ({what}); run `mukv inspect --verify` to see what is "
+                             "damaged") from None
         return data[inverse.reshape(-1)]
+
+    @staticmethod
+    def _unreadable(arr, ids: np.ndarray, most: int = 64) -> np.ndarray:
+        """Which of ``ids`` cannot be read, block by block (all of them past ``most`` ids)."""
+        if ids.size > most:
+            return ids
+        bad = []
+        for i in ids.tolist():
+            try:
+                np.asarray(arr[i : i + 1])
+            except Exception:  # noqa: BLE001
+                bad.append(i)
+        return np.asarray(bad or ids, dtype=np.int64)
 
     @staticmethod
     def _read_runs(arr, runs: list[tuple[int, int]]) -> list[np.ndarray]:
