@@ -431,6 +431,12 @@ def _print_inspect(session: "Session", args: argparse.Namespace) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import plots
 
+    if args.verify:  # end-to-end check of the store's files; needs no model
+        from .backends.disk import verify_store
+
+        report = verify_store(str(args.store), stream_id=args.stream_id)
+        print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.summary())
+        return 0 if report.ok else 1
     session = _open_store(args)
     try:
         if args.json:
@@ -761,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p, model=True)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--plot", metavar="PNG", help="write memory over stream time as PNG")
+    p.add_argument("--verify", action="store_true",
+                   help="check the store end to end (index rows, KV checksums, leftovers) without loading a model; "
+                        "exit 1 if anything committed is damaged")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("plot", formatter_class=_Formatter, help="pictures as PNG: timeline, tokens, memory",

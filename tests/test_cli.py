@@ -317,3 +317,28 @@ def test_plot_tokens_from_an_image(capsys, tmp_path):
                        "--level", "frame")
     assert rc == 0, err
     assert (tmp_path / "tok.png").read_bytes()[:8] == PNG
+
+
+def test_inspect_verify_reports_damage_and_exit_status(tmp_path, tiny_model):
+    """`mukv inspect STORE --verify` checks a store without a model and exits 1 on damage."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import mukv
+
+    store = tmp_path / "v"
+    with mukv.Session(model=tiny_model, backend="lancedb", path=store) as s:
+        s.feed(np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    ok = subprocess.run([sys.executable, "-m", "mukv", "inspect", str(store), "--verify"], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout and "frame 4/4" in ok.stdout
+    shard = max((p for p in (store / "kv").rglob("*") if p.is_file() and "segment" in str(p)),
+                key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte inside the segment KV
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run([sys.executable, "-m", "mukv", "inspect", str(store), "--verify"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "DAMAGED" in bad.stdout and "segment" in bad.stdout
