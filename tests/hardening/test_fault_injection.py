@@ -489,3 +489,18 @@ def test_streams_committing_their_first_blocks_at_once(tmp_path):
         assert not errors, errors
         rep = verify_store(str(path))
         assert rep.ok and all(rep.streams[f"cam-{i}"]["frame"]["verified"] == 2 for i in range(4)), rep.summary()
+
+
+def test_reader_reads_blocks_committed_after_refresh(store):
+    path, _, total = store
+    w = backend(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = backend(path, read_only=True)
+    assert intact(r, "frame", list(range(total["frame"])))  # opens the arrays at their length now
+    fill(w, rounds=1)
+    r.refresh()
+    n = r.count("frame")
+    assert n > total["frame"] and intact(r, "frame", list(range(n)))  # the new blocks read back
+    r.close()
+    w.close()
