@@ -101,23 +101,15 @@ def build_model(shape: str | dict[str, Any] = "mukv-tiny", seed: int = 0, device
     benchmark's :data:`~mukv.bench.VOCABULARY` (plus the base words). With ``calibrate``
     the projector is initialised at the text-embedding scale (:func:`calibrate_projector`).
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     from mukv.bench import VOCABULARY
-    from mukv.plugins.models.llava_onevision import LlavaOnevisionAdapter
+    from mukv.plugins.models.llava_onevision import LlavaOnevisionAdapter, onevision_config
     from mukv.tokenizer import build_word_tokenizer
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     tokenizer = build_word_tokenizer(VOCABULARY)
-    text = dict(shape["text_config"])
-    text["vocab_size"] = len(tokenizer)
-    config = LlavaOnevisionConfig(
-        text_config=text, vision_config=dict(shape["vision_config"]),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
-        tie_word_embeddings=text.get("tie_word_embeddings", False),
-    )
+    config = onevision_config(shape, tokenizer, exact_vocab=True)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -125,10 +125,28 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def onevision_config(shape: dict[str, Any], tokenizer: Any, exact_vocab: bool = False):
+    """A ``LlavaOnevisionConfig`` of a preset shape for a locally built tokenizer.
+
+    The vocabulary is the shape's (at least the tokenizer's), or exactly the
+    tokenizer's with ``exact_vocab`` (models trained here)."""
+    from transformers import LlavaOnevisionConfig
+
+    text = dict(shape["text_config"])
+    text["vocab_size"] = len(tokenizer) if exact_vocab else max(text.get("vocab_size", 0), len(tokenizer))
+    return LlavaOnevisionConfig(
+        text_config=text, vision_config=dict(shape["vision_config"]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=text.get("tie_word_embeddings", False),
+    )
+
+
 def build_llava_onevision(preset: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                           seed: int = 0, words: tuple[str, ...] = ()) -> LlavaOnevisionAdapter:
     """A LLaVA-OneVision of a preset shape with random weights, built offline and deterministically."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
 
     from mukv.tokenizer import build_word_tokenizer
 
@@ -137,16 +155,7 @@ def build_llava_onevision(preset: str, device: torch.device | str = "cpu", dtype
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = REAL_CONFIGS[preset]
     tokenizer = build_word_tokenizer(words or _bench_words())
-    text = dict(shape["text_config"])
-    text.setdefault("vocab_size", len(tokenizer))
-    text["vocab_size"] = max(text["vocab_size"], len(tokenizer))
-    config = LlavaOnevisionConfig(
-        text_config=text, vision_config=dict(shape["vision_config"]),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
-        tie_word_embeddings=text.get("tie_word_embeddings", False),
-    )
+    config = onevision_config(shape, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
