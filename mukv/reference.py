@@ -30,8 +30,10 @@ Questions (:meth:`ReferenceIngestor.ask`)
     * segment-guided rerank, assembly by level and score, greedy decoding with
       eager attention and a cache that grows by concatenation every step.
 
-The scorers, compressors and configuration are the session's own, so a
-difference between the two paths is a difference of execution, not of method.
+The scorers, compressors, configuration and position codes (1D RoPE, or
+Qwen-VL's M-RoPE through the adapter's ``block_positions``) are the session's
+own, so a difference between the two paths is a difference of execution, not
+of method.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class _Level:
     vectors: list[torch.Tensor] = field(default_factory=list)  # [V] float32
     kept: list[torch.Tensor] = field(default_factory=list)  # [K]
     scores: list[torch.Tensor] = field(default_factory=list)  # [L] float32 (the block's token scores)
-    positions: list[torch.Tensor] = field(default_factory=list)  # [K]
+    positions: list[torch.Tensor] = field(default_factory=list)  # [K] position codes (see mukv.rope)
     token_index: list[torch.Tensor] = field(default_factory=list)  # [K]
     frame_start: list[int] = field(default_factory=list)
     frame_end: list[int] = field(default_factory=list)
@@ -261,12 +263,16 @@ class ReferenceIngestor:
     def _one_block(self, lp: LevelPipeline, window: torch.Tensor, j: int, first: int) -> None:
         model, prefix = self.model, self.prefix
         split = lp.split[j]
-        emb = window[split.to(window.device)][None].to(model.dtype)  # [1, L, E]
+        rows = window[split.to(window.device)][None]  # [1, L, E']
+        emb, extra = model.block_inputs(rows)  # [1, L, E] (+ Qwen3-VL's DeepStack features)
+        emb = emb.to(model.dtype)
         length, p = emb.shape[1], prefix.length
-        positions = torch.arange(p, p + length, device=model.device)
+        # the model's own position codes ([1, L]): 1D RoPE P .. P + L - 1, M-RoPE codes for Qwen-VL
+        positions = model.block_positions(p, split[None].to(model.device)).expand(1, -1)
         cache = _dynamic_cache(prefix.kv)
-        out = model.language_model(inputs_embeds=emb, past_key_values=cache, position_ids=positions[None],
-                                   use_cache=True, output_attentions=True)
+        out = model.language_model(inputs_embeds=emb, past_key_values=cache,
+                                   position_ids=model.position_ids(positions), use_cache=True,
+                                   output_attentions=True, **extra)
         weights = out.attentions[-1]  # [1, Hq, L, P + L], eager, model dtype
         colsum = weights[0].float().mean(dim=0).sum(dim=0)[p:]  # averaged over heads, summed over queries
         kv = torch.stack([torch.stack((layer.keys, layer.values)) for layer in cache.layers])[..., p:, :]
@@ -274,7 +280,7 @@ class ReferenceIngestor:
         blocks = PrefilledBlocks(
             level=lp.level, kv=kv, attention=colsum[None], token_index=split[None],
             frame_start=torch.tensor([first]), frame_end=torch.tensor([first + frames]),
-            positions=positions[None], grid=model.grid,
+            positions=positions, grid=model.grid,
         )
         if lp.kept >= length:
             kept = torch.arange(length, device=model.device)
@@ -291,7 +297,7 @@ class ReferenceIngestor:
         st.vectors.append(kv[-1, 0, 0][:, kept].float().mean(dim=1).reshape(-1).cpu())
         st.kept.append(kept.cpu())
         st.scores.append(scores)
-        st.positions.append(positions[kept].cpu())
+        st.positions.append(positions[0, kept].cpu())
         st.token_index.append(split[kept.cpu()])
         st.frame_start.append(first)
         st.frame_end.append(first + frames)

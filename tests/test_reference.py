@@ -1,4 +1,4 @@
-"""The fast path against the reference mode (the authors' path) on the tiny model, float32 on the CPU.
+"""The fast path against the reference mode (the authors' path) on the tiny models, float32 on the CPU.
 
 In float32 the two paths agree to rounding: the same kept tokens, vectors and
 KV, the same retrieved blocks and the same greedy answer. ``tests/gpu/`` runs
@@ -19,10 +19,11 @@ from mukv.session import Session
 QUESTION = "what color was the car ?"
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """A fast session and a reference path over the same tiny model, fed the same 12 frames."""
-    s = Session(model="tiny-llava-ov", device="cpu")
+@pytest.fixture(scope="module", params=["tiny-llava-ov", "tiny-qwen2.5-vl"])
+def pair(request):
+    """A fast session and a reference path over the same tiny model (1D RoPE, or Qwen2.5-VL's M-RoPE),
+    fed the same 12 frames."""
+    s = Session(model=request.param, device="cpu")
     gen = torch.Generator().manual_seed(0)
     # frame embeddings at the scale the tiny vision tower produces (the vision tower is not under test)
     embeds = 0.01 * torch.randn(12, s.model.tokens_per_frame, s.model.hidden_size, generator=gen)
