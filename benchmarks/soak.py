@@ -3,6 +3,8 @@
     python benchmarks/soak.py                                   # CPU: 4 memory + 4 lancedb streams, 60 s
     python benchmarks/soak.py --seconds 600 --memory-streams 8 --disk-streams 8
     python benchmarks/soak.py --device cuda --disk-streams 0 --memory-streams 16 --model llava-onevision-qwen2-0.5b-ov
+    python benchmarks/soak.py --device cuda --memory-streams 8 --disk-streams 2 --pace 10 --hot-mib 256 \
+        --model llava-onevision-qwen2-0.5b-ov      # the GPU run (paced: memory streams keep every block on the GPU)
 
 Each stream is a thread with its own :class:`mukv.Session` (all share one model
 adapter, as an application serving several cameras would): it feeds batches of
@@ -25,10 +27,12 @@ the verdicts:
 
 * every question answered: asked == answered, no error;
 * bounded: every disk stream's hot tier within its budget at every sample, and
-  the RSS not explained by held blocks (RSS - memory-stream bytes) grew less
-  than ``--max-growth-mib`` from the middle third of the run to the last third
-  (the first third is warm-up: caches and allocator pools filling; lancedb's
-  caches are bounded by ``--lance-cache-mib`` per disk stream);
+  the RSS not explained by held blocks (RSS - memory-stream bytes in host
+  memory) grew less than ``--max-growth-mib`` from the middle third of the run
+  to the last third (the first third is warm-up: caches and allocator pools
+  filling; lancedb's caches are bounded by ``--lance-cache-mib`` per disk
+  stream); on CUDA likewise the GPU memory allocated beyond the memory
+  streams' blocks on the GPU;
 * nothing lost: the store verifies clean and every disk stream holds, after
   closing and reopening, exactly the blocks it had stored.
 
@@ -157,22 +161,29 @@ class Stream(threading.Thread):
                 self.errors.append((type(again).__name__, f"reopening: {again}"))
                 self.deadline = 0.0
 
-    def held_bytes(self) -> int:
+    def held_bytes(self) -> tuple[int, int]:
+        """Bytes of the blocks a memory stream holds: ``(in host memory, in GPU memory)``
+        (the rows in use of every buffer: KV, vectors, positions, metadata)."""
         s = self.session
         if s is None or self.kind != "memory":
-            return 0
-        try:  # the rows in use of every buffer (KV, vectors, positions, metadata): the pages they touch
+            return 0, 0
+        try:
             levels = getattr(s.backend, "_levels", None)
             if levels is None:
-                return int(s.stats()["bytes"])
-            total = 0
+                total = int(s.stats()["bytes"])
+                return (0, total) if s.device.type == "cuda" else (total, 0)
+            host = gpu = 0
             for st in list(levels.values()):
                 for t in (st.kv, st.vectors, st.unit, st.positions, st.token_index, *st.meta.values()):
                     if t is not None and t.shape[0]:
-                        total += st.n * (t.nbytes // t.shape[0])
-            return total
+                        n = st.n * (t.nbytes // t.shape[0])
+                        if t.is_cuda:
+                            gpu += n
+                        else:
+                            host += n
+            return host, gpu
         except Exception:  # noqa: BLE001 - a sample taken while the session changes
-            return 0
+            return 0, 0
 
     def hot(self) -> tuple[int, int]:
         s = self.session
@@ -190,10 +201,11 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
     cuda = args.device.startswith("cuda")
     while True:
         hot = [s.hot() for s in streams]
+        held = [s.held_bytes() for s in streams]
         row = {
             "t": round(time.monotonic() - t_start, 2),
             "rss_mib": rss_bytes() / 2**20,
-            "held_mib": sum(s.held_bytes() for s in streams) / 2**20,
+            "held_mib": sum(h for h, _ in held) / 2**20,
             "hot_used_mib": sum(u for u, _ in hot) / 2**20,
             "hot_budget_mib": sum(b for _, b in hot) / 2**20,
             "hot_over_budget": sum(1 for u, b in hot if u > b),
@@ -203,6 +215,7 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
             "errors": sum(len(s.errors) for s in streams),
         }
         if cuda:
+            row["held_gpu_mib"] = sum(g for _, g in held) / 2**20
             row["gpu_alloc_mib"] = torch.cuda.memory_allocated() / 2**20
             row["gpu_reserved_mib"] = torch.cuda.memory_reserved() / 2**20
         samples.append(row)
@@ -320,10 +333,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_kind = {k: kind_rows(k) for k in ("memory", "disk") if any(s.kind == k for s in streams)}
     # growth of the RSS that held blocks do not explain: mean of the last third of the samples minus the
     # mean of the middle third (the first third is warm-up: caches and allocator pools filling)
-    overhead = [r["rss_mib"] - r["held_mib"] for r in samples]
-    third = len(overhead) // 3
-    growth = (statistics.fmean(overhead[2 * third:]) - statistics.fmean(overhead[third:2 * third])
-              if third >= 1 else 0.0)
+    def growth_mib(overhead: list[float]) -> float:
+        third = len(overhead) // 3
+        return (statistics.fmean(overhead[2 * third:]) - statistics.fmean(overhead[third:2 * third])
+                if third >= 1 else 0.0)
+
+    growth = growth_mib([r["rss_mib"] - r["held_mib"] for r in samples])
+    gpu_growth = (growth_mib([r["gpu_alloc_mib"] - r["held_gpu_mib"] for r in samples])
+                  if samples and "gpu_alloc_mib" in samples[0] else None)
     asked = sum(r["asked"] for r in per_kind.values())
     answered = sum(r["answered"] for r in per_kind.values())
     n_err = sum(sum(r["errors"].values()) for r in per_kind.values())
@@ -331,7 +348,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "every_question_answered": asked == answered and n_err == 0 and not hung,
         "hot_tier_within_budget": all(r["hot_over_budget"] == 0 for r in samples),
         "rss_overhead_growth_mib": growth,
-        "bounded": all(r["hot_over_budget"] == 0 for r in samples) and growth < args.max_growth_mib,
+        "gpu_overhead_growth_mib": gpu_growth,
+        "bounded": all(r["hot_over_budget"] == 0 for r in samples) and growth < args.max_growth_mib
+        and (gpu_growth is None or gpu_growth < args.max_growth_mib),
         "nothing_lost": (verify is None or verify["ok"]) and not lost and not close_errors,
     }
     return {
@@ -369,13 +388,14 @@ def report(res: dict[str, Any]) -> str:
     lines.append("")
     gpu = "gpu_alloc_mib" in (res["samples"][0] if res["samples"] else {})
     head = ("t s", "RSS MiB", "held MiB", "RSS-held", "hot used/budget MiB", "frames", "answered", "errors") + (
-        ("GPU alloc MiB",) if gpu else ())
+        ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held") if gpu else ())
     rows = [head]
     step = max(1, len(res["samples"]) // 12)
     for r in res["samples"][::step] + ([res["samples"][-1]] if len(res["samples"]) % step != 1 else []):
         rows.append((f"{r['t']:.0f}", f"{r['rss_mib']:.0f}", f"{r['held_mib']:.0f}", f"{r['rss_mib'] - r['held_mib']:.0f}",
                      f"{r['hot_used_mib']:.1f}/{r['hot_budget_mib']:.0f}", r["frames"], r["answered"], r["errors"])
-                    + ((f"{r['gpu_alloc_mib']:.0f}",) if gpu else ()))
+                    + ((f"{r['gpu_alloc_mib']:.0f}", f"{r['held_gpu_mib']:.0f}",
+                        f"{r['gpu_alloc_mib'] - r['held_gpu_mib']:.0f}") if gpu else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     for r in rows:
         lines.append("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
@@ -387,7 +407,8 @@ def report(res: dict[str, Any]) -> str:
     if res["verify"] is not None:
         lines.append(res["verify"]["summary"].splitlines()[0])
     if res["peak_gpu_alloc_mib"] is not None:
-        lines.append(f"peak GPU memory allocated: {res['peak_gpu_alloc_mib']:.0f} MiB")
+        lines.append(f"peak GPU memory allocated: {res['peak_gpu_alloc_mib']:.0f} MiB; GPU memory beyond held blocks: "
+                     f"{v['gpu_overhead_growth_mib']:+.0f} MiB from the middle to the last third")
     for kind, r in res["per_kind"].items():
         for e in r["first_errors"]:
             lines.append(f"error ({kind}): {e}")
