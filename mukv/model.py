@@ -423,7 +423,8 @@ class StaticStep:
     def capture(self) -> None:
         """Capture the step as a CUDA graph (after two warm-up runs on a side stream).
         The warm-up runs write the workspace at the current slots, as the first
-        replay will."""
+        replay will. Capture is thread-local: other threads (a stream fed while
+        another is asked) go on launching and synchronising their own work."""
         stream = torch.cuda.Stream(self.kv.device)
         stream.wait_stream(torch.cuda.current_stream(self.kv.device))
         with torch.cuda.stream(stream):
@@ -431,7 +432,7 @@ class StaticStep:
                 self._step()
         torch.cuda.current_stream(self.kv.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step()
         self.graph, self.captured = graph, True
 
@@ -704,16 +705,32 @@ class HFVideoLLM(ModelAdapter):
         key = cache.layers[-1].keys[0, :, -1, :]  # [H, D]
         return key.reshape(-1).float()
 
+    def _query_decoder(self, prefix: PrefixKV) -> StaticDecoder:
+        """The query workspace holding ``prefix``'s KV (call under ``_static_lock``).
+
+        Sessions over one model and one system prompt compute the same prefix KV, so
+        they share one workspace (and its captured graphs) whatever their number: a
+        workspace is found by the prefix tensor itself or by equal contents. The 4 most
+        recently used are kept."""
+        found = next((i for i, (kv, _) in enumerate(self._query_decoders) if kv is prefix.kv), None)
+        if found is None:
+            found = next((i for i, (kv, _) in enumerate(self._query_decoders)
+                          if kv.shape == prefix.kv.shape and torch.equal(kv, prefix.kv)), None)
+        if found is not None:
+            entry = self._query_decoders.pop(found)
+            self._query_decoders.insert(0, entry)
+            return entry[1]
+        p = prefix.length
+        dec = StaticDecoder(self, -(-(p + self.STATIC_MAX_PROMPT) // 64) * 64, graphs=self.device.type == "cuda")
+        dec.kv[..., :p, :].copy_(prefix.kv)
+        self._query_decoders = [(prefix.kv, dec), *self._query_decoders[:3]]
+        return dec
+
     def _query_vector_static(self, prefix: PrefixKV, ids: torch.Tensor) -> torch.Tensor:
         p, n = prefix.length, ids.numel()
         bucket = _bucket(n)
         with self._static_lock:
-            dec = next((d for kv, d in self._query_decoders if kv is prefix.kv), None)
-            if dec is None:
-                dec = StaticDecoder(self, -(-(p + self.STATIC_MAX_PROMPT) // 64) * 64,
-                                    graphs=self.device.type == "cuda")
-                dec.kv[..., :p, :].copy_(prefix.kv)
-                self._query_decoders = [(prefix.kv, dec), *self._query_decoders[:3]]
+            dec = self._query_decoder(prefix)
             st = dec.step(bucket, logits=False)
             st.ids.zero_()
             st.ids[0, :n].copy_(ids)

@@ -86,3 +86,27 @@ def test_encode_frames_gives_grid_tokens(tiny_model):
     e = tiny_model.encode_frames(frames)
     assert e.shape == (3, 196, tiny_model.hidden_size)
     assert tiny_model.grid == (14, 14)
+
+
+def test_sessions_of_one_model_and_prompt_share_one_query_workspace(tiny_model):
+    """Each session computes its own prefix; equal prefixes reuse one static workspace (on CUDA: graphs captured
+    once, not per session), a different system prompt gets its own, and the vectors are those of the eager path."""
+    import mukv
+
+    question = "what color was the car ?"
+    tiny_model.static_decode = True  # the static path, run eagerly on the CPU
+    try:
+        sessions = [mukv.Session(model=tiny_model, backend="memory") for _ in range(6)]
+        vectors = [tiny_model.query_vector(s.prefix, question) for s in sessions]
+        assert len({id(d) for kv, d in tiny_model._query_decoders if torch.equal(kv, sessions[0].prefix.kv)}) == 1
+        other = tiny_model.prefix("another system prompt")
+        tiny_model.query_vector(other, question)
+        assert tiny_model._query_decoders[0][0] is other.kv
+        again = tiny_model.query_vector(sessions[3].prefix, question)  # found again, moved to the front
+        assert torch.equal(tiny_model._query_decoders[0][0], sessions[3].prefix.kv)
+        tiny_model.static_decode = False
+        eager = tiny_model.query_vector(sessions[0].prefix, question)
+    finally:
+        tiny_model.static_decode = None
+    for v in [*vectors, again]:
+        torch.testing.assert_close(v, eager, rtol=1e-4, atol=1e-5)
