@@ -1,17 +1,20 @@
 """GPU benchmark: mukv's fast path against the reference mode (the authors' path), side by side.
 
-Real LLaVA-OneVision architectures with random weights (exact configs of
-llava-onevision-qwen2-0.5b-ov and -7b-ov), bf16, one process, one GPU::
+Real architectures with random weights (exact configs of
+llava-onevision-qwen2-0.5b-ov, llava-onevision-qwen2-7b-ov and
+Qwen2.5-VL-7B-Instruct), bf16, one process, one GPU::
 
-    python benchmarks/gpu_bench.py --out results/            # full run
+    python benchmarks/gpu_bench.py --out results/            # full run (0.5b, 7b, qwen7b)
+    python benchmarks/gpu_bench.py --out /tmp/b --presets qwen7b --backend lancedb   # one model, plus disk-tier rows
     python benchmarks/gpu_bench.py --out /tmp/b --quick      # smoke run
     python benchmarks/gpu_bench.py --out /tmp/b --device cpu --presets tiny --quick   # CPU check of the script
 
 What it measures, per model:
 
 * ingest throughput (frames/s) without the vision tower (encoded frames in)
-  and with it (uint8 384x384 frames in), fast path and reference mode, and
-  the share of time per stage (encode, prefill, score, compress, store);
+  and with it (uint8 frames of the vision tower's input size in), fast path
+  and reference mode, and the share of time per stage (encode, prefill,
+  score, compress, store);
 * the LLM prefill's FLOPs per frame (formula in :func:`prefill_flops`) and
   the share of the GPU's bf16 matrix rate it reaches (measured in the same
   run, and the datasheet's 989 TFLOP/s);
@@ -19,7 +22,16 @@ What it measures, per model:
   page-in (assembly included) and prompt prefill + first token, plus the
   end-to-end ``Session.ask`` time to the first token, and the full answer of
   32 tokens; with 1 h, 10 h and 100 h stored (0.5 fps), fast and reference;
-* peak GPU memory of each phase.
+* peak GPU memory of each phase;
+* with ``--backend lancedb``: the same questions over a real ingest into the
+  disk tier (hot tier on the GPU, KV in zarr, index in lancedb), once with the
+  default hot tier and once with none (every retrieved block paged in from
+  disk through pinned staging buffers).
+
+Both model families run the same code: the LLaVA-OneVision presets with 1D
+RoPE, Qwen2.5-VL with its 3D M-RoPE position codes (each frame its own
+temporal step, 392 x 392 pixels, 14 x 14 = 196 merged tokens); the reference
+mode prefills with the adapter's own position codes, so it serves both.
 
 Stored KV: for the 0.5B model the 1 h store is a real ingest (random frame
 embeddings through the fast path); every other store is synthetic (random
@@ -57,10 +69,14 @@ from mukv.config import MukvConfig
 from mukv.interfaces import BlockMeta, Compressor, StorageBackend
 from mukv.reference import ReferenceIngestor, ReferenceStore
 
+#: Short names (a name may stand for several presets); any registered preset name works too.
 PRESETS = {
     "0.5b": "llava-onevision-qwen2-0.5b-ov",
     "7b": "llava-onevision-qwen2-7b-ov",
-    "tiny": "tiny-llava-ov",
+    "qwen7b": "qwen2.5-vl-7b",
+    "tiny": "tiny-llava-ov,tiny-qwen2.5-vl",
+    "tiny-llava": "tiny-llava-ov",
+    "tiny-qwen": "tiny-qwen2.5-vl",
 }
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 FPS = 0.5  # stream sampling rate: 1 h = 1800 frames
@@ -70,8 +86,26 @@ QUESTIONS = [
     "how many objects were in the scene when the yellow star appeared?",
     "what shape was at the top left corner before the green ring moved?",
 ]
-NOT_BENCHMARKED = ("Qwen2.5-VL-7B: its adapter (preset 'qwen2.5-vl-7b') landed after this run and this benchmark "
-                   "does not drive it yet (M-RoPE position codes, no reference mode), so it is not measured here.")
+REFERENCE_NOTE = ("The reference mode runs for every model: it prefills each block with the adapter's own "
+                  "position codes (1D RoPE for LLaVA-OneVision, 3D M-RoPE for Qwen2.5-VL) and runs the vision "
+                  "tower with eager attention, so the speedups of both families are measured side by side.")
+#: Stream length (hours) of the disk-tier rows (``--backend lancedb``): a real ingest, so shorter for big models.
+DISK_HOURS = {"small": 1.0, "big": 1 / 6}
+
+
+def expand_presets(names: str) -> list[str]:
+    """Preset names from ``--presets`` (short names of :data:`PRESETS` expanded), in order, once each."""
+    out: list[str] = []
+    for name in names.split(","):
+        for preset in PRESETS.get(name.strip(), name.strip()).split(","):
+            if preset and preset not in out:
+                out.append(preset)
+    return out
+
+
+def short_name(preset: str) -> str:
+    """A short tag of a preset for file names ("0.5b-ov", "qwen2.5-vl-7b", ...)."""
+    return preset.replace("llava-onevision-qwen2-", "")
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -183,14 +217,78 @@ def prefill_flops(adapter: Any, config: MukvConfig, prefix_len: int) -> dict[str
 
 
 def vision_flops(adapter: Any) -> float:
-    """FLOPs of the vision tower + projector per frame (same conventions as :func:`prefill_flops`)."""
+    """FLOPs of the vision tower + projector per frame (same conventions as :func:`prefill_flops`).
+
+    LLaVA-OneVision (SigLIP): per layer ``2 n (4 h^2 + 2 h F) + 4 h n^2`` over the
+    ``n`` patches of a frame, plus the projector ``2 n (h e + e^2)``. Qwen2.5-VL:
+    :func:`qwen_vision_flops`.
+    """
     vc = adapter.model.config.vision_config
+    if not hasattr(vc, "image_size"):
+        return qwen_vision_flops(adapter)
     h, f, layers = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
     n = (vc.image_size // vc.patch_size) ** 2
     per_layer = 2 * n * (4 * h * h + 2 * h * f) + 4 * h * n * n
     e = adapter.hidden_size
     projector = 2 * n * (h * e + e * e)
     return float(layers * per_layer + projector)
+
+
+def qwen_window_sizes(grid: tuple[int, int], merge: int, window: int) -> list[int]:
+    """Patches in each attention window of one frame of Qwen2.5-VL's vision tower.
+
+    ``grid``: merged tokens per side ``(gh / m, gw / m)``; windows tile the merged
+    grid in squares of ``window`` merged tokens per side (the last ones cut at the
+    edge, as ``get_window_index`` does), each merged token ``m * m`` patches.
+    """
+    gh, gw = grid
+    rows = [min(window, gh - i) for i in range(0, gh, window)]
+    cols = [min(window, gw - j) for j in range(0, gw, window)]
+    return [r * c * merge * merge for r in rows for c in cols]
+
+
+def qwen_vision_flops(adapter: Any) -> float:
+    """FLOPs of Qwen2.5-VL's vision tower + patch merger per frame (one temporal step).
+
+    ``n`` patches of ``C * t * p * p`` inputs, width ``h``, gated MLP of width ``F``:
+
+    * patch embedding (a 3D convolution): ``2 n (C t p^2) h``;
+    * per block: ``2 n (4 h^2 + 3 h F)`` (qkv, output projection, gated MLP) plus attention
+      ``4 h sum(w_i^2)`` over its windows ``w_i`` (blocks in ``fullatt_block_indexes``
+      attend over the whole frame, ``w = n``; the others over windows of
+      ``window_size`` pixels, :func:`qwen_window_sizes`);
+    * merger, per merged token (``n / m^2``): ``2 (H^2 + H e)`` with ``H = h m^2``.
+    """
+    vc = adapter.model.config.vision_config
+    h, f, depth, p, m = vc.hidden_size, vc.intermediate_size, vc.depth, vc.patch_size, vc.spatial_merge_size
+    t = vc.temporal_patch_size
+    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+    gh, gw = adapter.grid  # merged tokens per side
+    n = gh * gw * m * m
+    windows = qwen_window_sizes((gh, gw), m, max(1, vc.window_size // m // p))
+    full = set(vc.fullatt_block_indexes or ())
+    attention = sum(4 * h * (n * n if i in full else sum(w * w for w in windows)) for i in range(depth))
+    blocks = depth * 2 * n * (4 * h * h + 3 * h * f) + attention
+    big = h * m * m
+    merger = 2 * (n // (m * m)) * (big * big + big * vc.out_hidden_size)
+    return float(2 * n * channels * t * p * p * h + blocks + merger)
+
+
+def model_notes(adapter: Any, preset: str) -> list[str]:
+    """What a reader needs to know about how a model family is fed and counted."""
+    vc = adapter.model.config.vision_config
+    if hasattr(vc, "image_size"):
+        return []
+    h, w = frame_hw(adapter)
+    m, p = vc.spatial_merge_size, vc.patch_size
+    windows = qwen_window_sizes(adapter.grid, m, max(1, vc.window_size // m // p))
+    full = len(vc.fullatt_block_indexes or ())
+    return [f"{preset}: frames of {h}x{w} pixels, each frame its own temporal step (duplicated in time, as Qwen "
+            f"does for a still image): {h // p * (w // p)} patches and {adapter.tokens_per_frame} merged tokens per "
+            f"frame; position codes are M-RoPE (t, h, w). Its vision tower attends within {len(windows)} windows "
+            f"of at most {max(windows)} patches per frame in {vc.depth - full} of its {vc.depth} blocks and over the "
+            f"whole frame in {full}; outside flash-attention-2, transformers runs that as one attention call per "
+            f"window (a Python loop), which the vision-tower figures include."]
 
 
 # ------------------------------------------------------------------------------------ model
@@ -200,10 +298,27 @@ def encode_pool(adapter: Any, frames: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def build(preset: str, device: torch.device) -> Any:
-    from mukv.plugins.models.llava_onevision import build_llava_onevision
+    """A registered model preset (random weights) on ``device``: bf16 on CUDA, float32 elsewhere."""
+    from mukv.session import load_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return build_llava_onevision(preset, device=device, dtype=dtype)
+    return load_model(preset, device, dtype)
+
+
+def frame_hw(adapter: Any) -> tuple[int, int]:
+    """``(height, width)`` of the frames the benchmark feeds: the vision tower's input size
+    (LLaVA-OneVision's ``image_size``; Qwen-VL's ``frame_size``), so no resize is timed."""
+    size = getattr(adapter, "frame_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    return int(adapter.image_size), int(adapter.image_size)
+
+
+def random_frames(adapter: Any, n: int, seed: int) -> torch.Tensor:
+    """``uint8 [n, H, W, 3]`` random frames of :func:`frame_hw`'s size (host memory)."""
+    h, w = frame_hw(adapter)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
 
 
 # ------------------------------------------------------------------------------------ synthetic store
@@ -331,16 +446,19 @@ def synthetic_reference_store(backend: SyntheticStore) -> ReferenceStore:
 
 # ------------------------------------------------------------------------------------ ingest
 def fast_ingest(adapter: Any, config: MukvConfig, embeds: torch.Tensor | None, frames: torch.Tensor | None,
-                n: int, chunk: int, stages: bool = False, keep: bool = False) -> dict[str, Any]:
-    """Feed ``n`` frames through a fresh memory-backed session in chunks of ``chunk``.
+                n: int, chunk: int, stages: bool = False, keep: bool = False, backend: str = "memory",
+                path: Path | None = None, backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Feed ``n`` frames through a fresh session in chunks of ``chunk``.
 
     ``embeds`` given: encoded frames straight into the ingestor (no vision tower);
     ``frames`` given: uint8 frames through ``Session.feed`` (vision tower included).
+    ``backend``: "memory" (default), or "lancedb" with a store ``path``; the
+    time then includes waiting for the offload writer to commit every block.
     """
     from mukv.session import Session
 
     dev = adapter.device
-    s = Session(model=adapter, backend="memory", config=config)
+    s = Session(model=adapter, backend=backend, config=config, path=path, backend_options=backend_options or {})
     times = torch.arange(n, dtype=torch.float64) / FPS
     stage_t: dict[str, float] = {}
     if stages:
@@ -359,6 +477,8 @@ def fast_ingest(adapter: Any, config: MukvConfig, embeds: torch.Tensor | None, f
             s._ingestor.add_frames(e, times[i:j])
         else:
             s.feed(frames[torch.arange(i, j) % frames.shape[0]])
+    if backend != "memory":
+        s.backend.flush()  # every block committed to disk
     sync(dev)
     elapsed = time.perf_counter() - t0
     out = {"frames": n, "seconds": elapsed, "fps": n / elapsed, "peak_gib": peak_gib(dev)}
@@ -387,9 +507,7 @@ def ref_ingest(adapter: Any, config: MukvConfig, embeds: torch.Tensor | None, fr
 
 def bench_ingest(adapter: Any, config: MukvConfig, sizes: dict[str, int], reps: int, notes: list[str]) -> dict:
     dev = adapter.device
-    side = adapter.image_size
-    gen = torch.Generator().manual_seed(1)
-    frames = torch.randint(0, 256, (min(sizes["vision"], 128), side, side, 3), dtype=torch.uint8, generator=gen)
+    frames = random_frames(adapter, min(sizes["vision"], 128), seed=1)
     # encoded frames (the "no vision tower" input): the vision tower's own output for random frames, cycled
     embeds = encode_pool(adapter, frames, config.stream.encode_batch_frames)
     chunk = config.stream.encode_batch_frames
@@ -455,11 +573,8 @@ def profile_prefill(adapter: Any, config: MukvConfig, out: Path, tag: str) -> di
     from mukv.session import Session
 
     dev = adapter.device
-    side = adapter.image_size
-    gen = torch.Generator().manual_seed(3)
     chunk = config.stream.encode_batch_frames
-    embeds = encode_pool(adapter, torch.randint(0, 256, (chunk, side, side, 3), dtype=torch.uint8, generator=gen),
-                         chunk)
+    embeds = encode_pool(adapter, random_frames(adapter, chunk, seed=3), chunk)
     s = Session(model=adapter, backend="memory", config=config)
     times = torch.arange(2 * chunk, dtype=torch.float64) / FPS
     s._ingestor.add_frames(embeds, times[:chunk])
@@ -592,25 +707,68 @@ def bench_questions(s: Any, ref: ReferenceIngestor | None, reps: int, ref_reps: 
     return res
 
 
-def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str]) -> dict:
-    """Question latency at each stored length in ``plan["stores"]``."""
+def disk_session(adapter: Any, config: MukvConfig, st: dict, entry: dict, store_dir: Path) -> Any:
+    """A session over the disk tier for a row of kind "disk" (a real ingest into a new
+    store under ``store_dir``) or "disk_cold" (the last such store reopened with no hot
+    tier); describes the store in ``entry``."""
+    from mukv.session import Session
+
+    path = store_dir / "bench.mukv"
+    if st["kind"] == "disk_cold":
+        s = Session.open(path, model=adapter, backend_options={"hot_bytes": 0})
+        entry["store"] = ("the store above reopened with no hot tier (hot_bytes=0): every retrieved block read from "
+                          "zarr and checked (crc32)" + (", then copied to the GPU through pinned staging buffers"
+                                                        if adapter.device.type == "cuda" else "")
+                          + " (the files are likely in the OS page cache)")
+        return s
+    embeds = encode_pool(adapter, random_frames(adapter, 128, seed=2), config.stream.encode_batch_frames)
+    options = {} if st.get("hot_bytes") is None else {"hot_bytes": st["hot_bytes"]}
+    r = fast_ingest(adapter, config, embeds, None, entry["frames"], config.stream.encode_batch_frames, keep=True,
+                    backend="lancedb", path=path, backend_options=options)
+    s = r.pop("session")
+    tiers = s.backend.tier_stats()
+    kv = sum(v["bytes"] for v in s.backend.stats().values() if isinstance(v, dict) and "bytes" in v)
+    entry["kv_gib_all"] = kv / 2**30
+    entry["hot_budget_gib"] = tiers["hot"]["budget_bytes"] / 2**30
+    entry["ingest_fps"] = r["fps"]
+    where = "the GPU" if adapter.device.type == "cuda" else "host memory"
+    entry["store"] = (f"real: random frames encoded by the vision tower and ingested through the fast path into the "
+                      f"lancedb backend ({r['fps']:.0f} frames/s, the offload writer's commits included); KV in zarr "
+                      f"and vectors in lancedb on local disk ({kv / 2**30:.1f} GiB of KV), hot tier of "
+                      f"{tiers['hot']['budget_bytes'] / 2**30:.2f} GiB on {where} (retrieved blocks are promoted "
+                      "into it)")
+    return s
+
+
+def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str], out: dict[str, Any] | None = None,
+                 on_progress: Callable[[], None] = lambda: None) -> dict:
+    """Question latency at each stored length in ``plan["stores"]``.
+
+    Kinds of rows: "real" (a fast-path ingest into the memory backend),
+    "synthetic" (:class:`SyntheticStore`), "disk" and "disk_cold"
+    (:func:`disk_session`; the store lives in a temporary folder, removed at the end).
+    Rows are added to ``out`` as they are measured (``on_progress`` is called after each).
+    """
+    import shutil
+    import tempfile
+
     from mukv.session import Session
 
     dev = adapter.device
-    out: dict[str, Any] = {}
+    out = {} if out is None else out
     plugin = _SyntheticPlugin()
     mukv.register_plugin(plugin, name="bench_synthetic")
+    store_dir = Path(tempfile.mkdtemp(prefix="mukv-bench-", dir=plan.get("store_dir")))
     for label, st in plan["stores"].items():
         t0 = time.perf_counter()
         free(dev)
         entry: dict[str, Any] = {"hours": st["hours"], "frames": int(st["hours"] * 3600 * FPS)}
-        ref = None
+        ref = s = None
         try:
-            if st["kind"] == "real":
-                gen = torch.Generator().manual_seed(2)
-                side = adapter.image_size
-                embeds = encode_pool(adapter, torch.randint(0, 256, (128, side, side, 3), dtype=torch.uint8,
-                                                            generator=gen), config.stream.encode_batch_frames)
+            if st["kind"] in ("disk", "disk_cold"):
+                s = disk_session(adapter, config, st, entry, store_dir)
+            elif st["kind"] == "real":
+                embeds = encode_pool(adapter, random_frames(adapter, 128, seed=2), config.stream.encode_batch_frames)
                 r = fast_ingest(adapter, config, embeds, None, entry["frames"], config.stream.encode_batch_frames,
                                 keep=True)
                 s = r.pop("session")
@@ -634,24 +792,60 @@ def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str])
                     ref = ReferenceIngestor.from_session(s, synthetic_reference_store(s.backend))
             entry.update(bench_questions(s, ref, plan["q_reps"], st.get("ref_reps", 0), plan["answer_tokens"],
                                          eager_too=st.get("eager_too", False)))
+            if st["kind"] in ("disk", "disk_cold"):
+                entry["tier_stats"] = s.backend.tier_stats()
         except Exception as exc:  # keep the other rows
             entry["error"] = f"{type(exc).__name__}: {exc}"
             notes.append(f"{label}: {entry['error']}")
             traceback.print_exc()
+        if s is not None and st["kind"] in ("disk", "disk_cold"):
+            try:
+                s.close()
+            except Exception as exc:  # noqa: BLE001 - reported, the other rows go on
+                notes.append(f"{label}: closing the store: {type(exc).__name__}: {exc}")
         entry["wall_s"] = time.perf_counter() - t0
         out[label] = entry
         s = ref = None
         free(dev)
         print(f"  stored {label}: {json.dumps({k: v for k, v in entry.items() if k != 'store'}, default=str)[:400]}",
               flush=True)
+        on_progress()
     mukv.unregister_plugin(plugin)
+    shutil.rmtree(store_dir, ignore_errors=True)
     return out
 
 
 # ------------------------------------------------------------------------------------ plan
-def run_plan(preset: str, device: torch.device, quick: bool) -> dict:
-    big = preset.endswith("7b-ov")
-    tiny = preset == "tiny-llava-ov"
+def length_label(hours: float) -> str:
+    """``1 h``, ``10 min``, ``128 s`` (stream time at 0.5 fps)."""
+    if hours >= 1 and float(hours).is_integer():
+        return f"{int(hours)} h"
+    if hours * 60 >= 1 and float(round(hours * 60, 6)).is_integer():
+        return f"{int(round(hours * 60))} min"
+    return f"{int(round(hours * 3600))} s"
+
+
+def disk_stores(hours: float) -> dict[str, dict[str, Any]]:
+    """The two disk-tier rows (``--backend lancedb``): one real ingest of ``hours``, asked with the
+    default hot tier, then reopened with none."""
+    n = length_label(hours)
+    return {f"{n} in lancedb (hot tier)": {"hours": hours, "kind": "disk"},
+            f"{n} in lancedb (no hot tier: every block from disk)": {"hours": hours, "kind": "disk_cold"}}
+
+
+def run_plan(preset: str, device: torch.device, quick: bool, backend: str = "memory") -> dict:
+    """Frames, repetitions and stored lengths for a model (``backend`` "lancedb" adds :func:`disk_stores`)."""
+    plan = _run_plan(preset, device, quick)
+    if backend == "lancedb":
+        big = preset.endswith("7b-ov") or preset.endswith("-7b")
+        hours = 64 / 1800 if preset.startswith("tiny-") else DISK_HOURS["big" if big else "small"]
+        plan["stores"].update(disk_stores(hours))
+    return plan
+
+
+def _run_plan(preset: str, device: torch.device, quick: bool) -> dict:
+    big = preset.endswith("7b-ov") or preset.endswith("-7b")
+    tiny = preset.startswith("tiny-")
     if tiny:
         return {"sizes": {"fast": 64, "vision": 32, "ref": 8}, "reps": 2, "q_reps": 3, "answer_tokens": 8,
                 "stores": {"1 h": {"hours": 64 / 1800, "kind": "real", "ref_reps": 1, "eager_too": True},
@@ -680,8 +874,12 @@ def run_plan(preset: str, device: torch.device, quick: bool) -> dict:
 
 
 def bench_model(preset: str, device: torch.device, quick: bool, ceilings: dict, notes: list[str],
-                out: Path | None = None) -> dict:
-    res: dict[str, Any] = {"preset": preset}
+                out: Path | None = None, backend: str = "memory", store_dir: str | None = None,
+                res: dict[str, Any] | None = None, on_progress: Callable[[], None] = lambda: None) -> dict:
+    """Every measurement of one model preset (ingest, stage shares, FLOPs, profile, questions), written
+    into ``res`` as it is measured (``on_progress`` is called after each part, e.g. to save)."""
+    res = {} if res is None else res
+    res["preset"] = preset
     t, adapter = timed(lambda: build(preset, device), device)
     res["build_s"] = t
     config = MukvConfig()
@@ -694,8 +892,13 @@ def bench_model(preset: str, device: torch.device, quick: bool, ceilings: dict, 
     res["prefix_tokens"] = prefix_len
     res["flops"] = prefill_flops(adapter, config, prefix_len)
     res["flops"]["vision_per_frame"] = vision_flops(adapter)
-    plan = run_plan(preset, device, quick)
+    plan = run_plan(preset, device, quick, backend)
+    plan["store_dir"] = store_dir
     res["plan"] = {k: v for k, v in plan.items()}
+    res["model_type"] = adapter.model.config.model_type
+    res["frame_hw"] = frame_hw(adapter)
+    res["tokens_per_frame"] = adapter.tokens_per_frame
+    notes.extend(n for n in model_notes(adapter, preset) if n not in notes)
     print(f"[{preset}] built in {t:.1f} s; weights {res['weights_gib']:.2f} GiB; "
           f"prefill {res['flops']['per_frame'] / 1e9:.1f} GFLOP/frame", flush=True)
     try:
@@ -716,11 +919,12 @@ def bench_model(preset: str, device: torch.device, quick: bool, ceilings: dict, 
     free(device)
     if out is not None and device.type == "cuda":
         try:
-            res["profile"] = profile_prefill(adapter, config, out, preset.replace("llava-onevision-qwen2-", ""))
+            res["profile"] = profile_prefill(adapter, config, out, short_name(preset))
         except Exception as exc:
             notes.append(f"{preset} profile: {type(exc).__name__}: {exc}")
         free(device)
-    res["questions"] = bench_stores(adapter, config, plan, notes)
+    on_progress()
+    bench_stores(adapter, config, plan, notes, out=res.setdefault("questions", {}), on_progress=on_progress)
     from mukv import model as mukv_model
 
     res["question_graphs"] = dict(mukv_model.GRAPHS) or {"ok": True}
@@ -765,7 +969,8 @@ def markdown(results: dict) -> str:
         if not ing:
             lines.append(f"| {preset} | error: {m.get('ingest_error')} | | | | | | |")
             continue
-        for key, label in (("no_vision", "no (encoded frames in)"), ("vision", "yes (384x384 frames in)")):
+        fh, fw = m.get("frame_hw", (384, 384))
+        for key, label in (("no_vision", "no (encoded frames in)"), ("vision", f"yes ({fh}x{fw} frames in)")):
             f_, r_ = ing[f"fast_{key}"], ing[f"ref_{key}"]
             lines.append(f"| {preset} | {label} | {fmt(f_['fps'])} | {fmt(r_['fps'], 2)} | "
                          f"{fmt(ing[f'speedup_{key}'])}x | {fmt(f_['peak_gib'], 2)} | {fmt(r_['peak_gib'], 2)} | "
@@ -806,7 +1011,9 @@ def markdown(results: dict) -> str:
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for preset, m in results["models"].items():
         ing = m.get("ingest") or {}
-        fl = m["flops"]
+        fl = m.get("flops")
+        if not fl:
+            continue
         ach = ing.get("prefill_tflops")
         share = ing.get("prefill_share_of_measured_peak")
         lines.append(f"| {preset} | {fl['per_frame'] / 1e9:,.1f} | {fl['vision_per_frame'] / 1e9:,.1f} | "
@@ -873,9 +1080,14 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for results.json and results.md")
-    ap.add_argument("--presets", default="0.5b,7b", help="comma-separated: 0.5b, 7b, tiny (or full preset names)")
+    ap.add_argument("--presets", default="0.5b,7b,qwen7b",
+                    help="comma-separated: 0.5b, 7b, qwen7b, tiny (= tiny-llava + tiny-qwen), or preset names")
     ap.add_argument("--quick", action="store_true", help="fewer frames and repetitions (a smoke run)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--backend", choices=("memory", "lancedb"), default="memory",
+                    help="lancedb: also ask over a real ingest into the disk tier (hot tier, then none)")
+    ap.add_argument("--store-dir", default=None, help="where the disk-tier rows' store goes (default: a temporary "
+                    "folder in the system's temporary directory, removed afterwards)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -892,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
     }
-    results: dict[str, Any] = {"environment": env, "notes": [NOT_BENCHMARKED], "models": {}}
+    results: dict[str, Any] = {"environment": env, "notes": [REFERENCE_NOTE], "models": {}}
     print(f"device: {env['device']}; torch {env['torch']}; transformers {env['transformers']}", flush=True)
     results["ceilings"] = measure_ceilings(device, args.quick)
     print(f"ceilings: {results['ceilings']}", flush=True)
@@ -901,23 +1113,28 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (out / "results.md").write_text(markdown(results))
 
-    for name in args.presets.split(","):
-        preset = PRESETS.get(name.strip(), name.strip())
-        t0 = time.perf_counter()
-        try:
-            results["models"][preset] = bench_model(preset, device, args.quick, results["ceilings"], results["notes"],
-                                                    out)
-        except Exception as exc:
-            traceback.print_exc()
-            results["notes"].append(f"{preset}: {type(exc).__name__}: {exc}")
-        if preset in results["models"]:
-            results["models"][preset]["wall_s"] = time.perf_counter() - t0
-        free(device)
-        save()
+    code = 0
+    try:
+        for preset in expand_presets(args.presets):
+            t0 = time.perf_counter()
+            entry = results["models"].setdefault(preset, {})
+            try:
+                bench_model(preset, device, args.quick, results["ceilings"], results["notes"], out,
+                            backend=args.backend, store_dir=args.store_dir, res=entry, on_progress=save)
+            except Exception as exc:
+                traceback.print_exc()
+                results["notes"].append(f"{preset}: {type(exc).__name__}: {exc}")
+            finally:
+                entry["wall_s"] = time.perf_counter() - t0
+            free(device)
+            save()
+    except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured
+        results["notes"].append("interrupted (SIGINT) before the end: the figures are those measured until then")
+        code = 130
     save()
     print()
     print(markdown(results))
-    return 0
+    return code
 
 
 if __name__ == "__main__":
