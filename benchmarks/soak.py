@@ -162,8 +162,9 @@ class Stream(threading.Thread):
                 self.deadline = 0.0
 
     def held_bytes(self) -> tuple[int, int]:
-        """Bytes of the blocks a memory stream holds: ``(in host memory, in GPU memory)``
-        (the rows in use of every buffer: KV, vectors, positions, metadata)."""
+        """Bytes of the blocks a memory stream holds: ``(in host memory, in GPU memory)``; in host
+        memory the rows in use of every buffer (KV, vectors, positions, metadata: the pages they
+        touch), on the GPU the buffers whole (their spare capacity is allocated too)."""
         s = self.session
         if s is None or self.kind != "memory":
             return 0, 0
@@ -176,11 +177,10 @@ class Stream(threading.Thread):
             for st in list(levels.values()):
                 for t in (st.kv, st.vectors, st.unit, st.positions, st.token_index, *st.meta.values()):
                     if t is not None and t.shape[0]:
-                        n = st.n * (t.nbytes // t.shape[0])
                         if t.is_cuda:
-                            gpu += n
+                            gpu += t.nbytes
                         else:
-                            host += n
+                            host += st.n * (t.nbytes // t.shape[0])
             return host, gpu
         except Exception:  # noqa: BLE001 - a sample taken while the session changes
             return 0, 0
