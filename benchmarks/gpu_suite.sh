@@ -16,8 +16,8 @@
 #   install  the carried wheels (.whl: pydantic, zarr, numcodecs, donfig, google-crc32c, lancedb 0.25,
 #            lance-namespace, deprecation) into /tmp/site (MUKV_SUITE_SITE), then mukv (editable, no dependencies)
 #   env      GPU, driver, versions of python, torch, transformers, lancedb, zarr, pyarrow, numpy
-#   tests    pytest tests/gpu (fast path against the reference mode; the disk tier's CUDA staging)
-#            and the disk tier's CUDA unit test
+#   tests    pytest tests/gpu (fast path against the reference mode; the disk tier's CUDA staging; asking
+#            while another stream feeds) and the CUDA tests of tests/disk (-k "gpu or cuda")
 #   qwen     gpu_bench --presets qwen7b --backend lancedb: Qwen2.5-VL-7B (exact config, random weights),
 #            full run: ingest with and without the vision tower against the reference mode, stage shares,
 #            question latency at 1 h / 10 h / 100 h stored, plus 10 min ingested into the disk tier
@@ -141,8 +141,8 @@ import mukv.backends.disk  # the disk tier and its plugins load
 '
 { nvidia-smi || true; "$PY" -m pip list 2>/dev/null; } >"$WORK/environment.txt" 2>&1
 
-step tests 150 300 30 "${TEST_ENV[@]}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu \
-    tests/disk/test_disk_units.py::test_cuda_offload_and_page_in
+step tests 150 300 30 "${TEST_ENV[@]}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu tests/disk \
+    -k "gpu or cuda"
 
 step qwen 240 110 60 "$PY" benchmarks/gpu_bench.py --out "$WORK/bench-qwen7b" "${BENCH_QWEN[@]}"
 keep_bench bench-qwen7b
