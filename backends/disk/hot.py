@@ -253,13 +253,12 @@ class HotTier:
             slots = np.flatnonzero(lv.free)[: take.size]
             if take.size == 0:
                 return admitted
-            src = kv[torch.from_numpy(take).to(kv.device)] if take.size != n else kv
-            src = src.to(self.device, self.dtype, non_blocking=True)
+            src = kv.to(self.device, self.dtype, non_blocking=True)
             pos = slots // lv.per_slab
             rows = slots % lv.per_slab
             for p in np.unique(pos).tolist():
-                m = pos == p
-                self._view(lv, p)[torch.from_numpy(rows[m]).to(self.device)] = src[torch.from_numpy(np.flatnonzero(m)).to(self.device)]
+                m = np.flatnonzero(pos == p)
+                _copy_rows(self._view(lv, p), rows[m], src, take[m])
             vec = vectors[torch.from_numpy(take).to(vectors.device)].to(self.device, torch.float32)
             st = torch.from_numpy(slots).to(self.device)
             lv.vectors[st] = vec
@@ -310,11 +309,17 @@ class HotTier:
         with self.lock:
             lv = self.levels[name]
             out = torch.empty((len(slots), *lv.block_shape), dtype=self.dtype, device=self.device)
-            pos, rows = slots // lv.per_slab, slots % lv.per_slab
+            self.read_into(name, slots, out, np.arange(len(slots)))
+            return out
+
+    def read_into(self, name: str, slots: np.ndarray, out: torch.Tensor, rows: np.ndarray) -> None:
+        """Copy the blocks in ``slots`` into ``out[rows]`` (``out [m, Y, 2, H, K, D]``, any device), one copy each."""
+        with self.lock:
+            lv = self.levels[name]
+            pos, at = slots // lv.per_slab, slots % lv.per_slab
             for p in np.unique(pos).tolist():
                 m = np.flatnonzero(pos == p)
-                out[torch.from_numpy(m).to(self.device)] = self._view(lv, p)[torch.from_numpy(rows[m]).to(self.device)]
-            return out
+                _copy_rows(out, np.asarray(rows)[m], self._view(lv, p), at[m])
 
     def meta(self, name: str, slots: np.ndarray) -> dict[str, np.ndarray]:
         with self.lock:
@@ -368,3 +373,17 @@ class HotTier:
         for lv in self.levels.values():
             total += lv.vectors.numel() * 8 + lv.max_slots * (8 * 8 + 2)
         return total
+
+
+def _copy_rows(dst: torch.Tensor, dst_rows: np.ndarray, src: torch.Tensor, src_rows: np.ndarray) -> None:
+    """``dst[dst_rows] = src[src_rows]`` along dim 0 with one copy of each block (no gathered temporary):
+    block by block for few or large blocks, else one gather and one scatter."""
+    n = len(dst_rows)
+    if n == 0:
+        return
+    if n <= 64 or src[0].numel() * src.element_size() >= (64 << 10):
+        for d, s in zip(np.asarray(dst_rows).tolist(), np.asarray(src_rows).tolist()):
+            dst[d].copy_(src[s], non_blocking=True)
+        return
+    gathered = src[torch.from_numpy(np.asarray(src_rows)).to(src.device)].to(dst.device, non_blocking=True)
+    dst[torch.from_numpy(np.asarray(dst_rows)).to(dst.device)] = gathered

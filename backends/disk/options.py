@@ -72,6 +72,10 @@ class TieredOptions(BaseModel):
     """``None``: write if no other process writes this stream, else open
     read-only; ``True``: read-only; ``False``: fail if another process writes it."""
 
+    read_threads: int = Field(default=8, ge=1, le=256)
+    """Threads that read KV at page-in (shards of one question's selection are read
+    concurrently; the threads mostly wait for the disk, so more than the CPU cores)."""
+
     verify_reads: bool = True
     """Check each block's crc32 when it is paged in from disk."""
 

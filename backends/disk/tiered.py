@@ -13,8 +13,10 @@
   KV first, then its index rows, then the stream's state file. ``feed`` never
   waits for disk unless the writer falls ``max_pending_bytes`` behind.
 * **Page-in**: ``load_kv`` (called once per question with the final
-  selection) reads the missing blocks in one batched zarr read per level,
-  checks their crc32, and admits them into the hot tier.
+  selection) reads the missing blocks of a level in one batch, grouped by
+  shard and read concurrently straight into the output, checks their crc32
+  against the index rows the search already returned, and admits them into
+  the hot tier.
 * **Search**: hot blocks by a matmul over the hot tier's vectors, blocks on
   disk through lancedb (exact, or IVF_PQ once the table is large); the union
   is re-scored exactly and merged.
@@ -219,7 +221,8 @@ class TieredBackend(StorageBackend):
             check_level(lv)
         evictor = build_component("evictors", registry().get("evictors", o.eviction, "backend_options.eviction"),
                                   MukvConfig.build(), EvictionPolicy)
-        self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only)
+        self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only,
+                                 read_threads=o.read_threads)
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes)
@@ -240,7 +243,8 @@ class TieredBackend(StorageBackend):
         self._rows: OrderedDict[tuple[str, int], tuple] = OrderedDict()
         self._clock = 0
         self._seg_frames: int | None = o.segment_frames
-        self.pagein = {"questions": 0, "blocks_hot": 0, "blocks_disk": 0, "bytes_disk": 0, "seconds_disk": 0.0}
+        self.pagein = {"questions": 0, "blocks_hot": 0, "blocks_disk": 0, "bytes_disk": 0, "seconds_disk": 0.0,
+                       "seconds_read": 0.0}
         self._failure: str | None = None
         self.writer = None if self.read_only else OffloadWriter(
             self._commit, o.max_pending_bytes, o.commit_interval, on_idle=self._maintain,
@@ -677,8 +681,17 @@ class TieredBackend(StorageBackend):
             return BlockMeta(*(torch.from_numpy(cols[c]).to(d) for c in ("frame_start", "frame_end", "t_start", "t_end")))
 
     def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """Page in blocks ``ids`` (the final selection of one question): hot ones are copied from
-        the hot tier, the rest read from zarr in one batched read, checked, and admitted."""
+        """Page in blocks ``ids`` (the final selection of one question).
+
+        Hot blocks are copied from the hot tier; the rest are read from disk in
+        one batch (grouped by shard, read concurrently) straight into the output
+        (through one pinned staging buffer on CUDA), checked against the crc32
+        their index rows carry (kept since the search found them), and admitted
+        into the hot tier.
+
+        Returns:
+            ``[n, Y, 2, H, K, D]`` KV of ``ids`` in their order, on the session's device.
+        """
         with self._lock:
             self._check_open()
             ids = self._ids(level, ids)
@@ -691,38 +704,66 @@ class TieredBackend(StorageBackend):
             slots = self.hot.lookup(level, ids)
             hot = slots >= 0
             if hot.any():
-                out[torch.from_numpy(np.flatnonzero(hot)).to(self.device)] = self.hot.read(level, slots[hot])
+                self.hot.read_into(level, slots[hot], out, np.flatnonzero(hot))
                 self.hot.touch(level, slots[hot], self._clock)
                 self.pagein["blocks_hot"] += int(hot.sum())
-            if (~hot).any():
-                t0 = time.perf_counter()
-                miss = ids[~hot]
-                uniq = np.unique(miss)
-                self._ensure_on_disk(level, int(uniq[-1]) + 1)
-                rows = self._cold_rows(level, uniq)
-                data = self.archive.read(level, uniq)
-                if self.options.verify_reads:
-                    crc = _crc(data)
-                    bad = [int(i) for i, c in zip(uniq, crc) if int(c) != rows[int(i)][6]]
-                    if bad:
-                        raise StoreError(f"{self.files.uri()}: {level} blocks {bad} of stream {self.stream_id!r} "
-                                         "fail their checksum (damaged on disk)")
-                from .zarr_kv import from_numpy
-
-                dev = self.mover.to_device(from_numpy(data, self.layout.dtype))
-                where = np.searchsorted(uniq, miss)
-                out[torch.from_numpy(np.flatnonzero(~hot)).to(self.device)] = dev[torch.from_numpy(where).to(self.device)]
-                self.pagein["blocks_disk"] += int(uniq.size)
-                self.pagein["bytes_disk"] += int(data.nbytes)
-                self.pagein["seconds_disk"] += time.perf_counter() - t0
-                if self.options.promote and self.hot.budget_bytes:
-                    sel = [rows[int(i)] for i in uniq]
-                    info = BlockInfo(uniq, np.array([r[1] for r in sel], np.int64), np.array([r[2] for r in sel], np.int64),
-                                     np.array([r[3] for r in sel], np.int64), np.array([r[4] for r in sel]),
-                                     np.array([r[5] for r in sel]))
-                    vec = torch.from_numpy(np.stack([r[0] for r in sel]))
-                    self.hot.admit(level, dev, vec, info, self._clock, committed=True)
+            cold = np.flatnonzero(~hot)
+            if cold.size:
+                self._page_in(level, ids, cold, out)
             return out
+
+    def _page_in(self, level: str, ids: np.ndarray, cold: np.ndarray, out: torch.Tensor) -> None:
+        """Read blocks ``ids[cold]`` from disk into ``out[cold]``, check their crc32, promote them."""
+        t0 = time.perf_counter()
+        uniq, first, inverse = np.unique(ids[cold], return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        self._ensure_on_disk(level, int(uniq[-1]) + 1)
+        rows = self._cold_rows(level, uniq)
+        at = cold[first]  # [u] the row of out that receives each distinct block
+        if self.mover.cuda:
+            stage = self.mover.staging((uniq.size, *out.shape[1:]), self.layout.dtype)
+            dest, dest_rows = stage.tensor, np.arange(uniq.size)
+        else:
+            stage, dest, dest_rows = None, out, at
+        try:
+            t1 = time.perf_counter()
+            crc = self.archive.read_into(level, uniq, as_numpy_rows(dest), dest_rows, crc=self.options.verify_reads)
+            t_read = time.perf_counter() - t1
+            if crc is not None:
+                bad = [int(i) for i, c in zip(uniq.tolist(), crc.tolist()) if c != rows[int(i)][6]]
+                if bad:
+                    raise StoreError(f"{self.files.uri()}: {level} blocks {bad} of stream {self.stream_id!r} "
+                                     "fail their checksum (damaged on disk)")
+        except BaseException:
+            if stage is not None:
+                stage.release()
+            raise
+        if stage is not None:  # one upload of the distinct blocks, then a copy per requested row on the device
+            blocks = self.mover.upload(stage)
+            out[torch.from_numpy(cold).to(self.device)] = blocks[torch.from_numpy(inverse).to(self.device)]
+        else:
+            rest = np.setdiff1d(cold, at, assume_unique=True)  # repeats of an id: copies of its first row
+            if rest.size:
+                pos = np.searchsorted(cold, rest)
+                out[torch.from_numpy(rest)] = out[torch.from_numpy(at[inverse[pos]])]
+            order = np.argsort(at, kind="stable")  # the distinct blocks as rows of out, a view where contiguous
+            if at[order[-1]] - at[order[0]] + 1 == at.size:
+                uniq, first, at = uniq[order], first[order], at[order]
+                blocks = out[int(at[0]) : int(at[-1]) + 1]
+            else:
+                blocks = out[torch.from_numpy(at)]
+        nbytes = int(uniq.size) * int(np.prod(out.shape[1:])) * out.element_size()
+        self.pagein["blocks_disk"] += int(uniq.size)
+        self.pagein["bytes_disk"] += nbytes
+        self.pagein["seconds_disk"] += time.perf_counter() - t0
+        self.pagein["seconds_read"] += t_read
+        if self.options.promote and self.hot.budget_bytes:
+            sel = [rows[int(i)] for i in uniq.tolist()]
+            info = BlockInfo(uniq, np.array([r[1] for r in sel], np.int64), np.array([r[2] for r in sel], np.int64),
+                             np.array([r[3] for r in sel], np.int64), np.array([r[4] for r in sel]),
+                             np.array([r[5] for r in sel]))
+            vec = torch.from_numpy(np.stack([r[0] for r in sel]))
+            self.hot.admit(level, blocks, vec, info, self._clock, committed=True)
 
     def _lance_lists(self, level: str, ids: torch.Tensor, column: str) -> torch.Tensor:
         with self._lock:

@@ -2,12 +2,15 @@
 
 On CUDA, KV leaves the GPU through reused pinned host buffers with
 non-blocking copies on a side stream (the feeding stream never waits), and
-comes back the same way; each buffer is reused only after the event of its
-last copy completed. On CPU these are plain copies.
+comes back the same way: page-in reads from disk straight into a pinned
+staging buffer (:meth:`Mover.staging`) and uploads it in one copy; each
+buffer is reused only after the event of its last copy completed. On CPU
+these are plain copies, and page-in reads straight into its output.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -96,19 +99,35 @@ class Mover:
             return HostCopy(host, event, buf, self.pool)
         return HostCopy(t.detach().to("cpu", dtype).contiguous().clone())
 
+    def staging(self, shape: tuple[int, ...], dtype: torch.dtype) -> HostCopy:
+        """A host buffer of ``shape`` that page-in reads into before :meth:`upload`: a reused pinned
+        buffer on CUDA, a plain tensor otherwise."""
+        if not self.cuda:
+            return HostCopy(torch.empty(shape, dtype=dtype))
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = self.pool.get(nbytes)
+        return HostCopy(buf[:nbytes].view(dtype).view(shape), None, buf, self.pool)
+
+    def upload(self, host: HostCopy) -> torch.Tensor:
+        """Copy a :meth:`staging` buffer to the device (non-blocking on CUDA); the pinned buffer goes
+        back to the pool, reused only after this copy completed."""
+        if not self.cuda:
+            return host.tensor
+        out = host.tensor.to(self.device, non_blocking=True)
+        if host._buffer is not None and host._pool is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            host._pool.put(host._buffer, event)
+            host._buffer = None
+        return out
+
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor to the device (through a pinned buffer on CUDA)."""
         if not self.cuda:
             return host
-        nbytes = host.numel() * host.element_size()
-        buf = self.pool.get(nbytes)
-        staged = buf[:nbytes].view(host.dtype).view(host.shape)
-        staged.copy_(host)
-        out = staged.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.pool.put(buf, event)
-        return out
+        staged = self.staging(tuple(host.shape), host.dtype)
+        staged.tensor.copy_(host)
+        return self.upload(staged)
 
 
 def as_numpy_rows(t: torch.Tensor) -> np.ndarray:

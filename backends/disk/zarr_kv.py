@@ -14,11 +14,26 @@ an object-store PUT is atomic, so a shard on disk is always some complete
 version: a crash can lose an unfinished write, never damage blocks written
 before it. Rows beyond what the index has committed are cut off when a writer
 reopens the stream (:meth:`KVArchive.truncate`).
+
+Page-in reads the shards of a local store directly (:class:`ShardGeometry`):
+the final selection's blocks are grouped by shard, each shard's index is read
+once, and the blocks' bytes go by ``preadv`` straight into rows of the
+caller's preallocated buffer, shards read concurrently by a pool of threads
+(``preadv`` and ``zlib.crc32`` release the GIL), each through one file
+descriptor, so a shard that a writer replaces meanwhile is read whole from
+one version. Arrays of another
+layout (compressed chunks) and object stores are read through zarr.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +104,194 @@ def block_crc(rows: np.ndarray) -> np.ndarray:
     return np.array([zlib.crc32(r) for r in flat.view(np.uint8)], dtype=np.int64)
 
 
+#: one pool of reader threads per size, shared by every archive of the process
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+#: the most buffers one ``preadv`` takes (POSIX IOV_MAX is at least 1024 on Linux)
+_IOV_MAX = 1024
+#: an index entry of a chunk that was never written (zarr: the chunk is all fill value)
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def reader_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` KV reader threads (created once)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mukv-kv-read")
+        return pool
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c  # zarr's own dependency for the shard index checksum
+
+    return int(google_crc32c.value(data))
+
+
+@dataclass(frozen=True)
+class ShardGeometry:
+    """Where block ``i`` of a level lives in an array mukv wrote.
+
+    Shard ``i // per_shard`` (the file ``key`` names), inner chunk
+    ``(i % per_shard) // per_chunk`` of it, row ``i % per_chunk`` of that chunk.
+    Chunks are stored uncompressed, so a block is ``block_bytes`` contiguous
+    bytes at ``chunk offset + row * block_bytes``. Each shard ends with its index:
+    ``[per_shard // per_chunk, 2]`` little-endian uint64 (offset, bytes) per chunk,
+    then its crc32c (zarr v3 sharding codec, ``index_location = "end"``).
+    """
+
+    per_shard: int
+    per_chunk: int
+    block_bytes: int
+    fill_value: int
+    index_crc: bool
+    key: Any  # shard index -> the shard's key under the array (zarr's chunk key encoding)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.per_shard // self.per_chunk
+
+    @property
+    def index_bytes(self) -> int:
+        return self.chunks_per_shard * 16 + (4 if self.index_crc else 0)
+
+    @classmethod
+    def of(cls, arr: Any) -> "ShardGeometry | None":
+        """The geometry of a zarr array, or ``None`` if its blocks cannot be read directly (compressed
+        chunks, another index layout, a big-endian host)."""
+        try:
+            from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+            codecs = arr.metadata.codecs
+            if sys.byteorder != "little" or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+                return None
+            sc = codecs[0]
+
+            def little(c: Any) -> bool:  # stored as raw little-endian bytes, which this host reads as is
+                return isinstance(c, BytesCodec) and getattr(c.endian, "value", c.endian) in (None, "little")
+
+            if len(sc.codecs) != 1 or not little(sc.codecs[0]):
+                return None
+            ic = list(sc.index_codecs)
+            if not ic or not little(ic[0]) or any(not isinstance(c, Crc32cCodec) for c in ic[1:]) or len(ic) > 2:
+                return None
+            if getattr(sc.index_location, "value", sc.index_location) != "end":
+                return None
+            shard, chunk, shape = tuple(arr.shards), tuple(sc.chunk_shape), tuple(arr.shape)
+            if shard[1:] != shape[1:] or chunk[1:] != shape[1:] or shard[0] % chunk[0]:
+                return None
+            block_bytes = int(np.prod(shape[1:])) * arr.dtype.itemsize
+            meta = arr.metadata
+            return cls(int(shard[0]), int(chunk[0]), block_bytes, int(meta.fill_value), len(ic) == 2,
+                       lambda s, _m=meta, _d=len(shape) - 1: _m.encode_chunk_key((int(s),) + (0,) * _d))
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return None
+
+
+class _ShardFailure(Exception):
+    """A shard that cannot be read: its blocks and why."""
+
+    def __init__(self, ids: np.ndarray, cause: BaseException):
+        super().__init__(str(cause))
+        self.ids = ids
+        self.cause = cause
+
+
+#: bytes one ``preadv`` reads at most (adjacent blocks beyond it go to another reader thread)
+_PIECE_BYTES = 8 << 20
+
+
+def _open_shard(path: Path, g: ShardGeometry) -> tuple[int | None, tuple[np.ndarray, int] | None]:
+    """Open a shard and read its index: ``(fd, (index [chunks, 2] uint64, file bytes))``; ``(None, None)``
+    when the shard was never written (zarr: all fill value)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, None
+    try:
+        size = os.fstat(fd).st_size
+        if size < g.index_bytes:
+            raise StoreError(f"shard {path.name} holds {size} bytes, less than its index (truncated)")
+        raw = os.pread(fd, g.index_bytes, size - g.index_bytes)
+        body = raw[: g.chunks_per_shard * 16]
+        if len(raw) != g.index_bytes or (g.index_crc and _crc32c(body) != int.from_bytes(raw[-4:], "little")):
+            raise StoreError("the shard's index fails its checksum (a damaged or truncated shard)")
+        return fd, (np.frombuffer(body, dtype="<u8").reshape(-1, 2), size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _plan(g: ShardGeometry, index: tuple[np.ndarray, int], ids: np.ndarray,
+          positions: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(file offset, positions)`` of the reads of one shard's ``ids``: runs of blocks adjacent in the file
+    (at most ``_PIECE_BYTES``), sorted by offset; offset ``-1`` for blocks of chunks never written."""
+    table, size = index
+    entry = table[(ids % g.per_shard) // g.per_chunk]  # [n, 2] (offset, bytes) of each block's chunk
+    empty = (entry[:, 0] == _EMPTY) & (entry[:, 1] == _EMPTY)
+    pieces: list[tuple[int, np.ndarray]] = [(-1, positions[empty])] if empty.any() else []
+    full = ~empty
+    if not full.any():
+        return pieces
+    chunk_bytes = g.per_chunk * g.block_bytes
+    offset, nbytes = entry[full, 0].astype(np.int64), entry[full, 1].astype(np.int64)
+    if (nbytes != chunk_bytes).any() or (entry[full, 0] >= np.uint64(2**62)).any():
+        raise StoreError(f"the shard's index lists chunks of {sorted(set(nbytes.tolist()))} bytes; uncompressed "
+                         f"chunks hold {chunk_bytes} (a damaged shard)")
+    if (offset + nbytes > size).any():
+        raise StoreError(f"the shard's index points beyond its {size} bytes (a truncated shard)")
+    start = offset + (ids[full] % g.per_chunk) * g.block_bytes
+    order = np.argsort(start, kind="stable")
+    start, pos = start[order], positions[full][order]
+    most = max(1, min(_IOV_MAX, _PIECE_BYTES // g.block_bytes))
+    a = 0
+    for j in range(1, start.size + 1):
+        if j == start.size or start[j] != start[j - 1] + g.block_bytes or j - a >= most:
+            pieces.append((int(start[a]), pos[a:j]))
+            a = j
+    return pieces
+
+
+def _read_piece(fd: int, offset: int, flat: np.ndarray, rows: np.ndarray, block_bytes: int,
+                crc: bool) -> list[int] | None:
+    """``preadv`` blocks adjacent in the file at ``offset`` into rows ``rows`` of ``flat [m, block_bytes]``
+    (uint8); the crc32 of each block if ``crc``."""
+    views = [memoryview(flat[r]) for r in rows.tolist()]
+    want = block_bytes * len(views)
+    done = os.preadv(fd, views, offset)
+    while done < want:  # a short read: go on from where it stopped
+        k, inside = divmod(done, block_bytes)
+        got = os.preadv(fd, [views[k][inside:], *views[k + 1 :]], offset + done)
+        if got == 0:
+            raise StoreError("the shard ends inside a block (a truncated shard)")
+        done += got
+    return [zlib.crc32(v) for v in views] if crc else None
+
+
+def _read_shard(path: Path, g: ShardGeometry, ids: np.ndarray, out: np.ndarray, rows: np.ndarray,
+                crc: bool) -> np.ndarray:
+    """Read blocks ``ids`` of one shard into ``out[rows]`` (one reader thread, one file descriptor, so one
+    version of a shard that a writer may replace meanwhile): its index, then each run of adjacent blocks
+    in one ``preadv``. Returns ``[n]`` crc32 per id (zeros unless ``crc``)."""
+    flat = out.reshape(out.shape[0], -1).view(np.uint8)  # [m, block_bytes]
+    crcs = np.zeros(ids.size, dtype=np.int64)
+    fd, index = _open_shard(path, g)
+    try:
+        pieces = [(-1, np.arange(ids.size))] if fd is None else _plan(g, index, ids, np.arange(ids.size))
+        for offset, sel in pieces:
+            if offset < 0:  # no bytes stored (zarr skips chunks of fill value only): the fill value
+                out[rows[sel]] = g.fill_value
+                got = [zlib.crc32(flat[r]) for r in rows[sel].tolist()] if crc else None
+            else:
+                got = _read_piece(fd, offset, flat, rows[sel], g.block_bytes, crc)
+            if crc:
+                crcs[sel] = got
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return crcs
+
+
 class KVArchive:
     """The zarr arrays of one stream.
 
@@ -101,7 +304,7 @@ class KVArchive:
     """
 
     def __init__(self, files: Files, stream_id: str, dtype: torch.dtype, shard_bytes: int = 64 << 20,
-                 read_only: bool = False, chunk_bytes: int = 256 << 10):
+                 read_only: bool = False, chunk_bytes: int = 256 << 10, read_threads: int = 8):
         import zarr  # heavy; only when a disk store is opened
         import zarr.storage
 
@@ -113,6 +316,10 @@ class KVArchive:
         self.shard_bytes = shard_bytes
         self.chunk_bytes = chunk_bytes
         self.read_only = read_only
+        self.read_threads = read_threads
+        #: read shards of local stores directly (False: always through zarr)
+        self.direct = True
+        self._geometry: dict[str, ShardGeometry | None] = {}
         if files.remote:
             self.store = zarr.storage.ObjectStore(files.object_store)
         else:
@@ -169,6 +376,7 @@ class KVArchive:
     def forget(self) -> None:
         """Drop the opened arrays, so the next use reads their metadata (length) again (readers)."""
         self._arrays.clear()
+        self._geometry.clear()
 
     def length(self, level: str) -> int:
         arr = self.array(level)
@@ -186,32 +394,125 @@ class KVArchive:
             raise disk_error(exc, f"writing KV of {level} blocks {first}..{end - 1}") from None
 
     def read(self, level: str, ids: np.ndarray) -> np.ndarray:
-        """``[n, Y, 2, H, K, D]`` stored rows of ``ids`` (any order), one batched zarr read."""
+        """``[n, Y, 2, H, K, D]`` stored rows of ``ids`` (any order, repeats allowed), one batched read."""
+        arr = self._existing(level)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        data = np.empty((uniq.size, *arr.shape[1:]), dtype=self.np_dtype)
+        self.read_into(level, uniq, data)
+        return data if np.array_equal(uniq, ids) else data[inverse.reshape(-1)]
+
+    def read_into(self, level: str, ids: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None,
+                  crc: bool = False) -> np.ndarray | None:
+        """Read blocks ``ids`` straight into rows of a preallocated buffer (page-in).
+
+        Local stores written by mukv are read shard by shard from a pool of
+        threads, ``preadv`` into ``out`` with no copy in between; other arrays
+        and object stores through zarr.
+
+        Args:
+            level: the level.
+            ids: ``[n]`` distinct block ids, any order.
+            out: ``[m, Y, 2, H, K, D]`` C-contiguous buffer of the stored dtype
+                (bf16 KV as its ``uint16`` view, see :func:`to_numpy`).
+            rows: ``[n]`` the row of ``out`` that receives each id (``None``: ``0 .. n - 1``).
+            crc: also return the crc32 of each block's bytes (computed by the reader threads).
+
+        Returns:
+            ``[n]`` int64 crc32 per id if ``crc``, else ``None``.
+
+        Raises:
+            StoreError: ids beyond the stored blocks, or blocks that cannot be read (named, with why).
+        """
+        arr = self._existing(level)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.arange(ids.size, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size != ids.size or not out.flags.c_contiguous or out.dtype != self.np_dtype \
+                or tuple(out.shape[1:]) != tuple(arr.shape[1:]):
+            raise ValueError(f"read_into: {ids.size} ids into rows {rows.size} of a buffer {out.dtype}{out.shape}; "
+                             f"blocks are {self.np_dtype}{tuple(arr.shape[1:])}")
+        if ids.size == 0:
+            return np.empty(0, dtype=np.int64) if crc else None
+        if int(ids.min()) < 0 or int(ids.max()) >= arr.shape[0]:
+            raise StoreError(f"{self.files.uri(self.rel(level))}: {level} blocks {describe_ids(ids)} asked for, "
+                             f"{arr.shape[0]} have KV on disk")
+        geometry = self.geometry(level, arr) if self.direct else None
+        if geometry is not None:
+            return self._read_direct(level, geometry, ids, out, rows, crc)
+        return self._read_zarr(level, arr, ids, out, rows, crc)
+
+    def _existing(self, level: str):
         arr = self.array(level)
         if arr is None:
             raise StoreError(f"{self.rel(level)}: no KV stored for level {level!r}")
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size == 0:
-            return np.empty((0, *arr.shape[1:]), dtype=self.np_dtype)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        if int(uniq[0]) < 0 or int(uniq[-1]) >= arr.shape[0]:
-            raise StoreError(f"{self.files.uri(self.rel(level))}: {level} blocks {describe_ids(uniq)} asked for, "
-                             f"{arr.shape[0]} have KV on disk")
+        return arr
+
+    def geometry(self, level: str, arr: Any = None) -> ShardGeometry | None:
+        """The level's :class:`ShardGeometry` if its shards can be read directly (local stores)."""
+        if self.files.remote:
+            return None
+        if level not in self._geometry:
+            arr = self.array(level) if arr is None else arr
+            self._geometry[level] = None if arr is None else ShardGeometry.of(arr)
+        return self._geometry[level]
+
+    def _fail(self, level: str, bad: np.ndarray, asked: np.ndarray, cause: BaseException) -> StoreError:
+        if isinstance(cause, StoreError):
+            what = str(cause)
+        elif isinstance(cause, OSError):
+            what = str(disk_error(cause, "reading KV"))
+        else:
+            what = f"{type(cause).__name__}: {cause}"
+        bad = np.unique(bad)
+        also = "" if bad.size == np.unique(asked).size else f" (of {describe_ids(asked)} asked for)"
+        return StoreError(f"{self.files.uri(self.rel(level))}: cannot read KV of {level} blocks {describe_ids(bad)}"
+                          f"{also} ({what}); run `mukv inspect --verify` to see what is damaged")
+
+    # -- direct reads of mukv's shards ----------------------------------------------------------
+    def _read_direct(self, level: str, g: ShardGeometry, ids: np.ndarray, out: np.ndarray, rows: np.ndarray,
+                     crc: bool) -> np.ndarray | None:
+        """Group ``ids`` by shard and read the shards concurrently on the reader pool (:func:`_read_shard`)."""
+        pool = reader_pool(self.read_threads)
+        root = self.files.local / self.rel(level)
+        order = np.argsort(ids, kind="stable")
+        shard = ids[order] // g.per_shard
+        cut = (np.flatnonzero(np.diff(shard)) + 1).tolist()
+        groups = [order[a:b] for a, b in zip([0, *cut], [*cut, order.size])]
+        reads = [(grp, pool.submit(_read_shard, root / g.key(int(ids[grp[0]] // g.per_shard)), g, ids[grp], out,
+                                   rows[grp], crc)) for grp in groups]
+        crcs = np.zeros(ids.size, dtype=np.int64)
+        failures: list[_ShardFailure] = []
+        for grp, fut in reads:  # wait for every shard, so that nothing writes into out after we return
+            try:
+                got = fut.result()
+            except Exception as exc:  # noqa: BLE001 - named with its blocks below
+                failures.append(_ShardFailure(ids[grp], exc))
+                continue
+            crcs[grp] = got
+        if failures:
+            raise self._fail(level, np.concatenate([f.ids for f in failures]), ids, failures[0].cause)
+        return crcs if crc else None
+
+    # -- reads through zarr (object stores, other layouts) ------------------------------------
+    def _read_zarr(self, level: str, arr: Any, ids: np.ndarray, out: np.ndarray, rows: np.ndarray,
+                   crc: bool) -> np.ndarray | None:
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
         # one slice per run of consecutive ids (zarr's orthogonal indexing is ~10x slower per block)
-        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-        runs = np.split(uniq, breaks)
+        cut = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
+        bounds = list(zip([0, *cut.tolist()], [*cut.tolist(), ids.size]))
         try:
-            data = np.concatenate(self._read_runs(arr, [(int(r[0]), int(r[-1]) + 1) for r in runs]))
+            parts = self._read_runs(arr, [(int(sorted_ids[a]), int(sorted_ids[b - 1]) + 1) for a, b in bounds])
         except StoreError:
             raise
         except Exception as exc:  # an I/O error, or a damaged shard (zarr: checksum / decode errors)
-            what = disk_error(exc, "reading KV") if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-            bad = self._unreadable(arr, uniq)
-            asked = "" if bad.size == uniq.size else f" (of {describe_ids(uniq)} asked for)"
-            raise StoreError(f"{self.files.uri(self.rel(level))}: cannot read KV of {level} blocks "
-                             f"{describe_ids(bad)}{asked} ({what}); run `mukv inspect --verify` to see what is "
-                             "damaged") from None
-        return data[inverse.reshape(-1)]
+            raise self._fail(level, self._unreadable(arr, np.unique(ids)), ids, exc) from None
+        for (a, b), data in zip(bounds, parts):
+            out[rows[order[a:b]]] = data
+        if not crc:
+            return None
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        return np.array([zlib.crc32(flat[r]) for r in rows.tolist()], dtype=np.int64)
 
     @staticmethod
     def _unreadable(arr, ids: np.ndarray, most: int = 64) -> np.ndarray:
@@ -249,6 +550,7 @@ class KVArchive:
         arr = self.array(level)
         if arr is not None and arr.shape[0] > n:
             arr.resize((n, *arr.shape[1:]))
+        self._geometry.pop(level, None)
 
     def nbytes_stored(self) -> int:
         """Bytes of the stream's KV files (local stores; 0 for object stores)."""

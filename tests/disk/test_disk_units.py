@@ -106,6 +106,102 @@ def test_search_merges_hot_and_cold_exactly(tmp_path):
     b.close()
 
 
+def test_frame_range_search_through_the_scalar_index_is_exact(tmp_path):
+    """A search inside frame ranges (the hierarchical retriever's finer levels) finds exactly the blocks
+    inside the ranges once lance answers it through its frame_start index, readers see only committed
+    blocks, and the ranking is the exact one."""
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
+                      cold_index="exact")
+    for _ in range(4):
+        b.add(synth_blocks("patch", b.count("patch"), 16))
+        b.flush()
+    b.table.build_scalar_indexes()
+    b.add(synth_blocks("patch", b.count("patch"), 4))  # rows the index does not cover yet
+    b.flush()
+    assert "frame_start" in " ".join(str(i) for i in b.table.table().list_indices())
+    n = b.count("patch")
+    ids = torch.arange(n)
+    meta, vecs = b.metadata("patch", ids), b.vectors("patch", ids)
+    fs, fe = meta.frame_start.numpy(), meta.frame_end.numpy()
+    q = torch.randn(LAYOUT.vector_dim)
+    exact = (torch.nn.functional.normalize(vecs, dim=-1) @ torch.nn.functional.normalize(q, dim=0)).numpy()
+    for within in ([[3, 7], [40, 41], [60, 90]], [[0, 1]], [[66, 68], [10, 12], [11, 15]], [[5, 5]]):
+        w = np.array(within)
+        inside = ((fs[:, None] >= w[None, :, 0]) & (fe[:, None] <= w[None, :, 1])).any(1)
+        want = np.flatnonzero(inside)[np.argsort(-exact[inside], kind="stable")]
+        got, scores = b.search("patch", q, 1000, within=torch.from_numpy(w))
+        assert got.tolist() == want.tolist()
+        assert np.allclose(scores.numpy(), exact[want], atol=1e-5)
+    reader = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", read_only=True, hot_bytes=0)
+    b.add(synth_blocks("patch", n, 4))  # committed after the reader opened: not visible to it
+    b.flush()
+    for span in (2_000, 10_000):  # read and ranked here (scan_frames), or searched by lance
+        got, _ = reader.search("patch", q, 1000, within=torch.tensor([[0, span]]))
+        assert sorted(got.tolist()) == list(range(n))
+    reader.close()
+    b.close()
+
+
+def test_direct_shard_reads_match_zarr(tmp_path):
+    """Page-in reads mukv's shards itself (index, then preadv into the caller's rows): the same bytes as
+    zarr for any ids (shard-crossing, scattered, chunks never written because they hold only the fill
+    value, whole shards never written), into any rows, with the crc32 of what landed."""
+    from mukv.backends.disk.files import Files
+    from mukv.backends.disk.zarr_kv import KVArchive, block_crc, to_numpy
+
+    shape = (2, 2, 2, 3, 8)  # 384 bytes in bf16
+    a = KVArchive(Files(str(tmp_path / "st")), "s", torch.bfloat16, shard_bytes=16 * 384, chunk_bytes=4 * 384)
+    kv = torch.randn(64, *shape).to(torch.bfloat16)
+    kv[8:12] = 0  # one chunk of zeros inside a shard: zarr stores no bytes for it
+    kv[32:48] = 0  # a whole shard of zeros: zarr writes no file for it
+    a.write("patch", 0, to_numpy(kv[:40]))
+    a.write("patch", 40, to_numpy(kv[40:]))
+    g = a.geometry("patch")
+    assert g is not None and (g.per_chunk, g.per_shard) == (4, 16)
+    shards = tmp_path / "st" / a.rel("patch")
+    assert (shards / g.key(0)).is_file() and not (shards / g.key(2)).exists()
+    index = np.frombuffer((shards / g.key(0)).read_bytes()[-g.index_bytes : -4], dtype="<u8").reshape(-1, 2)
+    assert (index[2] == 2**64 - 1).all() and (index[[0, 1, 3]] < 2**63).all()
+    stored = to_numpy(kv)
+    rng = np.random.default_rng(0)
+    for ids in (np.arange(64), np.array([63, 0, 9, 33, 17, 16, 15]), rng.permutation(64)[:20], np.array([10])):
+        out = np.full((70, *shape), 7, dtype=np.uint16)
+        rows = rng.permutation(70)[: ids.size]
+        crc = a.read_into("patch", ids, out, rows, crc=True)
+        assert np.array_equal(out[rows], stored[ids])
+        assert np.array_equal(crc, block_crc(stored[ids]))
+        untouched = np.setdiff1d(np.arange(70), rows)
+        assert (out[untouched] == 7).all()
+        a.direct = False
+        assert np.array_equal(a.read("patch", ids), stored[ids])
+        a.direct = True
+    assert np.array_equal(a.read("patch", np.array([5, 5, 40, 5])), stored[[5, 5, 40, 5]])
+    with pytest.raises(mukv.StoreError, match="patch blocks 3, 64 asked for, 64 have KV on disk"):
+        a.read("patch", np.array([3, 64]))
+
+
+def test_page_in_mixes_hot_cold_and_repeats(tmp_path):
+    """``load_kv`` returns the requested blocks in their order whatever is hot, cold or asked twice,
+    checks each cold block's crc32, and promotes what it read."""
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0,
+                      hot_bytes=8 << 10, hot_slab_bytes=4096, shard_bytes=4096)
+    for _ in range(8):
+        b.add(synth_blocks("frame", b.count("frame"), 8))
+    b.flush()
+    n = b.count("frame")
+    hot = [i for i in range(n) if b.hot.lookup("frame", np.array([i]))[0] >= 0]
+    assert hot and len(hot) < n
+    ids = [n - 1, 0, hot[0], 0, 17, hot[-1], 33, 17, 2]
+    before = b.tier_stats()["pagein"]
+    assert torch.equal(b.load_kv("frame", torch.tensor(ids)), expected_kv("frame", ids))
+    after = b.tier_stats()["pagein"]
+    cold = {i for i in ids if i not in hot}
+    assert after["blocks_disk"] - before["blocks_disk"] == len(cold)  # each distinct cold block read once
+    assert (b.hot.lookup("frame", np.array(sorted(cold))) >= 0).all()  # and promoted
+    assert torch.equal(b.load_kv("frame", torch.tensor(ids[::-1])), expected_kv("frame", ids[::-1]))
+    b.close()
+
+
 def test_cold_index_is_built_when_the_table_grows(tmp_path):
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
                       cold_index_rows=256)

@@ -161,14 +161,26 @@ def test_state_file_write_failure(store, monkeypatch):
     again.close()
 
 
-def test_eio_reading_kv_names_the_blocks(store, monkeypatch):
+@pytest.mark.parametrize("reader", ["direct", "zarr"])
+def test_eio_reading_kv_names_the_blocks(store, monkeypatch, reader):
+    """An I/O error reading KV, on the direct shard reader of local stores and on zarr's (object stores)."""
+    from mukv.backends.disk import zarr_kv
+
     path, _, total = store
     b = backend(path)
 
-    async def eio(self, *args, **kwargs):
+    def eio_sync(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "get", eio)
+    async def eio(self, *args, **kwargs):
+        eio_sync()
+
+    if reader == "direct":
+        assert b.archive.geometry("frame") is not None
+        monkeypatch.setattr(zarr_kv, "_read_piece", eio_sync)
+    else:
+        b.archive.direct = False
+        monkeypatch.setattr(zarr.storage.LocalStore, "get", eio)
     with pytest.raises(mukv.StoreError, match=r"cannot read KV of frame blocks 1-2 \(I/O error") as err:
         b.load_kv("frame", torch.tensor([2, 1]))
     assert_clear_error(err.value)
