@@ -87,15 +87,23 @@ def merge_ranges(within: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def where(stream_id: str, level: str, below: int, within: np.ndarray | None = None) -> str:
-    """The filter of one stream's level: ids ``< below`` and (optionally) inside frame ranges."""
-    clause = f"{_stream_level(stream_id, level)} AND block_id < {int(below)}"
+def where(stream_id: str, level: str, below: int | None, within: np.ndarray | None = None) -> str:
+    """The filter of one stream's level: ids ``< below`` (``None``: no bound) and, optionally, blocks inside
+    frame ranges (``within [R, 2]``).
+
+    A block is inside ``[a, b)`` when ``frame_start >= a AND frame_end <= b``. The filter also says
+    ``frame_start <= b`` (implied: a block never ends before it starts, see ``TieredBackend.add``), so that
+    lance finds the candidate rows through its ``frame_start`` BTREE and checks ``frame_end`` on those
+    alone, instead of reading the frame columns of every row of the level.
+    """
+    clause = _stream_level(stream_id, level) + ("" if below is None else f" AND block_id < {int(below)}")
     if within is not None:
         ranges = merge_ranges(within)
         if not ranges:
             return clause + " AND false"
-        parts = " OR ".join(f"(frame_start >= {a} AND frame_end <= {b})" for a, b in ranges)
-        clause += f" AND ({parts})"
+        starts = " OR ".join(f"(frame_start >= {a} AND frame_start <= {b})" for a, b in ranges)
+        inside = " OR ".join(f"(frame_start >= {a} AND frame_end <= {b})" for a, b in ranges)
+        clause += f" AND ({starts}) AND ({inside})"
     return clause
 
 
@@ -392,13 +400,24 @@ class BlockTable:
 
     def scan(self, stream_id: str, level: str, below: int, within: np.ndarray | None = None,
              columns: list[str] | None = None, limit: int | None = None):
-        """Rows matching the filter, no ranking (for small ``within`` sets)."""
+        """Rows matching the filter, no ranking (for small ``within`` sets).
+
+        With ``within`` and no ``limit``, ``block_id < below`` is applied to the rows read rather than
+        in lance's filter: there it would make lance intersect the frame-range rows with every row
+        below ``below`` (the whole level), several times slower than the frame-range lookup itself.
+        """
         tbl = self.table()
         if tbl is None or below <= 0:
             return None
+        cols = list(dict.fromkeys(["block_id", *(columns or META_COLUMNS), "vector"]))
+        after = within is not None and limit is None
         with lance_errors(self.files.uri("index"), f"reading {level} blocks of stream {stream_id!r}"):
-            return self._query(tbl.search().where(where(stream_id, level, below, within)),
-                               (columns or META_COLUMNS) + ["vector"], limit)
+            t = self._query(tbl.search().where(where(stream_id, level, None if after else below, within)), cols, limit)
+        if after:
+            import pyarrow.compute as pc
+
+            t = t.filter(pc.less(t.column("block_id"), int(below)))
+        return t
 
     def fetch(self, stream_id: str, level: str, ids: np.ndarray, columns: list[str]):
         """Rows of block ``ids`` (unique ints), in ascending id order."""

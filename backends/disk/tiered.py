@@ -387,11 +387,18 @@ class TieredBackend(StorageBackend):
                     raise StoreError(f"disk full: {free} bytes free at {self.files.local}, a batch of {b} {level} "
                                      f"blocks needs {nbytes} (+ min_free_bytes {self.options.min_free_bytes}); "
                                      "nothing of it was stored")
+            fs = blocks.frame_start.detach().cpu().to(torch.int64).numpy()
+            fe = blocks.frame_end.detach().cpu().to(torch.int64).numpy()
+            if fs.shape != (b,) or fe.shape != (b,):
+                raise StoreError(f"{b} {level} blocks need frame_start and frame_end of shape [{b}]; got "
+                                 f"{tuple(fs.shape)} and {tuple(fe.shape)}")
+            if (fe < fs).any():  # the frame-range filters of the index rely on it (lance_index.where)
+                j = int(np.argmax(fe < fs))
+                raise StoreError(f"{level} block {j} of the batch ends (frame {int(fe[j])}) before it starts "
+                                 f"(frame {int(fs[j])})")
             first = self._n.get(level, 0)
             ids = np.arange(first, first + b, dtype=np.int64)
-            fs = blocks.frame_start.detach().cpu().to(torch.int64).numpy()
-            binfo = BlockInfo(ids, fs // self._segment_frames(), fs,
-                              blocks.frame_end.detach().cpu().to(torch.int64).numpy(),
+            binfo = BlockInfo(ids, fs // self._segment_frames(), fs, fe,
                               blocks.t_start.detach().cpu().to(torch.float64).numpy(),
                               blocks.t_end.detach().cpu().to(torch.float64).numpy())
             vectors = blocks.vectors.detach().to(torch.float32)

@@ -129,6 +129,24 @@ def test_block_shape_mismatch_is_refused(tmp_path):
     b.close()
 
 
+def test_blocks_ending_before_they_start_are_refused(tmp_path):
+    """The index's frame-range filters rely on frame_start <= frame_end: such a batch is refused whole."""
+    b = backend(tmp_path / "st")
+    blocks = synth_blocks("frame", 0, 4)
+    blocks.frame_end = blocks.frame_start.clone()
+    blocks.frame_end[2] -= 1
+    with pytest.raises(mukv.StoreError, match=r"frame block 2 of the batch ends \(frame 1\) before it starts \(frame 2\)"):
+        b.add(blocks)
+    short = synth_blocks("frame", 0, 4)
+    short.frame_end = short.frame_end[:3]
+    with pytest.raises(mukv.StoreError, match=r"frame_start and frame_end of shape \[4\]"):
+        b.add(short)
+    assert b.count("frame") == 0
+    b.add(synth_blocks("frame", 0, 4))
+    assert b.count("frame") == 4
+    b.close()
+
+
 def test_full_disk_loses_nothing_committed(tmp_path, monkeypatch):
     path = tmp_path / "st"
     b = backend(path)

@@ -74,7 +74,9 @@ def test_lru_segment_evicts_whole_least_recent_segments():
 def test_filters_take_only_validated_names_and_numbers():
     assert where("cam-1", "patch", 10) == "stream_id = 'cam-1' AND level = 'patch' AND block_id < 10"
     w = where("s", "frame", 5, np.array([[8, 12], [0, 4], [10, 16]]))
-    assert w.endswith("((frame_start >= 0 AND frame_end <= 4) OR (frame_start >= 8 AND frame_end <= 16))")
+    assert w.endswith("((frame_start >= 0 AND frame_start <= 4) OR (frame_start >= 8 AND frame_start <= 16)) AND "
+                      "((frame_start >= 0 AND frame_end <= 4) OR (frame_start >= 8 AND frame_end <= 16))")
+    assert where("s", "frame", None, np.array([[0, 4]])).startswith("stream_id = 's' AND level = 'frame' AND (")
     assert merge_ranges(np.array([[4, 8], [0, 4], [20, 21]])) == [(0, 8), (20, 21)]
     for bad in ("x' OR 1=1 --", "a b", "../x"):
         with pytest.raises(mukv.StoreError):

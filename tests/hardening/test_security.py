@@ -190,13 +190,13 @@ FILTER_CALL_SITES = {
     ("lance_index.py", "count", "count_rows", "clause"),
     ("lance_index.py", "levels", "where", "f\"stream_id = '{check_stream_id(stream_id)}'\""),
     ("lance_index.py", "search", "where", "where(stream_id, level, below, within)"),
-    ("lance_index.py", "scan", "where", "where(stream_id, level, below, within)"),
+    ("lance_index.py", "scan", "where", "where(stream_id, level, None if after else below, within)"),
     ("lance_index.py", "fetch", "where", "clause"),
     ("lance_index.py", "rows", "where", "f\"stream_id = '{check_stream_id(stream_id)}'\""),
 }
 #: what may be interpolated into an f-string of lance_index.py: validated names, ints, and clauses built of them
 SAFE_INTERPOLATIONS = {"check_stream_id(stream_id)", "check_level(level)", "check_level(lv)", "int(below)",
-                       "int(n)", "a", "b", "parts", "keep", "lo", "hi", "_stream_level(stream_id, level)",
+                       "int(n)", "a", "b", "starts", "inside", "keep", "lo", "hi", "_stream_level(stream_id, level)",
                        "', '.join((str(int(i)) for i in ids))", "clause", "where", "what", "text", "hint",
                        "exc", "TABLE", "self.files.uri('index')", "files.uri('index')", "field.type.list_size",
                        "self.vector_dim",
