@@ -140,9 +140,11 @@ class BlockTable:
             opts["storage_options"] = lance_storage_options(files.storage_options)
         if read_only:
             opts["read_consistency_interval"] = timedelta(0)  # always see the writer's latest commit
+        #: lance's caches (``size_bytes()``), when bounded here
+        self.session = None
         if cache_bytes is not None and hasattr(lancedb, "Session"):  # bound lance's index/metadata caches
-            opts["session"] = lancedb.Session(index_cache_size_bytes=int(cache_bytes),
-                                              metadata_cache_size_bytes=max(1 << 20, int(cache_bytes) // 4))
+            self.session = opts["session"] = lancedb.Session(
+                index_cache_size_bytes=int(cache_bytes), metadata_cache_size_bytes=max(1 << 20, int(cache_bytes) // 4))
         try:
             self.db = lancedb.connect(files.uri("index"), **opts)
         except Exception as exc:

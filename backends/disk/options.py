@@ -49,6 +49,13 @@ class TieredOptions(BaseModel):
     memory stays flat over a long stream; ``None``: lancedb's defaults (lancedb >= 0.2x with
     ``lancedb.Session``; ignored otherwise)."""
 
+    malloc_mmap_threshold: int | None = Field(default=4 << 20, ge=128 << 10, le=32 << 20)
+    """Bytes from which glibc gives an allocation its own mmap, returned to the system when freed
+    (``mallopt(M_MMAP_THRESHOLD)``, set when a store is opened; process-wide; nothing without glibc).
+    Without it glibc raises the threshold itself after the first big free, and the KV batches that
+    ingest allocates and the offload writer frees stay in its heap as free but kept memory: a
+    week-long stream's RSS grew ~1 GB that way. ``None``: leave glibc's default."""
+
     scan_frames: int = Field(default=4096, ge=0)
     """A search restricted to frame ranges (``within``) covering at most this
     many frames reads those rows and ranks them exactly instead of using the index."""

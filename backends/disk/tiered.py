@@ -51,7 +51,7 @@ from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
-from .transfer import HostCopy, Mover, as_numpy_rows
+from .transfer import HostCopy, Mover, as_numpy_rows, pin_mmap_threshold
 from .writer import OffloadWriter
 
 MANIFEST = "mukv.json"
@@ -240,6 +240,8 @@ class TieredBackend(StorageBackend):
         self.hot = HotTier(hot_bytes, min(slab, hot_bytes) if hot_bytes else 0, self.device, self.layout.dtype,
                            self.layout.vector_dim, evictor)
         self.mover = Mover(self.device)
+        if o.malloc_mmap_threshold is not None:
+            pin_mmap_threshold(o.malloc_mmap_threshold)  # bounds the RSS of a long ingest (see the option)
         self._rows: OrderedDict[tuple[str, int], tuple] = OrderedDict()
         self._clock = 0
         self._seg_frames: int | None = o.segment_frames

@@ -135,3 +135,31 @@ def as_numpy_rows(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+#: the M_MMAP_THRESHOLD set by :func:`pin_mmap_threshold` (None: glibc's own)
+_mmap_threshold: int | None = None
+
+
+def pin_mmap_threshold(nbytes: int) -> bool:
+    """Make glibc serve allocations of at least ``nbytes`` with their own mmap, returned to the system on free
+    (``mallopt(M_MMAP_THRESHOLD)``; process-wide; a no-op without glibc). Returns whether it is in effect.
+
+    glibc raises this threshold by itself up to 32 MiB after the first big buffer is freed; from then on the
+    KV batches and shards that ingest allocates and the offload writer frees (MiBs each, from several threads)
+    come from the heap arenas, and what they free stays there: a week-long stream's RSS grew by ~1 GB of
+    such free-but-kept heap (docs/disk-tier-results.md). A fixed threshold bounds it.
+    """
+    global _mmap_threshold
+    if _mmap_threshold == nbytes:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
+    if ok:
+        _mmap_threshold = nbytes
+    return ok

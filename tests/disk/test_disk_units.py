@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +205,52 @@ def test_page_in_mixes_hot_cold_and_repeats(tmp_path):
     assert (b.hot.lookup("frame", np.array(sorted(cold))) >= 0).all()  # and promoted
     assert torch.equal(b.load_kv("frame", torch.tensor(ids[::-1])), expected_kv("frame", ids[::-1]))
     b.close()
+
+
+#: opens a store with the given malloc_mmap_threshold, then allocates buffers of 4 MiB between small ones that
+#: stay (as ingest does: KV batches, shards), frees the big ones, and prints the MiB still resident
+_MALLOC_CHILD = """
+import ctypes, json, sys
+from disk_synth import LAYOUT
+from mukv.backends.disk import TieredBackend
+TieredBackend(LAYOUT, sys.argv[1], "cpu", stream_id="s", malloc_mmap_threshold=json.loads(sys.argv[2])).close()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+base, small = rss(), []
+for _ in range(3):
+    big = []
+    for _ in range(40):
+        big.append(libc.malloc(4 << 20))
+        small.append(libc.malloc(1024))
+        ctypes.memset(big[-1], 1, 4 << 20)
+    for p in big:
+        libc.free(p)
+print((rss() - base) >> 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+def test_pinned_mmap_threshold_gives_freed_buffers_back(tmp_path):
+    """glibc keeps freed buffers of a few MiB in its heap once it raised its mmap threshold itself (the RSS
+    growth of a week-long ingest); with the threshold the backend pins, they go back to the system."""
+    import json
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    kept = {}
+    for threshold in (None, 1 << 20):
+        args = [sys.executable, "-c", _MALLOC_CHILD, str(tmp_path / f"st{threshold}"), json.dumps(threshold)]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=here, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        kept[threshold] = int(out.stdout.split()[-1])
+    assert kept[None] >= 100  # 160 MiB freed, still resident
+    assert kept[1 << 20] < 32
+    with pytest.raises(mukv.ConfigError, match="malloc_mmap_threshold"):
+        TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", malloc_mmap_threshold=1)
 
 
 def test_cold_index_is_built_when_the_table_grows(tmp_path):
