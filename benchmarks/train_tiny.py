@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stage1-steps", type=int, default=0,
                     help="curriculum: the first this many steps use --stage1-frames-frame clips, "
                          "--stage1-plain of them without distractors")
+    ap.add_argument("--stage1-seconds", type=float, default=None,
+                    help="also end stage 1 after this many seconds of this call (whichever comes first)")
     ap.add_argument("--stage1-frames", type=int, default=4)
     ap.add_argument("--stage1-plain", type=float, default=1.0)
     ap.add_argument("--stage1-batch", type=int, default=None, help="clips per stage-1 step (default: --batch)")
@@ -61,6 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="on --resume: start a new warmup + cosine schedule at the resumed step, ending at --steps")
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--weights", default="full=1,frames=1,mukv=1", help="loss weight per regime")
+    ap.add_argument("--stage1-weights", default=None,
+                    help="loss weight per regime during the first --stage1-steps (default: --weights); "
+                    "e.g. full=1,frames=0,mukv=0 trains only the whole-clip regime first, about 3x cheaper a step")
+    ap.add_argument("--extra-questions", type=int, default=0,
+                    help="up to this many more questions per questioned scene (its static facts: marks, dots, "
+                    "colour / shape / side of a uniquely named object), every one checked by construction")
+    ap.add_argument("--lr-by-time", action="store_true",
+                    help="warm-up then cosine over this call's --time-limit instead of over --steps")
+    ap.add_argument("--attn-sup", type=float, default=0.0,
+                    help="weight of the attention supervision: -log of the attention mass that the answer position "
+                    "of --attn-heads heads in --attn-layers puts on the question's evidence tokens (regimes full, frames)")
+    ap.add_argument("--attn-layers", default="3,4", help="language-model layers of the supervised heads")
+    ap.add_argument("--attn-heads", type=int, default=2, help="supervised query heads per layer (the first ones)")
     ap.add_argument("--offset-prob", type=float, default=0.5, help="share of (b)/(c) answers moved past the context end")
     ap.add_argument("--max-offset", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0, help="model init and data seed")
@@ -147,10 +163,17 @@ def main(argv=None) -> int:
         check_attention(device)
     if args.eval_only:
         return eval_only(args, device)
-    weights = {k: float(v) for k, v in (kv.split("=") for kv in args.weights.split(","))}
+    def parse_weights(text: str) -> dict[str, float]:
+        return {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+    weights = parse_weights(args.weights)
+    stage1_weights = parse_weights(args.stage1_weights) if args.stage1_weights else weights
     cfg = T.TrainConfig(shape=args.shape, seed=args.seed, steps=args.steps, batch=args.batch, frames=args.frames,
                         max_questions=args.max_questions, single=args.single, plain=args.plain, lr=args.lr, warmup=args.warmup,
-                        weight_decay=args.weight_decay, weights=weights, vis_rms=args.vis_rms, aux=args.aux, aux_lm=args.aux_lm, offset_prob=args.offset_prob,
+                        weight_decay=args.weight_decay, weights=dict(weights), vis_rms=args.vis_rms, aux=args.aux,
+                        aux_lm=args.aux_lm, attn_sup=args.attn_sup,
+                        attn_layers=tuple(int(x) for x in args.attn_layers.split(",") if x),
+                        attn_heads=args.attn_heads, offset_prob=args.offset_prob,
                         max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
     config = T.toy_config() if args.shape == "toy" else None
     adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)
@@ -171,19 +194,26 @@ def main(argv=None) -> int:
               f"to {cfg.steps}", flush=True)
     T.training_mode(adapter, True)
     label_grid = adapter.grid[0] if args.aux > 0 or args.aux_lm > 0 else None
-    dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, num_frames=args.frames,
-                              max_questions=args.max_questions, single=args.single, plain=args.plain)
+    evidence_grid = adapter.grid[0] if args.attn_sup > 0 else None
+    dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid,
+                              num_frames=args.frames,
+                              max_questions=args.max_questions, single=args.single, plain=args.plain,
+                              extra=args.extra_questions)
 
     def curriculum():
         if trainer.step < args.stage1_steps:
-            first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, num_frames=args.stage1_frames,
+            cfg.weights = dict(stage1_weights)
+            first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid,
+                                    num_frames=args.stage1_frames,
                                     max_questions=args.max_questions, single=args.single,
-                                    plain=args.stage1_plain)
+                                    plain=args.stage1_plain, extra=args.extra_questions)
             for b in T.iterate_batches(first, args.stage1_batch or args.batch, trainer.samples, args.workers):
                 yield b
-                if trainer.step >= args.stage1_steps:
+                if trainer.step >= args.stage1_steps or (
+                        args.stage1_seconds is not None and time.perf_counter() - t_start > args.stage1_seconds):
                     break
             print(f"curriculum: stage 2 ({args.frames}-frame clips) from step {trainer.step}", flush=True)
+        cfg.weights = dict(weights)
         yield from T.iterate_batches(dataset, args.batch, trainer.samples, args.workers)
 
     batches = curriculum()
@@ -198,7 +228,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         batch = next(batches)
         window["wait"] += time.perf_counter() - t0
-        stats = trainer.train_step(batch)
+        lr = None
+        if args.lr_by_time and args.time_limit:
+            done = trainer.step - first_step
+            frac = min(1.0, (time.perf_counter() - t_start) / args.time_limit)
+            lr = cfg.lr * (min(1.0, (done + 1) / cfg.warmup) if done < cfg.warmup else
+                           cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        stats = trainer.train_step(batch, lr)
         window["clips"] += batch["frames"].shape[0]
         window["questions"] += len(batch["questions"])
         window["stats"].append(stats)
@@ -207,9 +243,11 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - window["t"]
             n = len(window["stats"])
-            mean = {k: sum(s[k] for s in window["stats"]) / n for k in window["stats"][0]}
+            keys = {k for s in window["stats"] for k in s}
+            mean = {k: sum(s[k] for s in window["stats"] if k in s) / sum(k in s for s in window["stats"])
+                    for k in sorted(keys)}
             row = {"step": trainer.step, "time": round(time.perf_counter() - t_start, 1), "lr": stats["lr"],
-                   **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms"))},
+                   **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms", "attn"))},
                    "clips_s": round(window["clips"] / dt, 1), "questions_s": round(window["questions"] / dt, 1),
                    "step_s": round(dt / n, 3), "data_wait_s": round(window["wait"] / n, 4)}
             if device.type == "cuda":

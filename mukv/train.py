@@ -176,11 +176,15 @@ class TrainingClip:
         questions: ``(text, answer, kind)`` per questioned scene.
         labels: optional int64 ``[n, 3, g, g]`` per-token perception targets
             (see :func:`token_labels`).
+        sources: ``(scene, first frame in the clip, evidence spec or None)`` of every question.
+        evidence: optional bool ``[len(questions), n, g, g]`` (see :func:`evidence_mask`).
     """
 
     frames: np.ndarray
     questions: list[tuple[str, str, str]]
     labels: np.ndarray | None = None
+    sources: list[tuple[Any, int, dict | None]] = field(default_factory=list, repr=False)
+    evidence: np.ndarray | None = None
 
 
 #: Classes of the auxiliary per-token targets: colour (8 + none), shape (6 + mark + none), dot colour (8 + none).
@@ -222,6 +226,119 @@ def token_labels(frames: np.ndarray, grid: int) -> np.ndarray:
     return out
 
 
+def evidence_mask(scene, offset: int, num_frames: int, grid: int, spec: dict | None = None) -> np.ndarray:
+    """The visual tokens a question about ``scene`` is answered from: bool
+    ``[num_frames, grid, grid]``, True on the tokens over the objects the question
+    is about (its subject; the dot's host; for "after" also the shape that
+    appeared; for corner marks the corner's mark box) in the scene's frames where
+    they are visible. ``offset`` is the scene's first frame in the clip.
+    ``spec`` overrides what the question is about (``{"objects": [i, ...]}`` or
+    ``{"corner": c}``; :func:`extra_questions` makes them); default: the scene's own
+    question (``scene.query``).
+
+    Training only: the target of the attention supervision (``TrainConfig.attn_sup``)
+    that teaches a small model where to look; inference never sees it."""
+    from mukv.bench.render import mark_box
+    from mukv.bench.scene import CANONICAL
+
+    out = np.zeros((num_frames, grid, grid), dtype=bool)
+    cell = CANONICAL / grid
+    centres = (np.arange(grid) + 0.5) * cell
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    q = scene.query
+    frames = range(max(0, offset), min(num_frames, offset + scene.n))
+    corner = spec.get("corner") if spec else (q["corner"] if scene.kind in ("mark_color", "mark_exists") else None)
+    if corner is not None:
+        x0, y0, px = mark_box(corner, CANONICAL)
+        box = ((cx >= x0 - cell / 2) & (cx <= x0 + px + cell / 2) & (cy >= y0 - cell / 2)
+               & (cy <= y0 + px + cell / 2))
+        for t in frames:
+            out[t] = box
+        return out
+    if spec:
+        objects = [scene.objects[i] for i in spec["objects"]]
+    elif scene.kind == "dot_color":
+        objects = [scene.objects[q["host"]]]
+    else:
+        objects = [scene.objects[q["subject"]]]
+        if scene.kind == "after":
+            objects.append(scene.objects[q["next"]])
+    for t in frames:
+        i = t - offset
+        for o in objects:
+            if not bool(o.visible[i]):
+                continue
+            h = float(o.size[i]) / 2 + cell / 2
+            out[t] |= (np.abs(cx - float(o.x[i])) <= h) & (np.abs(cy - float(o.y[i])) <= h)
+    return out
+
+
+def extra_questions(scene, rng: np.random.Generator, limit: int) -> list[tuple[str, str, str, dict]]:
+    """Up to ``limit`` more questions about one scene, of the kinds that any scene
+    answers from its static facts (its corner marks, the dots on its key objects,
+    the colour / shape / side of an object that the question names uniquely):
+    ``(text, answer, kind, evidence spec)`` in the benchmark's own templates.
+
+    Training only: a clip's visual tokens are encoded once and every question about
+    them is a cheap extra forward of the answer prompt, so asking several per scene
+    multiplies the answer signal per encoded frame. Only unambiguous questions are
+    made: a named shape or colour occurs on exactly one object of the scene, that
+    object keeps its colour, place and visibility over the scene, and an asked
+    side is clear by two canonical units."""
+    from mukv.bench.questions import SCENE_PHRASE, TEMPLATES, _name
+    from mukv.bench.scene import COLORS, CORNERS, SHAPES
+
+    head = SCENE_PHRASE.format(a=_name(scene.key[0]), b=_name(scene.key[1]))
+    objs = scene.objects
+    shapes = [o.shape for o in objs]
+    colors = [c for o in objs for c in np.unique(o.color)]
+    out: list[tuple[str, str, str, dict]] = []
+    marks = dict(scene.marks)
+    for corner in range(len(CORNERS)):
+        out.append((head + TEMPLATES["mark_exists"][0].format(corner=CORNERS[corner]),
+                    "yes" if corner in marks else "no", "mark_exists", {"corner": corner}))
+        if corner in marks:
+            out.append((head + TEMPLATES["mark_color"][0].format(corner=CORNERS[corner]), COLORS[marks[corner]],
+                        "mark_color", {"corner": corner}))
+    for h in (0, 1):
+        o = objs[h]
+        if o.role == "key" and o.dot >= 0 and bool(o.visible.all()):
+            out.append((head + TEMPLATES["dot_color"][0].format(host=_name(scene.key[h])), COLORS[o.dot],
+                        "dot_color", {"objects": [h]}))
+    for i, o in enumerate(objs):
+        steady = (o.role != "key" and bool(o.visible.all()) and int(o.color.min()) == int(o.color.max())
+                  and float(np.ptp(o.x)) == 0.0 and float(np.ptp(o.y)) == 0.0)
+        if not steady:
+            continue
+        if shapes.count(o.shape) == 1:
+            shape = SHAPES[o.shape]
+            out.append((head + TEMPLATES["object_color"][0].format(shape=shape), COLORS[int(o.color[0])],
+                        "object_color", {"objects": [i]}))
+            dx, dy = float(o.x[0]) - 32.0, float(o.y[0]) - 32.0
+            if abs(abs(dx) - abs(dy)) > 2.0:
+                side = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
+                out.append((head + TEMPLATES["object_place"][0].format(shape=shape), side, "object_place",
+                            {"objects": [i]}))
+        if colors.count(int(o.color[0])) == 1:
+            out.append((head + TEMPLATES["object_shape"][0].format(color=COLORS[int(o.color[0])]), SHAPES[o.shape],
+                        "object_shape", {"objects": [i]}))
+    if len(out) > limit:  # balanced over kinds: one of a random kind at a time
+        groups: dict[str, list] = {}
+        for item in out:
+            groups.setdefault(item[2], []).append(item)
+        for g in groups.values():
+            rng.shuffle(g)
+        order = list(groups)
+        picked: list[tuple[str, str, str, dict]] = []
+        while len(picked) < limit:
+            for j in rng.permutation(len(order)):
+                g = groups[order[int(j)]]
+                if g and len(picked) < limit:
+                    picked.append(g.pop())
+        out = picked
+    return out
+
+
 #: Tag mixed into training seeds so that training clips never share a random
 #: stream with :func:`mukv.bench.clip_at` or with :func:`eval_clips`.
 TAG_TRAIN = 0x7A1
@@ -229,7 +346,8 @@ TAG_EVAL = 0xE7A
 
 
 def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, size: int = 64,
-                         max_questions: int = 3, single: float = 0.3, plain: float = 0.0) -> TrainingClip:
+                         max_questions: int = 3, single: float = 0.3, plain: float = 0.0,
+                         extra: int = 0) -> TrainingClip:
     """A training clip: with probability ``plain`` :func:`mukv.bench.sample_clip` without
     distractors (the questioned scene on empty background frames: an easy start);
     with probability ``single`` exactly :func:`mukv.bench.sample_clip`
@@ -241,6 +359,9 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
     co-occurs in no other scene of the clip (each new questioned scene is built
     with every pair of the earlier ones blocked; distractors with every key pair
     blocked), so each question has exactly one answer in the clip.
+
+    With ``extra`` > 0, every questioned scene also gets up to that many
+    :func:`extra_questions` (static facts of the same scene).
     """
     from mukv.bench import KINDS, pose, render_scene, sample_clip
     from mukv.bench.scene import MIN_SCENE_LEN, N_IDENTITIES, blocked_matrix, make_scene
@@ -248,12 +369,25 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     u = rng.random()
+    def with_extras(frames, posed) -> TrainingClip:
+        """``posed``: (text, answer, kind, scene, offset) of each questioned scene."""
+        questions, sources = [], []
+        for text, answer, kind, scene, offset in posed:
+            questions.append((text, answer, kind))
+            sources.append((scene, offset, None))
+            if extra > 0:
+                for etext, eanswer, ekind, spec in extra_questions(scene, rng, extra):
+                    if etext != text:
+                        questions.append((etext, eanswer, ekind))
+                        sources.append((scene, offset, spec))
+        return TrainingClip(frames, questions, sources=sources)
+
     if u < plain:
         c = sample_clip(rng, num_frames, size=size, distractors=False)
-        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+        return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     if u < plain + single or max_questions <= 1:
         c = sample_clip(rng, num_frames, size=size)
-        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+        return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     want = max_questions  # as many as fit
     scenes = []
     pairs = np.zeros((N_IDENTITIES, N_IDENTITIES), dtype=bool)
@@ -283,12 +417,12 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
         used += scene.n
     if not scenes:
         c = sample_clip(rng, num_frames, size=size)
-        return TrainingClip(c.frames, [(c.question, c.answer, c.kind)])
+        return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     blocked = blocked_matrix([s.key for s in scenes])
     gaps = np.bincount(rng.integers(0, len(scenes) + 1, size=num_frames - used), minlength=len(scenes) + 1)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     t = 0
-    questions = []
+    posed = []
     for i in range(len(scenes) + 1):
         g = int(gaps[i])
         if g:
@@ -299,10 +433,10 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
         if i < len(scenes):
             s = scenes[i]
             frames[t : t + s.n] = render_scene(s, size)
-            t += s.n
             text, answer = pose(s)
-            questions.append((text, answer, s.kind))
-    return TrainingClip(frames, questions)
+            posed.append((text, answer, s.kind, s, t))
+            t += s.n
+    return with_extras(frames, posed)
 
 
 class TrainingClips(torch.utils.data.Dataset):
@@ -310,9 +444,10 @@ class TrainingClips(torch.utils.data.Dataset):
     generator seeded ``[seed, TAG_TRAIN, i]`` (any worker makes any item; a
     resumed run continues the same sequence)."""
 
-    def __init__(self, seed: int, length: int, label_grid: int | None = None, **kwargs: Any):
+    def __init__(self, seed: int, length: int, label_grid: int | None = None, evidence_grid: int | None = None,
+                 **kwargs: Any):
         self.seed, self.length, self.kwargs = int(seed), int(length), kwargs
-        self.label_grid = label_grid
+        self.label_grid, self.evidence_grid = label_grid, evidence_grid
 
     def __len__(self) -> int:
         return self.length
@@ -321,6 +456,11 @@ class TrainingClips(torch.utils.data.Dataset):
         clip = sample_training_clip(np.random.default_rng([self.seed, TAG_TRAIN, int(i)]), **self.kwargs)
         if self.label_grid:
             clip.labels = token_labels(clip.frames, self.label_grid)
+        if self.evidence_grid:
+            n = clip.frames.shape[0]
+            clip.evidence = np.stack([evidence_mask(sc, off, n, self.evidence_grid, spec)
+                                      for sc, off, spec in clip.sources])
+        clip.sources = []  # scenes stay in the worker
         return clip
 
 
@@ -344,6 +484,8 @@ def collate(items: list[TrainingClip]) -> dict[str, Any]:
            "answers": [q[2] for q in qs], "kinds": [q[3] for q in qs]}
     if items[0].labels is not None:
         out["labels"] = torch.from_numpy(np.stack([c.labels for c in items]))
+    if items[0].evidence is not None:
+        out["evidence"] = torch.from_numpy(np.concatenate([c.evidence for c in items]))  # [Q, F, g, g]
     return out
 
 
@@ -373,6 +515,9 @@ def register_train_attention() -> None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
         out = causal_attention(query, key, value, scaling)
+        cap = getattr(_state, "capture", None)
+        if cap is not None and getattr(module, "layer_idx", None) in cap.layers:
+            cap.record(query, key, scaling)
         if getattr(_state, "module", None) is module:
             with torch.no_grad():
                 _state.colsum = attention_column_sums(query.detach(), key.detach(), scaling)
@@ -383,21 +528,63 @@ def register_train_attention() -> None:
     _train_registered = True
 
 
+class EvidenceAttention:
+    """Attention of the answer position to the evidence tokens, recorded during
+    one answer-prompt forward (training only; see ``TrainConfig.attn_sup``).
+
+    Args:
+        layers: language-model layer indices whose attention is read.
+        heads: the first ``heads`` query heads of each of those layers.
+        evidence: float ``[Q, C]``, 1 on the context positions (system prompt +
+            memory) that hold the question's evidence.
+        rows: ``[Q]`` index, within the answer prompt, of the position that
+            predicts the answer word.
+
+    After the forward, :attr:`mass` is ``[Q, len(layers) * heads]``: the share of
+    each head's attention (softmax over the whole context and the prompt up to
+    that position) that falls on the evidence.
+    """
+
+    def __init__(self, layers: Sequence[int], heads: int, evidence: torch.Tensor, rows: torch.Tensor):
+        self.layers, self.heads, self.evidence, self.rows = set(layers), int(heads), evidence, rows
+        self._mass: list[torch.Tensor] = []
+
+    def record(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """``query [Q, H, N, D]`` (the prompt), ``key [Q, Hkv, C + N, D]`` (context + prompt)."""
+        q, h, n, d = query.shape
+        c = key.shape[2] - n
+        idx = torch.arange(q, device=query.device)
+        rows = query[idx, : self.heads, self.rows].float()  # [Q, h, D]
+        groups = h // key.shape[1]
+        keys = key[:, torch.arange(self.heads, device=key.device) // groups].float()  # [Q, h, C + N, D]
+        logits = torch.einsum("qhd,qhsd->qhs", rows, keys) * (scaling if scaling is not None else d ** -0.5)
+        pos = torch.arange(c + n, device=key.device)
+        logits = logits.masked_fill((pos[None, :] > c + self.rows[:, None])[:, None, :], float("-inf"))
+        p = logits.softmax(-1)[..., : self.evidence.shape[1]]
+        self._mass.append((p * self.evidence[:, None, :].to(p.dtype)).sum(-1))
+
+    @property
+    def mass(self) -> torch.Tensor:
+        return torch.cat(self._mass, dim=1)
+
+
 class _ours:
     """Marks a language-model call as causal aligned to the end (see :func:`register_train_attention`)."""
 
-    def __init__(self, module: torch.nn.Module | None = None):
+    def __init__(self, module: torch.nn.Module | None = None, capture: EvidenceAttention | None = None):
         self.module = module
+        self.capture = capture
         self.colsum = None
 
     def __enter__(self) -> "_ours":
-        self._saved = (getattr(_state, "active", False), getattr(_state, "module", None))
-        _state.active, _state.module, _state.colsum = True, self.module, None
+        self._saved = (getattr(_state, "active", False), getattr(_state, "module", None),
+                       getattr(_state, "capture", None))
+        _state.active, _state.module, _state.colsum, _state.capture = True, self.module, None, self.capture
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.colsum = getattr(_state, "colsum", None)
-        _state.active, _state.module = self._saved
+        _state.active, _state.module, _state.capture = self._saved
         _state.colsum = None
 
 
@@ -447,16 +634,35 @@ def prefix_kv(adapter, system_prompt: str | None = None) -> KV:
 
 
 def prefill(adapter, prefix: KV, embeds: torch.Tensor, attention: bool = False,
-            hidden: list[torch.Tensor] | None = None) -> tuple[KV, torch.Tensor | None]:
+            hidden: list[torch.Tensor] | None = None, prefix_ids: torch.Tensor | None = None
+            ) -> tuple[KV, torch.Tensor | None]:
     """Blocks ``[B, L, E]``, each on its own after the system prompt at positions
     ``P .. P + L - 1`` (the training twin of ``HFVideoLLM.prefill_blocks``).
 
     Returns the blocks' KV ``[B, H, L, D]`` per layer (prompt positions dropped)
     and, with ``attention``, the last layer's column sums ``[B, L]`` (no gradient).
     With ``hidden`` (a list), the blocks' final hidden states ``[B, L, E]`` are appended to it.
+
+    With ``prefix_ids`` (the system prompt's ids ``[P]``) and no ``attention``, the
+    system prompt is run again in front of every block instead of read from
+    ``prefix``: the same KV (same tokens, same positions), but every attention call
+    is then square and causal, which sdpa runs as flash attention in the backward
+    pass too; the end-aligned mask of a cached prefix falls back to a kernel that
+    materialises ``[B, H, L, P + L]`` scores on some torch builds.
     """
     b, length, _ = embeds.shape
     p = prefix[0][0].shape[2]
+    if prefix_ids is not None and not attention:
+        pe = adapter.language_model.embed_tokens(prefix_ids)[None].expand(b, -1, -1)
+        seq = torch.cat([pe.to(embeds.dtype), embeds], dim=1)
+        cache = _cache(None)
+        positions = torch.arange(p + length, device=embeds.device)[None].expand(b, -1)
+        with _ours():
+            out = adapter.language_model(inputs_embeds=seq, past_key_values=cache, position_ids=positions,
+                                         use_cache=True)
+        if hidden is not None:
+            hidden.append(out.last_hidden_state[:, p:])
+        return [(layer.keys[:, :, p:], layer.values[:, :, p:]) for layer in cache.layers], None
     cache = _cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix])
     positions = torch.arange(p, p + length, device=embeds.device)[None].expand(b, -1)
     last = adapter.language_model.layers[-1].self_attn
@@ -470,7 +676,8 @@ def prefill(adapter, prefix: KV, embeds: torch.Tensor, attention: bool = False,
     return kv, cols
 
 
-def answer_logits(adapter, context: KV, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+def answer_logits(adapter, context: KV, ids: torch.Tensor, start: torch.Tensor, at: torch.Tensor,
+                  capture: EvidenceAttention | None = None) -> torch.Tensor:
     """Logits of the answer prompt + teacher-forced answer run after ``context``.
 
     Args:
@@ -478,13 +685,14 @@ def answer_logits(adapter, context: KV, ids: torch.Tensor, start: torch.Tensor, 
         ids: ``[Q, N]`` answer-prompt + answer token ids (right-padded).
         start: ``[Q]`` RoPE position of each row's first token (``C`` in ``HFVideoLLM.generate``).
         at: ``[Q, M]`` token positions (within ``ids``) whose next-token logits are wanted.
+        capture: records the answer position's attention to the evidence.
 
     Returns:
         ``[Q, M, V]`` logits.
     """
     n = ids.shape[1]
     positions = start[:, None] + torch.arange(n, device=ids.device)[None]
-    with _ours():
+    with _ours(capture=capture):
         hidden = adapter.language_model(input_ids=ids, past_key_values=_cache(context), position_ids=positions,
                                         use_cache=True).last_hidden_state
     hidden = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -737,21 +945,34 @@ class RegimeOptions:
 
 def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: torch.Tensor, clip: torch.Tensor,
                   qb: QuestionBatch, opts: RegimeOptions, generator: torch.Generator | None = None,
-                  visual: torch.Tensor | None = None, hidden: dict[str, torch.Tensor] | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  visual: torch.Tensor | None = None, hidden: dict[str, torch.Tensor] | None = None,
+                  evidence: torch.Tensor | None = None, attn_heads: tuple[tuple[int, ...], int] | None = None,
+                  masses: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Logits ``[Q, 2, V]`` (answer word, end token) for every regime in ``opts``,
     from one encoding of the clips (``visual``, computed here if not given).
     Gradients flow when grad mode is on. With ``hidden`` (a dict), the final
     hidden states of the visual tokens are stored there (``"full"``: ``[B, F * T, E]``,
-    ``"frames"``: ``[B * F, T, E]``) for the auxiliary perception loss."""
+    ``"frames"``: ``[B * F, T, E]``) for the auxiliary perception loss. With
+    ``evidence`` (bool ``[Q, F * T]``, :func:`evidence_mask` flattened),
+    ``attn_heads`` (layers, heads) and ``masses`` (a dict), the answer position's
+    attention mass on the evidence (:class:`EvidenceAttention`) of regimes (a)
+    and (b), whose memory keeps every visual token in clip order, is stored there."""
     dev = frames.device
     if visual is None:
         visual = encode(adapter, frames)  # [B, F, T, E]
     b, f, t, e = visual.shape
     prefix = prefix_kv(adapter, config.generation.system_prompt)
     p = prefix[0][0].shape[2]
+    system = config.generation.system_prompt
+    ids = adapter.tokenize(adapter.default_system_prompt if system is None else system).to(dev)
     q = clip.shape[0]
     out: dict[str, torch.Tensor] = {}
+
+    def capture() -> EvidenceAttention | None:
+        if evidence is None or attn_heads is None or masses is None:
+            return None
+        ev = torch.cat([torch.zeros(q, p, dtype=torch.bool, device=dev), evidence.to(dev)], dim=1)
+        return EvidenceAttention(attn_heads[0], attn_heads[1], ev, qb.at[:, 0])
 
     def offsets() -> torch.Tensor:
         if opts.offset_prob <= 0 or not torch.is_grad_enabled():
@@ -762,19 +983,23 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
 
     if "full" in opts.regimes:
         hs: list[torch.Tensor] | None = [] if hidden is not None else None
-        kv, _ = prefill(adapter, prefix, visual.reshape(b, f * t, e), hidden=hs)
+        kv, _ = prefill(adapter, prefix, visual.reshape(b, f * t, e), hidden=hs, prefix_ids=ids)
         if hs:
             hidden["full"] = hs[0]
         ctx = _cat_kv([[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix], _take(kv, clip)])
         start = torch.full((q,), p + f * t, dtype=torch.long, device=dev)
-        out["full"] = answer_logits(adapter, ctx, qb.ids, start, qb.at)
+        cap = capture()
+        out["full"] = answer_logits(adapter, ctx, qb.ids, start, qb.at, cap)
+        if cap is not None:
+            masses["full"] = cap.mass
         del kv, ctx
     frame_level = next((lv for lv in levels if lv.level.frames == 1 and lv.split.shape == (1, t)), None)
     frames_pre = None
     if "frames" in opts.regimes or "mukv" in opts.regimes:
         need_att = "mukv" in opts.regimes and frame_level is not None and frame_level.kept < t
         hs = [] if hidden is not None else None
-        frames_pre = prefill(adapter, prefix, visual.reshape(b * f, t, e), attention=need_att, hidden=hs)
+        frames_pre = prefill(adapter, prefix, visual.reshape(b * f, t, e), attention=need_att, hidden=hs,
+                             prefix_ids=ids)
         if hs:
             hidden["frames"] = hs[0]
     if "frames" in opts.regimes:
@@ -783,7 +1008,10 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
                 v.reshape(b, f, *v.shape[1:]).transpose(1, 2).reshape(b, v.shape[1], f * t, v.shape[3])) for k, v in kv]
         ctx = _cat_kv([[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix], _take(mem, clip)])
         start = p + f * t + offsets()
-        out["frames"] = answer_logits(adapter, ctx, qb.ids, start, qb.at)
+        cap = capture()
+        out["frames"] = answer_logits(adapter, ctx, qb.ids, start, qb.at, cap)
+        if cap is not None:
+            masses["frames"] = cap.mass
         del mem, ctx
     if "mukv" in opts.regimes:
         memories = []
@@ -831,6 +1059,9 @@ class TrainConfig:
     aux: float = 0.0
     aux_lm: float = 0.0
     vis_rms: float = 1.0
+    attn_sup: float = 0.0
+    attn_layers: tuple[int, ...] = (3, 4)
+    attn_heads: int = 2
     schedule_start: int = 0
     offset_prob: float = 0.5
     max_offset: int = 16384
@@ -902,7 +1133,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             visual = encode(adapter, frames)
             hidden: dict[str, torch.Tensor] | None = {} if cfg.aux_lm > 0 and "labels" in batch else None
-            logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual, hidden)
+            sup = cfg.attn_sup > 0 and "evidence" in batch
+            masses: dict[str, torch.Tensor] = {}
+            evidence = batch["evidence"].reshape(clip.shape[0], -1).to(self.device) if sup else None
+            logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual, hidden,
+                                   evidence, (tuple(cfg.attn_layers), cfg.attn_heads) if sup else None, masses)
             aux_logits = self.aux_head(visual) if cfg.aux > 0 and "labels" in batch else None
             lm_logits = {k: self.aux_head_lm(h) for k, h in hidden.items()} if hidden else {}
         total = 0.0
@@ -932,6 +1167,12 @@ class Trainer:
                 aux = aux_loss(lg)
                 total = total + cfg.aux_lm * aux / len(lm_logits)
                 stats[f"loss_aux_lm_{k}"] = float(aux.detach())
+        for name, m in masses.items():
+            # the designated heads must find the evidence: -log of the attention mass on it
+            sup_loss = -torch.log(m.float() + 1e-4).mean()
+            total = total + cfg.attn_sup * sup_loss / len(masses)
+            stats[f"loss_attn_{name}"] = float(sup_loss.detach())
+            stats[f"attn_mass_{name}"] = float(m.detach().float().mean())
         for name, lg in logits.items():
             loss, correct = loss_from_logits(lg, qb.targets)
             total = total + cfg.weights[name] * loss
@@ -940,9 +1181,10 @@ class Trainer:
         stats["questions"] = float(clip.shape[0])
         return total, stats
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any], lr: float | None = None) -> dict[str, float]:
+        """One optimiser step; ``lr`` overrides the schedule's rate for this step."""
         cfg = self.cfg
-        lr = cfg.lr_at(self.step)
+        lr = cfg.lr_at(self.step) if lr is None else lr
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.adapter.model.train()

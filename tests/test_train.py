@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,67 @@ def test_training_forward_equals_inference(toy):
                                     ).last_hidden_state[:, -1]
         ref_logits = toy.lm_head(hidden)[0]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_with_recomputed_prefix_equals_cached_prefix(toy):
+    """prefill(prefix_ids=...) runs the system prompt again in front of every block
+    (square causal attention, the fast training path): same KV and hidden states
+    as reading the cached prefix."""
+    _in_training_forward(toy)
+    try:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            embeds = torch.randn(3, 20, toy.language_model.config.hidden_size, generator=g) * 0.05
+            prefix = T.prefix_kv(toy)
+            ids = toy.tokenize(toy.default_system_prompt)
+            h_ref, h_new = [], []
+            kv_ref, _ = T.prefill(toy, prefix, embeds, hidden=h_ref)
+            kv_new, cols = T.prefill(toy, prefix, embeds, hidden=h_new, prefix_ids=ids)
+    finally:
+        T.training_mode(toy, False)
+    assert cols is None
+    torch.testing.assert_close(h_new[0], h_ref[0], rtol=1e-4, atol=1e-5)
+    for (k1, v1), (k2, v2) in zip(kv_new, kv_ref):
+        torch.testing.assert_close(k1, k2, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5)
+
+
+def test_evidence_mask_covers_the_questioned_object():
+    """The attention-supervision target lies on the subject's tokens inside the questioned scene's frames."""
+    from mukv.bench import sample_clip
+
+    hits = total = 0
+    for seed in range(60):
+        clip = sample_clip(seed, 8)
+        m = T.evidence_mask(clip.scene, clip.evidence_start, 8, 14)
+        outside = np.ones(8, dtype=bool)
+        outside[clip.evidence_start : clip.evidence_end] = False
+        assert not m[outside].any()
+        assert m.any()
+        if clip.kind in ("object_color", "object_place", "motion", "count", "color_change", "event"):
+            subject = clip.scene.objects[clip.scene.query["subject"]]
+            labels = T.token_labels(clip.frames, 14)[:, 1]
+            hits += int((labels[m] == subject.shape).sum())
+            total += int(m.sum())
+    assert total and hits / total > 0.4  # the rest are border tokens that overlap the object's box
+
+
+def test_attention_supervision_is_recorded_and_trainable():
+    """A step with attn_sup reports the evidence attention mass and its loss; the
+    evidence recorded for a packed clip has one mask per question."""
+    ds = T.TrainingClips(0, 100, label_grid=7, evidence_grid=7, num_frames=8, single=0.0)
+    batch = T.collate([ds[i] for i in range(2)])
+    assert batch["evidence"].shape == (len(batch["questions"]), 8, 7, 7)
+    adapter = T.build_model("toy", seed=0)
+    T.training_mode(adapter, True)
+    cfg = T.TrainConfig(shape="toy", batch=2, weights={"full": 1.0, "frames": 1.0, "mukv": 0.0}, attn_sup=1.0,
+                        attn_layers=(0, 1), attn_heads=1, bf16=False)
+    trainer = T.Trainer(adapter, cfg, T.toy_config())
+    stats = trainer.train_step(batch)
+    for regime in ("full", "frames"):
+        assert 0.0 < stats[f"attn_mass_{regime}"] < 1.0
+        assert stats[f"loss_attn_{regime}"] > 0.0
+    T.training_mode(adapter, False)
 
 
 def test_batched_mukv_memory_matches_session(toy):
@@ -147,6 +209,25 @@ def test_packed_clips_are_unambiguous():
             assert solve(question, clip.frames) == answer
             n += 1
     assert n > 80  # packing puts more than one question in many clips
+
+
+def test_extra_questions_are_unambiguous():
+    """Questions added per scene (extra_questions) are answered correctly by the pixel
+    oracle from the whole clip, are unique in their clip, and come with their evidence."""
+    from mukv.bench import solve
+
+    ds = T.TrainingClips(4, 100, evidence_grid=14, extra=3, single=0.4, plain=0.2)
+    kinds, n = set(), 0
+    for i in range(40):
+        clip = ds[i]
+        texts = [q[0] for q in clip.questions]
+        assert len(set(texts)) == len(texts)
+        assert clip.evidence.shape[0] == len(texts) and clip.evidence.reshape(len(texts), -1).any(1).all()
+        for question, answer, kind in clip.questions:
+            assert solve(question, clip.frames) == answer, question
+            kinds.add(kind)
+            n += 1
+    assert n > 150 and {"mark_exists", "mark_color", "object_color", "object_shape"} <= kinds
 
 
 def test_export_round_trip(toy, tmp_path):

@@ -12,7 +12,7 @@ distractor scenes from the same generator that fills the long streams.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from .questions import Question, pose
 from .render import render_scene
-from .scene import BACKGROUND_RGB, KINDS, LEVELS, MAX_SCENE_LEN, MIN_SCENE_LEN, blocked_matrix, make_scene
+from .scene import BACKGROUND_RGB, KINDS, LEVELS, MAX_SCENE_LEN, MIN_SCENE_LEN, Scene, blocked_matrix, make_scene
 from .stream import TAG_CLIP, Stream, StreamSpec
 
 #: Identifies the JSON layout written by :meth:`Benchmark.save`.
@@ -159,6 +159,8 @@ class Clip:
         level: ``"patch"``, ``"frame"`` or ``"segment"``.
         evidence_start, evidence_end: frames of the questioned scene within
             the clip (end exclusive).
+        scene: the questioned scene's symbolic description (for training
+            signals that need its objects, e.g. ``mukv.train.evidence_mask``).
     """
 
     frames: np.ndarray
@@ -168,6 +170,7 @@ class Clip:
     level: str
     evidence_start: int
     evidence_end: int
+    scene: Scene | None = field(default=None, repr=False, compare=False)
 
 
 def sample_clip(
@@ -209,7 +212,7 @@ def sample_clip(
     question, answer = pose(scene)
     body = render_scene(scene, size)
     if num_frames is None:
-        return Clip(body, question, answer, kind, scene.level, 0, scene.n)
+        return Clip(body, question, answer, kind, scene.level, 0, scene.n, scene)
     pad = int(num_frames) - scene.n
     before = int(rng.integers(0, pad + 1))
     after = pad - before
@@ -228,7 +231,7 @@ def sample_clip(
         bg = BACKGROUND_RGB[int(rng.integers(len(BACKGROUND_RGB)))]
         frames[:before] = bg
         frames[before + scene.n :] = bg
-    return Clip(frames, question, answer, kind, scene.level, before, before + scene.n)
+    return Clip(frames, question, answer, kind, scene.level, before, before + scene.n, scene)
 
 
 def clip_at(seed: int, index: int, **kwargs: Any) -> Clip:
