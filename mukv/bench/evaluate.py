@@ -304,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in args.minutes:
         if not math.isfinite(m) or m <= 0:
             raise SystemExit(f"--minutes must be positive; got {m}")
+        try:  # the benchmark's own limits (questions per stream length), before any model loads
+            Benchmark.generate(seed=args.seed, minutes=m, fps=args.fps, questions=args.questions)
+        except ValueError as exc:
+            raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
     t0 = time.perf_counter()
     res = evaluate(args.model, args.minutes, args.policies, args.questions, args.seed, args.fps,
                    args.budget_tokens, args.full_context_max_tokens, progress=args.progress)

@@ -39,3 +39,13 @@ def test_tiny_run_end_to_end(tmp_path, tiny_model, monkeypatch):
     assert len(res["records"]) == 9
     assert (out / "accuracy.png").stat().st_size > 1000
     assert "| mukv |" in markdown(res)
+
+
+def test_too_many_questions_for_the_stream_is_a_clear_error():
+    """More questions than a stream length holds is refused before any model loads, in the harness's words."""
+    import pytest
+
+    from mukv.bench import evaluate
+
+    with pytest.raises(SystemExit, match=r"--minutes 1 with --questions 11: stream of 1.0 min is too short"):
+        evaluate.main(["--model", "no-such-model", "--minutes", "1", "--questions", "11"])
