@@ -456,6 +456,27 @@ class KVArchive:
             self._geometry[level] = None if arr is None else ShardGeometry.of(arr)
         return self._geometry[level]
 
+    def locate(self, level: str, ids: np.ndarray) -> list[tuple[Path, int, int]] | None:
+        """Where the bytes of blocks ``ids`` are: ``(shard file, offset, bytes)`` per run of blocks adjacent
+        in a file (what :meth:`read_into` reads), or ``None`` for arrays read through zarr. Blocks of chunks
+        never written (all fill value) have no bytes and are left out."""
+        g = self.geometry(level)
+        if g is None:
+            return None
+        root = self.files.local / self.rel(level)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        out = []
+        for s in np.unique(ids // g.per_shard).tolist():
+            path = root / g.key(s)
+            fd, index = _open_shard(path, g)
+            if fd is None:
+                continue
+            os.close(fd)
+            sel = ids[ids // g.per_shard == s]
+            out += [(path, offset, pos.size * g.block_bytes)
+                    for offset, pos in _plan(g, index, sel, np.arange(sel.size)) if offset >= 0]
+        return out
+
     def _fail(self, level: str, bad: np.ndarray, asked: np.ndarray, cause: BaseException) -> StoreError:
         if isinstance(cause, StoreError):
             what = str(cause)

@@ -181,6 +181,9 @@ def test_direct_shard_reads_match_zarr(tmp_path):
         assert np.array_equal(a.read("patch", ids), stored[ids])
         a.direct = True
     assert np.array_equal(a.read("patch", np.array([5, 5, 40, 5])), stored[[5, 5, 40, 5]])
+    ranges = a.locate("patch", np.array([13, 1, 2, 9, 35, 50]))  # 9 and 35 hold no bytes (fill value)
+    got = b"".join(path.read_bytes()[offset : offset + n] for path, offset, n in ranges)
+    assert got == stored[[1, 2, 13, 50]].tobytes() and [n // 384 for _, _, n in ranges] == [2, 1, 1]
     with pytest.raises(mukv.StoreError, match="patch blocks 3, 64 asked for, 64 have KV on disk"):
         a.read("patch", np.array([3, 64]))
 
