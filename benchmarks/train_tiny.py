@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--shape", default="mukv-tiny", choices=["mukv-tiny", "toy"], help="model shape")
+    ap.add_argument("--shape", default="mukv-tiny", choices=["mukv-tiny", "toy", "small"], help="model shape")
     ap.add_argument("--out", required=True, help="checkpoint directory written at the end (and every --save-every s)")
     ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (length of the LR schedule)")
@@ -76,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the attention supervision: -log of the attention mass that the answer position "
                     "of --attn-heads heads in --attn-layers puts on the question's evidence tokens (regimes full, frames)")
     ap.add_argument("--attn-layers", default="3,4", help="language-model layers of the supervised heads")
+    ap.add_argument("--aux-mid", type=float, default=0.0,
+                    help="weight of the per-token perception loss read from the residual stream entering --mid-layer "
+                    "(whole-clip regime), so the keys there can carry colour and shape")
+    ap.add_argument("--query-aux", type=float, default=0.0,
+                    help="weight of a loss that makes the answer position, entering --mid-layer, name what the "
+                    "question asks to look for (the subject's shape, the asked colour or corner)")
+    ap.add_argument("--mid-layer", type=int, default=2)
     ap.add_argument("--attn-heads", type=int, default=2, help="supervised query heads per layer (the first ones)")
     ap.add_argument("--offset-prob", type=float, default=0.5, help="share of (b)/(c) answers moved past the context end")
     ap.add_argument("--max-offset", type=int, default=16384)
@@ -93,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="with --eval-only: checkpoint directory (default: the shipped one)")
     ap.add_argument("--session", default="", help="with --eval-only: also evaluate through mukv.Session per clip with "
                     "these policies, comma-separated (e.g. mukv,full_context)")
+    ap.add_argument("--attention-report", type=int, default=0, metavar="N",
+                    help="with --eval-only: where the answer position looks (evidence / other objects of the scene / "
+                    "objects of other scenes), per kind and layer, on N held-out clips per kind")
     ap.add_argument("--check-attention", action="store_true",
                     help="first compare gradients of the lower-right causal attention with the masked reference")
     return ap.parse_args(argv)
@@ -147,6 +158,18 @@ def eval_only(args: argparse.Namespace, device: torch.device) -> int:
               f"({dt / len(clips):.2f} s per clip: session, feed, ask)", flush=True)
     if session:
         print(T.format_report(session), flush=True)
+    if args.attention_report:
+        report = T.attention_report(adapter, T.eval_clips(args.eval_seed, args.attention_report,
+                                                          num_frames=args.frames))
+        result["attention"] = report
+        print("attention of the answer position (whole clip), best head of each layer: "
+              "share on evidence / other objects of the scene / objects of other scenes", flush=True)
+        for kind, by_target in report.items():
+            ev = np.asarray(by_target["evidence"])
+            best = ev.argmax(1)
+            cells = [f"L{y}h{h}: " + " / ".join(f"{np.asarray(by_target[t])[y, h]:.2f}" for t in T.ATTENTION_TARGETS)
+                     for y, h in enumerate(best)]
+            print(f"  {kind:13s} " + "  ".join(cells), flush=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     return 0
 
@@ -173,9 +196,10 @@ def main(argv=None) -> int:
                         weight_decay=args.weight_decay, weights=dict(weights), vis_rms=args.vis_rms, aux=args.aux,
                         aux_lm=args.aux_lm, attn_sup=args.attn_sup,
                         attn_layers=tuple(int(x) for x in args.attn_layers.split(",") if x),
-                        attn_heads=args.attn_heads, offset_prob=args.offset_prob,
+                        attn_heads=args.attn_heads, aux_mid=args.aux_mid, query_aux=args.query_aux,
+                        mid_layer=args.mid_layer, offset_prob=args.offset_prob,
                         max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
-    config = T.toy_config() if args.shape == "toy" else None
+    config = T.toy_config() if args.shape in ("toy", "small") else None
     adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)
     params = T.count_parameters(adapter.model)
     print(f"model {args.shape}: {params} parameters; grid {adapter.grid}; device {device}", flush=True)
@@ -193,9 +217,9 @@ def main(argv=None) -> int:
         print(f"resumed from {args.resume} at step {trainer.step}; LR schedule from step {cfg.schedule_start} "
               f"to {cfg.steps}", flush=True)
     T.training_mode(adapter, True)
-    label_grid = adapter.grid[0] if args.aux > 0 or args.aux_lm > 0 else None
+    label_grid = adapter.grid[0] if args.aux > 0 or args.aux_lm > 0 or args.aux_mid > 0 else None
     evidence_grid = adapter.grid[0] if args.attn_sup > 0 else None
-    dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid,
+    dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid, query_labels=args.query_aux > 0,
                               num_frames=args.frames,
                               max_questions=args.max_questions, single=args.single, plain=args.plain,
                               extra=args.extra_questions)
@@ -203,7 +227,7 @@ def main(argv=None) -> int:
     def curriculum():
         if trainer.step < args.stage1_steps:
             cfg.weights = dict(stage1_weights)
-            first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid,
+            first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid, query_labels=args.query_aux > 0,
                                     num_frames=args.stage1_frames,
                                     max_questions=args.max_questions, single=args.single,
                                     plain=args.stage1_plain, extra=args.extra_questions)

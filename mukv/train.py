@@ -40,6 +40,7 @@ Command line: ``python benchmarks/train_tiny.py --help``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -76,7 +77,15 @@ TOY_SHAPE: dict[str, Any] = dict(
                        vision_use_head=False),
 )
 
-SHAPES: dict[str, dict[str, Any]] = {"mukv-tiny": MUKV_TINY_SHAPE, "toy": TOY_SHAPE}
+#: A shape that trains on a laptop CPU for recipe experiments: 56 px frames, 49 tokens per frame
+#: (toy_config's levels), a 4-layer, 128-wide language model. Not shipped.
+SMALL_SHAPE: dict[str, Any] = dict(
+    text_config={**TOY_SHAPE["text_config"], "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4},
+    vision_config={**TOY_SHAPE["vision_config"], "hidden_size": 64, "intermediate_size": 256,
+                   "num_hidden_layers": 2, "image_size": 56, "patch_size": 4},
+)
+
+SHAPES: dict[str, dict[str, Any]] = {"mukv-tiny": MUKV_TINY_SHAPE, "toy": TOY_SHAPE, "small": SMALL_SHAPE}
 
 REGIMES: tuple[str, ...] = ("full", "frames", "mukv")
 
@@ -178,6 +187,7 @@ class TrainingClip:
             (see :func:`token_labels`).
         sources: ``(scene, first frame in the clip, evidence spec or None)`` of every question.
         evidence: optional bool ``[len(questions), n, g, g]`` (see :func:`evidence_mask`).
+        query_labels: optional int64 ``[len(questions), 3]`` (see :func:`query_targets`).
     """
 
     frames: np.ndarray
@@ -185,7 +195,11 @@ class TrainingClip:
     labels: np.ndarray | None = None
     sources: list[tuple[Any, int, dict | None]] = field(default_factory=list, repr=False)
     evidence: np.ndarray | None = None
+    query_labels: np.ndarray | None = None
 
+
+#: Classes of :func:`query_targets`: shape (6), colour (8), corner (4).
+QUERY_CLASSES: tuple[int, int, int] = (6, 8, 4)
 
 #: Classes of the auxiliary per-token targets: colour (8 + none), shape (6 + mark + none), dot colour (8 + none).
 AUX_CLASSES: tuple[int, int, int] = (9, 8, 9)
@@ -339,6 +353,25 @@ def extra_questions(scene, rng: np.random.Generator, limit: int) -> list[tuple[s
     return out
 
 
+def query_targets(scene, kind: str, spec: dict | None = None) -> tuple[int, int, int]:
+    """What a question tells the model to look for, as class ids ``(shape, colour,
+    corner)`` with -100 where the question names none: the subject's shape (or the
+    dot's host's), the colour of an ``object_shape`` question, the corner of a mark
+    question. ``spec`` as in :func:`evidence_mask`. Training only (``TrainConfig.query_aux``)."""
+    q = scene.query
+    if kind in ("mark_color", "mark_exists"):
+        return -100, -100, int(spec["corner"] if spec else q["corner"])
+    if spec:
+        o = scene.objects[spec["objects"][0]]
+    elif kind == "dot_color":
+        o = scene.objects[q["host"]]
+    else:
+        o = scene.objects[q["subject"]]
+    if kind == "object_shape":
+        return -100, int(o.color[0]), -100
+    return int(o.shape), -100, -100
+
+
 #: Tag mixed into training seeds so that training clips never share a random
 #: stream with :func:`mukv.bench.clip_at` or with :func:`eval_clips`.
 TAG_TRAIN = 0x7A1
@@ -445,9 +478,9 @@ class TrainingClips(torch.utils.data.Dataset):
     resumed run continues the same sequence)."""
 
     def __init__(self, seed: int, length: int, label_grid: int | None = None, evidence_grid: int | None = None,
-                 **kwargs: Any):
+                 query_labels: bool = False, **kwargs: Any):
         self.seed, self.length, self.kwargs = int(seed), int(length), kwargs
-        self.label_grid, self.evidence_grid = label_grid, evidence_grid
+        self.label_grid, self.evidence_grid, self.query_labels = label_grid, evidence_grid, bool(query_labels)
 
     def __len__(self) -> int:
         return self.length
@@ -460,6 +493,9 @@ class TrainingClips(torch.utils.data.Dataset):
             n = clip.frames.shape[0]
             clip.evidence = np.stack([evidence_mask(sc, off, n, self.evidence_grid, spec)
                                       for sc, off, spec in clip.sources])
+        if self.evidence_grid or self.query_labels:
+            clip.query_labels = np.array([query_targets(sc, kind, spec) for (sc, _, spec), (_, _, kind)
+                                          in zip(clip.sources, clip.questions)], dtype=np.int64).reshape(-1, 3)
         clip.sources = []  # scenes stay in the worker
         return clip
 
@@ -486,6 +522,8 @@ def collate(items: list[TrainingClip]) -> dict[str, Any]:
         out["labels"] = torch.from_numpy(np.stack([c.labels for c in items]))
     if items[0].evidence is not None:
         out["evidence"] = torch.from_numpy(np.concatenate([c.evidence for c in items]))  # [Q, F, g, g]
+    if items[0].query_labels is not None:
+        out["query_labels"] = torch.from_numpy(np.concatenate([c.query_labels for c in items]))  # [Q, 3]
     return out
 
 
@@ -566,6 +604,34 @@ class EvidenceAttention:
     @property
     def mass(self) -> torch.Tensor:
         return torch.cat(self._mass, dim=1)
+
+
+class MidCapture:
+    """Records the residual stream entering language-model layer ``layer`` during
+    the calls made while :attr:`key` is set (training only: the targets of
+    ``TrainConfig.aux_mid`` and ``TrainConfig.query_aux``).
+
+    Use as a context manager around a training forward; set :attr:`key` to a name
+    before a call whose input hidden states ``[B, L, E]`` should be kept under it.
+    """
+
+    def __init__(self, adapter, layer: int):
+        self.layer, self.key = int(layer), None
+        self.store: dict[str, torch.Tensor] = {}
+        self._module = adapter.language_model.layers[self.layer]
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        if self.key is not None:
+            self.store[self.key] = args[0] if args else kwargs["hidden_states"]
+
+    def __enter__(self) -> "MidCapture":
+        self._handle = self._module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+        self.key = None
 
 
 class _ours:
@@ -947,7 +1013,8 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
                   qb: QuestionBatch, opts: RegimeOptions, generator: torch.Generator | None = None,
                   visual: torch.Tensor | None = None, hidden: dict[str, torch.Tensor] | None = None,
                   evidence: torch.Tensor | None = None, attn_heads: tuple[tuple[int, ...], int] | None = None,
-                  masses: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  masses: dict[str, torch.Tensor] | None = None, mid: MidCapture | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Logits ``[Q, 2, V]`` (answer word, end token) for every regime in ``opts``,
     from one encoding of the clips (``visual``, computed here if not given).
     Gradients flow when grad mode is on. With ``hidden`` (a dict), the final
@@ -956,7 +1023,9 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
     ``evidence`` (bool ``[Q, F * T]``, :func:`evidence_mask` flattened),
     ``attn_heads`` (layers, heads) and ``masses`` (a dict), the answer position's
     attention mass on the evidence (:class:`EvidenceAttention`) of regimes (a)
-    and (b), whose memory keeps every visual token in clip order, is stored there."""
+    and (b), whose memory keeps every visual token in clip order, is stored there.
+    With ``mid``, the whole-clip regime's visual tokens (``"visual"``, ``[B, F * T, E]``)
+    and answer positions (``"answer"``, ``[Q, E]``) entering ``mid.layer`` are recorded."""
     dev = frames.device
     if visual is None:
         visual = encode(adapter, frames)  # [B, F, T, E]
@@ -983,13 +1052,22 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
 
     if "full" in opts.regimes:
         hs: list[torch.Tensor] | None = [] if hidden is not None else None
+        if mid is not None:
+            mid.key = "visual"
         kv, _ = prefill(adapter, prefix, visual.reshape(b, f * t, e), hidden=hs, prefix_ids=ids)
+        if mid is not None:
+            mid.store["visual"] = mid.store["visual"][:, -f * t:]
+            mid.key = "answer"
         if hs:
             hidden["full"] = hs[0]
         ctx = _cat_kv([[(k.expand(q, -1, -1, -1), v.expand(q, -1, -1, -1)) for k, v in prefix], _take(kv, clip)])
         start = torch.full((q,), p + f * t, dtype=torch.long, device=dev)
         cap = capture()
         out["full"] = answer_logits(adapter, ctx, qb.ids, start, qb.at, cap)
+        if mid is not None:
+            h = mid.store["answer"]
+            mid.store["answer"] = h[torch.arange(q, device=dev), qb.at[:, 0]]
+            mid.key = None
         if cap is not None:
             masses["full"] = cap.mass
         del kv, ctx
@@ -1062,6 +1140,9 @@ class TrainConfig:
     attn_sup: float = 0.0
     attn_layers: tuple[int, ...] = (3, 4)
     attn_heads: int = 2
+    aux_mid: float = 0.0
+    query_aux: float = 0.0
+    mid_layer: int = 2
     schedule_start: int = 0
     offset_prob: float = 0.5
     max_offset: int = 16384
@@ -1113,11 +1194,16 @@ class Trainer:
             self.aux_head = torch.nn.Linear(e, sum(AUX_CLASSES)).to(self.device)
             #: the same targets read from the language model's final hidden states at the visual positions
             self.aux_head_lm = torch.nn.Linear(e, sum(AUX_CLASSES)).to(self.device)
+            #: the same targets read from the residual stream entering layer ``cfg.mid_layer``
+            self.aux_head_mid = torch.nn.Linear(e, sum(AUX_CLASSES)).to(self.device)
+            #: what the question asks to look for (query_targets), read at the answer position entering that layer
+            self.query_head = torch.nn.Linear(e, sum(QUERY_CLASSES)).to(self.device)
+        self.heads = {"aux_head": (self.aux_head, cfg.aux), "aux_head_lm": (self.aux_head_lm, cfg.aux_lm),
+                      "aux_head_mid": (self.aux_head_mid, cfg.aux_mid), "query_head": (self.query_head, cfg.query_aux)}
         self.opt = make_optimizer(adapter.model, cfg)
-        if cfg.aux > 0:
-            self.opt.add_param_group({"params": list(self.aux_head.parameters()), "weight_decay": 0.0})
-        if cfg.aux_lm > 0:
-            self.opt.add_param_group({"params": list(self.aux_head_lm.parameters()), "weight_decay": 0.0})
+        for head, weight in self.heads.values():
+            if weight > 0:
+                self.opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
         self.step = 0
         self.samples = 0  # clips consumed (the data position of a resumed run)
         self.history: list[dict[str, float]] = []
@@ -1136,10 +1222,19 @@ class Trainer:
             sup = cfg.attn_sup > 0 and "evidence" in batch
             masses: dict[str, torch.Tensor] = {}
             evidence = batch["evidence"].reshape(clip.shape[0], -1).to(self.device) if sup else None
-            logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual, hidden,
-                                   evidence, (tuple(cfg.attn_layers), cfg.attn_heads) if sup else None, masses)
+            want_mid = "full" in opts.regimes and ((cfg.aux_mid > 0 and "labels" in batch)
+                                                   or (cfg.query_aux > 0 and "query_labels" in batch))
+            with contextlib.ExitStack() as stack:
+                mid = stack.enter_context(MidCapture(adapter, cfg.mid_layer)) if want_mid else None
+                logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual,
+                                       hidden, evidence, (tuple(cfg.attn_layers), cfg.attn_heads) if sup else None,
+                                       masses, mid)
             aux_logits = self.aux_head(visual) if cfg.aux > 0 and "labels" in batch else None
             lm_logits = {k: self.aux_head_lm(h) for k, h in hidden.items()} if hidden else {}
+            if mid is not None and cfg.aux_mid > 0 and "labels" in batch:
+                lm_logits["mid"] = self.aux_head_mid(mid.store["visual"])
+            query_logits = (self.query_head(mid.store["answer"])
+                            if mid is not None and cfg.query_aux > 0 and "query_labels" in batch else None)
         total = 0.0
         stats: dict[str, float] = {}
         # keep the visual tokens at the scale of the text embeddings (log-ratio of RMS, squared)
@@ -1165,8 +1260,20 @@ class Trainer:
                 stats["loss_aux"] = float(aux.detach())
             for k, lg in lm_logits.items():
                 aux = aux_loss(lg)
-                total = total + cfg.aux_lm * aux / len(lm_logits)
+                if k == "mid":
+                    total = total + cfg.aux_mid * aux
+                else:
+                    total = total + cfg.aux_lm * aux / len([n for n in lm_logits if n != "mid"])
                 stats[f"loss_aux_lm_{k}"] = float(aux.detach())
+        if query_logits is not None:
+            ql = batch["query_labels"].to(self.device)  # [Q, 3]
+            parts = query_logits.float().split(QUERY_CLASSES, dim=-1)
+            losses = [F.cross_entropy(pl, ql[:, i], ignore_index=-100) for i, pl in enumerate(parts)
+                      if bool((ql[:, i] >= 0).any())]
+            if losses:
+                qloss = sum(losses) / len(losses)
+                total = total + cfg.query_aux * qloss
+                stats["loss_query"] = float(qloss.detach())
         for name, m in masses.items():
             # the designated heads must find the evidence: -log of the attention mass on it
             sup_loss = -torch.log(m.float() + 1e-4).mean()
@@ -1225,8 +1332,8 @@ class Trainer:
                 for key in moments:
                     moments[key][n] = st[key].detach().to(torch.bfloat16).cpu().contiguous()
                 steps[n] = float(st["step"])
-        names.update({id(p): "aux_head." + n for n, p in self.aux_head.named_parameters()})
-        names.update({id(p): "aux_head_lm." + n for n, p in self.aux_head_lm.named_parameters()})
+        for name, (head, _) in self.heads.items():
+            names.update({id(p): f"{name}.{n}" for n, p in head.named_parameters()})
         for group in self.opt.param_groups[2:]:
             for p in group["params"]:
                 st = self.opt.state.get(p)
@@ -1236,8 +1343,7 @@ class Trainer:
                     steps[names[id(p)]] = float(st["step"])
         for key, tensors in moments.items():
             _save_sharded(tensors, path, key)
-        aux = {"aux_head." + k: v for k, v in self.aux_head.state_dict().items()}
-        aux.update({"aux_head_lm." + k: v for k, v in self.aux_head_lm.state_dict().items()})
+        aux = {f"{name}.{k}": v for name, (head, _) in self.heads.items() for k, v in head.state_dict().items()}
         _save_sharded({k: v.detach().float().cpu().contiguous() for k, v in aux.items()}, path, "aux")
         rng = {"torch": torch.get_rng_state().tolist()}
         if torch.cuda.is_available():
@@ -1262,14 +1368,14 @@ class Trainer:
         params = dict(self.adapter.model.named_parameters())
         if list(path.glob("aux-*.safetensors")):
             aux = _load_sharded(path, "aux")
-            for prefix, head in (("aux_head.", self.aux_head), ("aux_head_lm.", self.aux_head_lm)):
+            for prefix, head in ((name + ".", head) for name, (head, _) in self.heads.items()):
                 own = {k[len(prefix):]: v.to(self.device) for k, v in aux.items() if k.startswith(prefix)}
                 if not any(k.startswith(("aux_head.", "aux_head_lm.")) for k in aux):  # first format: one head
                     own = {k: v.to(self.device) for k, v in aux.items()} if prefix == "aux_head." else {}
                 if own:
                     head.load_state_dict(own)
-        params.update({"aux_head." + n: p for n, p in self.aux_head.named_parameters()})
-        params.update({"aux_head_lm." + n: p for n, p in self.aux_head_lm.named_parameters()})
+        for name, (head, _) in self.heads.items():
+            params.update({f"{name}.{n}": p for n, p in head.named_parameters()})
         for n, s in state["adam_steps"].items():
             if n not in params:
                 continue
@@ -1363,6 +1469,70 @@ def evaluate(adapter, clips: Sequence[Any], config: MukvConfig | None = None, re
         if was_training:
             adapter.model.train()
     return {name: accuracy_report(r) for name, r in rows.items()}
+
+
+#: Where :func:`attention_report` looks: the question's evidence, the other objects of the
+#: questioned scene, the objects of every other scene of the clip.
+ATTENTION_TARGETS: tuple[str, ...] = ("evidence", "scene objects", "other objects")
+
+
+def attention_report(adapter, clips: Sequence[Any], config: MukvConfig | None = None,
+                     batch: int = 16) -> dict[str, dict[str, list[list[float]]]]:
+    """Where the answer position looks, per question kind: the mean share of each
+    head's attention (whole-clip regime, eval mode) on the question's evidence tokens
+    (:func:`evidence_mask`), on the other object tokens of the questioned scene, and
+    on the object tokens of the clip's other scenes. ``clips`` need ``scene`` (as
+    :func:`mukv.bench.sample_clip` makes them).
+
+    Returns ``{kind: {target: [[share per head] per layer]}}`` (targets:
+    :data:`ATTENTION_TARGETS`). Heads that find the asked object put far more on
+    ``"evidence"`` than its share of object tokens; heads that look at objects in
+    general split their attention by token counts. A diagnostic for training."""
+    config = config or MukvConfig.build()
+    levels = resolve_levels(adapter, config)
+    lm = adapter.language_model.config
+    layers, heads = tuple(range(lm.num_hidden_layers)), lm.num_attention_heads
+    g = adapter.grid[0]
+    was_training = adapter.model.training
+    training_mode(adapter, True)
+    adapter.model.eval()
+    dev = adapter.device
+    sums: dict[str, dict[str, np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    try:
+        for i in range(0, len(clips), batch):
+            part = clips[i : i + batch]
+            n = part[0].frames.shape[0]
+            masks = {t: [] for t in ATTENTION_TARGETS}
+            for c in part:
+                ev = evidence_mask(c.scene, c.evidence_start, n, g).reshape(-1)
+                objects = token_labels(c.frames, g)[:, 1].reshape(-1) < 7
+                in_scene = np.zeros((n, g * g), dtype=bool)
+                in_scene[c.evidence_start : c.evidence_end] = True
+                in_scene = in_scene.reshape(-1)
+                masks["evidence"].append(ev)
+                masks["scene objects"].append(objects & in_scene & ~ev)
+                masks["other objects"].append(objects & ~in_scene)
+            frames = torch.from_numpy(np.stack([c.frames for c in part])).to(dev)
+            clip = torch.arange(len(part), device=dev)
+            qb = encode_questions(adapter, [c.question for c in part], None, dev)
+            for target, rows in masks.items():
+                masses: dict[str, torch.Tensor] = {}
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    memory_logits(adapter, levels, config, frames, clip, qb, RegimeOptions(("full",), 0.0, 0),
+                                  evidence=torch.from_numpy(np.stack(rows)), attn_heads=(layers, heads),
+                                  masses=masses)
+                m = masses["full"].float().cpu().numpy().reshape(len(part), len(layers), heads)
+                for c, row in zip(part, m):
+                    sums.setdefault(c.kind, {t: 0.0 for t in ATTENTION_TARGETS})[target] = \
+                        sums.get(c.kind, {}).get(target, 0.0) + row
+            for c in part:
+                counts[c.kind] = counts.get(c.kind, 0) + 1
+    finally:
+        training_mode(adapter, False)
+        if was_training:
+            adapter.model.train()
+    return {k: {t: (v[t] / counts[k]).round(4).tolist() for t in ATTENTION_TARGETS} for k, v in sums.items()}
 
 
 def session_accuracy(adapter, clips: Sequence[Any], policy: str = "mukv", **session_kwargs: Any

@@ -127,6 +127,42 @@ def test_attention_supervision_is_recorded_and_trainable():
     T.training_mode(adapter, False)
 
 
+def test_mid_layer_and_query_losses_train_and_resume(tmp_path):
+    """aux_mid and query_aux read the residual stream entering mid_layer (visual tokens
+    and answer positions); their heads are saved and restored with the checkpoint."""
+    ds = T.TrainingClips(0, 100, label_grid=7, query_labels=True, num_frames=4, plain=1.0, extra=3)
+    batch = T.collate([ds[i] for i in range(2)])
+    q = len(batch["questions"])
+    assert batch["query_labels"].shape == (q, 3)
+    # every question names exactly one thing to look for, except dot_color (the host's shape) and marks (corner)
+    assert ((batch["query_labels"] >= 0).sum(1) == 1).all()
+    cfg = T.TrainConfig(shape="toy", batch=2, weights={"full": 1.0, "frames": 0.0, "mukv": 0.0}, aux_mid=1.0,
+                        query_aux=1.0, mid_layer=1, bf16=False)
+    adapter = T.build_model("toy", seed=0)
+    T.training_mode(adapter, True)
+    trainer = T.Trainer(adapter, cfg, T.toy_config())
+    stats = trainer.train_step(batch)
+    assert stats["loss_query"] > 0 and stats["loss_aux_lm_mid"] > 0
+    trainer.save(tmp_path / "ckpt")
+    again = T.Trainer(T.build_model("toy", seed=5), cfg, T.toy_config())
+    again.load(tmp_path / "ckpt")
+    torch.testing.assert_close(again.query_head.weight, trainer.query_head.weight)
+    torch.testing.assert_close(again.aux_head_mid.weight, trainer.aux_head_mid.weight)
+    T.training_mode(adapter, False)
+
+
+def test_attention_report_shares(toy):
+    """attention_report: per kind, layer and head, shares of attention in [0, 1] on disjoint token sets."""
+    clips = T.eval_clips(3, 1, kinds=["object_color", "mark_color"])
+    report = T.attention_report(toy, clips, T.toy_config())
+    assert set(report) == {"object_color", "mark_color"}
+    lm = toy.language_model.config
+    for by_target in report.values():
+        total = sum(np.asarray(by_target[t]) for t in T.ATTENTION_TARGETS)
+        assert total.shape == (lm.num_hidden_layers, lm.num_attention_heads)
+        assert (total >= 0).all() and (total <= 1 + 1e-4).all()
+
+
 def test_batched_mukv_memory_matches_session(toy):
     """Regime (c) of training picks the blocks mukv's Session retrieves and predicts its answer."""
     import mukv
