@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of a loss that makes the answer position, entering --mid-layer, name what the "
                     "question asks to look for (the subject's shape, the asked colour or corner)")
     ap.add_argument("--mid-layer", type=int, default=2)
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="no gradients through the vision tower and projector (once per-token perception is "
+                    "learnt; their backward pass is most of a step)")
     ap.add_argument("--attn-heads", type=int, default=2, help="supervised query heads per layer (the first ones)")
     ap.add_argument("--offset-prob", type=float, default=0.5, help="share of (b)/(c) answers moved past the context end")
     ap.add_argument("--max-offset", type=int, default=16384)
@@ -197,7 +200,7 @@ def main(argv=None) -> int:
                         aux_lm=args.aux_lm, attn_sup=args.attn_sup,
                         attn_layers=tuple(int(x) for x in args.attn_layers.split(",") if x),
                         attn_heads=args.attn_heads, aux_mid=args.aux_mid, query_aux=args.query_aux,
-                        mid_layer=args.mid_layer, offset_prob=args.offset_prob,
+                        mid_layer=args.mid_layer, freeze_vision=args.freeze_vision, offset_prob=args.offset_prob,
                         max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
     config = T.toy_config() if args.shape in ("toy", "small") else None
     adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)

@@ -1143,6 +1143,7 @@ class TrainConfig:
     aux_mid: float = 0.0
     query_aux: float = 0.0
     mid_layer: int = 2
+    freeze_vision: bool = False
     schedule_start: int = 0
     offset_prob: float = 0.5
     max_offset: int = 16384
@@ -1217,7 +1218,9 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         use_amp = cfg.bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            visual = encode(adapter, frames)
+            # a frozen vision tower + projector runs without gradients (its backward is most of a step's cost)
+            with torch.no_grad() if cfg.freeze_vision else contextlib.nullcontext():
+                visual = encode(adapter, frames)
             hidden: dict[str, torch.Tensor] | None = {} if cfg.aux_lm > 0 and "labels" in batch else None
             sup = cfg.attn_sup > 0 and "evidence" in batch
             masses: dict[str, torch.Tensor] = {}

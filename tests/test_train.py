@@ -151,6 +151,22 @@ def test_mid_layer_and_query_losses_train_and_resume(tmp_path):
     T.training_mode(adapter, False)
 
 
+def test_frozen_vision_tower_gets_no_gradient():
+    """freeze_vision: the vision tower and projector run without gradients; the language model still trains."""
+    ds = T.TrainingClips(0, 100, num_frames=4, plain=1.0)
+    batch = T.collate([ds[i] for i in range(2)])
+    adapter = T.build_model("toy", seed=0)
+    T.training_mode(adapter, True)
+    cfg = T.TrainConfig(shape="toy", batch=2, weights={"full": 1.0, "frames": 0.0, "mukv": 0.0}, freeze_vision=True,
+                        bf16=False)
+    trainer = T.Trainer(adapter, cfg, T.toy_config())
+    before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    trainer.train_step(batch)
+    changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("language_model" in n or "lm_head" in n for n in changed)
+    T.training_mode(adapter, False)
+
+
 def test_attention_report_shares(toy):
     """attention_report: per kind, layer and head, shares of attention in [0, 1] on disjoint token sets."""
     clips = T.eval_clips(3, 1, kinds=["object_color", "mark_color"])
