@@ -454,6 +454,23 @@ def _pick(logits: torch.Tensor) -> tuple[int, float]:
 
 
 # ------------------------------------------------------------------------------------ comparisons
+def session_context(session, question: str) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """What ``Session.ask`` assembles for ``question`` (the fast path's answer context,
+    with no re-rotation), to compare with the reference mode: the context KV and the
+    ``(level, block id)`` of its blocks in assembly order."""
+    from .assembly import Piece, assemble
+    from .blocks import Query
+
+    s = session
+    plan = s._plan(None, [])
+    q = Query(question, s.model.query_vector(s.prefix, question), 0.0, s._ingestor.frames_seen)
+    hits = {h.level: h for h in s.retriever.retrieve(q, s.backend, plan)}
+    pieces = [Piece(h.level, h.ids, h.scores, s.backend.load_kv(h.level, h.ids), s.backend.metadata(h.level, h.ids))
+              for lp in s.levels if (h := hits.get(lp.level.name)) is not None and len(h)]
+    context, order = assemble(s.prefix.kv, pieces, s.config.assembly.order)
+    return context, [(pieces[p].level, int(pieces[p].ids[r])) for p, r in order]
+
+
 def compare_kept(fast: torch.Tensor, ref: torch.Tensor, ref_scores: torch.Tensor) -> dict[str, float]:
     """Compare kept token indices of the two paths, up to ties of the reference's scores.
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mukv.assembly import Piece, assemble
-from mukv.blocks import Query
 from mukv.model import attention_column_sums, causal_attention, kv_to_cache
-from mukv.reference import ReferenceIngestor, ReferenceStore, compare_kept, compare_tokens
+from mukv.reference import ReferenceIngestor, ReferenceStore, compare_kept, compare_tokens, session_context
 from mukv.session import Session
 
 QUESTION = "what color was the car ?"
@@ -34,17 +32,6 @@ def pair(request):
     ref = ReferenceIngestor.from_session(s)
     ref.add_frames(embeds, times)
     return s, ref, stored
-
-
-def fast_context(s: Session, question: str) -> tuple[torch.Tensor, list[tuple[str, int]]]:
-    """What ``Session.ask`` assembles for ``question``."""
-    plan = s._plan(None, [])
-    q = Query(question, s.model.query_vector(s.prefix, question), 0.0, s._ingestor.frames_seen)
-    hits = {h.level: h for h in s.retriever.retrieve(q, s.backend, plan)}
-    pieces = [Piece(h.level, h.ids, h.scores, s.backend.load_kv(h.level, h.ids), s.backend.metadata(h.level, h.ids))
-              for lp in s.levels if (h := hits.get(lp.level.name)) is not None and len(h)]
-    context, order = assemble(s.prefix.kv, pieces, s.config.assembly.order)
-    return context, [(pieces[p].level, int(pieces[p].ids[r])) for p, r in order]
 
 
 def test_same_blocks_stored(pair):
@@ -70,7 +57,7 @@ def test_same_retrieval_and_answer(pair):
     assert [(b.level, b.block_id) for b in answer.blocks] == [(lv, i) for lv, i, _ in r.blocks]
     assert answer.kv_tokens == r.kv_tokens
     assert answer.text == r.text
-    context, order = fast_context(s, QUESTION)
+    context, order = session_context(s, QUESTION)
     assert order == [(lv, i) for lv, i, _ in r.blocks]
     _, tokens, _ = s.model.generate(context, QUESTION, 6)
     assert compare_tokens(tokens, r.tokens, r.margins)["same"]
@@ -82,7 +69,7 @@ def test_reference_over_a_fast_store(pair):
     store = ReferenceStore.from_backend(s.backend, [lp.level.name for lp in s.levels])
     other = ReferenceIngestor.from_session(s, store)
     r = other.ask(QUESTION, max_new_tokens=3, stop=False)
-    assert [(lv, i) for lv, i, _ in r.blocks] == fast_context(s, QUESTION)[1]
+    assert [(lv, i) for lv, i, _ in r.blocks] == session_context(s, QUESTION)[1]
     assert len(r.tokens) == 3
 
 

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from mukv import model as mukv_model
-from mukv.assembly import Piece, assemble
 from mukv.blocks import Query
 from mukv.model import attention_column_sums, causal_attention
-from mukv.reference import ReferenceIngestor, ReferenceStore, compare_kept, compare_tokens
+from mukv.reference import ReferenceIngestor, ReferenceStore, compare_kept, compare_tokens, session_context
 from mukv.session import Session
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -61,16 +60,6 @@ def real():
 @pytest.fixture(scope="module")
 def tiny32():
     return _pair("tiny-llava-ov", torch.float32)
-
-
-def fast_context(s: Session, question: str):
-    plan = s._plan(None, [])
-    q = Query(question, s.model.query_vector(s.prefix, question), 0.0, s._ingestor.frames_seen)
-    hits = {h.level: h for h in s.retriever.retrieve(q, s.backend, plan)}
-    pieces = [Piece(h.level, h.ids, h.scores, s.backend.load_kv(h.level, h.ids), s.backend.metadata(h.level, h.ids))
-              for lp in s.levels if (h := hits.get(lp.level.name)) is not None and len(h)]
-    context, order = assemble(s.prefix.kv, pieces, s.config.assembly.order)
-    return context, [(pieces[p].level, int(pieces[p].ids[r])) for p, r in order]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,7 +137,7 @@ def test_same_context_same_greedy_tokens(real):
     store = ReferenceStore.from_backend(s.backend, [lp.level.name for lp in s.levels])
     ref = ReferenceIngestor.from_session(s, store)
     for question in (QUESTION, "where did the red square move ?"):
-        context, _ = fast_context(s, question)
+        context, _ = session_context(s, question)
         _, ref_tokens, margins, _ = ref.generate(context, question, 16, stop=False)
         stops = s.model.stop_ids
         s.model.stop_ids = []
@@ -171,7 +160,7 @@ def test_cuda_graph_decoding_matches_eager(real):
     m.stop_ids = []
     try:
         for question in (QUESTION, "how many objects were in the scene when the yellow star appeared ?"):
-            context, _ = fast_context(s, question)
+            context, _ = session_context(s, question)
             m.static_decode = False
             vec_e, (_, tok_e, _) = m.query_vector(s.prefix, question), m.generate(context, question, 16)
             m.static_decode = None  # the default: graphs on CUDA
@@ -212,7 +201,7 @@ def test_tiny_float32_identical_end_to_end(tiny32):
     r = ref.ask(QUESTION, max_new_tokens=8)
     assert [(b.level, b.block_id) for b in a.blocks] == [(lv, i) for lv, i, _ in r.blocks]
     assert a.text == r.text
-    context, _ = fast_context(s, QUESTION)
+    context, _ = session_context(s, QUESTION)
     _, tokens, _ = s.model.generate(context, QUESTION, 8)
     assert tokens == r.tokens
 
