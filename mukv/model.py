@@ -487,6 +487,32 @@ def _bucket(n: int, smallest: int = 8) -> int:
     return b
 
 
+
+def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                    ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a local checkpoint directory with a transformers model class, for model adapters:
+    safetensors only (never pickle), nothing downloaded; ``dtype`` defaults to bf16 on CUDA and
+    float32 otherwise. Returns the model on ``device``, its tokenizer and the checkpoint's
+    ``preprocessor_config.json`` as a dict (empty when it has none)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .errors import StoreError
+
+    path = Path(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not any(path.glob("*.safetensors")):
+        raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
+    model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    pre = path / "preprocessor_config.json"
+    return model, tokenizer, (json.loads(pre.read_text()) if pre.exists() else {})
+
+
 class HFVideoLLM(ModelAdapter):
     """A transformers Video-LLM: a vision encoder (subclass) + a decoder language model.
 

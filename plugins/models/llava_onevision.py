@@ -9,7 +9,6 @@ the real checkpoints (27x27 patches pooled to 14x14).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mukv.errors import StoreError
-from mukv.model import HFVideoLLM
+from mukv.model import HFVideoLLM, load_checkpoint
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 QUERY_TEMPLATE = "\n{question}"
@@ -78,24 +76,11 @@ class LlavaOnevisionAdapter(HFVideoLLM):
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                         **kwargs: Any) -> "LlavaOnevisionAdapter":
         """Load a local checkpoint directory (safetensors only; nothing is downloaded)."""
-        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+        from transformers import LlavaOnevisionForConditionalGeneration
 
-        path = Path(path)
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if not any(path.glob("*.safetensors")):
-            raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, local_files_only=True
-        ).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        pre = path / "preprocessor_config.json"
-        if pre.exists():
-            cfg = json.loads(pre.read_text())
-            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-        return cls(model, tokenizer, image_mean=mean, image_std=std, name=path.name, **kwargs)
+        model, tokenizer, pre = load_checkpoint(path, LlavaOnevisionForConditionalGeneration, device, dtype)
+        mean, std = tuple(pre.get("image_mean", (0.5, 0.5, 0.5))), tuple(pre.get("image_std", (0.5, 0.5, 0.5)))
+        return cls(model, tokenizer, image_mean=mean, image_std=std, name=Path(path).name, **kwargs)
 
 
 # ------------------------------------------------------------------------------ presets

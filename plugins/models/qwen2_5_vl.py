@@ -26,15 +26,13 @@ seconds per frame``; text repeats its 1D position on the three rows.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mukv.errors import StoreError
-from mukv.model import MRopeVideoLLM
+from mukv.model import MRopeVideoLLM, load_checkpoint
 from mukv.rope import MRopeLayout
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -158,24 +156,12 @@ class QwenVLAdapter(MRopeVideoLLM):
         come from the checkpoint's ``preprocessor_config.json`` when it has one.
         """
         import transformers
-        from transformers import AutoTokenizer
 
-        path = Path(path)
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if not any(path.glob("*.safetensors")):
-            raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
-        model_cls = getattr(transformers, cls.model_class_name)
-        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True)
-        model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        pre = path / "preprocessor_config.json"
-        if pre.exists():
-            cfg = json.loads(pre.read_text())
-            kwargs.setdefault("image_mean", tuple(cfg.get("image_mean", cls.default_mean)))
-            kwargs.setdefault("image_std", tuple(cfg.get("image_std", cls.default_std)))
-        kwargs.setdefault("name", path.name)
+        model, tokenizer, pre = load_checkpoint(path, getattr(transformers, cls.model_class_name), device, dtype)
+        if pre:
+            kwargs.setdefault("image_mean", tuple(pre.get("image_mean", cls.default_mean)))
+            kwargs.setdefault("image_std", tuple(pre.get("image_std", cls.default_std)))
+        kwargs.setdefault("name", Path(path).name)
         return cls(model, tokenizer, **kwargs)
 
 
