@@ -34,7 +34,8 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--shape", default="mukv-tiny", choices=["mukv-tiny", "toy", "small"], help="model shape")
+    ap.add_argument("--shape", default="mukv-tiny", choices=["mukv-tiny", "toy", "small", "small-196", "medium", "medium-196"],
+                    help="model shape (mukv.train.SHAPES)")
     ap.add_argument("--out", required=True, help="checkpoint directory written at the end (and every --save-every s)")
     ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     ap.add_argument("--steps", type=int, default=6000, help="total optimizer steps (length of the LR schedule)")
@@ -145,7 +146,7 @@ def eval_only(args: argparse.Namespace, device: torch.device) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
     t0 = time.perf_counter()
-    reports = T.evaluate(adapter, clips, batch=args.eval_batch)
+    reports = T.evaluate(adapter, clips, T.config_for(adapter), batch=args.eval_batch)
     print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
           f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
     print(T.format_report(reports), flush=True)
@@ -181,7 +182,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mukv import train as T
 
+    import os
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # data parallelism under torchrun: one process per GPU, gradients averaged every step
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if args.eval_only:
+            raise SystemExit("--eval-only runs in one process; start it without torchrun")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -202,10 +215,11 @@ def main(argv=None) -> int:
                         attn_heads=args.attn_heads, aux_mid=args.aux_mid, query_aux=args.query_aux,
                         mid_layer=args.mid_layer, freeze_vision=args.freeze_vision, offset_prob=args.offset_prob,
                         max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
-    config = T.toy_config() if args.shape in ("toy", "small") else None
     adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)
+    config = T.config_for(adapter)
     params = T.count_parameters(adapter.model)
-    print(f"model {args.shape}: {params} parameters; grid {adapter.grid}; device {device}", flush=True)
+    print(f"model {args.shape}: {params} parameters; grid {adapter.grid}; device {device}"
+          + (f"; data-parallel rank {rank} of {world}" if world > 1 else ""), flush=True)
     trainer = T.Trainer(adapter, cfg, config)
     if args.resume:
         state = trainer.load(args.resume)
@@ -234,14 +248,15 @@ def main(argv=None) -> int:
                                     num_frames=args.stage1_frames,
                                     max_questions=args.max_questions, single=args.single,
                                     plain=args.stage1_plain, extra=args.extra_questions)
-            for b in T.iterate_batches(first, args.stage1_batch or args.batch, trainer.samples, args.workers):
+            for b in T.iterate_batches(first, args.stage1_batch or args.batch, trainer.samples, args.workers,
+                                       rank, world):
                 yield b
                 if trainer.step >= args.stage1_steps or (
                         args.stage1_seconds is not None and time.perf_counter() - t_start > args.stage1_seconds):
                     break
             print(f"curriculum: stage 2 ({args.frames}-frame clips) from step {trainer.step}", flush=True)
         cfg.weights = dict(weights)
-        yield from T.iterate_batches(dataset, args.batch, trainer.samples, args.workers)
+        yield from T.iterate_batches(dataset, args.batch, trainer.samples, args.workers, rank, world)
 
     batches = curriculum()
     probe = T.eval_clips(args.eval_seed + 1000, 10, num_frames=args.frames) if args.eval_every else None
@@ -250,22 +265,28 @@ def main(argv=None) -> int:
     window = {"t": time.perf_counter(), "clips": 0, "questions": 0, "wait": 0.0, "stats": []}
     first_step = trainer.step
     while trainer.step < cfg.steps:
-        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
-            break
-        t0 = time.perf_counter()
-        batch = next(batches)
-        window["wait"] += time.perf_counter() - t0
+        stop = args.time_limit is not None and time.perf_counter() - t_start > args.time_limit
         lr = None
         if args.lr_by_time and args.time_limit:
             done = trainer.step - first_step
             frac = min(1.0, (time.perf_counter() - t_start) / args.time_limit)
             lr = cfg.lr * (min(1.0, (done + 1) / cfg.warmup) if done < cfg.warmup else
                            cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        if world > 1:  # rank 0's clock decides when to stop and the time-based LR, for every rank
+            flags = torch.tensor([float(stop), -1.0 if lr is None else lr], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(flags, 0)
+            stop, lr = bool(flags[0] > 0), (None if flags[1] < 0 else float(flags[1]))
+        if stop:
+            break
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window["wait"] += time.perf_counter() - t0
         stats = trainer.train_step(batch, lr)
         window["clips"] += batch["frames"].shape[0]
         window["questions"] += len(batch["questions"])
         window["stats"].append(stats)
-        if trainer.step % args.log_every == 0 or trainer.step == cfg.steps or trainer.step == first_step + 1:
+        if rank == 0 and (trainer.step % args.log_every == 0 or trainer.step == cfg.steps
+                          or trainer.step == first_step + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - window["t"]
@@ -274,24 +295,30 @@ def main(argv=None) -> int:
             mean = {k: sum(s[k] for s in window["stats"] if k in s) / sum(k in s for s in window["stats"])
                     for k in sorted(keys)}
             row = {"step": trainer.step, "time": round(time.perf_counter() - t_start, 1), "lr": stats["lr"],
+                   **({"ranks": world} if world > 1 else {}),
                    **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms", "attn"))},
-                   "clips_s": round(window["clips"] / dt, 1), "questions_s": round(window["questions"] / dt, 1),
+                   "clips_s": round(world * window["clips"] / dt, 1),
+                   "questions_s": round(world * window["questions"] / dt, 1),
                    "step_s": round(dt / n, 3), "data_wait_s": round(window["wait"] / n, 4)}
             if device.type == "cuda":
                 row["mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             trainer.history.append(row)
             print(json.dumps(row), flush=True)
             window = {"t": time.perf_counter(), "clips": 0, "questions": 0, "wait": 0.0, "stats": []}
-        if probe and trainer.step % args.eval_every == 0:
+        if rank == 0 and probe and trainer.step % args.eval_every == 0:
             rep = T.evaluate(adapter, probe, config, batch=args.eval_batch)
             T.training_mode(adapter, True)
             print(json.dumps({"probe_step": trainer.step, **{r: round(v["overall"], 3) for r, v in rep.items()},
                               "by_kind_full": {k: v["accuracy"] for k, v in rep["full"]["by_kind"].items()}}),
                   flush=True)
-        if args.save_every and time.perf_counter() - last_save > args.save_every:
+        if rank == 0 and args.save_every and time.perf_counter() - last_save > args.save_every:
             trainer.save(args.out)
             last_save = time.perf_counter()
     train_s = time.perf_counter() - t_start
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank > 0:  # rank 0 saves, evaluates and exports
+            return 0
     print(f"trained steps {first_step}..{trainer.step} in {train_s:.0f} s", flush=True)
     trainer.save(args.out, extra={"train_seconds_this_call": train_s})
     print(f"checkpoint: {args.out}", flush=True)

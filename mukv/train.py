@@ -85,7 +85,29 @@ SMALL_SHAPE: dict[str, Any] = dict(
                    "num_hidden_layers": 2, "image_size": 56, "patch_size": 4},
 )
 
-SHAPES: dict[str, dict[str, Any]] = {"mukv-tiny": MUKV_TINY_SHAPE, "toy": TOY_SHAPE, "small": SMALL_SHAPE}
+#: The small shape's language model at 196 visual tokens per frame (56 px, patch 2 -> 28x28 -> pooled
+#: 14x14), so mukv's default levels apply; a light vision tower keeps steps cheap on the GPU.
+SMALL_196_SHAPE: dict[str, Any] = dict(
+    text_config=dict(SMALL_SHAPE["text_config"]),
+    vision_config={**SMALL_SHAPE["vision_config"], "patch_size": 2},
+)
+
+#: :data:`SMALL_196_SHAPE` with a 192-wide, 6-head language model.
+MEDIUM_196_SHAPE: dict[str, Any] = dict(
+    text_config={**SMALL_SHAPE["text_config"], "hidden_size": 192, "intermediate_size": 576,
+                 "num_attention_heads": 6},
+    vision_config=dict(SMALL_196_SHAPE["vision_config"]),
+)
+
+#: :data:`SMALL_SHAPE` (49 tokens per frame) with the 192-wide language model of :data:`MEDIUM_196_SHAPE`.
+MEDIUM_SHAPE: dict[str, Any] = dict(
+    text_config=dict(MEDIUM_196_SHAPE["text_config"]),
+    vision_config=dict(SMALL_SHAPE["vision_config"]),
+)
+
+SHAPES: dict[str, dict[str, Any]] = {"mukv-tiny": MUKV_TINY_SHAPE, "toy": TOY_SHAPE, "small": SMALL_SHAPE,
+                                     "small-196": SMALL_196_SHAPE, "medium": MEDIUM_SHAPE,
+                                     "medium-196": MEDIUM_196_SHAPE}
 
 REGIMES: tuple[str, ...] = ("full", "frames", "mukv")
 
@@ -99,6 +121,12 @@ def toy_config() -> MukvConfig:
          "rerank_weight": 0.3},
         {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 12},
     ]})
+
+
+def config_for(adapter) -> MukvConfig:
+    """The levels a model of this shape trains and answers with: mukv's defaults at 196
+    tokens per frame, :func:`toy_config`'s at 49."""
+    return toy_config() if adapter.tokens_per_frame == 49 else MukvConfig.build()
 
 
 def build_model(shape: str | dict[str, Any] = "mukv-tiny", seed: int = 0, device: str | torch.device = "cpu",
@@ -1206,7 +1234,10 @@ class Trainer:
             if weight > 0:
                 self.opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
         self.step = 0
-        self.samples = 0  # clips consumed (the data position of a resumed run)
+        self.samples = 0  # clips consumed by all ranks (the data position of a resumed run)
+        dist = torch.distributed
+        #: data-parallel ranks (torchrun): gradients are averaged over them before every optimiser step
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.history: list[dict[str, float]] = []
 
     def batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -1301,12 +1332,25 @@ class Trainer:
         loss, stats = self.batch_loss(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            self._average_gradients()
         gn = torch.nn.utils.clip_grad_norm_(self.adapter.model.parameters(), cfg.grad_clip)
         self.opt.step()
         stats.update(loss=float(loss.detach()), lr=lr, grad_norm=float(gn), step=self.step)
         self.step += 1
-        self.samples += int(batch["frames"].shape[0])
+        self.samples += int(batch["frames"].shape[0]) * self.world
         return stats
+
+    def _average_gradients(self) -> None:
+        """Mean of every trainable parameter's gradient over the data-parallel ranks, in one
+        flat all-reduce (a parameter without a gradient on this rank contributes zeros)."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p).to(p.dtype)
 
     # -- checkpoints ------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -1557,17 +1601,25 @@ def session_accuracy(adapter, clips: Sequence[Any], policy: str = "mukv", **sess
 
 
 # ------------------------------------------------------------------------------ export
-def export(adapter, path: str | Path, card: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export(adapter, path: str | Path, card: str | None = None, dtype: torch.dtype = torch.bfloat16,
+           config: MukvConfig | None = None) -> Path:
     """Write a shippable checkpoint: ``config.json`` + ``model.safetensors`` in
-    ``dtype`` + tokenizer files (``save_pretrained``) + ``MODEL_CARD.md``.
+    ``dtype`` + tokenizer files (``save_pretrained``) + ``MODEL_CARD.md``, and with
+    ``config`` a ``mukv.json`` holding the levels the model was trained with (default:
+    :func:`config_for`), which :class:`mukv.Session` applies when asked for none.
     :meth:`LlavaOnevisionAdapter.from_pretrained` loads it offline (upcast on CPU)."""
     import copy
+    import json
+
+    from .model import MODEL_DEFAULTS_FILE
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(adapter.model).to("cpu", dtype)
     model.save_pretrained(str(path), safe_serialization=True)
     adapter.tokenizer.save_pretrained(str(path))
+    levels = (config or config_for(adapter)).model_dump(mode="json")["levels"]
+    (path / MODEL_DEFAULTS_FILE).write_text(json.dumps({"config": {"levels": levels}}, indent=1) + "\n")
     if card is not None:
         (path / "MODEL_CARD.md").write_text(card)
     return path
@@ -1603,9 +1655,13 @@ def format_report(reports: dict[str, dict[str, Any]]) -> str:
     return head + "\n".join(lines)
 
 
-def iterate_batches(dataset: TrainingClips, batch: int, start: int, workers: int) -> Iterator[dict[str, Any]]:
-    """Batches of consecutive dataset items from item ``start`` on (resumable), rendered in worker processes."""
-    sampler = range(start, len(dataset))
+def iterate_batches(dataset: TrainingClips, batch: int, start: int, workers: int, rank: int = 0,
+                    world: int = 1) -> Iterator[dict[str, Any]]:
+    """Batches of dataset items from item ``start`` on (resumable), rendered in worker processes.
+
+    With data parallelism, rank ``r`` of ``world`` reads items ``start + r``, ``start + r + world``, ...,
+    so the ranks together read the same items as one process would, whatever the number of GPUs."""
+    sampler = range(start + rank, len(dataset), world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
