@@ -258,14 +258,19 @@ class MukvConfig(BaseModel):
             raise ConfigError(format_validation_error(exc)) from None
 
     @classmethod
-    def from_policy(cls, name: str, **overrides: Any) -> "MukvConfig":
+    def from_policy(cls, name: str, *, under: dict[str, Any] | None = None, **overrides: Any) -> "MukvConfig":
         """The configuration of a registered policy ("mukv", "rekv", "uniform",
-        "sliding_window", "full_context", ...) with optional overrides."""
+        "sliding_window", "full_context", ...) with optional overrides.
+
+        ``under`` holds fields the policy and the overrides are applied over, in
+        place of mukv's defaults: a model's own defaults
+        (:attr:`~mukv.interfaces.ModelAdapter.default_config`, e.g. levels sized for
+        its tokens per frame)."""
         from .registry import registry
 
         policy = registry().get("policies", name, field="policy")
         base = policy() if callable(policy) else policy
-        return cls.build(merge(dict(base), overrides))
+        return cls.build(merge(merge(dict(under or {}), dict(base)), overrides))
 
     def replace(self, **overrides: Any) -> "MukvConfig":
         """A copy with fields replaced (nested dicts merge), validated again."""

@@ -247,6 +247,11 @@ class ModelAdapter(ABC):
     #: ``config.model_type`` values of checkpoints this adapter loads.
     model_types: ClassVar[tuple[str, ...]] = ()
 
+    #: Configuration fields the model was trained or tuned with (e.g. levels sized for its
+    #: tokens per frame), read from the checkpoint's ``mukv.json`` (:func:`mukv.model.read_model_defaults`).
+    #: :class:`mukv.Session` applies them under the policy's and the caller's configuration.
+    default_config: dict[str, Any] = {}
+
     @abstractmethod
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Visual tokens of frames.

@@ -513,6 +513,40 @@ def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: 
     return model, tokenizer, (json.loads(pre.read_text()) if pre.exists() else {})
 
 
+#: File in a checkpoint directory with the mukv configuration the model was trained with.
+MODEL_DEFAULTS_FILE = "mukv.json"
+
+
+def read_model_defaults(path) -> dict[str, Any]:
+    """The ``config`` object of a checkpoint's ``mukv.json`` (empty when there is none):
+    mukv configuration fields the model was trained with, e.g. levels sized for its
+    tokens per frame. Validated here, so a bad file is named before anything uses it.
+
+    Raises:
+        ConfigError: the file is not JSON, has no ``config`` object, or its fields are invalid.
+    """
+    import json
+    from pathlib import Path
+
+    from .config import MukvConfig
+    from .errors import ConfigError
+
+    file = Path(path) / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ConfigError(f'{file}: expected a JSON object with a "config" object of mukv configuration fields')
+    try:
+        MukvConfig.build(data["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    return data["config"]
+
+
 class HFVideoLLM(ModelAdapter):
     """A transformers Video-LLM: a vision encoder (subclass) + a decoder language model.
 

@@ -23,7 +23,7 @@ import torch
 
 from .assembly import Piece, assemble_context
 from .blocks import Answer, Query, RetrievedBlock
-from .config import MukvConfig
+from .config import MukvConfig, merge
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
 from .frames import as_frames, as_timestamps, iter_chunks
 from .interfaces import (
@@ -124,13 +124,22 @@ class Session:
                   if path is not None else None)
         if stored and config is None and policy is None:
             config = stored.get("config")
+        # what the caller asked for, as fields over mukv's defaults (a model's own defaults go under it)
+        overrides: dict[str, Any] | None = None
         if policy is not None:
             if not isinstance(policy, str):
                 raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
             base = MukvConfig.from_policy(policy)
             self.config = MukvConfig.build(base, **(config.model_dump() if isinstance(config, MukvConfig) else config or {}))
+            if not isinstance(config, MukvConfig):
+                entry = reg.get("policies", policy, field="policy")
+                overrides = merge(dict(entry() if callable(entry) else entry), config or {})
         else:
             self.config = MukvConfig.build(config)
+            if config is None or isinstance(config, dict):
+                overrides = dict(config or {})
+        if stored:
+            overrides = None  # a stored stream keeps the configuration it was written with
         self.progress = progress
         self.stream_id = stream_id
         try:
@@ -138,23 +147,15 @@ class Session:
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"invalid device {device!r}: {exc}") from None
         # resolve every component name before loading anything heavy
-        self.retriever: Retriever = build_component(
-            "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
-            self.config, Retriever)
-        compressor: Compressor = build_component(
-            "compressors", reg.get("compressors", self.config.compression.compressor, "compression.compressor"),
-            self.config, Compressor)
-        extractors, scorers = {}, {}
-        for i, lv in enumerate(self.config.levels):
-            extractors[lv.name] = build_component(
-                "extractors", reg.get("extractors", lv.extractor, f"levels.{i}.extractor"), self.config,
-                GranularityExtractor)
-            sname = lv.scorer or self.config.scoring.scorer
-            field = f"levels.{i}.scorer" if lv.scorer else "scoring.scorer"
-            scorers[lv.name] = build_component("scorers", reg.get("scorers", sname, field), self.config, TokenScorer)
+        self.retriever, compressor, extractors, scorers = self._components(reg)
 
         self.model = load_model(model, self.device, dtype)
         self.device = self.model.device
+        model_defaults = getattr(self.model, "default_config", None) or {}
+        if model_defaults and overrides is not None:
+            # the model's own defaults (e.g. levels sized for its tokens per frame) under what was asked for
+            self.config = MukvConfig.build(merge(model_defaults, overrides))
+            self.retriever, compressor, extractors, scorers = self._components(reg)
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
             split = extractors[lv.name].split(lv, self.model.grid)
@@ -180,6 +181,24 @@ class Session:
         self._last_time: float | None = last
         self._closed = False
         self._owner = True
+
+    def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
+        """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
+        retriever = build_component(
+            "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
+            self.config, Retriever)
+        compressor = build_component(
+            "compressors", reg.get("compressors", self.config.compression.compressor, "compression.compressor"),
+            self.config, Compressor)
+        extractors, scorers = {}, {}
+        for i, lv in enumerate(self.config.levels):
+            extractors[lv.name] = build_component(
+                "extractors", reg.get("extractors", lv.extractor, f"levels.{i}.extractor"), self.config,
+                GranularityExtractor)
+            sname = lv.scorer or self.config.scoring.scorer
+            field = f"levels.{i}.scorer" if lv.scorer else "scoring.scorer"
+            scorers[lv.name] = build_component("scorers", reg.get("scorers", sname, field), self.config, TokenScorer)
+        return retriever, compressor, extractors, scorers
 
     @classmethod
     def open(cls, path: str | Path, stream_id: str = "default", backend: str = "lancedb",

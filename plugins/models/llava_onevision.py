@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mukv.model import HFVideoLLM, load_checkpoint
+from mukv.model import HFVideoLLM, load_checkpoint, read_model_defaults
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 QUERY_TEMPLATE = "\n{question}"
@@ -78,9 +78,12 @@ class LlavaOnevisionAdapter(HFVideoLLM):
         """Load a local checkpoint directory (safetensors only; nothing is downloaded)."""
         from transformers import LlavaOnevisionForConditionalGeneration
 
+        defaults = read_model_defaults(path)
         model, tokenizer, pre = load_checkpoint(path, LlavaOnevisionForConditionalGeneration, device, dtype)
         mean, std = tuple(pre.get("image_mean", (0.5, 0.5, 0.5))), tuple(pre.get("image_std", (0.5, 0.5, 0.5)))
-        return cls(model, tokenizer, image_mean=mean, image_std=std, name=Path(path).name, **kwargs)
+        adapter = cls(model, tokenizer, image_mean=mean, image_std=std, name=Path(path).name, **kwargs)
+        adapter.default_config = defaults
+        return adapter
 
 
 # ------------------------------------------------------------------------------ presets

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mukv.model import MRopeVideoLLM, load_checkpoint
+from mukv.model import MRopeVideoLLM, load_checkpoint, read_model_defaults
 from mukv.rope import MRopeLayout
 
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -157,12 +157,15 @@ class QwenVLAdapter(MRopeVideoLLM):
         """
         import transformers
 
+        defaults = read_model_defaults(path)
         model, tokenizer, pre = load_checkpoint(path, getattr(transformers, cls.model_class_name), device, dtype)
         if pre:
             kwargs.setdefault("image_mean", tuple(pre.get("image_mean", cls.default_mean)))
             kwargs.setdefault("image_std", tuple(pre.get("image_std", cls.default_std)))
         kwargs.setdefault("name", Path(path).name)
-        return cls(model, tokenizer, **kwargs)
+        adapter = cls(model, tokenizer, **kwargs)
+        adapter.default_config = defaults
+        return adapter
 
 
 class Qwen2_5_VLAdapter(QwenVLAdapter):
