@@ -85,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of a loss that makes the answer position, entering --mid-layer, name what the "
                     "question asks to look for (the subject's shape, the asked colour or corner)")
     ap.add_argument("--mid-layer", type=int, default=2)
+    ap.add_argument("--retrieval", type=float, default=0.0,
+                    help="weight of the contrastive retrieval loss (regime mukv): the question's query vector must "
+                    "score its own scene's blocks above every other block of the batch (mukv.train.retrieval_loss)")
+    ap.add_argument("--retrieval-tau", type=float, default=0.1, help="temperature of the retrieval loss")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="no gradients through the vision tower and projector (once per-token perception is "
                     "learnt; their backward pass is most of a step)")
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
                         aux_lm=args.aux_lm, attn_sup=args.attn_sup,
                         attn_layers=tuple(int(x) for x in args.attn_layers.split(",") if x),
                         attn_heads=args.attn_heads, aux_mid=args.aux_mid, query_aux=args.query_aux,
-                        mid_layer=args.mid_layer, freeze_vision=args.freeze_vision, offset_prob=args.offset_prob,
+                        mid_layer=args.mid_layer, freeze_vision=args.freeze_vision, retrieval=args.retrieval,
+                        retrieval_tau=args.retrieval_tau, offset_prob=args.offset_prob,
                         max_offset=args.max_offset, bf16=not args.no_bf16, workers=args.workers)
     adapter = T.build_model(args.shape, seed=args.seed, device=device, dtype=torch.float32)
     config = T.config_for(adapter)
@@ -296,7 +301,7 @@ def main(argv=None) -> int:
                     for k in sorted(keys)}
             row = {"step": trainer.step, "time": round(time.perf_counter() - t_start, 1), "lr": stats["lr"],
                    **({"ranks": world} if world > 1 else {}),
-                   **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms", "attn"))},
+                   **{k: round(v, 4) for k, v in mean.items() if k.startswith(("loss", "acc", "grad", "rms", "attn", "ret"))},
                    "clips_s": round(world * window["clips"] / dt, 1),
                    "questions_s": round(world * window["questions"] / dt, 1),
                    "step_s": round(dt / n, 3), "data_wait_s": round(window["wait"] / n, 4)}

@@ -216,6 +216,8 @@ class TrainingClip:
         sources: ``(scene, first frame in the clip, evidence spec or None)`` of every question.
         evidence: optional bool ``[len(questions), n, g, g]`` (see :func:`evidence_mask`).
         query_labels: optional int64 ``[len(questions), 3]`` (see :func:`query_targets`).
+        spans: int64 ``[len(questions), 2]``: first frame and one past the last frame of
+            each question's scene in the clip (the positives of the retrieval loss).
     """
 
     frames: np.ndarray
@@ -224,6 +226,7 @@ class TrainingClip:
     sources: list[tuple[Any, int, dict | None]] = field(default_factory=list, repr=False)
     evidence: np.ndarray | None = None
     query_labels: np.ndarray | None = None
+    spans: np.ndarray | None = None
 
 
 #: Classes of :func:`query_targets`: shape (6), colour (8), corner (4).
@@ -524,6 +527,9 @@ class TrainingClips(torch.utils.data.Dataset):
         if self.evidence_grid or self.query_labels:
             clip.query_labels = np.array([query_targets(sc, kind, spec) for (sc, _, spec), (_, _, kind)
                                           in zip(clip.sources, clip.questions)], dtype=np.int64).reshape(-1, 3)
+        n = clip.frames.shape[0]
+        clip.spans = np.array([(max(0, off), min(n, off + sc.n)) for sc, off, _ in clip.sources],
+                              dtype=np.int64).reshape(-1, 2)
         clip.sources = []  # scenes stay in the worker
         return clip
 
@@ -552,6 +558,8 @@ def collate(items: list[TrainingClip]) -> dict[str, Any]:
         out["evidence"] = torch.from_numpy(np.concatenate([c.evidence for c in items]))  # [Q, F, g, g]
     if items[0].query_labels is not None:
         out["query_labels"] = torch.from_numpy(np.concatenate([c.query_labels for c in items]))  # [Q, 3]
+    if items[0].spans is not None:
+        out["spans"] = torch.from_numpy(np.concatenate([c.spans for c in items]))  # [Q, 2]
     return out
 
 
@@ -854,12 +862,21 @@ class LevelMemory:
         kv: ``[B * n, H, K, D]`` per layer (clip-major), with gradients.
         vectors: ``[B, n, V]`` block vectors (float32, no gradient).
         n: blocks per clip.
+        frames: frames per block window (block ``j`` of a clip covers frames
+            ``[w * (j // per_window), w * (j // per_window) + w)``).
+        per_window: blocks per window.
     """
 
     name: str
     kv: KV
     vectors: torch.Tensor
     n: int
+    frames: int = 1
+    per_window: int = 1
+
+    def live_vectors(self, b: int) -> torch.Tensor:
+        """``[B, n, V]`` the block vectors with gradients (mean last-layer key of the kept tokens)."""
+        return self.kv[-1][0].float().mean(dim=2).reshape(b, self.n, -1)
 
 
 def level_memory(adapter, prefix: KV, visual: torch.Tensor, lv: _Level,
@@ -903,7 +920,7 @@ def level_memory(adapter, prefix: KV, visual: torch.Tensor, lv: _Level,
         out.append((k.gather(2, g), v.gather(2, g)))
     with torch.no_grad():
         vectors = out[-1][0].detach().float().mean(dim=2).reshape(b, nw * per_window, -1)
-    return LevelMemory(lv.level.name, out, vectors, nw * per_window)
+    return LevelMemory(lv.level.name, out, vectors, nw * per_window, w, per_window)
 
 
 def retrieve(memories: list[LevelMemory], config: MukvConfig, query: torch.Tensor, clip: torch.Tensor
@@ -947,6 +964,43 @@ def retrieve(memories: list[LevelMemory], config: MukvConfig, query: torch.Tenso
             ids = ids.gather(1, order)
         out[name] = ids[:, : tops[name]]
     return out
+
+
+def retrieval_loss(memories: list[LevelMemory], query: torch.Tensor, clip: torch.Tensor, spans: torch.Tensor,
+                   tau: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Contrastive loss that teaches MuKV's retrieval to find the questioned scene.
+
+    For each level, each question's query vector (``[Q, V]``, with gradients) is scored
+    (cosine / ``tau``) against every block vector of every clip of the batch; the
+    positives are the blocks of its own clip whose frames overlap its scene
+    (``spans``, ``[Q, 2]``), every other block (other scenes of the clip, other clips)
+    is a negative. Loss: ``-log(sum over positives of softmax)``, averaged over
+    questions and levels. Stats: ``ret_top1_<level>``, the share of questions whose
+    best-scoring block is a positive."""
+    qn = F.normalize(query.float(), dim=-1)
+    q = query.shape[0]
+    losses, stats = [], {}
+    for mem in memories:
+        b = mem.vectors.shape[0]
+        vec = F.normalize(mem.live_vectors(b), dim=-1).reshape(b * mem.n, -1)  # [B * n, V]
+        logits = qn @ vec.T / tau  # [Q, B * n]
+        j = torch.arange(mem.n, device=query.device)
+        start = (j // mem.per_window) * mem.frames
+        own = torch.zeros(q, b, mem.n, dtype=torch.bool, device=query.device)
+        hit = (start[None] < spans[:, 1:2]) & (start[None] + mem.frames > spans[:, 0:1])  # [Q, n]
+        own[torch.arange(q, device=query.device), clip] = hit
+        pos = own.reshape(q, -1)
+        ok = pos.any(1)
+        if not bool(ok.any()):
+            continue
+        lse_all = logits.logsumexp(1)
+        lse_pos = logits.masked_fill(~pos, float("-inf")).logsumexp(1)
+        losses.append((lse_all - lse_pos)[ok].mean())
+        best = logits.argmax(1)
+        stats[f"ret_top1_{mem.name}"] = float(pos[torch.arange(q, device=query.device), best][ok].float().mean())
+    if not losses:
+        return query.sum() * 0.0, stats
+    return sum(losses) / len(losses), stats
 
 
 def mukv_context(prefix: KV, memories: list[LevelMemory], chosen: dict[str, torch.Tensor], clip: torch.Tensor) -> KV:
@@ -1041,8 +1095,8 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
                   qb: QuestionBatch, opts: RegimeOptions, generator: torch.Generator | None = None,
                   visual: torch.Tensor | None = None, hidden: dict[str, torch.Tensor] | None = None,
                   evidence: torch.Tensor | None = None, attn_heads: tuple[tuple[int, ...], int] | None = None,
-                  masses: dict[str, torch.Tensor] | None = None, mid: MidCapture | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  masses: dict[str, torch.Tensor] | None = None, mid: MidCapture | None = None,
+                  retrieval: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Logits ``[Q, 2, V]`` (answer word, end token) for every regime in ``opts``,
     from one encoding of the clips (``visual``, computed here if not given).
     Gradients flow when grad mode is on. With ``hidden`` (a dict), the final
@@ -1053,7 +1107,10 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
     attention mass on the evidence (:class:`EvidenceAttention`) of regimes (a)
     and (b), whose memory keeps every visual token in clip order, is stored there.
     With ``mid``, the whole-clip regime's visual tokens (``"visual"``, ``[B, F * T, E]``)
-    and answer positions (``"answer"``, ``[Q, E]``) entering ``mid.layer`` are recorded."""
+    and answer positions (``"answer"``, ``[Q, E]``) entering ``mid.layer`` are recorded.
+    With ``retrieval`` (a dict holding ``"spans"``, ``[Q, 2]``), regime (c) also puts
+    :func:`retrieval_loss` there (``"loss"``, ``"stats"``), its query vectors computed
+    with gradients."""
     dev = frames.device
     if visual is None:
         visual = encode(adapter, frames)  # [B, F, T, E]
@@ -1126,8 +1183,16 @@ def memory_logits(adapter, levels: list[_Level], config: MukvConfig, frames: tor
                 continue
             reuse = frames_pre if lv is frame_level else None
             memories.append(level_memory(adapter, prefix, visual, lv, reuse))
+        if retrieval is not None:
+            qv = query_vectors(adapter, prefix, qb.query_ids, qb.query_len)
+            retrieval["loss"], retrieval["stats"] = retrieval_loss(
+                memories, qv, clip, retrieval["spans"].to(dev), retrieval.get("tau", 0.1))
+            qv = qv.detach()
+        else:
+            with torch.no_grad():
+                qv = query_vectors(adapter, [(k.detach(), v.detach()) for k, v in prefix], qb.query_ids,
+                                   qb.query_len)
         with torch.no_grad():
-            qv = query_vectors(adapter, [(k.detach(), v.detach()) for k, v in prefix], qb.query_ids, qb.query_len)
             chosen = retrieve(memories, config, qv, clip)
         ctx = mukv_context(prefix, memories, chosen, clip)
         start = ctx[0][0].shape[2] + offsets()
@@ -1172,6 +1237,8 @@ class TrainConfig:
     query_aux: float = 0.0
     mid_layer: int = 2
     freeze_vision: bool = False
+    retrieval: float = 0.0
+    retrieval_tau: float = 0.1
     schedule_start: int = 0
     offset_prob: float = 0.5
     max_offset: int = 16384
@@ -1258,11 +1325,13 @@ class Trainer:
             evidence = batch["evidence"].reshape(clip.shape[0], -1).to(self.device) if sup else None
             want_mid = "full" in opts.regimes and ((cfg.aux_mid > 0 and "labels" in batch)
                                                    or (cfg.query_aux > 0 and "query_labels" in batch))
+            ret = ({"spans": batch["spans"], "tau": cfg.retrieval_tau}
+                   if cfg.retrieval > 0 and "mukv" in opts.regimes and "spans" in batch else None)
             with contextlib.ExitStack() as stack:
                 mid = stack.enter_context(MidCapture(adapter, cfg.mid_layer)) if want_mid else None
                 logits = memory_logits(adapter, self.levels, self.config, frames, clip, qb, opts, gen, visual,
                                        hidden, evidence, (tuple(cfg.attn_layers), cfg.attn_heads) if sup else None,
-                                       masses, mid)
+                                       masses, mid, ret)
             aux_logits = self.aux_head(visual) if cfg.aux > 0 and "labels" in batch else None
             lm_logits = {k: self.aux_head_lm(h) for k, h in hidden.items()} if hidden else {}
             if mid is not None and cfg.aux_mid > 0 and "labels" in batch:
@@ -1308,6 +1377,10 @@ class Trainer:
                 qloss = sum(losses) / len(losses)
                 total = total + cfg.query_aux * qloss
                 stats["loss_query"] = float(qloss.detach())
+        if ret is not None and "loss" in ret:
+            total = total + cfg.retrieval * ret["loss"]
+            stats["loss_retrieval"] = float(ret["loss"].detach())
+            stats.update(ret["stats"])
         for name, m in masses.items():
             # the designated heads must find the evidence: -log of the attention mass on it
             sup_loss = -torch.log(m.float() + 1e-4).mean()
