@@ -8,8 +8,10 @@ through :meth:`mukv.Session.fork` and differ only in retrieval.
 
 Every policy answers from the same number of KV tokens: the budget is MuKV's at
 its defaults (top-k 20/32/12 over 49/196/784-token blocks kept at 0.1/0.1/0.8,
-about 8.2K tokens for 196 tokens per frame) unless ``budget_tokens`` says
-otherwise; frame-block baselines get ``budget // tokens_per_frame`` frames.
+about 8.2K tokens for 196 tokens per frame), or at the model's own levels where its
+checkpoint has them (``mukv.json``; mukv-tiny: 7/49/196-token blocks, about 2K
+tokens), unless ``budget_tokens`` says otherwise; frame-block baselines get
+``budget // tokens_per_frame`` frames. MuKV's variants run at the model's levels too.
 Full context takes every frame and runs only while the stream fits in
 ``full_context_max_tokens``. "no_memory" answers from the question alone (a
 text-only floor).
@@ -63,9 +65,12 @@ def mukv_budget(config: MukvConfig, tokens_per_frame: int) -> int:
     return total
 
 
-def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: int | None = None) -> list[PolicyPlan]:
-    """Configurations of the policies at one shared KV budget."""
-    budget = budget_tokens if budget_tokens is not None else mukv_budget(MukvConfig(), tokens_per_frame)
+def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: int | None = None,
+                  model_defaults: dict[str, Any] | None = None) -> list[PolicyPlan]:
+    """Configurations of the policies at one shared KV budget (default: MuKV's at the
+    model's own levels, ``model_defaults``, where it has them)."""
+    budget = (budget_tokens if budget_tokens is not None
+              else mukv_budget(MukvConfig.build(model_defaults), tokens_per_frame))
     plans = []
     for name in names:
         if name == "no_memory":
@@ -73,7 +78,7 @@ def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: in
                 levels=[{"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 0}])
             plans.append(PolicyPlan(name, cfg))
             continue
-        cfg = MukvConfig.from_policy(name)
+        cfg = MukvConfig.from_policy(name, under=model_defaults)
         levels = cfg.levels
         if name == "full_context":
             plans.append(PolicyPlan(name, cfg, full_context=True))
@@ -98,6 +103,8 @@ class Record:
     kv_tokens: int
     seconds: float
     levels: dict[str, int] = field(default_factory=dict)
+    #: share of the retrieved visual KV tokens that lie in the questioned scene's frames
+    evidence_share: float = 0.0
 
 
 def evaluate(
@@ -113,6 +120,7 @@ def evaluate(
     feed_batch: int = 64,
     progress: bool = False,
     log=print,
+    oracle: bool = False,
 ) -> dict[str, Any]:
     """Run every policy on a stream of each length; return the results dict.
 
@@ -129,6 +137,9 @@ def evaluate(
         feed_batch: frames per ``feed`` call.
         progress: show progress bars.
         log: where progress lines go.
+        oracle: also report "oracle": each question asked of a fresh session fed only
+            its own scene's frames (the context-complete clip), with the first policy's configuration.
+            It separates reading (the model) from finding (the memory policy).
 
     Returns:
         ``{"runs": [...], "records": [...], "settings": {...}}`` where each run
@@ -139,17 +150,19 @@ def evaluate(
 
     adapter = load_model(model, _device(), None)
     tpf = adapter.tokens_per_frame
-    plans = plan_policies(policies, tpf, budget_tokens)
+    defaults = getattr(adapter, "default_config", None) or {}
+    plans = plan_policies(policies, tpf, budget_tokens, defaults)
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
         groups.setdefault(p.storage_key(), []).append(p)
     records: list[Record] = []
     runs: list[dict[str, Any]] = []
+    groups_list = list(groups.values())
     for m in minutes:
         bench = Benchmark.generate(seed=seed, minutes=m, fps=fps, questions=questions)
         stream = bench.stream
         qs = sorted(bench.questions, key=lambda q: (q.ask_frame, q.id))
-        for group in groups.values():
+        for group in groups_list:
             t0 = time.perf_counter()
             base = Session(model=adapter, config=group[0].config, progress=False)
             sessions = {p.name: (base if i == 0 else base.fork(config=p.config)) for i, p in enumerate(group)}
@@ -167,10 +180,12 @@ def evaluate(
                     t1 = time.perf_counter()
                     ans = sessions[p.name].ask(q.text, max_new_tokens=max_new_tokens)
                     records.append(Record(p.name, m, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
-                                          time.perf_counter() - t1, ans.levels()))
+                                          time.perf_counter() - t1, ans.levels(), evidence_share(ans, q)))
             bar.close()
+            if oracle and group is groups_list[0]:
+                records += _oracle_records(adapter, group[0].config, stream, qs, m, max_new_tokens)
             stored = base.stats()
-            for p in group:
+            for p in group + ([PolicyPlan(ORACLE, group[0].config)] if oracle and group is groups_list[0] else []):
                 mine = [r for r in records if r.policy == p.name and r.minutes == m]
                 if not mine:
                     runs.append({"policy": p.name, "minutes": m, "skipped": "stream does not fit in full context"})
@@ -180,25 +195,67 @@ def evaluate(
                     "policy": p.name, "minutes": m, "questions": len(mine), "accuracy": rep["overall"],
                     "by_kind": rep["by_kind"], "by_level": rep["by_level"], "by_depth": rep.get("by_depth", {}),
                     "kv_tokens": sum(r.kv_tokens for r in mine) / len(mine),
+                    "evidence_share": sum(r.evidence_share for r in mine) / len(mine),
+                    "evidence_hit": sum(r.evidence_share > 0 for r in mine) / len(mine),
                     "stored_bytes_per_minute": stored["bytes"] / m,
                     "answer_seconds": sum(r.seconds for r in mine) / len(mine),
                 })
                 log(f"{m:>8g} min  {p.name:<15} acc {rep['overall']:.3f}  kv {runs[-1]['kv_tokens']:>8.0f}  "
+                    f"evidence {runs[-1]['evidence_share']:.2f}  "
                     f"stored {runs[-1]['stored_bytes_per_minute'] / 2**20:8.2f} MiB/min")
             log(f"{m:>8g} min  group {', '.join(sessions)} took {time.perf_counter() - t0:.1f} s")
             base.close()
     settings = {"minutes": list(minutes), "policies": list(policies), "questions": questions, "seed": seed,
                 "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
-                "budget_tokens": budget_tokens if budget_tokens is not None else mukv_budget(MukvConfig(), tpf),
+                "budget_tokens": (budget_tokens if budget_tokens is not None
+                                  else mukv_budget(MukvConfig.build(defaults), tpf)),
                 "full_context_max_tokens": full_context_max_tokens}
     return {"settings": settings, "runs": runs, "records": [_record_dict(r) for r in records]}
+
+
+#: Name of the oracle row: each question answered from its own scene only.
+ORACLE = "oracle_scene"
+
+
+def evidence_share(answer: Any, question: Any) -> float:
+    """Share of the answer's retrieved visual KV tokens whose frames overlap the question's
+    evidence frames (``[evidence_start, evidence_end)``); 0 when nothing was retrieved."""
+    total = inside = 0
+    for b in answer.blocks:
+        total += b.tokens
+        if b.frame_start < question.evidence_end and b.frame_end > question.evidence_start:
+            inside += b.tokens
+    return inside / total if total else 0.0
+
+
+@dataclass
+class _Span:
+    evidence_start: int
+    evidence_end: int
+
+
+def _oracle_records(adapter: Any, config: MukvConfig, stream: Any, qs: Sequence[Any], minutes: float,
+                    max_new_tokens: int) -> list[Record]:
+    from ..session import Session
+
+    out = []
+    for q in qs:
+        t1 = time.perf_counter()
+        with Session(model=adapter, config=config) as s:
+            s.feed(stream.frames(q.evidence_start, q.evidence_end),
+                   timestamps=stream.timestamps[q.evidence_start:q.evidence_end])
+            ans = s.ask(q.text, max_new_tokens=max_new_tokens)
+        own = _Span(0, q.evidence_end - q.evidence_start)  # the session's frames count from the scene's first
+        out.append(Record(ORACLE, minutes, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
+                          time.perf_counter() - t1, ans.levels(), evidence_share(ans, own)))
+    return out
 
 
 def _record_dict(r: Record) -> dict[str, Any]:
     q = r.question
     return {"policy": r.policy, "minutes": r.minutes, "id": q.id, "kind": q.kind, "level": q.level,
             "depth_s": q.depth_s, "answer": q.answer, "prediction": r.prediction, "correct": r.correct,
-            "kv_tokens": r.kv_tokens, "seconds": r.seconds, "levels": r.levels}
+            "kv_tokens": r.kv_tokens, "seconds": r.seconds, "levels": r.levels, "evidence_share": r.evidence_share}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -210,14 +267,15 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     out = [f"Model `{s['model']}`, {s['questions']} questions per stream, seed {s['seed']}, {s['fps']} fps, "
            f"KV budget {s['budget_tokens']} tokens ({s['tokens_per_frame']} tokens per frame).", "",
-           "| policy | " + " | ".join(f"{m:g} min" for m in mins) + " | KV tokens | stored MiB/min |",
-           "|---|" + "---|" * len(mins) + "---|---|"]
+           "| policy | " + " | ".join(f"{m:g} min" for m in mins) + " | KV tokens | evidence share | stored MiB/min |",
+           "|---|" + "---|" * len(mins) + "---|---|---|"]
     for p in pols:
         cells = [f"{acc[(p, m)]['accuracy']:.3f}" if (p, m) in acc else "n/a" for m in mins]
         mine = [acc[(p, m)] for m in mins if (p, m) in acc]
         kv = sum(r["kv_tokens"] for r in mine) / max(1, len(mine))
         mib = sum(r["stored_bytes_per_minute"] for r in mine) / max(1, len(mine)) / 2**20
-        out.append(f"| {p} | " + " | ".join(cells) + f" | {kv:.0f} | {mib:.2f} |")
+        ev = sum(r.get("evidence_share", 0.0) for r in mine) / max(1, len(mine))
+        out.append(f"| {p} | " + " | ".join(cells) + f" | {kv:.0f} | {ev:.2f} | {mib:.2f} |")
     kinds = sorted({k for r in runs for k in r["by_kind"]})
     for m in mins:
         out += ["", f"Accuracy per question kind, {m:g} min of stream:", "",
@@ -296,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-context-max-tokens", type=int, default=32768)
     p.add_argument("--out", default=None, help="folder for results.json, results.md and accuracy.png")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--oracle", action="store_true",
+                   help="also answer each question from its own scene only (row oracle_scene): reading vs finding")
     return p
 
 
@@ -310,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
     t0 = time.perf_counter()
     res = evaluate(args.model, args.minutes, args.policies, args.questions, args.seed, args.fps,
-                   args.budget_tokens, args.full_context_max_tokens, progress=args.progress)
+                   args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle)
     res["settings"]["seconds"] = time.perf_counter() - t0
     md = markdown(res)
     print(md)

@@ -49,3 +49,45 @@ def test_too_many_questions_for_the_stream_is_a_clear_error():
 
     with pytest.raises(SystemExit, match=r"--minutes 1 with --questions 11: stream of 1.0 min is too short"):
         evaluate.main(["--model", "no-such-model", "--minutes", "1", "--questions", "11"])
+
+
+def test_budget_and_levels_follow_the_model_defaults():
+    """A model whose checkpoint carries its own levels (mukv-tiny: 7/49/196-token blocks at 49
+    tokens per frame) sets the shared budget, and MuKV's variants run at those levels."""
+    from mukv.train import toy_config
+
+    levels = toy_config().model_dump(mode="json")["levels"]
+    plans = {p.name: p for p in plan_policies(["mukv", "mukv_timeline", "rekv"], 49, None, {"levels": levels})}
+    assert plans["mukv"].config.levels == plans["mukv_timeline"].config.levels == toy_config().levels
+    assert plans["mukv_timeline"].config.assembly.rerotate
+    budget = mukv_budget(toy_config(), 49)
+    assert budget == 20 * 2 + 32 * 4 + 12 * 156
+    assert plans["rekv"].config.levels[0].top_k == budget // 49
+
+
+def test_evidence_share_counts_tokens_in_the_questioned_scene():
+    from types import SimpleNamespace as NS
+
+    from mukv.bench.evaluate import evidence_share
+
+    q = NS(evidence_start=10, evidence_end=14)
+    blocks = [NS(frame_start=9, frame_end=10, tokens=5), NS(frame_start=12, frame_end=13, tokens=3),
+              NS(frame_start=13, frame_end=17, tokens=2)]
+    assert evidence_share(NS(blocks=blocks), q) == 0.5
+    assert evidence_share(NS(blocks=[]), q) == 0.0
+
+
+def test_oracle_row_answers_from_the_scene_alone(tmp_path, tiny_model, monkeypatch):
+    import mukv.session
+
+    monkeypatch.setattr(mukv.session, "load_model", lambda m, d, t: tiny_model)
+    out = tmp_path / "eval"
+    assert main(["--model", "tiny-llava-ov", "--minutes", "1", "--questions", "2", "--policies", "mukv", "rekv",
+                 "--oracle", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["policy"]: r for r in res["runs"]}
+    assert set(runs) == {"mukv", "rekv", "oracle_scene"} and runs["oracle_scene"]["questions"] == 2
+    # fed only its scene, every retrieved token is evidence
+    assert runs["oracle_scene"]["evidence_share"] == 1.0
+    assert all(0.0 <= r["evidence_share"] <= 1.0 for r in runs.values())
+    assert "| oracle_scene |" in markdown(res)
