@@ -515,6 +515,32 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 DEMO_KINDS = ("object_color", "motion", "mark_color", "count", "object_shape", "dot_color", "color_change",
               "object_place")
 
+#: Kinds of the short clips the demo asks about first (one each).
+DEMO_CLIP_KINDS = ("object_color", "motion", "count")
+
+
+def _demo_clips(session, args: argparse.Namespace) -> int:
+    """Part 1 of the demo: one question about each of a few short generated clips (8 frames,
+    one questioned scene among others), each fed to a fresh session of the same model, so
+    every block fits the answer's context. Returns how many were answered correctly."""
+    from .bench import sample_clip, score
+    from .session import Session
+
+    print("1. short clips: 8 frames each, every block in the answer's context")
+    right = 0
+    for i, kind in enumerate(DEMO_CLIP_KINDS):
+        clip = sample_clip(np.random.default_rng([args.seed, 8, i]), 8, kinds=(kind,))
+        with Session(model=session.model, config=session.config, device=session.device) as s:
+            s.feed(clip.frames)
+            answer = s.ask(clip.question, max_new_tokens=args.max_new_tokens)
+        ok = score(answer.text, clip.answer)
+        right += ok
+        _say(f"  Q: {clip.question}\n  A: {answer.text or '(empty)'!s:<12}  truth: {clip.answer:<10}  "
+             f"{'correct' if ok else 'wrong'}  ({answer.kv_tokens:,} KV tokens)")
+    print()
+    return right
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import plots
     from .bench import Benchmark, score
@@ -556,6 +582,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if note:
         print("  " + "\n  ".join(textwrap.wrap(note, 110)))
     print()
+    clip_right = _demo_clips(session, args)
+    print(f"2. {minutes:g} minutes of stream: questions about moments long past (MuKV retrieves their blocks)")
     results = []  # (question, answer, time asked)
     trace = []
     ingest_s = 0.0
@@ -603,7 +631,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     n = len(results)
     print()
     print("summary")
-    print(f"  answers    {correct}/{n} correct" + ("  (random weights: expect noise)" if name == RANDOM_MODEL else ""))
+    noise = "  (random weights: expect noise)" if name == RANDOM_MODEL else ""
+    print(f"  clips      {clip_right}/{len(DEMO_CLIP_KINDS)} correct (8-frame clips, every block in the answer's context)"
+          + noise)
+    print(f"  answers    {correct}/{n} correct on the stream" + noise)
     found = {}
     for q, a, _ in results:
         for level in a.levels():

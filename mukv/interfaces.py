@@ -248,7 +248,7 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
 
     #: Configuration fields the model was trained or tuned with (e.g. levels sized for its
-    #: tokens per frame), read from the checkpoint's ``mukv.json`` (:func:`mukv.model.read_model_defaults`).
+    #: tokens per frame), read from the checkpoint's ``mukv_config.json`` (:func:`mukv.model.read_model_defaults`).
     #: :class:`mukv.Session` applies them under the policy's and the caller's configuration.
     default_config: dict[str, Any] = {}
 

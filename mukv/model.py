@@ -514,11 +514,11 @@ def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: 
 
 
 #: File in a checkpoint directory with the mukv configuration the model was trained with.
-MODEL_DEFAULTS_FILE = "mukv.json"
+MODEL_DEFAULTS_FILE = "mukv_config.json"
 
 
 def read_model_defaults(path) -> dict[str, Any]:
-    """The ``config`` object of a checkpoint's ``mukv.json`` (empty when there is none):
+    """The ``config`` object of a checkpoint's ``mukv_config.json`` (empty when there is none):
     mukv configuration fields the model was trained with, e.g. levels sized for its
     tokens per frame. Validated here, so a bad file is named before anything uses it.
 

@@ -1678,7 +1678,7 @@ def export(adapter, path: str | Path, card: str | None = None, dtype: torch.dtyp
            config: MukvConfig | None = None) -> Path:
     """Write a shippable checkpoint: ``config.json`` + ``model.safetensors`` in
     ``dtype`` + tokenizer files (``save_pretrained``) + ``MODEL_CARD.md``, and with
-    ``config`` a ``mukv.json`` holding the levels the model was trained with (default:
+    ``config`` a ``mukv_config.json`` holding the levels the model was trained with (default:
     :func:`config_for`), which :class:`mukv.Session` applies when asked for none.
     :meth:`LlavaOnevisionAdapter.from_pretrained` loads it offline (upcast on CPU)."""
     import copy

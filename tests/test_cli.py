@@ -153,7 +153,10 @@ def test_demo_prints_answers_truth_levels_and_writes_pictures(capsys, tmp_path):
                        "--plot", str(paths["timeline"]), "--plot-tokens", str(paths["tokens"]),
                        "--plot-memory", str(paths["memory"]))
     assert rc == 0, err
-    assert out.count("  Q: ") == 2 and out.count("truth: ") == 2
+    # three short clips first, then the stream's two questions
+    assert out.count("  Q: ") == 3 + 2 and out.count("truth: ") == 3 + 2
+    assert "1. short clips" in out and "2. 4 minutes of stream" in out
+    assert "clips      " in out and "/3 correct (8-frame clips" in out
     assert "retrieved: " in out and "patch" in out and "segment" in out
     assert "evidence scene among them" in out
     for word in ("summary", "answers", "ingest", "frames/s", "memory", "KV tokens per answer"):

@@ -1,4 +1,4 @@
-"""A checkpoint's own configuration (mukv.json): read, validated, and applied by Session
+"""A checkpoint's own configuration (mukv_config.json): read, validated, and applied by Session
 under the policy's and the caller's fields, never over a stored stream's."""
 
 from __future__ import annotations

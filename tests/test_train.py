@@ -346,7 +346,7 @@ def test_export_round_trip(toy, tmp_path):
     path = T.export(toy, tmp_path / "toy-export")
     loaded = LlavaOnevisionAdapter.from_pretrained(path)
     assert loaded.grid == toy.grid and loaded.dtype == torch.float32
-    # the levels it trains with (49 tokens per frame: toy_config's) travel in mukv.json
+    # the levels it trains with (49 tokens per frame: toy_config's) travel in mukv_config.json
     assert T.MukvConfig.build(loaded.default_config).levels == T.toy_config().levels
     for (n, p), (_, q) in zip(toy.model.named_parameters(), loaded.model.named_parameters()):
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=n)
@@ -385,7 +385,7 @@ def shipped_session_answer():
 
 def test_session_mukv_tiny_loads_and_answers(shipped_session_answer):
     """Session(model="mukv-tiny") loads the shipped checkpoint (49 tokens per frame), takes
-    the levels it was trained with from its mukv.json, and answers with a word of the
+    the levels it was trained with from its mukv_config.json, and answers with a word of the
     question kind's answer set from all three levels."""
     from mukv.bench import answer_space
 

@@ -9,7 +9,7 @@ through :meth:`mukv.Session.fork` and differ only in retrieval.
 Every policy answers from the same number of KV tokens: the budget is MuKV's at
 its defaults (top-k 20/32/12 over 49/196/784-token blocks kept at 0.1/0.1/0.8,
 about 8.2K tokens for 196 tokens per frame), or at the model's own levels where its
-checkpoint has them (``mukv.json``; mukv-tiny: 7/49/196-token blocks, about 2K
+checkpoint has them (``mukv_config.json``; mukv-tiny: 7/49/196-token blocks, about 2K
 tokens), unless ``budget_tokens`` says otherwise; frame-block baselines get
 ``budget // tokens_per_frame`` frames. MuKV's variants run at the model's levels too.
 Full context takes every frame and runs only while the stream fits in
