@@ -218,6 +218,11 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
             row["held_gpu_mib"] = sum(g for _, g in held) / 2**20
             row["gpu_alloc_mib"] = torch.cuda.memory_allocated() / 2**20
             row["gpu_reserved_mib"] = torch.cuda.memory_reserved() / 2**20
+            # page-locked host memory held by torch's pinned allocator (in use + cached): part of RSS
+            # that the disk tier's staging buffers can grow and that is never given back by itself
+            pinned = torch.cuda.host_memory_stats()
+            row["pinned_mib"] = pinned.get("allocated_bytes.current", 0) / 2**20
+            row["pinned_active_mib"] = pinned.get("active_bytes.current", 0) / 2**20
         samples.append(row)
         if stop.wait(args.sample_every):
             return
@@ -388,14 +393,15 @@ def report(res: dict[str, Any]) -> str:
     lines.append("")
     gpu = "gpu_alloc_mib" in (res["samples"][0] if res["samples"] else {})
     head = ("t s", "RSS MiB", "held MiB", "RSS-held", "hot used/budget MiB", "frames", "answered", "errors") + (
-        ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held") if gpu else ())
+        ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held", "pinned host MiB (active)") if gpu else ())
     rows = [head]
     step = max(1, len(res["samples"]) // 12)
     for r in res["samples"][::step] + ([res["samples"][-1]] if len(res["samples"]) % step != 1 else []):
         rows.append((f"{r['t']:.0f}", f"{r['rss_mib']:.0f}", f"{r['held_mib']:.0f}", f"{r['rss_mib'] - r['held_mib']:.0f}",
                      f"{r['hot_used_mib']:.1f}/{r['hot_budget_mib']:.0f}", r["frames"], r["answered"], r["errors"])
                     + ((f"{r['gpu_alloc_mib']:.0f}", f"{r['held_gpu_mib']:.0f}",
-                        f"{r['gpu_alloc_mib'] - r['held_gpu_mib']:.0f}") if gpu else ()))
+                        f"{r['gpu_alloc_mib'] - r['held_gpu_mib']:.0f}",
+                        f"{r.get('pinned_mib', 0):.0f} ({r.get('pinned_active_mib', 0):.0f})") if gpu else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     for r in rows:
         lines.append("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
