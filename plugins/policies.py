@@ -30,6 +30,8 @@ POLICIES: dict[str, dict] = {
     ]},
     "mukv_time": {"assembly": {"order": "time"}},
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
+    # segments first over the whole stream, then frames and patches only inside the chosen segments
+    "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
     "rekv": _frames_only("cosine", 64),
     "uniform": _frames_only("uniform", 64, "time"),
     "sliding_window": _frames_only("recent", 64, "time"),

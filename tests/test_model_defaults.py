@@ -84,3 +84,15 @@ def test_policy_config_can_sit_on_model_defaults():
     cfg = MukvConfig.from_policy("mukv_timeline", under={"levels": TOY_LEVELS})
     assert cfg.levels == toy_config().levels and cfg.assembly.rerotate
     assert MukvConfig.from_policy("rekv", under={"levels": TOY_LEVELS}).levels[0].keep_ratio == 1.0
+
+
+def test_hierarchical_variant_runs_at_the_model_levels(model):
+    """mukv_hierarchical (segments first) is a policy like the others: the model's levels, the
+    strictly hierarchical retriever, answers from every level of a short stream."""
+    import numpy as np
+
+    with mukv.Session(model=model, device="cpu", policy="mukv_hierarchical") as s:
+        assert s.config.retrieval.retriever == "hierarchical" and s.config.levels == toy_config().levels
+        s.feed(np.random.default_rng(0).integers(0, 255, (12, 64, 64, 3), dtype=np.uint8))
+        answer = s.ask("what color was the circle?", max_new_tokens=2)
+    assert set(answer.levels()) == {"patch", "frame", "segment"}

@@ -35,8 +35,8 @@ from ..config import MukvConfig
 from .dataset import Benchmark
 from .questions import accuracy_report, score
 
-DEFAULT_POLICIES = ("mukv", "mukv_spatial", "mukv_time", "rekv", "uniform", "sliding_window", "full_context",
-                    "no_memory")
+DEFAULT_POLICIES = ("mukv", "mukv_spatial", "mukv_time", "mukv_timeline", "mukv_hierarchical", "rekv", "uniform",
+                    "sliding_window", "full_context", "no_memory")
 
 
 @dataclass
