@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the contrastive retrieval loss (regime mukv): the question's query vector must "
                     "score its own scene's blocks above every other block of the batch (mukv.train.retrieval_loss)")
     ap.add_argument("--retrieval-tau", type=float, default=0.1, help="temperature of the retrieval loss")
+    ap.add_argument("--kind-weights", default=None,
+                    help="draw question kinds in these integer proportions, e.g. event=3,after=3 (others 1)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="no gradients through the vision tower and projector (once per-token perception is "
                     "learnt; their backward pass is most of a step)")
@@ -210,6 +212,15 @@ def main(argv=None) -> int:
         return {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
     weights = parse_weights(args.weights)
+    kinds = None
+    if args.kind_weights:
+        from mukv.bench import KINDS
+
+        kw = {k: int(v) for k, v in parse_weights(args.kind_weights).items()}
+        unknown = sorted(set(kw) - set(KINDS))
+        if unknown or any(v < 0 for v in kw.values()):
+            raise SystemExit(f"--kind-weights: kinds must be among {list(KINDS)} with weights >= 0; got {kw}")
+        kinds = tuple(k for k in KINDS for _ in range(kw.get(k, 1)))
     stage1_weights = parse_weights(args.stage1_weights) if args.stage1_weights else weights
     cfg = T.TrainConfig(shape=args.shape, seed=args.seed, steps=args.steps, batch=args.batch, frames=args.frames,
                         max_questions=args.max_questions, single=args.single, plain=args.plain, lr=args.lr, warmup=args.warmup,
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
     dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid, query_labels=args.query_aux > 0,
                               num_frames=args.frames,
                               max_questions=args.max_questions, single=args.single, plain=args.plain,
-                              extra=args.extra_questions)
+                              extra=args.extra_questions, kinds=kinds)
 
     def curriculum():
         if trainer.step < args.stage1_steps:
@@ -252,7 +263,7 @@ def main(argv=None) -> int:
             first = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid, query_labels=args.query_aux > 0,
                                     num_frames=args.stage1_frames,
                                     max_questions=args.max_questions, single=args.single,
-                                    plain=args.stage1_plain, extra=args.extra_questions)
+                                    plain=args.stage1_plain, extra=args.extra_questions, kinds=kinds)
             for b in T.iterate_batches(first, args.stage1_batch or args.batch, trainer.samples, args.workers,
                                        rank, world):
                 yield b

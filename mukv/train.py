@@ -411,7 +411,7 @@ TAG_EVAL = 0xE7A
 
 def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, size: int = 64,
                          max_questions: int = 3, single: float = 0.3, plain: float = 0.0,
-                         extra: int = 0) -> TrainingClip:
+                         extra: int = 0, kinds: Sequence[str] | None = None) -> TrainingClip:
     """A training clip: with probability ``plain`` :func:`mukv.bench.sample_clip` without
     distractors (the questioned scene on empty background frames: an easy start);
     with probability ``single`` exactly :func:`mukv.bench.sample_clip`
@@ -426,13 +426,21 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
 
     With ``extra`` > 0, every questioned scene also gets up to that many
     :func:`extra_questions` (static facts of the same scene).
+
+    ``kinds``: the question kinds to draw from, uniformly over the sequence (a kind
+    repeated is drawn that many times as often); default every kind once.
     """
     from mukv.bench import KINDS, pose, render_scene, sample_clip
     from mukv.bench.scene import MIN_SCENE_LEN, N_IDENTITIES, blocked_matrix, make_scene
 
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
+    pool = tuple(kinds) if kinds else KINDS
+    unknown = sorted(set(pool) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown question kinds {unknown}; kinds are {list(KINDS)}")
     u = rng.random()
+
     def with_extras(frames, posed) -> TrainingClip:
         """``posed``: (text, answer, kind, scene, offset) of each questioned scene."""
         questions, sources = [], []
@@ -447,10 +455,10 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
         return TrainingClip(frames, questions, sources=sources)
 
     if u < plain:
-        c = sample_clip(rng, num_frames, size=size, distractors=False)
+        c = sample_clip(rng, num_frames, size=size, distractors=False, kinds=pool)
         return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     if u < plain + single or max_questions <= 1:
-        c = sample_clip(rng, num_frames, size=size)
+        c = sample_clip(rng, num_frames, size=size, kinds=pool)
         return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     want = max_questions  # as many as fit
     scenes = []
@@ -462,7 +470,7 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
             break
         scene = None
         for _try in range(8):
-            kind = KINDS[int(rng.integers(len(KINDS)))]
+            kind = pool[int(rng.integers(len(pool)))]
             try:
                 cand = make_scene(rng, kind, blocked=pairs, max_len=max(MIN_SCENE_LEN, room), attempts=20)
             except RuntimeError:
@@ -480,7 +488,7 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
         scenes.append(scene)
         used += scene.n
     if not scenes:
-        c = sample_clip(rng, num_frames, size=size)
+        c = sample_clip(rng, num_frames, size=size, kinds=pool)
         return with_extras(c.frames, [(c.question, c.answer, c.kind, c.scene, c.evidence_start)])
     blocked = blocked_matrix([s.key for s in scenes])
     gaps = np.bincount(rng.integers(0, len(scenes) + 1, size=num_frames - used), minlength=len(scenes) + 1)

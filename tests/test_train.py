@@ -540,3 +540,20 @@ def test_retrieval_loss_trains_with_the_mukv_regime():
     T.training_mode(adapter, False)
     assert {"loss_retrieval", "ret_top1_frame", "ret_top1_segment"} <= set(first)
     assert last["loss_retrieval"] < first["loss_retrieval"], (first["loss_retrieval"], last["loss_retrieval"])
+
+
+def test_training_clips_follow_the_kind_weights():
+    """kinds= restricts and weights the question kinds of every branch (plain, single,
+    packed); an unknown kind is a clear error."""
+    from collections import Counter
+
+    from mukv.bench import KINDS
+
+    only = Counter(q[2] for i in range(30)
+                   for q in T.sample_training_clip(i, 8, kinds=("event", "after"), plain=0.2, single=0.3).questions)
+    assert set(only) == {"event", "after"}
+    weighted = Counter(q[2] for i in range(200) for q in T.sample_training_clip(i, 8, kinds=KINDS + ("event",) * 10,
+                                                                                   single=1.0).questions)
+    assert weighted["event"] > 0.3 * sum(weighted.values())
+    with pytest.raises(ValueError, match="unknown question kinds"):
+        T.sample_training_clip(0, 8, kinds=("no_such_kind",))
