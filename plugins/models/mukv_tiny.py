@@ -1,7 +1,8 @@
 """The bundled model: mukv-tiny, a small LLaVA-OneVision trained for mukv's benchmark.
 
 Its checkpoint ships inside the package (``mukv/assets/mukv-tiny``: config,
-bf16 safetensors, word-level tokenizer, model card). How it was trained and how
+bf16 safetensors, word-level tokenizer, the levels it was trained with in
+``mukv_config.json``, model card). How it was trained and how
 well it answers: ``docs/mukv-tiny.md``; the training code: :mod:`mukv.train`.
 """
 
