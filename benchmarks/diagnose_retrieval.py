@@ -38,22 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def frame_keys(adapter, prefix, frames: torch.Tensor, batch: int = 64) -> list[torch.Tensor]:
-    """Per layer ``[F, H * D]``: the mean key of every frame prefilled alone after the system prompt."""
-    from mukv import train as T
-
-    out: list[list[torch.Tensor]] = []
-    for i in range(0, frames.shape[0], batch):
-        visual = T.encode(adapter, frames[None, i:i + batch])[0]  # [f, T, E]
-        kv, _ = T.prefill(adapter, prefix, visual)
-        for y, (k, _) in enumerate(kv):
-            if len(out) <= y:
-                out.append([])
-            out[y].append(k.float().mean(dim=2).reshape(k.shape[0], -1))
-    return [torch.cat(parts) for parts in out]
-
-
-@torch.no_grad()
 def question_keys(adapter, prefix, text: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(final-token key, mean key over the question's tokens)``, each ``[H * D]``,
     as ``HFVideoLLM.query_vector`` computes the first one at the last layer."""
@@ -136,8 +120,9 @@ def main(argv=None) -> int:
     stream = bench.stream
     frames = torch.from_numpy(stream.frames(0, stream.num_frames))
     prefix = T.prefix_kv(adapter, None)
-    fk = [F.normalize(v, dim=-1) for v in frame_keys(adapter, prefix, frames)]
     tk = frame_token_keys(adapter, prefix, frames)
+    # a frame's vector: the mean of its keys, flattened over heads (whole-frame blocks, every token kept)
+    fk = [F.normalize(k.mean(dim=2).reshape(k.shape[0], -1), dim=-1) for k in tk]
     rows = {}
     chance = []
     for q in bench.questions:

@@ -24,14 +24,19 @@ def test_baselines_get_the_same_budget_in_frames():
     assert plans["mukv"].storage_key() != plans["rekv"].storage_key()
 
 
-def test_tiny_run_end_to_end(tmp_path, tiny_model, monkeypatch):
+def run_harness(tmp_path, model, monkeypatch, *args: str) -> tuple[dict, object]:
+    """Run the harness's command line on ``model`` (a loaded adapter); its results and output folder."""
     import mukv.session
 
-    monkeypatch.setattr(mukv.session, "load_model", lambda m, d, t: tiny_model)
+    monkeypatch.setattr(mukv.session, "load_model", lambda m, d, t: model)
     out = tmp_path / "eval"
-    assert main(["--model", "tiny-llava-ov", "--minutes", "1", "--questions", "3", "--policies", "mukv", "rekv",
-                 "no_memory", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
+    assert main(["--model", "tiny-llava-ov", "--minutes", "1", *args, "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_tiny_run_end_to_end(tmp_path, tiny_model, monkeypatch):
+    res, out = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "3", "--policies", "mukv", "rekv",
+                           "no_memory")
     runs = {r["policy"]: r for r in res["runs"]}
     assert set(runs) == {"mukv", "rekv", "no_memory"}
     assert all(r["questions"] == 3 for r in runs.values())
@@ -78,13 +83,8 @@ def test_evidence_share_counts_tokens_in_the_questioned_scene():
 
 
 def test_oracle_row_answers_from_the_scene_alone(tmp_path, tiny_model, monkeypatch):
-    import mukv.session
-
-    monkeypatch.setattr(mukv.session, "load_model", lambda m, d, t: tiny_model)
-    out = tmp_path / "eval"
-    assert main(["--model", "tiny-llava-ov", "--minutes", "1", "--questions", "2", "--policies", "mukv", "rekv",
-                 "--oracle", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
+    res, _ = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "2", "--policies", "mukv", "rekv",
+                         "--oracle")
     runs = {r["policy"]: r for r in res["runs"]}
     assert set(runs) == {"mukv", "rekv", "oracle_scene"} and runs["oracle_scene"]["questions"] == 2
     # fed only its scene, every retrieved token is evidence
