@@ -124,22 +124,16 @@ class Session:
                   if path is not None else None)
         if stored and config is None and policy is None:
             config = stored.get("config")
-        # what the caller asked for, as fields over mukv's defaults (a model's own defaults go under it)
-        overrides: dict[str, Any] | None = None
         if policy is not None:
             if not isinstance(policy, str):
                 raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
             base = MukvConfig.from_policy(policy)
             self.config = MukvConfig.build(base, **(config.model_dump() if isinstance(config, MukvConfig) else config or {}))
-            if not isinstance(config, MukvConfig):
-                entry = reg.get("policies", policy, field="policy")
-                overrides = merge(dict(entry() if callable(entry) else entry), config or {})
         else:
             self.config = MukvConfig.build(config)
-            if config is None or isinstance(config, dict):
-                overrides = dict(config or {})
-        if stored:
-            overrides = None  # a stored stream keeps the configuration it was written with
+        # a model's own defaults go under the policy's and the caller's fields, unless the caller gave a
+        # whole configuration or the stream was stored with one
+        layered = not stored and (config is None or isinstance(config, dict))
         self.progress = progress
         self.stream_id = stream_id
         try:
@@ -152,9 +146,9 @@ class Session:
         self.model = load_model(model, self.device, dtype)
         self.device = self.model.device
         model_defaults = getattr(self.model, "default_config", None) or {}
-        if model_defaults and overrides is not None:
-            # the model's own defaults (e.g. levels sized for its tokens per frame) under what was asked for
-            self.config = MukvConfig.build(merge(model_defaults, overrides))
+        if model_defaults and layered:  # e.g. levels sized for the model's tokens per frame
+            self.config = (MukvConfig.from_policy(policy, under=model_defaults, **(config or {})) if policy is not None
+                           else MukvConfig.build(merge(model_defaults, config or {})))
             self.retriever, compressor, extractors, scorers = self._components(reg)
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
