@@ -926,9 +926,9 @@ def level_memory(adapter, prefix: KV, visual: torch.Tensor, lv: _Level,
     for k, v in kv:
         g = idx.expand(-1, k.shape[1], -1, k.shape[3])
         out.append((k.gather(2, g), v.gather(2, g)))
-    with torch.no_grad():
-        vectors = out[-1][0].detach().float().mean(dim=2).reshape(b, nw * per_window, -1)
-    return LevelMemory(lv.level.name, out, vectors, nw * per_window, w, per_window)
+    mem = LevelMemory(lv.level.name, out, torch.empty(0), nw * per_window, w, per_window)
+    mem.vectors = mem.live_vectors(b).detach()
+    return mem
 
 
 def retrieve(memories: list[LevelMemory], config: MukvConfig, query: torch.Tensor, clip: torch.Tensor
