@@ -50,6 +50,7 @@ import numpy as np
 
 os.environ.setdefault("LANCE_LOG", "error")  # lance's Rust logs ("partition N is empty") flood the table otherwise
 import torch  # noqa: E402
+from memory_parts import memory_parts, rss_bytes  # noqa: E402
 
 #: LLaVA-OneVision-0.5B's language model
 REAL = dict(num_layers=24, num_kv_heads=2, head_dim=64)
@@ -57,11 +58,6 @@ REAL = dict(num_layers=24, num_kv_heads=2, head_dim=64)
 LEVELS = {"patch": (16, 4), "frame": (4, 19), "segment": (1, 627)}
 TOP_K = {"patch": 20, "frame": 32, "segment": 12}
 WINDOW = 4
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def du(path: Path) -> int:
@@ -167,43 +163,6 @@ def raw_read_pattern(backend, rng: np.random.Generator) -> float:
         t0 = time.perf_counter()
         got = sum(pool.map(read, range(len(ranges))))
         return got / (time.perf_counter() - t0)
-
-
-def memory_parts(backend=None) -> dict[str, float]:
-    """Where the process's resident memory is (bytes): anonymous vs file-backed pages (/proc), glibc's heap
-    (in use / free but kept), Arrow's pool, lance's caches, the backend's row cache."""
-    out: dict[str, float] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(val.split()[0]) * 1024
-    try:
-        import ctypes
-
-        class Mallinfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = Mallinfo2
-        m = libc.mallinfo2()
-        out["glibc_in_use"] = m.uordblks + m.hblkhd
-        out["glibc_free_kept"] = m.fordblks
-    except (OSError, AttributeError):
-        pass
-    try:
-        import pyarrow as pa
-
-        out["arrow_pool"] = pa.total_allocated_bytes()
-    except ImportError:
-        pass
-    if backend is not None:
-        session = getattr(backend.table, "session", None)
-        if session is not None:
-            out["lance_caches"] = session.size_bytes
-        out["row_cache_rows"] = len(backend._rows)
-    return out
 
 
 def malloc_trim() -> int:

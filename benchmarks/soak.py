@@ -59,23 +59,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from memory_parts import memory_parts, rss_bytes
 
 QUESTIONS = ["what color was the car?", "where is the dog?", "what happened before the door opened?",
              "how many people are there?", "what is on the table?", "did anything move?"]
 
 
 # ------------------------------------------------------------------------------ measuring
-def rss_bytes() -> int:
-    """Resident set size of this process (psutil if installed, else /proc/self/statm)."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -196,15 +186,35 @@ class Stream(threading.Thread):
             return 0, 0
 
 
+    def caches(self) -> tuple[int, int]:
+        """A disk stream's bounded caches: ``(rows in its row cache, bytes in lance's caches)``."""
+        s = self.session
+        if s is None or self.kind != "disk":
+            return 0, 0
+        try:
+            session = getattr(s.backend.table, "session", None)
+            return len(s.backend._rows), int(session.size_bytes) if session is not None else 0
+        except Exception:  # noqa: BLE001
+            return 0, 0
+
+
 def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Event, t_start: float,
             samples: list[dict[str, Any]]) -> None:
     cuda = args.device.startswith("cuda")
+    if cuda:
+        from mukv.backends.disk.transfer import pinned_bytes
     while True:
         hot = [s.hot() for s in streams]
         held = [s.held_bytes() for s in streams]
+        parts = memory_parts()
+        caches = [s.caches() for s in streams]
         row = {
             "t": round(time.monotonic() - t_start, 2),
             "rss_mib": rss_bytes() / 2**20,
+            **{f"{k}_mib": parts[k] / 2**20 for k in ("RssAnon", "RssFile", "glibc_in_use", "glibc_free_kept")
+               if k in parts},
+            "row_cache_rows": sum(r for r, _ in caches),
+            "lance_cache_mib": sum(b for _, b in caches) / 2**20,
             "held_mib": sum(h for h, _ in held) / 2**20,
             "hot_used_mib": sum(u for u, _ in hot) / 2**20,
             "hot_budget_mib": sum(b for _, b in hot) / 2**20,
@@ -218,11 +228,10 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
             row["held_gpu_mib"] = sum(g for _, g in held) / 2**20
             row["gpu_alloc_mib"] = torch.cuda.memory_allocated() / 2**20
             row["gpu_reserved_mib"] = torch.cuda.memory_reserved() / 2**20
-            # page-locked host memory held by torch's pinned allocator (in use + cached): part of RSS
-            # that the disk tier's staging buffers can grow and that is never given back by itself
-            pinned = torch.cuda.host_memory_stats()
-            row["pinned_mib"] = pinned.get("allocated_bytes.current", 0) / 2**20
-            row["pinned_active_mib"] = pinned.get("active_bytes.current", 0) / 2**20
+            # page-locked host memory, part of RSS: the disk tier's staging pools (bounded by
+            # pinned_free_bytes + the bytes in flight) and torch's own pinned allocator (never gives back)
+            row["pinned_mib"] = pinned_bytes() / 2**20
+            row["torch_pinned_mib"] = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) / 2**20
         samples.append(row)
         if stop.wait(args.sample_every):
             return
@@ -392,16 +401,18 @@ def report(res: dict[str, Any]) -> str:
         lines.append("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
     lines.append("")
     gpu = "gpu_alloc_mib" in (res["samples"][0] if res["samples"] else {})
-    head = ("t s", "RSS MiB", "held MiB", "RSS-held", "hot used/budget MiB", "frames", "answered", "errors") + (
-        ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held", "pinned host MiB (active)") if gpu else ())
+    head = ("t s", "RSS MiB", "held MiB", "RSS-held", "glibc used/kept", "hot used/budget MiB", "frames", "answered",
+            "errors") + (
+        ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held", "pinned MiB mukv/torch") if gpu else ())
     rows = [head]
     step = max(1, len(res["samples"]) // 12)
     for r in res["samples"][::step] + ([res["samples"][-1]] if len(res["samples"]) % step != 1 else []):
         rows.append((f"{r['t']:.0f}", f"{r['rss_mib']:.0f}", f"{r['held_mib']:.0f}", f"{r['rss_mib'] - r['held_mib']:.0f}",
+                     f"{r.get('glibc_in_use_mib', 0):.0f}/{r.get('glibc_free_kept_mib', 0):.0f}",
                      f"{r['hot_used_mib']:.1f}/{r['hot_budget_mib']:.0f}", r["frames"], r["answered"], r["errors"])
                     + ((f"{r['gpu_alloc_mib']:.0f}", f"{r['held_gpu_mib']:.0f}",
                         f"{r['gpu_alloc_mib'] - r['held_gpu_mib']:.0f}",
-                        f"{r.get('pinned_mib', 0):.0f} ({r.get('pinned_active_mib', 0):.0f})") if gpu else ()))
+                        f"{r.get('pinned_mib', 0):.0f}/{r.get('torch_pinned_mib', 0):.0f}") if gpu else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     for r in rows:
         lines.append("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))

@@ -10,9 +10,9 @@
 # LR [1e-3], XQ extra questions per scene [1], KW --kind-weights [event=3,after=4], EV held-out
 # clips per kind [100], W data workers per GPU [14], BATCH clips per GPU per step [128], WHEELS wheel
 # folder [.whl-train], SETUP [1; 0 when the caller installed mukv already], S output folder [runs/train].
-# KW= (empty) trains on every kind equally. The GPUs are those CUDA_VISIBLE_DEVICES shows, so two runs
-# can share a machine. Files under $OUT (when set): <name of S>-ckpt.tar (checkpoint + export),
-# <name of S>-log.tgz.
+# KW= (empty) trains on every kind equally; EXTRA: more train_tiny.py arguments (e.g.
+# "--retrieval 1"). The GPUs are those CUDA_VISIBLE_DEVICES shows, so two runs can share a machine.
+# Files under $OUT (when set): <name of S>-ckpt.tar (checkpoint + export), <name of S>-log.tgz.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 WHEELS=${WHEELS:-.whl-train}
@@ -33,7 +33,7 @@ torchrun --standalone --nproc_per_node "$NP" benchmarks/train_tiny.py --shape sm
   --workers "${W:-14}" --aux 1 --aux-lm 1 --vis-rms 1 --attn-sup 1 --attn-layers 1,2 --aux-mid 1 --query-aux 1 \
   --mid-layer 1 --extra-questions "${XQ:-1}" "${KWA[@]}" \
   --weights full=1,frames=0.5,mukv=0.5 --plain 0.2 --single 0.4 --eval-per-kind "${EV:-100}" --log-every 100 \
-  --save-every 150 --out "$S/ckpt" --export "$S/export" > "$S/log" 2>&1
+  --save-every 150 --out "$S/ckpt" --export "$S/export" ${EXTRA:-} > "$S/log" 2>&1
 echo "rc $?"
 grep -E '^\{"step"' "$S/log" | cut -c1-400 | tail -6; grep -E "trained steps|exported" "$S/log"
 grep -A16 '^| kind' "$S/log"; grep -i -m5 "error\|Traceback" "$S/log"

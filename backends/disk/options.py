@@ -75,6 +75,11 @@ class TieredOptions(BaseModel):
     max_pending_bytes: int = Field(default=256 << 20, ge=1)
     """KV bytes that may wait for the offload writer before ``feed`` waits for it."""
 
+    pinned_free_bytes: int = Field(default=256 << 20, ge=0)
+    """On CUDA: page-locked host bytes kept free for reuse by offloads and page-ins. Pinned memory
+    stays within the bytes in flight plus this; what is returned beyond it is freed at once (given
+    back to the system). 0: free every staging buffer after its copy."""
+
     read_only: bool | None = None
     """``None``: write if no other process writes this stream, else open
     read-only; ``True``: read-only; ``False``: fail if another process writes it."""

@@ -239,7 +239,7 @@ class TieredBackend(StorageBackend):
         slab = o.hot_slab_bytes or max(4096, hot_bytes // 16)
         self.hot = HotTier(hot_bytes, min(slab, hot_bytes) if hot_bytes else 0, self.device, self.layout.dtype,
                            self.layout.vector_dim, evictor)
-        self.mover = Mover(self.device)
+        self.mover = Mover(self.device, o.pinned_free_bytes)
         if o.malloc_mmap_threshold is not None:
             pin_mmap_threshold(o.malloc_mmap_threshold)  # bounds the RSS of a long ingest (see the option)
         self._rows: OrderedDict[tuple[str, int], tuple] = OrderedDict()
@@ -816,6 +816,7 @@ class TieredBackend(StorageBackend):
             "pagein": dict(self.pagein),
             "writer": {"pending": self.writer.pending if self.writer else 0,
                        "groups": self.writer.groups if self.writer else 0},
+            "pinned_bytes": self.mover.pool.held_bytes if self.mover.pool is not None else 0,
             "read_only": self.read_only,
             "recovered": dict(self.recovered),
         }
@@ -868,6 +869,7 @@ class TieredBackend(StorageBackend):
             finally:
                 self._release_lock()
                 self._rows.clear()
+                self.mover.close()
             if self.writer is not None and self.writer.error is not None and self._failure is None:
                 self._check_writer()  # a write that failed while closing: say what was not stored
 

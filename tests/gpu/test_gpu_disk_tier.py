@@ -11,7 +11,8 @@ check the tests themselves where no GPU is at hand.
 * :class:`~mukv.backends.disk.transfer.Mover`: a source freed right after
   ``to_host`` still arrives whole; host copies land in pinned memory; many
   ``to_device`` calls in a row, each staged through a reused pinned buffer,
-  all arrive exactly;
+  all arrive exactly; staging memory is page-locked through registration,
+  stays within the bytes in flight plus the pool's bound, and goes back when freed;
 * a stream fed with ``device="cuda"`` into the ``lancedb`` backend, with a hot
   tier far smaller than the stream (so most blocks leave the GPU through the
   staging path, are evicted, and come back from disk): every block's KV reads
@@ -82,6 +83,36 @@ def test_to_host_converts_dtype_and_to_device_round_trips_through_reused_staging
     outs = [mover.to_device(c) for c in chunks]  # no synchronisation in between: staging buffers are reused
     for c, o in zip(chunks, outs):
         assert o.device.type == DEVICE.type and torch.equal(o.cpu(), c)
+
+
+@pytest.mark.skipif(not CUDA, reason="page-locked memory exists only with CUDA")
+def test_staging_memory_is_page_locked_bounded_and_given_back():
+    from mukv.backends.disk.transfer import PinnedPool, pinned_bytes
+
+    torch_before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    total_before = pinned_bytes()
+    pool = PinnedPool(8 << 20)
+    gen = torch.Generator().manual_seed(2)
+    for n in (3, 9, 1, 17, 5, 2, 33, 4):  # MiB of bf16, one upload after another, sizes all over
+        chunk = torch.randn(n << 19, generator=gen).to(torch.bfloat16)
+        buf = pool.get(n << 20)
+        host = buf[: n << 20].view(torch.bfloat16)
+        assert host.is_pinned()
+        host.copy_(chunk)
+        out = host.to(DEVICE, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        pool.put(buf, event)
+        assert torch.equal(out.cpu(), chunk)
+        assert pool.held_bytes <= (64 << 20) + (8 << 20)  # the one in flight (its class) + the bound
+    assert pool.held_bytes <= 8 << 20 and pinned_bytes() == total_before + pool.held_bytes
+    pool.clear()
+    assert pool.held_bytes == 0 and pinned_bytes() == total_before
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == torch_before  # not torch's cache
+    first, second = Mover(DEVICE), Mover(DEVICE)
+    assert first.pool is second.pool  # one pool per device for every store of the process
+    first.close()
+    second.close()
 
 
 @pytest.fixture(scope="module")
