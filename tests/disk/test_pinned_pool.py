@@ -137,3 +137,40 @@ def test_stores_on_one_device_share_one_pool_and_the_last_close_frees_it():
     assert a.max_free_bytes == 0  # late returns are freed at once
     assert acquire_pool("cuda:7", MiB) is not a  # a fresh pool after the last user left
     release_pool("cuda:7", MiB)
+
+
+_TRIM_CHILD = """
+import ctypes
+from mukv.backends.disk.transfer import trim_heap
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+chunks, pins = [], []
+for _ in range(3000):  # ~190 MiB of heap (below the mmap threshold), each chunk pinned by a small live one
+    chunks.append(libc.malloc(64 << 10))
+    ctypes.memset(chunks[-1], 1, 64 << 10)
+    pins.append(libc.malloc(512))
+for c in chunks:  # holes between live chunks: the heap cannot shrink, the freed pages stay resident
+    libc.free(c)
+print(trim_heap(0) >> 20, trim_heap(3600))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+def test_heap_trim_gives_free_pages_back_and_is_rate_limited():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TRIM_CHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    given_back, second = out.stdout.split()[-2:]
+    assert int(given_back) >= 100  # of the ~190 MiB freed but resident
+    assert second == "None"  # within the interval: no second trim
+
+
+def test_trim_interval_is_an_option(tmp_path):
+    from disk_synth import LAYOUT
+
+    with pytest.raises(mukv.ConfigError, match="malloc_trim_interval"):
+        TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", malloc_trim_interval=-1)
+    TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", malloc_trim_interval=None).close()
