@@ -253,9 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = store_dir / "soak.mukv"
     config = {"generation": {"max_new_tokens": args.max_new_tokens}}
     disk_options = {"hot_bytes": args.hot_mib << 20, "commit_interval": args.commit_interval,
-                    "lance_cache_bytes": args.lance_cache_mib << 20,
-                    **({} if args.malloc_trim == "default" else
-                       {"malloc_trim_interval": None if args.malloc_trim == "none" else float(args.malloc_trim)})}
+                    "lance_cache_bytes": args.lance_cache_mib << 20}
 
     def make_session(name: str, reopen: bool):
         kind = "disk" if name.startswith("disk") else "memory"
@@ -453,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit-interval", type=float, default=1.0, help="disk streams' commit interval (default 1 s)")
     ap.add_argument("--lance-cache-mib", type=int, default=256,
                     help="lancedb index cache bound per disk stream in MiB (the backend's default: 256)")
-    ap.add_argument("--malloc-trim", default="default",
-                    help="disk streams' malloc_trim_interval in seconds, or none (default: the backend's)")
     ap.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples (default 2)")
     ap.add_argument("--max-growth-mib", type=float, default=64.0,
                     help="RSS beyond held blocks may grow this much from the middle to the last third of the run "

@@ -56,11 +56,6 @@ class TieredOptions(BaseModel):
     ingest allocates and the offload writer frees stay in its heap as free but kept memory: a
     week-long stream's RSS grew ~1 GB that way. ``None``: leave glibc's default."""
 
-    malloc_trim_interval: float | None = Field(default=30.0, ge=0.0)
-    """Seconds between ``malloc_trim`` calls (process-wide, from an idle offload writer), which give
-    the free pages inside glibc's per-thread heaps back to the system. Without them a GPU store's RSS
-    grew ~0.4 GiB of such free-but-kept memory in 7 minutes under 4 streams. ``None``: never trim."""
-
     scan_frames: int = Field(default=4096, ge=0)
     """A search restricted to frame ranges (``within``) covering at most this
     many frames reads those rows and ranks them exactly instead of using the index."""

@@ -51,7 +51,7 @@ from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
-from .transfer import HostCopy, Mover, as_numpy_rows, pin_mmap_threshold, trim_heap
+from .transfer import HostCopy, Mover, as_numpy_rows, pin_mmap_threshold
 from .writer import OffloadWriter
 
 MANIFEST = "mukv.json"
@@ -544,8 +544,6 @@ class TieredBackend(StorageBackend):
             self.table.maintain()
         except Exception as exc:  # index upkeep is an optimisation: never lose a write over it
             warnings.warn(f"lancedb index upkeep failed (searches stay exact): {exc}", stacklevel=1)
-        if self.options.malloc_trim_interval is not None:
-            trim_heap(self.options.malloc_trim_interval)  # free heap pages back to the system (see the option)
 
     # ------------------------------------------------------------------ reading
     def count(self, level: str) -> int:
