@@ -273,8 +273,24 @@ def as_numpy_rows(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-#: the M_MMAP_THRESHOLD set by :func:`pin_mmap_threshold` (None: glibc's own)
-_mmap_threshold: int | None = None
+#: glibc ``mallopt`` parameters set by this module: {param: value}
+_mallopt_set: dict[int, int] = {}
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """``mallopt(param, value)`` once per value; False without glibc or when glibc refuses it."""
+    if _mallopt_set.get(param) == value:
+        return True
+    try:
+        import ctypes
+
+        ok = bool(ctypes.CDLL("libc.so.6").mallopt(param, int(value)))
+    except (OSError, AttributeError):  # not glibc
+        return False
+    if ok:
+        _mallopt_set[param] = value
+    return ok
 
 
 def pin_mmap_threshold(nbytes: int) -> bool:
@@ -286,23 +302,7 @@ def pin_mmap_threshold(nbytes: int) -> bool:
     come from the heap arenas, and what they free stays there: a week-long stream's RSS grew by ~1 GB of
     such free-but-kept heap (docs/disk-tier-results.md). A fixed threshold bounds it.
     """
-    global _mmap_threshold
-    if _mmap_threshold == nbytes:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        return False
-    if ok:
-        _mmap_threshold = nbytes
-    return ok
-
-
-#: the M_ARENA_MAX set by :func:`cap_malloc_arenas` (None: glibc's own)
-_arena_max: int | None = None
+    return _mallopt(M_MMAP_THRESHOLD, nbytes)
 
 
 def cap_malloc_arenas(n: int) -> bool:
@@ -315,16 +315,4 @@ def cap_malloc_arenas(n: int) -> bool:
     stream and ~130 MiB in 7 minutes of four GPU streams (docs/hardening.md). Threads created
     after the call share the capped arenas; arenas that exist already stay.
     """
-    global _arena_max
-    if _arena_max == n:
-        return True
-    try:
-        import ctypes
-
-        ok = bool(ctypes.CDLL("libc.so.6").mallopt(-8, int(n)))  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        return False
-    if ok:
-        _arena_max = n
-    return ok
-
+    return _mallopt(M_ARENA_MAX, n)

@@ -150,4 +150,4 @@ def test_arena_cap_is_an_option_applied_when_a_store_opens(tmp_path):
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s")  # default: 2
     b.close()
     if sys.platform.startswith("linux"):  # glibc: mallopt took it
-        assert transfer._arena_max == 2
+        assert transfer._mallopt_set[transfer.M_ARENA_MAX] == 2
