@@ -113,13 +113,17 @@ REGIMES: tuple[str, ...] = ("full", "frames", "mukv")
 
 
 def toy_config() -> MukvConfig:
-    """MuKV's levels for the toy shape's 7x7 grid: one-row patches, frames, 4-frame segments."""
+    """MuKV's levels for the toy shape's 7x7 grid: one-row patches, frames, 4-frame segments.
+
+    Four segments are retrieved, not MuKV's twelve: on long streams mukv-tiny answers best from
+    contexts of about 350-800 tokens and at its prior from 2,000 (docs/answer-quality-results.md);
+    a training clip of 8 frames holds two segments, so training is the same either way."""
     return MukvConfig.build({"levels": [
         {"name": "patch", "extractor": "patch_raster", "frames": 1, "tokens": 7, "keep_ratio": 0.3, "alpha": 0.5,
          "top_k": 20, "rerank_weight": 0.3},
         {"name": "frame", "extractor": "frame", "frames": 1, "keep_ratio": 0.1, "alpha": 0.7, "top_k": 32,
          "rerank_weight": 0.3},
-        {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 12},
+        {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 4},
     ]})
 
 

@@ -66,7 +66,7 @@ def test_budget_and_levels_follow_the_model_defaults():
     assert plans["mukv"].config.levels == plans["mukv_timeline"].config.levels == toy_config().levels
     assert plans["mukv_timeline"].config.assembly.rerotate
     budget = mukv_budget(toy_config(), 49)
-    assert budget == 20 * 2 + 32 * 4 + 12 * 156
+    assert budget == 20 * 2 + 32 * 4 + 4 * 156  # 4 segments: mukv-tiny's own top-k
     assert plans["rekv"].config.levels[0].top_k == budget // 49
 
 
@@ -91,3 +91,16 @@ def test_oracle_row_answers_from_the_scene_alone(tmp_path, tiny_model, monkeypat
     assert runs["oracle_scene"]["evidence_share"] == 1.0
     assert all(0.0 <= r["evidence_share"] <= 1.0 for r in runs.values())
     assert "| oracle_scene |" in markdown(res)
+
+
+def test_shipped_model_carries_the_levels_its_training_code_exports():
+    """mukv/assets/mukv-tiny/mukv_config.json is what mukv.train.export writes for the shape
+    (toy_config: four segments retrieved), so a re-export does not silently change the budget."""
+    from pathlib import Path
+
+    import mukv
+    from mukv.model import read_model_defaults
+    from mukv.train import toy_config
+
+    shipped = read_model_defaults(Path(mukv.__file__).parent / "assets" / "mukv-tiny")
+    assert shipped["levels"] == toy_config().model_dump(mode="json")["levels"]
