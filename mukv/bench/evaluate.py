@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import MukvConfig
+from ..errors import ConfigError
 from .dataset import Benchmark
 from .questions import accuracy_report, score
 
@@ -91,6 +92,28 @@ def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: in
     return plans
 
 
+def with_top_k(defaults: dict[str, Any], top_k: dict[str, int] | None) -> dict[str, Any]:
+    """``defaults`` (a model's configuration fields) with MuKV's per-level top-k replaced.
+
+    Raises:
+        ConfigError: a level name that the levels do not have, or a negative top-k.
+    """
+    if not top_k:
+        return defaults
+    levels = [dict(lv) for lv in (defaults.get("levels")
+                                  or MukvConfig.build().model_dump(mode="json")["levels"])]
+    names = [lv["name"] for lv in levels]
+    unknown = sorted(set(top_k) - set(names))
+    if unknown:
+        raise ConfigError(f"top-k for unknown level(s) {unknown}; the levels are {names}")
+    for lv in levels:
+        if lv["name"] in top_k:
+            if int(top_k[lv["name"]]) < 0:
+                raise ConfigError(f"top-k of level {lv['name']!r} must be >= 0; got {top_k[lv['name']]}")
+            lv["top_k"] = int(top_k[lv["name"]])
+    return {**defaults, "levels": levels}
+
+
 @dataclass
 class Record:
     """One answered question."""
@@ -121,6 +144,7 @@ def evaluate(
     progress: bool = False,
     log=print,
     oracle: bool = False,
+    top_k: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run every policy on a stream of each length; return the results dict.
 
@@ -137,6 +161,8 @@ def evaluate(
         feed_batch: frames per ``feed`` call.
         progress: show progress bars.
         log: where progress lines go.
+        top_k: blocks MuKV retrieves per level, by level name, over the model's own levels (or
+            mukv's defaults); the shared budget follows (unless ``budget_tokens`` is given).
         oracle: also report "oracle": each question asked of a fresh session fed only
             its own scene's frames (the context-complete clip), with the first policy's configuration.
             It separates reading (the model) from finding (the memory policy).
@@ -150,7 +176,7 @@ def evaluate(
 
     adapter = load_model(model, _device(), None)
     tpf = adapter.tokens_per_frame
-    defaults = getattr(adapter, "default_config", None) or {}
+    defaults = with_top_k(getattr(adapter, "default_config", None) or {}, top_k)
     plans = plan_policies(policies, tpf, budget_tokens, defaults)
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
@@ -209,7 +235,7 @@ def evaluate(
                 "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
                 "budget_tokens": (budget_tokens if budget_tokens is not None
                                   else mukv_budget(MukvConfig.build(defaults), tpf)),
-                "full_context_max_tokens": full_context_max_tokens}
+                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k}
     return {"settings": settings, "runs": runs, "records": [_record_dict(r) for r in records]}
 
 
@@ -352,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=0.5)
     p.add_argument("--budget-tokens", type=int, default=None, help="KV tokens at answer time (default MuKV's)")
     p.add_argument("--full-context-max-tokens", type=int, default=32768)
+    p.add_argument("--top-k", default=None, metavar="LEVEL=K,...",
+                   help="blocks MuKV retrieves per level, e.g. segment=4 (default: the model's levels); "
+                   "the shared budget follows")
     p.add_argument("--out", default=None, help="folder for results.json, results.md and accuracy.png")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--oracle", action="store_true",
@@ -361,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    top_k = None
+    if args.top_k:
+        try:
+            top_k = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.top_k.split(","))}
+        except ValueError:
+            raise SystemExit(f"--top-k takes LEVEL=K pairs separated by commas, e.g. segment=4; got {args.top_k!r}")
     for m in args.minutes:
         if not math.isfinite(m) or m <= 0:
             raise SystemExit(f"--minutes must be positive; got {m}")
@@ -369,8 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
     t0 = time.perf_counter()
-    res = evaluate(args.model, args.minutes, args.policies, args.questions, args.seed, args.fps,
-                   args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle)
+    try:
+        res = evaluate(args.model, args.minutes, args.policies, args.questions, args.seed, args.fps,
+                       args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle,
+                       top_k=top_k)
+    except ConfigError as exc:
+        raise SystemExit(f"--top-k: {exc}" if top_k and "top-k" in str(exc) else str(exc)) from None
     res["settings"]["seconds"] = time.perf_counter() - t0
     md = markdown(res)
     print(md)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mukv.bench.evaluate import main, markdown, mukv_budget, plan_policies
 from mukv.config import MukvConfig
 
@@ -104,3 +106,25 @@ def test_shipped_model_carries_the_levels_its_training_code_exports():
 
     shipped = read_model_defaults(Path(mukv.__file__).parent / "assets" / "mukv-tiny")
     assert shipped["levels"] == toy_config().model_dump(mode="json")["levels"]
+
+
+def test_top_k_overrides_mukv_levels_and_the_budget_follows():
+    from mukv.bench.evaluate import with_top_k
+    from mukv.errors import ConfigError
+    from mukv.train import toy_config
+
+    defaults = {"levels": toy_config().model_dump(mode="json")["levels"]}
+    two = with_top_k(defaults, {"segment": 2})
+    assert [lv["top_k"] for lv in two["levels"]] == [20, 32, 2]
+    assert [lv["top_k"] for lv in defaults["levels"]] == [20, 32, 4]  # the model's own are not changed
+    assert mukv_budget(MukvConfig.build(two), 49) == 20 * 2 + 32 * 4 + 2 * 156
+    plans = {p.name: p for p in plan_policies(["mukv", "rekv"], 49, None, two)}
+    assert plans["mukv"].config.levels[2].top_k == 2
+    assert plans["rekv"].config.levels[0].top_k == (20 * 2 + 32 * 4 + 2 * 156) // 49
+    assert with_top_k(defaults, None) is defaults
+    with pytest.raises(ConfigError, match=r"unknown level\(s\) \['scene'\]"):
+        with_top_k(defaults, {"scene": 1})
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        with_top_k(defaults, {"frame": -1})
+    with pytest.raises(SystemExit, match="LEVEL=K pairs"):
+        main(["--top-k", "segment", "--minutes", "1", "--questions", "1"])
