@@ -40,17 +40,20 @@ def size_class(nbytes: int) -> int:
     return max(MIN_PINNED_CLASS, 1 << max(0, int(nbytes) - 1).bit_length())
 
 
-def _allocate_locked(nbytes: int) -> torch.Tensor:
+def _allocate_page_locked(nbytes: int) -> torch.Tensor:
     """``nbytes`` of ordinary host memory, page-locked with ``cudaHostRegister`` so that freeing it gives it back
     to the system (torch's own pinned allocator keeps every buffer it ever made)."""
     t = torch.empty(nbytes, dtype=torch.uint8)
     err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (CUDA error {int(err)})")
+        from mukv.errors import StoreError
+
+        raise StoreError(f"could not page-lock {nbytes} bytes of host memory for the disk tier's device copies "
+                         f"(cudaHostRegister: CUDA error {int(err)}); lower pinned_free_bytes or max_pending_bytes")
     return t
 
 
-def _release_locked(t: torch.Tensor) -> None:
+def _release_page_locked(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
@@ -69,7 +72,7 @@ class PinnedPool:
             host memory; the default registers it with CUDA).
     """
 
-    def __init__(self, max_free_bytes: int = 256 << 20, allocate=_allocate_locked, release=_release_locked):
+    def __init__(self, max_free_bytes: int = 256 << 20, allocate=_allocate_page_locked, release=_release_page_locked):
         self._free: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # oldest first
         self._free_bytes = 0
         self._lock = threading.Lock()
