@@ -188,24 +188,36 @@ class BlockTable:
         return self._table
 
     @contextlib.contextmanager
-    def _creation_lock(self) -> Iterator[None]:
-        """Serialise the creation of the table between writers of a local store (``streams/.index.lock``).
-        Object stores have no lock: there, let one stream commit first."""
+    def _store_lock(self, name: str, wait: bool = True) -> Iterator[bool]:
+        """An exclusive ``flock`` on ``streams/<name>`` between the writers of a local store; yields
+        whether this writer holds it (without ``wait``, False when another one does). Object stores
+        have no lock: there it yields True."""
         if self.files.remote:
-            yield
+            yield True
             return
         import fcntl
         import os
 
-        path = self.files.local / "streams" / ".index.lock"
+        path = self.files.local / "streams" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        held = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                held = True
+            except BlockingIOError:
+                pass
+            yield held
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _creation_lock(self):
+        """Serialise the creation of the table between writers of a local store (``streams/.index.lock``).
+        Object stores have no lock: there, let one stream commit first."""
+        return self._store_lock(".index.lock")
 
     # -- writing ------------------------------------------------------------------------
     def add(self, rows) -> None:
@@ -314,10 +326,18 @@ class BlockTable:
             return False
 
     def maintain(self) -> None:
-        """Compact fragments, update indexes, build them once the table is large (writer thread)."""
+        """Compact fragments, update indexes, build them once the table is large (writer thread).
+        One writer of a local store at a time (``streams/.upkeep.lock``): a writer that finds another
+        one at it skips its turn, instead of compacting the shared table concurrently (lance drops
+        all but one of concurrent compactions: wasted work)."""
         tbl = self.table()
         if tbl is None:
             return
+        with self._store_lock(".upkeep.lock", wait=False) as mine:
+            if mine:
+                self._maintain(tbl)
+
+    def _maintain(self, tbl) -> None:
         rows = None
         if self._commits and self._commits % self.optimize_every == 0:
             try:

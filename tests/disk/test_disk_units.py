@@ -322,3 +322,31 @@ def test_cuda_offload_and_page_in(tmp_path):
     assert kv.is_cuda and torch.equal(kv.cpu(), expected_kv("segment", range(n)))
     assert b.hot.arena.is_cuda and b.tier_stats()["pagein"]["blocks_disk"] > 0
     b.close()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="flock")
+def test_one_writer_at_a_time_compacts_the_shared_table(tmp_path):
+    """A writer that finds the store's upkeep lock held skips its compaction (no concurrent rewrites
+    for lance to drop); with the lock free it compacts."""
+    import fcntl
+
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0)
+    for _ in range(3):  # three commits: three fragments to compact
+        b.add(synth_blocks("frame", b.count("frame"), 16))
+        b.flush()
+    idx = b.table
+    idx._commits = idx.optimize_every  # its turn to compact
+    before = idx.table().version
+    fd = os.open(tmp_path / "st" / "streams" / ".upkeep.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another writer is at it
+        idx.maintain()
+        assert idx.table().version == before
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    idx.maintain()
+    assert idx.table().version > before
+    ids, _ = b.search("frame", b.vectors("frame", torch.tensor([5]))[0], 1)
+    assert ids[0].item() == 5  # nothing lost
+    b.close()
