@@ -185,7 +185,7 @@ FILTER_CALL_SITES = {
     ("lance_index.py", "delete_uncounted", "count_rows", "clause"),
     ("lance_index.py", "delete_uncounted", "delete", "clause"),
     ("lance_index.py", "_holds", "count_rows", "where(sid, level, n)"),
-    ("lance_index.py", "maintain", "count_rows", ""),
+    ("lance_index.py", "_maintain", "count_rows", ""),
     ("lance_index.py", "build_vector_index", "count_rows", ""),
     ("lance_index.py", "count", "count_rows", "clause"),
     ("lance_index.py", "levels", "where", "f\"stream_id = '{check_stream_id(stream_id)}'\""),
