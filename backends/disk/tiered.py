@@ -810,7 +810,9 @@ class TieredBackend(StorageBackend):
         return out
 
     def tier_stats(self) -> dict[str, Any]:
-        """Hot tier (budget, bytes held, blocks, evictions), disk, page-in and writer counters."""
+        """Hot tier (budget, bytes held, blocks, evictions), disk, page-in and writer counters;
+        ``pinned_bytes``: page-locked host bytes of the staging pool that every store of the process
+        on this device shares (0 on CPU)."""
         return {
             "hot": {"budget_bytes": self.hot.budget_bytes, "reserved_bytes": self.hot.reserved_bytes(),
                     "used_bytes": self.hot.used_bytes(), "blocks": self.hot.blocks(), "evicted": self.hot.evicted},
