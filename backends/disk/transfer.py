@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -20,19 +21,12 @@ import torch
 #: smallest size class of :class:`PinnedPool` (bytes)
 MIN_PINNED_CLASS = 1 << 20
 
-_held_lock = threading.Lock()
-_held_bytes = 0  # page-locked bytes held by every PinnedPool of the process (free + in use)
+_all_pools: "weakref.WeakSet[PinnedPool]" = weakref.WeakSet()
 
 
 def pinned_bytes() -> int:
     """Page-locked host bytes that the disk tier's pools of this process hold, free or in use."""
-    return _held_bytes
-
-
-def _count(delta: int) -> None:
-    global _held_bytes
-    with _held_lock:
-        _held_bytes += delta
+    return sum(p.held_bytes for p in list(_all_pools))
 
 
 def size_class(nbytes: int) -> int:
@@ -80,6 +74,7 @@ class PinnedPool:
         self._allocate, self._release = allocate, release
         self.held_bytes = 0  #: bytes this pool holds, free or in use
         self.allocations = 0  #: buffers made so far (a reuse makes none)
+        _all_pools.add(self)
 
     def get(self, nbytes: int) -> torch.Tensor:
         """A buffer of at least ``nbytes`` whose earlier copies have completed."""
@@ -101,7 +96,6 @@ class PinnedPool:
         with self._lock:
             self.held_bytes += size
             self.allocations += 1
-        _count(size)
         return buf
 
     def put(self, buf: torch.Tensor, event: "torch.cuda.Event | None" = None) -> None:
@@ -136,7 +130,6 @@ class PinnedPool:
             self._release(old)
             with self._lock:
                 self.held_bytes -= size
-            _count(-size)
 
 
 _pools_lock = threading.Lock()
