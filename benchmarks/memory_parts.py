@@ -48,8 +48,11 @@ def memory_parts(backend=None) -> dict[str, float]:
     except ImportError:
         pass
     if backend is not None:
-        session = getattr(backend.table, "session", None)
-        if session is not None:
-            out["lance_caches"] = session.size_bytes
-        out["row_cache_rows"] = len(backend._rows)
+        out["row_cache_rows"], out["lance_caches"] = backend_caches(backend)
     return out
+
+
+def backend_caches(backend) -> tuple[int, int]:
+    """A ``lancedb`` backend's bounded caches: ``(rows in its row cache, bytes in lance's caches)``."""
+    session = getattr(backend.table, "session", None)
+    return len(backend._rows), int(session.size_bytes) if session is not None else 0

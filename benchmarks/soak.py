@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from memory_parts import memory_parts, rss_bytes
+from memory_parts import backend_caches, memory_parts, rss_bytes
 
 QUESTIONS = ["what color was the car?", "where is the dog?", "what happened before the door opened?",
              "how many people are there?", "what is on the table?", "did anything move?"]
@@ -192,8 +192,7 @@ class Stream(threading.Thread):
         if s is None or self.kind != "disk":
             return 0, 0
         try:
-            session = getattr(s.backend.table, "session", None)
-            return len(s.backend._rows), int(session.size_bytes) if session is not None else 0
+            return backend_caches(s.backend)
         except Exception:  # noqa: BLE001
             return 0, 0
 
