@@ -20,7 +20,7 @@ def rss_bytes() -> int:
 
 def memory_parts(backend=None) -> dict[str, float]:
     """Where the process's resident memory is (bytes): anonymous vs file-backed pages (/proc), glibc's heap
-    (in use / free but kept), Arrow's pool, lance's caches, the backend's row cache."""
+    (in use / free but kept, its arena count), Arrow's pool, lance's caches, the backend's row cache."""
     out: dict[str, float] = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -39,6 +39,9 @@ def memory_parts(backend=None) -> dict[str, float]:
         m = libc.mallinfo2()
         out["glibc_in_use"] = m.uordblks + m.hblkhd
         out["glibc_free_kept"] = m.fordblks
+        from mukv.malloc import arena_count
+
+        out["malloc_arenas"] = arena_count()
     except (OSError, AttributeError):
         pass
     try:

@@ -212,6 +212,7 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
             "rss_mib": rss_bytes() / 2**20,
             **{f"{k}_mib": parts[k] / 2**20 for k in ("RssAnon", "RssFile", "glibc_in_use", "glibc_free_kept")
                if k in parts},
+            "malloc_arenas": parts.get("malloc_arenas"),
             "row_cache_rows": sum(r for r, _ in caches),
             "lance_cache_mib": sum(b for _, b in caches) / 2**20,
             "held_mib": sum(h for h, _ in held) / 2**20,
@@ -234,6 +235,15 @@ def sampler(streams: list[Stream], args: argparse.Namespace, stop: threading.Eve
         samples.append(row)
         if stop.wait(args.sample_every):
             return
+
+
+def arena_max_in_effect() -> str | None:
+    """The malloc arena cap of this process: glibc's MALLOC_ARENA_MAX, or the one ``import mukv`` set."""
+    from mukv.malloc import M_ARENA_MAX, applied
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return f"MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']}"
+    return f"{applied[M_ARENA_MAX]} (import mukv)" if M_ARENA_MAX in applied else None
 
 
 # ------------------------------------------------------------------------------ the run
@@ -369,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "device": str(device),
+                    "cpus": os.cpu_count(), "device": str(device), "malloc_arena_max": arena_max_in_effect(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -386,7 +396,8 @@ def report(res: dict[str, Any]) -> str:
 
     m = res["machine"]
     lines = [f"mukv soak: {res['seconds']:.0f} s, {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, "
-             f"{m['cpus']} CPUs, torch {m['torch']}, model {res['model']['name']}, {m['when']}",
+             f"{m['cpus']} CPUs, torch {m['torch']}, model {res['model']['name']}, {m['when']}, "
+             f"malloc arena cap {m.get('malloc_arena_max') or 'glibc default'}",
              f"command: {res['command']}", ""]
     head = ("backend", "streams", "frames", "blocks", "asked", "answered", "errors", "reopens", "feed p50 s",
             "feed p95 s", "ask p50 s", "ask p95 s")
@@ -400,14 +411,15 @@ def report(res: dict[str, Any]) -> str:
         lines.append("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
     lines.append("")
     gpu = "gpu_alloc_mib" in (res["samples"][0] if res["samples"] else {})
-    head = ("t s", "RSS MiB", "held MiB", "RSS-held", "glibc used/kept", "hot used/budget MiB", "frames", "answered",
+    head = ("t s", "RSS MiB", "held MiB", "RSS-held", "glibc used/kept (arenas)", "hot used/budget MiB", "frames", "answered",
             "errors") + (
         ("GPU alloc MiB", "GPU held MiB", "GPU alloc-held", "pinned MiB mukv/torch") if gpu else ())
     rows = [head]
     step = max(1, len(res["samples"]) // 12)
     for r in res["samples"][::step] + ([res["samples"][-1]] if len(res["samples"]) % step != 1 else []):
         rows.append((f"{r['t']:.0f}", f"{r['rss_mib']:.0f}", f"{r['held_mib']:.0f}", f"{r['rss_mib'] - r['held_mib']:.0f}",
-                     f"{r.get('glibc_in_use_mib', 0):.0f}/{r.get('glibc_free_kept_mib', 0):.0f}",
+                     f"{r.get('glibc_in_use_mib', 0):.0f}/{r.get('glibc_free_kept_mib', 0):.0f} "
+                     f"({r.get('malloc_arenas') or '-'})",
                      f"{r['hot_used_mib']:.1f}/{r['hot_budget_mib']:.0f}", r["frames"], r["answered"], r["errors"])
                     + ((f"{r['gpu_alloc_mib']:.0f}", f"{r['held_gpu_mib']:.0f}",
                         f"{r['gpu_alloc_mib'] - r['held_gpu_mib']:.0f}",

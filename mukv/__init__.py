@@ -19,6 +19,10 @@ from .errors import (
 from .config import MukvConfig, LevelConfig
 from .registry import register_plugin, unregister_plugin
 from .registry import registry as get_registry
+from . import malloc as _malloc
+
+# Before any thread of the application's gets a malloc arena of its own (mukv/malloc.py says why).
+_malloc.apply_environment()
 
 __version__ = "0.1.0"
 

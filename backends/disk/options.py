@@ -54,14 +54,8 @@ class TieredOptions(BaseModel):
     (``mallopt(M_MMAP_THRESHOLD)``, set when a store is opened; process-wide; nothing without glibc).
     Without it glibc raises the threshold itself after the first big free, and the KV batches that
     ingest allocates and the offload writer frees stay in its heap as free but kept memory: a
-    week-long stream's RSS grew ~1 GB that way. ``None``: leave glibc's default."""
-
-    malloc_arena_max: int | None = Field(default=2, ge=1, le=1024)
-    """The most malloc arenas glibc may create from when a store is opened (``mallopt(M_ARENA_MAX)``;
-    process-wide; nothing without glibc), the in-process form of ``MALLOC_ARENA_MAX``. Without it
-    each thread (lance's, the page-in readers, the writers) gets its own arena, and freed KV
-    buffers stay resident in them: +150 MiB of free-but-kept memory over 48 h of a CPU stream.
-    ``None``: leave glibc's default."""
+    week-long stream's RSS grew ~1 GB that way. ``None``: leave glibc's default. (The other
+    allocator setting, the arena cap, is made by ``import mukv``: see ``MUKV_MALLOC_ARENA_MAX``.)"""
 
     scan_frames: int = Field(default=4096, ge=0)
     """A search restricted to frame ranges (``within``) covering at most this

@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from mukv.blocks import CompressedBlocks, KVLayout
 from mukv.errors import RetrievalError, StoreError
 from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
+from mukv.malloc import pin_mmap_threshold
 
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
-from .transfer import HostCopy, Mover, as_numpy_rows, cap_malloc_arenas, pin_mmap_threshold
+from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
 
 MANIFEST = "mukv.json"
@@ -242,8 +243,6 @@ class TieredBackend(StorageBackend):
         self.mover = Mover(self.device, o.pinned_free_bytes)
         if o.malloc_mmap_threshold is not None:
             pin_mmap_threshold(o.malloc_mmap_threshold)  # bounds the RSS of a long ingest (see the option)
-        if o.malloc_arena_max is not None:
-            cap_malloc_arenas(o.malloc_arena_max)  # freed buffers stay in fewer heaps (see the option)
         self._rows: OrderedDict[tuple[str, int], tuple] = OrderedDict()
         self._clock = 0
         self._seg_frames: int | None = o.segment_frames

@@ -137,17 +137,3 @@ def test_stores_on_one_device_share_one_pool_and_the_last_close_frees_it():
     assert a.max_free_bytes == 0  # late returns are freed at once
     assert acquire_pool("cuda:7", MiB) is not a  # a fresh pool after the last user left
     release_pool("cuda:7", MiB)
-
-
-def test_arena_cap_is_an_option_applied_when_a_store_opens(tmp_path):
-    import sys
-
-    from disk_synth import LAYOUT
-    from mukv.backends.disk import transfer
-
-    with pytest.raises(mukv.ConfigError, match="malloc_arena_max"):
-        TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", malloc_arena_max=0)
-    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s")  # default: 2
-    b.close()
-    if sys.platform.startswith("linux"):  # glibc: mallopt took it
-        assert transfer._mallopt_set[transfer.M_ARENA_MAX] == 2
