@@ -603,6 +603,9 @@ class TieredBackend(StorageBackend):
                    float(cols["t_start"][r]), float(cols["t_end"][r]), int(cols["crc32"][r]))
             got[i] = row
             if self.options.row_cache:
+                # its own vector: a view would keep the whole fetched batch alive as long as any row of it
+                # stays cached, and the cache's bound in rows would not bound its bytes
+                row = (row[0].copy(),) + row[1:]
                 self._rows[(level, i)] = row
                 self._rows.move_to_end((level, i))
         while len(self._rows) > self.options.row_cache:

@@ -111,6 +111,23 @@ def test_search_merges_hot_and_cold_exactly(tmp_path):
     b.close()
 
 
+def test_row_cache_bytes_are_bounded_by_its_rows(tmp_path):
+    """Each cached row owns its vector: a view into the fetched batch would keep the whole batch
+    alive while any of its rows stays cached, and a bound in rows would not bound the bytes."""
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0,
+                      hot_bytes=8 << 10, hot_slab_bytes=4096, row_cache=5)
+    for _ in range(6):
+        b.add(synth_blocks("frame", b.count("frame"), 8))
+    b.flush()
+    n = b.count("frame")
+    vecs = b.vectors("frame", torch.arange(n))  # fetches every cold row in one batch
+    assert len(b._rows) == 5
+    for (level, i), row in b._rows.items():
+        assert row[0].base is None and row[0].nbytes == LAYOUT.vector_dim * 4
+        assert torch.equal(torch.from_numpy(row[0]), vecs[i].float())
+    b.close()
+
+
 def test_frame_range_search_through_the_scalar_index_is_exact(tmp_path):
     """A search inside frame ranges (the hierarchical retriever's finer levels) finds exactly the blocks
     inside the ranges once lance answers it through its frame_start index, readers see only committed
