@@ -345,17 +345,23 @@ class BlockTable:
             except AttributeError:  # very old lancedb
                 tbl.compact_files()
         if self._has_scalar_index is None or self._has_vector_index is None:
-            names = " ".join(str(i) for i in tbl.list_indices())
-            self._has_scalar_index = "block_id" in names
-            self._has_vector_index = "vector" in names
+            self._read_indices(tbl)
         if not self._has_scalar_index:
             rows = tbl.count_rows() if rows is None else rows
-            if rows >= self.scalar_index_rows:
+            # another writer of the store may have built them since this one last looked
+            if rows >= self.scalar_index_rows and not self._read_indices(tbl)[0]:
                 self.build_scalar_indexes()
         if not self._has_vector_index and self.vector_index_rows is not None:
             rows = tbl.count_rows() if rows is None else rows
-            if rows >= self.vector_index_rows:
+            if rows >= self.vector_index_rows and not self._read_indices(tbl)[1]:
                 self.build_vector_index(rows)
+
+    def _read_indices(self, tbl) -> tuple[bool, bool]:
+        """Whether the table has its scalar and vector indexes now (and remember it)."""
+        names = " ".join(str(i) for i in tbl.list_indices())
+        self._has_scalar_index = "block_id" in names
+        self._has_vector_index = "vector" in names
+        return self._has_scalar_index, self._has_vector_index
 
     def build_scalar_indexes(self) -> None:
         """BTREE on block ids and frame starts, BITMAP on stream ids and levels (fast filters)."""

@@ -367,3 +367,29 @@ def test_one_writer_at_a_time_compacts_the_shared_table(tmp_path):
     ids, _ = b.search("frame", b.vectors("frame", torch.tensor([5]))[0], 1)
     assert ids[0].item() == 5  # nothing lost
     b.close()
+
+
+def test_a_writer_does_not_rebuild_an_index_another_writer_built(tmp_path):
+    """Each writer of a store remembers whether the table has its indexes; one that last looked before
+    another writer built them looks again instead of building them a second time."""
+    opts = dict(commit_interval=0.0, hot_bytes=0, cold_index_rows=256)
+    a = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="a", **opts)
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="b", **opts)
+    b.add(synth_blocks("frame", 0, 4))
+    b.flush()
+    assert b.table._read_indices(b.table.table()) == (False, False)  # b has looked: none yet
+    while a.count("frame") < 300:
+        a.add(synth_blocks("frame", a.count("frame"), 16))
+        a.flush()
+    a.table.maintain()  # a builds the vector index (the scalar ones come later, at more rows)
+    assert a.table._read_indices(a.table.table())[1]
+    tbl = b.table.table()
+    tbl.checkout_latest()
+    version = tbl.version
+    b.table.maintain()
+    assert b.table.table().version == version  # nothing rebuilt
+    assert b.table._has_vector_index
+    ids, _ = b.search("frame", b.vectors("frame", torch.tensor([2]))[0], 1)
+    assert ids[0].item() == 2
+    a.close()
+    b.close()
