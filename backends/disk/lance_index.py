@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -71,6 +72,38 @@ def lance_errors(where: str, what: str) -> Iterator[None]:
         raise StoreError(f"{where}: lancedb index error while {what}: {text}{hint}") from None
 
 
+def within_seconds(fn, seconds: float | None, what: str, where: str):
+    """``fn()``, given up on after ``seconds``: lance has been seen to deadlock (every thread parked,
+    nothing ever returning) under many concurrent writers and readers of one table, and a stream
+    should get an error it can act on rather than wait forever. ``fn`` runs on a daemon thread of
+    its own (a hung one must not keep the process from exiting); ``None``: run it here.
+
+    Raises:
+        StoreError: ``fn`` did not return within ``seconds`` (its thread is left to it).
+    """
+    if seconds is None:
+        return fn()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="mukv-lance-call", daemon=True).start()
+    if not done.wait(seconds):
+        raise StoreError(f"{where}: lancedb did not finish {what} within {seconds:g} s (backend option "
+                         "lance_call_timeout); lance may be hung, and later calls to this store in this process "
+                         "may hang the same way: restart the process. What was committed before stays readable.")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _stream_level(stream_id: str, level: str) -> str:
     return f"stream_id = '{check_stream_id(stream_id)}' AND level = '{check_level(level)}'"
 
@@ -119,12 +152,14 @@ class BlockTable:
         optimize_every: compact fragments and update indexes every this many commits.
         cache_bytes: lance's index cache (its metadata cache gets a quarter of it), so a
             long stream does not grow the process's memory; ``None``: lance's defaults.
+        call_timeout: seconds a write, search or read of rows may take before it raises a
+            :class:`StoreError` (:func:`within_seconds`); ``None``: wait as long as it takes.
     """
 
     def __init__(self, files: Files, vector_dim: int, read_only: bool = False,
                  vector_index_rows: int | None = 100_000, scalar_index_rows: int = 20_000,
                  optimize_every: int = 32, nprobes: int = 32, refine_factor: int = 4,
-                 cache_bytes: int | None = 256 << 20):
+                 cache_bytes: int | None = 256 << 20, call_timeout: float | None = None):
         import lancedb  # heavy; only when a disk store is opened
 
         self.files = files
@@ -149,10 +184,17 @@ class BlockTable:
             self.db = lancedb.connect(files.uri("index"), **opts)
         except Exception as exc:
             raise StoreError(f"{files.uri('index')}: cannot open the lancedb index ({exc})") from None
+        self.call_timeout = call_timeout
         self._table = None
         self._commits = 0
         self._has_vector_index: bool | None = None
         self._has_scalar_index: bool | None = None
+
+    def _call(self, what: str, fn):
+        """A call into lance that a stream waits on, as a :class:`StoreError` if it fails or hangs."""
+        where = self.files.uri("index")
+        with lance_errors(where, what):
+            return within_seconds(fn, self.call_timeout, what, where)
 
     # -- table ------------------------------------------------------------------------
     def table(self, create: bool = False):
@@ -223,8 +265,7 @@ class BlockTable:
     def add(self, rows) -> None:
         """Append a pyarrow table of rows in one commit."""
         tbl = self.table(create=True)
-        with lance_errors(self.files.uri("index"), "writing index rows"):
-            tbl.add(rows)
+        self._call("writing index rows", lambda: tbl.add(rows))
         self._commits += 1
 
     def delete_uncounted(self, stream_id: str, counts: dict[str, int]) -> int:
@@ -398,16 +439,16 @@ class BlockTable:
         if tbl is None:
             return 0
         clause = _stream_level(stream_id, level) + ("" if below is None else f" AND block_id < {int(below)}")
-        with lance_errors(self.files.uri("index"), f"counting {level} rows of stream {stream_id!r}"):
-            return tbl.count_rows(clause)
+        return self._call(f"counting {level} rows of stream {stream_id!r}", lambda: tbl.count_rows(clause))
 
     def levels(self, stream_id: str) -> dict[str, int]:
         """Rows per level of a stream (used by :meth:`verify` and recovery)."""
         tbl = self.table()
         if tbl is None:
             return {}
-        with lance_errors(self.files.uri("index"), f"reading rows of stream {stream_id!r}"):
-            t = self._query(tbl.search().where(f"stream_id = '{check_stream_id(stream_id)}'"), ["level"], None)
+        clause = f"stream_id = '{check_stream_id(stream_id)}'"
+        t = self._call(f"reading rows of stream {stream_id!r}",
+                       lambda: self._query(tbl.search().where(clause), ["level"], None))
         out: dict[str, int] = {}
         for lv in t.column("level").to_pylist():
             out[lv] = out.get(lv, 0) + 1
@@ -423,8 +464,8 @@ class BlockTable:
              .distance_type("cosine").where(where(stream_id, level, below, within), prefilter=True))
         if self._has_vector_index:
             q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
-        with lance_errors(self.files.uri("index"), f"searching {level} blocks of stream {stream_id!r}"):
-            return self._query(q, (columns or META_COLUMNS) + ["vector", "_distance"], int(k))
+        cols = (columns or META_COLUMNS) + ["vector", "_distance"]
+        return self._call(f"searching {level} blocks of stream {stream_id!r}", lambda: self._query(q, cols, int(k)))
 
     def scan(self, stream_id: str, level: str, below: int, within: np.ndarray | None = None,
              columns: list[str] | None = None, limit: int | None = None):
@@ -439,8 +480,9 @@ class BlockTable:
             return None
         cols = list(dict.fromkeys(["block_id", *(columns or META_COLUMNS), "vector"]))
         after = within is not None and limit is None
-        with lance_errors(self.files.uri("index"), f"reading {level} blocks of stream {stream_id!r}"):
-            t = self._query(tbl.search().where(where(stream_id, level, None if after else below, within)), cols, limit)
+        clause = where(stream_id, level, None if after else below, within)
+        t = self._call(f"reading {level} blocks of stream {stream_id!r}",
+                       lambda: self._query(tbl.search().where(clause), cols, limit))
         if after:
             import pyarrow.compute as pc
 
@@ -459,8 +501,8 @@ class BlockTable:
         else:
             clause = f"{_stream_level(stream_id, level)} AND block_id IN ({', '.join(str(int(i)) for i in ids)})"
         cols = list(dict.fromkeys(["block_id", *columns]))
-        with lance_errors(self.files.uri("index"), f"reading {level} blocks of stream {stream_id!r}"):
-            t = self._query(tbl.search().where(clause), cols, int(ids.size))
+        t = self._call(f"reading {level} blocks of stream {stream_id!r}",
+                       lambda: self._query(tbl.search().where(clause), cols, int(ids.size)))
         return t.sort_by("block_id")
 
     def rows(self, stream_id: str | None, columns: list[str]):

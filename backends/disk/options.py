@@ -49,6 +49,15 @@ class TieredOptions(BaseModel):
     memory stays flat over a long stream; ``None``: lancedb's defaults (lancedb >= 0.2x with
     ``lancedb.Session``; ignored otherwise)."""
 
+    lance_call_timeout: float | None = Field(default=300.0, gt=0)
+    """Seconds a write of index rows, a search or a read of rows in lancedb may take before it
+    raises a :class:`~mukv.errors.StoreError` naming the call, instead of the stream waiting
+    forever: lance was seen to deadlock once (every thread parked) in a 22-minute soak of four
+    writers and readers of one table (docs/hardening.md). Each such call runs on a short-lived
+    daemon thread: 0.1-0.4 ms more per search on a 2-core machine (5.8 -> 5.9 ms,
+    ``benchmarks/lance_call_timeout.py``). Index upkeep (compaction, index builds) is not timed.
+    ``None``: wait as long as it takes, on the caller's thread."""
+
     malloc_mmap_threshold: int | None = Field(default=4 << 20, ge=128 << 10, le=32 << 20)
     """Bytes from which glibc gives an allocation its own mmap, returned to the system when freed
     (``mallopt(M_MMAP_THRESHOLD)``, set when a store is opened; process-wide; nothing without glibc).

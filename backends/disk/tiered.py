@@ -226,7 +226,7 @@ class TieredBackend(StorageBackend):
                                  read_threads=o.read_threads)
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
-                                cache_bytes=o.lance_cache_bytes)
+                                cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout)
         self.recovered: dict[str, Any] = {}
         if not self.read_only:
             self._recover()

@@ -136,6 +136,44 @@ def test_index_write_failure_is_reported_as_disk_full(store, monkeypatch):
     assert verify_store(str(path)).problems == []  # the writer's recovery removed the leftovers
 
 
+def test_a_hung_lance_call_is_an_error_not_a_frozen_stream(store, monkeypatch):
+    """lance deadlocked once under load (docs/hardening.md): a search or a write that never returns
+    becomes a StoreError after ``lance_call_timeout``, and what was committed stays readable."""
+    from lancedb.table import LanceTable
+
+    from mukv.backends.disk.lance_index import BlockTable
+
+    path, _, total = store
+    release = threading.Event()
+    b = backend(path, lance_call_timeout=0.3)
+
+    def hang(self, *args, **kwargs):
+        release.wait(30)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(BlockTable, "_query", staticmethod(lambda *a: hang(None)))  # every read of rows
+    t0 = time.monotonic()
+    with pytest.raises(mukv.StoreError) as err:
+        b.search("segment", torch.randn(LAYOUT.vector_dim), 3)
+    assert time.monotonic() - t0 < 20
+    assert_clear_error(err.value)
+    assert "did not finish searching segment blocks of stream 's' within 0.3 s" in str(err.value)
+    assert "lance_call_timeout" in str(err.value)
+    monkeypatch.setattr(LanceTable, "add", hang)
+    with pytest.raises(mukv.StoreError, match="did not finish writing index rows"):
+        fill(b, rounds=1)
+    release.set()
+    monkeypatch.undo()
+    b.close()
+    again = backend(path)
+    assert counts(again) == total and verify_store(str(path)).ok
+    ids, _ = again.search("segment", torch.randn(LAYOUT.vector_dim), 3)
+    assert intact(again, "segment", ids.tolist())
+    again.close()
+    with pytest.raises(mukv.ConfigError, match="lance_call_timeout"):
+        backend(path, lance_call_timeout=0)
+
+
 def test_state_file_write_failure(store, monkeypatch):
     from mukv.backends.disk.files import Files
 

@@ -63,3 +63,11 @@ def test_rescore_reads_saved_results_and_names_a_bad_file(tmp_path, capsys):
     bad.write_text("{not json")
     assert soak.rescore([str(bad)], 64) == 2
     assert "bad.json: not a soak result" in capsys.readouterr().err
+
+
+def test_lance_call_timeout_benchmark_runs():
+    script = SCRIPT.parent / "lance_call_timeout.py"
+    run = subprocess.run([sys.executable, str(script), "--searches", "3", "--rounds", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "off" in run.stdout and "on" in run.stdout and " ms" in run.stdout
