@@ -152,10 +152,8 @@ def test_a_hung_lance_call_is_an_error_not_a_frozen_stream(store, monkeypatch):
         raise RuntimeError("released")
 
     monkeypatch.setattr(BlockTable, "_query", staticmethod(lambda *a: hang(None)))  # every read of rows
-    t0 = time.monotonic()
-    with pytest.raises(mukv.StoreError) as err:
+    with pytest.raises(mukv.StoreError) as err:  # not the "released" error: it gave up waiting first
         b.search("segment", torch.randn(LAYOUT.vector_dim), 3)
-    assert time.monotonic() - t0 < 20
     assert_clear_error(err.value)
     assert "did not finish searching segment blocks of stream 's' within 0.3 s" in str(err.value)
     assert "lance_call_timeout" in str(err.value)
