@@ -23,6 +23,7 @@ Without glibc (macOS, musl) both are no-ops.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 from .errors import ConfigError
@@ -37,13 +38,20 @@ ENV_ARENA_MAX = "MUKV_MALLOC_ARENA_MAX"
 applied: dict[int, int] = {}
 
 
+@functools.cache
 def _libc():
+    """glibc, with the signatures used here set once; None elsewhere (macOS, musl)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt  # noqa: B018  (glibc has it; musl's libc.so.6 does not exist)
-        return libc
     except (OSError, AttributeError):
         return None
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
 def mallopt(param: int, value: int) -> bool:
@@ -110,11 +118,6 @@ def arena_count() -> int | None:
     libc = _libc()
     if libc is None:
         return None
-    libc.open_memstream.restype = ctypes.c_void_p
-    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
-    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.fclose.argtypes = [ctypes.c_void_p]
-    libc.free.argtypes = [ctypes.c_void_p]
     buf, size = ctypes.c_void_p(), ctypes.c_size_t()
     stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
     if not stream:

@@ -192,9 +192,9 @@ class BlockTable:
 
     def _call(self, what: str, fn):
         """A call into lance that a stream waits on, as a :class:`StoreError` if it fails or hangs."""
-        where = self.files.uri("index")
-        with lance_errors(where, what):
-            return within_seconds(fn, self.call_timeout, what, where)
+        uri = self.files.uri("index")
+        with lance_errors(uri, what):
+            return within_seconds(fn, self.call_timeout, what, uri)
 
     # -- table ------------------------------------------------------------------------
     def table(self, create: bool = False):
