@@ -61,6 +61,8 @@ class MemoryBackend(StorageBackend):
         self.device = torch.device(device)
         self._levels: dict[str, _Level] = {}
         self._state: dict[str, Any] = {}
+        self._files: dict[str, bytes] = {}
+        self._committed: dict[str, int] = {}  # blocks per level as of the last commit
 
     def _level(self, level: str) -> _Level:
         return self._levels.setdefault(level, _Level())
@@ -106,10 +108,32 @@ class MemoryBackend(StorageBackend):
         return torch.arange(start, end)
 
     def set_state(self, key: str, value: Any) -> None:
-        self._state[key] = value
+        self.commit({key: value})
 
     def get_state(self, key: str, default: Any = None) -> Any:
         return self._state.get(key, default)
+
+    # -- transactions -------------------------------------------------------------------
+    def commit(self, state: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
+        """Make the blocks added since the last commit part of the stream, with ``state`` and ``files``."""
+        for name, data in (files or {}).items():
+            if not isinstance(data, (bytes, bytearray)):
+                raise StoreError(f"file {name!r}: expected bytes, got {type(data).__name__}")
+        self._state.update(state)
+        for name, data in (files or {}).items():
+            if data:
+                self._files[name] = bytes(data)
+            else:
+                self._files.pop(name, None)
+        self._committed = {name: st.n for name, st in self._levels.items()}
+
+    def rollback(self) -> None:
+        """Forget the blocks added since the last commit (the buffers keep their capacity)."""
+        for name, st in self._levels.items():
+            st.n = min(st.n, self._committed.get(name, 0))
+
+    def read_file(self, name: str) -> bytes | None:
+        return self._files.get(name)
 
     # -- reading ------------------------------------------------------------------------
     def count(self, level: str) -> int:

@@ -177,6 +177,9 @@ class RetrievedBlock:
     t_start: float
     t_end: float
     tokens: int
+    #: ISO 8601 wall-clock times of ``t_start`` / ``t_end`` when the stream keeps a wall-clock origin
+    wall_start: str | None = None
+    wall_end: str | None = None
 
 
 @dataclass
@@ -192,6 +195,7 @@ class Answer:
             "first_token", "generate", "total").
         notes: anything the caller should know (e.g. a top-k clamped to what
             is stored).
+        window: ``(since, until)`` stream seconds the question was asked over, if a window was given.
     """
 
     question: str
@@ -200,6 +204,7 @@ class Answer:
     kv_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    window: tuple[float | None, float | None] | None = None
 
     def __str__(self) -> str:
         return self.text

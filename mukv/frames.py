@@ -73,12 +73,22 @@ def as_timestamps(timestamps: Any, n: int, after: float | None) -> torch.Tensor 
     return ts
 
 
+def resize_frames(frames: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Frames ``uint8 [n, H, W, 3]`` resized to ``hw`` (bilinear, antialiased), as a new tensor."""
+    x = frames.permute(0, 3, 1, 2).float()
+    y = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def iter_chunks(frames: Iterable[Any], size: int) -> Iterator[torch.Tensor]:
-    """Group an iterable of single frames (``[H, W, 3]``) or batches into batches of ``size``."""
+    """Group an iterable of single frames (``[H, W, 3]``) or batches into batches of ``size``.
+
+    Every item is copied as it arrives: a live source may fill one preallocated buffer and
+    yield it again and again."""
     buf: list[torch.Tensor] = []
     count = 0
     for item in frames:
-        t = as_frames(item, tuple(buf[0].shape[1:3]) if buf else None)  # one chunk, one frame size
+        t = as_frames(item, tuple(buf[0].shape[1:3]) if buf else None).clone()  # one chunk, one frame size
         buf.append(t)
         count += t.shape[0]
         if count >= size:
@@ -88,23 +98,55 @@ def iter_chunks(frames: Iterable[Any], size: int) -> Iterator[torch.Tensor]:
         yield torch.cat(buf)
 
 
-def read_video(path: str | Path, fps: float, chunk: int = 64) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+#: slowest sampling accepted (one frame in about 11.6 days): stream times stay bounded
+MIN_FPS = 1e-6
+#: fastest sampling accepted, upsampled or not
+MAX_FPS = 1000.0
+
+
+def check_fps(fps: Any, native: float | None = None, upsample: bool = False, what: str = "fps") -> float:
+    """A sampling rate: a finite number in [:data:`MIN_FPS`, :data:`MAX_FPS`], at most the source's own
+    rate ``native`` unless ``upsample``."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(fps)) or fps <= 0:
+        raise InputError(f"{what} must be a positive finite number; got {fps!r}")
+    fps = float(fps)
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise InputError(f"{what} must be between {MIN_FPS:g} and {MAX_FPS:g} frames per second; got {fps:g}")
+    if not isinstance(upsample, bool):
+        raise InputError(f"upsample must be True or False; got {upsample!r}")
+    if native is not None and native > 0 and fps > native * (1 + 1e-6) and not upsample:
+        raise InputError(f"{what} {fps:g} is above the source's own rate ({native:g} frames per second); sample at "
+                         "most that, or pass upsample=True (--upsample) to repeat frames")
+    return fps
+
+
+def read_video(path: str | Path, fps: float, chunk: int = 64, upsample: bool = False, start: int = 0
+               ) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """Sample a video file at ``fps`` with decord.
 
+    Args:
+        fps: sampling rate, at most the video's own unless ``upsample``.
+        chunk: frames per chunk.
+        start: sampled frames to skip (an interrupted ingest resumes there).
+
     Returns:
-        ``(n, chunks)``: the number of sampled frames and an iterator of
+        ``(n, chunks)``: the number of sampled frames (skipped ones included) and an iterator of
         ``(frames uint8 [c, H, W, 3], times [c] seconds from the video's start)``.
 
     Raises:
         InputError: missing, unreadable or empty file, or a bad ``fps``.
     """
     p = Path(path)
-    if not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise InputError(f"fps must be a positive number; got {fps!r}")
+    check_fps(fps)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= 1 << 16:
+        raise InputError(f"chunk must be a number of frames from 1 to 65536; got {chunk!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise InputError(f"start must be a non-negative number of frames; got {start!r}")
     if not p.exists():
         raise InputError(f"video file not found: {p}")
     if not p.is_file():
-        raise InputError(f"not a file: {p}")
+        raise InputError(f"not a file (a folder or a special file): {p}")
     try:
         import decord
     except ImportError:  # pragma: no cover - decord is a dependency of the video extra
@@ -115,18 +157,32 @@ def read_video(path: str | Path, fps: float, chunk: int = 64) -> tuple[int, Iter
         native = float(vr.get_avg_fps())
     except Exception as exc:  # decord raises its own DECORDError
         raise InputError(f"cannot read video {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if total == 0 or native <= 0:
+    if total == 0 or not math.isfinite(native) or native <= 0:
         raise InputError(f"video {p} has no frames")
+    fps = check_fps(fps, native, upsample)
     duration = total / native
-    times = np.arange(0.0, duration, 1.0 / fps)
-    idx = np.minimum(np.round(times * native).astype(np.int64), total - 1)
+    n = int(math.ceil(duration * fps - 1e-9))  # times 0, 1/fps, ... below the duration
 
     def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for s in range(0, len(idx), chunk):
+        for s in range(start, n, chunk):
+            times = np.arange(s, min(n, s + chunk), dtype=np.float64) / fps
+            idx = np.minimum(np.round(times * native).astype(np.int64), total - 1)
             try:
-                batch = vr.get_batch(idx[s : s + chunk].tolist()).asnumpy()
+                batch = vr.get_batch(idx.tolist()).asnumpy()
             except Exception as exc:
-                raise InputError(f"cannot decode {p} near frame {int(idx[s])}: {exc}") from None
-            yield torch.from_numpy(batch), torch.from_numpy(times[s : s + chunk])
+                raise InputError(f"cannot decode {p} near frame {int(idx[0])}: {exc}") from None
+            yield torch.from_numpy(batch), torch.from_numpy(times)
 
-    return len(idx), gen()
+    return n, gen()
+
+
+def video_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of a video file's frames (decord), without decoding the whole file."""
+    try:
+        import decord
+
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        h, w = vr[0].shape[:2]
+        return int(h), int(w)
+    except Exception as exc:  # noqa: BLE001 - decord raises its own types
+        raise InputError(f"cannot read video {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

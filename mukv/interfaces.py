@@ -137,6 +137,13 @@ class BlockIndex(ABC):
     def count(self, level: str) -> int:
         """Blocks stored for ``level``."""
 
+    def id_range(self, level: str) -> tuple[int, int]:
+        """``[lo, hi)``: the block ids of ``level`` a retriever may choose from. The whole level
+        (``(0, count)``), unless the question is asked over a time window
+        (:class:`mukv.window.WindowedIndex`); query-independent retrievers (uniform sampling, a
+        sliding window) pick inside it, searches are restricted to it already."""
+        return 0, self.count(level)
+
     @abstractmethod
     def search(
         self, level: str, query: torch.Tensor, k: int, within: torch.Tensor | None = None
@@ -168,12 +175,22 @@ class StorageBackend(BlockIndex):
 
     A backend is built with ``cls(layout=KVLayout, path=str | None,
     device=torch.device, **options)``. Besides the :class:`BlockIndex` methods
-    it stores (:meth:`add`) and pages in (:meth:`load_kv`). ``add`` of a batch
-    is atomic: after an error nothing of the batch is visible and everything
-    stored before is intact.
+    it stores (:meth:`add`) and pages in (:meth:`load_kv`).
+
+    Writing is transactional: a session :meth:`add`-s the batches of every level
+    that a feed completes, then calls :meth:`commit` with the stream's state values
+    (frames seen, cursors, times), or :meth:`rollback` if anything failed. Readers see
+    committed blocks only once the transaction commits; after a rollback nothing of
+    the transaction is left and everything committed before is intact. ``add`` of
+    one batch is atomic too.
     """
 
     name: ClassVar[str] = "backend"
+    #: Whether the backend keeps streams across processes (a session then also keeps the frames no
+    #: level has consumed yet, so a reopened stream continues every level without a gap).
+    persistent: ClassVar[bool] = False
+    #: Whether the backend opened the stream for reading only (feeds are refused before any work).
+    read_only: bool = False
 
     @abstractmethod
     def add(self, blocks: CompressedBlocks) -> torch.Tensor:
@@ -196,11 +213,52 @@ class StorageBackend(BlockIndex):
         return {}
 
     def set_state(self, key: str, value: Any) -> None:
-        """Persist a small JSON-able value of session state (e.g. the frame cursor)."""
+        """Persist a small JSON-able value of session state now (one :meth:`commit` of that value)."""
+        self.commit({key: value})
 
     def get_state(self, key: str, default: Any = None) -> Any:
-        """Read back a value stored with :meth:`set_state`."""
-        return default
+        """Read back a value stored with :meth:`set_state` or :meth:`commit`."""
+        return self._state_values().get(key, default)
+
+    # -- transactions: a feed is all or nothing ----------------------------------------------
+    def commit(self, state: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
+        """End a transaction: the blocks :meth:`add`-ed since the last commit, the JSON-able
+        ``state`` values and the small ``files`` become visible (and, for a persistent backend,
+        durable) together, or none of them does.
+
+        Args:
+            state: state values to set (keys not named keep their values).
+            files: small files kept with the stream (e.g. the frames some level has not consumed
+                yet, thumbnails), by name relative to the stream (``[A-Za-z0-9_.-/]``); ``b""``
+                deletes a file. Read back with :meth:`read_file`.
+
+        The base implementation suits backends that keep nothing across processes: it sets the
+        values in memory and refuses files.
+        """
+        if files:
+            raise NotImplementedError(f"{type(self).__name__} keeps no files")
+        for key, value in state.items():
+            self._state_values()[key] = value
+
+    def rollback(self) -> None:
+        """Abort the transaction: forget every block :meth:`add`-ed since the last :meth:`commit`
+        (their ids are handed out again). Everything committed stays as it was.
+
+        Raises:
+            StoreError: the backend cannot roll back (the session then refuses further feeds).
+        """
+        from .errors import StoreError
+
+        raise StoreError(f"{type(self).__name__} cannot roll back a failed feed; reopen the stream")
+
+    def read_file(self, name: str) -> bytes | None:
+        """A file committed with :meth:`commit` (``None`` if there is none)."""
+        return None
+
+    def _state_values(self) -> dict[str, Any]:
+        if not hasattr(self, "_base_state"):
+            self._base_state: dict[str, Any] = {}
+        return self._base_state
 
     @classmethod
     def peek_state(cls, path: str, stream_id: str, key: str, **options: Any) -> Any:

@@ -74,7 +74,8 @@ class Ingestor:
     """
 
     def __init__(self, model: HFVideoLLM, prefix: PrefixKV, levels: list[LevelPipeline], backend: StorageBackend,
-                 config: MukvConfig, start_frame: int = 0, cursors: dict[str, int] | None = None):
+                 config: MukvConfig, start_frame: int = 0, cursors: dict[str, int] | None = None,
+                 pending: "tuple[int, torch.Tensor, torch.Tensor] | None" = None):
         self.model = model
         self.prefix = prefix
         self.levels = levels
@@ -86,14 +87,27 @@ class Ingestor:
         #: frames of an unfinished window (e.g. 3 of a segment's 4) are gone, so
         #: that level resumes at the next frame fed.
         self.uncovered = {lp.level.name: 0 for lp in levels}
-        for name, cur in (cursors or {}).items():
-            if name in self.cursor:
-                self.uncovered[name] = max(0, start_frame - int(cur))
-                self.cursor[name] = max(int(cur), start_frame)
         self._pending = None  # [n, T, E] encoded frames from frame index self._pending_start
         self._pending_start = start_frame
         self._times = torch.empty(0, dtype=torch.float64)  # times of frames from self._times_start
         self._times_start = start_frame
+        # the encoded frames a stored stream had not consumed at every level (see pending_frames())
+        if pending is not None and pending[0] + pending[1].shape[0] == start_frame and pending[1].shape[0]:
+            self._pending_start, self._pending, self._times = pending[0], pending[1], pending[2].to(torch.float64)
+            self._times_start = pending[0]
+        for name, cur in (cursors or {}).items():
+            if name in self.cursor:
+                cur = int(cur)
+                if self._pending is not None and cur >= self._pending_start:
+                    self.cursor[name] = cur  # resumes exactly: its frames are pending
+                else:
+                    self.uncovered[name] = max(0, start_frame - cur)
+                    self.cursor[name] = max(cur, start_frame)
+        if self._pending is not None:  # levels without a cursor start at the first pending frame
+            for name in self.cursor:
+                if name not in (cursors or {}):
+                    self.cursor[name] = self._pending_start
+            self._trim()
         self.on_stored: Callable[[CompressedBlocks], None] | None = None
         #: Set to a dict to time the stages ("prefill", "score", "compress",
         #: "store") in seconds, summed over calls. Each timed stage ends with a
@@ -127,6 +141,30 @@ class Ingestor:
             stored += self._run_level(lp)
         self._trim()
         return stored
+
+    # -- transactions ------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """Everything :meth:`add_frames` changes, to :meth:`restore` if its transaction fails
+        (tensors are never changed in place, so references suffice)."""
+        return (self.frames_seen, dict(self.cursor), dict(self.uncovered), self._pending, self._pending_start,
+                self._times, self._times_start)
+
+    def restore(self, snap: tuple) -> None:
+        (self.frames_seen, cursor, uncovered, self._pending, self._pending_start, self._times,
+         self._times_start) = snap
+        self.cursor, self.uncovered = dict(cursor), dict(uncovered)
+
+    def pending_frames(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """``(first index, embeds [n, T, E], times [n])`` of the frames some level has not consumed
+        (``None`` if every level is caught up)."""
+        low = min(self.cursor.values()) if self.cursor else self.frames_seen
+        n = self.frames_seen - low
+        if n <= 0 or self._pending is None:
+            return None
+        off = low - self._pending_start
+        emb = self._pending[off : off + n]
+        toff = low - self._times_start
+        return low, emb, self._times[toff : toff + n]
 
     def time_of(self, frames: torch.Tensor) -> torch.Tensor:
         """Stream times of global frame indices (float64)."""

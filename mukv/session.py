@@ -7,12 +7,15 @@
     s.stats()
 
 A session is thread-safe: ``feed`` and ``ask`` may be called from different
-threads; calls are serialised.
+threads; calls are serialised. Every feed is a transaction: it stores every
+block its frames complete and moves the stream's bookkeeping (frames seen,
+stream time, cursors, pending frames) with them, or, on any error or
+interrupt, changes nothing (:mod:`mukv.stream`).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -23,9 +26,11 @@ import torch
 
 from .assembly import Piece, assemble_context
 from .blocks import Answer, Query, RetrievedBlock
+from .clock import is_wall_clock, iso, stream_seconds, to_unix, unix_array
 from .config import MukvConfig, merge
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
-from .frames import as_frames, as_timestamps, iter_chunks
+from .frames import as_frames, as_timestamps, iter_chunks, resize_frames
+from .ingest import LiveFeed  # noqa: F401  (the handle feed_from(background=True) returns)
 from .interfaces import (
     Compressor,
     GranularityExtractor,
@@ -39,15 +44,41 @@ from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
 from .rope import rerotate
+from .safeio import read_json_object
+from .state import MAX_STREAM_TIME, validate_values
+from .stream import Stream, load_pending
 
 MAX_QUESTION_TOKENS = 2048
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
 MAX_NEW_TOKENS = 4096
+#: longest store path or model path accepted
+MAX_PATH_CHARS = 4096
+#: the stream state values a session reads back (mukv.state.StreamValues)
+STATE_KEYS = ("session", "frames_seen", "cursors", "last_time", "first_time", "pending", "sources", "gaps")
+#: configuration sections that say how blocks are made and stored: fixed for a stream's life
+STORAGE_FIELDS = ("scoring", "compression", "stream")
 
 
 def default_device() -> torch.device:
     """CUDA if available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_path(path: Any, what: str) -> str:
+    """A store or checkpoint path: a non-empty string or ``os.PathLike`` of sane length, no NUL byte."""
+    if isinstance(path, Path):
+        path = str(path)
+    if not isinstance(path, str):
+        raise InputError(f"{what} must be a path (str or pathlib.Path); got {type(path).__name__}")
+    if not path or len(path) > MAX_PATH_CHARS or "\x00" in path:
+        raise InputError(f"{what} must be a non-empty path of at most {MAX_PATH_CHARS} characters without NUL bytes")
+    return path
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return dtype
+    raise ConfigError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None); got {dtype!r}")
 
 
 def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: torch.dtype | None = None) -> HFVideoLLM:
@@ -56,6 +87,8 @@ def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: to
         return model  # type: ignore[return-value]
     if not isinstance(model, (str, Path)) or not str(model):
         raise ConfigError(f"model must be a preset name, a checkpoint directory or a ModelAdapter; got {model!r}")
+    check_path(model, "model")
+    dtype = check_dtype(dtype)
     reg = registry()
     path = Path(model)
     if isinstance(model, str) and model in reg.entries["models"]:
@@ -64,22 +97,45 @@ def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: to
             raise ConfigError(f"model {model!r} is an adapter class; pass a checkpoint directory it can load")
         return factory(device=device, dtype=dtype)
     if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
+        cfg = read_json_object(path / "config.json", "checkpoint config.json", 16 << 20, StoreError, missing_ok=True)
+        if cfg is None:
             raise StoreError(f"{path}: not a model checkpoint (no config.json)")
-        try:
-            model_type = json.loads(cfg_file.read_text()).get("model_type")
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{cfg_file}: unreadable ({exc})") from None
+        model_type = cfg.get("model_type")
+        if not isinstance(model_type, str):
+            raise StoreError(f"{path / 'config.json'}: model_type must be a string; got {model_type!r}")
         adapters = {
             t: e.component for e in reg.entries["models"].values()
             if isinstance(e.component, type) for t in getattr(e.component, "model_types", ())
         }
         if model_type not in adapters:
             raise ConfigError(f"no model adapter for model_type {model_type!r}; adapters exist for {sorted(adapters)}")
-        return adapters[model_type].from_pretrained(path, device=device, dtype=dtype)
+        try:
+            return adapters[model_type].from_pretrained(path, device=device, dtype=dtype)
+        except MukvError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]
     raise ConfigError(f"unknown model {str(model)!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
+
+
+def storage_differences(stored: MukvConfig, new: MukvConfig) -> list[str]:
+    """The configuration fields of ``new`` that would store blocks differently from ``stored`` (levels
+    other than their top-k and rerank weights, scoring, compression, stream)."""
+    old_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in stored.levels]
+    new_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in new.levels]
+    changed = [f for f in STORAGE_FIELDS if getattr(new, f) != getattr(stored, f)]
+    return (["levels"] if old_levels != new_levels else []) + changed
+
+
+def list_stream_ids(backend_cls: Any, path: str, options: dict[str, Any]) -> list[str]:
+    """Streams of a store, for messages (empty if it cannot be listed)."""
+    fn = getattr(backend_cls, "list_streams", None)
+    try:
+        return sorted(fn(path, **options)) if callable(fn) else []
+    except MukvError:
+        return []
 
 
 class Session:
@@ -89,10 +145,13 @@ class Session:
         model: a registered preset ("tiny-llava-ov", "mukv-tiny", ...), a local
             checkpoint directory, or a :class:`~mukv.interfaces.ModelAdapter`
             (share one between sessions to load weights once).
-        backend: registered storage backend ("memory", ...).
+        backend: registered storage backend ("memory", "lancedb", ...).
         path: where a disk backend keeps its store.
         config: a :class:`MukvConfig`, a dict of fields, or ``None`` for the
-            policy's (default: MuKV's) configuration.
+            policy's (default: MuKV's) configuration. For a stored stream, the
+            fields are applied over the stream's own configuration, and only
+            those that do not change how blocks are stored may differ
+            (:func:`storage_differences`).
         policy: a registered policy name ("mukv", "rekv", "uniform",
             "sliding_window", "full_context", ...); ``config`` is applied over it.
         device: torch device; default CUDA if available else CPU.
@@ -100,6 +159,16 @@ class Session:
         stream_id: which stream of the store this session reads and writes.
         backend_options: extra keyword arguments for the backend.
         progress: show progress bars on long work.
+        read_only: open a stored stream for reading only: never takes the
+            stream's writer lock, never blocks a writer, sees its new commits
+            (:meth:`refresh`, done before every question).
+        resize: frames of another size than the stream's are resized to it
+            (bilinear, antialiased) instead of refused. Recorded per source.
+        wall_origin: for a new stream, the wall-clock time of stream time 0 (a
+            ``datetime``, ``numpy.datetime64``, ISO 8601 string or Unix seconds);
+            set from the first timestamps instead when they are wall-clock times.
+        thumbnails: for a new stream, keep a JPEG thumbnail of every frame whose
+            long side is this many pixels (:meth:`thumbnail`); ``None``: none.
     """
 
     def __init__(
@@ -114,32 +183,51 @@ class Session:
         stream_id: str = "default",
         backend_options: dict[str, Any] | None = None,
         progress: bool = False,
+        read_only: bool = False,
+        resize: bool = False,
+        wall_origin: Any = None,
+        thumbnails: int | None = None,
     ):
         self._lock = threading.RLock()
+        self._closed = False
+        self._owner = False
         reg = registry()
         if not isinstance(backend, str):
             raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
         backend_cls = reg.get("backends", backend, field="backend")
-        stored = (backend_cls.peek_state(str(path), stream_id, "session", **(backend_options or {}))
-                  if path is not None else None)
-        if stored and config is None and policy is None:
-            config = stored.get("config")
-        if policy is not None:
-            if not isinstance(policy, str):
-                raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
-            base = MukvConfig.from_policy(policy)
-            self.config = MukvConfig.build(base, **(config.model_dump() if isinstance(config, MukvConfig) else config or {}))
-        else:
-            self.config = MukvConfig.build(config)
-        # a model's own defaults go under the policy's and the caller's fields, unless the caller gave a
-        # whole configuration or the stream was stored with one
-        layered = not stored and (config is None or isinstance(config, dict))
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
+        options = dict(backend_options or {})
+        if path is not None:
+            path = check_path(path, "path")
+        if not isinstance(stream_id, str):
+            raise InputError(f"stream_id must be a string; got {type(stream_id).__name__}")
+        for name, flag in (("progress", progress), ("read_only", read_only), ("resize", resize)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False; got {flag!r}")
+        if thumbnails is not None and (not isinstance(thumbnails, int) or isinstance(thumbnails, bool)
+                                       or not 16 <= thumbnails <= 1024):
+            raise ConfigError(f"thumbnails must be a thumbnail size in pixels from 16 to 1024, or None; got {thumbnails!r}")
+        origin = None if wall_origin is None else to_unix(wall_origin, "wall_origin")
+        if "read_only" in options:
+            read_only = bool(options.pop("read_only")) or read_only
+        stored = (backend_cls.peek_state(str(path), stream_id, "session", **options) if path is not None else None)
+        if read_only and not stored:
+            known = list_stream_ids(backend_cls, str(path), options) if path is not None else []
+            raise StoreError(f"{path}: no stream {stream_id!r} to open read-only"
+                             + (f"; streams: {', '.join(known)}" if known else ""))
+        if stored and (wall_origin is not None or thumbnails is not None):
+            raise ConfigError(f"stream {stream_id!r} exists: wall_origin and thumbnails are fixed when a stream is "
+                              "created (its contract); leave them out")
         self.progress = progress
         self.stream_id = stream_id
+        self.resize = resize
+        self.config, layered = self._resolve_config(config, policy, stored)
         try:
             self.device = torch.device(device) if device is not None else default_device()
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"invalid device {device!r}: {exc}") from None
+        check_dtype(dtype)
         # resolve every component name before loading anything heavy
         self.retriever, compressor, extractors, scorers = self._components(reg)
 
@@ -147,8 +235,8 @@ class Session:
         self.device = self.model.device
         model_defaults = getattr(self.model, "default_config", None) or {}
         if model_defaults and layered:  # e.g. levels sized for the model's tokens per frame
-            self.config = (MukvConfig.from_policy(policy, under=model_defaults, **(config or {})) if policy is not None
-                           else MukvConfig.build(merge(model_defaults, config or {})))
+            self.config = (MukvConfig.from_policy(policy, under=model_defaults, **_as_dict(config)) if policy is not None
+                           else MukvConfig.build(merge(model_defaults, _as_dict(config))))
             self.retriever, compressor, extractors, scorers = self._components(reg)
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
@@ -157,24 +245,73 @@ class Session:
                 raise ConfigError(f"extractor {lv.extractor!r} returned an invalid split of shape {tuple(split.shape)}")
             self.levels.append(LevelPipeline(lv, split, scorers[lv.name], compressor,
                                              Compressor.kept_count(lv, split.shape[1])))
-        self.backend: StorageBackend = backend_cls(
-            layout=self.model.layout, path=None if path is None else str(path), device=self.device,
-            **({"stream_id": stream_id} if path is not None else {}), **(backend_options or {}))
-        if path is not None and not stored:
-            self.backend.set_state("session", {
-                "model": str(model) if isinstance(model, (str, Path)) else self.model.name,
-                "model_id": self.model.layout.model_id,
-                "config": self.config.model_dump(mode="json"),
-            })
         self.prefix = self.model.prefix(self.config.generation.system_prompt)
-        start = int(self.backend.get_state("frames_seen", 0) or 0)
-        cursors = self.backend.get_state("cursors", None)
-        self._ingestor = Ingestor(self.model, self.prefix, self.levels, self.backend, self.config, start, cursors)
-        self._frame_hw: tuple[int, int] | None = None
-        last = self.backend.get_state("last_time", None)
-        self._last_time: float | None = last
-        self._closed = False
+        self.backend: StorageBackend = backend_cls(
+            layout=self.model.layout, path=path, device=self.device,
+            **({"stream_id": stream_id, "read_only": read_only} if path is not None else {}), **options)
+        try:
+            self._stream = self._open_stream(model, stored, read_only, origin, thumbnails)
+        except BaseException:
+            self.backend.close()
+            raise
         self._owner = True
+
+    # -- construction helpers ----------------------------------------------------------------
+    @staticmethod
+    def _resolve_config(config: Any, policy: str | None, stored: dict[str, Any] | None) -> tuple[MukvConfig, bool]:
+        """The session's configuration and whether a model's own defaults may go under it."""
+        if config is not None and not isinstance(config, (dict, MukvConfig)):
+            raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
+        if policy is not None and not isinstance(policy, str):
+            raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
+        if stored:
+            base = MukvConfig.build(stored.get("config") or {})
+            if policy is not None:
+                new = MukvConfig.from_policy(policy, **_as_dict(config))
+            else:
+                new = MukvConfig.build(base, **_as_dict(config))
+            changed = storage_differences(base, new)
+            if changed:
+                raise ConfigError(
+                    f"this stream's blocks were made with other {', '.join(changed)} settings (its contract, fixed "
+                    "when it was created); a session of the stream may change only top_k, rerank weights, "
+                    "retrieval, assembly and generation. Use a new stream id for other settings")
+            return new, False
+        if policy is not None:
+            return MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config)), config is None or isinstance(config, dict)
+        return MukvConfig.build(config), config is None or isinstance(config, dict)
+
+    def _open_stream(self, model: Any, stored: dict[str, Any] | None, read_only: bool, origin: float | None,
+                     thumbnails: int | None) -> Stream:
+        be = self.backend
+        now = be.get_state("session", None)
+        if stored is None and now is not None and not read_only:
+            raise StoreError(f"stream {self.stream_id!r} was created by another process while this session "
+                             "opened it; open it again")
+        values = validate_values({k: be.get_state(k) for k in
+                                  STATE_KEYS
+                                  if be.get_state(k) is not None}, f"stream {self.stream_id!r}")
+        contract = dict(now) if now else {
+            "model": str(model) if isinstance(model, (str, Path)) else self.model.name,
+            "model_id": self.model.layout.model_id,
+            "config": self.config.model_dump(mode="json"), "tokens_per_frame": int(self.model.tokens_per_frame),
+            "frame_size": None, "wall_origin": origin, "thumbnails": thumbnails, "created": time.time(),
+        }
+        if now and contract.get("model_id") and self.model.layout.model_id and \
+                contract["model_id"] != self.model.layout.model_id:
+            raise StoreError(f"stream {self.stream_id!r} was made with model {contract['model_id']!r}; this session's "
+                             f"model is {self.model.layout.model_id!r}")
+        pending, why = load_pending(be, values, self.model.tokens_per_frame, self.model.hidden_size) \
+            if be.persistent and values.pending and not read_only else (None, None)
+        #: why the frames a level had not consumed could not be restored on reopening (``None``: they were)
+        self.reopen_note = why
+        ingestor = Ingestor(self.model, self.prefix, self.levels, be, self.config, values.frames_seen,
+                            values.cursors, pending)
+        stream = Stream(ingestor, be, values, contract, writable=not read_only)
+        if not now and not read_only:
+            with stream.transaction():
+                pass  # commits the contract: the stream exists from here on
+        return stream
 
     def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
         """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
@@ -196,7 +333,7 @@ class Session:
 
     @classmethod
     def open(cls, path: str | Path, stream_id: str = "default", backend: str = "lancedb",
-             model: str | Path | ModelAdapter | None = None, **kwargs: Any) -> "Session":
+             model: str | Path | ModelAdapter | None = None, read_only: bool = False, **kwargs: Any) -> "Session":
         """Reopen a stored stream: same model and configuration, ingestion resumes
         where it stopped.
 
@@ -206,44 +343,51 @@ class Session:
             backend: the backend that wrote it.
             model: override the recorded model (e.g. a checkpoint that moved);
                 by default the one recorded in the store.
+            read_only: a reader: never blocks the stream's writer (see :class:`Session`).
+            kwargs: other :class:`Session` arguments (``config`` may change retrieval,
+                assembly and generation only).
 
         Raises:
-            StoreError: no mukv stream at ``path`` / ``stream_id``.
+            StoreError: no mukv stream at ``path`` / ``stream_id`` (the message lists the store's streams).
         """
-        reg = registry()
-        backend_cls = reg.get("backends", backend, field="backend")
-        stored = backend_cls.peek_state(str(path), stream_id, "session", **(kwargs.get("backend_options") or {}))
+        path = check_path(path, "path")
+        backend_cls = registry().get("backends", backend, field="backend")
+        options = kwargs.get("backend_options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"backend_options must be a dict; got {type(options).__name__}")
+        stored = backend_cls.peek_state(str(path), stream_id, "session", **options)
         if not stored:
-            raise StoreError(f"{path}: no mukv stream {stream_id!r} (not a mukv store, or a different stream id)")
+            known = list_stream_ids(backend_cls, str(path), options)
+            raise StoreError(f"{path}: no mukv stream {stream_id!r}" + (f"; streams: {', '.join(known)}" if known else
+                             " (not a mukv store, or a different stream id)"))
         return cls(model=model if model is not None else stored["model"], backend=backend, path=path,
-                   stream_id=stream_id, **kwargs)
+                   stream_id=stream_id, read_only=read_only, **kwargs)
 
     def fork(self, config: MukvConfig | dict[str, Any] | None = None, policy: str | None = None) -> "Session":
-        """A session over the same stored memory with another retrieval, assembly or
-        generation configuration (e.g. to compare retrievers on one ingest).
+        """A reader of this session's stream with another retrieval, assembly or generation
+        configuration (e.g. to compare retrievers on one ingest).
 
-        The fork shares the model, the store and the stream: frames fed through
-        either are seen by both. Closing a fork does not close the store.
+        The fork shares the model, the store and the stream's bookkeeping: frames fed
+        to this session are seen by the fork at once. A fork cannot feed (it is never a
+        second writer of the stream). Closing a fork does not close the store; closing
+        this session closes its forks.
 
         Raises:
             ConfigError: the new configuration changes how blocks are stored
                 (levels, scoring, compression or stream settings).
+            MukvError: this session is closed.
         """
         with self._lock:
             self._check_open()
             if policy is not None:
-                base = MukvConfig.from_policy(policy)
-                extra = config.model_dump() if isinstance(config, MukvConfig) else (config or {})
-                new = MukvConfig.build(base, **extra)
+                if not isinstance(policy, str):
+                    raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
+                new = MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config))
             else:
-                new = MukvConfig.build(self.config, **(config.model_dump() if isinstance(config, MukvConfig)
-                                                       else config or {}))
-            fixed = ("scoring", "compression", "stream")
-            old_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in self.config.levels]
-            new_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in new.levels]
-            changed = [f for f in fixed if getattr(new, f) != getattr(self.config, f)]
-            if old_levels != new_levels:
-                changed.insert(0, "levels")
+                if config is not None and not isinstance(config, (dict, MukvConfig)):
+                    raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
+                new = MukvConfig.build(self.config, **_as_dict(config))
+            changed = storage_differences(self.config, new)
             if changed:
                 raise ConfigError(f"a fork shares stored blocks, so it cannot change {', '.join(changed)}; "
                                   "only top_k, rerank weights, retrieval, assembly and generation")
@@ -256,33 +400,65 @@ class Session:
             child.retriever = build_component(
                 "retrievers", reg.get("retrievers", new.retrieval.retriever, "retrieval.retriever"), new, Retriever)
             child._owner = False
+            child._closed = False
             if new.generation.system_prompt != self.config.generation.system_prompt:
                 child.prefix = self.model.prefix(new.generation.system_prompt)
             return child
 
+    # -- the stream's bookkeeping (read-only views) ------------------------------------------
+    @property
+    def _ingestor(self) -> Ingestor:
+        return self._stream.ingestor
+
+    @property
+    def _last_time(self) -> float | None:
+        return self._stream.last_time
+
+    @property
+    def _frame_hw(self) -> tuple[int, int] | None:
+        return self._stream.frame_hw
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this session can only read its stream (a reader, or a fork)."""
+        return not self._owner or not self._stream.writable
+
+    @property
+    def wall_origin(self) -> float | None:
+        """Unix time of the stream's time 0, if it keeps wall-clock time."""
+        return self._stream.wall_origin
+
     # -- feeding --------------------------------------------------------------------------
-    def feed(self, frames: Any, timestamps: Any = None) -> int:
+    def feed(self, frames: Any, timestamps: Any = None, resize: bool | None = None) -> int:
         """Add frames to the stream; store every block they complete.
+
+        The frames are copied on entry (a caller may reuse its buffer at once), and the call
+        is one transaction: on any error or interrupt nothing of it is stored and the stream's
+        bookkeeping is as before, so a retry never stores a frame twice. An iterable is fed in
+        chunks of ``stream.encode_batch_frames`` frames, one transaction each.
 
         Args:
             frames: ``uint8 [n, H, W, 3]`` (numpy or torch), one ``[H, W, 3]``
                 frame, or an iterable of frames or batches (a live source).
-            timestamps: ``[n]`` stream times in seconds (strictly increasing,
-                after the last fed frame); default: ``1 / config.stream.fps``
-                apart, continuing the stream.
+            timestamps: ``[n]`` times, strictly increasing, after the last fed frame:
+                stream seconds, or wall-clock times (``numpy.datetime64``, ``datetime``,
+                Unix seconds >= 1e9), which give a new stream its wall-clock origin;
+                default: ``1 / config.stream.fps`` apart, continuing the stream.
+            resize: resize frames of another size to the stream's (default: the session's
+                ``resize``); otherwise such frames are refused.
 
         Returns:
             Number of blocks stored (all levels).
 
         Raises:
             InputError: bad frames or timestamps; nothing of the call is stored (for an
-                iterable: nothing from the chunk of ``encode_batch_frames`` frames holding
-                the bad one on; the chunks before it are stored).
+                iterable: nothing from the chunk holding the bad item on).
+            StoreError: a read-only session, or the store failed (nothing of the call stored).
         """
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if isinstance(frames, (np.ndarray, torch.Tensor)):
-                return self._feed_batch(as_frames(frames, self._frame_hw), timestamps)
+                return self._feed_batch(self._checked(frames, resize), timestamps)
             if timestamps is not None:
                 raise InputError("timestamps can only be given with an array of frames, not an iterable")
             if isinstance(frames, (str, bytes, Path)):
@@ -291,95 +467,152 @@ class Session:
                 raise InputError(f"frames must be an array of uint8 [n, H, W, 3] or an iterable of frames; got {type(frames).__name__}")
             stored = 0
             for chunk in iter_chunks(frames, self.config.stream.encode_batch_frames):
-                stored += self._feed_batch(as_frames(chunk, self._frame_hw), None)
+                stored += self._feed_batch(self._checked(chunk, resize), None)
             return stored
 
-    def _feed_batch(self, frames: torch.Tensor, timestamps: Any) -> int:
-        if getattr(self.backend, "read_only", False):  # refuse before any bookkeeping moves
-            raise StoreError(f"stream {self.stream_id!r} is open read-only; frames cannot be fed")
-        n = frames.shape[0]
-        ts = as_timestamps(timestamps, n, self._last_time)
-        if ts is None:
+    def _checked(self, frames: Any, resize: bool | None, copy: bool = True) -> torch.Tensor:
+        """Validated frames of the stream's size (resized if asked), as a private copy."""
+        t = as_frames(frames)
+        hw = (int(t.shape[1]), int(t.shape[2]))
+        want = self._stream.frame_hw
+        if want is not None and hw != want:
+            if not (self.resize if resize is None else resize):
+                raise InputError(
+                    f"frame size changed: the stream's frames are {want[0]}x{want[1]}, these are {hw[0]}x{hw[1]}; "
+                    "resize them (resize=True, or --resize on the command line), or start a new stream")
+            return resize_frames(t, want)
+        return t.clone() if copy else t
+
+    def _stream_times(self, timestamps: Any, n: int) -> tuple[torch.Tensor, float | None]:
+        """Validated stream times of ``n`` frames, and a wall-clock origin to set (a new stream given
+        wall-clock timestamps), else ``None``."""
+        st = self._stream
+        last = st.last_time
+        if timestamps is None:
             step = 1.0 / self.config.stream.fps
-            base = -step if self._last_time is None else self._last_time
+            base = -step if last is None else last
             ts = base + step * torch.arange(1, n + 1, dtype=torch.float64)
-            if not (bool(torch.isfinite(ts).all()) and float(ts[0]) > base and bool((ts[1:] > ts[:-1]).all())):
+            if not (bool(torch.isfinite(ts).all()) and float(ts[0]) > base and bool((ts[1:] > ts[:-1]).all())
+                    and float(ts[-1]) <= MAX_STREAM_TIME):
                 raise InputError(f"stream time {base} is too large to continue at {self.config.stream.fps} fps; "
                                  "pass timestamps")
-        bs = self.config.stream.encode_batch_frames
-        embeds = torch.cat([self.model.encode_frames(frames[i : i + bs]) for i in range(0, n, bs)])
-        self._frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
-        self._last_time = float(ts[-1])
-        stored = self._ingestor.add_frames(embeds, ts)
-        self.backend.set_state("frames_seen", self._ingestor.frames_seen)
-        self.backend.set_state("cursors", dict(self._ingestor.cursor))
-        self.backend.set_state("last_time", self._last_time)
-        return stored
+            return ts, None
+        origin = None
+        if is_wall_clock(timestamps):
+            unix = unix_array(timestamps)
+            if st.wall_origin is None:
+                if st.frames_seen > 0:
+                    raise InputError("wall-clock timestamps given to a stream that counts stream seconds (it has no "
+                                     "wall-clock origin): give stream seconds, or start a new stream")
+                if unix.size and math.isfinite(float(unix[0])):
+                    origin = float(unix[0])
+            values = unix - (origin if origin is not None else st.wall_origin)
+        else:
+            values = timestamps
+        ts = as_timestamps(values, n, last)
+        if float(ts.abs().max()) > MAX_STREAM_TIME:
+            raise InputError(f"timestamps must lie within +-{MAX_STREAM_TIME:g} stream seconds; got up to "
+                             f"{float(ts.abs().max()):g}")
+        return ts, origin
 
-    def ingest(self, path: str | Path, fps: float | None = None) -> int:
+    def _feed_batch(self, frames: torch.Tensor, timestamps: Any, source: dict[str, Any] | None = None) -> int:
+        self._check_writable()
+        ts, origin = self._stream_times(timestamps, int(frames.shape[0]))
+        bs = self.config.stream.encode_batch_frames
+        st = self._stream
+
+        def encode(f: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.model.encode_frames(f[i : i + bs]) for i in range(0, f.shape[0], bs)])
+
+        with st.lock:
+            return st.feed(frames, ts, encode, source, wall_origin=origin)
+
+    def ingest(self, path: str | Path, fps: float | None = None, *, upsample: bool = False, force: bool = False,
+               resize: bool | None = None, on_chunk: Any = None) -> int:
         """Read a video file with decord, sampled at ``fps`` (default ``config.stream.fps``), and feed it.
 
         Times continue the stream: the video's first frame comes ``1 / fps``
-        after the last frame fed so far.
+        after the last frame fed so far. Each chunk is one transaction; the file is
+        recorded as a source of the stream (path, size, SHA-256, fps, the frames and
+        times it produced), so a second ingest of the same content is refused unless
+        ``force``, and an interrupted one resumes where it stopped.
+
+        Args:
+            fps: sampling rate, at most the video's own unless ``upsample``.
+            upsample: allow ``fps`` above the video's rate (frames repeat).
+            force: ingest a file whose content the stream already holds.
+            resize: see :meth:`feed`.
+            on_chunk: called with ``(frames, blocks)`` after each committed chunk.
 
         Returns:
             Number of blocks stored.
 
         Raises:
-            InputError: missing or unreadable file, bad fps.
+            InputError: missing or unreadable file, bad fps, or (without ``force``) a file
+                already ingested (:class:`~mukv.ingest.AlreadyIngested`).
         """
-        return self.feed_from("video", path, fps=fps)
+        if not isinstance(path, (str, Path)):
+            raise InputError(f"ingest() takes the path of a video file; got {type(path).__name__}")
+        return self.feed_from("video", check_path(path, "path"), fps=fps, upsample=upsample, force=force,
+                              resize=resize, on_chunk=on_chunk)
 
     def feed_from(self, source: str, location: Any, fps: float | None = None, background: bool = False,
-                  **options: Any) -> "int | LiveFeed":
+                  **options: Any) -> "int | Any":
         """Feed every chunk of a registered frame source.
 
         Args:
             source: registered source name ("video", "images", "iterator", "stream").
             location: what the source reads (a path, a URL, an iterable).
-            fps: sampling rate (default ``config.stream.fps``).
-            background: run in a daemon thread and return a :class:`LiveFeed`
+            fps: sampling rate (default ``config.stream.fps``); for a video or a stream at
+                most its own rate unless ``upsample=True``.
+            background: run in a daemon thread and return a :class:`~mukv.ingest.LiveFeed`
                 handle at once; questions can be asked meanwhile.
-            options: passed to the source (e.g. ``format="v4l2"`` for a camera).
+            options: ``force``, ``resize``, ``upsample`` (see :meth:`ingest`), ``on_chunk``
+                (called with ``(frames, blocks)`` after each committed chunk), and options of
+                the source (e.g. ``format="v4l2"`` for a camera; ``timeout_s``).
 
         Returns:
-            The number of blocks stored, or a :class:`LiveFeed` if ``background``.
+            The number of blocks stored, or a :class:`~mukv.ingest.LiveFeed` if ``background``.
 
         Raises:
             UnknownPluginError: unknown source; InputError: the source cannot be
-            opened (raised here, before any thread starts).
+            opened, or bad options (raised here, before any thread starts).
         """
-        self._check_open()
-        fps = self.config.stream.fps if fps is None else fps
-        source_cls = registry().get("sources", source, field="source")
-        options.setdefault("chunk", self.config.stream.encode_batch_frames)
-        src = source_cls(location, fps=fps, **options)
-        label = str(location) if isinstance(location, (str, Path)) else type(location).__name__
-        if background:
-            return LiveFeed(self, src, fps, label)
-        return self._feed_source(src, fps, label)
+        from .ingest import feed_from
 
-    def _feed_source(self, src: Any, fps: float, label: str, stop: threading.Event | None = None) -> int:
-        total = getattr(src, "total", None)
-        bar = _progress(total, f"ingest {Path(label).name}", self.progress)
-        stored = 0
-        offset: float | None = None
-        try:
-            for frames, times in src.chunks():
-                with self._lock:
-                    self._check_open()
-                    if offset is None:
-                        offset = 0.0 if self._last_time is None else self._last_time + 1.0 / fps
-                    stored += self._feed_batch(as_frames(frames, self._frame_hw), times.to(torch.float64) + offset)
-                bar.update(frames.shape[0])
-                if stop is not None and stop.is_set():
-                    break
-        finally:
-            bar.close()
-        return stored
+        return feed_from(self, source, location, fps, background, options)
+
+    def record_gap(self, t_start: float, t_end: float, frames: int, reason: str = "dropped") -> None:
+        """Record that ``frames`` frames between stream times ``t_start`` and ``t_end`` arrived but
+        were not stored (e.g. a service that fell behind dropped them). Committed at once; listed by
+        ``mukv streams list`` and :meth:`stats`."""
+        with self._lock:
+            self._check_writable()
+            self._stream.record_gap(t_start, t_end, frames, reason)
+
+    def thumbnail(self, frame: int) -> bytes:
+        """The JPEG thumbnail of stream frame ``frame`` (a stream created with ``thumbnails=``).
+
+        Raises:
+            InputError: a bad frame index, or one not stored yet; StoreError: the stream keeps no thumbnails.
+        """
+        if not isinstance(frame, (int, np.integer)) or isinstance(frame, bool):
+            raise InputError(f"frame must be a frame index (int); got {type(frame).__name__}")
+        with self._lock:
+            self._check_open()
+            self._refresh_reader()
+            if not self._stream.thumbnails:
+                raise StoreError(f"stream {self.stream_id!r} keeps no thumbnails (create it with thumbnails=96)")
+            if not 0 <= int(frame) < self._stream.frames_seen:
+                raise InputError(f"frame {int(frame)} is not stored: the stream has frames 0..{self._stream.frames_seen - 1}")
+            data = self.backend.read_file(f"thumbs/{int(frame):09d}.jpg")
+            if data is None:
+                raise StoreError(f"stream {self.stream_id!r}: the thumbnail of frame {int(frame)} is missing")
+            return data
 
     # -- asking -----------------------------------------------------------------------------
-    def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None) -> Answer:
+    def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None,
+            since: Any = None, until: Any = None) -> Answer:
         """Answer a question from what has been fed so far.
 
         Args:
@@ -387,14 +620,18 @@ class Session:
             top_k: per-level number of blocks, overriding the configuration; a
                 value larger than what the level stores raises.
             max_new_tokens: decoding budget (default ``config.generation.max_new_tokens``).
+            since, until: answer from the blocks lying in this time window only: stream
+                seconds, or (for a stream with a wall-clock origin) datetimes, ISO 8601
+                strings or Unix seconds.
 
         Returns:
             An :class:`~mukv.blocks.Answer`: text, retrieved blocks (level, time
-            span, score), KV tokens at answer time, timings per stage.
+            span, score, wall-clock times when known), KV tokens at answer time,
+            timings per stage.
 
         Raises:
-            InputError: empty or too long question; EmptyMemoryError: nothing stored
-            yet; RetrievalError: a top-k the store cannot serve.
+            InputError: empty or too long question, a bad window; EmptyMemoryError: nothing
+            stored yet (in the window); RetrievalError: a top-k the store cannot serve.
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string; got {type(question).__name__}")
@@ -409,51 +646,108 @@ class Session:
             raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
         with self._lock:
             self._check_open()
-            t_start = time.perf_counter()
-            timings: dict[str, float] = {}
-            notes: list[str] = []
-            plan = self._plan(top_k, notes)
-            n_q = self.model.tokenize(question).numel()
-            if n_q > MAX_QUESTION_TOKENS:
-                raise InputError(f"question is too long: {n_q} tokens (at most {MAX_QUESTION_TOKENS})")
-            t0 = time.perf_counter()
-            vector = self.model.query_vector(self.prefix, question)
-            timings["query"] = time.perf_counter() - t0
-            query = Query(question, vector, self._last_time or 0.0, self._ingestor.frames_seen)
-            t0 = time.perf_counter()
-            hits = self.retriever.retrieve(query, self.backend, plan)
-            timings["retrieve"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pieces = []
-            by_level = {h.level: h for h in hits}
-            for lp in self.levels:  # configuration order
-                h = by_level.get(lp.level.name)
-                if h is None or len(h) == 0:
-                    continue
-                rerot = self.config.assembly.rerotate
-                pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
-                                    self.backend.metadata(h.level, h.ids),
-                                    self.backend.positions(h.level, h.ids) if rerot else None))
-            fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
-            tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
-            assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
-            context, order = assembled.kv, assembled.block_order
-            timings["page_in"] = time.perf_counter() - t0
-            budget = max_new_tokens or self.config.generation.max_new_tokens
-            text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
-            timings.update(gen_t)
-            timings["total"] = time.perf_counter() - t_start
-            blocks = []
-            for pi, r in order:
-                p = pieces[pi]
-                blocks.append(RetrievedBlock(
-                    level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
-                    frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
-                    t_start=float(p.meta.t_start[r]), t_end=float(p.meta.t_end[r]), tokens=int(p.kv.shape[4]),
-                ))
-            return Answer(question, text, blocks, int(context.shape[4]), timings, notes)
+            self._refresh_reader()
+            window = self._window(since, until)
+            return self._answer(question, top_k, max_new_tokens, window)
 
-    def _plan(self, top_k: dict[str, int] | None, notes: list[str]) -> dict[str, int]:
+    def _window(self, since: Any, until: Any) -> tuple[float | None, float | None] | None:
+        if since is None and until is None:
+            return None
+        origin = self._stream.wall_origin
+        lo = None if since is None else stream_seconds(since, origin, "since")
+        hi = None if until is None else stream_seconds(until, origin, "until")
+        if lo is not None and hi is not None and hi < lo:
+            raise InputError(f"until ({until}) is before since ({since})")
+        return lo, hi
+
+    def _refresh_reader(self) -> None:
+        """A reader catches up with the writer's commits (cheap when nothing changed)."""
+        if not self._stream.writable and hasattr(self.backend, "refresh"):
+            self.refresh()
+
+    def refresh(self) -> bool:
+        """A read-only session: see what the stream's writer has committed since (done before
+        every question). Returns whether anything changed. A writing session is always current."""
+        with self._lock:
+            self._check_open()
+            fn = getattr(self.backend, "refresh", None)
+            if self._stream.writable or not callable(fn) or not fn():
+                return False
+            be = self.backend
+            values = validate_values({k: be.get_state(k) for k in
+                                      STATE_KEYS
+                                      if be.get_state(k) is not None}, f"stream {self.stream_id!r}")
+            st = self._stream
+            st.ingestor.frames_seen = values.frames_seen
+            st.ingestor.cursor.update(values.cursors or {})
+            st.last_time = values.last_time
+            st.sources = [s.model_dump() for s in values.sources]
+            st.gaps = [g.model_dump() for g in values.gaps]
+            if values.session is not None:
+                st.contract = values.session.model_dump()
+                size = st.contract.get("frame_size")
+                st.frame_hw = tuple(size) if size else None  # type: ignore[assignment]
+            return True
+
+    def _answer(self, question: str, top_k: dict[str, int] | None, max_new_tokens: int | None,
+                window: tuple[float | None, float | None] | None) -> Answer:
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        index = self.backend
+        if window is not None:
+            from .window import WindowedIndex, level_window
+
+            t0 = time.perf_counter()
+            index = WindowedIndex(self.backend, {lp.level.name: level_window(self.backend, lp.level.name, *window)
+                                                 for lp in self.levels})
+            timings["window"] = time.perf_counter() - t0
+        plan = self._plan(top_k, notes, index, window)
+        n_q = self.model.tokenize(question).numel()
+        if n_q > MAX_QUESTION_TOKENS:
+            raise InputError(f"question is too long: {n_q} tokens (at most {MAX_QUESTION_TOKENS})")
+        t0 = time.perf_counter()
+        vector = self.model.query_vector(self.prefix, question)
+        timings["query"] = time.perf_counter() - t0
+        query = Query(question, vector, self._stream.last_time or 0.0, self._stream.frames_seen)
+        t0 = time.perf_counter()
+        hits = self.retriever.retrieve(query, index, plan)
+        timings["retrieve"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pieces = []
+        by_level = {h.level: h for h in hits}
+        for lp in self.levels:  # configuration order
+            h = by_level.get(lp.level.name)
+            if h is None or len(h) == 0:
+                continue
+            rerot = self.config.assembly.rerotate
+            pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
+                                self.backend.metadata(h.level, h.ids),
+                                self.backend.positions(h.level, h.ids) if rerot else None))
+        fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
+        tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
+        assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
+        context, order = assembled.kv, assembled.block_order
+        timings["page_in"] = time.perf_counter() - t0
+        budget = max_new_tokens or self.config.generation.max_new_tokens
+        text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
+        timings.update(gen_t)
+        timings["total"] = time.perf_counter() - t_start
+        origin = self._stream.wall_origin
+        blocks = []
+        for pi, r in order:
+            p = pieces[pi]
+            ts, te = float(p.meta.t_start[r]), float(p.meta.t_end[r])
+            blocks.append(RetrievedBlock(
+                level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
+                frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
+                t_start=ts, t_end=te, tokens=int(p.kv.shape[4]), wall_start=iso(ts, origin), wall_end=iso(te, origin),
+            ))
+        return Answer(question, text, blocks, int(context.shape[4]), timings, notes, window)
+
+    def _plan(self, top_k: dict[str, int] | None, notes: list[str], index: Any = None,
+              window: tuple[float | None, float | None] | None = None) -> dict[str, int]:
+        index = self.backend if index is None else index
         names = [lp.level.name for lp in self.levels]
         if top_k is not None:
             if not isinstance(top_k, dict):
@@ -464,8 +758,11 @@ class Session:
             for name, k in top_k.items():
                 if not isinstance(k, int) or isinstance(k, bool) or k < 0:
                     raise InputError(f"top_k[{name!r}] must be a non-negative integer; got {k!r}")
-        if sum(self.backend.count(n) for n in names) == 0:
-            seen = self._ingestor.frames_seen
+        if sum(index.count(n) for n in names) == 0:
+            seen = self._stream.frames_seen
+            if window is not None and sum(self.backend.count(n) for n in names):
+                raise EmptyMemoryError(f"nothing is stored in the window since={window[0]} until={window[1]} "
+                                       "(stream seconds)")
             raise EmptyMemoryError(
                 "nothing is stored yet: feed frames before asking" if seen == 0 else
                 f"nothing is stored yet: {seen} frame(s) fed, no level has completed a block"
@@ -473,11 +770,12 @@ class Session:
         plan = {}
         for lp in self.levels:
             name = lp.level.name
-            stored = self.backend.count(name)
+            stored = index.count(name)
             if top_k is not None and name in top_k:
                 k = top_k[name]
                 if k > stored:
-                    raise RetrievalError(f"top_k[{name!r}] = {k} but only {stored} {name} block(s) are stored")
+                    raise RetrievalError(f"top_k[{name!r}] = {k} but only {stored} {name} block(s) are stored"
+                                         + (" in the window" if window is not None else ""))
             else:
                 k = lp.level.top_k
                 if k > stored:
@@ -486,42 +784,63 @@ class Session:
                             f"levels.{name}.top_k = {k} but only {stored} {name} block(s) are stored "
                             "(retrieval.on_short_stream = 'error')")
                     if stored < k and k < 1_000_000:
-                        notes.append(f"{name}: top-k {k} clamped to the {stored} block(s) stored")
+                        notes.append(f"{name}: top-k {k} clamped to the {stored} block(s) stored"
+                                     + (" in the window" if window is not None else ""))
                     k = stored
             plan[name] = k
         return plan
 
     # -- state ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Frames fed, and blocks / tokens / bytes held per level."""
+        """Frames fed, and blocks / tokens / bytes held per level; sources and gaps of the stream."""
         with self._lock:
             levels = self.backend.stats()
+            st = self._stream
             return {
-                "frames": self._ingestor.frames_seen,
-                "last_time": self._last_time,
+                "frames": st.frames_seen,
+                "last_time": st.last_time,
+                "wall_origin": st.wall_origin,
+                "frame_size": list(st.frame_hw) if st.frame_hw else None,
                 "levels": {lp.level.name: levels.get(lp.level.name, {"blocks": 0, "tokens": 0, "bytes": 0})
                            for lp in self.levels},
                 "bytes": sum(levels.get(lp.level.name, {}).get("bytes", 0) for lp in self.levels),
-                "uncovered_frames": {k: v for k, v in self._ingestor.uncovered.items() if v},
+                "uncovered_frames": {k: v for k, v in st.ingestor.uncovered.items() if v},
                 "kv_bytes_per_token": self.model.layout.token_bytes(),
+                "sources": [dict(s) for s in st.sources],
+                "gaps": [dict(g) for g in st.gaps],
             }
 
-    def close(self) -> None:
-        """Flush and close the store. The session cannot be used afterwards."""
+    def flush(self) -> None:
+        """Make everything fed so far durable now (a disk store writes in the background)."""
         with self._lock:
-            if not self._closed:
-                if not self._owner:  # a fork: the store belongs to its parent
-                    self._closed = True
-                    return
-                try:
+            self._check_open()
+            if self._stream.writable:
+                self.backend.flush()
+
+    def close(self) -> None:
+        """Flush and close the store. The session (and its forks) cannot be used afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._owner:  # a fork: the store belongs to its parent
+                return
+            self._stream.closed = True
+            try:
+                if self._stream.writable and not self._stream.broken:
                     self.backend.flush()
-                finally:
-                    self.backend.close()
-                    self._closed = True
+            finally:
+                self.backend.close()
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._stream.closed:
             raise MukvError("this session is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._owner:
+            raise StoreError("a fork reads the stream of the session it was forked from; feed that session")
+        self._stream.check_writable()
 
     def __enter__(self) -> "Session":
         return self
@@ -530,54 +849,13 @@ class Session:
         self.close()
 
 
-class LiveFeed:
-    """A frame source feeding a session from a background thread.
-
-    Attributes:
-        blocks: blocks stored so far (updated when the feed ends).
-        error: the exception that ended the feed, if any.
-    """
-
-    def __init__(self, session: Session, source: Any, fps: float, label: str):
-        self.session, self.source, self.label = session, source, label
-        self.blocks = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fps,), name=f"mukv-feed-{label}", daemon=True)
-        self._thread.start()
-
-    def _run(self, fps: float) -> None:
-        try:
-            self.blocks = self.session._feed_source(self.source, fps, self.label, self._stop)
-        except BaseException as exc:  # reported through .error and join()
-            self.error = exc
-
-    @property
-    def running(self) -> bool:
-        """Whether the feed thread is still reading."""
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Ask the feed to stop after its current chunk and wait for it."""
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def join(self, timeout: float | None = None) -> int:
-        """Wait for the source to end; re-raise its error; return blocks stored."""
-        self._thread.join(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.blocks
+def _as_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if isinstance(config, MukvConfig):
+        return config.model_dump()
+    if isinstance(config, dict):
+        return config
+    raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
 
 
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="frame")

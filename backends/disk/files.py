@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from mukv.errors import StoreError
+from mukv.safeio import MAX_SMALL_BYTES, parse_json_object, read_small
 
 FORMAT = "mukv-store"
-FORMAT_VERSION = 1
+#: 2: index rows carry the number of the transaction that wrote them (``txn``), states count transactions.
+FORMAT_VERSION = 2
 
 _STREAM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _LEVEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -123,28 +125,50 @@ class Files:
         return self._store
 
     # -- small files ------------------------------------------------------------------
-    def read(self, rel: str) -> bytes | None:
-        """Bytes of ``rel``, or ``None`` if it does not exist."""
+    def read(self, rel: str, max_bytes: int = MAX_SMALL_BYTES) -> bytes | None:
+        """Bytes of ``rel``, or ``None`` if it does not exist.
+
+        Only regular files of at most ``max_bytes`` are read: a FIFO, a device, a symlink loop or an
+        oversized object in a store is a :class:`StoreError`, never a hang or an unbounded read.
+        """
         if self.remote:
             import obstore
 
             try:
-                return bytes(obstore.get(self._store, rel).bytes())
+                res = obstore.get(self._store, rel)
+                size = int(res.meta["size"])
+                if size > max_bytes:
+                    raise StoreError(f"{self.uri(rel)}: too large ({size:,} bytes; at most {max_bytes:,})")
+                return bytes(res.bytes())
+            except StoreError:
+                raise
             except FileNotFoundError:
                 return None
             except Exception as exc:
                 if "not found" in str(exc).lower() or "NotFound" in type(exc).__name__:
                     return None
                 raise StoreError(f"{self.uri(rel)}: cannot read ({exc})") from None
-        p = self.local / rel
+        return read_small(self.local / rel, "file", max_bytes, StoreError, missing_ok=True)
+
+    def delete(self, rel: str) -> None:
+        """Remove the file ``rel`` (no error if it is gone)."""
+        if self.remote:
+            import obstore
+
+            try:
+                obstore.delete(self._store, rel)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                if "not found" not in str(exc).lower():
+                    raise StoreError(f"{self.uri(rel)}: cannot delete ({exc})") from None
+            return
         try:
-            return p.read_bytes()
+            (self.local / rel).unlink()
         except FileNotFoundError:
-            return None
-        except IsADirectoryError:
-            raise StoreError(f"{p}: expected a file, found a folder") from None
+            pass
         except OSError as exc:
-            raise disk_error(exc, f"reading {p}") from None
+            raise disk_error(exc, f"deleting {self.local / rel}") from None
 
     def write(self, rel: str, data: bytes) -> None:
         """Replace ``rel`` atomically: readers see the old or the new bytes, never a mix."""
@@ -179,17 +203,12 @@ class Files:
                 pass
             raise disk_error(exc, f"writing {p}") from None
 
-    def read_json(self, rel: str) -> dict[str, Any] | None:
-        raw = self.read(rel)
+    def read_json(self, rel: str, max_bytes: int = MAX_SMALL_BYTES) -> dict[str, Any] | None:
+        """The JSON object in ``rel`` (``None`` if missing); see :func:`mukv.safeio.parse_json_object`."""
+        raw = self.read(rel, max_bytes)
         if raw is None:
             return None
-        try:
-            value = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{self.uri(rel)}: not valid JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise StoreError(f"{self.uri(rel)}: expected a JSON object")
-        return value
+        return parse_json_object(raw, self.uri(rel))
 
     def write_json(self, rel: str, value: dict[str, Any]) -> None:
         self.write(rel, json.dumps(value, indent=1, sort_keys=True).encode())

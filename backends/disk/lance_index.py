@@ -53,6 +53,9 @@ def schema(vector_dim: int):
         pa.field("kv_row", pa.int64(), nullable=False),
         pa.field("crc32", pa.int64(), nullable=False),
         pa.field("vector", pa.list_(pa.float32(), vector_dim)),
+        # the transaction that wrote the row (format 2): rows of a transaction the stream's state has not
+        # committed are a killed writer's leftovers; rows of a committed one are data
+        pa.field("txn", pa.int64(), nullable=False),
     ])
 
 
@@ -268,14 +271,34 @@ class BlockTable:
         self._call("writing index rows", lambda: tbl.add(rows))
         self._commits += 1
 
+    def has_column(self, name: str) -> bool:
+        """Whether the table has column ``name`` (a table created by this mukv has every column of
+        :func:`schema`; an older store's table may lack ``txn``). True while no table exists yet."""
+        tbl = self.table()
+        return tbl is None or name in tbl.schema.names
+
+    @staticmethod
+    def _uncounted(stream_id: str, counts: dict[str, int]) -> str:
+        keep = " OR ".join(f"(level = '{check_level(lv)}' AND block_id < {int(n)})" for lv, n in counts.items() if n > 0)
+        return f"stream_id = '{check_stream_id(stream_id)}'" + (f" AND NOT ({keep})" if keep else "")
+
+    def beyond(self, stream_id: str, counts: dict[str, int], columns: list[str]):
+        """The stream's rows beyond ``counts`` (levels not in ``counts``: every row), ``columns`` only."""
+        tbl = self.table()
+        if tbl is None:
+            return None
+        clause = self._uncounted(stream_id, counts)
+        return self._call(f"reading uncounted rows of stream {stream_id!r}",
+                          lambda: self._query(tbl.search().where(clause), columns, None))
+
     def delete_uncounted(self, stream_id: str, counts: dict[str, int]) -> int:
-        """Delete the stream's rows beyond the committed ``counts`` (crash leftovers). Returns rows deleted."""
+        """Delete the stream's rows beyond ``counts`` (a killed writer's leftovers, or a rolled-back
+        transaction's rows). Returns rows deleted."""
         tbl = self.table()
         if tbl is None:
             return 0
-        keep = " OR ".join(f"(level = '{check_level(lv)}' AND block_id < {int(n)})" for lv, n in counts.items() if n > 0)
-        clause = f"stream_id = '{check_stream_id(stream_id)}'" + (f" AND NOT ({keep})" if keep else "")
-        with lance_errors(self.files.uri("index"), f"removing rows a killed writer left (stream {stream_id!r})"):
+        clause = self._uncounted(stream_id, counts)
+        with lance_errors(self.files.uri("index"), f"removing uncommitted rows (stream {stream_id!r})"):
             n = tbl.count_rows(clause)
             if n:
                 tbl.delete(clause)

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import shutil
 import threading
 import time
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,10 @@ from mukv.blocks import CompressedBlocks, KVLayout
 from mukv.errors import RetrievalError, StoreError
 from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
 from mukv.malloc import pin_mmap_threshold
+from mukv.state import validate_values
 
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
+from .state_file import read_state, validate_manifest
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
 from .transfer import HostCopy, Mover, as_numpy_rows
@@ -81,15 +84,30 @@ class _Job:
     token_index: np.ndarray  # [B, K]
     positions: np.ndarray  # [B, K]
     info: BlockInfo
+    txn: int  # the transaction whose rows these are
 
 
 @dataclass
 class _Mark:
-    """A point in the stream: the state values and block counts to persist once all before it is committed."""
+    """The end of a transaction: its state values, files and block counts, persisted (state file last)
+    once everything submitted before it is written."""
 
-    key: str | None
-    value: Any
+    values: dict[str, Any]
     counts: dict[str, int]
+    txn: int
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Rollback:
+    """An aborted transaction: drop its rows and KV beyond ``counts`` (those of the last commit)."""
+
+    counts: dict[str, int]
+    txn: int
+
+
+#: names of files a stream keeps beside its state (thumbs/000123.jpg, pending.41.bin)
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}){0,3}$")
 
 
 def layout_dict(layout: KVLayout) -> dict[str, Any]:
@@ -118,10 +136,12 @@ class TieredBackend(StorageBackend):
     """
 
     name = "lancedb"
+    persistent = True
 
     def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu",
                  stream_id: str = "default", **options: Any):
         self._closed = True
+        self.manifest = None
         self.options = o = TieredOptions.parse(options)
         if path is None:
             raise StoreError("the lancedb backend keeps blocks on disk: pass path= (a folder or an s3:// URI)")
@@ -154,8 +174,10 @@ class TieredBackend(StorageBackend):
         if manifest is None:
             if read_only:
                 raise StoreError(f"{files.uri()}: no mukv store to open read-only")
-            files.write_json(MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                        "layout": layout_dict(self.layout), "created": time.time()})
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout_dict(self.layout),
+                        "created": time.time()}
+            files.write_json(MANIFEST, manifest)
+            self.manifest = validate_manifest(manifest, files.uri(MANIFEST), FORMAT)
         else:
             self._check_manifest(manifest)
         if read_only:
@@ -190,12 +212,8 @@ class TieredBackend(StorageBackend):
 
     def _check_manifest(self, m: dict[str, Any]) -> None:
         where = self.files.uri()
-        if m.get("format") != FORMAT:
-            raise StoreError(f"{where}: not a mukv store ({MANIFEST} has format {m.get('format')!r})")
-        if int(m.get("format_version", 0)) > FORMAT_VERSION:
-            raise StoreError(f"{where}: store format {m.get('format_version')} is newer than this mukv "
-                             f"({FORMAT_VERSION}); upgrade mukv")
-        stored, mine = m.get("layout", {}), layout_dict(self.layout)
+        self.manifest = validate_manifest(m, self.files.uri(MANIFEST), FORMAT)
+        stored, mine = self.manifest.layout.model_dump(), layout_dict(self.layout)
         diffs = [k for k in ("num_layers", "num_kv_heads", "head_dim", "dtype") if stored.get(k) != mine[k]]
         if stored.get("model_id") and mine["model_id"] and stored["model_id"] != mine["model_id"]:
             diffs.append("model_id")
@@ -213,13 +231,7 @@ class TieredBackend(StorageBackend):
         from .zarr_kv import KVArchive
 
         o = self.options
-        state = self.files.read_json(self._state_rel()) or {}
-        self._persisted = {str(k): int(v) for k, v in state.get("counts", {}).items()}
-        self._values: dict[str, Any] = dict(state.get("values", {}))
-        self._pvalues: dict[str, Any] = dict(self._values)  # values in the state file (writer thread)
-        self._level_info: dict[str, dict[str, Any]] = dict(state.get("levels", {}))
-        for lv in list(self._persisted) + list(self._level_info):
-            check_level(lv)
+        self._load_state()
         evictor = build_component("evictors", registry().get("evictors", o.eviction, "backend_options.eviction"),
                                   MukvConfig.build(), EvictionPolicy)
         self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only,
@@ -230,8 +242,12 @@ class TieredBackend(StorageBackend):
         self.recovered: dict[str, Any] = {}
         if not self.read_only:
             self._recover()
+        self._unwritten: dict[str, bytes] = {}  # committed stream files the writer has not written yet
+        self._files_lock = threading.Lock()  # guards _unwritten (the writer thread never takes self._lock)
         self._n = dict(self._persisted)  # ids handed out
         self._committed = dict(self._persisted)  # KV + rows on disk
+        self._base = dict(self._persisted)  # counts as of the last commit (what a rollback returns to)
+        self._open_txn = self._txn + 1  # number of the transaction being built (its rows carry it)
         self._unadmitted: dict[str, int] = {}  # level -> 1 + highest id that is neither hot nor committed
         if o.hot_bytes is None:
             hot_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
@@ -256,12 +272,35 @@ class TieredBackend(StorageBackend):
     def _state_rel(self) -> str:
         return f"streams/{self.stream_id}.json"
 
+    def _load_state(self) -> None:
+        """Read and validate the stream's state file (every field; :class:`StoreError` if invalid)."""
+        found = read_state(self.files, self.stream_id, self.manifest.layout.model_dump() if self.manifest else None)
+        if found is None:
+            self._txn = 0
+            self._persisted: dict[str, int] = {}
+            self._values: dict[str, Any] = {}
+            self._level_info: dict[str, dict[str, Any]] = {}
+        else:
+            state, _ = found
+            self._txn = state.txn
+            self._persisted = dict(state.counts)
+            self._values = dict(state.values)
+            self._level_info = {lv: info.model_dump() for lv, info in state.levels.items()}
+        self._pvalues: dict[str, Any] = dict(self._values)  # values in the state file (writer thread)
+
     def _recover(self) -> None:
-        """Remove what a killed writer left beyond the committed state; fail on real damage."""
+        """Remove what a killed writer left beyond the committed state; refuse on real damage.
+
+        Left over (removed): index rows of transactions the state has not committed, KV rows beyond the
+        counts, temp files, stream files the state does not reference. Damage (a :class:`StoreError`,
+        nothing removed): rows of a committed transaction, or rows whose frames the state's cursors say
+        were covered, beyond the counts (the state lost count of committed data: ``mukv repair``
+        decides what to do, when asked), KV or rows missing below the counts.
+        """
         counts = self._persisted
         partials = self.archive.remove_partials()
         try:
-            rows = self.table.delete_uncounted(self.stream_id, counts)
+            beyond = self._rows_beyond(counts)
         except StoreError:
             # a version of the table that references files that are gone (a copy taken while being
             # written): go back to the newest readable version holding every committed row of every stream
@@ -269,7 +308,9 @@ class TieredBackend(StorageBackend):
             if restored is None:
                 raise
             self.recovered["index_version"] = {"latest": restored[0], "restored": restored[1]}
-            rows = self.table.delete_uncounted(self.stream_id, counts)
+            beyond = self._rows_beyond(counts)
+        self._refuse_committed_beyond(beyond)
+        rows = self.table.delete_uncounted(self.stream_id, counts) if beyond is not None and beyond.num_rows else 0
         cut: dict[str, int] = {}
         for level in sorted(set(self.archive.levels()) | set(counts)):
             n = counts.get(level, 0)
@@ -285,7 +326,62 @@ class TieredBackend(StorageBackend):
                 if have != n:
                     raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
                                      f"are committed but the index holds {have} rows for them")
-        self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut}
+        files = self._remove_unreferenced_files()
+        self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut,
+                          "stream_files": files}
+
+    def _rows_beyond(self, counts: dict[str, int]):
+        cols = ["level", "block_id", "frame_start", "frame_end"] + (["txn"] if self.table.has_column("txn") else [])
+        return self.table.beyond(self.stream_id, counts, cols)
+
+    def _refuse_committed_beyond(self, beyond) -> None:
+        """Rows beyond the counts that were committed (by their transaction number, or because the state's
+        cursors say their frames were covered) mean the state disagrees with the data: refuse."""
+        if beyond is None or beyond.num_rows == 0:
+            return
+        cursors = (self._values.get("cursors") or {}) if isinstance(self._values.get("cursors"), dict) else {}
+        levels = beyond.column("level").to_pylist()
+        ids = beyond.column("block_id").to_pylist()
+        ends = beyond.column("frame_end").to_pylist()
+        txns = beyond.column("txn").to_pylist() if "txn" in beyond.column_names else [None] * len(ids)
+        bad: dict[str, list[int]] = {}
+        for lv, bid, end, txn in zip(levels, ids, ends, txns):
+            committed_txn = txn is not None and txn <= self._txn
+            covered = lv in cursors and end <= int(cursors[lv])
+            if committed_txn or covered:
+                bad.setdefault(lv, []).append(int(bid))
+        if bad:
+            what = "; ".join(f"{lv}: state counts {self._persisted.get(lv, 0)}, committed rows up to id {max(b)}"
+                             for lv, b in sorted(bad.items()))
+            raise StoreError(
+                f"{self.files.uri()}: stream {self.stream_id!r}: its state disagrees with its data ({what}); "
+                "refusing to open it for writing, nothing was changed. `mukv repair "
+                f"{self.files.uri()} --stream-id {self.stream_id}` shows what it would do")
+
+    def _stream_dir(self) -> str:
+        return f"streams/{self.stream_id}"
+
+    def _referenced_files(self, values: dict[str, Any]) -> set[str]:
+        pending = values.get("pending")
+        return {pending["file"]} if isinstance(pending, dict) and isinstance(pending.get("file"), str) else set()
+
+    def _remove_unreferenced_files(self) -> int:
+        """Stream files a killed writer left: pending-frame files the state does not name, thumbnails of
+        frames the state has not committed. Returns how many were removed."""
+        removed = 0
+        keep = self._referenced_files(self._values)
+        seen = int(self._values.get("frames_seen", 0) or 0)
+        for name in self.files.listing(self._stream_dir()):
+            if name.startswith("pending.") and name not in keep:
+                self.files.delete(f"{self._stream_dir()}/{name}")
+                removed += 1
+        thumbs = f"{self._stream_dir()}/thumbs"
+        for name in self.files.listing(thumbs):
+            stem = name.split(".", 1)[0]
+            if not stem.isdigit() or int(stem) >= seen:
+                self.files.delete(f"{thumbs}/{name}")
+                removed += 1
+        return removed
 
     def _restore_index_version(self) -> tuple[int, int] | None:
         """:meth:`BlockTable.restore_readable` with every stream's committed counts, unless another
@@ -299,8 +395,11 @@ class TieredBackend(StorageBackend):
             sid = check_stream_id(name[: -len(".json")])
             if sid != self.stream_id and writer_active(self.files, sid):
                 return None
-            state = self.files.read_json(f"streams/{name}") or {}
-            counts[sid] = {check_level(str(k)): int(v) for k, v in state.get("counts", {}).items()}
+            try:
+                found = read_state(self.files, sid)
+            except StoreError:
+                return None  # a stream whose committed counts are unknown: no version can be proven to hold them
+            counts[sid] = dict(found[0].counts) if found else {}
         return self.table.restore_readable(counts)
 
     @classmethod
@@ -312,23 +411,41 @@ class TieredBackend(StorageBackend):
             return None
         if not files.remote and not files.local.is_dir():
             return None
-        if files.read_json(MANIFEST) is None:
+        raw = files.read_json(MANIFEST)
+        if raw is None:
             return None
-        state = files.read_json(f"streams/{stream_id}.json")
-        return None if state is None else state.get("values", {}).get(key)
+        manifest = validate_manifest(raw, files.uri(MANIFEST), FORMAT)
+        found = read_state(files, stream_id, manifest.layout.model_dump())
+        return None if found is None else found[0].values.get(key)
 
-    def refresh(self) -> None:
-        """Reader: catch up with what the writer has committed since opening (or the last refresh)."""
+    @classmethod
+    def list_streams(cls, path: str, **options: Any) -> list[str]:
+        """Ids of the streams a store holds (those with a state file)."""
+        files = Files(str(path), storage_options=options.get("storage_options"))
+        out = []
+        for name in files.listing("streams"):
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    out.append(check_stream_id(name[: -len(".json")]))
+                except StoreError:
+                    continue
+        return sorted(out)
+
+    def refresh(self) -> bool:
+        """Reader: catch up with what the writer has committed since opening (or the last refresh).
+        Returns whether anything changed."""
         with self._lock:
             if not self.read_only:
-                return
-            state = self.files.read_json(self._state_rel()) or {}
-            self._persisted = {str(k): int(v) for k, v in state.get("counts", {}).items()}
-            self._values = dict(state.get("values", {}))
-            self._level_info = dict(state.get("levels", {}))
+                return False
+            old = self._txn, dict(self._persisted)
+            self._load_state()
             self._n = dict(self._persisted)
             self._committed = dict(self._persisted)
+            self._base = dict(self._persisted)
+            if (self._txn, self._persisted) == old:
+                return False
             self.archive.forget()  # the arrays grew: read their lengths again
+            return True
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -343,12 +460,17 @@ class TieredBackend(StorageBackend):
             raise StoreError(self._failure)
         w = self.writer
         if w is not None and w.error is not None:
-            lost = {lv: (self._committed.get(lv, 0), n) for lv, n in self._n.items() if n > self._committed.get(lv, 0)}
+            # what the state file counts is what a reopen finds; reads go on over that alone
+            done = dict(self._persisted)
+            lost = {lv: (done.get(lv, 0), n) for lv, n in self._n.items() if n > done.get(lv, 0)}
             for lv, (c, _) in lost.items():
                 self.hot.rollback(lv, c)
-            self._n = dict(self._committed)
-            # what was not stored is not waited for: reads go on over what is committed
-            self._unadmitted = {lv: min(u, self._committed.get(lv, 0)) for lv, u in self._unadmitted.items()}
+            self._n = {lv: min(n, done.get(lv, 0)) for lv, n in self._n.items()}
+            self._base = dict(self._n)
+            with self.hot.lock:
+                self._committed = {lv: min(c, done.get(lv, 0)) for lv, c in self._committed.items()}
+            self._unadmitted = {lv: min(u, done.get(lv, 0)) for lv, u in self._unadmitted.items()}
+            self._values = dict(self._pvalues)
             dropped = ", ".join(f"{lv} blocks {c}..{n - 1}" for lv, (c, n) in lost.items()) or "none"
             msg = _describe(w.error)
             self._failure = (f"{self.files.uri()}: writing stream {self.stream_id!r} failed: {msg}. Not stored: "
@@ -415,7 +537,7 @@ class TieredBackend(StorageBackend):
                 self._check_writer()
                 raise
             job = _Job(level, first, host, vectors.cpu().numpy(), _np(blocks.kept), _np(blocks.token_index),
-                       _np(blocks.positions), binfo)
+                       _np(blocks.positions), binfo, self._open_txn)
             try:
                 self.writer.submit(job, nbytes)
             except StoreError:
@@ -441,24 +563,89 @@ class TieredBackend(StorageBackend):
             self._unadmitted[level] = int(info.ids[~admitted].max()) + 1
 
     def set_state(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._check_writable()
-            try:
-                value = json.loads(json.dumps(value))
-            except (TypeError, ValueError) as exc:
-                raise StoreError(f"state {key!r} is not JSON-serialisable: {exc}") from None
-            self._values[key] = value
-            self.writer.submit(_Mark(key, value, dict(self._n)))
+        self.commit({key: value})
 
     def get_state(self, key: str, default: Any = None) -> Any:
         return self._values.get(key, default)
 
+    def commit(self, state: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
+        """End the transaction: the blocks added since the last commit, ``state`` and ``files`` are
+        written by the offload writer in that order, the stream's state file last (the commit point).
+
+        Returns once the writer has the transaction (it becomes durable in the background, at once on
+        :meth:`flush`). The values are checked before anything is queued: a value that is not JSON, or a
+        stream state that :func:`mukv.state.validate_values` refuses, is a :class:`StoreError` and the
+        transaction stays open (roll it back)."""
+        with self._lock:
+            self._check_writable()
+            try:
+                values = json.loads(json.dumps(state, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"stream state is not JSON-serialisable: {exc}") from None
+            merged = {**self._values, **values}
+            validate_values(merged, f"{self.files.uri(self._state_rel())} (commit)")
+            blobs: dict[str, bytes] = {}
+            for name, data in (files or {}).items():
+                if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or ".." in name:
+                    raise StoreError(f"invalid stream file name {name!r}")
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise StoreError(f"stream file {name!r}: expected bytes, got {type(data).__name__}")
+                blobs[name] = bytes(data)
+            with self._files_lock:
+                for name, data in blobs.items():  # readable at once, before the writer has written them
+                    self._unwritten[name] = data
+            self.writer.submit(_Mark(values, dict(self._n), self._open_txn, blobs))
+            self._values = merged
+            self._base = dict(self._n)
+            self._txn = self._open_txn
+            self._open_txn += 1
+
+    def rollback(self) -> None:
+        """Abort the transaction: the blocks added since the last commit leave the hot tier at once, their
+        ids are handed out again, and the writer removes whatever of them it already wrote (waited for)."""
+        with self._lock:
+            if self._closed or self.read_only:
+                return
+            changed = {lv: n for lv, n in self._n.items() if n != self._base.get(lv, 0)}
+            for lv in changed:
+                self.hot.rollback(lv, self._base.get(lv, 0))
+            self._n = {lv: self._base.get(lv, 0) for lv in self._n}
+            self._unadmitted = {lv: min(u, self._base.get(lv, 0)) for lv, u in self._unadmitted.items()}
+            aborted = self._open_txn
+            self._open_txn += 1  # the aborted number is never reused
+            if not changed:
+                return
+            try:
+                self._check_writer()
+                self.writer.wait(self.writer.submit(_Rollback(dict(self._base), aborted)))
+            except BaseException as exc:
+                # the writer failed (the store must be reopened, whose recovery removes the rows) or the
+                # wait was interrupted: no later transaction may build on this one
+                self._failure = self._failure or (
+                    f"{self.files.uri()}: stream {self.stream_id!r}: a failed feed could not be rolled back "
+                    f"({_describe(exc) if not isinstance(exc, KeyboardInterrupt) else 'interrupted'}); everything "
+                    "committed before is intact: reopen the stream to continue")
+                raise
+
+    def read_file(self, name: str) -> bytes | None:
+        """A file committed with :meth:`commit` (``None`` if it does not exist)."""
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or ".." in name:
+            raise StoreError(f"invalid stream file name {name!r}")
+        with self._files_lock:
+            if name in self._unwritten:
+                data = self._unwritten[name]
+                return data or None
+        return self.files.read(f"{self._stream_dir()}/{name}")
+
     def flush(self) -> None:
+        """Make every committed transaction durable now (blocks added outside a transaction are
+        committed first, as one transaction without state changes)."""
         with self._lock:
             if self._closed or self.read_only:
                 return
             self._check_writer()
-            self.writer.submit(_Mark(None, None, dict(self._n)))
+            if self._n != self._base:
+                self.commit({})
             try:
                 self.writer.wait()
             except StoreError:
@@ -467,7 +654,25 @@ class TieredBackend(StorageBackend):
 
     # ------------------------------------------------------------------ the writer thread
     def _commit(self, items: list[Any]) -> None:
-        """Write a group: KV (zarr), then rows (lancedb, one commit), then the state file."""
+        """Write a group in submission order. Per run of items between rollbacks: KV (zarr), then index
+        rows (lancedb, one commit), then the transactions' files, then the state file (the commit point),
+        then the files the transactions deleted. A rollback drops its transaction's jobs that were not
+        written yet and removes the rows and KV of those that were."""
+        aborted = {it.txn for it in items if isinstance(it, _Rollback)}
+        run: list[Any] = []
+        for it in items:
+            if isinstance(it, _Job) and it.txn in aborted:
+                it.host.release()  # never written
+                continue
+            if isinstance(it, _Rollback):
+                self._commit_run(run)
+                run = []
+                self._undo(it)
+            else:
+                run.append(it)
+        self._commit_run(run)
+
+    def _commit_run(self, items: list[Any]) -> None:
         import pyarrow as pa
 
         jobs = [it for it in items if isinstance(it, _Job)]
@@ -485,7 +690,9 @@ class TieredBackend(StorageBackend):
             for run in runs:
                 data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
                 self.archive.write(run[0].level, run[0].first, data)
-            self.table.add(pa.concat_tables([self._arrow_rows(j) for j in jobs]))
+            self.table.table(create=True)
+            with_txn = self.table.has_column("txn")
+            self.table.add(pa.concat_tables([self._arrow_rows(j, with_txn) for j in jobs]))
             ends: dict[str, int] = {}
             for job in jobs:
                 ends[job.level] = max(ends.get(job.level, 0), job.first + len(job.info.ids))
@@ -497,22 +704,43 @@ class TieredBackend(StorageBackend):
                     self.hot.mark_committed(level, end)
         if marks:
             for m in marks:
-                if m.key is not None:
-                    self._persist_value(m.key, m.value)
-            counts = marks[-1].counts
+                for name, data in m.files.items():
+                    if data:
+                        self.files.write(f"{self._stream_dir()}/{name}", data)
+                self._pvalues.update(m.values)
+            last = marks[-1]
             self.files.write_json(self._state_rel(), {
-                "format_version": FORMAT_VERSION, "stream_id": self.stream_id, "counts": counts,
-                "values": self._persisted_values(), "levels": dict(self._level_info), "updated": time.time(),
+                "format_version": FORMAT_VERSION, "stream_id": self.stream_id, "txn": last.txn,
+                "counts": last.counts, "values": self._persisted_values(), "levels": dict(self._level_info),
+                "updated": time.time(),
             })
-            self._persisted = dict(counts)
+            self._persisted = dict(last.counts)
+            for m in marks:
+                for name, data in m.files.items():
+                    if not data:
+                        self.files.delete(f"{self._stream_dir()}/{name}")
+            with self._files_lock:
+                for m in marks:
+                    for name, data in m.files.items():
+                        if self._unwritten.get(name) is data:
+                            del self._unwritten[name]
 
-    def _persist_value(self, key: str, value: Any) -> None:
-        self._pvalues[key] = value
+    def _undo(self, rb: _Rollback) -> None:
+        """Remove what the writer already wrote of an aborted transaction (its rows and KV beyond
+        ``rb.counts``; nothing of a committed transaction lies there)."""
+        self.table.delete_uncounted(self.stream_id, rb.counts)
+        for level in self.archive.levels():
+            n = rb.counts.get(level, 0)
+            if self.archive.length(level) > n:
+                self.archive.truncate(level, n)
+        with self.hot.lock:
+            for level in list(self._committed):
+                self._committed[level] = min(self._committed[level], rb.counts.get(level, 0))
 
     def _persisted_values(self) -> dict[str, Any]:
         return dict(self._pvalues)
 
-    def _arrow_rows(self, job: _Job):
+    def _arrow_rows(self, job: _Job, with_txn: bool = True):
         import pyarrow as pa
 
         from .lance_index import schema
@@ -538,7 +766,12 @@ class TieredBackend(StorageBackend):
             "kv_row": pa.array(job.info.ids), "crc32": pa.array(job.crc),  # type: ignore[attr-defined]
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(job.vectors.reshape(-1).astype(np.float32)), v),
         }
-        return pa.table(cols, schema=schema(v))
+        sch = schema(v)
+        if with_txn:
+            cols["txn"] = pa.array(np.full(b, job.txn, dtype=np.int64))
+        else:  # a table made before transactions were numbered
+            sch = sch.remove(sch.get_field_index("txn"))
+        return pa.table(cols, schema=sch)
 
     def _maintain(self) -> None:
         try:
@@ -866,9 +1099,9 @@ class TieredBackend(StorageBackend):
             _open_backends.discard(self)
             try:
                 if self.writer is not None:
-                    if self.writer.error is None:
-                        try:
-                            self.writer.submit(_Mark(None, None, dict(self._n)))
+                    if self.writer.error is None and self._failure is None and self._n != self._base:
+                        try:  # blocks added outside a transaction (direct use of the backend): commit them
+                            self.writer.submit(_Mark({}, dict(self._n), self._open_txn))
                         except StoreError:
                             pass
                     self.writer.close()

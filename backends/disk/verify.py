@@ -41,10 +41,14 @@ import numpy as np
 
 from mukv.errors import StoreError
 
-from .files import FORMAT, FORMAT_VERSION, Files, check_level, check_stream_id
+from .files import FORMAT, FORMAT_VERSION, Files, check_stream_id
+from .state_file import read_state
+from .verify_meaning import check_meaning
 from .zarr_kv import block_crc, describe_ids, dtype_from_name
 
 MANIFEST = "mukv.json"
+#: index columns the meaning checks read (beside stream_id, level, block_id, crc32)
+META_COLUMNS = ["frame_start", "frame_end", "t_start", "t_end", "tokens", "txn"]
 #: severities: "damage" (committed data missing, unreadable or wrong: ``ok`` is False),
 #: "leftover" (uncommitted data a killed writer left; harmless, removed by the next writer), "note"
 SEVERITIES = ("damage", "leftover", "note")
@@ -172,6 +176,8 @@ def verify_store(path: str, stream_id: str | None = None, storage_options: dict[
     _check_leftover_files(files, stream_id, states, report)
     for sid, state in sorted(states.items()):
         _check_stream(files, sid, state, layout, rows, report, check_kv)
+        if rows is not None:
+            check_meaning(sid, state, (rows.get("meta") or {}).get(sid, {}), report)
     if rows is not None and rows.get("table") is not None and stream_id is None:
         unknown = sorted(set(rows["by_stream"]) - set(states))
         for sid in unknown:
@@ -244,33 +250,16 @@ def _read_states(files: Files, only: str | None, layout: dict[str, Any], report:
             report.add("damage", "state", f"{files.uri(rel)}: not a valid stream id; not a file mukv wrote")
             continue
         try:
-            state = files.read_json(rel)
+            found = read_state(files, sid, {k: layout[k] for k in ("num_layers", "num_kv_heads", "head_dim")})
         except StoreError as exc:
-            report.add("damage", "state", f"stream {sid!r}: state unreadable: {exc}", sid)
+            report.add("damage", "state", f"stream {sid!r}: {exc}", sid)
             continue
-        if state is None:
+        if found is None:
             continue
-        try:
-            counts = {check_level(str(k)): int(v) for k, v in (state.get("counts") or {}).items()}
-            if any(v < 0 for v in counts.values()):
-                raise ValueError("negative count")
-            levels = state.get("levels") or {}
-            if not isinstance(levels, dict):
-                raise ValueError("levels is not an object")
-            for lv, info in levels.items():
-                check_level(lv)
-                k = int(info["tokens"])
-                expect = [layout["num_layers"], 2, layout["num_kv_heads"], k, layout["head_dim"]]
-                if [int(x) for x in info["block_shape"]] != expect:
-                    raise ValueError(f"level {lv!r} block shape {info['block_shape']} does not match the "
-                                     f"layout {expect}")
-            for lv, n in counts.items():
-                if n and lv not in levels:
-                    raise ValueError(f"level {lv!r} has {n} blocks but no block shape")
-        except (TypeError, KeyError, ValueError, AttributeError, StoreError) as exc:
-            report.add("damage", "state", f"{files.uri(rel)}: invalid stream state ({exc})", sid)
-            continue
-        out[sid] = {"counts": counts, "levels": levels}
+        state, values = found
+        counts = dict(state.counts)
+        levels = {lv: info.model_dump() for lv, info in state.levels.items()}
+        out[sid] = {"counts": counts, "levels": levels, "txn": state.txn, "values": values}
     return out
 
 
@@ -293,6 +282,8 @@ def _read_rows(files: Files, layout: dict[str, Any], stream_id: str | None, repo
             report.add("damage", "index", f"{index}: cannot be opened: {exc}")
             return None
     cols = ["stream_id", "level", "block_id", "crc32"]
+    have = set(table.table().schema.names) if table.table() is not None else set()
+    cols += [c for c in META_COLUMNS if c in have]
     complete = True
     try:
         t = table.rows(stream_id, cols)
@@ -320,17 +311,21 @@ def _read_rows(files: Files, layout: dict[str, Any], stream_id: str | None, repo
             if t is not None and stream_id is not None:
                 t = t.filter(_equals(t.column("stream_id"), stream_id))
     by_stream: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    meta: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     if t is not None and t.num_rows:
         report.index_rows += int(t.num_rows)
         sids = np.asarray(t.column("stream_id").to_pylist(), dtype=object)
         lvs = np.asarray(t.column("level").to_pylist(), dtype=object)
         bid = t.column("block_id").to_numpy()
         crc = t.column("crc32").to_numpy()
+        extra = {c: t.column(c).to_numpy() for c in META_COLUMNS if c in t.column_names}
         for s in np.unique(sids):
             sel = sids == s
             by_stream[str(s)] = {str(lv): (bid[sel & (lvs == lv)], crc[sel & (lvs == lv)])
                                  for lv in np.unique(lvs[sel])}
-    return {"table": table, "by_stream": by_stream, "complete": complete}
+            meta[str(s)] = {str(lv): {c: a[sel & (lvs == lv)] for c, a in extra.items()}
+                            for lv in np.unique(lvs[sel])}
+    return {"table": table, "by_stream": by_stream, "meta": meta, "complete": complete}
 
 
 def _holds(t, counts: dict[str, dict[str, int]]) -> bool:

@@ -19,11 +19,13 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import Sequence
 
 from ..errors import MukvError
+from ..signals import Interrupted
 
 from .plugins import _cmd_plugins
 from .ingest import _cmd_ingest
@@ -33,6 +35,8 @@ from .plot import _cmd_plot
 from .demo import _cmd_demo
 from .bench import BENCH_DESCRIPTION, _cmd_bench
 from .common import EPILOG, RANDOM_MODEL, STORE_BACKEND, TRAINED_MODEL, _RANDOM_NOTE, pick_model  # noqa: F401
+from .streams import add_parsers as add_stream_parsers
+from .common import OneLineParser, non_negative_float, positive_float, positive_int, time_arg
 from .bench import BENCH_MODULE  # noqa: F401
 
 
@@ -41,9 +45,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32)
 
 
-def _store_args(p: argparse.ArgumentParser, model: bool = False) -> None:
+def _store_args(p: argparse.ArgumentParser, model: bool = False, stream_default: str | None = "default") -> None:
     p.add_argument("store", help="the store: a directory (or a URI the backend supports)")
-    p.add_argument("--stream-id", default="default", help="which stream of the store (default: %(default)s)")
+    p.add_argument("--stream-id", default=stream_default,
+                   help="which stream of the store (default: " + (stream_default or "default; with --verify: every "
+                                                                                     "stream") + ")")
     p.add_argument("--backend", default=STORE_BACKEND, help="backend that wrote the store (default: %(default)s)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
     p.add_argument("--backend-options", metavar="JSON",
@@ -65,23 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..registry import ROLES
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mukv", formatter_class=_Formatter, epilog=EPILOG,
         description="Multi-grained KV-cache memory for long streaming video question answering.\n\n"
                     "Start with `mukv demo`.")
     parser.add_argument("--version", action="version", version=f"mukv {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, help="the bundled model on a generated stream",
                        description="Render a synthetic stream, feed it to a session, ask the benchmark's questions "
                                    "as the stream reaches them, and print each answer beside the truth with the "
                                    "blocks retrieved per level, timings and memory.")
-    p.add_argument("--minutes", type=float,
+    p.add_argument("--minutes", type=positive_float,
                    help=f"stream length in minutes (default: 20 with {RANDOM_MODEL} or on a GPU, else 3)")
-    p.add_argument("--questions", type=int, help="questions to ask (default: 6 for 10 minutes or more, else 3)")
+    p.add_argument("--questions", type=positive_int, help="questions to ask (default: 6 for 10 minutes or more, else 3)")
     p.add_argument("--seed", type=int, default=0, help="stream seed (default: %(default)s)")
     _session_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=3, help="answer length budget (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=3, help="answer length budget (default: %(default)s)")
     p.add_argument("--plot", metavar="PNG", help="write the retrieval timeline of the deepest question")
     p.add_argument("--plot-tokens", metavar="PNG", help="write the token-importance heat map of an evidence frame")
     p.add_argument("--plot-memory", metavar="PNG", help="write memory over stream time")
@@ -93,15 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is created on first use; later runs continue its stream where it stopped.")
     p.add_argument("store", help="the store directory (created if missing)")
     p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files, read in order")
-    p.add_argument("--synthetic", type=float, metavar="MINUTES", help="also ingest MINUTES of a generated stream")
+    p.add_argument("--synthetic", type=positive_float, metavar="MINUTES", help="also ingest MINUTES of a generated stream")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated stream (default: %(default)s)")
-    p.add_argument("--fps", type=float, help="frames sampled per second (default: the configuration's, 0.5)")
+    p.add_argument("--fps", type=positive_float,
+                   help="frames sampled per second, at most the video's own rate (default: the configuration's, 0.5)")
+    p.add_argument("--upsample", action="store_true", help="allow --fps above a video's own rate (frames repeat)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize frames of another size to the stream's (recorded per source) instead of refusing")
+    p.add_argument("--force", action="store_true", help="ingest a file the stream already holds (same content)")
     p.add_argument("--stream-id", default="default", help="which stream of the store (default: %(default)s)")
     p.add_argument("--backend", default=STORE_BACKEND, help="storage backend (default: %(default)s)")
     p.add_argument("--backend-options", metavar="JSON",
                    help='backend options as a JSON object or file, e.g. \'{"hot_bytes": 67108864}\'')
     _session_args(p)
-    p.add_argument("--chunk", type=int, default=256, help="frames fed per call (default: %(default)s)")
+    p.add_argument("--chunk", type=positive_int, default=256,
+                   help="frames per transaction (default: %(default)s); Ctrl-C keeps every finished one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
 
@@ -111,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(p, model=True)
     p.add_argument("question", help="the question")
     p.add_argument("--top-k", nargs="+", metavar="LEVEL=K", help="blocks per level, e.g. --top-k frame=16 segment=4")
-    p.add_argument("--max-new-tokens", type=int, help="answer length budget (default: the configuration's)")
+    p.add_argument("--since", type=time_arg, metavar="TIME",
+                   help="answer from blocks at or after TIME: stream seconds, or an ISO 8601 time for a stream with "
+                        "a wall-clock origin")
+    p.add_argument("--until", type=time_arg, metavar="TIME", help="answer from blocks at or before TIME (as --since)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="answer length budget (default: the configuration's)")
     p.add_argument("--plot", metavar="PNG", help="write the retrieval timeline as PNG")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=_cmd_ask)
@@ -120,29 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ask questions over a stored stream, one per line (stdin works too).\n\n"
                                    + CHAT_HELP)
     _store_args(p, model=True)
-    p.add_argument("--max-new-tokens", type=int, help="answer length budget (default: the configuration's)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="answer length budget (default: the configuration's)")
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("inspect", formatter_class=_Formatter, help="what a store holds, per level and tier",
                        description="Show a store's stream: model, configuration, and blocks, tokens and bytes per "
                                    "level and tier (hot, disk), as its backend reports them.")
-    _store_args(p, model=True)
+    _store_args(p, model=True, stream_default=None)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--plot", metavar="PNG", help="write memory over stream time as PNG")
     p.add_argument("--verify", action="store_true",
-                   help="check the store end to end (index rows, KV checksums, leftovers) without loading a model; "
-                        "exit 1 if anything committed is damaged")
+                   help="check the store end to end (index rows, KV checksums, frame ranges and times, state against "
+                        "data, leftovers) without loading a model; every stream unless --stream-id is given; exit 1 "
+                        "if anything is damaged")
+    p.add_argument("--repair", action="store_true",
+                   help="with --verify: show what `mukv repair` would do about what was found (apply it with --yes)")
+    p.add_argument("--yes", action="store_true", help="with --repair: do it")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("plot", formatter_class=_Formatter, help="pictures as PNG: timeline, tokens, memory",
                        description="Pictures as PNG.")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=OneLineParser)
     k = kinds.add_parser("tokens", formatter_class=_Formatter, help="token importance over one frame",
                          description="Heat maps of the attention, frequency and combined token scores of one frame "
                                      "and the tokens each one-frame level keeps.")
     k.add_argument("source", help="an image file, or a video file (with --at)")
     k.add_argument("-o", "--out", required=True, metavar="PNG", help="output file")
-    k.add_argument("--at", type=float, metavar="SECONDS", help="time of the frame in a video (default: 0)")
+    k.add_argument("--at", type=non_negative_float, metavar="SECONDS", help="time of the frame in a video (default: 0)")
     k.add_argument("--level", action="append", help="only this level (repeatable)")
     _session_args(k)
     k.set_defaults(func=_cmd_plot)
@@ -151,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(k, model=True)
     k.add_argument("question", help="the question")
     k.add_argument("-o", "--out", required=True, metavar="PNG", help="output file")
-    k.add_argument("--max-new-tokens", type=int, help="answer length budget")
+    k.add_argument("--max-new-tokens", type=positive_int, help="answer length budget")
     k.set_defaults(func=_cmd_plot)
     k = kinds.add_parser("memory", formatter_class=_Formatter, help="memory of a store over stream time",
                          description="Bytes held per tier and level over stream time, as recorded by mukv ingest.")
@@ -171,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=list(ROLES), help="only this role")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_plugins)
+
+    add_stream_parsers(sub, _Formatter)
     return parser
 
 
@@ -190,9 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"mukv: error: missing package {exc.name!r}: pip install 'mukv[all]'", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"mukv: interrupted ({exc})", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("mukv: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: one line, the traceback on request
+        if os.environ.get("MUKV_TRACEBACK"):
+            raise
+        print(f"mukv: internal error: {type(exc).__name__}: {_one_line(exc)} (set MUKV_TRACEBACK=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 def _one_line(exc: BaseException) -> str:

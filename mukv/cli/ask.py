@@ -20,9 +20,10 @@ def _answer_json(answer) -> str:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from .. import plots
 
-    session = _open_store(args)
+    session = _open_store(args, read_only=True)
     try:
-        answer = session.ask(args.question, top_k=_parse_top_k(args.top_k), max_new_tokens=args.max_new_tokens)
+        answer = session.ask(args.question, top_k=_parse_top_k(args.top_k), max_new_tokens=args.max_new_tokens,
+                             since=args.since, until=args.until)
         if args.json:
             print(_answer_json(answer))
         else:
@@ -46,7 +47,7 @@ CHAT_HELP = """type a question and press Enter. Commands:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .. import plots
 
-    session = _open_store(args)
+    session = _open_store(args, read_only=True)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

@@ -128,14 +128,16 @@ def _stored(args: argparse.Namespace) -> Any:
     return _backend_class(args.backend).peek_state(str(args.store), args.stream_id, "session")
 
 
-def _open_store(args: argparse.Namespace) -> "Session":
-    """Open an existing stream of a store (one-line errors when it is not one)."""
+def _open_store(args: argparse.Namespace, read_only: bool = False) -> "Session":
+    """Open an existing stream of a store (one-line errors when it is not one). Commands that only read
+    (ask, chat, inspect, plot) pass ``read_only``: they never take the stream's writer lock, so they
+    never block (nor wait for) an ingest of the same stream."""
     from ..session import Session
 
     path = Path(args.store)
     if "://" not in str(args.store) and not path.exists():
         raise StoreError(f"{path}: no such store (create one with: mukv ingest {path} VIDEO)")
-    kwargs: dict[str, Any] = {"backend": args.backend, "stream_id": args.stream_id}
+    kwargs: dict[str, Any] = {"backend": args.backend, "stream_id": args.stream_id, "read_only": read_only}
     options = _parse_config(getattr(args, "backend_options", None), "--backend-options")
     if options:
         kwargs["backend_options"] = options
@@ -169,6 +171,9 @@ def _print_answer(answer, indent: str = "", per_level: int = 3) -> None:
     from ..plots import format_time
 
     print(f"{indent}A: {answer.text or '(empty)'}")
+    if getattr(answer, "window", None):
+        lo, hi = answer.window
+        print(f"{indent}window: stream seconds {'-' if lo is None else f'{lo:g}'} .. {'-' if hi is None else f'{hi:g}'}")
     counts = answer.levels()
     print(f"{indent}retrieved: " + ", ".join(f"{n} {lv}" for lv, n in counts.items())
           + f" blocks; {answer.kv_tokens:,} KV tokens in the answer context")
@@ -176,6 +181,7 @@ def _print_answer(answer, indent: str = "", per_level: int = 3) -> None:
         best = sorted((b for b in answer.blocks if b.level == level), key=lambda b: -b.score)[:per_level]
         shown = "  ".join(f"#{b.block_id} {format_time(b.t_start)}"
                           + (f"-{format_time(b.t_end)}" if b.t_end > b.t_start else "")
+                          + (f" [{b.wall_start}]" if getattr(b, "wall_start", None) else "")
                           + f" ({b.score:.3f})" for b in best)
         print(f"{indent}  {level:<8} best: {shown}")
     t = answer.timings
@@ -184,3 +190,75 @@ def _print_answer(answer, indent: str = "", per_level: int = 3) -> None:
     for note in answer.notes:
         print(f"{indent}note: {note}")
 
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``mukv: error: ...``, exit status 2 (also for
+    subcommands and the harness)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        cmd = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"mukv: error: {cmd}{message} (see: {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def time_arg(text: str) -> "float | str":
+    """argparse type of --since/--until: stream seconds, or an ISO 8601 time (kept as text)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        if len(text) > 64:
+            raise argparse.ArgumentTypeError("expected stream seconds or an ISO 8601 time") from None
+        return text
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {text!r}")
+    return value

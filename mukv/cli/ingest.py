@@ -1,16 +1,39 @@
-"""`mukv ingest`: add videos or a generated stream to a store."""
+"""`mukv ingest`: add videos or a generated stream to a store.
+
+Each chunk of frames is one transaction. Ctrl-C (SIGINT) or SIGTERM stops the command cleanly: the
+chunk in flight is rolled back, everything before it is committed and made durable, the command says
+what was stored and exits 130 (SIGINT) or 143 (SIGTERM). Running it again resumes: a file whose ingest
+was interrupted continues at its first frame not stored, a file already stored in full is skipped
+(``--force`` adds it again), frame indices and times continue the stream.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError
+from ..frames import check_fps, video_size
+from ..signals import Interrupted, interrupts_as_exceptions
 from .common import _bar, _open_store, _parse_config, _say, _stored, pick_model
+
+
+def _check_sizes(session, videos: list[str], resize: bool) -> None:
+    """Refuse, before anything is stored, files whose frames differ in size from the stream's (or from
+    the first file's, for a new stream), unless --resize."""
+    if resize or not videos:
+        return
+    sizes = {v: video_size(v) for v in videos}
+    want = session._stream.frame_hw or sizes[videos[0]]
+    for v in videos:
+        if sizes[v] != tuple(want):
+            h, w = sizes[v]
+            raise InputError(f"{v}: frames are {h}x{w}, the stream's are {want[0]}x{want[1]}; nothing was ingested. "
+                             "Pass --resize to resize them to the stream's size, or use another --stream-id")
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -18,8 +41,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     if not args.videos and args.synthetic is None:
         raise InputError("nothing to ingest: give video files, or --synthetic MINUTES for a generated stream")
-    if args.synthetic is not None and args.synthetic <= 0:
+    if args.synthetic is not None and (not math.isfinite(args.synthetic) or args.synthetic <= 0):
         raise InputError(f"--synthetic takes a positive number of minutes; got {args.synthetic}")
+    if args.fps is not None:
+        check_fps(args.fps, what="--fps")
     for v in args.videos:
         if not Path(v).is_file():
             raise InputError(f"video file not found: {v}")
@@ -29,6 +54,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             raise InputError(f"{args.store}: stream {args.stream_id!r} exists and keeps its configuration; "
                              "drop --policy/--config, or use a new --stream-id")
         session = _open_store(args)
+        session.resize = args.resize
         _say(f"opened {args.store} (stream {args.stream_id!r}, {session.stats()['frames']:,} frames so far)")
     else:
         model, name, note = pick_model(args.model, args.device)
@@ -36,58 +62,77 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             _say(note)
         session = Session(model=model, backend=args.backend, path=args.store, stream_id=args.stream_id,
                           policy=args.policy, config=_parse_config(args.config), device=args.device,
-                          backend_options=_parse_config(args.backend_options, "--backend-options"))
+                          backend_options=_parse_config(args.backend_options, "--backend-options"),
+                          resize=args.resize)
         _say(f"created {args.store} (stream {args.stream_id!r}, model {name}, backend {args.backend})")
     t0 = time.perf_counter()
     before = session.stats()
     show = False if args.no_progress else None
+    stopped: Interrupted | None = None
     try:
-        for video in args.videos:
-            from ..registry import registry
-
-            source = registry().get("sources", "video", field="source")(
-                video, fps=args.fps or session.config.stream.fps, chunk=args.chunk)
-            _feed_chunks(session, source.chunks(), source.total, Path(video).name, source.fps, show)
-        if args.synthetic is not None:
-            from ..bench import Stream, StreamSpec
-
+        _check_sizes(session, args.videos, args.resize)
+        with interrupts_as_exceptions():
             try:
-                spec = StreamSpec(seed=args.seed, minutes=args.synthetic, fps=args.fps or session.config.stream.fps)
-            except ValueError as exc:
-                raise InputError(f"--synthetic: {exc}") from None
-            stream = Stream(spec)
-            chunks = ((frames, np.arange(start, start + len(frames), dtype=np.float64) / spec.fps)
-                      for start, frames in stream.iter_frames(batch=args.chunk))
-            _feed_chunks(session, chunks, stream.num_frames, f"synthetic (seed {args.seed})", spec.fps, show)
-        session.backend.flush()
-        after = session.stats()
-        dt = time.perf_counter() - t0
-        frames = after["frames"] - before["frames"]
-        blocks = {k: v["blocks"] - before["levels"].get(k, {}).get("blocks", 0) for k, v in after["levels"].items()}
-        print(f"ingested {frames:,} frames in {dt:.1f} s ({frames / max(dt, 1e-9):,.0f} frames/s): "
-              + ", ".join(f"{n:,} {k}" for k, n in blocks.items()) + " blocks stored")
-        from ..plots import format_bytes, format_time
-
-        print(f"{args.store}: {after['frames']:,} frames ({format_time(after['last_time'] or 0)} of stream), "
-              f"{format_bytes(after['bytes'])} of KV")
+                _ingest_all(session, args, show)
+            except Interrupted as exc:
+                stopped = exc
+        session.flush()
+        _report(session, args, before, time.perf_counter() - t0, stopped)
     finally:
         session.close()
-    return 0
+    return stopped.exit_status if stopped is not None else 0
 
 
-def _feed_chunks(session: "Session", chunks, total: int, label: str, fps: float, show: bool | None) -> None:
-    """Feed ``(frames, times from the source's start)`` chunks, continuing the stream's
-    time, recording memory after each chunk, with a progress bar."""
+def _ingest_all(session, args: argparse.Namespace, show: bool | None) -> None:
     from .. import plots
+    from ..ingest import AlreadyIngested
 
-    last = session.stats()["last_time"]
-    offset = 0.0 if last is None else last + 1.0 / fps
-    bar = _bar(total, label, show)
-    try:
-        for frames, times in chunks:
-            session.feed(frames, timestamps=offset + np.asarray(times, dtype=np.float64))
+    fps = args.fps or session.config.stream.fps
+    for video in args.videos:
+        bar = _bar(None, Path(video).name, show)
+
+        def chunk_done(frames: int, blocks: int) -> None:
             plots.record_memory(session)
-            bar.update(len(frames))
-    finally:
-        bar.close()
+            bar.update(frames)
 
+        try:
+            session.feed_from("video", video, fps=fps, upsample=args.upsample, force=args.force,
+                              on_chunk=chunk_done, chunk=args.chunk)
+        except AlreadyIngested as exc:
+            _say(f"skipped {video}: {exc}")
+        finally:
+            bar.close()
+    if args.synthetic is not None:
+        from ..bench import Stream, StreamSpec
+
+        try:
+            spec = StreamSpec(seed=args.seed, minutes=args.synthetic, fps=fps)
+        except ValueError as exc:
+            raise InputError(f"--synthetic: {exc}") from None
+        stream = Stream(spec)
+        last = session.stats()["last_time"]
+        offset = 0.0 if last is None else last + 1.0 / spec.fps
+        bar = _bar(stream.num_frames, f"synthetic (seed {args.seed})", show)
+        try:
+            for start, frames in stream.iter_frames(batch=args.chunk):
+                times = offset + np.arange(start, start + len(frames), dtype=np.float64) / spec.fps
+                session.feed(frames, timestamps=times)
+                plots.record_memory(session)
+                bar.update(len(frames))
+        finally:
+            bar.close()
+
+
+def _report(session, args: argparse.Namespace, before: dict, dt: float, stopped: Interrupted | None) -> None:
+    from ..plots import format_bytes, format_time
+
+    after = session.stats()
+    frames = after["frames"] - before["frames"]
+    blocks = {k: v["blocks"] - before["levels"].get(k, {}).get("blocks", 0) for k, v in after["levels"].items()}
+    head = "ingested" if stopped is None else f"interrupted ({stopped}); committed"
+    print(f"{head} {frames:,} frames in {dt:.1f} s ({frames / max(dt, 1e-9):,.0f} frames/s): "
+          + ", ".join(f"{n:,} {k}" for k, n in blocks.items()) + " blocks stored")
+    print(f"{args.store}: {after['frames']:,} frames ({format_time(after['last_time'] or 0)} of stream), "
+          f"{format_bytes(after['bytes'])} of KV")
+    if stopped is not None:
+        print(f"run the same command again to resume (the next frame is stream frame {after['frames']:,})")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..session import Session
+from ..errors import InputError
 from .common import _levels_line, _open_store, _table
 
 
@@ -34,7 +35,21 @@ def _print_inspect(session: "Session", args: argparse.Namespace) -> None:
     stored = session.backend.get_state("session", {}) or {}
     print(f"store    {args.store}  (stream {args.stream_id!r}, backend {args.backend})")
     print(f"model    {stored.get('model', session.model.name)}  [{session.model.layout.model_id}]")
-    print(f"stream   {st['frames']:,} frames, {format_time(st['last_time'] or 0)} of stream time")
+    print(f"stream   {st['frames']:,} frames, {format_time(st['last_time'] or 0)} of stream time"
+          + (f", frames of {st['frame_size'][0]}x{st['frame_size'][1]}" if st.get("frame_size") else ""))
+    if st.get("wall_origin") is not None:
+        from ..clock import iso
+
+        first = session._stream.first_time
+        print(f"clock    {iso(first or 0.0, st['wall_origin'])} .. {iso(st['last_time'] or 0.0, st['wall_origin'])} "
+              "(wall-clock, UTC)")
+    for src in st.get("sources", [])[-5:]:
+        a, b = src["frames"]
+        print(f"source   {src['kind']} {src['location']}: frames {a:,}..{b - 1:,}"
+              + ("" if src.get("complete") or src["kind"] == "feed" else " (incomplete: `mukv ingest` resumes it)"))
+    if st.get("gaps"):
+        dropped = sum(g["frames"] for g in st["gaps"])
+        print(f"gaps     {len(st['gaps'])} gap(s), {dropped:,} frames dropped")
     print(f"levels   {_levels_line(session.config)}")
     print(f"kv       {st['kv_bytes_per_token']:,} bytes per token (all layers, keys and values); "
           f"{format_bytes(st['bytes'])} stored in all")
@@ -59,16 +74,33 @@ def _print_inspect(session: "Session", args: argparse.Namespace) -> None:
         print(f"history  {n} memory records over stream time (draw them: mukv inspect {args.store} --plot memory.png)")
 
 
+def _storage(args: argparse.Namespace):
+    from .common import _parse_config
+
+    opts = _parse_config(getattr(args, "backend_options", None), "--backend-options") or {}
+    return opts.get("storage_options")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .. import plots
 
+    if args.repair and not args.verify:
+        raise InputError("--repair goes with --verify (or use `mukv repair STORE`)")
+    if args.yes and not args.repair:
+        raise InputError("--yes goes with --verify --repair")
     if args.verify:  # end-to-end check of the store's files; needs no model
         from ..backends.disk import verify_store
 
         report = verify_store(str(args.store), stream_id=args.stream_id)
         print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.summary())
+        if args.repair:
+            from .streams import run_repair
+
+            return run_repair(str(args.store), args.stream_id, args.yes, args.json, _storage(args))
         return 0 if report.ok else 1
-    session = _open_store(args)
+    if args.stream_id is None:
+        args.stream_id = "default"
+    session = _open_store(args, read_only=True)
     try:
         if args.json:
             st = session.stats()

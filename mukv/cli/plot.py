@@ -48,14 +48,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             out = plots.plot_token_importance(s, frame, args.out, levels=args.level or None,
                                               title=f"token importance: {Path(args.source).name} ({name})")
     elif args.kind == "timeline":
-        session = _open_store(args)
+        session = _open_store(args, read_only=True)
         try:
             answer = session.ask(args.question, max_new_tokens=args.max_new_tokens)
             out = plots.plot_retrieval_timeline(answer, args.out, duration=session.stats()["last_time"])
         finally:
             session.close()
     else:  # memory
-        session = _open_store(args)
+        session = _open_store(args, read_only=True)
         try:
             out = plots.plot_memory(plots.memory_history(session) or [plots.memory_snapshot(session)], args.out)
         finally:

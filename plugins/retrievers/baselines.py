@@ -25,10 +25,11 @@ class UniformRetriever(Retriever):
     def retrieve(self, query: Query, index: BlockIndex, top_k: dict[str, int]) -> list[Hits]:
         out = []
         for level, k in top_k.items():
-            n = index.count(level)
-            if k <= 0 or n == 0:
+            lo, hi = index.id_range(level)
+            n = hi - lo
+            if k <= 0 or n <= 0:
                 continue
-            ids = torch.linspace(0, n - 1, steps=min(k, n)).round().long().unique()
+            ids = torch.linspace(lo, hi - 1, steps=min(k, n)).round().long().unique()
             out.append(_hits(level, ids))
         return out
 
@@ -39,10 +40,10 @@ class RecentRetriever(Retriever):
     def retrieve(self, query: Query, index: BlockIndex, top_k: dict[str, int]) -> list[Hits]:
         out = []
         for level, k in top_k.items():
-            n = index.count(level)
-            if k <= 0 or n == 0:
+            lo, hi = index.id_range(level)
+            if k <= 0 or hi <= lo:
                 continue
-            out.append(_hits(level, torch.arange(max(0, n - k), n)))
+            out.append(_hits(level, torch.arange(max(lo, hi - k), hi)))
         return out
 
 
@@ -50,5 +51,9 @@ class AllRetriever(Retriever):
     """Every stored block of each level with a non-zero budget (full context)."""
 
     def retrieve(self, query: Query, index: BlockIndex, top_k: dict[str, int]) -> list[Hits]:
-        return [_hits(level, torch.arange(index.count(level))) for level, k in top_k.items()
-                if k > 0 and index.count(level)]
+        out = []
+        for level, k in top_k.items():
+            lo, hi = index.id_range(level)
+            if k > 0 and hi > lo:
+                out.append(_hits(level, torch.arange(lo, hi)))
+        return out

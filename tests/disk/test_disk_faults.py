@@ -265,10 +265,10 @@ def test_reader_process_while_writer_process_ingests(tmp_path):
 def test_state_file_is_plain_json(tmp_path):
     b = backend(tmp_path / "st", stream_id="cam.1")
     fill(b)
-    b.set_state("cursors", {"patch": 3})
+    b.commit({"frames_seen": 4, "cursors": {"patch": 3}, "last_time": 6.0})
     b.close()
     state = json.loads((tmp_path / "st" / "streams" / "cam.1.json").read_text())
     assert state["counts"] == {"patch": 12, "frame": 3, "segment": 2}
-    assert state["values"]["cursors"] == {"patch": 3}
+    assert state["values"]["cursors"] == {"patch": 3} and state["txn"] >= 1
     manifest = json.loads((tmp_path / "st" / "mukv.json").read_text())
     assert manifest["layout"]["dtype"] == "bfloat16"

@@ -193,6 +193,12 @@ FILTER_CALL_SITES = {
     ("lance_index.py", "scan", "where", "clause"),  # where(stream_id, level, None if after else below, within)
     ("lance_index.py", "fetch", "where", "clause"),
     ("lance_index.py", "rows", "where", "f\"stream_id = '{check_stream_id(stream_id)}'\""),
+    ("lance_index.py", "beyond", "where", "clause"),  # _uncounted(stream_id, counts): check_stream_id, check_level, int
+    # file deletions, not filters: object-store keys / paths under the stream's folder, names checked by _FILE_NAME
+    ("files.py", "delete", "delete", "self._store"),
+    ("tiered.py", "_commit_run", "delete", "f'{self._stream_dir()}/{name}'"),
+    ("tiered.py", "_remove_unreferenced_files", "delete", "f'{self._stream_dir()}/{name}'"),
+    ("tiered.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
 }
 #: what may be interpolated into an f-string of lance_index.py: validated names, ints, and clauses built of them
 SAFE_INTERPOLATIONS = {"check_stream_id(stream_id)", "check_level(level)", "check_level(lv)", "int(below)",

@@ -1,0 +1,308 @@
+"""One stream's bookkeeping, moved only together with its blocks.
+
+A :class:`Stream` owns what a stream knows about itself besides its blocks: frames seen, stream time,
+the frames some level has not consumed yet (the :class:`~mukv.pipeline.Ingestor`'s pending frames),
+each level's cursor, the frame size and wall-clock origin of its contract, where its frames came from
+(sources), what was dropped (gaps). A session and its forks share one ``Stream``, so no copy of a
+counter can drift from another.
+
+Every change is a transaction (:meth:`Stream.transaction`): the blocks a feed completes are added to the
+backend, then the new state values (and the small files that go with them: pending frames,
+thumbnails) are committed in one :meth:`~mukv.interfaces.StorageBackend.commit`. If anything fails or
+is interrupted before that commit, the backend rolls the blocks back and every field here returns to
+what it was: a retried feed never stores a frame twice.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+import zlib
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import InputError, StoreError
+from .pipeline import Ingestor
+from .signals import deferred
+from .state import MAX_STREAM_TIME, StreamValues
+
+#: dtype names of pending frames on disk
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: gaps kept per stream (older adjacent ones merge)
+MAX_GAPS = 10_000
+
+
+def encode_pending(embeds: torch.Tensor) -> tuple[bytes, str]:
+    """Raw little-endian bytes of encoded frames ``[n, T, E]`` and their dtype name."""
+    cpu = embeds.detach().to("cpu").contiguous()
+    name = {v: k for k, v in _DTYPES.items()}.get(cpu.dtype)
+    if name is None:
+        cpu, name = cpu.float(), "float32"
+    raw = cpu.view(torch.int16) if cpu.dtype in (torch.bfloat16, torch.float16) else cpu
+    return raw.numpy().tobytes(), name
+
+
+def decode_pending(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
+    """The inverse of :func:`encode_pending`."""
+    torch_dtype = _DTYPES[dtype]
+    if torch_dtype in (torch.bfloat16, torch.float16):
+        arr = np.frombuffer(data, dtype=np.int16).reshape(shape).copy()
+        return torch.from_numpy(arr).view(torch_dtype)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(shape).copy())
+
+
+def thumbnail_jpeg(frame: np.ndarray, side: int) -> bytes:
+    """A JPEG of ``frame`` (uint8 ``[H, W, 3]``) whose long side is ``side`` pixels."""
+    from PIL import Image
+
+    im = Image.fromarray(frame)
+    im.thumbnail((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+class Stream:
+    """The state of one stream (see the module docstring).
+
+    Args:
+        ingestor: the ingest pipeline, already positioned at the stored cursors and pending frames.
+        backend: the store.
+        values: the stream's validated stored state values.
+        contract: the contract values as stored (the ``"session"`` state value).
+        writable: whether this process may feed the stream.
+    """
+
+    def __init__(self, ingestor: Ingestor, backend: Any, values: StreamValues, contract: dict[str, Any],
+                 writable: bool):
+        self.ingestor = ingestor
+        self.backend = backend
+        self.contract = dict(contract)
+        self.writable = writable
+        self.lock = threading.RLock()
+        self.closed = False
+        self.broken: str | None = None  # set when a failed feed could not be rolled back
+        self.last_time: float | None = values.last_time
+        self.first_time: float | None = values.first_time
+        size = self.contract.get("frame_size")
+        self.frame_hw: tuple[int, int] | None = tuple(size) if size else None  # type: ignore[assignment]
+        self.sources: list[dict[str, Any]] = [s.model_dump() for s in values.sources]
+        self.gaps: list[dict[str, Any]] = [g.model_dump() for g in values.gaps]
+        self._pending_file: str | None = values.pending.file if values.pending else None
+        self._pending_key: tuple[int, int] | None = (values.pending.start, values.pending.count) if values.pending else None
+        self._pending_record: dict[str, Any] | None = values.pending.model_dump() if values.pending else None
+        self._feed_record: str | None = None  # id of the source record of this process's plain feeds
+
+    # -- what a stream knows -------------------------------------------------------------------
+    @property
+    def frames_seen(self) -> int:
+        return self.ingestor.frames_seen
+
+    @property
+    def wall_origin(self) -> float | None:
+        return self.contract.get("wall_origin")
+
+    @property
+    def thumbnails(self) -> int | None:
+        return self.contract.get("thumbnails")
+
+    # -- transactions -------------------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        return (self.ingestor.snapshot(), self.last_time, self.first_time, self.frame_hw, dict(self.contract),
+                [dict(s) for s in self.sources], [dict(g) for g in self.gaps], self._pending_file,
+                self._pending_key, self._feed_record)
+
+    def _restore(self, snap: tuple) -> None:
+        (ing, self.last_time, self.first_time, self.frame_hw, self.contract, self.sources, self.gaps, self._pending_file,
+         self._pending_key, self._feed_record) = snap
+        self.ingestor.restore(ing)
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """All or nothing: the body adds blocks and changes fields; on leaving, the state values and
+        files (the yielded dict's ``"files"``) are committed with them. An exception (KeyboardInterrupt
+        included) rolls the blocks back and restores every field, then propagates."""
+        self.check_writable()
+        snap = self._snapshot()
+        extra: dict[str, Any] = {"files": {}}
+        try:
+            yield extra
+            with deferred():  # a signal arriving here waits until the commit has been handed over
+                values, files = self._values(extra["files"])
+                self.backend.commit(values, files)
+        except BaseException:
+            with deferred():
+                self._restore(snap)
+                try:
+                    self.backend.rollback()
+                except BaseException as exc:  # noqa: BLE001 - the stream is unusable, say why on every call
+                    self.broken = (f"a failed feed could not be rolled back ({exc}); what was committed before "
+                                   "is intact: reopen the stream to continue")
+            raise
+
+    def _values(self, files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        ing = self.ingestor
+        values: dict[str, Any] = {
+            "frames_seen": ing.frames_seen, "cursors": dict(ing.cursor), "last_time": self.last_time,
+            "first_time": self.first_time,
+            "session": self.contract, "sources": self.sources, "gaps": self.gaps,
+        }
+        files = dict(files)
+        if getattr(self.backend, "persistent", False):
+            values["pending"] = self._pending_value(files)
+        return values, files
+
+    def _pending_value(self, files: dict[str, bytes]) -> dict[str, Any] | None:
+        """The pending-frames record to commit, writing its file into ``files`` when it changed."""
+        pending = self.ingestor.pending_frames()
+        key = None if pending is None else (pending[0], int(pending[1].shape[0]))
+        if key == self._pending_key and self._pending_file is not None and pending is not None:
+            return self._pending_record
+        old = self._pending_file
+        if pending is None:
+            self._pending_key = self._pending_file = None
+            self._pending_record = None
+            if old:
+                files[old] = b""
+            return None
+        start, emb, times = pending
+        data, dtype = encode_pending(emb)
+        name = f"pending.{start}.{start + emb.shape[0]}.bin"
+        files[name] = data
+        if old and old != name:
+            files[old] = b""
+        self._pending_key, self._pending_file = key, name
+        self._pending_record = {"start": start, "count": int(emb.shape[0]), "file": name,
+                                "crc32": zlib.crc32(data) & 0xFFFFFFFF, "shape": [int(s) for s in emb.shape],
+                                "dtype": dtype, "times": [float(x) for x in times.tolist()]}
+        return self._pending_record
+
+    def check_writable(self) -> None:
+        if self.closed:
+            from .errors import MukvError
+
+            raise MukvError("this session is closed")
+        if self.broken:
+            raise StoreError(self.broken)
+        if not self.writable or getattr(self.backend, "read_only", False):
+            raise StoreError("this stream is open read-only here (a reader, or a fork of a session): frames "
+                             "cannot be fed through it; feed the session that writes the stream")
+
+    # -- feeding --------------------------------------------------------------------------------
+    def feed(self, frames: torch.Tensor, times: torch.Tensor, encode, source: dict[str, Any] | None = None,
+             thumbnails: bool = True, wall_origin: float | None = None) -> int:
+        """Encode ``frames`` (uint8 ``[n, H, W, 3]``, already copied and sized) at stream ``times``
+        (float64 ``[n]``, validated), store every block they complete and commit, as one transaction.
+
+        Args:
+            encode: ``frames -> embeds [n, T, E]`` (the model's vision side, batched).
+            source: the source record to create or update with this chunk (``None``: a plain feed).
+            wall_origin: the wall-clock origin a new stream takes from these frames' timestamps.
+        """
+        n = int(frames.shape[0])
+        with self.transaction() as tx:
+            if wall_origin is not None:  # a new stream fed wall-clock times: part of its contract from now on
+                self.contract = {**self.contract, "wall_origin": wall_origin}
+            embeds = encode(frames)
+            first = self.ingestor.frames_seen
+            stored = self.ingestor.add_frames(embeds, times)
+            self.last_time = float(times[-1])
+            if self.first_time is None:
+                self.first_time = float(times[0])
+            if self.frame_hw is None:
+                self.frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
+                self.contract = {**self.contract, "frame_size": list(self.frame_hw)}
+            self._note_source(source, first, n, times)
+            if thumbnails and self.thumbnails:
+                arr = frames.numpy()
+                for i in range(n):
+                    tx["files"][f"thumbs/{first + i:09d}.jpg"] = thumbnail_jpeg(arr[i], self.thumbnails)
+            return stored
+
+    def _note_source(self, source: dict[str, Any] | None, first: int, n: int, times: torch.Tensor) -> None:
+        end = first + n
+        t0, t1 = float(times[0]), float(times[-1])
+        if source is None:  # plain feeds of this process share one record while they follow each other
+            rec = self._find(self._feed_record)
+            if rec is not None and rec["frames"][1] == first:
+                rec.update(frames=[rec["frames"][0], end], consumed=rec["consumed"] + n, times=[rec["times"][0], t1])
+                return
+            rec = {"kind": "feed", "location": "Session.feed", "consumed": 0, "complete": False, "started": time.time()}
+        else:
+            rec = self._find(source.get("id"))
+            if rec is not None:
+                rec.update(frames=[rec["frames"][0], end], times=[rec["times"][0], t1], consumed=rec["consumed"] + n)
+                return
+            rec = dict(source)
+        rec.setdefault("id", uuid.uuid4().hex[:16])
+        rec.update(frames=[first, end], times=[t0, t1], consumed=rec.get("consumed", 0) + n)
+        self.sources.append(rec)
+        if source is None:
+            self._feed_record = rec["id"]
+        else:
+            source["id"] = rec["id"]
+            self._feed_record = None
+
+    def _find(self, rec_id: Any) -> dict[str, Any] | None:
+        if rec_id is None:
+            return None
+        for rec in reversed(self.sources):
+            if rec.get("id") == rec_id:
+                return rec
+        return None
+
+    def finish_source(self, source: dict[str, Any]) -> None:
+        """Mark a source read to its end (committed as a transaction without blocks)."""
+        if self._find(source.get("id")) is None:
+            return
+        with self.transaction():
+            self._find(source.get("id"))["complete"] = True
+
+    def record_gap(self, t_start: float, t_end: float, frames: int, reason: str = "dropped") -> None:
+        """Record frames that arrived but were not stored (committed at once)."""
+        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+            raise InputError(f"a gap needs a positive number of frames; got {frames!r}")
+        for name, v in (("t_start", t_start), ("t_end", t_end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(float(v)) <= MAX_STREAM_TIME:
+                raise InputError(f"gap {name} must be a finite stream time in seconds; got {v!r}")
+        if float(t_end) < float(t_start):
+            raise InputError(f"gap ends ({t_end}) before it starts ({t_start})")
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise InputError("gap reason must be a string of at most 200 characters")
+        with self.transaction():
+            gap = {"t_start": float(t_start), "t_end": float(t_end), "frames": frames,
+                   "after_frame": self.frames_seen, "reason": reason}
+            last = self.gaps[-1] if self.gaps else None
+            if last is not None and last["after_frame"] == gap["after_frame"] and last["reason"] == reason:
+                last.update(t_end=max(last["t_end"], gap["t_end"]), frames=last["frames"] + frames)
+            else:
+                self.gaps.append(gap)
+            if len(self.gaps) > MAX_GAPS:  # merge the two oldest
+                a, b = self.gaps[0], self.gaps[1]
+                self.gaps[:2] = [{**a, "t_end": b["t_end"], "frames": a["frames"] + b["frames"]}]
+
+
+def load_pending(backend: Any, values: StreamValues, tokens_per_frame: int, hidden: int
+                 ) -> tuple[tuple[int, torch.Tensor, torch.Tensor] | None, str | None]:
+    """The stored pending frames of a stream, checked (crc, shape, model); ``(None, why)`` if they cannot
+    be used (the levels waiting for them then resume at the next frame fed)."""
+    p = values.pending
+    if p is None:
+        return None, None
+    data = backend.read_file(p.file)
+    if data is None:
+        return None, f"the pending frames file {p.file} is missing"
+    if zlib.crc32(data) & 0xFFFFFFFF != p.crc32:
+        return None, f"the pending frames file {p.file} fails its checksum"
+    if p.shape[1] != tokens_per_frame or p.shape[2] != hidden:
+        return None, f"the pending frames were encoded by another model (shape {p.shape})"
+    elem = 4 if p.dtype == "float32" else 2
+    if len(data) != p.shape[0] * p.shape[1] * p.shape[2] * elem:
+        return None, f"the pending frames file {p.file} has the wrong size"
+    emb = decode_pending(data, list(p.shape), p.dtype)
+    return (p.start, emb, torch.tensor(p.times, dtype=torch.float64)), None
