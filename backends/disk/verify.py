@@ -319,6 +319,7 @@ def _read_rows(files: Files, layout: dict[str, Any], stream_id: str | None, repo
         bid = t.column("block_id").to_numpy()
         crc = t.column("crc32").to_numpy()
         extra = {c: t.column(c).to_numpy() for c in META_COLUMNS if c in t.column_names}
+        extra["block_id"] = bid
         for s in np.unique(sids):
             sel = sids == s
             by_stream[str(s)] = {str(lv): (bid[sel & (lvs == lv)], crc[sel & (lvs == lv)])
