@@ -368,7 +368,9 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mukv.bench.evaluate",
+    from ..cli.common import OneLineParser
+
+    p = OneLineParser(prog="mukv bench",
                                 description="Answer accuracy of every policy against stream length.")
     p.add_argument("--model", default="mukv-tiny", help="preset name or checkpoint directory (default mukv-tiny)")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10], help="stream lengths in minutes")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import MukvError
+from ..errors import InputError, MukvError
 
 
 
@@ -27,7 +27,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 0
         raise MukvError(f"the evaluation harness is not available yet ({BENCH_MODULE}.main is missing); "
                         "meanwhile `mukv demo` runs the benchmark's questions on a generated stream")
-    return int(harness.main(list(args.args)) or 0)
+    try:
+        return int(harness.main(list(args.args)) or 0)
+    except SystemExit as exc:  # the harness's own checks say what is wrong in words: one line, status 2
+        if isinstance(exc.code, str):
+            raise InputError(exc.code) from None
+        raise
 
 
 BENCH_DESCRIPTION = ("Run the evaluation harness of the synthetic benchmark (mukv.bench): policies and models "
