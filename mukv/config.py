@@ -343,7 +343,8 @@ class MukvConfig(BaseModel):
         tokens per frame).
 
         Raises:
-            UnknownPluginError: no such policy; ConfigError: bad settings or fields.
+            UnknownPluginError: no such policy.
+            ConfigError: bad settings or fields.
         """
         return cls.build(merge(merge(dict(under or {}), policy_fields(name)), overrides))
 
@@ -359,8 +360,8 @@ def policy_fields(policy: Any, field: str = "policy") -> dict[str, Any]:
     function with a ``Settings`` model takes its settings as keyword arguments.
 
     Raises:
-        UnknownPluginError: no such policy; ConfigError: bad settings, or the policy
-            does not give a dict of fields.
+        UnknownPluginError: no such policy.
+        ConfigError: bad settings, or the policy does not give a dict of fields.
     """
     from .specs import resolve
 

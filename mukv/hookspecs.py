@@ -16,8 +16,20 @@ per layer or per question: the components they register are what the hot path
 calls.
 
 The ``register`` callback has the signature ``register(name: str, component)``.
-Registering a name that is already taken raises :class:`mukv.errors.ConfigError`
-unless the component is the same object.
+
+A component that takes settings declares them as a pydantic model, its
+``Settings`` attribute (see :mod:`mukv.specs`); the configuration then selects
+it as ``{"name": NAME, setting: value, ...}`` and ``mukv plugins --json`` shows
+the settings with their defaults.
+
+A plugin that fails is contained: if its module does not import, if it defines a
+function named like a hook that is none (``mukv_register_scorer``: the error names
+the closest hook), or if one of its hooks raises, it is skipped whole and reported
+(a warning, and ``mukv plugins``); a name that another package registered too is
+refused (mukv's own built-in keeps its name; between two third-party packages,
+selecting the name raises :class:`mukv.errors.ConfigError` naming both). Every
+other component keeps working. A plugin added with :func:`mukv.register_plugin`
+raises :class:`mukv.errors.ConfigError` instead, and is not registered.
 """
 
 from __future__ import annotations

@@ -1,18 +1,22 @@
 """The interfaces every component implements: one abstract method each.
 
-=====================  ==========================================  ===================
-role                   abstract method                             registered by hook
-=====================  ==========================================  ===================
-GranularityExtractor   ``split(level, grid) -> [n_blocks, L]``     mukv_register_extractors
-TokenScorer            ``score(blocks) -> [B, L]``                 mukv_register_scorers
-Compressor             ``select(blocks, scores) -> [B, K]``        mukv_register_compressors
-Retriever              ``retrieve(query, index, top_k) -> hits``   mukv_register_retrievers
-ModelAdapter           ``encode_frames(frames) -> [n, T, E]``      mukv_register_models
-StorageBackend         see its docstring (a store has a few)       mukv_register_backends
-=====================  ==========================================  ===================
+=====================  ===============================================  =========================
+role                   abstract method                                  registered by hook
+=====================  ===============================================  =========================
+GranularityExtractor   ``split(level, grid) -> [n_blocks, L]``          ``mukv_register_extractors``
+TokenScorer            ``score(blocks) -> [B, L]``                      ``mukv_register_scorers``
+Compressor             ``select(blocks, scores) -> [B, K]``             ``mukv_register_compressors``
+Retriever              ``retrieve(query, index, top_k) -> [Hits]``      ``mukv_register_retrievers``
+ModelAdapter           ``encode_frames(frames) -> [n, T, E]``           ``mukv_register_models``
+StorageBackend         see its docstring (a store has a few)            ``mukv_register_backends``
+EvictionPolicy         ``victims(candidates, need_bytes) -> [m]``       ``mukv_register_evictors``
+VectorIndex            ``search(queries, k) -> (scores, ids)``          ``mukv_register_indexes``
+FrameSource            ``chunks() -> (frames, times), ...``             ``mukv_register_sources``
+=====================  ===============================================  =========================
 
 Everything else a component needs is derived in these base classes. Shapes
-follow :mod:`mukv.blocks`.
+follow :mod:`mukv.blocks`. A component that takes settings declares them as a
+pydantic model (its ``Settings``, see :mod:`mukv.specs`).
 """
 
 from __future__ import annotations

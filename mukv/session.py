@@ -407,8 +407,9 @@ class Session:
             The number of blocks stored, or a :class:`LiveFeed` if ``background``.
 
         Raises:
-            UnknownPluginError: unknown source; InputError: the source cannot be
-            opened (raised here, before any thread starts).
+            UnknownPluginError: unknown source.
+            ConfigError: invalid source options.
+            InputError: the source cannot be opened (raised here, before any thread starts).
         """
         self._check_open()
         fps = self.config.stream.fps if fps is None else fps
@@ -465,8 +466,9 @@ class Session:
             span, score), KV tokens at answer time, timings per stage.
 
         Raises:
-            InputError: empty or too long question; EmptyMemoryError: nothing stored
-            yet; RetrievalError: a top-k the store cannot serve.
+            InputError: empty or too long question.
+            EmptyMemoryError: nothing stored yet.
+            RetrievalError: a top-k the store cannot serve.
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string; got {type(question).__name__}")

@@ -368,8 +368,9 @@ def build(role: str, value: Any, config: Any, base: type, field: str, reg: "Regi
     scorers a plain function ``f(blocks) -> [B, L]`` is wrapped.
 
     Raises:
-        UnknownPluginError, ConfigError: as :func:`resolve`; ConfigError: the component does
-        not implement ``base``.
+        UnknownPluginError: the name is not registered.
+        ConfigError: invalid settings (as :func:`resolve`), or the component does not
+            implement ``base``.
     """
     from .interfaces import FunctionScorer, TokenScorer
 
