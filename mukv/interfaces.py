@@ -76,10 +76,17 @@ class Component(ABC):
         Raises:
             ConfigError: an invalid setting, or the component takes none.
         """
-        from .specs import validate_settings
+        from .specs import _accepts_settings, validate_settings
 
         settings = validate_settings(_role_of(cls), cls.__name__, cls, values, cls.__name__)
-        return cls.from_config(MukvConfig(), settings) if settings is not None else cls.from_config(MukvConfig())
+        if settings is None:
+            return cls.from_config(MukvConfig())
+        if _accepts_settings(cls.from_config):
+            obj = cls.from_config(MukvConfig(), settings=settings)
+        else:  # a from_config written before settings existed
+            obj = cls.from_config(MukvConfig())
+        obj.settings = settings
+        return obj
 
     @property
     def settings(self) -> Any:

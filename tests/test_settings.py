@@ -223,3 +223,45 @@ def test_config_show_of_a_store(tmp_path, capsys):
     assert cfg["levels.0.keep_ratio"]["source"] == f"store {store}"
     assert main(["config", "show", str(store), "--policy", "rekv"]) == 2
     assert "cannot change levels" in capsys.readouterr().err
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node, parts = out, path.split(".")
+        for part, nxt in zip(parts, parts[1:] + [None]):
+            if nxt is None:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    def lists(x):
+        if isinstance(x, dict):
+            if x and all(k.isdigit() for k in x):
+                return [lists(x[k]) for k in sorted(x, key=int)]
+            return {k: lists(v) for k, v in x.items()}
+        return x
+    return lists(out)
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "env"])
+def test_config_show_round_trips_through_a_file_and_the_environment(tmp_path, monkeypatch, capsys, fmt):
+    """What `config show --json` prints, given back as --config (a JSON or YAML file) or as
+    MUKV_CONFIG, is the same configuration (the same hash)."""
+    import yaml
+
+    given = {"retrieval": {"retriever": "cosine", "rerank_n": 2},
+             "compression": {"compressor": {"name": "topk", "dedup": True}}, "assembly": {"order": "time"}}
+    assert main(["config", "show", "--config", json.dumps(given), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    full = _unflatten({path: v["value"] for path, v in shown["config"].items()})
+    if fmt == "env":
+        monkeypatch.setenv("MUKV_CONFIG", json.dumps(full))
+        argv = ["config", "show", "--json"]
+    else:
+        file = tmp_path / f"c.{fmt}"
+        file.write_text(json.dumps(full) if fmt == "json" else yaml.safe_dump(full))
+        argv = ["config", "show", "--config", str(file), "--json"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["config_hash"] == shown["config_hash"]
+    assert {p: v["value"] for p, v in again["config"].items()} == {p: v["value"] for p, v in shown["config"].items()}
