@@ -266,8 +266,9 @@ def token_importance(session: "Session", frame: Any, levels: Iterable[str] | Non
 
     from .blocks import PrefilledBlocks
     from .frames import as_frames
-    from .interfaces import TokenScorer, build_component, minmax
+    from .interfaces import TokenScorer, minmax
     from .registry import registry
+    from .specs import build
 
     pixels = as_frames(frame)
     if pixels.shape[0] != 1:

@@ -285,3 +285,12 @@ def test_a_store_written_by_older_mukv_opens(tmp_path, tiny_model):
         with pytest.raises(ConfigError, match="cannot change compression"):
             s.fork(config={"compression": {"compressor": "topk"}})
     assert [(b.level, b.block_id) for b in after.blocks] == [(b.level, b.block_id) for b in before.blocks]
+
+
+def test_token_importance_pictures_with_a_scorer_other_than_dual(tmp_path, tiny_model):
+    pytest.importorskip("matplotlib")
+    from mukv import plots
+
+    with mukv.Session(model=tiny_model, config={"scoring": {"scorer": "attention"}}) as s:
+        out = plots.plot_token_importance(s, _frames(1)[0], tmp_path / "t.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
