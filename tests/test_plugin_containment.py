@@ -6,6 +6,8 @@ packages with one name."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -79,63 +81,85 @@ def test_plugins_lists_the_broken_and_the_duplicate_and_everything_else(site):
     assert broken_row["plugin"] == "broken" and "ModuleNotFoundError" in broken_row["error"]
 
 
-def test_demo_still_runs(site):
-    proc = run(site, "-m", "mukv", "demo", "--minutes", "1", "--questions", "1", "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "summary" in proc.stdout and "Traceback" not in proc.stderr
+@contextlib.contextmanager
+def on_path(site: Path, *modules: str):
+    """Distributions of ``site`` on this process's path (as an installed package would be),
+    with the registry rebuilt from them; all of it undone afterwards."""
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    reg_mod.reset()
+    try:
+        yield site
+    finally:
+        sys.path.remove(str(site))
+        for name in modules:
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        reg_mod.reset()
 
 
-def test_a_python_session_still_works_and_the_builtin_keeps_its_name(site):
-    code = """
-import mukv, numpy as np
-frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
-reg = mukv.get_registry()
-assert reg.entries["scorers"]["dual"].package.startswith("mukv "), reg.entries["scorers"]["dual"]
-for scorer in ("dual", "dupe_norm"):
-    with mukv.Session(model="tiny-llava-ov", config={"scoring": {"scorer": scorer}}) as s:
-        s.feed(frames)
-        print(scorer, "answered", len(s.ask("what color?", max_new_tokens=1).blocks) > 0)
-print(sorted(p.plugin for p in reg.problems))
-"""
-    proc = run(site, "-c", code)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "dual answered True" in proc.stdout and "dupe_norm answered True" in proc.stdout
-    assert "['broken', 'dupe']" in proc.stdout
+@pytest.fixture
+def installed(site):
+    with on_path(site, "mukv_dupe_plugin", "mukv_broken_plugin"):
+        yield site
 
 
-def test_two_third_party_packages_with_one_name(tmp_path):
+def test_demo_still_runs(installed, capsys):
+    from mukv.cli import main
+
+    assert main(["demo", "--minutes", "1", "--questions", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "summary" in out and "answers" in out
+    assert "plugin 'broken' (package mukv-broken 0.1) is skipped" in err  # reported, and the demo ran
+    assert {p.plugin for p in mukv.get_registry().problems} == {"broken", "dupe"}
+
+
+def test_a_python_session_still_works_and_the_builtin_keeps_its_name(installed):
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    reg = mukv.get_registry()
+    assert reg.entries["scorers"]["dual"].package.startswith("mukv "), reg.entries["scorers"]["dual"]
+    model = None
+    for scorer in ("dual", "dupe_norm"):
+        with mukv.Session(model=model or "tiny-llava-ov", config={"scoring": {"scorer": scorer}}) as s:
+            model = s.model
+            s.feed(frames)
+            assert s.ask("what color?", max_new_tokens=1).blocks
+    assert reg.entries["scorers"]["dupe_norm"].package == "mukv-dupe 0.2"
+    assert sorted(p.plugin for p in reg.problems) == ["broken", "dupe"]
+
+
+def test_two_third_party_packages_with_one_name(tmp_path, capsys):
+    from mukv.cli import main
+
     site = tmp_path / "site"
     other = DUPE.replace('register("dual", lambda blocks: blocks.keys.norm(dim=-1).mean(dim=1))  # mukv\'s own name again\n', "")
     install(site, "mukv-dupe", "0.2", "mukv_dupe_plugin", DUPE, entry="dupe")
     install(site, "mukv-other", "1.0", "mukv_other_plugin", other, entry="other")
-    code = """
-import mukv
-try:
-    mukv.Session(model="tiny-llava-ov", config={"scoring": {"scorer": "dupe_norm"}})
-except mukv.ConfigError as exc:
-    print("ERROR", exc)
-with mukv.Session(model="tiny-llava-ov") as s:  # every other name works
-    print("default ok", s.config.scoring.scorer)
-"""
-    proc = run(site, "-c", code)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    err = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
-    assert "'dupe_norm'" in err and "mukv-dupe 0.2" in err and "mukv-other 1.0" in err and "scoring.scorer" in err
-    assert "default ok dual" in proc.stdout
-    proc = run(site, "-m", "mukv", "ask", str(tmp_path / "missing"), "q?", "--config",
-               '{"scoring": {"scorer": "dupe_norm"}}')
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    with on_path(site, "mukv_dupe_plugin", "mukv_other_plugin"):
+        with pytest.raises(ConfigError) as err:
+            mukv.Session(model="tiny-llava-ov", config={"scoring": {"scorer": "dupe_norm"}})
+        msg = str(err.value)
+        assert "'dupe_norm'" in msg and "mukv-dupe 0.2" in msg and "mukv-other 1.0" in msg and "scoring.scorer" in msg
+        with mukv.Session(model="tiny-llava-ov") as s:  # every other name works
+            assert s.config.scoring.scorer == "dual"
+        assert main(["config", "show", "--config", '{"scoring": {"scorer": "dupe_norm"}}']) == 2
+        err = capsys.readouterr().err
+        assert "mukv: error:" in err and "mukv-other 1.0" in err and "Traceback" not in err
 
 
-def test_a_misspelled_hook_names_the_closest_one(tmp_path):
+def test_a_misspelled_hook_names_the_closest_one(tmp_path, capsys):
+    from mukv.cli import main
+
     site = tmp_path / "site"
     install(site, "mukv-typo", "0.1", "mukv_typo_plugin",
             "import mukv\n\n@mukv.hookimpl\ndef mukv_register_scorer(register):\n    register('x', lambda b: b)\n",
             entry="typo")
-    proc = run(site, "-m", "mukv", "plugins", "--json")
-    assert proc.returncode == 0
-    row = next(r for r in json.loads(proc.stdout) if r["plugin"] == "typo")
-    assert row["status"] == "broken"
+    with on_path(site, "mukv_typo_plugin"):
+        assert main(["plugins", "--json"]) == 0
+        row = next(r for r in json.loads(capsys.readouterr().out) if r["plugin"] == "typo")
+    assert row["status"] == "broken" and row["package"] == "mukv-typo 0.1"
     assert "mukv_register_scorer()" in row["error"] and "did you mean mukv_register_scorers?" in row["error"]
 
 
@@ -171,7 +195,10 @@ def test_a_hook_that_raises_in_an_entry_point_skips_that_plugin_only(tmp_path):
            "    register('half_scorer', lambda b: b.keys.sum(-1).mean(1))\n\n"
            "@mukv.hookimpl\ndef mukv_register_retrievers(register):\n    raise RuntimeError('boom')\n")
     install(site, "mukv-raises", "0.3", "mukv_raises_plugin", src, entry="raises")
-    proc = run(site, "-c", "import mukv; r = mukv.get_registry(); print('half_scorer' in r.entries['scorers'], "
-                           "'semi_hierarchical' in r.entries['retrievers'], [p.error for p in r.problems])")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("False True") and "RuntimeError: boom" in proc.stdout
+    with on_path(site, "mukv_raises_plugin"):
+        reg = mukv.get_registry()
+        assert "half_scorer" not in reg.entries["scorers"]  # skipped whole, its scorer too
+        assert "semi_hierarchical" in reg.entries["retrievers"]
+        (problem,) = reg.problems
+        assert problem.status == "broken" and problem.package == "mukv-raises 0.3"
+        assert "mukv_register_retrievers failed: RuntimeError: boom" in problem.error

@@ -166,9 +166,7 @@ def new_session(args: argparse.Namespace, path: str | None = None, stream_id: st
     if path is not None:
         kwargs.update(backend=v["backend"] or STORE_BACKEND, path=path, stream_id=stream_id,
                       backend_options=v["backend_options"] or None, log_questions=bool(v["question_log"]))
-    session = Session(**kwargs)
-    session.model_label = name  # type: ignore[attr-defined]
-    return session, name, note
+    return Session(**kwargs), name, note
 
 
 def store_backend(args: argparse.Namespace) -> str:

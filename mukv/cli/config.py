@@ -16,27 +16,26 @@ CONFIG_DESCRIPTION = (
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from ..config import MukvConfig
+    from ..config import MukvConfig, merge
     from ..settings import explain, new_session_layers
+    from ..specs import check
 
     if args.store is None:
         eff = user_settings(args, reopen=False)
         v = eff.values
         layers = new_session_layers(v["model"], v["policy"], eff.config_layers, eff.sources["policy"])
         merged: dict[str, Any] = {}
-        from ..config import merge
-
         for _, fields in layers:
             merged = merge(merged, fields)
         config = MukvConfig.build(merged)
-        from ..specs import check
-
         check(config)  # component names and settings, as a session would
         rows = explain(config, layers)
         shown = dict(v)
         shown["model"] = v["model"] if v["model"] is not None else "mukv-tiny"
         shown["policy"] = v["policy"] if v["policy"] is not None else "mukv"
         shown["backend"] = v["backend"] or STORE_BACKEND
+        shown["device"] = v["device"] or "auto (cuda if available, else cpu)"
+        shown["backend_options"] = v["backend_options"] or {}
         shown["question_log"] = bool(v["question_log"])
         _print(args, shown, eff.sources, rows, config)
         return 0
