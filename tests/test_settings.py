@@ -265,3 +265,40 @@ def test_config_show_round_trips_through_a_file_and_the_environment(tmp_path, mo
     again = json.loads(capsys.readouterr().out)
     assert again["config_hash"] == shown["config_hash"]
     assert {p: v["value"] for p, v in again["config"].items()} == {p: v["value"] for p, v in shown["config"].items()}
+
+
+def test_a_stored_stream_takes_only_what_fork_allows_and_is_left_unchanged_otherwise(tmp_path, capsys):
+    import numpy as np
+
+    import mukv
+
+    pytest.importorskip("lancedb")
+    store = tmp_path / "s"
+    with mukv.Session(model="tiny-llava-ov", backend="lancedb", path=store) as s:
+        s.feed(np.zeros((8, 32, 32, 3), dtype=np.uint8))
+        before = s.stats()
+    for argv in (["ingest", str(store), "--synthetic", "0.2", "--no-progress", "--policy", "rekv"],
+                 ["ingest", str(store), "--synthetic", "0.2", "--no-progress", "--config",
+                  '{"compression": {"compressor": {"name": "topk", "dedup": true}}}'],
+                 ["ask", str(store), "q?", "--config", '{"scoring": {"scorer": "attention"}}'],
+                 ["chat", str(store), "--config", '{"stream": {"fps": 2}}']):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "keeps the configuration it was stored with" in err and "cannot change" in err, err
+    with mukv.Session.open(store) as s:
+        assert s.stats() == before  # nothing stored, nothing changed
+    assert main(["ingest", str(store), "--synthetic", "0.2", "--no-progress", "--config",
+                 '{"generation": {"max_new_tokens": 2}, "retrieval": {"retriever": "cosine"}}']) == 0
+    capsys.readouterr()
+    assert main(["ask", str(store), "q?", "--policy", "mukv_time", "--config",
+                 '{"levels": [{"name": "patch", "extractor": "patch_raster", "tokens": 49, "keep_ratio": 0.1, '
+                 '"alpha": 0.5, "top_k": 1, "rerank_weight": 0.3}, {"name": "frame", "extractor": "frame", '
+                 '"keep_ratio": 0.1, "alpha": 0.7, "top_k": 2, "rerank_weight": 0.3}, {"name": "segment", '
+                 '"extractor": "segment", "frames": 4, "keep_ratio": 0.8, "alpha": 0.8, "top_k": 1}]}',
+                 "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert {b["level"] for b in answer["blocks"]} == {"patch", "frame", "segment"}
+    assert sum(b["level"] == "frame" for b in answer["blocks"]) == 2  # top_k may change
+    with mukv.Session.open(store) as s:
+        assert s.stats()["frames"] > before["frames"]
+        assert s.config.retrieval.retriever == "semi_hierarchical"  # the stored configuration is unchanged
