@@ -2,9 +2,11 @@
 
 Every field has a docstring and is validated when the configuration is built;
 an invalid value raises :class:`mukv.errors.ConfigError` naming the field.
-Plugin names (scorer, compressor, retriever, extractor) are checked against the
-registry when a session is built, and an unknown name lists the registered
-choices.
+Fields that name a component (scorer, compressor, retriever, extractor) take a
+registered name, a name with settings (``{"name": "topk", "dedup": True}``) or an
+object implementing the interface (:mod:`mukv.specs`). Names and settings are
+checked against the registry when a session is built (an unknown name lists the
+registered choices, a bad setting names the field and the plugin).
 
 The defaults are the run of MuKV's authors (LLaVA-OneVision, 196 visual tokens
 per frame): three levels of 49, 196 and 784 tokens, keep ratios 0.1 / 0.1 / 0.8,
@@ -14,11 +16,27 @@ over-retrieval, segment-guided rerank with weight 0.3 and N = 5.
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .specs import component_ref
+
+log = logging.getLogger(__name__)
+
+#: A field naming a granularity extractor (a name, ``{"name": ..., **settings}`` or an object).
+ExtractorRef = component_ref("extractors")
+#: A field naming a token scorer (a name, ``{"name": ..., **settings}``, an object or a function).
+ScorerRef = component_ref("scorers")
+#: An optional field naming a token scorer (``None``: the default).
+OptionalScorerRef = component_ref("scorers", optional=True)
+#: A field naming a compressor.
+CompressorRef = component_ref("compressors")
+#: A field naming a retriever.
+RetrieverRef = component_ref("retrievers")
 
 _MODEL = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
 
@@ -31,9 +49,10 @@ class LevelConfig(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name of the level, unique in a configuration ("patch", "frame", "segment")."""
 
-    extractor: str
-    """Registered granularity extractor that cuts a window of frames into blocks
-    ("patch_raster", "patch_spatial", "frame", "segment")."""
+    extractor: ExtractorRef
+    """Granularity extractor that cuts a window of frames into blocks: a registered
+    name ("patch_raster", "patch_spatial", "frame", "segment"), a name with settings,
+    or an object."""
 
     frames: int = Field(default=1, ge=1, le=4096)
     """Frames per window: 1 for patch and frame levels, S for segments (S = 4)."""
@@ -57,8 +76,9 @@ class LevelConfig(BaseModel):
     """Weight of the similarity to the guide level's context vector in the
     segment-guided rerank: s' = (1 - w) * s + w * cos(v, c). 0 disables it."""
 
-    scorer: str | None = None
-    """Registered token scorer for this level only; ``None`` uses ``scoring.scorer``."""
+    scorer: OptionalScorerRef = None
+    """Token scorer for this level only (a name, a name with settings, or an object);
+    ``None`` uses ``scoring.scorer``."""
 
 
 class ScoringConfig(BaseModel):
@@ -66,16 +86,14 @@ class ScoringConfig(BaseModel):
 
     model_config = _MODEL
 
-    scorer: str = "dual"
-    """Registered token scorer used by every level without its own."""
+    scorer: ScorerRef = "dual"
+    """Token scorer used by every level without its own: a registered name, a name with
+    settings (``{"name": "dual", "frequency": "frequency_diff"}``), or an object."""
 
-    attention: str = "attention"
-    """Scorer providing the attention signal of the dual score."""
-
-    frequency: str = "frequency_fft"
-    """Scorer providing the frequency signal of the dual score: "frequency_fft"
-    (high-pass FFT over the token axis) or "frequency_diff" (norm of consecutive
-    key differences)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        return _migrate_scoring(data, None)[0] if isinstance(data, dict) else data
 
 
 class CompressionConfig(BaseModel):
@@ -83,18 +101,70 @@ class CompressionConfig(BaseModel):
 
     model_config = _MODEL
 
-    compressor: str = "topk"
-    """Registered compressor."""
+    compressor: CompressorRef = "topk"
+    """Compressor: a registered name, a name with settings
+    (``{"name": "topk", "dedup": True, "threshold": 0.9}``), or an object."""
 
-    dedup: bool = False
-    """Drop near-duplicate tokens: over-select, then drop a candidate whose key is
-    too similar to a better-scored kept one."""
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        return _migrate_compression(data) if isinstance(data, dict) else data
 
-    dedup_threshold: float = Field(default=0.9, gt=-1.0, le=1.0)
-    """Cosine similarity of last-layer keys above which a candidate is a duplicate."""
 
-    dedup_oversample: float = Field(default=1.2, ge=1.0, le=10.0)
-    """Candidates considered by de-duplication, as a multiple of the kept count."""
+#: Fields that older mukv kept in ``scoring`` and ``compression`` and that are now settings of
+#: the built-in plugins, with their old defaults: a stored configuration holding them still opens.
+LEGACY_SCORING = {"attention": "attention", "frequency": "frequency_fft"}
+LEGACY_COMPRESSION = {"dedup": ("dedup", False), "dedup_threshold": ("threshold", 0.9),
+                      "dedup_oversample": ("oversample", 1.2)}
+
+
+def _with_settings(spec: Any, settings: dict[str, Any]) -> Any:
+    """A component spec with ``settings`` added (those it sets itself win)."""
+    if isinstance(spec, str):
+        return {"name": spec, **settings}
+    if isinstance(spec, dict) and "name" in spec:
+        return {**settings, **spec}
+    return spec  # an object or an invalid value: left to field validation
+
+
+def _spec_name(spec: Any) -> Any:
+    return spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+
+
+def _migrate_scoring(scoring: dict[str, Any], levels: Any) -> tuple[dict[str, Any], Any]:
+    """Move the old ``scoring.attention`` / ``scoring.frequency`` into the settings of every
+    "dual" scorer the configuration names (``scoring.scorer`` and per-level scorers)."""
+    if not any(k in scoring for k in LEGACY_SCORING):
+        return scoring, levels
+    scoring = dict(scoring)
+    moved = {k: scoring.pop(k) for k in LEGACY_SCORING if k in scoring}
+    settings = {k: v for k, v in moved.items() if v != LEGACY_SCORING[k]}
+    if settings:
+        log.warning("scoring.%s is deprecated: give it as a setting of the dual scorer, "
+                    '{"scoring": {"scorer": {"name": "dual", %s}}}', "/".join(settings),
+                    ", ".join(f'"{k}": {json.dumps(v)}' for k, v in settings.items()))
+        if _spec_name(scoring.get("scorer", "dual")) == "dual":
+            scoring["scorer"] = _with_settings(scoring.get("scorer", "dual"), settings)
+        if isinstance(levels, list):
+            levels = [({**lv, "scorer": _with_settings(lv["scorer"], settings)}
+                       if isinstance(lv, dict) and _spec_name(lv.get("scorer")) == "dual" else lv) for lv in levels]
+    return scoring, levels
+
+
+def _migrate_compression(compression: dict[str, Any]) -> dict[str, Any]:
+    """Move the old ``compression.dedup*`` fields into the settings of the "topk" compressor."""
+    if not any(k in compression for k in LEGACY_COMPRESSION):
+        return compression
+    compression = dict(compression)
+    moved = {k: compression.pop(k) for k in LEGACY_COMPRESSION if k in compression}
+    settings = {LEGACY_COMPRESSION[k][0]: v for k, v in moved.items() if v != LEGACY_COMPRESSION[k][1]}
+    if settings:
+        log.warning("compression.%s is deprecated: give it as a setting of the topk compressor, "
+                    '{"compression": {"compressor": {"name": "topk", %s}}}', "/".join(moved),
+                    ", ".join(f'"{k}": {json.dumps(v)}' for k, v in settings.items()))
+        if _spec_name(compression.get("compressor", "topk")) == "topk":
+            compression["compressor"] = _with_settings(compression.get("compressor", "topk"), settings)
+    return compression
 
 
 class RetrievalConfig(BaseModel):
@@ -102,8 +172,8 @@ class RetrievalConfig(BaseModel):
 
     model_config = _MODEL
 
-    retriever: str = "semi_hierarchical"
-    """Registered retriever."""
+    retriever: RetrieverRef = "semi_hierarchical"
+    """Retriever: a registered name, a name with settings, or an object."""
 
     over_retrieval: float = Field(default=2.0, ge=1.0, le=100.0)
     """Candidates fetched per level before the rerank, as a multiple of top-k."""
@@ -204,6 +274,10 @@ class MukvConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_guide(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("scoring"), dict):
+            # the old scoring.attention / frequency reach per-level "dual" scorers too
+            scoring, levels = _migrate_scoring(data["scoring"], data.get("levels"))
+            data = {**data, "scoring": scoring, **({"levels": levels} if "levels" in data else {})}
         # The default guide level is "segment"; configurations without such a
         # level and without an explicit guide get no rerank instead of an error.
         if isinstance(data, dict) and "levels" in data:
@@ -258,32 +332,62 @@ class MukvConfig(BaseModel):
             raise ConfigError(format_validation_error(exc)) from None
 
     @classmethod
-    def from_policy(cls, name: str, *, under: dict[str, Any] | None = None, **overrides: Any) -> "MukvConfig":
+    def from_policy(cls, name: Any, *, under: dict[str, Any] | None = None, **overrides: Any) -> "MukvConfig":
         """The configuration of a registered policy ("mukv", "rekv", "uniform",
         "sliding_window", "full_context", ...) with optional overrides.
 
-        ``under`` holds fields the policy and the overrides are applied over, in
-        place of mukv's defaults: a model's own defaults
-        (:attr:`~mukv.interfaces.ModelAdapter.default_config`, e.g. levels sized for
-        its tokens per frame)."""
-        from .registry import registry
+        ``name`` is a policy name, or a name with the settings of a policy that takes
+        some (``{"name": "rekv", "top_k": 32}``). ``under`` holds fields the policy and
+        the overrides are applied over, in place of mukv's defaults: a model's own defaults
+        (:attr:`~mukv.interfaces.ModelAdapter.default_config`, e.g. levels sized for its
+        tokens per frame).
 
-        policy = registry().get("policies", name, field="policy")
-        base = policy() if callable(policy) else policy
-        return cls.build(merge(merge(dict(under or {}), dict(base)), overrides))
+        Raises:
+            UnknownPluginError: no such policy.
+            ConfigError: bad settings or fields.
+        """
+        return cls.build(merge(merge(dict(under or {}), policy_fields(name)), overrides))
 
     def replace(self, **overrides: Any) -> "MukvConfig":
         """A copy with fields replaced (nested dicts merge), validated again."""
         return MukvConfig.build(self, **overrides)
 
 
+def policy_fields(policy: Any, field: str = "policy") -> dict[str, Any]:
+    """The configuration fields of a policy spec (a name, or ``{"name": ..., **settings}``).
+
+    A policy is registered as a dict of fields, or as a function returning one; a
+    function with a ``Settings`` model takes its settings as keyword arguments.
+
+    Raises:
+        UnknownPluginError: no such policy.
+        ConfigError: bad settings, or the policy does not give a dict of fields.
+    """
+    from .specs import resolve
+
+    r = resolve("policies", policy, field)
+    if r.name is None:
+        raise ConfigError(f"{field}: a policy is a registered name (or a name with settings); got {policy!r}")
+    fields = r.component(**r.kwargs()) if callable(r.component) else r.component
+    if not isinstance(fields, dict):
+        raise ConfigError(f"policy {r.name!r} ({r.entry.package}) gave {type(fields).__name__}, not a dict of "
+                          "configuration fields")
+    return dict(fields)
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``overrides`` into a copy of ``base`` (dicts merge, other values replace)."""
+    """Recursively merge ``overrides`` into a copy of ``base`` (dicts merge, other values replace).
+
+    A component given with settings (a dict with a "name") replaces one of another
+    name whole; the settings of the same component merge."""
     out = dict(base)
     for key, value in overrides.items():
         if isinstance(value, BaseModel):
             value = value.model_dump()
-        if isinstance(value, dict) and isinstance(out.get(key), (dict, BaseModel)):
+        current = out.get(key)
+        other_component = (isinstance(value, dict) and isinstance(current, dict) and "name" in value
+                           and "name" in current and value["name"] != current["name"])
+        if isinstance(value, dict) and isinstance(current, (dict, BaseModel)) and not other_component:
             current = out[key].model_dump() if isinstance(out[key], BaseModel) else out[key]
             out[key] = merge(current, value)
         else:

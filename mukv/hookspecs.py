@@ -16,8 +16,20 @@ per layer or per question: the components they register are what the hot path
 calls.
 
 The ``register`` callback has the signature ``register(name: str, component)``.
-Registering a name that is already taken raises :class:`mukv.errors.ConfigError`
-unless the component is the same object.
+
+A component that takes settings declares them as a pydantic model, its
+``Settings`` attribute (see :mod:`mukv.specs`); the configuration then selects
+it as ``{"name": NAME, setting: value, ...}`` and ``mukv plugins --json`` shows
+the settings with their defaults.
+
+A plugin that fails is contained: if its module does not import, if it defines a
+function named like a hook that is none (``mukv_register_scorer``: the error names
+the closest hook), or if one of its hooks raises, it is skipped whole and reported
+(a warning, and ``mukv plugins``); a name that another package registered too is
+refused (mukv's own built-in keeps its name; between two third-party packages,
+selecting the name raises :class:`mukv.errors.ConfigError` naming both). Every
+other component keeps working. A plugin added with :func:`mukv.register_plugin`
+raises :class:`mukv.errors.ConfigError` instead, and is not registered.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ def mukv_register_extractors(register: Register) -> None:
 
     :param register: call ``register(name, extractor)`` once per extractor.
         ``extractor`` is a :class:`mukv.interfaces.GranularityExtractor`
-        subclass (instantiated with no arguments) or instance. Its one method,
+        subclass (built with ``from_config(config, settings)``) or instance. Its one method,
         ``split(level, frames, grid)``, returns a ``LongTensor[n_blocks, block_len]``
         of token indices into a window of ``level.frames`` frames of
         ``grid[0] * grid[1]`` visual tokens each (frame-major, raster order).
@@ -54,7 +66,8 @@ def mukv_register_scorers(register: Register) -> None:
 
     :param register: call ``register(name, scorer)`` once per scorer. ``scorer``
         is a :class:`mukv.interfaces.TokenScorer` subclass (built with
-        ``from_config(config)``), an instance, or a plain function
+        ``from_config(config, settings)``; its ``Settings`` model, if any, validates
+        ``{"name": ..., setting: value}``), an instance, or a plain function
         ``f(blocks: PrefilledBlocks) -> Tensor[B, L]``. Higher scores mean keep.
 
     Called once, when the registry is built. The configuration chooses a scorer
@@ -68,7 +81,7 @@ def mukv_register_compressors(register: Register) -> None:
 
     :param register: call ``register(name, compressor)`` once per compressor: a
         :class:`mukv.interfaces.Compressor` subclass (built with
-        ``from_config(config)``) or instance. Its one method,
+        ``from_config(config, settings)``) or instance. Its one method,
         ``select(blocks, scores) -> LongTensor[B, K]``, returns kept token
         indices in time order.
 
@@ -82,7 +95,7 @@ def mukv_register_retrievers(register: Register) -> None:
 
     :param register: call ``register(name, retriever)`` once per retriever: a
         :class:`mukv.interfaces.Retriever` subclass (built with
-        ``from_config(config)``) or instance. Its one method,
+        ``from_config(config, settings)``) or instance. Its one method,
         ``retrieve(query, index, plan) -> list[Hits]``, searches a
         :class:`mukv.interfaces.BlockIndex`.
 
@@ -112,8 +125,10 @@ def mukv_register_models(register: Register) -> None:
         ``model_types`` attribute lists the Hugging Face ``config.model_type``
         values it loads from a local checkpoint directory
         (``cls.from_pretrained(path, device=..., dtype=...)``), or a preset: a
-        function ``f(device, dtype) -> ModelAdapter`` that builds a model
-        without downloading anything.
+        function ``f(device, dtype, **settings) -> ModelAdapter`` that builds a model
+        without downloading anything. Either may carry a ``Settings`` model: the
+        settings of ``Session(model={"name": ..., setting: value})`` are validated
+        by it and passed as keyword arguments (to ``from_pretrained`` for a class).
 
     Called once, when the registry is built; chosen with ``Session(model=...)``.
     """
@@ -126,7 +141,8 @@ def mukv_register_policies(register: Register) -> None:
     :param register: call ``register(name, overrides)`` once per policy, where
         ``overrides`` is a ``dict`` of :class:`mukv.config.MukvConfig` fields
         (nested dicts allowed) applied over the defaults, or a function
-        ``f() -> dict``.
+        ``f(**settings) -> dict`` (with a ``Settings`` model, selected as
+        ``{"name": ..., setting: value}``).
 
     Called once, when the registry is built; chosen with
     ``Session(policy=name)`` or ``MukvConfig.from_policy(name)``.
@@ -139,7 +155,7 @@ def mukv_register_evictors(register: Register) -> None:
 
     :param register: call ``register(name, policy)`` once per policy: a
         :class:`mukv.interfaces.EvictionPolicy` subclass (built with
-        ``from_config(config)``) or instance. Its one method,
+        ``from_config(config, settings)``) or instance. Its one method,
         ``victims(candidates, need_bytes)``, orders hot blocks for eviction.
 
     Called once, when the registry is built; chosen with the tiered backend's
@@ -153,7 +169,7 @@ def mukv_register_indexes(register: Register) -> None:
 
     :param register: call ``register(name, index_class)`` once per index: a
         :class:`mukv.interfaces.VectorIndex` subclass, built as
-        ``index_class(dim=V, device=...)``. Heavy imports (faiss) belong inside
+        ``index_class(dim=V, device=..., **settings)``. Heavy imports (faiss) belong inside
         the class.
 
     Called once, when the registry is built; chosen by a backend's ``index`` option.
@@ -166,7 +182,8 @@ def mukv_register_sources(register: Register) -> None:
 
     :param register: call ``register(name, source_class)`` once per source: a
         :class:`mukv.interfaces.FrameSource` subclass, built as
-        ``source_class(location, fps=..., **options)``. Its one method,
+        ``source_class(location, fps=..., **options)`` (options validated by its
+        ``Settings`` model when it has one). Its one method,
         ``chunks()``, yields ``(frames uint8 [n, H, W, 3], times [n])``.
 
     Called once, when the registry is built; chosen with ``Session.feed_from(name, ...)``.

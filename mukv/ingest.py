@@ -92,10 +92,20 @@ def feed_from(session: "Session", source: str, location: Any, fps: float | None,
             raise InputError(f"{name} must be True or False; got {v!r}")
     if resize is not None and not isinstance(resize, bool):
         raise InputError(f"resize must be True, False or None; got {resize!r}")
-    if not isinstance(source, str):
-        raise InputError(f"source must be a registered source name; got {type(source).__name__}")
+    from .errors import ConfigError
+    from .specs import settings_model, split, validate_settings
+
+    name, given, _ = split(source, "source")
+    if name is None:
+        raise ConfigError(f"source must be a registered source name (or one with options); got {source!r}")
+    clash = sorted(set(given) & set(options))
+    if clash:
+        raise ConfigError(f"source options {clash} are given twice (in the source spec and as keywords)")
+    options = {**given, **options}
+    source = name
     fps = check_fps(session.config.stream.fps if fps is None else fps)
-    source_cls = registry().get("sources", source, field="source")
+    reg = registry()
+    source_cls = reg.get("sources", name, field="source")
     chunk = options.setdefault("chunk", session.config.stream.encode_batch_frames)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= 1 << 16:
         raise InputError(f"chunk must be a number of frames from 1 to 65536; got {chunk!r}")
@@ -119,6 +129,9 @@ def feed_from(session: "Session", source: str, location: Any, fps: float | None,
         options["upsample"] = True
     elif upsample:
         raise InputError(f"source {source!r} does not upsample")
+    if settings_model(source_cls) is not None:  # typed options: validated, naming the source and its package
+        settings = validate_settings("sources", name, source_cls, options, "source", reg.entries["sources"][name])
+        options = {} if settings is None else {k: getattr(settings, k) for k in type(settings).model_fields}
     try:
         src = source_cls(location, fps=fps, **options)
     except TypeError as exc:  # an option the source does not take

@@ -1,18 +1,22 @@
 """The interfaces every component implements: one abstract method each.
 
-=====================  ==========================================  ===================
-role                   abstract method                             registered by hook
-=====================  ==========================================  ===================
-GranularityExtractor   ``split(level, grid) -> [n_blocks, L]``     mukv_register_extractors
-TokenScorer            ``score(blocks) -> [B, L]``                 mukv_register_scorers
-Compressor             ``select(blocks, scores) -> [B, K]``        mukv_register_compressors
-Retriever              ``retrieve(query, index, top_k) -> hits``   mukv_register_retrievers
-ModelAdapter           ``encode_frames(frames) -> [n, T, E]``      mukv_register_models
-StorageBackend         see its docstring (a store has a few)       mukv_register_backends
-=====================  ==========================================  ===================
+=====================  ===============================================  =========================
+role                   abstract method                                  registered by hook
+=====================  ===============================================  =========================
+GranularityExtractor   ``split(level, grid) -> [n_blocks, L]``          ``mukv_register_extractors``
+TokenScorer            ``score(blocks) -> [B, L]``                      ``mukv_register_scorers``
+Compressor             ``select(blocks, scores) -> [B, K]``             ``mukv_register_compressors``
+Retriever              ``retrieve(query, index, top_k) -> [Hits]``      ``mukv_register_retrievers``
+ModelAdapter           ``encode_frames(frames) -> [n, T, E]``           ``mukv_register_models``
+StorageBackend         see its docstring (a store has a few)            ``mukv_register_backends``
+EvictionPolicy         ``victims(candidates, need_bytes) -> [m]``       ``mukv_register_evictors``
+VectorIndex            ``search(queries, k) -> (scores, ids)``          ``mukv_register_indexes``
+FrameSource            ``chunks() -> (frames, times), ...``             ``mukv_register_sources``
+=====================  ===============================================  =========================
 
 Everything else a component needs is derived in these base classes. Shapes
-follow :mod:`mukv.blocks`.
+follow :mod:`mukv.blocks`. A component that takes settings declares them as a
+pydantic model (its ``Settings``, see :mod:`mukv.specs`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
+from pydantic import BaseModel
 
 from .blocks import CompressedBlocks, Hits, PrefilledBlocks, Query
 from .config import LevelConfig, MukvConfig
@@ -33,13 +38,77 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Component(ABC):
-    """Base of every registered component class."""
+    """Base of every registered component class.
+
+    A component that takes settings declares them as a pydantic model, its
+    ``Settings`` attribute (a :class:`mukv.specs.PluginSettings` subclass with a
+    docstring and a default per field); the configuration then selects it as
+    ``{"name": NAME, setting: value, ...}`` and the validated values are
+    :attr:`settings`.
+    """
+
+    #: The component's settings model (``None``: it takes no settings).
+    Settings: ClassVar[type[BaseModel] | None] = None
 
     @classmethod
-    def from_config(cls, config: MukvConfig) -> "Component":
-        """Build the component for a session. The default calls ``cls()``;
-        override to read options from the configuration."""
-        return cls()
+    def from_config(cls, config: MukvConfig, settings: BaseModel | None = None) -> "Component":
+        """Build the component for a session.
+
+        Args:
+            config: the session's configuration.
+            settings: the validated settings (an instance of :attr:`Settings`), or
+                ``None`` when the component declares none.
+
+        The default calls ``cls()`` and attaches ``settings``; override to read
+        options from the configuration or to pass the settings to ``__init__``.
+        """
+        obj = cls()
+        if settings is not None:
+            obj.settings = settings
+        return obj
+
+    @classmethod
+    def from_settings(cls, **values: Any) -> "Component":
+        """An instance with these settings (the rest at their defaults), built without a
+        session configuration: ``KeyNormScorer.from_settings(invert=True)`` can be
+        given wherever the configuration names a scorer.
+
+        Raises:
+            ConfigError: an invalid setting, or the component takes none.
+        """
+        from .specs import _accepts_settings, validate_settings
+
+        settings = validate_settings(_role_of(cls), cls.__name__, cls, values, cls.__name__)
+        if settings is None:
+            return cls.from_config(MukvConfig())
+        if _accepts_settings(cls.from_config):
+            obj = cls.from_config(MukvConfig(), settings=settings)
+        else:  # a from_config written before settings existed
+            obj = cls.from_config(MukvConfig())
+        obj.settings = settings
+        return obj
+
+    @property
+    def settings(self) -> Any:
+        """The component's validated settings (defaults when it was built without any;
+        ``None`` when it declares no :attr:`Settings`)."""
+        value = self.__dict__.get("_settings")
+        if value is None and self.Settings is not None:
+            value = self.Settings()
+            self.__dict__["_settings"] = value
+        return value
+
+    @settings.setter
+    def settings(self, value: Any) -> None:
+        self.__dict__["_settings"] = value
+
+
+def _role_of(cls: type) -> str:
+    for base, role in ((GranularityExtractor, "extractors"), (TokenScorer, "scorers"), (Compressor, "compressors"),
+                       (Retriever, "retrievers"), (EvictionPolicy, "evictors")):
+        if issubclass(cls, base):
+            return role
+    return "components"
 
 
 # --------------------------------------------------------------------------- extractors
@@ -310,6 +379,10 @@ class ModelAdapter(ABC):
     #: :class:`mukv.Session` applies them under the policy's and the caller's configuration.
     default_config: dict[str, Any] = {}
 
+    #: True for a model built with random weights (a preset of a real architecture's shape): its
+    #: answers are meaningless, and :class:`mukv.Session` logs a warning saying so.
+    random_weights: bool = False
+
     @abstractmethod
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Visual tokens of frames.
@@ -390,7 +463,10 @@ class FrameSource(ABC):
 
 
 def build_component(role: str, component: Any, config: MukvConfig, base: type[Component]) -> Any:
-    """Turn a registered component (class, instance or function) into an object."""
+    """Turn a registered component (class, instance or function) into an object.
+
+    Kept for callers that looked the component up themselves; :func:`mukv.specs.build`
+    takes a configuration's spec (a name, a name with settings, or an object) instead."""
     if isinstance(component, type):
         if not issubclass(component, base):
             raise TypeError(f"registered {singular(role)} {component!r} is not a subclass of {base.__name__}")

@@ -19,11 +19,12 @@ of thousands of kernel launches from Python. Set
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,8 @@ from torch import nn
 
 from .blocks import KVLayout
 from .interfaces import ModelAdapter
+
+log = logging.getLogger(__name__)
 
 ATTN_IMPL = "mukv_sdpa"
 _capture = threading.local()
@@ -473,8 +476,7 @@ class StaticDecoder:
             except Exception as exc:  # a model whose forward cannot be captured: replay eagerly from now on
                 GRAPHS["ok"] = False
                 GRAPHS["error"] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"mukv: CUDA graph capture failed ({GRAPHS['error']}); decoding without graphs",
-                              RuntimeWarning, stacklevel=2)
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", GRAPHS["error"])
                 st.graph, st.captured = None, False
         st.run()
 
@@ -507,10 +509,29 @@ def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not any(path.glob("*.safetensors")):
         raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
-    model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True).to(device)
+    with _no_hf_progress():  # the library prints no progress bar nobody asked for
+        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                          local_files_only=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     pre = path / "preprocessor_config.json"
     return model, tokenizer, (json.loads(pre.read_text()) if pre.exists() else {})
+
+
+@contextmanager
+def _no_hf_progress() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off while loading (restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 #: File in a checkpoint directory with the mukv configuration the model was trained with.

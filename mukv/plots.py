@@ -266,8 +266,9 @@ def token_importance(session: "Session", frame: Any, levels: Iterable[str] | Non
 
     from .blocks import PrefilledBlocks
     from .frames import as_frames
-    from .interfaces import TokenScorer, build_component, minmax
+    from .interfaces import TokenScorer, minmax
     from .registry import registry
+    from .specs import build
 
     pixels = as_frames(frame)
     if pixels.shape[0] != 1:
@@ -288,10 +289,12 @@ def token_importance(session: "Session", frame: Any, levels: Iterable[str] | Non
         raise InputError("the session has no level whose window is a single frame")
     reg = registry()
     cfg = session.config
-    attention = build_component("scorers", reg.get("scorers", cfg.scoring.attention, "scoring.attention"), cfg,
-                                TokenScorer)
-    frequency = build_component("scorers", reg.get("scorers", cfg.scoring.frequency, "scoring.frequency"), cfg,
-                                TokenScorer)
+    # the two signals of the dual score: the session's dual scorer's own, else the default ones
+    dual = next((lp.scorer for lp in single if hasattr(lp.scorer, "attention") and hasattr(lp.scorer, "frequency")),
+                None)
+    attention = dual.attention if dual is not None else build("scorers", "attention", cfg, TokenScorer, "attention", reg)
+    frequency = (dual.frequency if dual is not None
+                 else build("scorers", "frequency_fft", cfg, TokenScorer, "frequency", reg))
     h, w = model.grid
     out = []
     with torch.inference_mode():

@@ -1,6 +1,7 @@
 """``mukv.Session``: the application API.
 
-    s = mukv.Session(model="tiny-llava-ov", backend="memory")
+    s = mukv.Session()                  # mukv-tiny, in memory
+    s = mukv.Session(model="mukv-tiny", backend="lancedb", path="store")
     s.feed(frames)                      # uint8 [n, H, W, 3], again and again
     s.ingest("video.mp4", fps=0.5)      # a file, sampled with decord
     answer = s.ask("what color was the car?")
@@ -15,9 +16,11 @@ interrupt, changes nothing (:mod:`mukv.stream`).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,15 +41,20 @@ from .interfaces import (
     Retriever,
     StorageBackend,
     TokenScorer,
-    build_component,
 )
 from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
 from .rope import rerotate
 from .safeio import read_json_object
+from .specs import build, canonicalize, config_hash, require_json, split, validate_settings
 from .state import MAX_STREAM_TIME, validate_values
 from .stream import Stream, load_pending
+
+log = logging.getLogger(__name__)
+
+#: The model of ``mukv.Session()`` and of new stores made by the ``mukv`` command.
+DEFAULT_MODEL = "mukv-tiny"
 
 MAX_QUESTION_TOKENS = 2048
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
@@ -81,21 +89,33 @@ def check_dtype(dtype: Any) -> torch.dtype | None:
     raise ConfigError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None); got {dtype!r}")
 
 
-def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: torch.dtype | None = None) -> HFVideoLLM:
-    """A model adapter from a registered name (preset), a local checkpoint directory, or an adapter."""
+def load_model(model: Any, device: torch.device, dtype: torch.dtype | None = None) -> HFVideoLLM:
+    """A model adapter from a registered name (preset), a local checkpoint directory, either
+    with settings (``{"name": "llava-onevision-qwen2-0.5b-ov", "parity": "authors"}``), or an adapter.
+
+    Raises:
+        ConfigError: unknown preset, no adapter for the checkpoint, invalid settings.
+        StoreError: an unreadable checkpoint.
+    """
     if isinstance(model, ModelAdapter):
         return model  # type: ignore[return-value]
-    if not isinstance(model, (str, Path)) or not str(model):
-        raise ConfigError(f"model must be a preset name, a checkpoint directory or a ModelAdapter; got {model!r}")
-    check_path(model, "model")
+    if isinstance(model, Path):
+        model = str(model)
+    if not isinstance(model, (str, Mapping)) or not model:
+        raise ConfigError(f"model must be a preset name, a checkpoint directory (either may come with settings: "
+                          f'{{"name": ..., setting: value}}) or a ModelAdapter; got {model!r}')
+    name, raw, _ = split(model, "model")
+    check_path(name, "model")
     dtype = check_dtype(dtype)
     reg = registry()
-    path = Path(model)
-    if isinstance(model, str) and model in reg.entries["models"]:
-        factory = reg.get("models", model)
+    path = Path(name)
+    if name in reg.entries["models"]:
+        entry = reg.entries["models"][name]
+        factory = reg.get("models", name)
         if isinstance(factory, type):
-            raise ConfigError(f"model {model!r} is an adapter class; pass a checkpoint directory it can load")
-        return factory(device=device, dtype=dtype)
+            raise ConfigError(f"model {name!r} is an adapter class; pass a checkpoint directory it can load")
+        settings = validate_settings("models", name, factory, raw, "model", entry)
+        return factory(device=device, dtype=dtype, **_kwargs(settings))
     if path.is_dir():
         cfg = read_json_object(path / "config.json", "checkpoint config.json", 16 << 20, StoreError, missing_ok=True)
         if cfg is None:
@@ -104,20 +124,37 @@ def load_model(model: str | Path | ModelAdapter, device: torch.device, dtype: to
         if not isinstance(model_type, str):
             raise StoreError(f"{path / 'config.json'}: model_type must be a string; got {model_type!r}")
         adapters = {
-            t: e.component for e in reg.entries["models"].values()
+            t: e for e in reg.entries["models"].values()
             if isinstance(e.component, type) for t in getattr(e.component, "model_types", ())
         }
         if model_type not in adapters:
             raise ConfigError(f"no model adapter for model_type {model_type!r}; adapters exist for {sorted(adapters)}")
+        entry = adapters[model_type]
+        settings = validate_settings("models", entry.name, entry.component, raw, "model", entry)
         try:
-            return adapters[model_type].from_pretrained(path, device=device, dtype=dtype)
+            return entry.component.from_pretrained(path, device=device, dtype=dtype, **_kwargs(settings))
         except MukvError:
             raise
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]
-    raise ConfigError(f"unknown model {str(model)!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
+    raise ConfigError(f"unknown model {name!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
+
+
+def _kwargs(settings: Any) -> dict[str, Any]:
+    return {} if settings is None else {k: getattr(settings, k) for k in type(settings).model_fields}
+
+
+def _model_record(model: Any, adapter: Any) -> Any:
+    """What a store records as its model: the name or spec given (JSON), else the adapter's name."""
+    if isinstance(model, Path):
+        return str(model)
+    if isinstance(model, str):
+        return model
+    if isinstance(model, Mapping):
+        return dict(model)
+    return adapter.name
 
 
 def storage_differences(stored: MukvConfig, new: MukvConfig) -> list[str]:
@@ -142,10 +179,14 @@ class Session:
     """A stream's memory and the questions asked about it.
 
     Args:
-        model: a registered preset ("tiny-llava-ov", "mukv-tiny", ...), a local
-            checkpoint directory, or a :class:`~mukv.interfaces.ModelAdapter`
-            (share one between sessions to load weights once).
-        backend: registered storage backend ("memory", "lancedb", ...).
+        model: a registered preset ("mukv-tiny", the default; "tiny-llava-ov", ...), a
+            local checkpoint directory, either with settings
+            (``{"name": ..., "parity": "authors"}``), or a
+            :class:`~mukv.interfaces.ModelAdapter` (share one between sessions to load
+            weights once). A preset with random weights logs a warning: its answers
+            are meaningless.
+        backend: registered storage backend ("memory", the default; "lancedb"), or
+            ``{"name": ..., **options}`` (the options join ``backend_options``).
         path: where a disk backend keeps its store.
         config: a :class:`MukvConfig`, a dict of fields, or ``None`` for the
             policy's (default: MuKV's) configuration. For a stored stream, the
@@ -153,7 +194,8 @@ class Session:
             those that do not change how blocks are stored may differ
             (:func:`storage_differences`).
         policy: a registered policy name ("mukv", "rekv", "uniform",
-            "sliding_window", "full_context", ...); ``config`` is applied over it.
+            "sliding_window", "full_context", ...), or one with settings
+            (``{"name": "rekv", "top_k": 32}``); ``config`` is applied over it.
         device: torch device; default CUDA if available else CPU.
         dtype: model dtype; default bf16 on CUDA, float32 on CPU.
         stream_id: which stream of the store this session reads and writes.
@@ -169,12 +211,19 @@ class Session:
             set from the first timestamps instead when they are wall-clock times.
         thumbnails: for a new stream, keep a JPEG thumbnail of every frame whose
             long side is this many pixels (:meth:`thumbnail`); ``None``: none.
+        log_questions: keep a question log (question, answer, retrieved blocks,
+            timings, configuration hash, time) in the store (``True``; needs
+            ``path``) or in another directory or URI (a string); read it with
+            :class:`mukv.logs.QuestionLog` or ``mukv logs``.
+
+    A configuration may name components by Python objects (see :mod:`mukv.specs`);
+    a new stream with a ``path`` records its configuration as JSON and refuses them.
     """
 
     def __init__(
         self,
-        model: str | Path | ModelAdapter = "tiny-llava-ov",
-        backend: str = "memory",
+        model: str | Path | dict[str, Any] | ModelAdapter = DEFAULT_MODEL,
+        backend: str | dict[str, Any] = "memory",
         path: str | Path | None = None,
         config: MukvConfig | dict[str, Any] | None = None,
         policy: str | None = None,
@@ -187,13 +236,15 @@ class Session:
         resize: bool = False,
         wall_origin: Any = None,
         thumbnails: int | None = None,
+        log_questions: bool | str | Path = False,
     ):
         self._lock = threading.RLock()
         self._closed = False
         self._owner = False
         reg = registry()
-        if not isinstance(backend, str):
-            raise ConfigError(f"backend must be a registered backend name; got {backend!r}")
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
+        backend, backend_options = _backend_spec(backend, backend_options)
         backend_cls = reg.get("backends", backend, field="backend")
         if backend_options is not None and not isinstance(backend_options, dict):
             raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
@@ -228,15 +279,27 @@ class Session:
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"invalid device {device!r}: {exc}") from None
         check_dtype(dtype)
-        # resolve every component name before loading anything heavy
+        # resolve every component (names, settings) before loading anything heavy
+        self.config = canonicalize(self.config, reg)
+        if path is not None and not stored:
+            require_json(self.config, "a stream stored on disk")
         self.retriever, compressor, extractors, scorers = self._components(reg)
+        self._question_log = _question_log(log_questions, path, stream_id, options)
 
         self.model = load_model(model, self.device, dtype)
+        if getattr(self.model, "random_weights", False) and not getattr(self.model, "_mukv_warned", False):
+            log.warning("model %s has random weights: its answers are meaningless (retrieval, compression and "
+                        "memory are real); use mukv-tiny or a trained checkpoint for answers", self.model.name)
+            try:
+                self.model._mukv_warned = True
+            except AttributeError:  # pragma: no cover - an adapter with __slots__
+                pass
         self.device = self.model.device
         model_defaults = getattr(self.model, "default_config", None) or {}
         if model_defaults and layered:  # e.g. levels sized for the model's tokens per frame
             self.config = (MukvConfig.from_policy(policy, under=model_defaults, **_as_dict(config)) if policy is not None
                            else MukvConfig.build(merge(model_defaults, _as_dict(config))))
+            self.config = canonicalize(self.config, reg)
             self.retriever, compressor, extractors, scorers = self._components(reg)
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
@@ -255,6 +318,8 @@ class Session:
             self.backend.close()
             raise
         self._owner = True
+        log.info("session over stream %r: model %s, backend %s%s, config %s", stream_id, self.model.name, backend,
+                 f" at {path}" if path is not None else "", config_hash(self.config))
 
     # -- construction helpers ----------------------------------------------------------------
     @staticmethod
@@ -262,14 +327,16 @@ class Session:
         """The session's configuration and whether a model's own defaults may go under it."""
         if config is not None and not isinstance(config, (dict, MukvConfig)):
             raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
-        if policy is not None and not isinstance(policy, str):
-            raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
+        if policy is not None and not isinstance(policy, (str, Mapping)):
+            raise ConfigError(f"policy must be a registered policy name (or one with settings); got {policy!r}")
         if stored:
-            base = MukvConfig.build(stored.get("config") or {})
+            reg = registry()
+            base = canonicalize(MukvConfig.build(stored.get("config") or {}), reg)
             if policy is not None:
                 new = MukvConfig.from_policy(policy, **_as_dict(config))
             else:
                 new = MukvConfig.build(base, **_as_dict(config))
+            new = canonicalize(new, reg)
             changed = storage_differences(base, new)
             if changed:
                 raise ConfigError(
@@ -292,7 +359,7 @@ class Session:
                                   STATE_KEYS
                                   if be.get_state(k) is not None}, f"stream {self.stream_id!r}")
         contract = dict(now) if now else {
-            "model": str(model) if isinstance(model, (str, Path)) else self.model.name,
+            "model": _model_record(model, self.model),
             "model_id": self.model.layout.model_id,
             "config": self.config.model_dump(mode="json"), "tokens_per_frame": int(self.model.tokens_per_frame),
             "frame_size": None, "wall_origin": origin, "thumbnails": thumbnails, "created": time.time(),
@@ -315,25 +382,22 @@ class Session:
 
     def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
         """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
-        retriever = build_component(
-            "retrievers", reg.get("retrievers", self.config.retrieval.retriever, "retrieval.retriever"),
-            self.config, Retriever)
-        compressor = build_component(
-            "compressors", reg.get("compressors", self.config.compression.compressor, "compression.compressor"),
-            self.config, Compressor)
+        cfg = self.config
+        retriever = build("retrievers", cfg.retrieval.retriever, cfg, Retriever, "retrieval.retriever", reg)
+        compressor = build("compressors", cfg.compression.compressor, cfg, Compressor, "compression.compressor", reg)
         extractors, scorers = {}, {}
-        for i, lv in enumerate(self.config.levels):
-            extractors[lv.name] = build_component(
-                "extractors", reg.get("extractors", lv.extractor, f"levels.{i}.extractor"), self.config,
-                GranularityExtractor)
-            sname = lv.scorer or self.config.scoring.scorer
-            field = f"levels.{i}.scorer" if lv.scorer else "scoring.scorer"
-            scorers[lv.name] = build_component("scorers", reg.get("scorers", sname, field), self.config, TokenScorer)
+        for i, lv in enumerate(cfg.levels):
+            extractors[lv.name] = build("extractors", lv.extractor, cfg, GranularityExtractor,
+                                        f"levels.{i}.extractor", reg)
+            own = lv.scorer is not None
+            scorers[lv.name] = build("scorers", lv.scorer if own else cfg.scoring.scorer, cfg, TokenScorer,
+                                     f"levels.{i}.scorer" if own else "scoring.scorer", reg)
         return retriever, compressor, extractors, scorers
 
     @classmethod
-    def open(cls, path: str | Path, stream_id: str = "default", backend: str = "lancedb",
-             model: str | Path | ModelAdapter | None = None, read_only: bool = False, **kwargs: Any) -> "Session":
+    def open(cls, path: str | Path, stream_id: str = "default", backend: str | dict[str, Any] = "lancedb",
+             model: str | Path | dict[str, Any] | ModelAdapter | None = None, read_only: bool = False,
+             **kwargs: Any) -> "Session":
         """Reopen a stored stream: same model and configuration, ingestion resumes
         where it stopped.
 
@@ -351,10 +415,13 @@ class Session:
             StoreError: no mukv stream at ``path`` / ``stream_id`` (the message lists the store's streams).
         """
         path = check_path(path, "path")
-        backend_cls = registry().get("backends", backend, field="backend")
         options = kwargs.get("backend_options") or {}
         if not isinstance(options, dict):
             raise ConfigError(f"backend_options must be a dict; got {type(options).__name__}")
+        backend, options = _backend_spec(backend, options)
+        options = options or {}
+        kwargs["backend_options"] = options
+        backend_cls = registry().get("backends", backend, field="backend")
         stored = backend_cls.peek_state(str(path), stream_id, "session", **options)
         if not stored:
             known = list_stream_ids(backend_cls, str(path), options)
@@ -380,25 +447,25 @@ class Session:
         with self._lock:
             self._check_open()
             if policy is not None:
-                if not isinstance(policy, str):
-                    raise ConfigError(f"policy must be a registered policy name; got {policy!r}")
+                if not isinstance(policy, (str, Mapping)):
+                    raise ConfigError(f"policy must be a registered policy name (or one with settings); got {policy!r}")
                 new = MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config))
             else:
                 if config is not None and not isinstance(config, (dict, MukvConfig)):
                     raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
                 new = MukvConfig.build(self.config, **_as_dict(config))
+            reg = registry()
+            new = canonicalize(new, reg)
             changed = storage_differences(self.config, new)
             if changed:
                 raise ConfigError(f"a fork shares stored blocks, so it cannot change {', '.join(changed)}; "
                                   "only top_k, rerank weights, retrieval, assembly and generation")
-            reg = registry()
             child = object.__new__(Session)
             child.__dict__.update(self.__dict__)
             child.config = new
             child.levels = [LevelPipeline(lv, lp.split, lp.scorer, lp.compressor, lp.kept)
                             for lv, lp in zip(new.levels, self.levels)]
-            child.retriever = build_component(
-                "retrievers", reg.get("retrievers", new.retrieval.retriever, "retrieval.retriever"), new, Retriever)
+            child.retriever = build("retrievers", new.retrieval.retriever, new, Retriever, "retrieval.retriever", reg)
             child._owner = False
             child._closed = False
             if new.generation.system_prompt != self.config.generation.system_prompt:
@@ -743,7 +810,14 @@ class Session:
                 frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
                 t_start=ts, t_end=te, tokens=int(p.kv.shape[4]), wall_start=iso(ts, origin), wall_end=iso(te, origin),
             ))
-        return Answer(question, text, blocks, int(context.shape[4]), timings, notes, window)
+        answer = Answer(question, text, blocks, int(context.shape[4]), timings, notes, window)
+        if log.isEnabledFor(logging.INFO):
+            log.info("answered in %.0f ms from %d blocks (%s), %d KV tokens", timings["total"] * 1000,
+                     len(blocks), ", ".join(f"{n} {lv}" for lv, n in answer.levels().items()), answer.kv_tokens)
+        if self._question_log is not None:
+            self._question_log.record(answer, self.config, model=self.model.name,
+                                      stream_time=self._stream.last_time or 0.0)
+        return answer
 
     def _plan(self, top_k: dict[str, int] | None, notes: list[str], index: Any = None,
               window: tuple[float | None, float | None] | None = None) -> dict[str, int]:
@@ -859,3 +933,33 @@ def _as_dict(config: Any) -> dict[str, Any]:
     raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
 
 
+
+
+def _backend_spec(backend: Any, options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """``(name, options)`` of a backend given as a name or as ``{"name": ..., **options}``."""
+    if isinstance(backend, Mapping):
+        name, given, _ = split(backend, "backend")
+        clash = sorted(set(given) & set(options or {}))
+        if clash:
+            raise ConfigError(f"backend options {clash} are given twice (in the backend spec and in backend_options)")
+        return name, {**given, **(options or {})} if (given or options) else options
+    if not isinstance(backend, str) or not backend:
+        raise ConfigError(f"backend must be a registered backend name (or one with options); got {backend!r}")
+    return backend, options
+
+
+def _question_log(where: Any, path: Any, stream_id: str, backend_options: dict[str, Any] | None) -> Any:
+    """The session's question log (``None``: off)."""
+    if where is False or where is None:
+        return None
+    from .logs import QuestionLog
+
+    storage = (backend_options or {}).get("storage_options")
+    if where is True:
+        if path is None:
+            raise ConfigError("log_questions=True keeps the log in the store, but this session has no path; "
+                              "give the folder or URI to log into instead (log_questions='questions/')")
+        return QuestionLog(str(path), stream_id, storage_options=storage)
+    if isinstance(where, (str, Path)) and str(where):
+        return QuestionLog(str(where), stream_id, storage_options=storage)
+    raise ConfigError(f"log_questions must be True, False or a folder / URI; got {where!r}")

@@ -849,17 +849,17 @@ class _Level:
 def resolve_levels(adapter, config: MukvConfig) -> list[_Level]:
     """Each level of ``config`` with its registered extractor, scorer and compressor,
     built exactly as :class:`mukv.Session` builds them."""
-    from .interfaces import Compressor, GranularityExtractor, TokenScorer, build_component
+    from .interfaces import Compressor, GranularityExtractor, TokenScorer
     from .registry import registry
+    from .specs import build
 
     reg = registry()
-    compressor = build_component("compressors", reg.get("compressors", config.compression.compressor), config,
-                                 Compressor)
+    compressor = build("compressors", config.compression.compressor, config, Compressor, "compression.compressor", reg)
     out = []
-    for lv in config.levels:
-        ext = build_component("extractors", reg.get("extractors", lv.extractor), config, GranularityExtractor)
-        scorer = build_component("scorers", reg.get("scorers", lv.scorer or config.scoring.scorer), config,
-                                 TokenScorer)
+    for i, lv in enumerate(config.levels):
+        ext = build("extractors", lv.extractor, config, GranularityExtractor, f"levels.{i}.extractor", reg)
+        scorer = build("scorers", lv.scorer if lv.scorer is not None else config.scoring.scorer, config, TokenScorer,
+                       f"levels.{i}.scorer" if lv.scorer is not None else "scoring.scorer", reg)
         split = ext.split(lv, adapter.grid)
         out.append(_Level(lv, split, scorer, compressor, Compressor.kept_count(lv, split.shape[1])))
     return out

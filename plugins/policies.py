@@ -7,7 +7,10 @@ same ingest, storage, assembly and decoding code.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 import mukv
+from mukv.specs import PluginSettings
 
 
 def _frames_only(retriever: str, top_k: int, order: str = "level_score") -> dict:
@@ -19,7 +22,32 @@ def _frames_only(retriever: str, top_k: int, order: str = "level_score") -> dict
     }
 
 
-POLICIES: dict[str, dict] = {
+class FrameBaselineSettings(PluginSettings):
+    """Settings of the frame-block baselines ("rekv", "uniform", "sliding_window")."""
+
+    top_k: int = Field(default=64, ge=0)
+    """Frame blocks retrieved per question."""
+
+
+class FrameBaseline:
+    """A baseline policy over uncompressed frame blocks, with its frames per question as a
+    setting: ``policy={"name": "rekv", "top_k": 32}``.
+
+    Args:
+        retriever: the retriever that chooses the frames.
+        order: the assembly order of the retrieved frames.
+    """
+
+    Settings = FrameBaselineSettings
+
+    def __init__(self, retriever: str, order: str = "level_score"):
+        self.retriever, self.order = retriever, order
+
+    def __call__(self, top_k: int = 64) -> dict:
+        return _frames_only(self.retriever, top_k, self.order)
+
+
+POLICIES: dict[str, dict | FrameBaseline] = {
     "mukv": {},
     "mukv_spatial": {"levels": [
         {"name": "patch", "extractor": "patch_spatial", "frames": 1, "tokens": 49, "keep_ratio": 0.1, "alpha": 0.5,
@@ -32,9 +60,9 @@ POLICIES: dict[str, dict] = {
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     # segments first over the whole stream, then frames and patches only inside the chosen segments
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
-    "rekv": _frames_only("cosine", 64),
-    "uniform": _frames_only("uniform", 64, "time"),
-    "sliding_window": _frames_only("recent", 64, "time"),
+    "rekv": FrameBaseline("cosine"),
+    "uniform": FrameBaseline("uniform", "time"),
+    "sliding_window": FrameBaseline("recent", "time"),
     "full_context": _frames_only("all", 1_000_000, "time"),
 }
 

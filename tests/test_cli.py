@@ -78,7 +78,7 @@ def test_plugins_lists_builtins_with_their_package(capsys):
     rc, out, _ = run(capsys, "plugins")
     assert rc == 0
     header, *rows = out.splitlines()
-    assert header.split() == ["role", "name", "plugin", "package"]
+    assert header.split() == ["role", "name", "plugin", "package", "settings"]
     assert any(r.split()[:2] == ["scorers", "dual"] and "mukv 0.1.0" in r for r in rows)
     assert any(r.split()[:2] == ["backends", "memory"] for r in rows)
 
@@ -229,7 +229,8 @@ def test_ingest_continues_and_inspect_shows_levels_and_tiers(store, capsys):
 
 def test_ingest_refuses_a_new_configuration_for_an_existing_stream(store, capsys):
     rc, _, err = run(capsys, "ingest", str(store), "--synthetic", "1", "--policy", "rekv")
-    assert rc == 2 and "keeps its configuration" in err
+    assert rc == 2 and "keeps the configuration it was stored with" in err and "cannot change levels" in err
+    assert "--policy" in err
 
 
 def test_ask_prints_answer_levels_and_plots(store, capsys, tmp_path):

@@ -49,16 +49,12 @@ class _Dup:
         register("attention", lambda blocks: blocks.keys.sum(-1).mean(1))
 
 
-def test_a_name_registered_twice_is_an_error():
-    mukv.register_plugin(_Dup(), name="dup")
-    try:
-        with pytest.raises(ConfigError, match="registered twice"):
-            mukv.get_registry()
-    finally:
-        for p in list(reg_mod.plugin_manager().get_plugins()):
-            if isinstance(p, _Dup):
-                mukv.unregister_plugin(p)
-    assert "attention" in mukv.get_registry().names("scorers")
+def test_a_runtime_plugin_taking_a_builtin_name_is_refused_and_the_builtin_kept():
+    with pytest.raises(ConfigError, match="registered by plugin 'scorers'.*and plugin 'dup'"):
+        mukv.register_plugin(_Dup(), name="dup")
+    assert not any(isinstance(p, _Dup) for p in reg_mod.plugin_manager().get_plugins())
+    reg = mukv.get_registry()
+    assert reg.entries["scorers"]["attention"].plugin == "scorers" and not reg.problems
 
 
 def test_env_allow_list_restricts_loading():

@@ -20,6 +20,7 @@ All methods take ``self.lock`` themselves; the offload writer calls
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from mukv.interfaces import EvictionPolicy, HotBlocks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,11 +120,9 @@ class HotTier:
         per_slab = self.slab_bytes // block_bytes if block_bytes else 0
         if per_slab == 0:
             if name not in self.too_large and self.n_slabs:
-                import warnings
-
-                warnings.warn(f"hot tier: a {name} block ({block_bytes} bytes) is larger than a slab "
-                              f"({self.slab_bytes} bytes); {name} blocks will be read from disk. Raise "
-                              "hot_bytes or hot_slab_bytes.", stacklevel=3)
+                log.warning("hot tier: a %s block (%d bytes) is larger than a slab (%d bytes); %s blocks will be "
+                            "read from disk. Raise hot_bytes or hot_slab_bytes.", name, block_bytes, self.slab_bytes,
+                            name)
             self.too_large.add(name)
             return None
         slots = self.n_slabs * per_slab

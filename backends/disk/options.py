@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mukv.config import format_validation_error
 from mukv.errors import ConfigError
+from mukv.specs import component_ref
+
+EvictorRef = component_ref("evictors")
+IndexRef = component_ref("indexes")
 
 
 class TieredOptions(BaseModel):
@@ -28,13 +32,14 @@ class TieredOptions(BaseModel):
     """Bytes of one slab of the hot tier (a slab holds blocks of one level).
     ``None``: a sixteenth of ``hot_bytes``. Must hold at least one block of every level."""
 
-    eviction: str = "lru_segment"
-    """Registered eviction policy (``mukv_register_evictors``): which hot blocks
-    leave first. "lru_segment": least recently retrieved segment first."""
+    eviction: EvictorRef = "lru_segment"
+    """Eviction policy (``mukv_register_evictors``): which hot blocks leave first.
+    "lru_segment": least recently retrieved segment first. A registered name, a
+    name with settings (``{"name": ..., setting: value}``), or an object."""
 
-    index: str = "flat"
-    """Registered vector index (``mukv_register_indexes``) searched over the hot
-    tier's vectors."""
+    index: IndexRef = "flat"
+    """Vector index (``mukv_register_indexes``) searched over the hot tier's vectors
+    (a name, or a name with settings)."""
 
     cold_index: Literal["auto", "exact"] = "auto"
     """Search of blocks on disk: "auto" scans exactly until the table holds

@@ -224,16 +224,14 @@ class TieredBackend(StorageBackend):
 
     def _init_tiers(self) -> None:
         from mukv.config import MukvConfig
-        from mukv.interfaces import build_component
-        from mukv.registry import registry
+        from mukv.specs import build
 
         from .lance_index import BlockTable
         from .zarr_kv import KVArchive
 
         o = self.options
         self._load_state()
-        evictor = build_component("evictors", registry().get("evictors", o.eviction, "backend_options.eviction"),
-                                  MukvConfig.build(), EvictionPolicy)
+        evictor = build("evictors", o.eviction, MukvConfig.build(), EvictionPolicy, "backend_options.eviction")
         self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only,
                                  read_threads=o.read_threads)
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,

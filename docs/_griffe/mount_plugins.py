@@ -50,10 +50,55 @@ def _params_to_google(text: str) -> str:
     return "\n".join(out)
 
 
+_RULE = re.compile(r"^(\s*)(=+)((?: +=+)+)\s*$")
+
+
+def _simple_tables_to_markdown(text: str) -> str:
+    """reST simple tables (columns under runs of ``=``; a header row between the first two
+    rules) -> Markdown pipe tables. A cell's text is what lies under its run of ``=`` (the last
+    column takes the rest of the line)."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        m = _RULE.match(lines[i])
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = m.group(1)
+        spans = [(s.start(), s.end()) for s in re.finditer(r"=+", lines[i])]
+        rules = [i]
+        j = i + 1
+        while j < len(lines) and len(rules) < 3 and lines[j].strip():
+            if _RULE.match(lines[j]):
+                rules.append(j)
+            j += 1
+        if len(rules) < 3:  # not a complete table: leave it as it is
+            out.append(lines[i])
+            i += 1
+            continue
+
+        def cells(line: str) -> list[str]:
+            row = []
+            for k, (a, _) in enumerate(spans):
+                b = spans[k + 1][0] if k + 1 < len(spans) else len(line)
+                row.append(line[a:b].strip().replace("|", "\\|"))
+            return row
+
+        header = [cells(line) for line in lines[rules[0] + 1:rules[1]]]
+        body = [cells(line) for line in lines[rules[1] + 1:rules[2]] if line.strip()]
+        head = [" ".join(c[k] for c in header).strip() for k in range(len(spans))]
+        out.append(f"{indent}| " + " | ".join(head) + " |")
+        out.append(f"{indent}| " + " | ".join("---" for _ in spans) + " |")
+        out.extend(f"{indent}| " + " | ".join(row) + " |" for row in body)
+        i = rules[2] + 1
+    return "\n".join(out)
+
+
 class ReSTRoles(griffe.Extension):
     """Render the reST of mukv's docstrings as Markdown: ``:class:`X``` becomes
-    ```X```, ``:param x:`` lines an ``Args:`` section, and a paragraph ending in
-    ``::`` (a literal block follows) ends in ``:``."""
+    ```X```, ``:param x:`` lines an ``Args:`` section, a simple table (``=====``
+    rules) a Markdown table, and a paragraph ending in ``::`` (a literal block
+    follows) ends in ``:``."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         doc = obj.docstring
@@ -62,4 +107,5 @@ class ReSTRoles(griffe.Extension):
         value = _ROLE.sub(lambda m: f"`{m.group(1)}`", doc.value)
         value = re.sub(r"(\S)::\n", r"\1:\n", value)
         value = re.sub(r"(?m)^::\n", "\n", value)
+        value = _simple_tables_to_markdown(value)
         doc.value = _params_to_google(value)

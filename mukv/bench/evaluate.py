@@ -66,20 +66,24 @@ def mukv_budget(config: MukvConfig, tokens_per_frame: int) -> int:
     return total
 
 
-def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: int | None = None,
-                  model_defaults: dict[str, Any] | None = None) -> list[PolicyPlan]:
+def plan_policies(names: Sequence[Any], tokens_per_frame: int, budget_tokens: int | None = None,
+                  model_defaults: dict[str, Any] | None = None,
+                  overrides: dict[str, Any] | None = None) -> list[PolicyPlan]:
     """Configurations of the policies at one shared KV budget (default: MuKV's at the
-    model's own levels, ``model_defaults``, where it has them)."""
+    model's own levels, ``model_defaults``, where it has them). A policy is a name or a name
+    with settings (``{"name": "rekv", "top_k": 32}``); ``overrides`` (configuration fields)
+    go over every policy's configuration, after the budget."""
     budget = (budget_tokens if budget_tokens is not None
               else mukv_budget(MukvConfig.build(model_defaults), tokens_per_frame))
     plans = []
-    for name in names:
+    for spec in names:
+        name = spec if isinstance(spec, str) else str(spec.get("name"))
         if name == "no_memory":
             cfg = MukvConfig.from_policy("rekv").replace(
                 levels=[{"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 0}])
             plans.append(PolicyPlan(name, cfg))
             continue
-        cfg = MukvConfig.from_policy(name, under=model_defaults)
+        cfg = MukvConfig.from_policy(spec, under=model_defaults)
         levels = cfg.levels
         if name == "full_context":
             plans.append(PolicyPlan(name, cfg, full_context=True))
@@ -89,6 +93,8 @@ def plan_policies(names: Sequence[str], tokens_per_frame: int, budget_tokens: in
             k = max(1, budget // (lv.frames * tokens_per_frame))
             cfg = cfg.replace(levels=[{**lv.model_dump(), "top_k": k}])
         plans.append(PolicyPlan(name, cfg))
+    if overrides:
+        plans = [PolicyPlan(p.name, p.config.replace(**overrides), p.full_context) for p in plans]
     return plans
 
 
@@ -145,6 +151,7 @@ def evaluate(
     log=print,
     oracle: bool = False,
     top_k: dict[str, int] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every policy on a stream of each length; return the results dict.
 
@@ -166,6 +173,7 @@ def evaluate(
         oracle: also report "oracle": each question asked of a fresh session fed only
             its own scene's frames (the context-complete clip), with the first policy's configuration.
             It separates reading (the model) from finding (the memory policy).
+        config: configuration fields applied over every policy's configuration.
 
     Returns:
         ``{"runs": [...], "records": [...], "settings": {...}}`` where each run
@@ -177,7 +185,7 @@ def evaluate(
     adapter = load_model(model, _device(), None)
     tpf = adapter.tokens_per_frame
     defaults = with_top_k(getattr(adapter, "default_config", None) or {}, top_k)
-    plans = plan_policies(policies, tpf, budget_tokens, defaults)
+    plans = plan_policies(policies, tpf, budget_tokens, defaults, config)
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
         groups.setdefault(p.storage_key(), []).append(p)
@@ -235,7 +243,7 @@ def evaluate(
                 "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
                 "budget_tokens": (budget_tokens if budget_tokens is not None
                                   else mukv_budget(MukvConfig.build(defaults), tpf)),
-                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k}
+                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k, "config": config}
     return {"settings": settings, "runs": runs, "records": [_record_dict(r) for r in records]}
 
 
@@ -387,11 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--oracle", action="store_true",
                    help="also answer each question from its own scene only (row oracle_scene): reading vs finding")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="configuration fields (a JSON object) applied over every policy's configuration")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = _json_arg(args.config, "--config") if args.config else None
+    if config is not None and not isinstance(config, dict):
+        raise SystemExit("--config takes a JSON object of configuration fields")
+    args.policies = [_json_arg(p, "--policies") if p.lstrip().startswith("{") else p for p in args.policies]
+    model = _json_arg(args.model, "--model") if args.model.lstrip().startswith("{") else args.model
     top_k = None
     if args.top_k:
         try:
@@ -407,9 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
     t0 = time.perf_counter()
     try:
-        res = evaluate(args.model, args.minutes, args.policies, args.questions, args.seed, args.fps,
+        res = evaluate(model, args.minutes, args.policies, args.questions, args.seed, args.fps,
                        args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle,
-                       top_k=top_k)
+                       top_k=top_k, config=config)
     except ConfigError as exc:
         raise SystemExit(f"--top-k: {exc}" if top_k and "top-k" in str(exc) else str(exc)) from None
     res["settings"]["seconds"] = time.perf_counter() - t0
@@ -423,6 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(res, out / "accuracy.png")
         print(f"wrote {out}/results.json, results.md, accuracy.png")
     return 0
+
+
+def _json_arg(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{flag}: invalid JSON ({exc.msg})") from None
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@
     mukv inspect STORE --plot memory.png    # what a store holds, per level and tier
     mukv plot tokens frame.png -o tokens.png
     mukv bench ...                          # the evaluation harness
-    mukv plugins                            # what is registered, from which package
+    mukv plugins                            # what is registered, from which package (and what is broken)
+    mukv config show                        # the effective configuration and where each value came from
+    mukv logs STORE                         # the store's question log
 
-Every command has ``--help``. Errors are one line, ``mukv: error: ...``, with
-exit status 2.
+Every command has ``--help``; ``-v``/``-vv``/``-q``/``--log-json`` set what is logged on
+stderr. Errors are one line, ``mukv: error: ...``, with exit status 2.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ from .inspect import _cmd_inspect
 from .plot import _cmd_plot
 from .demo import _cmd_demo
 from .bench import BENCH_DESCRIPTION, _cmd_bench
+from .config import CONFIG_DESCRIPTION, _cmd_config_show
+from .logs import LOGS_DESCRIPTION, _cmd_logs
 from .common import EPILOG, RANDOM_MODEL, STORE_BACKEND, TRAINED_MODEL, _RANDOM_NOTE, pick_model  # noqa: F401
 from .streams import add_parsers as add_stream_parsers
 from .common import OneLineParser, non_negative_float, positive_float, positive_int, time_arg
+from .common import add_log_options, add_session_options
 from .bench import BENCH_MODULE  # noqa: F401
 
 
@@ -45,25 +50,37 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32)
 
 
-def _store_args(p: argparse.ArgumentParser, model: bool = False, stream_default: str | None = "default") -> None:
+def _store_args(p: argparse.ArgumentParser, questions: bool = False, stream_default: str | None = "default") -> None:
     p.add_argument("store", help="the store: a directory (or a URI the backend supports)")
     p.add_argument("--stream-id", default=stream_default,
                    help="which stream of the store (default: " + (stream_default or "default; with --verify: every "
                                                                                      "stream") + ")")
-    p.add_argument("--backend", default=STORE_BACKEND, help="backend that wrote the store (default: %(default)s)")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
+    p.add_argument("--backend", help=f"backend that wrote the store (default: {STORE_BACKEND})")
     p.add_argument("--backend-options", metavar="JSON",
                    help='backend options as a JSON object or file, e.g. \'{"hot_bytes": 67108864}\'')
-    if model:
-        p.add_argument("--model", help="override the model recorded in the store (e.g. a checkpoint that moved)")
+    add_session_options(p, new=False, questions=questions)
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"a model preset or a local checkpoint directory "
-                                   f"(default: {TRAINED_MODEL} if installed, else {RANDOM_MODEL})")
-    p.add_argument("--policy", help="a registered policy: mukv (default), rekv, uniform, sliding_window, ...")
-    p.add_argument("--config", help="configuration fields as a JSON object or a JSON file, applied over the policy")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
+    add_session_options(p, new=True)
+
+
+class _Parser(OneLineParser):
+    """Every command takes the logging options, before or after its name."""
+
+    def add_subparsers(self, **kwargs):  # type: ignore[override]
+        action = super().add_subparsers(**kwargs)
+        original = action.add_parser
+
+        def add_parser(name, **kw):
+            kw.setdefault("formatter_class", _Formatter)
+            sub = original(name, **kw)
+            if kw.get("add_help", True):
+                add_log_options(sub)
+            return sub
+
+        action.add_parser = add_parser  # type: ignore[method-assign]
+        return action
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..registry import ROLES
 
-    parser = OneLineParser(
+    parser = _Parser(
         prog="mukv", formatter_class=_Formatter, epilog=EPILOG,
         description="Multi-grained KV-cache memory for long streaming video question answering.\n\n"
                     "Start with `mukv demo`.")
     parser.add_argument("--version", action="version", version=f"mukv {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+    add_log_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, help="the bundled model on a generated stream",
                        description="Render a synthetic stream, feed it to a session, ask the benchmark's questions "
@@ -108,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize frames of another size to the stream's (recorded per source) instead of refusing")
     p.add_argument("--force", action="store_true", help="ingest a file the stream already holds (same content)")
     p.add_argument("--stream-id", default="default", help="which stream of the store (default: %(default)s)")
-    p.add_argument("--backend", default=STORE_BACKEND, help="storage backend (default: %(default)s)")
+    p.add_argument("--backend", help=f"storage backend (default: {STORE_BACKEND})")
     p.add_argument("--backend-options", metavar="JSON",
                    help='backend options as a JSON object or file, e.g. \'{"hot_bytes": 67108864}\'')
     _session_args(p)
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", formatter_class=_Formatter, help="answer one question from a store",
                        description="Answer a question from a stored stream; print the answer, the retrieved "
                                    "blocks per level and timings.")
-    _store_args(p, model=True)
+    _store_args(p, questions=True)
     p.add_argument("question", help="the question")
     p.add_argument("--top-k", nargs="+", metavar="LEVEL=K", help="blocks per level, e.g. --top-k frame=16 segment=4")
     p.add_argument("--since", type=time_arg, metavar="TIME",
@@ -135,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", formatter_class=_Formatter, help="interactive questions over a store",
                        description="Ask questions over a stored stream, one per line (stdin works too).\n\n"
                                    + CHAT_HELP)
-    _store_args(p, model=True)
+    _store_args(p, questions=True)
     p.add_argument("--max-new-tokens", type=positive_int, help="answer length budget (default: the configuration's)")
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("inspect", formatter_class=_Formatter, help="what a store holds, per level and tier",
                        description="Show a store's stream: model, configuration, and blocks, tokens and bytes per "
                                    "level and tier (hot, disk), as its backend reports them.")
-    _store_args(p, model=True, stream_default=None)
+    _store_args(p, stream_default=None)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--plot", metavar="PNG", help="write memory over stream time as PNG")
     p.add_argument("--verify", action="store_true",
@@ -156,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", formatter_class=_Formatter, help="pictures as PNG: timeline, tokens, memory",
                        description="Pictures as PNG.")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=OneLineParser)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
     k = kinds.add_parser("tokens", formatter_class=_Formatter, help="token importance over one frame",
                          description="Heat maps of the attention, frequency and combined token scores of one frame "
                                      "and the tokens each one-frame level keeps.")
@@ -168,19 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=_cmd_plot)
     k = kinds.add_parser("timeline", formatter_class=_Formatter, help="retrieval timeline of an answer",
                          description="Ask a question of a store and draw which blocks answered it.")
-    _store_args(k, model=True)
+    _store_args(k, questions=True)
     k.add_argument("question", help="the question")
     k.add_argument("-o", "--out", required=True, metavar="PNG", help="output file")
     k.add_argument("--max-new-tokens", type=positive_int, help="answer length budget")
     k.set_defaults(func=_cmd_plot)
     k = kinds.add_parser("memory", formatter_class=_Formatter, help="memory of a store over stream time",
                          description="Bytes held per tier and level over stream time, as recorded by mukv ingest.")
-    _store_args(k, model=True)
+    _store_args(k)
     k.add_argument("-o", "--out", required=True, metavar="PNG", help="output file")
     k.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("bench", formatter_class=_Formatter, add_help=False, help="run the evaluation harness",
                        description=BENCH_DESCRIPTION)
+    p.add_argument("--policy", help="run this policy only (a name, or a JSON object with settings)")
+    p.add_argument("--config", metavar="JSON|FILE", help="configuration fields applied over every policy's")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
     p.set_defaults(func=_cmd_bench)
 
@@ -189,29 +209,67 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List every registered component: role, name, plugin and package. "
                                    "MUKV_PLUGINS=name1,name2 restricts which entry points load.")
     p.add_argument("--role", choices=list(ROLES), help="only this role")
-    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--json", action="store_true", help="print as JSON (with each component's settings and their "
+                                                       "defaults, and the broken plugins with their errors)")
     p.set_defaults(func=_cmd_plugins)
 
-    add_stream_parsers(sub, _Formatter)
+    add_stream_parsers(sub, _Formatter, _Parser)
+
+    p = sub.add_parser("config", help="the effective configuration and where each value came from",
+                       description=CONFIG_DESCRIPTION)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    k = actions.add_parser("show", help="print the effective configuration and the source of every value",
+                           description=CONFIG_DESCRIPTION)
+    k.add_argument("store", nargs="?", help="a store: show the configuration of its stream with the overrides "
+                                            "a command would apply (loads its model)")
+    k.add_argument("--stream-id", default="default", help="which stream of the store (default: %(default)s)")
+    k.add_argument("--backend", help=f"backend of the store (default: {STORE_BACKEND})")
+    k.add_argument("--backend-options", metavar="JSON", help="backend options as a JSON object or file")
+    add_session_options(k, new=True)
+    k.add_argument("--json", action="store_true", help="print as JSON")
+    k.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("logs", help="the question log of a store", description=LOGS_DESCRIPTION)
+    p.add_argument("store", help="the store: a directory or an s3:// URI")
+    p.add_argument("--stream-id", default="default", help="which stream of the store (default: %(default)s)")
+    p.add_argument("-n", "--count", type=int, default=3, help="how many of the newest records (0: all; default 3)")
+    p.add_argument("--query", metavar="TEXT", help="only records whose question or answer contains this text")
+    p.add_argument("-m", "--model", help="only records answered by this model")
+    p.add_argument("--config-hash", metavar="HASH", help="only records made with this configuration (a prefix "
+                                                         "of its hash)")
+    p.add_argument("--since", metavar="TIME", help="only records from this time on (ISO date/time, UTC, or Unix "
+                                                   "seconds)")
+    p.add_argument("--until", metavar="TIME", help="only records up to this time")
+    p.add_argument("--show-config", action="store_true", help="print the configuration of each record too")
+    p.add_argument("--backend-options", metavar="JSON",
+                   help='options with the storage_options of an s3:// store, as a JSON object or file')
+    p.add_argument("--json", action="store_true", help="print the records as a JSON array")
+    p.set_defaults(func=_cmd_logs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from ..log import configure_logging, log_error, restore_logging
+
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # everything after "bench" belongs to the harness
-        args = argparse.Namespace(func=_cmd_bench, args=argv[1:])
+    lead = _leading_log_options(argv)
+    if len(argv) > lead and argv[lead] == "bench":  # everything after "bench" belongs to the harness
+        only_logging = argparse.ArgumentParser(prog="mukv", add_help=False)
+        add_log_options(only_logging, top=True)
+        args = only_logging.parse_args(argv[:lead])
+        args.func, args.args = _cmd_bench, argv[lead + 1:]
     else:
         args = parser.parse_args(argv)
+    handler = configure_logging(getattr(args, "verbose", 0) - (1 if getattr(args, "quiet", False) else 0),
+                                json_lines=getattr(args, "log_json", False))
     try:
         return args.func(args)
     except (MukvError, OSError) as exc:
-        print(f"mukv: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _fail(_one_line(exc), args, log_error)
     except ModuleNotFoundError as exc:
-        print(f"mukv: error: missing package {exc.name!r}: pip install 'mukv[all]'", file=sys.stderr)
-        return 2
+        return _fail(f"missing package {exc.name!r}: pip install 'mukv[all]'", args, log_error)
     except Interrupted as exc:
         print(f"mukv: interrupted ({exc})", file=sys.stderr)
         return exc.exit_status
@@ -224,6 +282,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mukv: internal error: {type(exc).__name__}: {_one_line(exc)} (set MUKV_TRACEBACK=1 for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        restore_logging(handler)
+
+
+def _leading_log_options(argv: list[str]) -> int:
+    """How many of the first arguments are logging options (they may come before the command)."""
+    i = 0
+    while i < len(argv) and (argv[i] in ("-q", "--quiet", "--log-json", "--verbose") or
+                             (argv[i].startswith("-v") and set(argv[i][1:]) == {"v"})):
+        i += 1
+    return i
+
+
+def _fail(message: str, args: argparse.Namespace, log_error) -> int:
+    if getattr(args, "log_json", False):
+        log_error(message)
+    else:
+        print(f"mukv: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..errors import InputError, MukvError, StoreError
+from ..errors import ConfigError, InputError, MukvError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..session import Session
@@ -55,7 +54,8 @@ def pick_model(requested: str | None, device: str | None = None) -> tuple[Any, s
 
     _quiet_transformers()
     if requested:
-        return requested, requested, (_RANDOM_NOTE if requested == RANDOM_MODEL else None)
+        label = requested if isinstance(requested, str) else str(requested.get("name", requested))
+        return requested, label, (_RANDOM_NOTE if label == RANDOM_MODEL else None)
     if TRAINED_MODEL in registry().entries["models"]:
         import torch
 
@@ -86,24 +86,91 @@ _RANDOM_NOTE = (f"note: {RANDOM_MODEL} has random weights, so its answers are no
 
 
 def _parse_config(raw: str | None, flag: str = "--config") -> dict[str, Any] | None:
-    """``--config``: a JSON object, or the path of a JSON file holding one."""
-    if raw is None:
-        return None
-    text = raw
-    if not raw.lstrip().startswith("{"):
-        p = Path(raw)
-        if not p.is_file():
-            raise InputError(f"{flag}: {raw!r} is neither a JSON object nor a JSON file")
-        text = p.read_text()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{flag}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{flag}: expected a JSON object; got {type(value).__name__}")
-    return value
+    """``--config`` / ``--backend-options``: an inline JSON object, or a JSON, TOML or YAML file holding one."""
+    from ..settings import parse_object
+
+    return parse_object(raw, flag)
 
 
+# ------------------------------------------------------------------------------ options every command shares
+def add_log_options(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v/-vv``, ``-q`` and ``--log-json``: on the main parser (``top``) and on every command, so
+    they may come before or after the command's name."""
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("logging")
+    g.add_argument("-v", "--verbose", action="count", default=default(0),
+                   help="more log lines on stderr: -v info, -vv debug")
+    g.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                   help="only errors on stderr (no warnings, no notes)")
+    g.add_argument("--log-json", action="store_true", default=default(False),
+                   help="log lines (and the final error) as JSON objects, one per line")
+
+
+def add_session_options(p: argparse.ArgumentParser, *, new: bool, questions: bool = False) -> None:
+    """The options that choose a session: ``--model``, ``--policy``, ``--config``, ``--device``,
+    and ``--log-questions`` for commands that answer questions. ``new``: the command builds a
+    session (else it opens a stored stream, whose model is recorded)."""
+    if new:
+        p.add_argument("--model", help=f"a model preset or a local checkpoint directory, or a JSON object with "
+                                       f"settings (default: {TRAINED_MODEL} if installed, else {RANDOM_MODEL})")
+    else:
+        p.add_argument("--model", help="override the model recorded in the store (e.g. a checkpoint that moved)")
+    p.add_argument("--policy", help="a registered policy: mukv (default), rekv, uniform, sliding_window, ... "
+                                    """or a JSON object with settings, e.g. '{"name": "rekv", "top_k": 32}'"""
+                                    + ("" if new else "; on a stored stream only its retrieval, assembly and "
+                                                      "generation fields may differ"))
+    p.add_argument("--config", metavar="JSON|FILE",
+                   help="configuration fields as inline JSON or a JSON, TOML or YAML file, applied over the policy"
+                        + ("" if new else "; on a stored stream only top_k, rerank weights, retrieval, assembly "
+                                          "and generation may change"))
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
+    if questions:
+        p.add_argument("--log-questions", action="store_true", default=None,
+                       help="keep every question and answer in the store's question log (mukv logs STORE)")
+
+
+def user_settings(args: argparse.Namespace, reopen: bool) -> Any:
+    """The command's settings: its options over ``MUKV_*`` variables over the user file
+    (:func:`mukv.settings.effective`)."""
+    from ..settings import effective, parse_spec
+
+    cli = {
+        "model": parse_spec(getattr(args, "model", None), "--model"),
+        "policy": parse_spec(getattr(args, "policy", None), "--policy"),
+        "config": _parse_config(getattr(args, "config", None)),
+        "device": getattr(args, "device", None),
+        "backend": getattr(args, "backend", None),
+        "backend_options": _parse_config(getattr(args, "backend_options", None), "--backend-options"),
+        "question_log": getattr(args, "log_questions", None),
+    }
+    return effective(cli, reopen=reopen)
+
+
+def new_session(args: argparse.Namespace, path: str | None = None, stream_id: str = "default",
+                model: Any = None) -> tuple["Session", str, str | None]:
+    """A new session from the command's options and the user's settings: ``(session, model name,
+    note or None)``. ``model`` (an adapter) skips choosing and loading one."""
+    from ..config import MukvConfig
+    from ..session import Session
+
+    eff = user_settings(args, reopen=False)
+    v = eff.values
+    # a bad policy or configuration fails before a model loads
+    MukvConfig.build(MukvConfig.from_policy(v["policy"]) if v["policy"] is not None else None, **eff.config)
+    if model is None:
+        model, name, note = pick_model(v["model"], v["device"])
+    else:
+        name, note = getattr(model, "name", "model"), None
+    kwargs: dict[str, Any] = {"model": model, "policy": v["policy"], "config": eff.config or None, "device": v["device"]}
+    if path is not None:
+        kwargs.update(backend=v["backend"] or STORE_BACKEND, path=path, stream_id=stream_id,
+                      backend_options=v["backend_options"] or None, log_questions=bool(v["question_log"]))
+    return Session(**kwargs), name, note
+
+
+def store_backend(args: argparse.Namespace) -> str:
+    """The backend of the command's store: ``--backend``, else the user's settings, else lancedb."""
+    return user_settings(args, reopen=True).values["backend"] or STORE_BACKEND
 def _parse_top_k(items: Sequence[str] | None) -> dict[str, int] | None:
     if not items:
         return None
@@ -125,28 +192,49 @@ def _backend_class(name: str):
 
 def _stored(args: argparse.Namespace) -> Any:
     """The session record of ``args.store`` / ``args.stream_id`` (``None``: no such stream)."""
-    return _backend_class(args.backend).peek_state(str(args.store), args.stream_id, "session")
+    eff = user_settings(args, reopen=True)
+    return _backend_class(eff.values["backend"] or STORE_BACKEND).peek_state(
+        str(args.store), args.stream_id, "session", **(eff.values["backend_options"] or {}))
 
 
 def _open_store(args: argparse.Namespace, read_only: bool = False) -> "Session":
-    """Open an existing stream of a store (one-line errors when it is not one). Commands that only read
+    """Open an existing stream of a store (one-line errors when it is not one), with the
+    command's ``--policy`` / ``--config`` (and the user's retrieval, assembly and generation
+    settings) applied over the stream's own configuration: anything that changes how blocks
+    are stored is an error naming the fields (the stream's contract). Commands that only read
     (ask, chat, inspect, plot) pass ``read_only``: they never take the stream's writer lock, so they
     never block (nor wait for) an ingest of the same stream."""
+    from ..config import merge, policy_fields
     from ..session import Session
 
     path = Path(args.store)
     if "://" not in str(args.store) and not path.exists():
         raise StoreError(f"{path}: no such store (create one with: mukv ingest {path} VIDEO)")
-    kwargs: dict[str, Any] = {"backend": args.backend, "stream_id": args.stream_id, "read_only": read_only}
-    options = _parse_config(getattr(args, "backend_options", None), "--backend-options")
-    if options:
-        kwargs["backend_options"] = options
-    if getattr(args, "device", None):
-        kwargs["device"] = args.device
-    if getattr(args, "model", None):
-        kwargs["model"] = args.model
+    eff = user_settings(args, reopen=True)
+    v = eff.values
+    kwargs: dict[str, Any] = {"backend": v["backend"] or STORE_BACKEND, "stream_id": args.stream_id,
+                              "read_only": read_only}
+    if v["backend_options"]:
+        kwargs["backend_options"] = v["backend_options"]
+    if v["device"]:
+        kwargs["device"] = v["device"]
+    if getattr(args, "model", None):  # only the command line overrides the model a stream recorded
+        from ..settings import parse_spec
+
+        kwargs["model"] = parse_spec(args.model, "--model")
+    if v["question_log"] and hasattr(args, "log_questions"):
+        kwargs["log_questions"] = True
     _quiet_transformers()
-    return Session.open(args.store, **kwargs)
+    overrides = merge(policy_fields(v["policy"], "--policy") if v["policy"] is not None else {}, eff.config)
+    try:
+        return Session.open(args.store, config=overrides or None, **kwargs)
+    except ConfigError as exc:
+        if not overrides or "contract" not in str(exc):
+            raise
+        sources = [src for src, _ in eff.config_layers] + (["--policy"] if v["policy"] is not None else [])
+        raise ConfigError(f"{args.store} (stream {args.stream_id!r}) keeps the configuration it was stored with: "
+                          f"{exc} (given by {', '.join(sources)}); a new --stream-id starts a stream with its own"
+                          ) from None
 
 
 def _levels_line(config) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 
-from .common import RANDOM_MODEL, _bar, _levels_line, _parse_config, _say, pick_model
+from .common import RANDOM_MODEL, _bar, _levels_line, _say, new_session
 
 
 #: Question kinds of the demo, ordered so that a few questions cover every level.
@@ -47,20 +47,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .. import plots
     from ..bench import Benchmark, score
     from ..plots import format_bytes, format_time
-    from ..session import Session
 
     if args.minutes is not None and args.minutes <= 0:
         raise InputError(f"--minutes must be positive; got {args.minutes}")
     if args.questions is not None and args.questions < 1:
         raise InputError(f"--questions must be at least 1; got {args.questions}")
-    config = _parse_config(args.config)
-    from ..config import MukvConfig
-
-    # fail on a bad policy or configuration before loading a model
-    MukvConfig.build(MukvConfig.from_policy(args.policy) if args.policy else None, **(config or {}))
     t0 = time.perf_counter()
-    model, name, note = pick_model(args.model, args.device)
-    session = Session(model=model, policy=args.policy, config=config, device=args.device)
+    session, name, note = new_session(args)  # a bad policy or configuration fails before a model loads
     load_s = time.perf_counter() - t0
     # Sized to finish in about half a minute on a laptop CPU: the tiny random model
     # ingests a 20-minute stream in that time, a real (larger) model a few minutes.

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..frames import check_fps, video_size
 from ..signals import Interrupted, interrupts_as_exceptions
-from .common import _bar, _open_store, _parse_config, _say, _stored, pick_model
+from .common import _bar, _open_store, _say, _stored, new_session, store_backend
 
 
 def _check_sizes(session, videos: list[str], resize: bool) -> None:
@@ -37,8 +37,6 @@ def _check_sizes(session, videos: list[str], resize: bool) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from ..session import Session
-
     if not args.videos and args.synthetic is None:
         raise InputError("nothing to ingest: give video files, or --synthetic MINUTES for a generated stream")
     if args.synthetic is not None and (not math.isfinite(args.synthetic) or args.synthetic <= 0):
@@ -50,21 +48,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             raise InputError(f"video file not found: {v}")
     stored = _stored(args)
     if stored:
-        if args.policy or args.config:
-            raise InputError(f"{args.store}: stream {args.stream_id!r} exists and keeps its configuration; "
-                             "drop --policy/--config, or use a new --stream-id")
-        session = _open_store(args)
+        session = _open_store(args)  # --policy / --config: only what does not change how blocks are stored
         session.resize = args.resize
         _say(f"opened {args.store} (stream {args.stream_id!r}, {session.stats()['frames']:,} frames so far)")
     else:
-        model, name, note = pick_model(args.model, args.device)
+        session, name, note = new_session(args, path=args.store, stream_id=args.stream_id)
         if note:
             _say(note)
-        session = Session(model=model, backend=args.backend, path=args.store, stream_id=args.stream_id,
-                          policy=args.policy, config=_parse_config(args.config), device=args.device,
-                          backend_options=_parse_config(args.backend_options, "--backend-options"),
-                          resize=args.resize)
-        _say(f"created {args.store} (stream {args.stream_id!r}, model {name}, backend {args.backend})")
+        session.resize = args.resize
+        _say(f"created {args.store} (stream {args.stream_id!r}, model {name}, backend {store_backend(args)})")
     t0 = time.perf_counter()
     before = session.stats()
     show = False if args.no_progress else None

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 
-from .common import _open_store, _parse_config, pick_model
+from .common import _open_store, new_session
 
 
 def _read_image(path: str, at: float | None):
@@ -37,14 +37,13 @@ def _read_image(path: str, at: float | None):
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .. import plots
-    from ..session import Session
 
     if args.kind == "tokens":
         frame = _read_image(args.source, args.at)
-        model, name, note = pick_model(args.model, args.device)
+        s, name, note = new_session(args)
         if note:
             print(note)
-        with Session(model=model, policy=args.policy, config=_parse_config(args.config), device=args.device) as s:
+        with s:
             out = plots.plot_token_importance(s, frame, args.out, levels=args.level or None,
                                               title=f"token importance: {Path(args.source).name} ({name})")
     elif args.kind == "timeline":

@@ -1,4 +1,4 @@
-"""`mukv plugins`: what is registered, from which package."""
+"""`mukv plugins`: what is registered, from which package, with which settings, and what is broken."""
 
 from __future__ import annotations
 
@@ -10,15 +10,38 @@ from .common import _table
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from ..registry import ROLES, registry
+    from ..specs import settings_defaults, settings_model
 
     reg = registry()
-    rows = [(e_role, e.name, e.plugin, e.package) for e_role in ROLES for e in
-            (reg.entries[e_role][n] for n in sorted(reg.entries[e_role]))]
+    rows = []
+    for role in ROLES:
+        for name in sorted(reg.entries[role]):
+            e = reg.entries[role][name]
+            model = settings_model(e.component)
+            rows.append({"role": role, "name": e.name, "plugin": e.plugin, "package": e.package, "status": "ok",
+                         "settings": settings_defaults(e.component),
+                         "settings_schema": model.model_json_schema() if model is not None else None,
+                         "error": None})
+    for p in reg.problems:
+        rows.append({"role": p.role, "name": p.name, "plugin": p.plugin, "package": p.package, "status": p.status,
+                     "settings": None, "settings_schema": None, "error": p.error})
     if args.role:
-        rows = [r for r in rows if r[0] == args.role]
+        rows = [r for r in rows if r["role"] == args.role or (r["role"] is None and r["status"] == "broken")]
     if args.json:
-        print(json.dumps([dict(zip(("role", "name", "plugin", "package"), r)) for r in rows], indent=1))
+        print(json.dumps(rows, indent=1))
         return 0
-    print(_table(rows, ("role", "name", "plugin", "package")))
+    ok = [r for r in rows if r["status"] == "ok"]
+    print(_table([(r["role"], r["name"], r["plugin"], r["package"], _settings(r["settings"])) for r in ok],
+                 ("role", "name", "plugin", "package", "settings")))
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        print()
+        print(_table([(r["status"], r["plugin"], r["package"], r["error"]) for r in bad],
+                     ("status", "plugin", "package", "error")))
     return 0
 
+
+def _settings(defaults: dict | None) -> str:
+    if not defaults:
+        return ""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in defaults.items())

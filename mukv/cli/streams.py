@@ -89,15 +89,15 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return run_repair(args.store, args.stream_id, args.yes, args.json, _storage(args.backend_options))
 
 
-def add_parsers(sub: Any, formatter: Any) -> None:
-    """The ``streams`` and ``repair`` commands."""
+def add_parsers(sub: Any, formatter: Any, parser_class: Any = OneLineParser) -> None:
+    """The ``streams`` and ``repair`` commands (``parser_class``: the command line's parser class)."""
     p = sub.add_parser("streams", formatter_class=formatter, help="list, delete, export or import a store's streams",
                        description="The streams of a store as units. `list` shows each stream's frames, time span "
                                    "(wall-clock when known), KV bytes, model, sources and dropped frames; `delete` "
                                    "removes a stream and reclaims its disk; `export` copies one into a new "
                                    "self-contained store (local or s3://), verified; `import` takes such a copy "
                                    "into a store, verified first and after.")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=OneLineParser)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=parser_class)
     a = actions.add_parser("list", formatter_class=formatter, help="every stream of a store")
     a.add_argument("store", help="the store (a folder or s3:// URI)")
     a.add_argument("--json", action="store_true", help="print as JSON")

@@ -6,9 +6,26 @@ import math
 
 import torch
 
+from pydantic import Field
+
 from mukv.blocks import PrefilledBlocks
 from mukv.config import MukvConfig
 from mukv.interfaces import Compressor
+from mukv.specs import PluginSettings
+
+
+class TopKSettings(PluginSettings):
+    """Settings of the ``topk`` compressor: de-duplication of near-identical tokens."""
+
+    dedup: bool = False
+    """Drop near-duplicate tokens: over-select, then drop a candidate whose key is
+    too similar to a better-scored kept one."""
+
+    threshold: float = Field(default=0.9, gt=-1.0, le=1.0)
+    """Cosine similarity of last-layer keys above which a candidate is a duplicate."""
+
+    oversample: float = Field(default=1.2, ge=1.0, le=10.0)
+    """Candidates considered by de-duplication, as a multiple of the kept count."""
 
 
 class TopKCompressor(Compressor):
@@ -20,19 +37,25 @@ class TopKCompressor(Compressor):
     candidate that was kept. If fewer than K survive, the best dropped ones fill
     the gap so every block keeps exactly K tokens.
 
+    Selected as ``"topk"``, or with settings as
+    ``{"name": "topk", "dedup": True, "threshold": 0.8}`` (:class:`TopKSettings`).
+
     Args:
         dedup: enable de-duplication.
         threshold: cosine similarity above which a candidate is a duplicate.
         oversample: candidates considered, as a multiple of K.
     """
 
+    Settings = TopKSettings
+
     def __init__(self, dedup: bool = False, threshold: float = 0.9, oversample: float = 1.2):
         self.dedup, self.threshold, self.oversample = dedup, threshold, oversample
+        self.settings = TopKSettings(dedup=dedup, threshold=threshold, oversample=oversample)
 
     @classmethod
-    def from_config(cls, config: MukvConfig) -> "TopKCompressor":
-        c = config.compression
-        return cls(c.dedup, c.dedup_threshold, c.dedup_oversample)
+    def from_config(cls, config: MukvConfig, settings: TopKSettings | None = None) -> "TopKCompressor":
+        s = settings or TopKSettings()
+        return cls(s.dedup, s.threshold, s.oversample)
 
     def select(self, blocks: PrefilledBlocks, scores: torch.Tensor) -> torch.Tensor:
         k = self.kept_count(blocks.level, blocks.block_len)

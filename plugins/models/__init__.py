@@ -6,7 +6,7 @@ from functools import partial
 
 import mukv
 
-from .llava_onevision import REAL_CONFIGS, LlavaOnevisionAdapter, build_llava_onevision
+from .llava_onevision import REAL_CONFIGS, LlavaOnevisionAdapter, LlavaOnevisionSettings, build_llava_onevision
 from .mukv_tiny import load_mukv_tiny
 from .qwen2_5_vl import REAL_CONFIGS as QWEN2_5_VL_CONFIGS
 from .qwen2_5_vl import Qwen2_5_VLAdapter, build_qwen2_5_vl
@@ -18,7 +18,9 @@ from .qwen3_vl import Qwen3VLAdapter, build_qwen3_vl
 def mukv_register_models(register):
     register("llava_onevision", LlavaOnevisionAdapter)
     for preset in REAL_CONFIGS:
-        register(preset, partial(build_llava_onevision, preset))
+        factory = partial(build_llava_onevision, preset)
+        factory.Settings = LlavaOnevisionSettings  # {"name": preset, "parity": "authors"}
+        register(preset, factory)
     register("mukv-tiny", load_mukv_tiny)
     register("qwen2_5_vl", Qwen2_5_VLAdapter)
     for preset in QWEN2_5_VL_CONFIGS:

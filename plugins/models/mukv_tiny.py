@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mukv.errors import StoreError
+from mukv.model import read_model_defaults
 
-from .llava_onevision import LlavaOnevisionAdapter
+from .llava_onevision import LlavaOnevisionAdapter, LlavaOnevisionSettings
 
 
 def asset_dir() -> Path:
@@ -23,13 +25,16 @@ def asset_dir() -> Path:
     return Path(str(resources.files("mukv"))) / "assets" / "mukv-tiny"
 
 
-def load_mukv_tiny(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LlavaOnevisionAdapter:
+def load_mukv_tiny(device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                   **settings: Any) -> LlavaOnevisionAdapter:
     """Load the shipped mukv-tiny checkpoint (offline, safetensors only).
 
     Args:
         device: torch device.
         dtype: weights dtype; default bfloat16 on CUDA, float32 on CPU (the
             shipped bf16 weights are upcast).
+        settings: :class:`~mukv.plugins.models.llava_onevision.LlavaOnevisionSettings`
+            (mukv-tiny was trained with mukv's prompts and resizing).
 
     Raises:
         StoreError: the checkpoint is not installed.
@@ -41,4 +46,8 @@ def load_mukv_tiny(device: torch.device | str = "cpu", dtype: torch.dtype | None
             "reinstall mukv, or train and export one with `python benchmarks/train_tiny.py --export DIR` "
             "and pass that directory as the model"
         )
-    return LlavaOnevisionAdapter.from_pretrained(path, device=device, dtype=dtype)
+    return LlavaOnevisionAdapter.from_pretrained(path, device=device, dtype=dtype, **settings)
+
+
+load_mukv_tiny.Settings = LlavaOnevisionSettings  # type: ignore[attr-defined]
+load_mukv_tiny.defaults = lambda: read_model_defaults(asset_dir())  # type: ignore[attr-defined]

@@ -259,7 +259,9 @@ def build_random_qwen(shape: dict[str, Any], preset: str, config_cls: Any, model
         with torch.device(device):
             model = model_cls(config)
     model = model.to(dtype=dtype).eval()
-    return adapter_cls(model, tokenizer, name=preset, **kwargs)
+    adapter = adapter_cls(model, tokenizer, name=preset, **kwargs)
+    adapter.random_weights = True
+    return adapter
 
 
 def build_qwen2_5_vl(preset: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
