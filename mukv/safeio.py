@@ -50,7 +50,8 @@ def read_small(path: str | os.PathLike, what: str = "file", max_bytes: int = MAX
         missing_ok: return ``None`` for a missing file instead of raising.
 
     Raises:
-        ``error``: missing (unless ``missing_ok``), not a regular file, too large, a symlink loop, unreadable.
+        MukvError: (the class ``error`` names) missing (unless ``missing_ok``), not a regular file, too
+            large, a symlink loop, unreadable.
     """
     p = Path(path)
     try:

@@ -340,9 +340,9 @@ class Session:
             changed = storage_differences(base, new)
             if changed:
                 raise ConfigError(
-                    f"this stream's blocks were made with other {', '.join(changed)} settings (its contract, fixed "
-                    "when it was created); a session of the stream may change only top_k, rerank weights, "
-                    "retrieval, assembly and generation. Use a new stream id for other settings")
+                    f"the stream's contract (fixed when it was created) cannot change {', '.join(changed)}: its "
+                    "blocks were made with other settings; a session of the stream may change only top_k, rerank "
+                    "weights, retrieval, assembly and generation. Use a new stream id for other settings")
             return new, False
         if policy is not None:
             return MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config)), config is None or isinstance(config, dict)
@@ -642,8 +642,10 @@ class Session:
             The number of blocks stored, or a :class:`~mukv.ingest.LiveFeed` if ``background``.
 
         Raises:
-            UnknownPluginError: unknown source; InputError: the source cannot be
-            opened, or bad options (raised here, before any thread starts).
+            UnknownPluginError: unknown source.
+            ConfigError: invalid source options.
+            InputError: the source cannot be opened, or bad options (raised here, before any
+                thread starts).
         """
         from .ingest import feed_from
 
@@ -661,7 +663,8 @@ class Session:
         """The JPEG thumbnail of stream frame ``frame`` (a stream created with ``thumbnails=``).
 
         Raises:
-            InputError: a bad frame index, or one not stored yet; StoreError: the stream keeps no thumbnails.
+            InputError: a bad frame index, or one not stored yet.
+            StoreError: the stream keeps no thumbnails.
         """
         if not isinstance(frame, (int, np.integer)) or isinstance(frame, bool):
             raise InputError(f"frame must be a frame index (int); got {type(frame).__name__}")
@@ -697,8 +700,9 @@ class Session:
             timings per stage.
 
         Raises:
-            InputError: empty or too long question, a bad window; EmptyMemoryError: nothing
-            stored yet (in the window); RetrievalError: a top-k the store cannot serve.
+            InputError: empty or too long question, a bad window.
+            EmptyMemoryError: nothing stored yet (in the window).
+            RetrievalError: a top-k the store cannot serve.
         """
         if not isinstance(question, str):
             raise InputError(f"question must be a string; got {type(question).__name__}")

@@ -60,8 +60,9 @@ class Contract(BaseModel):
 
     model_config = _OPEN
 
-    model: StrictStr = Field(min_length=1, max_length=4096)
-    """The model the stream was created with: a preset name or a checkpoint path."""
+    model: StrictStr | dict[str, Any]
+    """The model the stream was created with: a preset name or a checkpoint path, or either with
+    settings (``{"name": ..., **settings}``)."""
 
     model_id: StrictStr | None = None
     """The model's identity (its KV layout's ``model_id``): a session of another model is refused."""
@@ -89,6 +90,14 @@ class Contract(BaseModel):
     @classmethod
     def _times(cls, v: Any) -> Any:
         return _finite(v, 0.0, 1e11)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: Any) -> Any:
+        name = v.get("name") if isinstance(v, dict) else v
+        if not isinstance(name, str) or not 1 <= len(name) <= 4096:
+            raise ValueError("must be a model name or path (1 to 4096 characters), or {\"name\": ..., **settings}")
+        return v
 
     @field_validator("frame_size")
     @classmethod

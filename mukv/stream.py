@@ -29,7 +29,7 @@ import torch
 from .errors import InputError, StoreError
 from .pipeline import Ingestor
 from .signals import deferred
-from .state import MAX_STREAM_TIME, StreamValues
+from .state import MAX_STREAM_TIME, SourceRecord, StreamValues
 
 #: dtype names of pending frames on disk
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -241,6 +241,7 @@ class Stream:
             rec = dict(source)
         rec.setdefault("id", uuid.uuid4().hex[:16])
         rec.update(frames=[first, end], times=[t0, t1], consumed=rec.get("consumed", 0) + n)
+        rec = SourceRecord.model_validate(rec).model_dump()  # every field, as a reopened stream has it
         self.sources.append(rec)
         if source is None:
             self._feed_record = rec["id"]

@@ -85,7 +85,7 @@ def test_every_returns_section_is_one_item():
     assert not bad, f"Returns sections split into several rows: {bad}"
     ask = next(o for o in OBJECTS if o.path == "mukv.session.Session.ask")
     (ret,) = next(s.value for s in _sections(ask) if s.kind.value == "returns")
-    assert "span, score)" in ret.description  # the second line belongs to the same description
+    assert "span, score" in ret.description  # the second line belongs to the same description
 
 
 def test_every_args_row_is_a_parameter():

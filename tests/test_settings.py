@@ -275,7 +275,7 @@ def test_a_stored_stream_takes_only_what_fork_allows_and_is_left_unchanged_other
     pytest.importorskip("lancedb")
     store = tmp_path / "s"
     with mukv.Session(model="tiny-llava-ov", backend="lancedb", path=store) as s:
-        s.feed(np.zeros((8, 32, 32, 3), dtype=np.uint8))
+        s.feed(np.zeros((8, 64, 64, 3), dtype=np.uint8))  # the synthetic stream's frame size
         before = s.stats()
     for argv in (["ingest", str(store), "--synthetic", "0.2", "--no-progress", "--policy", "rekv"],
                  ["ingest", str(store), "--synthetic", "0.2", "--no-progress", "--config",

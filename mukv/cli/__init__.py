@@ -261,7 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = only_logging.parse_args(argv[:lead])
         args.func, args.args = _cmd_bench, argv[lead + 1:]
     else:
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # a usage error, already printed as one line: the exit status (--help exits)
+            if exc.code in (0, None):
+                raise
+            return exc.code if isinstance(exc.code, int) else 2
     handler = configure_logging(getattr(args, "verbose", 0) - (1 if getattr(args, "quiet", False) else 0),
                                 json_lines=getattr(args, "log_json", False))
     try:

@@ -65,8 +65,9 @@ def test_a_reader_logs_without_the_writer_lock(tmp_path, tiny_model):
     try:
         writer.feed(_frames(8))
         writer.backend.flush()
-        with pytest.warns(UserWarning, match="read-only"):  # another writer holds the stream
-            reader = Session.open(path, model=tiny_model, log_questions=True)
+        with pytest.raises(mukv.StoreError, match="pid"):  # another writer holds the stream
+            Session.open(path, model=tiny_model)
+        reader = Session.open(path, model=tiny_model, log_questions=True, read_only=True)
         with reader:
             assert reader.backend.read_only
             reader.ask("what color?", max_new_tokens=1)
