@@ -83,7 +83,7 @@ def _log(fd: int, **data) -> None:
     os.write(fd, (json.dumps(data) + "\n").encode())
 
 
-def writer_child(model, store: str, sid: str, seed: int, fd: int, mode: str, video: str) -> None:
+def writer_child(model, store: str, sid: str, seed: int, mode: str, video: str, fd: int) -> None:
     rng = random.Random(seed)
     if mode == "ingest":
         from mukv.cli import main
@@ -159,8 +159,24 @@ def fork(fn, *args) -> tuple[int, int]:
     return pid, rd
 
 
-def read_log(fd: int) -> list[dict]:
-    chunks = []
+def _await_ready(fd: int, timeout: float) -> bytes:
+    """Read the child's log until its "ready" line (or ``timeout``); returns what was read."""
+    import select
+
+    got = b""
+    deadline = time.monotonic() + timeout
+    while b'"ready"' not in got and time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            got += data
+    return got
+
+
+def read_log(fd: int, head: bytes = b"") -> list[dict]:
+    chunks = [head]
     while True:
         data = os.read(fd, 1 << 16)
         if not data:
@@ -197,7 +213,10 @@ def trial(model, store: Path, rng: random.Random, video: str, scenario: str, sig
                        "ingest" if scenario == "ingest" else ("close" if scenario == "close" else "feed"), video)
         writers.append((sid, pid, fd))
     reader = fork(reader_child, model, str(store), sids[0]) if scenario == "reader" else None
-    time.sleep(rng.uniform(0.3, 4.0))
+    early: dict[int, bytes] = {}
+    for _, pid, fd in writers:  # the signal lands while the writer works, not while it starts
+        early[fd] = _await_ready(fd, 120)
+    time.sleep(rng.uniform(0.1, 3.0))
     for _, pid, _ in writers:
         try:
             os.kill(pid, sig)
@@ -210,7 +229,7 @@ def trial(model, store: Path, rng: random.Random, video: str, scenario: str, sig
             os.kill(pid, signal.SIGKILL)
             wait(pid, 10)
             out["problems"].append(f"{sid}: hung after {signal.Signals(sig).name}")
-        log = read_log(fd)
+        log = read_log(fd, early.get(fd, b""))
         out.setdefault("status", {})[sid] = status
         _check_writer(out, sid, sig, status, log, before[sid], _state(store, sid), scenario)
     if reader is not None:
@@ -239,6 +258,8 @@ def checker_child(model, store: str, sids: list[str], seed: int, fd: int) -> Non
     if not rep.ok:
         problems.append("verify: " + "; ".join(p.message for p in rep.damage[:3]))
     for sid in sids:
+        if not (Path(store) / "streams" / f"{sid}.json").exists():
+            continue  # stopped before the stream was created: nothing was committed, nothing to resume
         try:
             with mukv.Session.open(store, stream_id=sid, model=model, backend_options=OPTIONS) as s:
                 f0, t0 = s.stats()["frames"], s._last_time
@@ -272,7 +293,11 @@ def _check_writer(out: dict, sid: str, sig: int, status: int | None, log: list[d
             out["problems"].append(f"{sid}: lost durable data: flushed {d}, found {after}")
     if after["frames"] < before["frames"]:
         out["problems"].append(f"{sid}: frames went back from {before['frames']} to {after['frames']}")
-    if sig == signal.SIGKILL or status is None:
+    if status is None:
+        return
+    if sig == signal.SIGKILL:
+        if status not in (-signal.SIGKILL, 0):
+            out["problems"].append(f"{sid}: the writer failed before the signal (exit status {status})")
         return
     if status == 0 and any(e.get("kind") == "closed" for e in log):
         return  # finished before the signal
