@@ -27,7 +27,7 @@ import textwrap
 from typing import Sequence
 
 from ..errors import MukvError
-from ..signals import Interrupted
+from ..signals import Interrupted, interrupts_as_exceptions
 
 from .plugins import _cmd_plugins
 from .ingest import _cmd_ingest
@@ -270,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = configure_logging(getattr(args, "verbose", 0) - (1 if getattr(args, "quiet", False) else 0),
                                 json_lines=getattr(args, "log_json", False))
     try:
-        return args.func(args)
+        with interrupts_as_exceptions():  # SIGTERM stops a command as Ctrl-C does: cleanly, exit 143
+            return args.func(args)
     except (MukvError, OSError) as exc:
         return _fail(_one_line(exc), args, log_error)
     except ModuleNotFoundError as exc:
