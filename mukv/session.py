@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -379,7 +379,8 @@ class Session:
         return stored
 
     # -- asking -----------------------------------------------------------------------------
-    def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None) -> Answer:
+    def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None,
+            on_token: Callable[[str], None] | None = None) -> Answer:
         """Answer a question from what has been fed so far.
 
         Args:
@@ -387,6 +388,9 @@ class Session:
             top_k: per-level number of blocks, overriding the configuration; a
                 value larger than what the level stores raises.
             max_new_tokens: decoding budget (default ``config.generation.max_new_tokens``).
+            on_token: called on the asking thread with each new piece of the answer's text as
+                it is decoded (for streaming it to a user); the pieces joined are the answer
+                text up to trailing whitespace. An exception it raises ends the question.
 
         Returns:
             An :class:`~mukv.blocks.Answer`: text, retrieved blocks (level, time
@@ -404,6 +408,8 @@ class Session:
             question.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate: no tokenizer takes it
             raise InputError(f"question is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+        if on_token is not None and not callable(on_token):
+            raise InputError(f"on_token must be a callable taking a str; got {type(on_token).__name__}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
                                            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS):
             raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
@@ -440,7 +446,8 @@ class Session:
             context, order = assembled.kv, assembled.block_order
             timings["page_in"] = time.perf_counter() - t0
             budget = max_new_tokens or self.config.generation.max_new_tokens
-            text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
+            stream = {"on_token": on_token} if on_token is not None else {}
+            text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position, **stream)
             timings.update(gen_t)
             timings["total"] = time.perf_counter() - t_start
             blocks = []

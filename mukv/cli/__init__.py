@@ -10,6 +10,7 @@
     mukv inspect STORE --plot memory.png    # what a store holds, per level and tier
     mukv plot tokens frame.png -o tokens.png
     mukv bench ...                          # the evaluation harness
+    mukv serve STORE                        # HTTP API, live ingest and a web page at http://127.0.0.1:8000/
     mukv plugins                            # what is registered, from which package
 
 Every command has ``--help``. Errors are one line, ``mukv: error: ...``, with
@@ -32,6 +33,7 @@ from .inspect import _cmd_inspect
 from .plot import _cmd_plot
 from .demo import _cmd_demo
 from .bench import BENCH_DESCRIPTION, _cmd_bench
+from . import serve as _serve
 from .common import EPILOG, RANDOM_MODEL, STORE_BACKEND, TRAINED_MODEL, _RANDOM_NOTE, pick_model  # noqa: F401
 from .bench import BENCH_MODULE  # noqa: F401
 
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=BENCH_DESCRIPTION)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
     p.set_defaults(func=_cmd_bench)
+
+    _serve.add_parser(sub)
 
     p = sub.add_parser("plugins", formatter_class=_Formatter,
                        help="list registered components and the package each comes from",
