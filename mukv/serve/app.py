@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,6 +40,7 @@ def create_app(config: ServeConfig, model: Any = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(engine.stop)
+            print(f"mukv serve: stopped; {engine.summary()}", file=sys.stderr, flush=True)
 
     app = FastAPI(title="mukv serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.engine = engine

@@ -153,10 +153,10 @@ class Engine:
                 gap = s.queue.pop_gap()
                 if gap is not None:
                     s.record_gap(gap)
+                s.update()
             s.session.close()
         except MukvError as exc:
             log.warning("stream %s: closing: %s", s.id, adapter.describe(exc))
-        s.role = "closed"
 
     # ------------------------------------------------------------------ opening streams (engine thread)
     def _open_existing(self, sid: str) -> ServedStream | None:
@@ -507,6 +507,14 @@ class Engine:
         for role, count in roles.items():
             m.streams.set(count, role)
         m.questions_waiting.set(len(self._asks))
+
+    def summary(self) -> str:
+        """One line: the streams closed and their frames (printed at shutdown)."""
+        streams = sorted(self._all(), key=lambda s: s.id)
+        parts = [f"{s.id} {s.numbers.get('frames', 0)} frames" + (f" ({s.queue.dropped} dropped)" if s.queue and
+                                                                   s.queue.dropped else "") for s in streams[:20]]
+        more = f" and {len(streams) - 20} more" if len(streams) > 20 else ""
+        return f"{len(streams)} stream(s) committed: " + ", ".join(parts) + more if streams else "no streams"
 
     def health(self) -> dict[str, Any]:
         status = self.state if self.state in ("ok", "starting", "stopping") else "stopping"

@@ -43,7 +43,9 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarra
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (InputError, TooLarge):
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TooLarge(f"{name}: the image claims more pixels than max_frame_pixels ({max_pixels})") from None
+    except UnidentifiedImageError as exc:
         raise InputError(f"{name}: not a readable JPEG or PNG image ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:  # truncated or corrupt data
         raise InputError(f"{name}: damaged image ({' '.join(str(exc).split()) or type(exc).__name__})") from None
