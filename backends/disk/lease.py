@@ -12,8 +12,13 @@ store) agree on each stream's writer through the store's conditional writes inst
   never commit (the write is *fenced*). The nonce makes every version's bytes, and so its
   ETag, unique.
 * The holder renews the lease every ``ttl / 3`` seconds (a conditional rewrite of the same
-  state with a later expiry) from a daemon thread, and stops committing ``ttl / 3`` before
-  its last successful renewal would expire (its own monotonic clock).
+  state with a later expiry) from a daemon thread, and before every commit: a commit starts
+  only after a successful conditional renewal, so a writer that lost its stream writes no KV
+  and no index rows, and the commit runs inside a lease nobody else may take. The holder
+  stops committing ``ttl / 3`` before its last renewal would expire (its own monotonic clock).
+  What this cannot exclude is a writer that stalls for longer than ``ttl / 3`` between that
+  renewal and a write it has already started (a process frozen in the middle of a PUT): keep
+  ``lease_ttl`` well above the longest stall you expect.
 * Another process takes a stream over when its lease is released (a clean close writes an
   empty lease), when the holder's recorded expiry is more than ``clock_skew`` seconds past,
   or when the same version of the state file has been seen unchanged for longer than the
@@ -214,8 +219,15 @@ class StreamLease:
         """Whether this writer holds a lease it may still commit under."""
         return self._etag is not None and self.lost is None and time.monotonic() < self._valid_until
 
+    def confirm(self) -> None:
+        """Renew now (a conditional write) and raise :class:`StoreError` unless the lease is held:
+        called before each commit, so a writer that lost its stream writes nothing at all, and the
+        commit that follows has a whole lease before anyone may take the stream."""
+        self.renew()
+        self.check()
+
     def check(self) -> None:
-        """Raise :class:`StoreError` unless :attr:`held` (called before each commit)."""
+        """Raise :class:`StoreError` unless :attr:`held`."""
         if self.lost is not None:
             raise StoreError(self.lost)
         if not self.held:

@@ -491,7 +491,7 @@ class TieredBackend(StorageBackend):
         jobs = [it for it in items if isinstance(it, _Job)]
         marks = [it for it in items if isinstance(it, _Mark)]
         if self._lease is not None:  # a writer whose lease ran out or was taken writes nothing more
-            self._lease.check()
+            self._lease.confirm()
         if jobs:
             runs: list[list[_Job]] = []
             for job in jobs:

@@ -300,6 +300,8 @@ def list_streams(store: str, backend_options: dict[str, Any]) -> list[dict[str, 
         except StoreError:
             continue
         values = state.get("values", {})
+        if not (values.get("session") or {}).get("model"):
+            continue  # a stream being created (its state holds no session yet), or not mukv's
         levels = state.get("levels", {})
         nbytes = sum(int(n) * int(levels.get(lv, {}).get("tokens", 0)) * token_bytes
                      for lv, n in state.get("counts", {}).items())

@@ -163,8 +163,10 @@ class Engine:
         try:
             s = self._open(sid, create=False)
         except MukvError as exc:
-            self.broken[sid] = adapter.describe(exc)
-            log.warning("stream %s not opened: %s", sid, self.broken[sid])
+            why = adapter.describe(exc)
+            if self.broken.get(sid) != why:
+                log.warning("stream %s not opened: %s", sid, why)
+            self.broken[sid] = why  # tried again at each look at the store
             return None
         self.broken.pop(sid, None)
         return s
@@ -439,7 +441,7 @@ class Engine:
         known = {s.id for s in self._all()}
         for info in adapter.list_streams(self.config.store, self.backend_options):
             sid = info["id"]
-            if sid not in known and sid not in self._deleted and sid not in self.broken:
+            if sid not in known and sid not in self._deleted:
                 self._open_existing(sid)
 
     def _try_takeover(self, s: ServedStream) -> None:

@@ -97,12 +97,12 @@ def frames(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
 class Process:
     """``mukv serve`` in a subprocess."""
 
-    def __init__(self, store, *args: str, env: dict | None = None, port: int | None = None):
+    def __init__(self, store, *args: str, env: dict | None = None, port: int | None = None, log_dir=None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.log = open(Path(str(store).replace("s3://", "/tmp/")).with_name(f"serve-{self.port}.log")
-                        if "://" not in str(store) else Path(f"/tmp/mukv-serve-{self.port}.log"), "w+")
+        folder = Path(log_dir) if log_dir is not None else Path(str(store)).parent
+        self.log = open(folder / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "mukv", "serve", str(store), "--port", str(self.port),
                                       "--device", "cpu", "--log-level", "warning", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
@@ -142,3 +142,38 @@ class Process:
         self.proc.kill()
         self.proc.wait()
         self.client.close()
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """moto's S3 server on loopback with a bucket "mukv"; yields (storage_options, environment)."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto's server: pip install 'moto[server]'")
+    pytest.importorskip("obstore", reason="the S3 tests need obstore")
+    boto3 = pytest.importorskip("boto3", reason="creating the test bucket needs boto3")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
+           "AWS_ENDPOINT": endpoint, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    try:
+        def up():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, 20, 0.1, "moto to start")
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="mukv")
+        yield ({"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "aws_endpoint": endpoint,
+                "aws_region": "us-east-1", "allow_http": "true"}, env)
+    finally:
+        mp.undo()
+        proc.terminate()
+        proc.wait(timeout=10)
