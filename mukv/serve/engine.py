@@ -337,6 +337,7 @@ class Engine:
             self.metrics.questions.inc(1, "error")
             raise
         end = time.monotonic()
+        body["frames"] = adapter.frames_stored(s.session)
         body["timings"]["wait"] = start - job.arrived
         self.metrics.questions.inc(1, "ok")
         self.metrics.question_seconds.observe((first[0] if first else end) - job.arrived, "first_token")

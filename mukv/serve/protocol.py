@@ -175,6 +175,8 @@ class AnswerBody(BaseModel):
     """Seconds per stage (``query``, ``retrieve``, ``page_in``, ``first_token``, ``total``, and
     ``wait``: time the question waited for the engine)."""
     notes: list[str]
+    frames: int = 0
+    """Frames the stream held when the question was answered (the answer saw no later frame)."""
 
 
 class Health(BaseModel):

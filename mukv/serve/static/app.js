@@ -110,8 +110,18 @@ async function showMoments(id, el, answer) {
   if (st) drawTimeline(el, st, answer.blocks);
   const box = el.querySelector(".moments");
   box.textContent = "";
-  // the best blocks of each level, in stream order
-  const best = [...answer.blocks].sort((a, b) => b.score - a.score).slice(0, 8).sort((a, b) => a.t_start - b.t_start);
+  // the best three blocks of each level (one thumbnail per frame), in stream order
+  const best = [], frames = new Set();
+  for (const level of new Set(answer.blocks.map((b) => b.level))) {
+    const top = answer.blocks.filter((b) => b.level === level).sort((a, b) => b.score - a.score);
+    let taken = 0;
+    for (const b of top) {
+      const middle = Math.floor((b.frame_start + Math.max(b.frame_start, b.frame_end - 1)) / 2);
+      if (taken >= 3 || frames.has(middle)) continue;
+      frames.add(middle); best.push(b); taken++;
+    }
+  }
+  best.sort((a, b) => a.t_start - b.t_start || LEVEL_ORDER.indexOf(a.level) - LEVEL_ORDER.indexOf(b.level));
   for (const b of best) {
     const fig = document.createElement("figure"); fig.className = "moment " + b.level;
     const img = document.createElement("img"); img.className = "thumb"; img.alt = `${b.level} #${b.block_id}`;
