@@ -11,9 +11,9 @@ Reported, all measured in one run:
 * streams held at real time: lag never above ``--max-lag`` and no frame dropped;
 * frames pushed, stored, dropped (and the gaps recorded);
 * question latency from request to first token and to the whole answer, p50 / p99;
-* answers against the same streams answered offline: a plain ``mukv.Session`` per camera fed
-  the same frames and asked each question after exactly the frames the server had stored when it
-  answered (equal answers when nothing was dropped), and accuracy of both;
+* answers against the same streams answered offline: a plain ``mukv.Session`` per camera fed every
+  frame up to the newest one the server had stored when it answered, then asked the same question
+  (the same frames, so equal answers, when nothing was dropped), and accuracy of both;
 * host RSS and GPU memory over time (sampled every second).
 
 Commands::
@@ -144,10 +144,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler.start()
 
     asked: list[dict[str, Any]] = []
+    lock = threading.Lock()
     pending = {sid: sorted(b.questions, key=lambda q: q.ask_frame) for sid, b in zip(sids, benches)}
     duration = n / args.fps / args.speed
+
+    def ask(sid: str, q: Any) -> None:  # one question, on its own thread: arrivals keep their rate
+        text = q.text if q is not None else "what is in the scene now?"
+        t_req = time.perf_counter()
+        first = None
+        final: dict[str, Any] | None = None
+        try:
+            with mukv.Client(client.url, timeout=600) as own:
+                for piece in own.ask_stream(sid, text, max_new_tokens=args.max_new_tokens):
+                    if isinstance(piece, str) and first is None:
+                        first = time.perf_counter() - t_req
+                    elif isinstance(piece, dict):
+                        final = piece
+        except Exception as exc:  # noqa: BLE001 - e.g. nothing stored yet at the very start
+            with lock:
+                asked.append({"stream": sid, "error": str(exc)})
+            return
+        total = time.perf_counter() - t_req
+        with lock:
+            asked.append({"stream": sid, "question": text, "benchmark": q is not None,
+                          "answer": q.answer if q is not None else None, "prediction": final["text"],
+                          "correct": bool(q is not None and score(final["text"], q.answer)),
+                          "frames": final["frames"], "t_end": final["t_end"],
+                          "first_token_s": first if first is not None else total, "total_s": total,
+                          "server_wait_s": final["timings"].get("wait", 0.0)})
+
+    askers = []
     k = 0
-    while time.monotonic() < t0 + duration:
+    while True:
         due = t0 + k / args.question_rate
         if due > t0 + duration:
             break
@@ -160,25 +188,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         q = ready[0] if ready else None
         if q is not None:
             pending[sid].remove(q)
-        text = q.text if q is not None else "what is in the scene now?"
-        t_req = time.perf_counter()
-        first = None
-        final: dict[str, Any] | None = None
-        try:
-            for piece in client.ask_stream(sid, text, max_new_tokens=args.max_new_tokens):
-                if isinstance(piece, str) and first is None:
-                    first = time.perf_counter() - t_req
-                elif isinstance(piece, dict):
-                    final = piece
-        except Exception as exc:  # noqa: BLE001 - e.g. nothing stored yet at the very start
-            asked.append({"stream": sid, "error": str(exc)})
-            continue
-        total = time.perf_counter() - t_req
-        asked.append({"stream": sid, "question": text, "benchmark": q is not None,
-                      "answer": q.answer if q is not None else None, "prediction": final["text"],
-                      "correct": bool(q is not None and score(final["text"], q.answer)),
-                      "frames": final["frames"], "first_token_s": first if first is not None else total,
-                      "total_s": total, "server_wait_s": final["timings"].get("wait", 0.0)})
+        t = threading.Thread(target=ask, args=(sid, q), daemon=True)
+        t.start()
+        askers.append(t)
+    for t in askers:
+        t.join()
     for c in cams:
         c.join()
     time.sleep(2.0)
@@ -188,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server.should_exit = True
     thread.join(120)
 
-    # offline: the same frames, each question asked after exactly the frames the server had stored
+    # offline: the same stream, each question asked after every frame up to the newest one the server
+    # had stored when it answered (the same frames when none was dropped; the dropped ones too otherwise)
     offline_same = offline_total = 0
     offline_correct = 0
     by_stream: dict[str, list[dict[str, Any]]] = {}
@@ -204,9 +219,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fed = 0
         times = np.asarray(b.stream.timestamps)
         for a in qs:
-            if a["frames"] > fed:
-                s.feed(b.stream.frames(fed, a["frames"]), timestamps=times[fed:a["frames"]])
-                fed = a["frames"]
+            upto = int(np.searchsorted(times, a["t_end"], side="right")) if a["t_end"] is not None else 0
+            if upto > fed:
+                s.feed(b.stream.frames(fed, upto), timestamps=times[fed:upto])
+                fed = upto
             text = s.ask(a["question"], max_new_tokens=args.max_new_tokens).text
             a["offline_prediction"] = text
             offline_total += 1

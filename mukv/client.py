@@ -26,10 +26,10 @@ from .errors import InputError, MukvError
 
 
 class ServerError(MukvError):
-    """An error answered by the server.
+    """An error answered by the server that is not one of mukv's own classes.
 
     Attributes:
-        status: the HTTP status code.
+        status: the HTTP status code (``None`` for an error event of a streamed answer).
         kind: the server's error kind (``NotFound``, ``Conflict``, ``InputError``, ...).
     """
 
@@ -63,16 +63,7 @@ class Client:
             kind, detail = body.get("error", "HTTPError"), body.get("detail", r.text)
         except (ValueError, AttributeError):
             kind, detail = "HTTPError", r.text[:500]
-        err = ServerError(r.status_code, kind, detail)
-        cls = getattr(_errors, kind, None)
-        if isinstance(cls, type) and issubclass(cls, MukvError) and cls is not MukvError:
-            try:
-                typed = cls(detail)
-            except TypeError:
-                raise err from None
-            typed.status, typed.kind = r.status_code, kind  # type: ignore[attr-defined]
-            raise typed
-        raise err
+        raise _error(r.status_code, kind, detail)
 
     def _get(self, path: str, **kw: Any) -> Any:
         return self._check(self._http.get(path, **kw))
@@ -178,21 +169,23 @@ class Client:
                 elif event == "answer":
                     yield data
                 elif event == "error":
-                    self._check(_Fake(500 if data.get("error") not in dir(_errors) else 422, data))
+                    raise _error(None, data.get("error", "ServerError"), data.get("detail", ""))
 
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self._get("/metrics").text
 
 
-class _Fake:
-    """An error event seen as a reply, for :meth:`Client._check`."""
-
-    def __init__(self, status: int, body: dict[str, Any]):
-        self.status_code, self._body, self.text = status, body, json.dumps(body)
-
-    def json(self) -> dict[str, Any]:
-        return self._body
+def _error(status: int | None, kind: str, detail: str) -> MukvError:
+    """The server's error as mukv's error class of that name (``InputError``, ...), else
+    :class:`ServerError`; either way with ``status`` and ``kind`` attributes."""
+    cls = getattr(_errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, MukvError) and cls not in (MukvError, _errors.UnknownPluginError):
+        err: MukvError = cls(detail)
+    else:
+        err = ServerError(status or 0, kind, detail)
+    err.status, err.kind = status, kind  # type: ignore[attr-defined]
+    return err
 
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:

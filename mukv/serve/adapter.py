@@ -275,6 +275,23 @@ def store_model(store: str, backend_options: dict[str, Any]) -> str | None:
     return None
 
 
+def stream_ids(store: str, backend_options: dict[str, Any]) -> list[str]:
+    """Ids of the streams in the store (names of their state files; cheap: one listing)."""
+    from ..backends.disk.files import check_stream_id
+
+    files = _files(store, backend_options)
+    if not files.remote and not files.local.is_dir():
+        return []
+    out = []
+    for name in files.listing("streams"):
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                out.append(check_stream_id(name[: -len(".json")]))
+            except StoreError:
+                continue
+    return out
+
+
 def list_streams(store: str, backend_options: dict[str, Any]) -> list[dict[str, Any]]:
     """The store's streams: id, frames, t_start, t_end, wall_start, wall_end, bytes, model, sources, gaps."""
     api = _streams_api()

@@ -21,11 +21,20 @@ GRACEFUL_S = 5
 
 def run(config: ServeConfig, model: Any = None, log_level: str = "info") -> None:
     """Serve ``config.store`` until SIGINT/SIGTERM."""
+    import socket
+
     import uvicorn
 
     from .app import create_app
+    from .engine import Engine
 
-    app = create_app(config, model)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family) as probe:  # a port in use fails here, in one line, before the model loads
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((config.host, config.port))
+    engine = Engine(config, model)
+    engine.load()  # a bad model or store fails here, as a mukv error, before uvicorn starts
+    app = create_app(config, engine=engine)
     where = f"http://{config.host if ':' not in config.host else f'[{config.host}]'}:{config.port}/"
     note = "" if is_loopback(config.host) else " (bearer token required)"
     print(f"mukv serve: {config.store} at {where}{note}", file=sys.stderr, flush=True)

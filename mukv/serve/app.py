@@ -23,15 +23,16 @@ file, folder or camera), ask questions about what happened, see the retrieved mo
 is `{"error": kind, "detail": message}`."""
 
 
-def create_app(config: ServeConfig, model: Any = None) -> FastAPI:
+def create_app(config: ServeConfig, model: Any = None, engine: Engine | None = None) -> FastAPI:
     """The application: routers, error handlers, body limit, and the engine started and stopped
     with the application's lifespan.
 
     Args:
         config: what to serve.
         model: a loaded model adapter to share (default: the engine loads one).
+        engine: an engine built (and perhaps loaded) already.
     """
-    engine = Engine(config, model)
+    engine = engine if engine is not None else Engine(config, model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

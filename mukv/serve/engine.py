@@ -90,8 +90,8 @@ class Engine:
     def backend_options(self) -> dict[str, Any]:
         return {"lease_owner": self.server_name, **self.config.backend_options}
 
-    def start(self) -> None:
-        """Load the model, open every stream of the store, start the loop."""
+    def load(self) -> None:
+        """Load the model and check the store (before serving: a bad model or store fails here)."""
         from ..cli.common import _quiet_transformers, pick_model
         from ..session import load_model
 
@@ -109,8 +109,14 @@ class Engine:
             if self.model is None:
                 self.model = load_model(name, device)
             self.model_name = name
-        for info in adapter.list_streams(self.config.store, self.backend_options):
-            self._open_existing(info["id"])
+        adapter.stream_ids(self.config.store, self.backend_options)  # the store is readable
+
+    def start(self) -> None:
+        """Load the model (unless :meth:`load` did), open every stream of the store, start the loop."""
+        if self.model is None or self.model_name is None:
+            self.load()
+        for sid in adapter.stream_ids(self.config.store, self.backend_options):
+            self._open_existing(sid)
         self._thread = threading.Thread(target=self._run, name="mukv-engine", daemon=True)
         self._thread.start()
         self.state = "ok"
@@ -338,6 +344,7 @@ class Engine:
             raise
         end = time.monotonic()
         body["frames"] = adapter.frames_stored(s.session)
+        body["t_end"] = adapter.last_time(s.session)
         body["timings"]["wait"] = start - job.arrived
         self.metrics.questions.inc(1, "ok")
         self.metrics.question_seconds.observe((first[0] if first else end) - job.arrived, "first_token")
@@ -440,8 +447,7 @@ class Engine:
                 self._refresh(s)
                 self._try_takeover(s)
         known = {s.id for s in self._all()}
-        for info in adapter.list_streams(self.config.store, self.backend_options):
-            sid = info["id"]
+        for sid in adapter.stream_ids(self.config.store, self.backend_options):
             if sid not in known and sid not in self._deleted:
                 self._open_existing(sid)
 

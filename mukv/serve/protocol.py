@@ -177,6 +177,8 @@ class AnswerBody(BaseModel):
     notes: list[str]
     frames: int = 0
     """Frames the stream held when the question was answered (the answer saw no later frame)."""
+    t_end: float | None = None
+    """Stream time of the newest frame the stream held then."""
 
 
 class Health(BaseModel):

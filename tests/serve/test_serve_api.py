@@ -34,8 +34,8 @@ def test_streams_push_ask_thumbnails_metrics(serve):
         assert [s["id"] for s in c.streams()] == ["cam-1"]
 
         answer = c.ask("cam-1", QUESTION, max_new_tokens=3)
-        assert set(answer) == {"question", "text", "blocks", "kv_tokens", "timings", "notes", "frames"}
-        assert answer["frames"] == 8
+        assert set(answer) == {"question", "text", "blocks", "kv_tokens", "timings", "notes", "frames", "t_end"}
+        assert answer["frames"] == 8 and answer["t_end"] == 21.5
         assert answer["question"] == QUESTION and answer["kv_tokens"] > 0 and answer["blocks"]
         b = answer["blocks"][0]
         assert {"level", "block_id", "score", "frame_start", "frame_end", "t_start", "t_end", "wall_start",

@@ -139,3 +139,32 @@ def test_two_servers_share_a_store_and_take_over_a_dead_one(moto_s3, tmp_path):
 
     report = verify_store(store, storage_options=storage)  # every committed block intact, no duplicates
     assert report.ok, [p.line() for p in report.problems]
+
+
+def test_a_server_that_loses_a_stream_goes_on_as_its_reader(moto_s3, tiny_model):
+    """A writer whose lease another server took (it stalled past the lease) refuses nothing silently:
+    its next commit fails before writing, and the stream turns into a reader of the new writer."""
+    from conftest import serving
+    from mukv.backends.disk.lease import StreamLease
+
+    storage, _ = moto_s3
+    opts = {"storage_options": storage, "lease_ttl": 2.0, "clock_skew": 0.0, "commit_interval": 0.05}
+    with serving("s3://mukv/demote", tiny_model, backend_options=opts, refresh_s=0.2) as (c, app, url):
+        c.create_stream("cam")
+        c.push("cam", frames(3))
+        stored(c, "cam", 3)
+        wait_until(lambda: app.state.engine.get("cam").numbers["frames"] == 3, 30, what="a commit")
+        backend = app.state.engine.get("cam").session.backend
+        backend.lease._stop.set()  # the server stalls: no renewals
+        time.sleep(2.2)
+        thief = StreamLease(backend.files, "streams/cam.json", ttl=30.0, owner="other-server", clock_skew=0.0)
+        assert thief.try_acquire()
+        c.push("cam", frames(2, seed=1))
+        st = wait_until(lambda: (lambda s: s if s["role"] == "reader" else None)(c.stream("cam")), 30,
+                        what="the stream to become a reader")
+        assert st["owner"] == "other-server" and st["frames"] == 3
+        with pytest.raises(mukv.MukvError, match="other-server"):
+            c.push("cam", frames(1, seed=2))
+        assert c.ask("cam", "what happened?", max_new_tokens=2)["frames"] == 3
+        thief.release()
+        wait_until(lambda: c.stream("cam")["role"] == "writer", 30, what="the stream to be taken back")
