@@ -119,7 +119,18 @@ class Engine:
             self._open_existing(sid)
         self._thread = threading.Thread(target=self._run, name="mukv-engine", daemon=True)
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reap, name="mukv-lag-reaper", daemon=True)
+        self._reaper.start()
         self.state = "ok"
+
+    def _reap(self, every: float = 0.25) -> None:
+        """Drop frames past ``max_lag_s`` every ``every`` seconds, even while the engine is busy with a
+        long step or question: a frame never waits more than ``max_lag_s + every`` seconds."""
+        while not self._stop_loop:
+            for s in self._all():
+                if s.queue is not None:
+                    s.queue.expire()
+            time.sleep(every)
 
     def stop(self) -> None:
         """Stop cleanly: sources stop, queued frames are ingested for up to ``drain_s`` seconds, what is

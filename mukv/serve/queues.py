@@ -190,6 +190,8 @@ class FrameQueue:
     # ------------------------------------------------------------------ bounds
     def expire(self, now: float | None = None) -> int:
         """Drop frames that waited longer than ``max_lag_s``; returns frames dropped."""
+        if not self._items:
+            return 0
         with self._cv:
             before = self.dropped
             self._expire(time.monotonic() if now is None else now)
