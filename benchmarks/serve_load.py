@@ -195,7 +195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t.join()
     for c in cams:
         c.join()
-    time.sleep(2.0)
+    deadline = time.monotonic() + args.max_lag + 60  # what is queued is ingested, or dropped past the lag
+    while time.monotonic() < deadline and any(st["queued"] or st["state"] == "ingesting" for st in client.streams()):
+        time.sleep(0.2)
     statuses = {st["id"]: st for st in client.streams()}
     stop.set()
     sampler.join()
