@@ -36,7 +36,7 @@ from .errors import Conflict, NotFound, Unavailable
 from .metrics import ServeMetrics
 from .queues import FrameQueue, check_fps
 from .scheduler import IngestScheduler, StepResult
-from .sources import SourcePuller, guess_kind
+from .sources import SourcePuller, open_source
 from .stream import ServedStream
 
 log = logging.getLogger("mukv.serve")
@@ -240,14 +240,32 @@ class Engine:
         self._kick.set()
         return job.future
 
-    def create(self, sid: str, fps: float | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Create a stream (engine thread), with an optional source pulled into it."""
+    def open_source(self, spec: dict[str, Any], fps: float | None) -> dict[str, Any]:
+        """Open a stream's source before the stream is created (HTTP thread: opening a camera may take
+        its timeout, and the engine goes on meanwhile). Returns what :meth:`create` takes."""
+        from ..config import MukvConfig
+
+        rate = spec.get("fps") or fps or MukvConfig.build(self.config.config).stream.fps
+        kind, source = open_source(spec.get("kind"), spec["location"], rate, self.config.max_batch_frames,
+                                   spec.get("options"))
+        live = spec.get("live") if spec.get("live") is not None else kind == "stream"
+        return {"source": source, "kind": kind, "location": spec["location"], "fps": rate, "live": live}
+
+    def check_new(self, sid: str) -> None:
+        """Refuse a stream id that is invalid or taken (before opening anything)."""
         from ..backends.disk.files import check_stream_id
 
         try:
             check_stream_id(sid)
         except StoreError as exc:
             raise InputError(str(exc)) from None
+        with self._lock:
+            if sid in self._streams:
+                raise Conflict(f"stream {sid!r} exists")
+
+    def create(self, sid: str, fps: float | None = None, source: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Create a stream (engine thread), with an optional opened source (:meth:`open_source`) pulled into it."""
+        self.check_new(sid)
         with self._lock:
             if sid in self._streams:
                 raise Conflict(f"stream {sid!r} exists")
@@ -261,27 +279,13 @@ class Engine:
         self._deleted.discard(sid)
         s = self._open(sid, create=True, config=config or None)
         if source is not None:
-            try:
-                self.attach_source(s, **source)
-            except BaseException:
-                with self._lock:
-                    self._streams.pop(sid, None)
-                s.session.close()
-                adapter.delete_stream(self.config.store, sid, self.backend_options)
-                raise
+            if s.role != "writer" or s.queue is None:
+                raise Conflict(f"stream {sid!r} is written by another server")
+            s.source = SourcePuller(s.queue, wake=self._kick.set, **source)
         return s.status()
 
-    def attach_source(self, s: ServedStream, location: str, kind: str | None = None, fps: float | None = None,
-                      live: bool | None = None, options: dict[str, Any] | None = None) -> None:
-        if s.role != "writer" or s.queue is None:
-            raise Conflict(f"stream {s.id!r} is written by another server")
-        kind = kind or guess_kind(location)
-        s.source = SourcePuller(s.queue, kind, location, fps or s.session.config.stream.fps,
-                                live if live is not None else kind == "stream", self.config.max_batch_frames,
-                                options, wake=self._kick.set)
-
-    def delete(self, sid: str) -> None:
-        """Stop a stream this server writes and delete it from the store (engine thread)."""
+    def close_for_delete(self, sid: str) -> None:
+        """Stop a stream this server writes and close it (engine thread); :meth:`delete` then removes it."""
         s = self.get(sid)
         if s.role != "writer":
             raise Conflict(f"stream {sid!r} is written by {s.owner or 'another server'}; delete it there")
@@ -298,6 +302,9 @@ class Engine:
             s.session.close()
         except MukvError:
             pass
+
+    def delete(self, sid: str) -> None:
+        """Delete a closed stream from the store (any thread: its files go, the engine goes on)."""
         adapter.delete_stream(self.config.store, sid, self.backend_options)
 
     def push(self, sid: str, frames: np.ndarray, times: np.ndarray | None) -> dict[str, Any]:

@@ -20,6 +20,27 @@ from .queues import FrameQueue
 _URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
+def open_source(kind: str | None, location: str, fps: float, chunk: int, options: dict[str, Any] | None = None):
+    """Open a registered frame source (a file is checked, a URL connected, now).
+
+    Returns:
+        ``(kind, source)``.
+
+    Raises:
+        InputError: the source cannot be opened; UnknownPluginError: no such source.
+    """
+    from ..registry import registry
+
+    kind = kind or guess_kind(location)
+    cls = registry().get("sources", kind, field="source.kind")
+    opts = dict(options or {})
+    opts.setdefault("chunk", chunk)
+    try:
+        return kind, cls(location, fps=fps, **opts)
+    except TypeError as exc:  # an option the source does not take
+        raise InputError(f"source {kind!r}: {exc}") from None
+
+
 def guess_kind(location: str) -> str:
     """``stream`` for a URL or a device, ``images`` for a folder, else ``video``."""
     low = location.lower()
@@ -35,33 +56,19 @@ class SourcePuller:
 
     Args:
         queue: the stream's queue.
-        kind: registered source name ("video", "images", "stream").
-        location: what the source reads.
-        fps: sampling rate.
+        source: an opened source (:func:`open_source`).
+        kind: its registered name ("video", "images", "stream").
+        location: what it reads.
+        fps: its sampling rate.
         live: drop frames when ingest falls behind (else wait for room).
-        chunk: frames per chunk.
-        options: more arguments of the source.
         on_frames: called with the number of frames queued (metrics).
         wake: called after each chunk (wakes the engine).
-
-    Raises:
-        InputError: the source cannot be opened (raised here, before the thread starts).
     """
 
-    def __init__(self, queue: FrameQueue, kind: str, location: str, fps: float, live: bool, chunk: int,
-                 options: dict[str, Any] | None = None, on_frames: Callable[[int], None] | None = None,
-                 wake: Callable[[], None] | None = None):
-        from ..registry import registry
-
-        self.queue, self.kind, self.location, self.fps, self.live = queue, kind, location, fps, live
+    def __init__(self, queue: FrameQueue, source: Any, kind: str, location: str, fps: float, live: bool,
+                 on_frames: Callable[[int], None] | None = None, wake: Callable[[], None] | None = None):
+        self.queue, self.source, self.kind, self.location, self.fps, self.live = queue, source, kind, location, fps, live
         self.on_frames, self.wake = on_frames, wake
-        cls = registry().get("sources", kind, field="source.kind")
-        opts = dict(options or {})
-        opts.setdefault("chunk", chunk)
-        try:
-            self.source = cls(location, fps=fps, **opts)
-        except TypeError as exc:  # an option the source does not take
-            raise InputError(f"source {kind!r}: {exc}") from None
         self.state = "pulling"
         self.error: str | None = None
         self.frames = 0

@@ -146,3 +146,21 @@ def test_client_typed_errors_and_openapi(serve):
         with pytest.raises(mukv.MukvError) as e:
             c.create_stream("x")
         assert e.value.status == 409
+
+
+def test_time_window_passes_through_to_the_session(serve):
+    """since/until reach Session.ask once it takes them (issue 15); until then a clear 501."""
+    from mukv.serve import adapter
+
+    with serve() as (c, app, url):
+        c.create_stream("w")
+        c.push("w", frames(8))
+        stored(c, "w", 8)
+        if adapter._has("ask", "since"):
+            answer = c.ask("w", QUESTION, since=4.0, until=10.0, max_new_tokens=2)
+            assert answer["blocks"] and all(4.0 <= b["t_start"] and b["t_end"] <= 10.0 for b in answer["blocks"])
+        else:
+            with pytest.raises(mukv.MukvError, match="since/until") as e:
+                c.ask("w", QUESTION, since=4.0)
+            assert e.value.status == 501
+        assert c.ask("w", QUESTION, max_new_tokens=2)["blocks"]  # without a window: answered

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, status
+from fastapi.concurrency import run_in_threadpool
 
 from ..deps import get_engine
 from ..engine import Engine
@@ -22,9 +23,18 @@ async def list_streams(engine: Engine = Depends(get_engine)) -> dict:
 @router.post("", response_model=StreamStatus, status_code=status.HTTP_201_CREATED,
              summary="Create a stream (optionally pulling a file, folder or camera/URL)")
 async def create_stream(body: StreamCreate, engine: Engine = Depends(get_engine)) -> dict:
-    source = body.source.model_dump() if body.source is not None else None
-    fut = engine.call(lambda: engine.create(body.id, fps=body.fps, source=source))
-    return await asyncio.wrap_future(fut)
+    engine.check_new(body.id)
+    source = None
+    if body.source is not None:  # opened here: a camera may take its timeout, the engine goes on
+        source = await run_in_threadpool(engine.open_source, body.source.model_dump(), body.fps)
+    try:
+        return await asyncio.wrap_future(engine.call(lambda: engine.create(body.id, fps=body.fps, source=source)))
+    except BaseException:
+        if source is not None:
+            close = getattr(source["source"], "close", None)
+            if callable(close):
+                close()
+        raise
 
 
 @router.get("/{stream_id}", response_model=StreamStatus, summary="A stream's status")
@@ -36,4 +46,5 @@ async def get_stream(stream_id: str, engine: Engine = Depends(get_engine)) -> di
                summary="Stop a stream and delete it from the store")
 async def delete_stream(stream_id: str, engine: Engine = Depends(get_engine)) -> None:
     engine.get(stream_id)  # 404 / 422 at once
-    await asyncio.wrap_future(engine.call(lambda: engine.delete(stream_id)))
+    await asyncio.wrap_future(engine.call(lambda: engine.close_for_delete(stream_id)))
+    await run_in_threadpool(engine.delete, stream_id)
