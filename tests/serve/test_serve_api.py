@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import mukv
-from conftest import frames, stored, wait_until
+from serve_helpers import frames, stored, wait_until
 
 QUESTION = "what color was the circle?"
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import frames, stored, wait_until
+from serve_helpers import frames, stored, wait_until
 from mukv.errors import InputError
 from mukv.serve.queues import FrameQueue
 

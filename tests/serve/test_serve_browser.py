@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from conftest import frames, stored
+from serve_helpers import frames, stored
 
 selenium = pytest.importorskip("selenium", reason="the browser test needs selenium: pip install 'mukv[test]'")
 
 
 @pytest.fixture(scope="module")
 def browser():
-    import browser as chrome
+    import serve_browser as chrome
 
     try:
         d = chrome.driver()

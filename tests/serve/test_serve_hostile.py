@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import frames, stored
+from serve_helpers import frames, stored
 
 
 def npy(arr) -> bytes:
@@ -158,7 +158,7 @@ def test_body_limits(serve):
 @pytest.fixture(scope="module")
 def serve_once(tmp_path_factory, tiny_model):
     """One server for the parametrized cases: a stream "s" with frames stored."""
-    from conftest import serving
+    from serve_helpers import serving
 
     with serving(tmp_path_factory.mktemp("hostile") / "store", tiny_model) as (c, app, url):
         c.create_stream("s")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import mukv
-from conftest import Process, frames, stored, wait_until
+from serve_helpers import Process, frames, stored, wait_until
 
 
 def _files(storage, root):
@@ -144,7 +144,7 @@ def test_two_servers_share_a_store_and_take_over_a_dead_one(moto_s3, tmp_path):
 def test_a_server_that_loses_a_stream_goes_on_as_its_reader(moto_s3, tiny_model):
     """A writer whose lease another server took (it stalled past the lease) refuses nothing silently:
     its next commit fails before writing, and the stream turns into a reader of the new writer."""
-    from conftest import serving
+    from serve_helpers import serving
     from mukv.backends.disk.lease import StreamLease
 
     storage, _ = moto_s3
