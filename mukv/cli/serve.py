@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
                                                                     "before it is dropped (default: 10)")
     p.add_argument("--max-queue-bytes", type=int, help="bytes of waiting frames per stream (default: 64 MiB)")
     p.add_argument("--max-batch-frames", type=int, help="frames of a stream per ingest step (default: 16)")
+    p.add_argument("--questions-per-step", type=int, metavar="N",
+                   help="questions answered in a row while frames wait, before one ingest step (default: 4)")
     p.add_argument("--max-upload-bytes", type=int, help="largest request body (default: 64 MiB)")
     p.add_argument("--max-frame-pixels", type=int, help="largest frame, height x width (default: 4096*4096)")
     p.add_argument("--thumbnails", type=int, metavar="PX",
@@ -60,6 +62,7 @@ def build_config(args: argparse.Namespace):
               "backend_options": _parse_config(args.backend_options, "--backend-options") or {}}
     for flag, field in (("max_lag", "max_lag_s"), ("max_queue_bytes", "max_queue_bytes"),
                         ("max_batch_frames", "max_batch_frames"), ("max_upload_bytes", "max_upload_bytes"),
+                        ("questions_per_step", "questions_per_step"),
                         ("max_frame_pixels", "max_frame_pixels"), ("thumbnails", "thumbnails"),
                         ("drain", "drain_s"), ("refresh", "refresh_s")):
         value = getattr(args, flag)

@@ -75,6 +75,10 @@ class ServeConfig(BaseModel):
     """Frames of one stream ingested in one step of the engine loop (questions are answered
     between steps, so smaller steps answer sooner under load)."""
 
+    questions_per_step: int = Field(default=4, ge=1, le=1024)
+    """Questions answered in a row, at most, while frames wait: then one ingest step runs. Questions
+    come first, but a stream of questions faster than the engine answers them cannot starve ingest."""
+
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     """Largest request body accepted (frames of one push, a JSON body)."""
 

@@ -5,7 +5,8 @@ own :class:`~mukv.serve.queues.FrameQueue`) and jobs (:meth:`Engine.submit_ask`,
 :meth:`Engine.call`), and reads numbers. A single thread runs the loop::
 
     while running:
-        a waiting question?            -> answer it        (questions first)
+        a waiting question?            -> answer it        (questions first; after
+                                          questions_per_step in a row, one ingest step)
         a waiting control job?         -> run it           (open, create, delete a stream)
         frames waiting in any queue?   -> one ingest step  (IngestScheduler: plan, run)
         time to look at the store?     -> refresh readers, find new streams, take over
@@ -372,12 +373,19 @@ class Engine:
     # ------------------------------------------------------------------ the loop (engine thread)
     def _run(self) -> None:
         next_look = time.monotonic() + self.config.refresh_s
+        answered = 0  # questions answered since the last ingest step
         while not self._stop_loop:
-            job = self._asks.popleft() if self._asks else (self._control.popleft() if self._control else None)
+            job = None
+            if self._asks and answered < self.config.questions_per_step:
+                job = self._asks.popleft()
+                answered += 1
+            elif self._control:
+                job = self._control.popleft()
             if job is not None:
                 job.run()
                 continue
             works = self.scheduler.plan(self._all())
+            answered = 0
             if works:
                 t0 = time.monotonic()
                 self.scheduler.run(works, self._step_done)
