@@ -79,6 +79,9 @@ class ServeConfig(BaseModel):
     """Questions answered in a row, at most, while frames wait: then one ingest step runs. Questions
     come first, but a stream of questions faster than the engine answers them cannot starve ingest."""
 
+    max_waiting_questions: int = Field(default=256, ge=1)
+    """Questions that may wait for the engine; more are refused (503) until some are answered."""
+
     max_upload_bytes: int = Field(default=64 << 20, ge=1024)
     """Largest request body accepted (frames of one push, a JSON body)."""
 

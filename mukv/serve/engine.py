@@ -337,6 +337,8 @@ class Engine:
             raise InputError(f"question is too long: {len(question)} characters (max_question_chars "
                              f"{self.config.max_question_chars})")
         s = self.get(sid)
+        if len(self._asks) >= self.config.max_waiting_questions:
+            raise Unavailable(f"{len(self._asks)} questions are waiting (max_waiting_questions); ask again later")
         job = _Job(lambda: self._answer(s, job, question, since, until, max_new_tokens, top_k, on_token), "ask")
         self._asks.append(job)
         self._kick.set()
