@@ -409,8 +409,7 @@ class Engine:
         s = r.stream
         if r.stored:
             s.stored += r.frames
-            if time.monotonic() - s.refreshed > 0.5 or not s.queue.frames:
-                s.update()
+            s.update()  # about a millisecond: the status is current once the step is done
             s.error = None
             return
         exc = r.error

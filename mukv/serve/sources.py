@@ -37,8 +37,10 @@ def open_source(kind: str | None, location: str, fps: float, chunk: int, options
     opts.setdefault("chunk", chunk)
     try:
         return kind, cls(location, fps=fps, **opts)
-    except TypeError as exc:  # an option the source does not take
-        raise InputError(f"source {kind!r}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # an option the source does not take, or a bad value
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"source {kind!r}: bad options {sorted(opts)}: {exc}") from None
 
 
 def guess_kind(location: str) -> str:

@@ -51,7 +51,8 @@ def test_a_stream_that_cannot_keep_up_drops_frames_with_bounded_lag(serve, tmp_p
         st = wait_until(lambda: (lambda s: s if s["queued"] == 0 and s["state"] == "idle" else None)(c.stream("cam")),
                         60, what="the queue to drain")
         assert st["dropped"] > 0 and st["frames"] + st["dropped"] == pushed == st["received"]
-        wait_until(lambda: c.stream("cam")["gaps"], 10, what="gaps to be recorded")
+        wait_until(lambda: (lambda s: sum(g["frames"] for g in s["gaps"]) == s["dropped"])(c.stream("cam")), 30,
+                   what="every drop to be recorded in a gap")
         st = c.stream("cam")
         assert sum(g["frames"] for g in st["gaps"]) == st["dropped"]
         for g in st["gaps"]:

@@ -101,6 +101,8 @@ REQUESTS = [
     ("negative fps", "post", "/v1/streams", dict(json={"id": "ok", "fps": -1}), 422),
     ("bad source kind", "post", "/v1/streams", dict(json={"id": "ok", "source": {"location": "x", "kind": "shell"}}), 422),
     ("missing source", "post", "/v1/streams", dict(json={"id": "ok2", "source": {"location": "/nonexistent/x.mp4"}}), 422),
+    ("bad source option", "post", "/v1/streams", dict(json={"id": "ok3", "source": {"location": "/tmp", "kind": "images", "options": {"chunk": "many"}}}), 422),
+    ("unknown source option", "post", "/v1/streams", dict(json={"id": "ok4", "source": {"location": "/tmp", "kind": "images", "options": {"evil": 1}}}), 422),
     ("unknown stream", "get", "/v1/streams/nope", {}, 404),
     ("bad id in path", "get", "/v1/streams/..", {}, 404),
     ("bad id in path 2", "get", "/v1/streams/a%20b", {}, 422),
