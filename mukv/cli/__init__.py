@@ -10,9 +10,12 @@
     mukv inspect STORE --plot memory.png    # what a store holds, per level and tier
     mukv plot tokens frame.png -o tokens.png
     mukv bench ...                          # the evaluation harness
+    mukv serve STORE                        # HTTP API, live ingest and a web page at http://127.0.0.1:8000/
     mukv plugins                            # what is registered, from which package (and what is broken)
     mukv config show                        # the effective configuration and where each value came from
     mukv logs STORE                         # the store's question log
+    mukv streams list STORE                 # the streams of a store (also delete, export, import)
+    mukv repair STORE                       # what a repair would do to streams that do not add up
 
 Every command has ``--help``; ``-v``/``-vv``/``-q``/``--log-json`` set what is logged on
 stderr. Errors are one line, ``mukv: error: ...``, with exit status 2.
@@ -27,7 +30,7 @@ import textwrap
 from typing import Sequence
 
 from ..errors import MukvError
-from ..signals import Interrupted
+from ..signals import Interrupted, interrupts_as_exceptions
 
 from .plugins import _cmd_plugins
 from .ingest import _cmd_ingest
@@ -38,6 +41,7 @@ from .demo import _cmd_demo
 from .bench import BENCH_DESCRIPTION, _cmd_bench
 from .config import CONFIG_DESCRIPTION, _cmd_config_show
 from .logs import LOGS_DESCRIPTION, _cmd_logs
+from . import serve as _serve
 from .common import EPILOG, RANDOM_MODEL, STORE_BACKEND, TRAINED_MODEL, _RANDOM_NOTE, pick_model  # noqa: F401
 from .streams import add_parsers as add_stream_parsers
 from .common import OneLineParser, non_negative_float, positive_float, positive_int, time_arg
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
     p.set_defaults(func=_cmd_bench)
 
+    _serve.add_parser(sub)
+
     p = sub.add_parser("plugins", formatter_class=_Formatter,
                        help="list registered components and the package each comes from",
                        description="List every registered component: role, name, plugin and package. "
@@ -270,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = configure_logging(getattr(args, "verbose", 0) - (1 if getattr(args, "quiet", False) else 0),
                                 json_lines=getattr(args, "log_json", False))
     try:
-        return args.func(args)
+        with interrupts_as_exceptions():  # SIGTERM stops a command as Ctrl-C does: cleanly, exit 143
+            return args.func(args)
     except (MukvError, OSError) as exc:
         return _fail(_one_line(exc), args, log_error)
     except ModuleNotFoundError as exc:
