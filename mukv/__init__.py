@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "hookimpl",
     "Session",
+    "Client",
     "MukvConfig",
     "LevelConfig",
     "register_plugin",
@@ -51,4 +52,8 @@ def __getattr__(name: str):
         from .session import Session
 
         return Session
+    if name == "Client":  # needs httpx: pip install 'mukv[serve]'
+        from .client import Client
+
+        return Client
     raise AttributeError(f"module 'mukv' has no attribute {name!r}")

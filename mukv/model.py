@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -823,7 +823,8 @@ class HFVideoLLM(ModelAdapter):
     # -- decoding -----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
-        self, context: torch.Tensor, question: str, max_new_tokens: int, start_position: int | None = None
+        self, context: torch.Tensor, question: str, max_new_tokens: int, start_position: int | None = None,
+        on_token: Callable[[str], None] | None = None,
     ) -> tuple[str, list[int], dict[str, float]]:
         """Greedy answer to ``question`` from an assembled context.
 
@@ -835,6 +836,8 @@ class HFVideoLLM(ModelAdapter):
             question: the question.
             max_new_tokens: decoding budget.
             start_position: RoPE position of the first prompt token (default C).
+            on_token: called with each new piece of the answer's text as it is decoded (the pieces,
+                joined, are the answer before its trailing whitespace is stripped).
 
         Returns:
             ``(text, token ids, timings)`` with timings "prefill" (answer prompt),
@@ -843,7 +846,8 @@ class HFVideoLLM(ModelAdapter):
         timings: dict[str, float] = {}
         ids = self.tokenize(self.answer_template.format(question=question))
         if self._use_static(ids.numel()) and ids.numel() > 0:
-            return self._generate_static(context, ids, max_new_tokens, start_position)
+            return self._generate_static(context, ids, max_new_tokens, start_position, on_token)
+        emit = _TextStream(self.tokenizer, on_token)
         t0 = time.perf_counter()
         cache = kv_to_cache(context, extra=ids.numel() + max_new_tokens)
         pos = context.shape[4] if start_position is None else start_position
@@ -860,6 +864,7 @@ class HFVideoLLM(ModelAdapter):
             timings["prefill"] = timings["first_token"] = time.perf_counter() - t0
             while token not in stop and len(out) < max_new_tokens:
                 out.append(token)
+                emit(out)
                 if len(out) == max_new_tokens:
                     break
                 step = torch.tensor([[token]], device=self.device)
@@ -876,7 +881,8 @@ class HFVideoLLM(ModelAdapter):
 
 
     def _generate_static(self, context: torch.Tensor, ids: torch.Tensor, max_new_tokens: int,
-                         start_position: int | None) -> tuple[str, list[int], dict[str, float]]:
+                         start_position: int | None, on_token: Callable[[str], None] | None = None
+                         ) -> tuple[str, list[int], dict[str, float]]:
         """:meth:`generate` over a KV workspace with replayed steps (CUDA graphs on CUDA).
 
         The context is copied into the workspace; the answer prompt, padded to a
@@ -890,6 +896,7 @@ class HFVideoLLM(ModelAdapter):
         need = c + bucket + max_new_tokens
         stop = set(self.stop_ids)
         out: list[int] = []
+        emit = _TextStream(self.tokenizer, on_token)
         with self._static_lock:
             dec = self._answer_decoder
             if dec is None or dec.capacity < need:
@@ -911,6 +918,7 @@ class HFVideoLLM(ModelAdapter):
             slot, pos = c + n, pos + n
             while token not in stop and len(out) < max_new_tokens:
                 out.append(token)
+                emit(out)
                 if len(out) == max_new_tokens:
                     break
                 step.ids.view(-1).copy_(prev.token)
@@ -959,6 +967,26 @@ class MRopeVideoLLM(HFVideoLLM):
 
         delta = mrope_rows(new.to(keys.device)) - mrope_rows(old.to(keys.device))  # [3, C]
         return rerotate_rows(self.language_model.rotary_emb, keys, delta)
+
+
+class _TextStream:
+    """Hands the new text of a growing answer to ``on_token``, piece by piece.
+
+    Each call decodes the answer so far and passes on what was added since the last piece;
+    a piece ending in an incomplete UTF-8 sequence waits for the next token. Leading
+    whitespace is dropped (as :meth:`HFVideoLLM.generate` strips its answer)."""
+
+    def __init__(self, tokenizer: Any, on_token: Callable[[str], None] | None):
+        self.tokenizer, self.on_token, self.sent = tokenizer, on_token, 0
+
+    def __call__(self, ids: list[int]) -> None:
+        if self.on_token is None:
+            return
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd") or len(text) <= self.sent:
+            return
+        piece, self.sent = text[self.sent:], len(text)
+        self.on_token(piece)
 
 
 def _sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -682,7 +682,7 @@ class Session:
 
     # -- asking -----------------------------------------------------------------------------
     def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None,
-            since: Any = None, until: Any = None) -> Answer:
+            since: Any = None, until: Any = None, on_token: Callable[[str], None] | None = None) -> Answer:
         """Answer a question from what has been fed so far.
 
         Args:
@@ -693,6 +693,9 @@ class Session:
             since, until: answer from the blocks lying in this time window only: stream
                 seconds, or (for a stream with a wall-clock origin) datetimes, ISO 8601
                 strings or Unix seconds.
+            on_token: called on the asking thread with each new piece of the answer's text as
+                it is decoded (for streaming it to a user); the pieces joined are the answer
+                text up to trailing whitespace. An exception it raises ends the question.
 
         Returns:
             An :class:`~mukv.blocks.Answer`: text, retrieved blocks (level, time
@@ -715,11 +718,13 @@ class Session:
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
                                            or not 1 <= max_new_tokens <= MAX_NEW_TOKENS):
             raise InputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}")
+        if on_token is not None and not callable(on_token):
+            raise InputError(f"on_token must be a callable taking a str; got {type(on_token).__name__}")
         with self._lock:
             self._check_open()
             self._refresh_reader()
             window = self._window(since, until)
-            return self._answer(question, top_k, max_new_tokens, window)
+            return self._answer(question, top_k, max_new_tokens, window, on_token)
 
     def _window(self, since: Any, until: Any) -> tuple[float | None, float | None] | None:
         if since is None and until is None:
@@ -761,7 +766,7 @@ class Session:
             return True
 
     def _answer(self, question: str, top_k: dict[str, int] | None, max_new_tokens: int | None,
-                window: tuple[float | None, float | None] | None) -> Answer:
+                window: tuple[float | None, float | None] | None, on_token: Any = None) -> Answer:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -801,7 +806,8 @@ class Session:
         context, order = assembled.kv, assembled.block_order
         timings["page_in"] = time.perf_counter() - t0
         budget = max_new_tokens or self.config.generation.max_new_tokens
-        text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
+        stream = {"on_token": on_token} if on_token is not None else {}
+        text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position, **stream)
         timings.update(gen_t)
         timings["total"] = time.perf_counter() - t_start
         origin = self._stream.wall_origin

@@ -40,6 +40,9 @@ NOT_RUN = {
     "install.sh": "installs packages (CI runs the same pip install before the tests)",
     "install_keynorm.sh": "installs packages (CI installs examples/mukv-keynorm before the tests)",
     "train_tiny_eval.sh": "evaluates mukv-tiny for minutes; tests/test_train.py covers benchmarks/train_tiny.py",
+    "serve.sh": "starts servers that run until stopped; tests/serve/test_serve_process.py runs `mukv serve` as a process",
+    "serve_s3.sh": "needs an S3 bucket; tests/serve/test_serve_s3.py runs two servers over moto's S3 on loopback",
+    "serve_load.sh": "benchmarks of minutes; tests/serve/test_serve_load.py runs benchmarks/serve_load.py briefly",
 }
 #: Environment for snippets: long tutorials read their stream length from MINUTES.
 SNIPPET_ENV = {"MINUTES": "1"}

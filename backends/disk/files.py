@@ -245,8 +245,9 @@ class WriterLock:
     """An advisory exclusive lock that marks the one process writing a stream.
 
     Local stores only (``flock`` on ``streams/<id>.lock``); it is released when
-    the process ends, however it ends. Object stores have no lock: one writer
-    per stream is the caller's duty there.
+    the process ends, however it ends. Object stores have no lock: a lease kept
+    in the stream's state file by conditional writes marks their writer
+    (:mod:`~mukv.backends.disk.lease`).
     """
 
     def __init__(self, path: Path):

@@ -99,6 +99,19 @@ class TieredOptions(BaseModel):
     """``None``: write if no other process writes this stream, else open
     read-only; ``True``: read-only; ``False``: fail if another process writes it."""
 
+    lease_ttl: float = Field(default=30.0, ge=1.0, le=3600.0)
+    """Object stores: seconds a writer's lease on a stream lasts without renewal (renewed every
+    third of it). A server that dies holding a stream leaves it to another after this long.
+    See :mod:`~mukv.backends.disk.lease`."""
+
+    lease_owner: str | None = Field(default=None, min_length=1, max_length=200)
+    """Object stores: the name a writer gives itself in its lease (``None``: ``host:pid``)."""
+
+    clock_skew: float = Field(default=10.0, ge=0.0, le=3600.0)
+    """Object stores: seconds by which the clocks of the machines writing one store may differ. A
+    lease whose recorded expiry is this long past is taken at once; otherwise a lease is taken
+    after its state file was seen unchanged for a whole lease, which needs no clocks."""
+
     read_threads: int = Field(default=8, ge=1, le=256)
     """Threads that read KV at page-in (shards of one question's selection are read
     concurrently; the threads mostly wait for the disk, so more than the CPU cores)."""

@@ -95,6 +95,8 @@ def list_streams(path: str, storage_options: dict[str, Any] | None = None) -> li
             continue
         state, values = found
         contract = values.session
+        if contract is None and not any(state.counts.values()):
+            continue  # a stream being created (its state holds a writer's lease, no contract yet)
         origin = contract.wall_origin if contract else None
         first = values.first_time if values.first_time is not None else (
             min((s.times[0] for s in values.sources if s.times), default=None))
@@ -115,10 +117,18 @@ def _holder(files: Files, sid: str) -> str:
     return WriterLock(files.local / "streams" / f"{sid}.lock").holder()
 
 
-def _lock(files: Files, sid: str) -> WriterLock | None:
-    """The stream's writer lock (local stores), or a StoreError naming the process that holds it."""
+def _lock(files: Files, sid: str, lease_ttl: float = 30.0, clock_skew: float = 10.0) -> Any:
+    """The stream's writer lock (local stores) or lease (object stores: :class:`~.lease.StreamLease`), or
+    a StoreError naming who holds it."""
     if files.remote:
-        return None
+        from .lease import LeaseHeld, StreamLease
+
+        lease = StreamLease(files, f"streams/{sid}.json", lease_ttl, None, clock_skew)
+        try:
+            lease.acquire()
+        except LeaseHeld as exc:
+            raise StoreError(f"{files.uri()}: stream {sid!r} is being written by another process ({exc})") from None
+        return lease
     lock = WriterLock(files.local / "streams" / f"{sid}.lock")
     if not lock.acquire():
         raise StoreError(f"{files.uri()}: stream {sid!r} is being written by another process (pid {lock.holder()}); "
@@ -168,10 +178,11 @@ def delete_stream(path: str, stream_id: str, storage_options: dict[str, Any] | N
     finally:
         if lock is not None:
             lock.release()
-            try:
-                lock.path.unlink()
-            except OSError:
-                pass
+            if not files.remote:
+                try:
+                    lock.path.unlink()
+                except OSError:
+                    pass
 
 
 def _remove_tree(files: Files, rel: str) -> int:
@@ -195,7 +206,8 @@ def _remove_tree(files: Files, rel: str) -> int:
     return n
 
 
-def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, check_crc: bool = True) -> dict[str, Any]:
+def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, check_crc: bool = True,
+                 lease: Any = None) -> dict[str, Any]:
     """Copy committed stream ``sid`` of ``src`` to stream ``did`` of ``dst`` (whose manifest exists and
     matches): KV arrays (with their metadata), index rows, stream files, then the state file."""
     import pyarrow as pa
@@ -258,8 +270,12 @@ def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, ch
             dst.write(f"streams/{did}/" + rel[len(f"streams/{sid}/"):], data)
             n_files += 1
     raw = src.read_json(f"streams/{sid}.json")
+    raw.pop("lease", None)
     raw.update(stream_id=did, txn=1, updated=time.time())
-    dst.write_json(f"streams/{did}.json", raw)  # the commit point
+    if lease is not None:
+        lease.write_state(raw)  # the commit point, fenced by the destination stream's lease
+    else:
+        dst.write_json(f"streams/{did}.json", raw)  # the commit point
     return {"blocks": copied, "files": n_files, "frames": values.frames_seen}
 
 
@@ -360,7 +376,7 @@ def import_stream(path: str, src: str, stream_id: str | None = None, from_stream
         raise StoreError(f"{path}: stream {did!r} exists; import under another id")
     lock = _lock(dst, did)
     try:
-        out = _copy_stream(sfiles, from_stream, dst, did, manifest.layout)
+        out = _copy_stream(sfiles, from_stream, dst, did, manifest.layout, lease=lock if dst.remote else None)
     except BaseException:
         _discard(dst, did, manifest)  # nothing of a failed import stays
         raise

@@ -54,6 +54,7 @@ from mukv.state import validate_values
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .state_file import read_state, validate_manifest
 from .hot import BlockInfo, HotTier
+from .lease import LeaseHeld, StreamLease
 from .options import TieredOptions
 from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
@@ -151,6 +152,7 @@ class TieredBackend(StorageBackend):
         self._lock = threading.RLock()
         self.files = Files(str(path), o.storage_options, o.fsync)
         self._lockfile: WriterLock | None = None
+        self._lease: StreamLease | None = None
         self.read_only = self._open_store(o.read_only)
         try:
             self._init_tiers()
@@ -182,8 +184,21 @@ class TieredBackend(StorageBackend):
             self._check_manifest(manifest)
         if read_only:
             return True
-        if files.remote:
-            return False  # object stores: no lock, one writer per stream is the caller's duty
+        if files.remote:  # object stores: a lease in the stream's state file, taken by a conditional write
+            o = self.options
+            lease = StreamLease(files, self._state_rel(), o.lease_ttl, o.lease_owner, o.clock_skew)
+            if lease.try_acquire():
+                self._lease = lease
+                return False
+            try:
+                lease.acquire()  # a second look; raises naming the holder
+                self._lease = lease
+                return False
+            except LeaseHeld as held:
+                if read_only is False:
+                    raise
+                warnings.warn(f"{held}; opened read-only", stacklevel=4)
+                return True
         lock = WriterLock(files.local / "streams" / f"{self.stream_id}.lock")
         if lock.acquire():
             self._lockfile = lock
@@ -456,6 +471,9 @@ class TieredBackend(StorageBackend):
     def _check_writer(self) -> None:
         if self._failure is not None:
             raise StoreError(self._failure)
+        if self._lease is not None and self._lease.lost is not None:
+            self._failure = f"{self._lease.lost}; reopen the stream (read-only while another server writes it)"
+            raise StoreError(self._failure)
         w = self.writer
         if w is not None and w.error is not None:
             # what the state file counts is what a reopen finds; reads go on over that alone
@@ -675,6 +693,8 @@ class TieredBackend(StorageBackend):
 
         jobs = [it for it in items if isinstance(it, _Job)]
         marks = [it for it in items if isinstance(it, _Mark)]
+        if self._lease is not None:  # a writer whose lease ran out or was taken writes nothing more
+            self._lease.confirm()
         if jobs:
             runs: list[list[_Job]] = []
             for job in jobs:
@@ -707,11 +727,15 @@ class TieredBackend(StorageBackend):
                         self.files.write(f"{self._stream_dir()}/{name}", data)
                 self._pvalues.update(m.values)
             last = marks[-1]
-            self.files.write_json(self._state_rel(), {
+            state = {
                 "format_version": FORMAT_VERSION, "stream_id": self.stream_id, "txn": last.txn,
                 "counts": last.counts, "values": self._persisted_values(), "levels": dict(self._level_info),
                 "updated": time.time(),
-            })
+            }
+            if self._lease is not None:
+                self._lease.write_state(state)  # fenced: fails if another writer took the stream over
+            else:
+                self.files.write_json(self._state_rel(), state)
             self._persisted = dict(last.counts)
             for m in marks:
                 for name, data in m.files.items():
@@ -1088,6 +1112,13 @@ class TieredBackend(StorageBackend):
         if self._lockfile is not None:
             self._lockfile.release()
             self._lockfile = None
+        if self._lease is not None:
+            self._lease.release()
+
+    @property
+    def lease(self) -> "StreamLease | None":
+        """The writer's lease on a stream of an object store (``None``: local store, or read-only)."""
+        return self._lease
 
     def close(self) -> None:
         with self._lock:

@@ -469,9 +469,17 @@ def _check_kv(archive: Any, arr: Any, level: str, n: int, crc_of: dict[int, int]
 
 
 def writer_active(files: Files, sid: str) -> bool:
-    """Whether another process holds stream ``sid``'s writer lock (local stores; probed, never taken)."""
+    """Whether another process holds stream ``sid``'s writer lock (local stores; probed, never taken), or
+    its unexpired lease (object stores)."""
     if files.remote:
-        return False
+        import time
+
+        try:
+            lease = (files.read_json(f"streams/{sid}.json") or {}).get("lease") or {}
+        except StoreError:
+            return False
+        exp = lease.get("expires")
+        return lease.get("owner") is not None and isinstance(exp, (int, float)) and exp > time.time()
     lock = files.local / "streams" / f"{sid}.lock"
     if not lock.exists():
         return False

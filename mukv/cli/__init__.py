@@ -10,9 +10,12 @@
     mukv inspect STORE --plot memory.png    # what a store holds, per level and tier
     mukv plot tokens frame.png -o tokens.png
     mukv bench ...                          # the evaluation harness
+    mukv serve STORE                        # HTTP API, live ingest and a web page at http://127.0.0.1:8000/
     mukv plugins                            # what is registered, from which package (and what is broken)
     mukv config show                        # the effective configuration and where each value came from
     mukv logs STORE                         # the store's question log
+    mukv streams list STORE                 # the streams of a store (also delete, export, import)
+    mukv repair STORE                       # what a repair would do to streams that do not add up
 
 Every command has ``--help``; ``-v``/``-vv``/``-q``/``--log-json`` set what is logged on
 stderr. Errors are one line, ``mukv: error: ...``, with exit status 2.
@@ -38,6 +41,7 @@ from .demo import _cmd_demo
 from .bench import BENCH_DESCRIPTION, _cmd_bench
 from .config import CONFIG_DESCRIPTION, _cmd_config_show
 from .logs import LOGS_DESCRIPTION, _cmd_logs
+from . import serve as _serve
 from .common import EPILOG, RANDOM_MODEL, STORE_BACKEND, TRAINED_MODEL, _RANDOM_NOTE, pick_model  # noqa: F401
 from .streams import add_parsers as add_stream_parsers
 from .common import OneLineParser, non_negative_float, positive_float, positive_int, time_arg
@@ -203,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="JSON|FILE", help="configuration fields applied over every policy's")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the harness")
     p.set_defaults(func=_cmd_bench)
+
+    _serve.add_parser(sub)
 
     p = sub.add_parser("plugins", formatter_class=_Formatter,
                        help="list registered components and the package each comes from",

@@ -1,0 +1,1 @@
+"""One router per resource: streams, frames, questions, the system routes, the page."""

@@ -1,0 +1,54 @@
+"""Safe defaults: loopback unless told, a bearer token for anything else."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+import mukv
+from mukv.cli import main
+from mukv.errors import ConfigError
+from mukv.serve.config import ServeConfig
+
+TOKEN = "s3cret-token-of-32-characters!!"
+
+
+def test_public_address_needs_a_token(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("MUKV_SERVE_TOKEN", raising=False)
+    assert ServeConfig.build(store="x").host == "127.0.0.1"
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        with pytest.raises(ConfigError, match="needs a bearer token"):
+            ServeConfig.build(store="x", host=host)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert ServeConfig.build(store="x", host=host).token is None
+    assert ServeConfig.build(store="x", host="0.0.0.0", token=TOKEN).token == TOKEN
+    monkeypatch.setenv("MUKV_SERVE_TOKEN", TOKEN)
+    assert ServeConfig.build(store="x", host="0.0.0.0").token == TOKEN
+    monkeypatch.delenv("MUKV_SERVE_TOKEN")
+    assert main(["serve", str(tmp_path / "s"), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mukv: error:") and "bearer token" in err and len(err.strip().splitlines()) == 1
+    assert main(["serve", str(tmp_path / "s"), "--token", "short"]) == 2
+    assert "short" not in capsys.readouterr().err  # a token is never echoed
+    for bad in (["--port", "-1"], ["--max-lag", "0"], ["--thumbnails", "-5"], ["--config", "{bad"]):
+        assert main(["serve", str(tmp_path / "s"), *bad]) == 2
+        assert capsys.readouterr().err.startswith("mukv: error:")
+
+
+def test_token_is_required_on_every_route_but_health_and_page(serve):
+    with serve(token=TOKEN) as (c, app, url):
+        c.create_stream("s")  # the fixture's client carries the token
+        for method, path in (("get", "/v1/streams"), ("get", "/v1/streams/s"), ("post", "/v1/streams/s/ask"),
+                             ("post", "/v1/streams/s/frames"), ("get", "/metrics"), ("delete", "/v1/streams/s"),
+                             ("get", "/v1/streams/s/frames/0.jpg")):
+            for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN},
+                            {"Authorization": "Basic " + TOKEN}):
+                r = httpx.request(method.upper(), url + path, headers=headers, json={"question": "q"})
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.headers.get("www-authenticate") == "Bearer" and r.json()["error"] == "Unauthorized"
+        assert httpx.get(url + "/healthz").status_code == 200
+        assert httpx.get(url + "/").status_code == 200
+        with pytest.raises(mukv.MukvError) as e:
+            mukv.Client(url).streams()
+        assert e.value.status == 401
+        assert [s["id"] for s in mukv.Client(url, token=TOKEN).streams()] == ["s"]
