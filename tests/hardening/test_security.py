@@ -199,6 +199,10 @@ FILTER_CALL_SITES = {
     ("tiered.py", "_commit_run", "delete", "f'{self._stream_dir()}/{name}'"),
     ("tiered.py", "_remove_unreferenced_files", "delete", "f'{self._stream_dir()}/{name}'"),
     ("tiered.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
+    ("repair.py", "apply_repair", "delete", "f\"streams/{rep.stream_id}/{check_stream_id(pend['file'])}\""),
+    ("streams.py", "delete_stream", "delete", "rel"),  # f"streams/{check_stream_id(stream_id)}.json"
+    ("streams.py", "_remove_tree", "delete", "obj['path']"),  # listed under kv/<id>/ or streams/<id>/
+    ("streams.py", "_discard", "delete", "f'streams/{did}.json'"),
 }
 #: what may be interpolated into an f-string of lance_index.py: validated names, ints, and clauses built of them
 SAFE_INTERPOLATIONS = {"check_stream_id(stream_id)", "check_level(level)", "check_level(lv)", "int(below)",

@@ -55,7 +55,7 @@ def mukv_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The single ``mukv: error: ...`` line a refused command prints (asserts exit status 2, no traceback)."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("mukv: warning:")]
     assert len(lines) == 1 and lines[0].startswith("mukv: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
