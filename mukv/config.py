@@ -20,7 +20,7 @@ import json
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .specs import component_ref
@@ -211,9 +211,21 @@ class GenerationConfig(BaseModel):
 
     model_config = _MODEL
 
-    system_prompt: str | None = None
-    """Text prefilled before every block and question; ``None`` uses the model
-    adapter's default."""
+    system_prompt: str | None = Field(default=None, max_length=32768)
+    """Text prefilled before every block and question (at most 32,768 characters, valid Unicode);
+    ``None`` uses the model adapter's default."""
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _prompt_text(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"not valid Unicode text ({exc.reason} at position {exc.start})") from None
+            if "\x00" in v:
+                raise ValueError("must not contain NUL characters")
+        return v
 
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
     """Greedy decoding stops after this many tokens (or at end of sequence)."""

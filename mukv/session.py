@@ -83,6 +83,28 @@ def check_path(path: Any, what: str) -> str:
     return path
 
 
+def check_device(device: Any) -> torch.device:
+    """A torch device this machine has (``None``: CUDA if available, else CPU)."""
+    if device is None:
+        return default_device()
+    if not isinstance(device, (str, torch.device)) or (isinstance(device, str) and len(device) > 64):
+        raise ConfigError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'); got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta") or dev.type == "meta":
+        raise ConfigError(f"device {device!r}: not a device mukv runs on (cpu, cuda, mps)")
+    return dev
+
+
 def check_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None or dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
@@ -274,10 +296,7 @@ class Session:
         self.stream_id = stream_id
         self.resize = resize
         self.config, layered = self._resolve_config(config, policy, stored)
-        try:
-            self.device = torch.device(device) if device is not None else default_device()
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"invalid device {device!r}: {exc}") from None
+        self.device = check_device(device)
         check_dtype(dtype)
         # resolve every component (names, settings) before loading anything heavy
         self.config = canonicalize(self.config, reg)

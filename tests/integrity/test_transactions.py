@@ -304,3 +304,52 @@ def test_sampling_rates_are_bounded(tiny_model, tmp_path):
         assert s.stats()["frames"] == 0
         s.ingest(video, fps=8.0, upsample=True)  # each frame twice
         assert s.stats()["frames"] == 24
+
+
+# -- every input is bounded, with an error naming the field ---------------------------------------------------
+@pytest.mark.parametrize("kwargs, words", [
+    ({"device": "cuda:7"}, "device"), ({"device": "meta"}, "device"), ({"device": 3}, "device"),
+    ({"dtype": "float16"}, "dtype"), ({"dtype": torch.int8}, "dtype"),
+    ({"config": {"generation": {"system_prompt": "x" * 40000}}}, "system_prompt"),
+    ({"config": {"generation": {"system_prompt": "a\ud800b"}}}, "system_prompt"),
+    ({"config": {"stream": {"fps": 0}}}, "stream.fps"),
+    ({"backend": "lancedb", "path": 123}, "path"), ({"backend": "lancedb", "path": "a\x00b"}, "path"),
+    ({"backend": "lancedb", "path": "x" * 5000}, "path"),
+    ({"backend": "lancedb", "path": "{tmp}/s", "backend_options": {"hot_bytes": -1}}, "hot_bytes"),
+    ({"backend": "lancedb", "path": "{tmp}/s", "backend_options": {"max_pending_bytes": "lots"}}, "max_pending_bytes"),
+    ({"backend": "lancedb", "path": "{tmp}/s", "backend_options": {"nope": 1}}, "nope"),
+    ({"backend": "lancedb", "path": "{tmp}/s", "stream_id": "../x"}, "stream id"),
+    ({"thumbnails": 5}, "thumbnails"), ({"wall_origin": "noon"}, "wall_origin"), ({"resize": "yes"}, "resize"),
+])
+def test_session_arguments_are_validated(tiny_model, tmp_path, kwargs, words):
+    kwargs = {k: (v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v) for k, v in kwargs.items()}
+    with pytest.raises(MukvError, match=words):
+        mukv.Session(model=tiny_model, config=kwargs.pop("config", FAST), **kwargs)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.json")) or \
+        "stream id" not in words
+
+
+@pytest.mark.parametrize("source, location, options, words", [
+    ("video", "{video}", {"chunk": 0}, "chunk"),
+    ("video", "{video}", {"chunk": True}, "chunk"),
+    ("video", "{video}", {"start": -1}, "start"),
+    ("video", 42, {}, "path"),
+    ("video", "{video}", {"bogus": 1}, "bogus"),
+    ("images", "{tmp}", {"chunk": "many"}, "chunk"),
+    ("stream", "{video}", {"timeout_s": -1}, "timeout_s"),
+    ("stream", "{video}", {"max_frames": 0}, "max_frames"),
+    ("stream", "{video}", {"format": "../x"}, "format"),
+    ("stream", "{video}", {"options": {"rtsp_transport": 1}}, "options"),
+    ("video", "{video}", {"force": "yes"}, "force"),
+    ("nope", "{video}", {}, "nope"),
+])
+def test_feed_from_options_are_validated(tiny_model, tmp_path, source, location, options, words):
+    from integrity_helpers import write_mp4
+
+    video = write_mp4(tmp_path / "v.mp4", 8)
+    if isinstance(location, str):
+        location = location.format(video=video, tmp=tmp_path)
+    with mukv.Session(model=tiny_model, config=FAST) as s:
+        with pytest.raises(MukvError, match=words):
+            s.feed_from(source, location, fps=1.0, **options)
+        assert s.stats()["frames"] == 0
