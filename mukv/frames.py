@@ -123,7 +123,7 @@ def check_fps(fps: Any, native: float | None = None, upsample: bool = False, wha
 
 def read_video(path: str | Path, fps: float, chunk: int = 64, upsample: bool = False, start: int = 0
                ) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Sample a video file at ``fps`` with decord.
+    """Sample a video file at ``fps`` (decord; PyAV for files decord misreads).
 
     Args:
         fps: sampling rate, at most the video's own unless ``upsample``.
@@ -147,16 +147,8 @@ def read_video(path: str | Path, fps: float, chunk: int = 64, upsample: bool = F
         raise InputError(f"video file not found: {p}")
     if not p.is_file():
         raise InputError(f"not a file (a folder or a special file): {p}")
-    try:
-        import decord
-    except ImportError:  # pragma: no cover - decord is a dependency of the video extra
-        raise InputError("reading video files needs decord: pip install 'mukv[video]'") from None
-    try:
-        vr = decord.VideoReader(str(p), ctx=decord.cpu(0))
-        total = len(vr)
-        native = float(vr.get_avg_fps())
-    except Exception as exc:  # decord raises its own DECORDError
-        raise InputError(f"cannot read video {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    reader = _open_video(p)
+    total, native = reader.total, reader.fps
     if total == 0 or not math.isfinite(native) or native <= 0:
         raise InputError(f"video {p} has no frames")
     fps = check_fps(fps, native, upsample)
@@ -167,22 +159,132 @@ def read_video(path: str | Path, fps: float, chunk: int = 64, upsample: bool = F
         for s in range(start, n, chunk):
             times = np.arange(s, min(n, s + chunk), dtype=np.float64) / fps
             idx = np.minimum(np.round(times * native).astype(np.int64), total - 1)
-            try:
-                batch = vr.get_batch(idx.tolist()).asnumpy()
-            except Exception as exc:
-                raise InputError(f"cannot decode {p} near frame {int(idx[0])}: {exc}") from None
-            yield torch.from_numpy(batch), torch.from_numpy(times)
+            yield torch.from_numpy(reader.frames(idx)), torch.from_numpy(times)
 
     return n, gen()
 
 
 def video_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of a video file's frames (decord), without decoding the whole file."""
-    try:
+    """``(height, width)`` of a video file's frames, without decoding the whole file.
+
+    Raises:
+        InputError: missing, unreadable or empty file.
+    """
+    reader = _open_video(Path(path))
+    if not reader.total:
+        raise InputError(f"video {path} has no frames")
+    return reader.size
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class _Decord:
+    """Random access through decord (fast); ``ok`` is False where decord misreads the file.
+
+    decord 0.6 decodes frames whose width it pads (e.g. 48 px wide) into a buffer of another
+    size: ``get_batch`` fails and ``vr[i]`` returns 4 channels. Such files go to :class:`_PyAV`.
+    """
+
+    def __init__(self, p: Path):
         import decord
 
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        h, w = vr[0].shape[:2]
-        return int(h), int(w)
-    except Exception as exc:  # noqa: BLE001 - decord raises its own types
-        raise InputError(f"cannot read video {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.path = p
+        self.vr = decord.VideoReader(str(p), ctx=decord.cpu(0))
+        self.total, self.fps = len(self.vr), float(self.vr.get_avg_fps())
+        self.ok, self.size = True, (0, 0)
+        if self.total:
+            try:
+                first = self.vr.get_batch([0]).asnumpy()
+                self.ok = first.ndim == 4 and first.shape[-1] == 3
+                self.size = (int(first.shape[1]), int(first.shape[2]))
+            except Exception:  # noqa: BLE001 - decord raises its own types
+                self.ok = False
+
+    def frames(self, idx: np.ndarray) -> np.ndarray:
+        try:
+            return self.vr.get_batch(idx.tolist()).asnumpy()
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot decode {self.path} near frame {int(idx[0])}: {_first_line(exc)}") from None
+
+
+class _PyAV:
+    """Sequential decoding through PyAV, for files decord misreads; frames are picked by index."""
+
+    def __init__(self, p: Path):
+        import av
+
+        self.path, self._av = p, av
+        with av.open(str(p)) as c:
+            if not c.streams.video:
+                raise InputError(f"video {p} has no video stream")
+            vs = c.streams.video[0]
+            rate = vs.average_rate or vs.guessed_rate
+            self.fps = float(rate) if rate else float("nan")
+            self.size = (int(vs.codec_context.height), int(vs.codec_context.width))
+            self.total = int(vs.frames) or sum(1 for pk in c.demux(vs) if pk.size)
+        self._next, self._iter, self._container, self._last = 0, None, None, None
+
+    def frames(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), *self.size, 3), dtype=np.uint8)
+        want = idx.tolist()
+        if self._iter is None or want[0] < self._next - 1:  # restart for a backwards jump
+            self._restart()
+        j, last = 0, None
+        try:
+            while j < len(want):
+                while self._next <= want[j]:
+                    last = next(self._iter)
+                    self._next += 1
+                    self._last = last
+                rgb = self._last.to_ndarray(format="rgb24")
+                if rgb.shape[:2] != self.size:
+                    raise InputError(f"video {self.path} changes frame size mid-file ({rgb.shape[1]}x{rgb.shape[0]})")
+                while j < len(want) and want[j] == self._next - 1:
+                    out[j] = rgb
+                    j += 1
+        except StopIteration:
+            raise InputError(f"cannot decode {self.path} near frame {want[j]}: the file ends early") from None
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - av raises its own error types
+            raise InputError(f"cannot decode {self.path} near frame {want[j]}: {_first_line(exc)}") from None
+        return out
+
+    def _restart(self) -> None:
+        if self._container is not None:
+            self._container.close()
+        self._container = self._av.open(str(self.path))
+        self._iter = self._container.decode(self._container.streams.video[0])
+        self._next = 0
+
+    def __del__(self) -> None:
+        if getattr(self, "_container", None) is not None:
+            self._container.close()
+
+
+def _open_video(p: Path) -> "_Decord | _PyAV":
+    """A reader of the video file ``p`` (decord, or PyAV where decord misreads the file)."""
+    if not p.exists():
+        raise InputError(f"video file not found: {p}")
+    if not p.is_file():
+        raise InputError(f"not a file (a folder or a special file): {p}")
+    try:
+        reader = _Decord(p)
+        if reader.ok:
+            return reader
+    except ImportError:  # pragma: no cover - decord is a dependency of the video extra
+        pass
+    except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError
+        decord_error = exc
+    else:
+        decord_error = None
+    try:
+        return _PyAV(p)
+    except ImportError:  # pragma: no cover
+        raise InputError("reading video files needs decord and PyAV: pip install 'mukv[video]'") from None
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read video {p}: {_first_line(decord_error or exc)}") from None

@@ -154,7 +154,8 @@ def thumbnail(session: Any, index: int) -> bytes:
     """The JPEG thumbnail of stored frame ``index``.
 
     Raises:
-        InputError: no such frame; StoreError: the stream keeps no thumbnails.
+        InputError: no such frame.
+        StoreError: the stream keeps no thumbnails.
     """
     return session.thumbnail(index)
 

@@ -40,7 +40,7 @@ from .scheduler import IngestScheduler, StepResult
 from .sources import SourcePuller, open_source
 from .stream import ServedStream
 
-log = logging.getLogger("mukv.serve")
+log = logging.getLogger(__name__)
 
 
 class _Job:

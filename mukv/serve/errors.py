@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
 from .adapter import NotSupported, describe
 
-log = logging.getLogger("mukv.serve")
+log = logging.getLogger(__name__)
 
 
 class NotFound(MukvError):

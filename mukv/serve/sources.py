@@ -27,7 +27,8 @@ def open_source(kind: str | None, location: str, fps: float, chunk: int, options
         ``(kind, source)``.
 
     Raises:
-        InputError: the source cannot be opened; UnknownPluginError: no such source.
+        InputError: the source cannot be opened.
+        UnknownPluginError: no such source.
     """
     from ..registry import registry
 
