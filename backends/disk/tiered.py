@@ -52,6 +52,7 @@ from mukv.malloc import pin_mmap_threshold
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
+from .pagein import load_kv
 from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
 
@@ -694,89 +695,14 @@ class TieredBackend(StorageBackend):
             return BlockMeta(*(torch.from_numpy(cols[c]).to(d) for c in ("frame_start", "frame_end", "t_start", "t_end")))
 
     def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """Page in blocks ``ids`` (the final selection of one question).
-
-        Hot blocks are copied from the hot tier; the rest are read from disk in
-        one batch (grouped by shard, read concurrently) straight into the output
-        (through one pinned staging buffer on CUDA), checked against the crc32
-        their index rows carry (kept since the search found them), and admitted
-        into the hot tier.
+        """Page in blocks ``ids`` (the final selection of one question); see :func:`.pagein.load_kv`.
 
         Returns:
             ``[n, Y, 2, H, K, D]`` KV of ``ids`` in their order, on the session's device.
         """
         with self._lock:
             self._check_open()
-            ids = self._ids(level, ids)
-            shape = self._block_shape(level)
-            out = torch.empty((ids.size, *shape), dtype=self.layout.dtype, device=self.device)
-            if ids.size == 0:
-                return out
-            self._clock += 1
-            self.pagein["questions"] += 1
-            slots = self.hot.lookup(level, ids)
-            hot = slots >= 0
-            if hot.any():
-                self.hot.read_into(level, slots[hot], out, np.flatnonzero(hot))
-                self.hot.touch(level, slots[hot], self._clock)
-                self.pagein["blocks_hot"] += int(hot.sum())
-            cold = np.flatnonzero(~hot)
-            if cold.size:
-                self._page_in(level, ids, cold, out)
-            return out
-
-    def _page_in(self, level: str, ids: np.ndarray, cold: np.ndarray, out: torch.Tensor) -> None:
-        """Read blocks ``ids[cold]`` from disk into ``out[cold]``, check their crc32, promote them."""
-        t0 = time.perf_counter()
-        uniq, first, inverse = np.unique(ids[cold], return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        self._ensure_on_disk(level, int(uniq[-1]) + 1)
-        rows = self._cold_rows(level, uniq)
-        at = cold[first]  # [u] the row of out that receives each distinct block
-        if self.mover.cuda:
-            stage = self.mover.staging((uniq.size, *out.shape[1:]), self.layout.dtype)
-            dest, dest_rows = stage.tensor, np.arange(uniq.size)
-        else:
-            stage, dest, dest_rows = None, out, at
-        try:
-            t1 = time.perf_counter()
-            crc = self.archive.read_into(level, uniq, as_numpy_rows(dest), dest_rows, crc=self.options.verify_reads)
-            t_read = time.perf_counter() - t1
-            if crc is not None:
-                bad = [int(i) for i, c in zip(uniq.tolist(), crc.tolist()) if c != rows[int(i)][6]]
-                if bad:
-                    raise StoreError(f"{self.files.uri()}: {level} blocks {bad} of stream {self.stream_id!r} "
-                                     "fail their checksum (damaged on disk)")
-        except BaseException:
-            if stage is not None:
-                stage.release()
-            raise
-        if stage is not None:  # one upload of the distinct blocks, then a copy per requested row on the device
-            blocks = self.mover.upload(stage)
-            out[torch.from_numpy(cold).to(self.device)] = blocks[torch.from_numpy(inverse).to(self.device)]
-        else:
-            rest = np.setdiff1d(cold, at, assume_unique=True)  # repeats of an id: copies of its first row
-            if rest.size:
-                pos = np.searchsorted(cold, rest)
-                out[torch.from_numpy(rest)] = out[torch.from_numpy(at[inverse[pos]])]
-            order = np.argsort(at, kind="stable")  # the distinct blocks as rows of out, a view where contiguous
-            if at[order[-1]] - at[order[0]] + 1 == at.size:
-                uniq, first, at = uniq[order], first[order], at[order]
-                blocks = out[int(at[0]) : int(at[-1]) + 1]
-            else:
-                blocks = out[torch.from_numpy(at)]
-        nbytes = int(uniq.size) * int(np.prod(out.shape[1:])) * out.element_size()
-        self.pagein["blocks_disk"] += int(uniq.size)
-        self.pagein["bytes_disk"] += nbytes
-        self.pagein["seconds_disk"] += time.perf_counter() - t0
-        self.pagein["seconds_read"] += t_read
-        if self.options.promote and self.hot.budget_bytes:
-            sel = [rows[int(i)] for i in uniq.tolist()]
-            info = BlockInfo(uniq, np.array([r[1] for r in sel], np.int64), np.array([r[2] for r in sel], np.int64),
-                             np.array([r[3] for r in sel], np.int64), np.array([r[4] for r in sel]),
-                             np.array([r[5] for r in sel]))
-            vec = torch.from_numpy(np.stack([r[0] for r in sel]))
-            self.hot.admit(level, blocks, vec, info, self._clock, committed=True)
+            return load_kv(self, level, self._ids(level, ids))
 
     def _lance_lists(self, level: str, ids: torch.Tensor, column: str) -> torch.Tensor:
         with self._lock:
