@@ -26,6 +26,7 @@ from .blocks import Answer, Query, RetrievedBlock
 from .config import MukvConfig, merge
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
 from .frames import as_frames, as_timestamps, iter_chunks
+from .kvcodec import build_codec
 from .interfaces import (
     Compressor,
     GranularityExtractor,
@@ -142,6 +143,7 @@ class Session:
             raise ConfigError(f"invalid device {device!r}: {exc}") from None
         # resolve every component name before loading anything heavy
         self.retriever, compressor, extractors, scorers = self._components(reg)
+        self.codec = build_codec(self.config.kv_codec)
 
         self.model = load_model(model, self.device, dtype)
         self.device = self.model.device
@@ -150,6 +152,9 @@ class Session:
             self.config = (MukvConfig.from_policy(policy, under=model_defaults, **(config or {})) if policy is not None
                            else MukvConfig.build(merge(model_defaults, config or {})))
             self.retriever, compressor, extractors, scorers = self._components(reg)
+            self.codec = build_codec(self.config.kv_codec)
+        lay = self.model.layout
+        self.codec.row_layout((lay.num_layers, 2, lay.num_kv_heads, 1, lay.head_dim), lay.dtype)  # can it store them
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
             split = extractors[lv.name].split(lv, self.model.grid)
@@ -159,7 +164,9 @@ class Session:
                                              Compressor.kept_count(lv, split.shape[1])))
         self.backend: StorageBackend = backend_cls(
             layout=self.model.layout, path=None if path is None else str(path), device=self.device,
-            **({"stream_id": stream_id} if path is not None else {}), **(backend_options or {}))
+            **({"stream_id": stream_id} if path is not None else {}), **self._codec_option(backend_cls, backend,
+                                                                                          backend_options),
+            **(backend_options or {}))
         if path is not None and not stored:
             self.backend.set_state("session", {
                 "model": str(model) if isinstance(model, (str, Path)) else self.model.name,
@@ -175,6 +182,19 @@ class Session:
         self._last_time: float | None = last
         self._closed = False
         self._owner = True
+
+    def _codec_option(self, backend_cls: type, backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
+        """``{"codec": ...}`` for a backend that stores KV through a codec; nothing for one that stores it as
+        given (refused with any codec but "none")."""
+        if options and "codec" in options:
+            raise ConfigError('the KV codec is chosen with config={"kv_codec": ...}, not a backend option')
+        if getattr(backend_cls, "accepts_codec", False):
+            return {"codec": self.codec}
+        if self.codec.name != "none":
+            raise ConfigError(f"kv_codec {self.codec.name!r}: backend {backend!r} stores KV as it is given "
+                              "(it does not accept codecs); use kv_codec 'none' or a backend that does "
+                              "(memory, lancedb)")
+        return {}
 
     def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
         """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
@@ -227,7 +247,7 @@ class Session:
 
         Raises:
             ConfigError: the new configuration changes how blocks are stored
-                (levels, scoring, compression or stream settings).
+                (levels, scoring, compression, stream settings or the KV codec).
         """
         with self._lock:
             self._check_open()
@@ -238,7 +258,7 @@ class Session:
             else:
                 new = MukvConfig.build(self.config, **(config.model_dump() if isinstance(config, MukvConfig)
                                                        else config or {}))
-            fixed = ("scoring", "compression", "stream")
+            fixed = ("scoring", "compression", "stream", "kv_codec")
             old_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in self.config.levels]
             new_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in new.levels]
             changed = [f for f in fixed if getattr(new, f) != getattr(self.config, f)]
