@@ -65,11 +65,9 @@ class MemoryBackend(StorageBackend):
             raise StoreError("the memory backend keeps nothing on disk; pass path=None or choose a disk backend")
         if options:
             raise StoreError(f"the memory backend takes no options; got {sorted(options)}")
-        if codec is not None and not isinstance(codec, KVCodec):
-            raise StoreError(f"codec must be a KVCodec; got {type(codec).__name__}")
-        from mukv.kvcodec import none_codec
+        from mukv.kvcodec import codec_or_none
 
-        self.codec = codec if codec is not None else none_codec()
+        self.codec = codec_or_none(codec)
         self.layout = layout
         self.device = torch.device(device)
         self._levels: dict[str, _Level] = {}

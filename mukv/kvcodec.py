@@ -82,6 +82,19 @@ def none_codec() -> KVCodec:
     return build_codec(NONE)
 
 
+def codec_or_none(codec: Any) -> KVCodec:
+    """``codec`` (a backend's ``codec`` argument) checked, or "none" for ``None``.
+
+    Raises:
+        ConfigError: not a :class:`~mukv.interfaces.KVCodec`.
+    """
+    if codec is None:
+        return none_codec()
+    if not isinstance(codec, KVCodec):
+        raise ConfigError(f"codec must be a KVCodec (built from a kv_codec setting); got {type(codec).__name__}")
+    return codec
+
+
 def codec_from_record(record: Any, where: str) -> KVCodec:
     """The codec that reads an array whose store recorded ``record`` (``{"name", "version", "settings"}``).
 

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 
 from mukv.blocks import CompressedBlocks, KVLayout
 from mukv.errors import RetrievalError, StoreError
-from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
+from mukv.interfaces import BlockMeta, EvictionPolicy, KVCodec, StorageBackend
+from mukv.kvcodec import codec_or_none
 from mukv.malloc import pin_mmap_threshold
 
 from .files import FORMAT, FORMAT_VERSION, Files, WriterLock, check_level, check_stream_id, disk_error
 from .hot import BlockInfo, HotTier
 from .options import TieredOptions
-from .pagein import load_kv
+from .pagein import hot_form, load_kv
 from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
 
@@ -109,6 +110,8 @@ class TieredBackend(StorageBackend):
         device: the session's device (where the hot tier and loaded KV live).
         stream_id: the stream of the store ([A-Za-z0-9_.-], see
             :func:`~mukv.backends.disk.files.check_stream_id`).
+        codec: the KV codec new blocks are written with (the session's ``kv_codec``; default
+            "none"). Arrays written with other codecs are read with their own.
         **options: :class:`~mukv.backends.disk.options.TieredOptions` fields.
 
     Raises:
@@ -119,10 +122,12 @@ class TieredBackend(StorageBackend):
     """
 
     name = "lancedb"
+    accepts_codec = True
 
     def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu",
-                 stream_id: str = "default", **options: Any):
+                 stream_id: str = "default", codec: KVCodec | None = None, **options: Any):
         self._closed = True
+        self.codec = codec_or_none(codec)
         self.options = o = TieredOptions.parse(options)
         if path is None:
             raise StoreError("the lancedb backend keeps blocks on disk: pass path= (a folder or an s3:// URI)")
@@ -224,7 +229,7 @@ class TieredBackend(StorageBackend):
         evictor = build_component("evictors", registry().get("evictors", o.eviction, "backend_options.eviction"),
                                   MukvConfig.build(), EvictionPolicy)
         self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only,
-                                 read_threads=o.read_threads)
+                                 read_threads=o.read_threads, codec=self.codec)
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout)
@@ -248,7 +253,7 @@ class TieredBackend(StorageBackend):
         self._clock = 0
         self._seg_frames: int | None = o.segment_frames
         self.pagein = {"questions": 0, "blocks_hot": 0, "blocks_disk": 0, "bytes_disk": 0, "seconds_disk": 0.0,
-                       "seconds_read": 0.0}
+                       "seconds_read": 0.0, "bytes_decoded": 0, "seconds_decode": 0.0}
         self._failure: str | None = None
         self.writer = None if self.read_only else OffloadWriter(
             self._commit, o.max_pending_bytes, o.commit_interval, on_idle=self._maintain,
@@ -381,7 +386,8 @@ class TieredBackend(StorageBackend):
                 raise StoreError(f"level {level!r} stores {info['tokens']} tokens per block; got {k}")
             if b == 0:
                 return torch.empty(0, dtype=torch.int64)
-            nbytes = kv.numel() * torch.empty((), dtype=lay.dtype).element_size()
+            enc = self.codec.encode_blocks(kv.to(lay.dtype))  # the stored rows; NaN/inf refused, nothing stored
+            nbytes = enc.nbytes
             if not self.files.remote:
                 try:
                     free = shutil.disk_usage(self.files.local).free
@@ -406,11 +412,11 @@ class TieredBackend(StorageBackend):
                               blocks.t_start.detach().cpu().to(torch.float64).numpy(),
                               blocks.t_end.detach().cpu().to(torch.float64).numpy())
             vectors = blocks.vectors.detach().to(torch.float32)
-            host = self.mover.to_host(kv, lay.dtype)  # non-blocking on CUDA
+            host = self.mover.to_host(enc.rows, enc.rows.dtype)  # non-blocking on CUDA
             if info is None:
                 self._level_info[level] = {"tokens": k, "block_shape": [int(s) for s in kv.shape[1:]]}
             try:
-                self._admit_new(level, kv, vectors, binfo)  # may wait for the writer, which may have failed
+                self._admit_new(level, hot_form(self, enc), vectors, binfo)  # may wait for the writer
             except StoreError:
                 self.hot.rollback(level, first)
                 self._check_writer()
@@ -485,7 +491,7 @@ class TieredBackend(StorageBackend):
                     runs.append([job])
             for run in runs:
                 data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
-                self.archive.write(run[0].level, run[0].first, data)
+                self.archive.write(run[0].level, run[0].first, data, self._block_shape(run[0].level))
             self.table.add(pa.concat_tables([self._arrow_rows(j) for j in jobs]))
             ends: dict[str, int] = {}
             for job in jobs:
@@ -535,7 +541,7 @@ class TieredBackend(StorageBackend):
             "tokens": pa.array(np.full(b, k, dtype=np.int32)),
             "kept": lists(job.kept, np.int32), "token_index": lists(job.token_index, np.int32),
             "positions": lists(job.positions, np.int64),
-            "kv_path": pa.array([self.archive.rel(job.level)] * b, pa.string()),
+            "kv_path": pa.array([self.archive.part_of(job.level, job.first).rel] * b, pa.string()),
             "kv_row": pa.array(job.info.ids), "crc32": pa.array(job.crc),  # type: ignore[attr-defined]
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(job.vectors.reshape(-1).astype(np.float32)), v),
         }
@@ -731,10 +737,12 @@ class TieredBackend(StorageBackend):
     # ------------------------------------------------------------------ numbers, checks, closing
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        tb = self.layout.token_bytes()
         for level, n in self._n.items():
             k = int(self._level_info.get(level, {}).get("tokens", 0))
-            out[level] = {"blocks": n, "tokens": n * k, "bytes": n * k * tb}
+            shape = self._level_info.get(level, {}).get("block_shape")
+            # bytes as stored: each array's rows (its codec), the write codec's for blocks not on disk yet
+            nbytes = self.archive.stored_bytes(level, n, tuple(shape) if shape else None) if n else 0
+            out[level] = {"blocks": n, "tokens": n * k, "bytes": nbytes}
         return out
 
     def tier_stats(self) -> dict[str, Any]:
