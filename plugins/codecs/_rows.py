@@ -104,7 +104,7 @@ def affine(lo: torch.Tensor, hi: torch.Tensor, levels: int, what: str) -> tuple[
     every value is within ``step / 2`` of its grid point.
 
     Raises:
-        InputError: a range beyond float16 (|KV| above 65504), naming ``what``.
+        InputError: a minimum or a step beyond float16 (65504), naming ``what``.
     """
     m16 = half_down(lo)
     step16 = half_up((hi - m16.float()) / levels)
@@ -112,8 +112,9 @@ def affine(lo: torch.Tensor, hi: torch.Tensor, levels: int, what: str) -> tuple[
     step16 = torch.where(short, _next_up(step16), step16)
     if not bool(torch.isfinite(m16).all() & torch.isfinite(step16).all()):
         big = float(torch.maximum(lo.abs().amax(), hi.abs().amax()))
-        raise InputError(f"{what}: KV values up to {big:.3g} exceed the float16 range of this codec's scales "
-                         "(65504); refused, nothing of the batch was stored (use the \"fp8\" or \"none\" codec)")
+        raise InputError(f"{what}: KV values up to {big:.3g} in magnitude exceed the float16 range of this codec's "
+                         "minimums and steps (65504); refused, nothing of the batch was stored (use the \"fp8\" or "
+                         "\"none\" codec)")
     return m16, step16
 
 

@@ -41,8 +41,9 @@ class Int4Codec(KVCodec):
     ``0.5 + 4 / G`` (0.5625 at ``G = 64``: 28% of bfloat16).
 
     Error bound: every value is within ``step / 2`` of its decoded value (float32 arithmetic), where
-    ``step <= (max - min) / 15 * (1 + 2**-9)`` of its group; constant groups (zeros included) decode
-    exactly; then one rounding to the model's dtype. KV beyond the float16 range is refused.
+    ``step <= (max - min) / 15 * (1 + 2**-9)`` of its group; groups of one float16 value (zeros
+    included) decode exactly; then one rounding to the model's dtype. KV whose minimum or step does not fit
+    float16 (a minimum below -65504, a range above 65504 x 15) is refused.
     """
 
     Settings = Int4Settings

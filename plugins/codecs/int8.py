@@ -29,8 +29,9 @@ class Int8Codec(KVCodec):
 
     Error bound: every value is within ``step / 2`` of its decoded value (float32 arithmetic),
     where ``step <= (max - min) / 255 * (1 + 2**-9)`` of its channel (keys) or token (values);
-    constant channels and tokens (zeros included) decode exactly; then one rounding to the
-    model's dtype. KV beyond the float16 range (|x| > 65504) is refused.
+    channels and tokens of one float16 value (zeros included) decode exactly; then one rounding
+    to the model's dtype. KV whose minimum or step does not fit float16 (a minimum below -65504,
+    a range above 65504 x 255) is refused.
     """
 
     @functools.lru_cache(maxsize=64)
