@@ -118,13 +118,16 @@ def affine(lo: torch.Tensor, hi: torch.Tensor, levels: int, what: str) -> tuple[
     return m16, step16
 
 
-def quantise(x: torch.Tensor, m16: torch.Tensor, step16: torch.Tensor, levels: int) -> torch.Tensor:
-    """``round((x - minimum) / step)`` in ``0 .. levels`` as uint8 (broadcasting ``m16``, ``step16``)."""
+def quantise_(x: torch.Tensor, m16: torch.Tensor, step16: torch.Tensor, levels: int) -> torch.Tensor:
+    """``round((x - minimum) / step)`` in ``0 .. levels`` as uint8 (broadcasting ``m16``, ``step16``); ``x``
+    (float32, the caller's own copy) is overwritten on the way."""
     # a zero step means a constant group (every value is the minimum): 0 / tiny = 0
-    return torch.round((x - m16.float()) / step16.float().clamp_min(1e-30)).clamp_(0, levels).to(torch.uint8)
+    x.sub_(m16).div_(step16.float().clamp_min(1e-30)).round_().clamp_(0, levels)
+    return x.to(torch.uint8)
 
 
-def dequantise(q: torch.Tensor, m16: torch.Tensor, step16: torch.Tensor) -> torch.Tensor:
-    """``minimum + q * step`` in float32. ``q * step`` is exact in float32 (at most 8 + 11 significant
-    bits), so the result is rounded once, the same on every device (a fused multiply-add or not)."""
-    return torch.addcmul(m16.float(), q.float(), step16.float())
+def dequantise_(q: torch.Tensor, m16: torch.Tensor, step16: torch.Tensor) -> torch.Tensor:
+    """``minimum + q * step`` in place on ``q`` (float32 codes), broadcasting ``m16``, ``step16``. ``q * step``
+    is exact in float32 (at most 8 + 11 significant bits), so the result is rounded once, the same on every
+    device (whether the two steps are fused or not)."""
+    return q.mul_(step16).add_(m16)

@@ -45,14 +45,14 @@ class Fp8Codec(KVCodec):
         layout = self._rows(shape)
         rows = layout.allocate(kv.shape[0], kv.device)
         v = layout.views(rows)
-        x = kv.float()
+        x = kv.float() if kv.dtype != torch.float32 else kv.clone()  # our own copy: scaled in place
         scale = x.abs().amax(dim=(-2, -1)) / FP8_MAX  # [B, Y, 2, H]
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows (or a subnormal max)
-        v["q"].copy_((x / scale[..., None, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        v["q"].copy_(x.div_(scale[..., None, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
         v["scale"].copy_(scale)
         return EncodedKV(rows, shape, kv.dtype)
 
     def decode(self, encoded: EncodedKV, device: torch.device | str) -> torch.Tensor:
         rows = encoded.rows.to(device, non_blocking=True)
         v = self._rows(tuple(encoded.block_shape)).views(rows)
-        return (v["q"].float() * v["scale"][..., None, None]).to(encoded.dtype)
+        return v["q"].float().mul_(v["scale"][..., None, None]).to(encoded.dtype)

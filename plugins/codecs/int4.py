@@ -11,7 +11,7 @@ from mukv.blocks import EncodedKV
 from mukv.errors import ConfigError
 from mukv.interfaces import CodecSettings, KVCodec
 
-from ._rows import RowLayout, affine, dequantise, quantise
+from ._rows import RowLayout, affine, dequantise_, quantise_
 
 LEVELS = 15
 
@@ -73,9 +73,9 @@ class Int4Codec(KVCodec):
         g = self.group(d)
         rows = layout.allocate(b, kv.device)
         v = layout.views(rows)
-        x = kv.float().reshape(b, y, 2, h, k, d // g, g)
-        m, s = affine(x.amin(dim=-1), x.amax(dim=-1), LEVELS, "int4")  # [B, Y, 2, H, K, D / G]
-        q = quantise(x, m.unsqueeze(-1), s.unsqueeze(-1), LEVELS).reshape(b, y, 2, h, k, d // 2, 2)
+        x = (kv.float() if kv.dtype != torch.float32 else kv.clone()).reshape(b, y, 2, h, k, d // g, g)
+        m, s = affine(*torch.aminmax(x, dim=-1), LEVELS, "int4")  # [B, Y, 2, H, K, D / G]
+        q = quantise_(x, m.unsqueeze(-1), s.unsqueeze(-1), LEVELS).reshape(b, y, 2, h, k, d // 2, 2)
         v["q"].copy_(q[..., 0] | (q[..., 1] << 4))
         v["min"].copy_(m)
         v["step"].copy_(s)
@@ -87,6 +87,8 @@ class Int4Codec(KVCodec):
         g = self.group(d)
         v = self._rows(tuple(encoded.block_shape)).views(rows)
         p = v["q"]
-        q = torch.stack((p & 15, p >> 4), dim=-1).reshape(b, y, 2, h, k, d // g, g)
-        x = dequantise(q, v["min"].unsqueeze(-1), v["step"].unsqueeze(-1))
-        return x.reshape(b, *encoded.block_shape).to(encoded.dtype)
+        x = torch.empty((b, y, 2, h, k, d), dtype=torch.float32, device=rows.device)
+        x[..., 0::2] = p & 15  # the nibbles, straight into the float32 codes
+        x[..., 1::2] = p >> 4
+        dequantise_(x.view(b, y, 2, h, k, d // g, g), v["min"].unsqueeze(-1), v["step"].unsqueeze(-1))
+        return x.to(encoded.dtype)

@@ -9,7 +9,7 @@ import torch
 from mukv.blocks import EncodedKV
 from mukv.interfaces import KVCodec
 
-from ._rows import RowLayout, affine, dequantise, quantise
+from ._rows import RowLayout, affine, dequantise_, quantise_
 
 LEVELS = 255
 
@@ -50,11 +50,12 @@ class Int8Codec(KVCodec):
         layout = self._rows(shape)
         rows = layout.allocate(kv.shape[0], kv.device)
         v = layout.views(rows)
-        keys, values = kv[:, :, 0].float(), kv[:, :, 1].float()  # [B, Y, H, K, D]
-        km, ks = affine(keys.amin(dim=-2), keys.amax(dim=-2), LEVELS, "int8 keys")  # [B, Y, H, D]
-        vm, vs = affine(values.amin(dim=-1), values.amax(dim=-1), LEVELS, "int8 values")  # [B, Y, H, K]
-        v["q"][:, :, 0] = quantise(keys, km.unsqueeze(-2), ks.unsqueeze(-2), LEVELS)
-        v["q"][:, :, 1] = quantise(values, vm.unsqueeze(-1), vs.unsqueeze(-1), LEVELS)
+        x = kv.float() if kv.dtype != torch.float32 else kv.clone()  # our own copy: quantised in place
+        keys, values = x[:, :, 0], x[:, :, 1]  # [B, Y, H, K, D]
+        km, ks = affine(*torch.aminmax(keys, dim=-2), LEVELS, "int8 keys")  # [B, Y, H, D]
+        vm, vs = affine(*torch.aminmax(values, dim=-1), LEVELS, "int8 values")  # [B, Y, H, K]
+        v["q"][:, :, 0] = quantise_(keys, km.unsqueeze(-2), ks.unsqueeze(-2), LEVELS)
+        v["q"][:, :, 1] = quantise_(values, vm.unsqueeze(-1), vs.unsqueeze(-1), LEVELS)
         v["key_min"].copy_(km)
         v["key_step"].copy_(ks)
         v["value_min"].copy_(vm)
@@ -64,7 +65,7 @@ class Int8Codec(KVCodec):
     def decode(self, encoded: EncodedKV, device: torch.device | str) -> torch.Tensor:
         rows = encoded.rows.to(device, non_blocking=True)
         v = self._rows(tuple(encoded.block_shape)).views(rows)
-        out = torch.empty((rows.shape[0], *encoded.block_shape), dtype=encoded.dtype, device=rows.device)
-        out[:, :, 0] = dequantise(v["q"][:, :, 0], v["key_min"].unsqueeze(-2), v["key_step"].unsqueeze(-2))
-        out[:, :, 1] = dequantise(v["q"][:, :, 1], v["value_min"].unsqueeze(-1), v["value_step"].unsqueeze(-1))
-        return out
+        x = v["q"].float()  # [n, Y, 2, H, K, D], decoded in place
+        dequantise_(x[:, :, 0], v["key_min"].unsqueeze(-2), v["key_step"].unsqueeze(-2))
+        dequantise_(x[:, :, 1], v["value_min"].unsqueeze(-1), v["value_step"].unsqueeze(-1))
+        return x.to(encoded.dtype)
