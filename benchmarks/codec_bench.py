@@ -251,8 +251,8 @@ def synthetic_blocks(session, level_pipe, first_window: int, n_windows: int, rng
     lv = level_pipe.level
     per = level_pipe.split.shape[0]  # blocks per window
     b, k = per * n_windows, level_pipe.kept
-    kv = synthetic_kv(b, (lay.num_layers, 2, lay.num_kv_heads, k, lay.head_dim), lay.dtype, "cpu",
-                      seed=int(rng.integers(1 << 30)))
+    kv = synthetic_kv(b, (lay.num_layers, 2, lay.num_kv_heads, k, lay.head_dim), lay.dtype, session.device,
+                      seed=int(rng.integers(1 << 30)))  # on the session's device, where ingest encodes
     window = first_window + np.arange(n_windows).repeat(per)  # the blocks of a window share its frames
     fs = torch.from_numpy(np.asarray(window * lv.frames, dtype=np.int64))
     vec = torch.from_numpy(rng.normal(size=(b, lay.vector_dim)).astype(np.float32))

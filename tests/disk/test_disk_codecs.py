@@ -144,7 +144,7 @@ def test_codec_change_between_sessions_mixes_arrays_safely(tmp_path):
     assert sum(v["verified"] for v in rep.streams["s"].values()) == sum(len(o) for o in owner.values())
 
 
-def test_session_reopens_with_another_setting(tmp_path, tiny_model):
+def test_session_reopens_with_another_setting(tmp_path, tiny_model, capsys):
     path = tmp_path / "st"
     with mukv.Session(model=tiny_model, backend="lancedb", path=path, config={"kv_codec": "int4"}) as s:
         s.feed(frames(8))
@@ -162,6 +162,12 @@ def test_session_reopens_with_another_setting(tmp_path, tiny_model):
         assert s.stats()["bytes"] > first["bytes"]
         assert len(s.ask("what color was the car?").blocks) > 0
     assert verify_store(str(path)).ok
+    from mukv import cli
+
+    assert cli.main(["inspect", str(path), "--model", "tiny-llava-ov"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("codec"))
+    assert line.startswith('codec    "int4" for new blocks; arrays patch: int4 from block 0, int8 from block '), line
 
 
 def test_a_store_written_before_codecs_opens_unchanged(tmp_path, tiny_model):
