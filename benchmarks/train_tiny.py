@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="with --eval-only: checkpoint directory (default: the shipped one)")
     ap.add_argument("--session", default="", help="with --eval-only: also evaluate through mukv.Session per clip with "
                     "these policies, comma-separated (e.g. mukv,full_context)")
+    ap.add_argument("--sessions-only", action="store_true",
+                    help="with --eval-only and --session: skip the batched regimes (e.g. to compare KV codecs)")
     ap.add_argument("--session-config", default=None, metavar="JSON",
                     help="with --session: configuration fields applied over each policy, e.g. "
                     '\'{"kv_codec": "int4"}\' (a KV codec)')
@@ -154,12 +156,14 @@ def eval_only(args: argparse.Namespace, device: torch.device) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
-    t0 = time.perf_counter()
-    reports = T.evaluate(adapter, clips, T.config_for(adapter), batch=args.eval_batch)
-    print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
-          f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
-    print(T.format_report(reports), flush=True)
-    result = {"batched": reports}
+    result = {}
+    if not (args.sessions_only and args.session):
+        t0 = time.perf_counter()
+        reports = T.evaluate(adapter, clips, T.config_for(adapter), batch=args.eval_batch)
+        print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
+              f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
+        print(T.format_report(reports), flush=True)
+        result["batched"] = reports
     session = {}
     extra = {}
     if args.session_config:
