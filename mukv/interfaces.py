@@ -308,7 +308,9 @@ class KVCodec(Component):
 
     def record(self) -> dict[str, Any]:
         """What a store keeps to read rows of this codec again: ``{"name", "version", "settings"}``."""
-        return {"name": self.name, "version": int(self.version), "settings": self.settings.model_dump(mode="json")}
+        settings = getattr(self, "settings", None)  # a subclass may build itself without KVCodec.__init__
+        return {"name": getattr(self, "name", type(self).__name__), "version": int(self.version),
+                "settings": settings.model_dump(mode="json") if isinstance(settings, BaseModel) else {}}
 
     def encode_blocks(self, kv: torch.Tensor) -> EncodedKV:
         """:meth:`encode` with its contract checked: non-finite KV is refused before anything is
