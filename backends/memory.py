@@ -1,6 +1,8 @@
 """The in-memory backend: every block in one growing contiguous buffer per level.
 
-Per level it keeps ``kv [N, Y, 2, H, K, D]``, ``vectors [N, V]`` (float32,
+Per level it keeps the stored rows of the blocks' KV (``[N, Y, 2, H, K, D]`` with
+the "none" codec, ``uint8 [N, S]`` with a quantising one: see
+:class:`~mukv.interfaces.KVCodec`), ``vectors [N, V]`` (float32,
 plus unit-normalised copies for search) and metadata columns, all on the
 session's device. Buffers grow by doubling, so adding blocks is amortised
 O(1) and a search is one matrix-vector product over a contiguous view.
@@ -15,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 import mukv
-from mukv.blocks import CompressedBlocks, KVLayout
+from mukv.blocks import CompressedBlocks, EncodedKV, KVLayout
 from mukv.errors import RetrievalError, StoreError
-from mukv.interfaces import BlockMeta, StorageBackend
+from mukv.interfaces import BlockMeta, KVCodec, StorageBackend
 
 
 @dataclass
 class _Level:
     n: int = 0
-    kv: torch.Tensor | None = None  # [cap, Y, 2, H, K, D]
+    rows: torch.Tensor | None = None  # [cap, *row_shape]: the codec's rows (the KV itself for "none")
+    block_shape: tuple[int, ...] | None = None  # (Y, 2, H, K, D)
     vectors: torch.Tensor | None = None  # [cap, V] float32
     unit: torch.Tensor | None = None  # [cap, V] float32, L2-normalised
     positions: torch.Tensor | None = None  # [cap, K]
@@ -48,15 +51,23 @@ class MemoryBackend(StorageBackend):
         layout: the model's KV layout.
         path: unused (must be ``None``).
         device: where buffers live.
+        codec: how KV is kept (the session's ``kv_codec``; default "none": as it is). Blocks
+            are encoded when added and decoded on ``device`` at :meth:`load_kv`, so a codec's
+            effect on answers can be measured without a disk.
     """
 
     name = "memory"
+    accepts_codec = True
 
-    def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu", **options: Any):
+    def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu",
+                 codec: KVCodec | None = None, **options: Any):
         if path is not None:
             raise StoreError("the memory backend keeps nothing on disk; pass path=None or choose a disk backend")
         if options:
             raise StoreError(f"the memory backend takes no options; got {sorted(options)}")
+        from mukv.kvcodec import codec_or_none
+
+        self.codec = codec_or_none(codec)
         self.layout = layout
         self.device = torch.device(device)
         self._levels: dict[str, _Level] = {}
@@ -75,13 +86,13 @@ class MemoryBackend(StorageBackend):
         if tuple(blocks.kv.shape[1:]) != expect:
             raise StoreError(f"block KV shape {tuple(blocks.kv.shape[1:])} does not match the store's layout {expect}")
         st = self._level(blocks.level)
-        if st.kv is not None and st.kv.shape[4] != blocks.kv.shape[4]:
+        if st.block_shape is not None and st.block_shape[3] != blocks.kv.shape[4]:
             raise StoreError(
-                f"level {blocks.level!r} stores {st.kv.shape[4]} tokens per block; got {blocks.kv.shape[4]}"
+                f"level {blocks.level!r} stores {st.block_shape[3]} tokens per block; got {blocks.kv.shape[4]}"
             )
         start, end = st.n, st.n + b
         dev = self.device
-        kv = blocks.kv.to(dev, lay.dtype)
+        rows = self.codec.encode_blocks(blocks.kv.to(dev, lay.dtype)).rows  # refuses NaN/inf: nothing stored
         vec = blocks.vectors.to(dev, torch.float32)
         columns = {
             "frame_start": blocks.frame_start.to(dev, torch.int64),
@@ -90,14 +101,15 @@ class MemoryBackend(StorageBackend):
             "t_end": blocks.t_end.to(dev, torch.float64),
         }
         # allocate everything first, then write: a failure leaves n unchanged
-        st.kv = _grow(st.kv, kv, end)
+        st.rows = _grow(st.rows, rows, end)
         st.vectors = _grow(st.vectors, vec, end)
         st.unit = _grow(st.unit, vec, end)
         st.positions = _grow(st.positions, blocks.positions.to(dev, torch.int64), end)
         st.token_index = _grow(st.token_index, blocks.token_index.to(dev, torch.int64), end)
         for key, col in columns.items():
             st.meta[key] = _grow(st.meta.get(key), col, end)
-        st.kv[start:end] = kv
+        st.rows[start:end] = rows
+        st.block_shape = tuple(int(x) for x in blocks.kv.shape[1:])
         st.vectors[start:end] = vec
         st.unit[start:end] = F.normalize(vec, dim=-1)
         st.positions[start:end] = blocks.positions
@@ -181,7 +193,10 @@ class MemoryBackend(StorageBackend):
 
     def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         st, ids = self._ids(level, ids)
-        return st.kv.index_select(0, ids)
+        if st is None or st.rows is None:
+            return torch.empty(0, dtype=self.layout.dtype, device=self.device)
+        rows = st.rows.index_select(0, ids)
+        return self.codec.decode_blocks(EncodedKV(rows, st.block_shape, self.layout.dtype), self.device)
 
     def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         st, ids = self._ids(level, ids)
@@ -194,8 +209,9 @@ class MemoryBackend(StorageBackend):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, st in self._levels.items():
-            k = 0 if st.kv is None else st.kv.shape[4]
-            out[name] = {"blocks": st.n, "tokens": st.n * k, "bytes": st.n * k * self.layout.token_bytes()}
+            k = 0 if st.block_shape is None else st.block_shape[3]
+            row = 0 if st.rows is None else st.rows[0].numel() * st.rows.element_size()
+            out[name] = {"blocks": st.n, "tokens": st.n * k, "bytes": st.n * row}  # bytes as kept (encoded)
         return out
 
     def close(self) -> None:

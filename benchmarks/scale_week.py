@@ -4,6 +4,8 @@
     python benchmarks/scale_week.py --hours 2 --checkpoints 1,2 --full-hours 0   # a quick look
     python benchmarks/scale_week.py --path /data/wk --keep           # keep the stores, then measure them
     python benchmarks/scale_week.py --path /data/wk --reuse --parts full --out -  # again, without ingest
+    python benchmarks/scale_week.py --parts full --full-hours 0.1 --codec int4 --layout 7b --skip-raw --out -
+                                                    # KV codecs: bytes per stream-hour, page-in (issue 20)
 
 What it simulates: 302,400 frames (168 h at 0.5 fps) of MuKV blocks of the
 LLaVA-OneVision-0.5B shape (24 layers, 2 KV heads, head dim 64, bf16; per
@@ -54,6 +56,8 @@ from memory_parts import memory_parts, rss_bytes  # noqa: E402
 
 #: LLaVA-OneVision-0.5B's language model
 REAL = dict(num_layers=24, num_kv_heads=2, head_dim=64)
+#: the real KV layouts ``--layout`` chooses from (LLaVA-OneVision-0.5B's and -7B's language models)
+LAYOUTS = {"0.5b": REAL, "7b": dict(num_layers=28, num_kv_heads=4, head_dim=128)}
 #: per 4-frame window: (blocks, kept tokens K)
 LEVELS = {"patch": (16, 4), "frame": (4, 19), "segment": (1, 627)}
 TOP_K = {"patch": 20, "frame": 32, "segment": 12}
@@ -178,13 +182,21 @@ def malloc_trim() -> int:
 
 
 class Synth:
-    """Synthetic blocks: KV sliced from a random pool, vectors around slowly drifting topics."""
+    """Synthetic blocks: KV sliced from a random pool, vectors around slowly drifting topics.
+
+    The pool is Gaussian bf16 with two outlier channels of 20x per head (as RoPE'd keys have), sliced at
+    offsets that keep the channels in place, so KV codecs see values like a model's (finite, scaled)."""
+
+    POOL = 48 << 20  # values
 
     def __init__(self, layout, seed: int = 0):
         self.layout = layout
         rng = np.random.default_rng(seed)
         self.rng = rng
-        self.pool = torch.from_numpy(rng.integers(0, 2**15, 48 << 20, dtype=np.int16)).view(torch.bfloat16)
+        d = layout.head_dim
+        pool = torch.randn(self.POOL // d, d, generator=torch.Generator().manual_seed(seed))
+        pool[:, [3, d // 2 + 1]] *= 20.0
+        self.pool = pool.to(torch.bfloat16).reshape(-1)
         self.topics = rng.normal(size=(512, layout.vector_dim)).astype(np.float32)
         self.level_noise = {lv: rng.normal(size=layout.vector_dim).astype(np.float32) * 0.3 for lv in LEVELS}
 
@@ -198,7 +210,9 @@ class Synth:
         lay = self.layout
         b = per * n_windows
         elems = lay.num_layers * 2 * lay.num_kv_heads * k * lay.head_dim
-        off = int(self.rng.integers(0, self.pool.numel() - b * elems))
+        if b * elems > self.pool.numel():
+            raise ValueError(f"a batch of {b} {level} blocks ({b * elems:,} values) is larger than the synthetic pool")
+        off = int(self.rng.integers(0, (self.pool.numel() - b * elems) // lay.head_dim + 1)) * lay.head_dim
         kv = self.pool[off : off + b * elems].view(b, lay.num_layers, 2, lay.num_kv_heads, k, lay.head_dim)
         window = first_window + np.arange(n_windows).repeat(per)
         frames_per_block = WINDOW if level == "segment" else 1
@@ -259,11 +273,13 @@ def ask(backend, retriever, q: torch.Tensor, stored_frames: int, kv_root: Path |
             kv = backend.load_kv(h.level, h.ids)
             nbytes += kv.numel() * kv.element_size()
     t_pg = time.perf_counter() - t0
-    disk_bytes = backend.pagein["bytes_disk"] - before["bytes_disk"]
+    disk_bytes = backend.pagein["bytes_disk"] - before["bytes_disk"]  # as stored (a codec's rows)
+    decoded = backend.pagein.get("bytes_decoded", disk_bytes) - before.get("bytes_decoded", disk_bytes)
+    decode_s = backend.pagein.get("seconds_decode", 0.0) - before.get("seconds_decode", 0.0)
     disk_s = backend.pagein["seconds_disk"] - before["seconds_disk"]
     read_s = backend.pagein.get("seconds_read", disk_s) - before.get("seconds_read", disk_s)
     return {"retrieve_s": t_ret, "pagein_s": t_pg, "bytes": nbytes, "disk_bytes": disk_bytes, "disk_s": disk_s,
-            "read_s": read_s, "blocks": sum(len(h) for h in hits),
+            "read_s": read_s, "decoded_bytes": decoded, "decode_s": decode_s, "blocks": sum(len(h) for h in hits),
             "ids": {h.level: h.ids.tolist() for h in hits}}
 
 
@@ -283,6 +299,8 @@ def measure(backend, synth, retrievers, n_q: int, seed: int, kv_root: Path, prob
             "kv_mb_per_question": statistics.mean(x["bytes"] for x in rows) / 1e6,
             "disk_mb_per_question": statistics.mean(x["disk_bytes"] for x in rows) / 1e6,
             "pagein_gbps": sum(x["disk_bytes"] for x in rows) / max(1e-9, sum(x["disk_s"] for x in rows)) / 1e9,
+            "pagein_gbps_decoded": sum(x["decoded_bytes"] for x in rows) / max(1e-9, sum(x["disk_s"] for x in rows)) / 1e9,
+            "decode_ms_median": 1e3 * statistics.median(x["decode_s"] for x in rows),
             "read_gbps": sum(x["disk_bytes"] for x in rows) / max(1e-9, sum(x["read_s"] for x in rows)) / 1e9,
             "disk_gbps_per_question": [x["disk_bytes"] / max(1e-9, x["pagein_s"]) / 1e9 for x in rows],
             "blocks": [x["ids"] for x in rows],
@@ -307,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                     "run with --keep) at their current length, without ingesting")
     ap.add_argument("--glibc-threshold", action="store_true", help="leave glibc's mmap threshold alone "
                     "(backend option malloc_mmap_threshold=None), to see the RSS growth it causes")
+    ap.add_argument("--codec", default="none", help="kv_codec of the stores: a codec name (none, int8, int4, fp8) or "
+                    'JSON such as \'{"name": "int4", "group_size": 32}\' (default none: bf16 as is)')
+    ap.add_argument("--layout", default="0.5b", choices=sorted(LAYOUTS),
+                    help="real KV layout of the model (0.5b: 24 layers x 2 heads x 64; 7b: 28 x 4 x 128)")
+    ap.add_argument("--skip-raw", action="store_true", help="skip the raw read bandwidth measures (a 2 GiB file "
+                    "and reads of the store's files)")
     ap.add_argument("--path", default=None, help="store folder (default: a temporary folder, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the store")
     ap.add_argument("--json", default=None, help="also write every raw number here, with the blocks each question retrieved")
@@ -329,16 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     weights = {"patch": 0.3, "frame": 0.3}
     retrievers = {"semi_hierarchical": SemiHierarchicalRetriever(2.0, 5, "segment", weights),
                   "hierarchical": HierarchicalRetriever(2.0, 5, "segment", weights)}
-    opts = dict(hot_bytes=args.hot_mib << 20, commit_interval=2.0)
+    from mukv.kvcodec import build_codec
+
+    spec = json.loads(args.codec) if args.codec.strip().startswith("{") else args.codec
+    opts = dict(hot_bytes=args.hot_mib << 20, commit_interval=2.0, codec=build_codec(spec))
+    real = LAYOUTS[args.layout]
     if args.glibc_threshold:
         opts["malloc_mmap_threshold"] = None
     print(f"store: {root}", flush=True)
 
-    raw_bw = raw_read_bandwidth(root)
-    print(f"raw sequential read bandwidth (fresh file, page cache dropped): {raw_bw / 1e9:.2f} GB/s", flush=True)
+    raw_bw = None if args.skip_raw else raw_read_bandwidth(root)
+    if raw_bw is not None:
+        print(f"raw sequential read bandwidth (fresh file, page cache dropped): {raw_bw / 1e9:.2f} GB/s", flush=True)
 
-    layout = KVLayout(num_layers=args.layers, num_kv_heads=REAL["num_kv_heads"], head_dim=REAL["head_dim"],
-                      dtype=torch.bfloat16, model_id=f"bench:{args.layers}x2x64")
+    layout = KVLayout(num_layers=args.layers, num_kv_heads=real["num_kv_heads"], head_dim=real["head_dim"],
+                      dtype=torch.bfloat16, model_id=f"bench:{args.layers}x{real['num_kv_heads']}x{real['head_dim']}")
     week = None
     if "week" in parts:
         week = run_week(args, layout, root / "week", retrievers, opts)
@@ -430,7 +459,9 @@ def run_full(args, fpath: Path, retrievers, opts) -> dict:
     from mukv.backends.disk import TieredBackend
     from mukv.blocks import KVLayout
 
-    flay = KVLayout(dtype=torch.bfloat16, model_id="bench:24x2x64", **REAL)
+    real = LAYOUTS[args.layout]
+    flay = KVLayout(dtype=torch.bfloat16, model_id="bench:{num_layers}x{num_kv_heads}x{head_dim}".format(**real),
+                    **real)
     fsynth = Synth(flay, seed=1)
     if args.reuse:
         fb = TieredBackend(flay, str(fpath), "cpu", stream_id="full", read_only=True, **opts)
@@ -440,20 +471,24 @@ def run_full(args, fpath: Path, retrievers, opts) -> dict:
         fb.set_state("session", {"config": {"levels": [{"frames": 1}, {"frames": 1}, {"frames": WINDOW}]}})
         fw = int(round(args.full_hours * 3600 * args.fps / WINDOW))
         t0 = time.perf_counter()
-        feed(fb, fsynth, 0, fw, max(1, args.batch_windows // 8))
+        seg = flay.num_layers * 2 * flay.num_kv_heads * LEVELS["segment"][1] * flay.head_dim
+        feed(fb, fsynth, 0, fw, max(1, min(args.batch_windows // 8, Synth.POOL // (2 * seg))))
         fb.flush()
         hours, t_full = args.full_hours, time.perf_counter() - t0
     rng, raw = np.random.default_rng(7), []
     fres = measure(fb, fsynth, retrievers, args.questions, 99, fpath / "kv",
-                   probe=lambda: raw.append(raw_read_pattern(fb, rng)))
-    raw_pattern = statistics.median(raw)
+                   probe=None if args.skip_raw else lambda: raw.append(raw_read_pattern(fb, rng)))
+    raw_pattern = statistics.median(raw) if raw else None
     full = {"hours": hours, "disk_bytes": du(fpath), "kv_bytes": du(fpath / "kv"), "index_bytes": du(fpath / "index"),
             "ingest_s": t_full, "frames": fb.count("segment") * WINDOW, "retrievers": fres,
-            "read_threads": fb.options.read_threads, "raw_pattern": raw_pattern}
+            "read_threads": fb.options.read_threads, "raw_pattern": raw_pattern,
+            "kv_bytes_decoded": sum(fb.count(lv) * LEVELS[lv][1] for lv in LEVELS) * flay.token_bytes()}
     fb.close()
     print(f"[full layout, {hours:g} h] disk={full['disk_bytes'] / 1e9:.2f} GB "
           + " ".join(f"{n}: page-in {r['pagein_ms_median']:.0f} ms for {r['disk_mb_per_question']:.0f} MB "
                      f"(read {r['read_gbps']:.2f} GB/s)" for n, r in fres.items()), flush=True)
+    if args.skip_raw:
+        return full
     # the same disk, the same files: plain sequential reads of this store's KV shards (after the questions, so
     # any host-side caching of what page-in read favours these numbers, not page-in's)
     kv = fpath / "kv" / "full" / "segment.zarr"
@@ -539,27 +574,31 @@ def _mib(x: float | None) -> str:
 def render(args, layout, week, full, raw_bw, elapsed) -> str:
     cmd = "python benchmarks/scale_week.py" + "".join(
         f" {a}" for a in sys.argv[1:]) if sys.argv[0].endswith("scale_week.py") else "python benchmarks/scale_week.py"
-    token_real = 24 * 2 * 2 * 64 * 2
-    scale = REAL["num_layers"] / layout.num_layers
+    real = LAYOUTS[args.layout]
+    token_real = real["num_layers"] * 2 * real["num_kv_heads"] * real["head_dim"] * 2
+    scale = real["num_layers"] / layout.num_layers
     L = []
     L.append("# Disk tier at week scale\n")
     L.append(f"Command: `{cmd}`  ")
+    L.append(f"KV codec: `{args.codec}`; KV layout: {args.layout} ({real['num_layers']} layers x "
+             f"{real['num_kv_heads']} KV heads x head dim {real['head_dim']}, bf16).  ")
     L.append(f"Machine: {os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
              f"no GPU (hot tier in RAM); torch {torch.__version__}. Total run {elapsed / 60:.1f} min.\n")
     L.append("## What was simulated, and how it is scaled down\n")
     if week:
         frames_week = week["frames"]
         L.append(f"- {frames_week * 1.0 / args.fps / 3600:g} h of video at {args.fps:g} fps = {frames_week:,} frames; MuKV "
-                 "blocks of the LLaVA-OneVision-0.5B shape per 4-frame window: 16 patch blocks (K=4), 4 frame blocks "
-                 "(K=19), 1 segment block (K=627); every block's metadata and 128-dim vector is stored "
+                 f"blocks of the LLaVA-OneVision-{args.layout.upper()} shape per 4-frame window: 16 patch blocks (K=4), 4 frame blocks "
+                 "(K=19), 1 segment block (K=627); every block's metadata and vector is stored "
                  f"({sum(LEVELS[lv][0] for lv in LEVELS) * frames_week // WINDOW:,} index rows, as at full scale).")
         L.append(f"- **KV is scaled down**: the week stream writes KV of {layout.num_layers} of the model's 24 layers "
                  f"(every other dimension real, bf16), i.e. 1/{scale:g} of the real bytes, because the real week "
                  f"({token_real * 196 * frames_week / 1e12:.2f} TB) does not fit this disk. KV bytes below are "
                  f"also shown x{scale:g} (exact: KV scales linearly in layers).")
     if full:
-        L.append(f"- **Page-in at the real size** is measured on a second store with the real 24-layer layout, "
-                 f"{full['hours']:g} h of video ({full['frames']:,} frames, {full['kv_bytes'] / 1e9:.1f} GB of KV).")
+        L.append(f"- **Page-in at the real size** is measured on a second store with the real {real['num_layers']}-layer "
+                 f"layout, {full['hours']:g} h of video ({full['frames']:,} frames, {full['kv_bytes'] / 1e9:.2f} GB of KV "
+                 f"files; {full.get('kv_bytes_decoded', full['kv_bytes']) / 1e9:.2f} GB of KV decoded).")
     L.append("- Synthetic KV bytes and clustered synthetic vectors (no model runs); questions are query vectors "
              f"near the topic of a random stored moment; {args.questions} questions per point, MuKV's top-k "
              "20/32/12 with 2x over-retrieval. Before every question the KV files are dropped from the page cache "
@@ -596,28 +635,37 @@ def render(args, layout, week, full, raw_bw, elapsed) -> str:
             L.append(f"| {h:g} h | {r['rows']:,} | {r['kv_bytes'] / 1e9:.2f} | {r['index_bytes'] / 1e9:.2f} | "
                      f"{real_kv / 1e9:.1f} | {(real_kv + r['index_bytes']) / h / 1e9:.2f} GB/h |")
         if full:
-            L.append(f"| {full['hours']:g} h (real 24 layers) | - | {full['kv_bytes'] / 1e9:.2f} | "
+            L.append(f"| {full['hours']:g} h (real {real['num_layers']} layers) | - | {full['kv_bytes'] / 1e9:.2f} | "
                      f"{full['index_bytes'] / 1e9:.3f} | {full['kv_bytes'] / 1e9:.2f} | "
                      f"{full['disk_bytes'] / full['hours'] / 1e9:.2f} GB/h (measured) |")
         L.append("")
         L.append("## Retrieval and page-in per question\n")
         L.append("| stored | retriever | cold index | retrieve ms (median / p90) | page-in ms (median / p90) | KV per question MB "
-                 "| read from disk MB | read GB/s (preadv + crc32) | page-in GB/s |")
-        L.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+                 "| read from disk MB | read GB/s (preadv + crc32) | page-in GB/s (stored) | page-in GB/s (decoded) "
+                 "| decode ms |")
+        L.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = [(f"{h:g} h ({layout.num_layers} layer KV)", "IVF_PQ" if r["indexed"] else "exact", r["retrievers"])
                 for h, r in results.items()]
         if full:
-            rows.append((f"{full['hours']:g} h (real 24 layers)", "exact", full["retrievers"]))
+            rows.append((f"{full['hours']:g} h (real {real['num_layers']} layers)", "exact", full["retrievers"]))
         for where, index, rs in rows:
             for name, x in rs.items():
                 L.append(f"| {where} | {name} | {index} | {x['retrieve_ms_median']:.1f} / {x['retrieve_ms_p90']:.1f} | "
                          f"{x['pagein_ms_median']:.1f} / {x['pagein_ms_p90']:.1f} | {x['kv_mb_per_question']:.1f} | "
-                         f"{x['disk_mb_per_question']:.1f} | {x.get('read_gbps', 0.0):.2f} | {x['pagein_gbps']:.2f} |")
+                         f"{x['disk_mb_per_question']:.1f} | {x.get('read_gbps', 0.0):.2f} | {x['pagein_gbps']:.2f} | "
+                         f"{x.get('pagein_gbps_decoded', x['pagein_gbps']):.2f} | {x.get('decode_ms_median', 0.0):.1f} |")
         L.append("")
     L.append("Read GB/s = bytes paged in from disk / time of the reader threads (grouping by shard, shard indexes, "
              "`preadv` into the output, crc32); page-in GB/s = the same bytes / the disk part of `load_kv` (also the "
              "crc comparison and the copies of repeated ids; the promotion into the hot tier is in page-in ms only). "
              "At 1 h the whole week stream still fits the hot tier, so nothing is read from disk there.\n")
+    if raw_bw is None:
+        L.append("(Raw read bandwidth not measured: `--skip-raw`.)\n")
+        L.append("Raw numbers (JSON; the blocks each question retrieved are left out):\n")
+        L.append("```json")
+        L.append(json.dumps(_strip({"week": week, "full": full, "raw_read_Bps": raw_bw}), default=float))
+        L.append("```")
+        return "\n".join(L) + "\n"
     L.append("## Page-in against this disk's raw bandwidth\n")
     L.append("Raw reads in the same run, page cache dropped before each:\n")
     L.append("| what is read | how | GB/s |")

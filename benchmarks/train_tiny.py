@@ -111,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="with --eval-only: checkpoint directory (default: the shipped one)")
     ap.add_argument("--session", default="", help="with --eval-only: also evaluate through mukv.Session per clip with "
                     "these policies, comma-separated (e.g. mukv,full_context)")
+    ap.add_argument("--sessions-only", action="store_true",
+                    help="with --eval-only and --session: skip the batched regimes (e.g. to compare KV codecs)")
+    ap.add_argument("--session-config", default=None, metavar="JSON",
+                    help="with --session: configuration fields applied over each policy, e.g. "
+                    '\'{"kv_codec": "int4"}\' (a KV codec)')
     ap.add_argument("--attention-report", type=int, default=0, metavar="N",
                     help="with --eval-only: where the answer position looks (evidence / other objects of the scene / "
                     "objects of other scenes), per kind and layer, on N held-out clips per kind")
@@ -151,19 +156,28 @@ def eval_only(args: argparse.Namespace, device: torch.device) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
-    t0 = time.perf_counter()
-    reports = T.evaluate(adapter, clips, T.config_for(adapter), batch=args.eval_batch)
-    print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
-          f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
-    print(T.format_report(reports), flush=True)
-    result = {"batched": reports}
+    result = {}
+    if not (args.sessions_only and args.session):
+        t0 = time.perf_counter()
+        reports = T.evaluate(adapter, clips, T.config_for(adapter), batch=args.eval_batch)
+        print(f"{path}: {len(clips)} held-out clips (seed {args.eval_seed}), batched regimes in "
+              f"{time.perf_counter() - t0:.0f} s on {device}", flush=True)
+        print(T.format_report(reports), flush=True)
+        result["batched"] = reports
     session = {}
+    extra = {}
+    if args.session_config:
+        try:
+            extra = {"config": json.loads(args.session_config)}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--session-config is not JSON: {exc}") from None
     for policy in [p for p in args.session.split(",") if p]:
         t0 = time.perf_counter()
-        report, rows = T.session_accuracy(adapter, clips, policy=policy, device=device)
+        report, rows = T.session_accuracy(adapter, clips, policy=policy, device=device, **extra)
         dt = time.perf_counter() - t0
-        session[f"session:{policy}"] = report
-        result[f"session:{policy}"] = {"report": report, "rows": rows, "seconds": dt}
+        key = f"session:{policy}" + (f" {args.session_config}" if args.session_config else "")
+        session[key] = report
+        result[key] = {"report": report, "rows": rows, "seconds": dt}
         print(f"session policy {policy}: {100 * report['overall']:.1f}% in {dt:.0f} s "
               f"({dt / len(clips):.2f} s per clip: session, feed, ask)", flush=True)
     if session:

@@ -131,6 +131,38 @@ class CompressedBlocks:
 
 
 @dataclass
+class EncodedKV:
+    """A batch of blocks of one level as a KV codec stores them: one row per block.
+
+    What a backend stores, checksums and pages in is ``rows``; only the
+    codec that made it (:class:`mukv.interfaces.KVCodec`) reads inside a row.
+
+    Attributes:
+        rows: ``[B, *row_shape]``, one C-contiguous row per block: ``uint8 [B, S]``
+            for the quantising codecs (payload and scales side by side, see each
+            codec's byte layout), the KV itself ``[B, Y, 2, H, K, D]`` for "none".
+        block_shape: ``(Y, 2, H, K, D)``, the shape of one decoded block.
+        dtype: the dtype of the decoded KV (the model's KV dtype).
+    """
+
+    rows: torch.Tensor
+    block_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for the batch."""
+        return self.rows.numel() * self.rows.element_size()
+
+    def with_rows(self, rows: torch.Tensor) -> "EncodedKV":
+        """The same kind of rows (e.g. a subset, or a copy on another device)."""
+        return EncodedKV(rows, self.block_shape, self.dtype)
+
+
+@dataclass
 class Hits:
     """Blocks of one level chosen by a retriever.
 

@@ -283,6 +283,31 @@ class MukvConfig(BaseModel):
     stream: StreamConfig = StreamConfig()
     """Stream timing and batching."""
 
+    kv_codec: str | dict[str, Any] = "none"
+    """How stored KV is encoded (a KV codec, ``mukv_register_codecs``): a registered name
+    ("none": the model's dtype as is; "int8": keys per channel and values per token; "int4":
+    groups along the head dimension, two values per byte; "fp8": e4m3 with per-block scales)
+    or ``{"name": NAME, **settings}`` (e.g. ``{"name": "int4", "group_size": 32}``). A store
+    records the codec of each level array and reads every array with its own, so a stream can
+    change codec between sessions (new blocks use the new one); see ``docs/how-to/codecs.md``."""
+
+    @field_validator("kv_codec")
+    @classmethod
+    def _check_codec(cls, value: Any) -> Any:
+        name = value.get("name") if isinstance(value, dict) else value
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError('a KV codec is a registered name or {"name": NAME, **settings} with a non-empty name')
+        if isinstance(value, dict) and any(not isinstance(k, str) for k in value):
+            raise ValueError("settings of a KV codec are named by strings")
+        return value
+
+    def codec_spec(self) -> tuple[str, dict[str, Any]]:
+        """``kv_codec`` as ``(name, settings)``."""
+        if isinstance(self.kv_codec, str):
+            return self.kv_codec, {}
+        spec = dict(self.kv_codec)
+        return spec.pop("name"), spec
+
     @model_validator(mode="before")
     @classmethod
     def _default_guide(cls, data: Any) -> Any:

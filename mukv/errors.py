@@ -18,7 +18,8 @@ class ConfigError(MukvError, ValueError):
 
 _SINGULAR = {"policies": "policy", "indexes": "index", "extractors": "extractor", "scorers": "scorer",
              "compressors": "compressor", "retrievers": "retriever", "backends": "backend", "models": "model",
-             "evictors": "eviction policy", "sources": "frame source"}
+             "evictors": "eviction policy", "sources": "frame source",
+             "codecs": "KV codec"}
 
 
 def singular(role: str) -> str:

@@ -188,3 +188,21 @@ def mukv_register_sources(register: Register) -> None:
 
     Called once, when the registry is built; chosen with ``Session.feed_from(name, ...)``.
     """
+
+
+@hookspec
+def mukv_register_codecs(register: Register) -> None:
+    """Register KV codecs: how stored KV is encoded (bf16 as is, int8, int4, fp8 ...).
+
+    :param register: call ``register(name, codec_class)`` once per codec: a
+        :class:`mukv.interfaces.KVCodec` subclass, built as ``codec_class(**settings)``
+        (its ``Settings`` pydantic model checks them). Its two methods,
+        ``encode(kv [B, Y, 2, H, K, D]) -> EncodedKV`` (one row per block) and
+        ``decode(encoded, device) -> [n, Y, 2, H, K, D]``, are the two directions of
+        one byte layout.
+
+    Called once, when the registry is built; chosen with ``MukvConfig.kv_codec``
+    (a name, or ``{"name": name, **settings}``). A store records the codec's name
+    and settings per array and reads each array with its own codec, so a codec's
+    name must stay registered for as long as stores written with it are read.
+    """

@@ -12,6 +12,8 @@ StorageBackend         see its docstring (a store has a few)            ``mukv_r
 EvictionPolicy         ``victims(candidates, need_bytes) -> [m]``       ``mukv_register_evictors``
 VectorIndex            ``search(queries, k) -> (scores, ids)``          ``mukv_register_indexes``
 FrameSource            ``chunks() -> (frames, times), ...``             ``mukv_register_sources``
+KVCodec                ``encode(kv)`` / ``decode(encoded)`` (a pair:    ``mukv_register_codecs``
+                       the two directions of one format)
 =====================  ===============================================  =========================
 
 Everything else a component needs is derived in these base classes. Shapes
@@ -29,9 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 import torch
 from pydantic import BaseModel
 
-from .blocks import CompressedBlocks, Hits, PrefilledBlocks, Query
-from .config import LevelConfig, MukvConfig
-from .errors import singular
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .blocks import CompressedBlocks, EncodedKV, Hits, PrefilledBlocks, Query
+from .config import LevelConfig, MukvConfig, format_validation_error
+from .errors import ConfigError, InputError, singular
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -261,6 +265,12 @@ class StorageBackend(BlockIndex):
     #: Whether the backend opened the stream for reading only (feeds are refused before any work).
     read_only: bool = False
 
+    #: Whether the backend stores KV through a :class:`KVCodec`: it is then built with
+    #: ``codec=KVCodec`` (the session's ``kv_codec``), encodes in :meth:`add` and decodes
+    #: in :meth:`load_kv`. A backend that leaves it False stores KV as given and is
+    #: refused with any codec but "none".
+    accepts_codec: ClassVar[bool] = False
+
     @abstractmethod
     def add(self, blocks: CompressedBlocks) -> torch.Tensor:
         """Store a batch of blocks of one level; return their ids ``[B]``."""
@@ -343,6 +353,136 @@ class StorageBackend(BlockIndex):
 
     def close(self) -> None:
         """Release resources; the backend must not be used afterwards."""
+
+
+# --------------------------------------------------------------------------- codecs
+class CodecSettings(BaseModel):
+    """Settings of a codec that takes none; a codec with settings subclasses it (one field per
+    setting, each with a docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class KVCodec(Component):
+    """How stored KV is encoded: a level's compressed KV becomes one row per block, and back.
+
+    ``encode`` runs on the device the KV is on (the session's) when blocks are
+    stored; ``decode`` runs on the session's device for a whole selection at
+    page-in (one call per level and question). A codec is built with its
+    settings, ``cls(**settings)``, checked by its :attr:`Settings` model. A
+    store records per array what :meth:`record` returns, and reads the array
+    with the codec built again from that record, whatever codec the session
+    writes with.
+
+    The two abstract methods are one pair: the two directions of one byte
+    layout. A subclass documents that layout (rows are stored, checksummed and
+    paged in as opaque bytes by the backends) and states its error bound.
+    """
+
+    #: The pydantic model of the codec's settings (``extra="forbid"``).
+    Settings: ClassVar[type[BaseModel]] = CodecSettings
+    #: Version of the byte layout; a store written by a newer version is refused.
+    version: ClassVar[int] = 1
+
+    def __init__(self, **settings: Any):
+        try:
+            self.settings = self.Settings(**settings)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc).replace(
+                "invalid mukv configuration", f"invalid settings of KV codec {type(self).__name__}")) from None
+        #: the name the codec is registered as (set when it is built from the registry)
+        self.name = type(self).__name__
+
+    @abstractmethod
+    def encode(self, kv: torch.Tensor) -> EncodedKV:
+        """Encode blocks.
+
+        Args:
+            kv: ``[B, Y, 2, H, K, D]`` keys and values of ``B`` blocks (float32,
+                float16 or bfloat16, finite), on any device.
+
+        Returns:
+            An :class:`~mukv.blocks.EncodedKV` whose ``rows`` are
+            ``[B, *row_shape]`` of the dtype :meth:`row_layout` names, C-contiguous,
+            on the same device, ``block_shape = (Y, 2, H, K, D)``, ``dtype = kv.dtype``.
+        """
+
+    @abstractmethod
+    def decode(self, encoded: EncodedKV, device: torch.device | str) -> torch.Tensor:
+        """Decode rows made by :meth:`encode` (of this codec and settings).
+
+        Args:
+            encoded: ``rows [n, *row_shape]`` on any device.
+            device: where the KV is wanted (the rows are moved there first, so the
+                arithmetic runs on the session's device).
+
+        Returns:
+            ``[n, Y, 2, H, K, D]`` of ``encoded.dtype`` on ``device``.
+        """
+
+    # -- derived -------------------------------------------------------------------------
+    def row_layout(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(row_shape, row_dtype)`` of one stored block of ``block_shape`` ``(Y, 2, H, K, D)``.
+
+        The default encodes one block of zeros; a codec overrides it with its formula.
+
+        Raises:
+            ConfigError: the codec cannot store blocks of this shape (e.g. a group
+                size that does not divide the head dimension).
+        """
+        enc = self.encode(torch.zeros((1, *block_shape), dtype=dtype))
+        return tuple(enc.rows.shape[1:]), enc.rows.dtype
+
+    def record(self) -> dict[str, Any]:
+        """What a store keeps to read rows of this codec again: ``{"name", "version", "settings"}``."""
+        settings = getattr(self, "settings", None)  # a subclass may build itself without KVCodec.__init__
+        return {"name": getattr(self, "name", type(self).__name__), "version": int(self.version),
+                "settings": settings.model_dump(mode="json") if isinstance(settings, BaseModel) else {}}
+
+    def encode_blocks(self, kv: torch.Tensor) -> EncodedKV:
+        """:meth:`encode` with its contract checked: non-finite KV is refused before anything is
+        encoded, and the rows must have the layout :meth:`row_layout` names.
+
+        Raises:
+            InputError: ``kv`` holds NaN or infinite values (naming the blocks).
+        """
+        if kv.ndim != 6 or kv.shape[2] != 2:
+            raise InputError(f"KV to encode must be [B, Y, 2, H, K, D]; got {tuple(kv.shape)}")
+        if not kv.dtype.is_floating_point:
+            raise InputError(f"KV to encode must be floating point; got {kv.dtype}")
+        bad = ~torch.isfinite(kv).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            which = torch.nonzero(bad).flatten().tolist()
+            raise InputError(f"KV of {len(which)} block(s) of the batch (rows {which[:8]}"
+                             f"{' ...' if len(which) > 8 else ''}) holds NaN or infinite values; refused, nothing "
+                             "of the batch was stored (the model produced non-finite keys or values: in float16 "
+                             "usually an overflow)")
+        enc = self.encode(kv)
+        shape, dtype = self._layout(tuple(kv.shape[1:]), kv.dtype)
+        if not isinstance(enc, EncodedKV) or tuple(enc.rows.shape) != (kv.shape[0], *shape) \
+                or enc.rows.dtype != dtype or not enc.rows.is_contiguous():
+            got = f"{tuple(enc.rows.shape)} {enc.rows.dtype}" if isinstance(enc, EncodedKV) else type(enc).__name__
+            raise TypeError(f"KV codec {self.name!r} encoded {kv.shape[0]} blocks as {got}; its row_layout says "
+                            f"contiguous {(kv.shape[0], *shape)} {dtype}")
+        return enc
+
+    def _layout(self, block_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+        """:meth:`row_layout`, computed once per block shape and dtype."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        key = (tuple(block_shape), dtype)
+        if key not in cache:
+            cache[key] = self.row_layout(tuple(block_shape), dtype)
+        return cache[key]
+
+    def decode_blocks(self, encoded: EncodedKV, device: torch.device | str) -> torch.Tensor:
+        """:meth:`decode` with its contract checked (shape, dtype and device of the result)."""
+        device = torch.device(device)
+        kv = self.decode(encoded, device)
+        want = (len(encoded), *encoded.block_shape)
+        if tuple(kv.shape) != want or kv.dtype != encoded.dtype or kv.device.type != device.type:
+            raise TypeError(f"KV codec {self.name!r} decoded {tuple(kv.shape)} {kv.dtype} on {kv.device}; "
+                            f"expected {want} {encoded.dtype} on {device}")
+        return kv
 
 
 # --------------------------------------------------------------------------- retrievers

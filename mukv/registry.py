@@ -50,6 +50,7 @@ ROLES: dict[str, str] = {
     "evictors": "mukv_register_evictors",
     "indexes": "mukv_register_indexes",
     "sources": "mukv_register_sources",
+    "codecs": "mukv_register_codecs",
 }
 
 

@@ -34,6 +34,7 @@ from .config import MukvConfig, merge
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
 from .frames import as_frames, as_timestamps, iter_chunks, resize_frames
 from .ingest import LiveFeed  # noqa: F401  (the handle feed_from(background=True) returns)
+from .kvcodec import build_codec
 from .interfaces import (
     Compressor,
     GranularityExtractor,
@@ -271,6 +272,8 @@ class Session:
         if backend_options is not None and not isinstance(backend_options, dict):
             raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
         options = dict(backend_options or {})
+        if "codec" in options:
+            raise ConfigError('the KV codec is chosen with config={"kv_codec": ...}, not a backend option')
         if path is not None:
             path = check_path(path, "path")
         if not isinstance(stream_id, str):
@@ -304,6 +307,7 @@ class Session:
             require_json(self.config, "a stream stored on disk")
         self.retriever, compressor, extractors, scorers = self._components(reg)
         self._question_log = _question_log(log_questions, path, stream_id, options)
+        self.codec = build_codec(self.config.kv_codec)
 
         self.model = load_model(model, self.device, dtype)
         if getattr(self.model, "random_weights", False) and not getattr(self.model, "_mukv_warned", False):
@@ -320,6 +324,9 @@ class Session:
                            else MukvConfig.build(merge(model_defaults, _as_dict(config))))
             self.config = canonicalize(self.config, reg)
             self.retriever, compressor, extractors, scorers = self._components(reg)
+            self.codec = build_codec(self.config.kv_codec)
+        lay = self.model.layout
+        self.codec.row_layout((lay.num_layers, 2, lay.num_kv_heads, 1, lay.head_dim), lay.dtype)  # can it store them
         self.levels: list[LevelPipeline] = []
         for lv in self.config.levels:
             split = extractors[lv.name].split(lv, self.model.grid)
@@ -330,7 +337,8 @@ class Session:
         self.prefix = self.model.prefix(self.config.generation.system_prompt)
         self.backend: StorageBackend = backend_cls(
             layout=self.model.layout, path=path, device=self.device,
-            **({"stream_id": stream_id, "read_only": read_only} if path is not None else {}), **options)
+            **({"stream_id": stream_id, "read_only": read_only} if path is not None else {}),
+            **self._codec_option(backend_cls, backend, options), **options)
         try:
             self._stream = self._open_stream(model, stored, read_only, origin, thumbnails)
         except BaseException:
@@ -399,6 +407,19 @@ class Session:
                 pass  # commits the contract: the stream exists from here on
         return stream
 
+    def _codec_option(self, backend_cls: type, backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
+        """``{"codec": ...}`` for a backend that stores KV through a codec; nothing for one that stores it as
+        given (refused with any codec but "none")."""
+        if options and "codec" in options:
+            raise ConfigError('the KV codec is chosen with config={"kv_codec": ...}, not a backend option')
+        if getattr(backend_cls, "accepts_codec", False):
+            return {"codec": self.codec}
+        if self.codec.name != "none":
+            raise ConfigError(f"kv_codec {self.codec.name!r}: backend {backend!r} stores KV as it is given "
+                              "(it does not accept codecs); use kv_codec 'none' or a backend that does "
+                              "(memory, lancedb)")
+        return {}
+
     def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
         """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
         cfg = self.config
@@ -460,7 +481,7 @@ class Session:
 
         Raises:
             ConfigError: the new configuration changes how blocks are stored
-                (levels, scoring, compression or stream settings).
+                (levels, scoring, compression, stream settings or the KV codec).
             MukvError: this session is closed.
         """
         with self._lock:
@@ -476,6 +497,8 @@ class Session:
             reg = registry()
             new = canonicalize(new, reg)
             changed = storage_differences(self.config, new)
+            if new.kv_codec != self.config.kv_codec:  # a fork reads through the session's backend and its codec
+                changed.append("kv_codec")
             if changed:
                 raise ConfigError(f"a fork shares stored blocks, so it cannot change {', '.join(changed)}; "
                                   "only top_k, rerank weights, retrieval, assembly and generation")

@@ -6,7 +6,9 @@ Modules, one concern each:
 * :mod:`.tiered`: the backend (bookkeeping: ids, counts, state, recovery, search merging);
 * :mod:`.hot`: the hot tier (one preallocated arena, slots, eviction);
 * :mod:`.zarr_kv`: KV bytes in sharded zarr arrays;
+* :mod:`.shards`: direct reads of those shards (``preadv`` into the caller's buffer);
 * :mod:`.lance_index`: the lancedb table of vectors and metadata;
+* :mod:`.pagein`: page-in of a question's selection (hot copies, disk reads, crc checks, promotion);
 * :mod:`.writer`: the background offload thread;
 * :mod:`.transfer`: device/host copies (pinned buffers, side stream);
 * :mod:`.files`: store layout, names, small files, the writer lock;

@@ -4,7 +4,8 @@ A store is a local directory or an object-store URI (``s3://bucket/prefix``)::
 
     <root>/mukv.json                    manifest: format version, KV layout, model id
     <root>/index/blocks.lance/          lancedb table: one row per block, every stream
-    <root>/kv/<stream>/<level>.zarr/    zarr array [N, Y, 2, H, K, D], sharded
+    <root>/kv/<stream>/<level>.zarr/    zarr array [N, Y, 2, H, K, D] (or [N, S] rows of a KV codec), sharded
+    <root>/kv/<stream>/<level>@<i>.zarr/  blocks from id i on, written with another KV codec
     <root>/streams/<stream>.json        committed state of a stream (counts, cursors, ...)
     <root>/streams/<stream>.lock        advisory writer lock (local stores only)
 

@@ -2,7 +2,9 @@
 
 All KV of the tier lives in **one preallocated buffer** (the arena), cut into
 equal slabs. A slab is lent to one level at a time and viewed as
-``[m, Y, 2, H, K, D]`` blocks of that level (``m = slab_bytes // block_bytes``):
+``[m, Y, 2, H, K, D]`` blocks of that level (``m = slab_bytes // block_bytes``),
+or as ``[m, S]`` stored rows of a KV codec when the tier keeps blocks encoded
+(a level's first block sets its shape and dtype):
 a block is a slot, i.e. a view into a slab, never a tensor of its own. A slab
 whose last block leaves goes back to the arena, so levels share the budget as
 the stream needs it. The arena is allocated once, so the tier's bytes are
@@ -52,6 +54,7 @@ class BlockInfo:
 class _Level:
     name: str
     block_shape: tuple[int, ...]
+    dtype: torch.dtype
     block_bytes: int
     per_slab: int  # m
     slab_of: np.ndarray  # [n_slabs] arena slab lent to position p, or -1
@@ -85,7 +88,7 @@ class HotTier:
             and vectors add a few percent, also fixed).
         slab_bytes: bytes of one slab (at least one block of every level).
         device: where the arena lives.
-        dtype: KV dtype.
+        dtype: KV dtype (of levels admitted without a dtype of their own).
         vector_dim: V.
         policy: the eviction policy.
         evict_fraction: when space is needed, free at least this fraction of
@@ -111,11 +114,12 @@ class HotTier:
         self.too_large: set[str] = set()  # levels whose blocks do not fit a slab
 
     # -- levels -----------------------------------------------------------------------
-    def _level(self, name: str, block_shape: tuple[int, ...]) -> _Level | None:
+    def _level(self, name: str, block_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> _Level | None:
         lv = self.levels.get(name)
         if lv is not None:
             return lv
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        dtype = self.dtype if dtype is None else dtype
+        elem = torch.empty((), dtype=dtype).element_size()
         block_bytes = int(np.prod(block_shape)) * elem
         per_slab = self.slab_bytes // block_bytes if block_bytes else 0
         if per_slab == 0:
@@ -128,7 +132,7 @@ class HotTier:
         slots = self.n_slabs * per_slab
         z = lambda dt, fill=0: np.full(slots, fill, dtype=dt)  # noqa: E731
         lv = _Level(
-            name=name, block_shape=tuple(block_shape), block_bytes=block_bytes, per_slab=per_slab,
+            name=name, block_shape=tuple(block_shape), dtype=dtype, block_bytes=block_bytes, per_slab=per_slab,
             slab_of=np.full(self.n_slabs, -1, dtype=np.int64), used_in=np.zeros(self.n_slabs, dtype=np.int64),
             free=np.zeros(slots, dtype=bool), ids=z(np.int64, -1), segment=z(np.int64), frame_start=z(np.int64),
             frame_end=z(np.int64), t_start=z(np.float64), t_end=z(np.float64), last_used=z(np.int64),
@@ -145,7 +149,7 @@ class HotTier:
             s = int(lv.slab_of[p])
             start = s * self.slab_bytes
             raw = self.arena[start : start + lv.per_slab * lv.block_bytes]
-            v = raw.view(self.dtype).view(lv.per_slab, *lv.block_shape)
+            v = raw.view(lv.dtype).view(lv.per_slab, *lv.block_shape)
             lv.views[p] = v
         return v
 
@@ -236,14 +240,17 @@ class HotTier:
         """Copy blocks into free slots (evicting if needed). Returns a bool mask of the admitted ones.
 
         Args:
-            kv: ``[n, Y, 2, H, K, D]`` on any device.
+            kv: ``[n, Y, 2, H, K, D]`` on any device (or ``[n, S]`` uint8 rows of a codec: a level
+                keeps the shape and, for rows, the dtype of its first admission; blocks of another
+                shape or dtype are not admitted).
             vectors: ``[n, V]``.
         """
         n = kv.shape[0]
         with self.lock:
-            lv = self._level(name, tuple(kv.shape[1:]))
+            lv = self._level(name, tuple(kv.shape[1:]), None if kv.dtype.is_floating_point else kv.dtype)
             admitted = np.zeros(n, dtype=bool)
-            if lv is None or n == 0:
+            if lv is None or n == 0 or tuple(kv.shape[1:]) != lv.block_shape or \
+                    kv.dtype.is_floating_point != lv.dtype.is_floating_point:
                 return admitted
             fresh = np.array([int(i) not in lv.where for i in info.ids.tolist()], dtype=bool)
             want = int(fresh.sum())
@@ -254,7 +261,7 @@ class HotTier:
             slots = np.flatnonzero(lv.free)[: take.size]
             if take.size == 0:
                 return admitted
-            src = kv.to(self.device, self.dtype, non_blocking=True)
+            src = kv.to(self.device, lv.dtype, non_blocking=True)
             pos = slots // lv.per_slab
             rows = slots % lv.per_slab
             for p in np.unique(pos).tolist():
@@ -309,7 +316,7 @@ class HotTier:
         """``[n, Y, 2, H, K, D]`` copies of the blocks in ``slots`` (on the tier's device)."""
         with self.lock:
             lv = self.levels[name]
-            out = torch.empty((len(slots), *lv.block_shape), dtype=self.dtype, device=self.device)
+            out = torch.empty((len(slots), *lv.block_shape), dtype=lv.dtype, device=self.device)
             self.read_into(name, slots, out, np.arange(len(slots)))
             return out
 

@@ -129,6 +129,12 @@ class TieredOptions(BaseModel):
     promote: bool = True
     """Admit blocks paged in for a question into the hot tier."""
 
+    hot_encoded: bool = False
+    """Keep blocks in the hot tier as the KV codec stores them (``kv_codec``, e.g. int4: about 3.6x as
+    many blocks in the same ``hot_bytes``) and decode them on the device when a question needs them;
+    ``False``: keep them decoded (no decode for hot blocks). No effect with the "none" codec. Blocks
+    of arrays written with another codec than the session's are then not promoted."""
+
     row_cache: int = Field(default=32768, ge=0)
     """Rows (vector + metadata) of cold blocks kept after a search, so the
     retriever's follow-up calls need no second index query."""

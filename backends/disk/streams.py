@@ -215,7 +215,7 @@ def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, ch
     import zarr.storage
 
     from .lance_index import BlockTable
-    from .zarr_kv import block_crc
+    from .zarr_kv import KVArchive, block_crc, dtype_from_name
 
     layout = layout_src.model_dump()
     found = read_state(src, sid, layout)
@@ -228,14 +228,23 @@ def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, ch
     dst_table = BlockTable(dst, vdim, vector_index_rows=None)
     stores = [zarr.storage.ObjectStore(f.object_store) if f.remote else zarr.storage.LocalStore(str(f.local))
               for f in (src, dst)]
+    src_kv = KVArchive(src, sid, dtype_from_name(layout["dtype"]), read_only=True)
     copied: dict[str, int] = {}
     for level, n in sorted(counts.items()):
         if n == 0:
             continue
-        a = zarr.open_array(store=stores[0], path=f"kv/{sid}/{level}.zarr", mode="r")
-        b = zarr.create_array(store=stores[1], name=f"kv/{did}/{level}.zarr", shape=(n, *a.shape[1:]),
-                              chunks=a.chunks, shards=a.shards, dtype=a.dtype, fill_value=0, compressors=None,
-                              attributes=dict(a.attrs))
+        parts = [p for p in src_kv.parts(level) if p.first < n]  # one array per codec the level was written with
+        if not parts or parts[0].first != 0 or any(a.end != b.first for a, b in zip(parts, parts[1:])) \
+                or parts[-1].end < n:
+            raise StoreError(f"{src.uri()}: stream {sid!r} {level}: the KV arrays do not hold committed blocks "
+                             f"0..{n - 1}; run `mukv inspect --verify`")
+        made = {}
+        for p in parts:
+            rel = f"kv/{did}/" + p.rel[len(f"kv/{sid}/"):]
+            a = p.array
+            made[p.rel] = (p, rel, zarr.create_array(
+                store=stores[1], name=rel, shape=(min(p.end, n) - p.first, *a.shape[1:]), chunks=a.chunks,
+                shards=a.shards, dtype=a.dtype, fill_value=0, compressors=None, attributes=dict(a.attrs)))
         dst_table.table(create=True)
         dst_cols = dst_table.table().schema.names
         for r0 in range(0, n, COPY_ROWS):
@@ -245,17 +254,21 @@ def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, ch
                 raise StoreError(f"{src.uri()}: stream {sid!r} {level}: index rows of committed blocks {r0}..{r1 - 1} "
                                  "are missing; run `mukv inspect --verify`")
             crc = rows.column("crc32").to_numpy()
-            for lo in range(r0, r1, COPY_BLOCKS):
-                hi = min(r1, lo + COPY_BLOCKS)
-                data = np.asarray(a[lo:hi])
-                if check_crc and not np.array_equal(block_crc(data), crc[lo - r0 : hi - r0]):
-                    raise StoreError(f"{src.uri()}: stream {sid!r} {level} blocks {lo}..{hi - 1}: KV does not match "
-                                     "its checksum; nothing was committed at the destination")
-                b[lo:hi] = data
+            for p, _, b in made.values():
+                for lo in range(max(r0, p.first), min(r1, p.end), COPY_BLOCKS):
+                    hi = min(r1, p.end, lo + COPY_BLOCKS)
+                    data = np.asarray(p.array[lo - p.first : hi - p.first])
+                    if check_crc and not np.array_equal(block_crc(data), crc[lo - r0 : hi - r0]):
+                        raise StoreError(f"{src.uri()}: stream {sid!r} {level} blocks {lo}..{hi - 1}: KV does not "
+                                         "match its checksum; nothing was committed at the destination")
+                    b[lo - p.first : hi - p.first] = data
             m = rows.num_rows
+            paths = [made[r][1] if r in made else r for r in rows.column("kv_path").to_pylist()]
+            if any(not q.startswith(f"kv/{did}/") for q in paths):
+                raise StoreError(f"{src.uri()}: stream {sid!r} {level}: index rows point to KV arrays the stream "
+                                 "does not have; run `mukv inspect --verify`")
             rows = rows.set_column(rows.column_names.index("stream_id"), "stream_id", pa.array([did] * m, pa.string()))
-            rows = rows.set_column(rows.column_names.index("kv_path"), "kv_path",
-                                   pa.array([f"kv/{did}/{level}.zarr"] * m, pa.string()))
+            rows = rows.set_column(rows.column_names.index("kv_path"), "kv_path", pa.array(paths, pa.string()))
             ones = pa.array(np.ones(m, dtype=np.int64))
             if "txn" in rows.column_names:
                 rows = rows.set_column(rows.column_names.index("txn"), "txn", ones)

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from mukv.blocks import CompressedBlocks, KVLayout
 from mukv.errors import RetrievalError, StoreError
-from mukv.interfaces import BlockMeta, EvictionPolicy, StorageBackend
+from mukv.interfaces import BlockMeta, EvictionPolicy, KVCodec, StorageBackend
+from mukv.kvcodec import codec_or_none
 from mukv.malloc import pin_mmap_threshold
 from mukv.state import validate_values
 
@@ -56,6 +57,7 @@ from .state_file import read_state, validate_manifest
 from .hot import BlockInfo, HotTier
 from .lease import LeaseHeld, StreamLease
 from .options import TieredOptions
+from .pagein import hot_form, load_kv
 from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
 
@@ -127,6 +129,8 @@ class TieredBackend(StorageBackend):
         device: the session's device (where the hot tier and loaded KV live).
         stream_id: the stream of the store ([A-Za-z0-9_.-], see
             :func:`~mukv.backends.disk.files.check_stream_id`).
+        codec: the KV codec new blocks are written with (the session's ``kv_codec``; default
+            "none"). Arrays written with other codecs are read with their own.
         **options: :class:`~mukv.backends.disk.options.TieredOptions` fields.
 
     Raises:
@@ -138,11 +142,13 @@ class TieredBackend(StorageBackend):
 
     name = "lancedb"
     persistent = True
+    accepts_codec = True
 
     def __init__(self, layout: KVLayout, path: str | None = None, device: torch.device | str = "cpu",
-                 stream_id: str = "default", **options: Any):
+                 stream_id: str = "default", codec: KVCodec | None = None, **options: Any):
         self._closed = True
         self.manifest = None
+        self.codec = codec_or_none(codec)
         self.options = o = TieredOptions.parse(options)
         if path is None:
             raise StoreError("the lancedb backend keeps blocks on disk: pass path= (a folder or an s3:// URI)")
@@ -248,7 +254,7 @@ class TieredBackend(StorageBackend):
         self._load_state()
         evictor = build("evictors", o.eviction, MukvConfig.build(), EvictionPolicy, "backend_options.eviction")
         self.archive = KVArchive(self.files, self.stream_id, self.layout.dtype, o.shard_bytes, self.read_only,
-                                 read_threads=o.read_threads)
+                                 read_threads=o.read_threads, codec=self.codec)
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout)
@@ -276,7 +282,7 @@ class TieredBackend(StorageBackend):
         self._clock = 0
         self._seg_frames: int | None = o.segment_frames
         self.pagein = {"questions": 0, "blocks_hot": 0, "blocks_disk": 0, "bytes_disk": 0, "seconds_disk": 0.0,
-                       "seconds_read": 0.0}
+                       "seconds_read": 0.0, "bytes_decoded": 0, "seconds_decode": 0.0}
         self._failure: str | None = None
         self.writer = None if self.read_only else OffloadWriter(
             self._commit, o.max_pending_bytes, o.commit_interval, on_idle=self._maintain,
@@ -518,7 +524,8 @@ class TieredBackend(StorageBackend):
                 raise StoreError(f"level {level!r} stores {info['tokens']} tokens per block; got {k}")
             if b == 0:
                 return torch.empty(0, dtype=torch.int64)
-            nbytes = kv.numel() * torch.empty((), dtype=lay.dtype).element_size()
+            enc = self.codec.encode_blocks(kv.to(lay.dtype))  # the stored rows; NaN/inf refused, nothing stored
+            nbytes = enc.nbytes
             if not self.files.remote:
                 try:
                     free = shutil.disk_usage(self.files.local).free
@@ -543,11 +550,11 @@ class TieredBackend(StorageBackend):
                               blocks.t_start.detach().cpu().to(torch.float64).numpy(),
                               blocks.t_end.detach().cpu().to(torch.float64).numpy())
             vectors = blocks.vectors.detach().to(torch.float32)
-            host = self.mover.to_host(kv, lay.dtype)  # non-blocking on CUDA
+            host = self.mover.to_host(enc.rows, enc.rows.dtype)  # non-blocking on CUDA
             if info is None:
                 self._level_info[level] = {"tokens": k, "block_shape": [int(s) for s in kv.shape[1:]]}
             try:
-                self._admit_new(level, kv, vectors, binfo)  # may wait for the writer, which may have failed
+                self._admit_new(level, hot_form(self, enc), vectors, binfo)  # may wait for the writer
             except StoreError:
                 self.hot.rollback(level, first)
                 self._check_writer()
@@ -707,7 +714,7 @@ class TieredBackend(StorageBackend):
                     runs.append([job])
             for run in runs:
                 data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
-                self.archive.write(run[0].level, run[0].first, data)
+                self.archive.write(run[0].level, run[0].first, data, self._block_shape(run[0].level))
             self.table.table(create=True)
             with_txn = self.table.has_column("txn")
             self.table.add(pa.concat_tables([self._arrow_rows(j, with_txn) for j in jobs]))
@@ -784,7 +791,7 @@ class TieredBackend(StorageBackend):
             "tokens": pa.array(np.full(b, k, dtype=np.int32)),
             "kept": lists(job.kept, np.int32), "token_index": lists(job.token_index, np.int32),
             "positions": lists(job.positions, np.int64),
-            "kv_path": pa.array([self.archive.rel(job.level)] * b, pa.string()),
+            "kv_path": pa.array([self.archive.part_of(job.level, job.first).rel] * b, pa.string()),
             "kv_row": pa.array(job.info.ids), "crc32": pa.array(job.crc),  # type: ignore[attr-defined]
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(job.vectors.reshape(-1).astype(np.float32)), v),
         }
@@ -949,89 +956,14 @@ class TieredBackend(StorageBackend):
             return BlockMeta(*(torch.from_numpy(cols[c]).to(d) for c in ("frame_start", "frame_end", "t_start", "t_end")))
 
     def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """Page in blocks ``ids`` (the final selection of one question).
-
-        Hot blocks are copied from the hot tier; the rest are read from disk in
-        one batch (grouped by shard, read concurrently) straight into the output
-        (through one pinned staging buffer on CUDA), checked against the crc32
-        their index rows carry (kept since the search found them), and admitted
-        into the hot tier.
+        """Page in blocks ``ids`` (the final selection of one question); see :func:`.pagein.load_kv`.
 
         Returns:
             ``[n, Y, 2, H, K, D]`` KV of ``ids`` in their order, on the session's device.
         """
         with self._lock:
             self._check_open()
-            ids = self._ids(level, ids)
-            shape = self._block_shape(level)
-            out = torch.empty((ids.size, *shape), dtype=self.layout.dtype, device=self.device)
-            if ids.size == 0:
-                return out
-            self._clock += 1
-            self.pagein["questions"] += 1
-            slots = self.hot.lookup(level, ids)
-            hot = slots >= 0
-            if hot.any():
-                self.hot.read_into(level, slots[hot], out, np.flatnonzero(hot))
-                self.hot.touch(level, slots[hot], self._clock)
-                self.pagein["blocks_hot"] += int(hot.sum())
-            cold = np.flatnonzero(~hot)
-            if cold.size:
-                self._page_in(level, ids, cold, out)
-            return out
-
-    def _page_in(self, level: str, ids: np.ndarray, cold: np.ndarray, out: torch.Tensor) -> None:
-        """Read blocks ``ids[cold]`` from disk into ``out[cold]``, check their crc32, promote them."""
-        t0 = time.perf_counter()
-        uniq, first, inverse = np.unique(ids[cold], return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        self._ensure_on_disk(level, int(uniq[-1]) + 1)
-        rows = self._cold_rows(level, uniq)
-        at = cold[first]  # [u] the row of out that receives each distinct block
-        if self.mover.cuda:
-            stage = self.mover.staging((uniq.size, *out.shape[1:]), self.layout.dtype)
-            dest, dest_rows = stage.tensor, np.arange(uniq.size)
-        else:
-            stage, dest, dest_rows = None, out, at
-        try:
-            t1 = time.perf_counter()
-            crc = self.archive.read_into(level, uniq, as_numpy_rows(dest), dest_rows, crc=self.options.verify_reads)
-            t_read = time.perf_counter() - t1
-            if crc is not None:
-                bad = [int(i) for i, c in zip(uniq.tolist(), crc.tolist()) if c != rows[int(i)][6]]
-                if bad:
-                    raise StoreError(f"{self.files.uri()}: {level} blocks {bad} of stream {self.stream_id!r} "
-                                     "fail their checksum (damaged on disk)")
-        except BaseException:
-            if stage is not None:
-                stage.release()
-            raise
-        if stage is not None:  # one upload of the distinct blocks, then a copy per requested row on the device
-            blocks = self.mover.upload(stage)
-            out[torch.from_numpy(cold).to(self.device)] = blocks[torch.from_numpy(inverse).to(self.device)]
-        else:
-            rest = np.setdiff1d(cold, at, assume_unique=True)  # repeats of an id: copies of its first row
-            if rest.size:
-                pos = np.searchsorted(cold, rest)
-                out[torch.from_numpy(rest)] = out[torch.from_numpy(at[inverse[pos]])]
-            order = np.argsort(at, kind="stable")  # the distinct blocks as rows of out, a view where contiguous
-            if at[order[-1]] - at[order[0]] + 1 == at.size:
-                uniq, first, at = uniq[order], first[order], at[order]
-                blocks = out[int(at[0]) : int(at[-1]) + 1]
-            else:
-                blocks = out[torch.from_numpy(at)]
-        nbytes = int(uniq.size) * int(np.prod(out.shape[1:])) * out.element_size()
-        self.pagein["blocks_disk"] += int(uniq.size)
-        self.pagein["bytes_disk"] += nbytes
-        self.pagein["seconds_disk"] += time.perf_counter() - t0
-        self.pagein["seconds_read"] += t_read
-        if self.options.promote and self.hot.budget_bytes:
-            sel = [rows[int(i)] for i in uniq.tolist()]
-            info = BlockInfo(uniq, np.array([r[1] for r in sel], np.int64), np.array([r[2] for r in sel], np.int64),
-                             np.array([r[3] for r in sel], np.int64), np.array([r[4] for r in sel]),
-                             np.array([r[5] for r in sel]))
-            vec = torch.from_numpy(np.stack([r[0] for r in sel]))
-            self.hot.admit(level, blocks, vec, info, self._clock, committed=True)
+            return load_kv(self, level, self._ids(level, ids))
 
     def _lance_lists(self, level: str, ids: torch.Tensor, column: str) -> torch.Tensor:
         with self._lock:
@@ -1060,10 +992,12 @@ class TieredBackend(StorageBackend):
     # ------------------------------------------------------------------ numbers, checks, closing
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        tb = self.layout.token_bytes()
         for level, n in self._n.items():
             k = int(self._level_info.get(level, {}).get("tokens", 0))
-            out[level] = {"blocks": n, "tokens": n * k, "bytes": n * k * tb}
+            shape = self._level_info.get(level, {}).get("block_shape")
+            # bytes as stored: each array's rows (its codec), the write codec's for blocks not on disk yet
+            nbytes = self.archive.stored_bytes(level, n, tuple(shape) if shape else None) if n else 0
+            out[level] = {"blocks": n, "tokens": n * k, "bytes": nbytes}
         return out
 
     def tier_stats(self) -> dict[str, Any]:

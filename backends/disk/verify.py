@@ -18,7 +18,10 @@ model is needed (the KV layout comes from the store's manifest). It checks
    every row can be read; if a data file of the table is gone, the table is
    read again fragment by fragment to say which blocks lost their rows;
 4. every committed block (ids ``0 .. count - 1`` of each level): exactly one
-   index row, KV on disk, KV bytes matching the row's crc32; a shard that
+   index row, KV on disk in exactly one of the level's arrays (one per KV codec
+   the level was written with, each readable by its recorded codec, of the
+   state's block shape), KV bytes as stored matching the row's crc32, and the
+   first and last block of every shard decoding to finite values; a shard that
    cannot be read is read again chunk by chunk to narrow down the blocks;
 5. leftovers: index rows and KV beyond the committed counts, KV of levels or
    streams without a state, temp files. A killed writer leaves them, the next
@@ -63,7 +66,7 @@ class Problem:
         severity: "damage", "leftover" or "note" (see :data:`SEVERITIES`).
         kind: what was found: "manifest", "state", "index", "index_fragment",
             "missing_rows", "duplicate_rows", "missing_kv", "kv_array", "unreadable_kv",
-            "corrupt_kv", "orphan_rows", "orphan_kv", "unknown_stream", "temp_files",
+            "corrupt_kv", "undecodable_kv", "orphan_rows", "orphan_kv", "unknown_stream", "temp_files",
             "index_version", "writer_active".
         message: the finding in words, naming the file, stream, level and blocks.
         stream_id: the stream concerned, if one.
@@ -394,62 +397,87 @@ def _check_stream(files: Files, sid: str, state: dict, layout: dict[str, Any], r
                 report.add("damage", "missing_rows", f"stream {sid!r} {level}: {missing.size} committed blocks "
                            f"have no index row (blocks {describe_ids(missing)})", sid, level, missing)
                 entry["missing"] = missing[:_MAX_IDS].tolist()
-        # KV: an array of the right shape, long enough; bytes matching the rows' crc32
+        # KV: arrays (one per codec the level was written with) of the right block shape that tile the
+        # committed blocks; bytes matching the rows' crc32; rows that their codec decodes
         try:
-            arr = archive.array(level)
+            parts = archive.parts(level)
         except StoreError as exc:
             report.add("damage", "kv_array", f"stream {sid!r} {level}: {exc}", sid, level, np.arange(n))
             entry["unreadable"] = list(range(min(n, _MAX_IDS)))
             continue
-        length = 0 if arr is None else int(arr.shape[0])
+        length = max((p.end for p in parts), default=0)
         if level not in counts:
             if length:
                 report.add("leftover", "orphan_kv", f"stream {sid!r}: KV of level {level!r} ({length} blocks), "
                            "which the stream's state does not count", sid, level)
             continue
         info = state["levels"].get(level)
-        if arr is not None and info is not None and list(arr.shape[1:]) != [int(x) for x in info["block_shape"]]:
-            report.add("damage", "kv_array", f"stream {sid!r} {level}: KV blocks of shape {tuple(arr.shape[1:])}, "
-                       f"the state says {tuple(info['block_shape'])}", sid, level, np.arange(n))
+        wrong = [p for p in parts if info is not None and list(p.block_shape) != [int(x) for x in info["block_shape"]]]
+        if wrong:
+            report.add("damage", "kv_array", f"stream {sid!r} {level}: KV blocks of shape {wrong[0].block_shape} "
+                       f"in {wrong[0].rel}, the state says {tuple(info['block_shape'])}", sid, level, np.arange(n))
             continue
-        if length < n:
-            lost = np.arange(length, n)
+        covered = np.zeros(max(n, length), dtype=np.int64)  # arrays holding each block
+        for p in parts:
+            covered[p.first : p.end] += 1
+        twice = np.flatnonzero(covered[:n] > 1)
+        if twice.size:
+            report.add("damage", "kv_array", f"stream {sid!r} {level}: blocks {describe_ids(twice)} have KV in "
+                       "more than one array", sid, level, twice)
+        lost = np.flatnonzero(covered[:n] == 0)
+        if lost.size:
             report.add("damage", "missing_kv", f"stream {sid!r} {level}: {lost.size} committed blocks have no KV "
                        f"on disk (blocks {describe_ids(lost)})", sid, level, lost)
-        elif length > n:
+        if length > n:
             report.add("leftover", "orphan_kv", f"stream {sid!r} {level}: {length - n} KV rows beyond the {n} "
                        "committed blocks", sid, level, np.arange(n, length))
-        readable = min(n, length)
-        bad_read, corrupt, why = _check_kv(archive, arr, level, readable, crc_of if index_ok else None, check_kv)
+        bad_read, corrupt, undecodable, why = [], [], [], ""
+        for p in parts:
+            r, c, u, w = _check_kv(archive, p, level, min(n, p.end), crc_of if index_ok else None, check_kv)
+            bad_read.append(r)
+            corrupt.append(c)
+            undecodable.append(u)
+            why = why or w
+        bad_read, corrupt, undecodable = (np.unique(np.concatenate([np.empty(0, np.int64), *x]))
+                                          for x in (bad_read, corrupt, undecodable))
         if bad_read.size:
             report.add("damage", "unreadable_kv", f"stream {sid!r} {level}: KV of blocks {describe_ids(bad_read)} "
                        f"cannot be read ({why})", sid, level, bad_read)
         if corrupt.size:
             report.add("damage", "corrupt_kv", f"stream {sid!r} {level}: KV of blocks {describe_ids(corrupt)} does "
                        "not match its checksum", sid, level, corrupt)
-        entry["unreadable"] = (bad_read[:_MAX_IDS].tolist() + list(range(length, n)))[:_MAX_IDS]
-        entry["corrupt"] = corrupt[:_MAX_IDS].tolist()
+        if undecodable.size:
+            report.add("damage", "undecodable_kv", f"stream {sid!r} {level}: KV of blocks "
+                       f"{describe_ids(undecodable)} matches its checksum but its codec decodes it to NaN or "
+                       "infinite values", sid, level, undecodable)
+        entry["unreadable"] = np.union1d(bad_read, lost)[:_MAX_IDS].tolist()
+        entry["corrupt"] = np.union1d(corrupt, undecodable)[:_MAX_IDS].tolist()
         if check_kv and index_ok and rows.get("complete", True):
-            bad = set(bad_read.tolist()) | set(corrupt.tolist()) | set(entry["missing"])
-            entry["verified"] = int(sum(1 for i in range(readable) if i not in bad and i in crc_of))
+            bad = set(bad_read.tolist()) | set(corrupt.tolist()) | set(undecodable.tolist()) | set(entry["missing"])
+            bad |= set(lost.tolist())
+            entry["verified"] = int(sum(1 for i in range(min(n, length)) if i not in bad and i in crc_of))
         levels_report[level] = entry
 
 
-def _check_kv(archive: Any, arr: Any, level: str, n: int, crc_of: dict[int, int] | None,
-              check_kv: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """(unreadable ids, corrupt ids, first read error) among blocks ``0 .. n - 1``: read shard by shard,
-    then chunk by chunk."""
-    if n == 0 or arr is None or not check_kv:
-        return np.empty(0, np.int64), np.empty(0, np.int64), ""
+def _check_kv(archive: Any, part: Any, level: str, end: int, crc_of: dict[int, int] | None,
+              check_kv: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(unreadable ids, corrupt ids, undecodable ids, first read error) among the blocks of one array below
+    ``end``: read shard by shard, then chunk by chunk. The first and the last block of each shard read are
+    also decoded with the array's codec (their values must be finite)."""
+    lo = part.first
+    if end <= lo or not check_kv:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), ""
+    arr = part.array
     per_shard = int(getattr(arr, "shards", None)[0] if getattr(arr, "shards", None) else arr.chunks[0])
     per_chunk = int(arr.chunks[0])
     unreadable: list[int] = []
     corrupt: list[int] = []
+    undecodable: list[int] = []
     errors: list[str] = []
 
-    def check(lo: int, hi: int, step: int) -> None:
-        for a in range(lo, hi, step):
-            b = min(hi, a + step)
+    def check(a0: int, b0: int, step: int) -> None:
+        for a in range(a0, b0, step):
+            b = min(b0, a + step)
             try:
                 data = archive.read(level, np.arange(a, b))
             except StoreError as exc:
@@ -463,9 +491,30 @@ def _check_kv(archive: Any, arr: Any, level: str, n: int, crc_of: dict[int, int]
                 for i, c in zip(range(a, b), block_crc(data).tolist()):
                     if i in crc_of and int(crc_of[i]) != int(c):
                         corrupt.append(i)
+            for j in sorted({0, b - a - 1}):
+                if a + j not in corrupt and not _decodes(part, data[j : j + 1], archive.dtype):
+                    undecodable.append(a + j)
 
-    check(0, n, max(per_shard, per_chunk))
-    return np.asarray(unreadable, np.int64), np.asarray(corrupt, np.int64), errors[0] if errors else ""
+    check(lo, end, max(per_shard, per_chunk))
+    return (np.asarray(unreadable, np.int64), np.asarray(corrupt, np.int64), np.asarray(undecodable, np.int64),
+            errors[0] if errors else "")
+
+
+def _decodes(part: Any, rows: np.ndarray, dtype: Any) -> bool:
+    """Whether ``part``'s codec decodes stored rows to finite KV of ``dtype`` (on the CPU)."""
+    import torch
+
+    from mukv.blocks import EncodedKV
+
+    from .zarr_kv import from_numpy
+
+    try:
+        t = from_numpy(rows, part.row_dtype) if part.row_dtype.is_floating_point else torch.from_numpy(
+            np.ascontiguousarray(rows))
+        kv = part.codec.decode_blocks(EncodedKV(t, part.block_shape, dtype), "cpu")
+    except Exception:  # noqa: BLE001 - a codec that fails on its own rows: reported as undecodable
+        return False
+    return bool(torch.isfinite(kv).all())
 
 
 def writer_active(files: Files, sid: str) -> bool:

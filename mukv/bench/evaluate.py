@@ -51,7 +51,8 @@ class PolicyPlan:
     def storage_key(self) -> str:
         levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in self.config.levels]
         parts = {"levels": levels, "scoring": self.config.scoring.model_dump(),
-                 "compression": self.config.compression.model_dump(), "stream": self.config.stream.model_dump()}
+                 "compression": self.config.compression.model_dump(), "stream": self.config.stream.model_dump(),
+                 "kv_codec": self.config.kv_codec}
         return json.dumps(parts, sort_keys=True)
 
 
@@ -152,6 +153,7 @@ def evaluate(
     oracle: bool = False,
     top_k: dict[str, int] | None = None,
     config: dict[str, Any] | None = None,
+    kv_codec: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every policy on a stream of each length; return the results dict.
 
@@ -174,6 +176,8 @@ def evaluate(
             its own scene's frames (the context-complete clip), with the first policy's configuration.
             It separates reading (the model) from finding (the memory policy).
         config: configuration fields applied over every policy's configuration.
+        kv_codec: the KV codec every policy stores with (``MukvConfig.kv_codec``: a name or
+            ``{"name": ..., **settings}``); ``None``: each policy's own (default "none").
 
     Returns:
         ``{"runs": [...], "records": [...], "settings": {...}}`` where each run
@@ -186,6 +190,8 @@ def evaluate(
     tpf = adapter.tokens_per_frame
     defaults = with_top_k(getattr(adapter, "default_config", None) or {}, top_k)
     plans = plan_policies(policies, tpf, budget_tokens, defaults, config)
+    if kv_codec is not None:
+        plans = [PolicyPlan(p.name, p.config.replace(kv_codec=kv_codec), p.full_context) for p in plans]
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
         groups.setdefault(p.storage_key(), []).append(p)
@@ -243,7 +249,8 @@ def evaluate(
                 "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
                 "budget_tokens": (budget_tokens if budget_tokens is not None
                                   else mukv_budget(MukvConfig.build(defaults), tpf)),
-                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k, "config": config}
+                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k, "config": config,
+                "kv_codec": plans[0].config.kv_codec if plans else kv_codec}
     return {"settings": settings, "runs": runs, "records": [_record_dict(r) for r in records]}
 
 
@@ -299,8 +306,10 @@ def markdown(results: dict[str, Any]) -> str:
     pols = list(dict.fromkeys(r["policy"] for r in results["runs"]))
     acc = {(r["policy"], r["minutes"]): r for r in runs}
     s = results["settings"]
+    codec = s.get("kv_codec") or "none"
     out = [f"Model `{s['model']}`, {s['questions']} questions per stream, seed {s['seed']}, {s['fps']} fps, "
-           f"KV budget {s['budget_tokens']} tokens ({s['tokens_per_frame']} tokens per frame).", "",
+           f"KV budget {s['budget_tokens']} tokens ({s['tokens_per_frame']} tokens per frame), KV codec "
+           f"`{json.dumps(codec) if isinstance(codec, dict) else codec}`.", "",
            "| policy | " + " | ".join(f"{m:g} min" for m in mins) + " | KV tokens | evidence share | stored MiB/min |",
            "|---|" + "---|" * len(mins) + "---|---|---|"]
     for p in pols:
@@ -391,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", default=None, metavar="LEVEL=K,...",
                    help="blocks MuKV retrieves per level, e.g. segment=4 (default: the model's levels); "
                    "the shared budget follows")
+    p.add_argument("--kv-codec", default=None, metavar="CODEC",
+                   help='KV codec every policy stores with: a name (none, int8, int4, fp8) or JSON such as '
+                   '\'{"name": "int4", "group_size": 32}\' (default: each policy\'s own, "none")')
     p.add_argument("--out", default=None, help="folder for results.json, results.md and accuracy.png")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--oracle", action="store_true",
@@ -420,11 +432,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             Benchmark.generate(seed=args.seed, minutes=m, fps=args.fps, questions=args.questions)
         except ValueError as exc:
             raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
+    kv_codec = args.kv_codec
+    if kv_codec is not None and kv_codec.strip().startswith("{"):
+        try:
+            kv_codec = json.loads(kv_codec)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--kv-codec: not JSON ({exc})") from None
+    if kv_codec is not None:
+        try:  # the codec exists and its settings are valid, before any model loads
+            from ..kvcodec import build_codec
+
+            build_codec(kv_codec, field="--kv-codec")
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     t0 = time.perf_counter()
     try:
         res = evaluate(model, args.minutes, args.policies, args.questions, args.seed, args.fps,
                        args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle,
-                       top_k=top_k, config=config)
+                       top_k=top_k, config=config, kv_codec=kv_codec)
     except ConfigError as exc:
         raise SystemExit(f"--top-k: {exc}" if top_k and "top-k" in str(exc) else str(exc)) from None
     res["settings"]["seconds"] = time.perf_counter() - t0

@@ -28,6 +28,20 @@ def _inspect_rows(session: "Session") -> list[tuple]:
     return rows
 
 
+def _codecs_line(session: "Session") -> str:
+    """The KV codec new blocks are written with, and the codecs of each level's arrays where they differ."""
+    line = f"{json.dumps(session.config.kv_codec)} for new blocks"
+    archive = getattr(session.backend, "archive", None)
+    if archive is None:
+        return line
+    arrays = []
+    for lp in session.levels:
+        parts = archive.parts(lp.level.name)
+        if len({p.codec.name for p in parts}) > 1 or any(p.codec.name != session.codec.name for p in parts):
+            arrays.append(f"{lp.level.name}: " + ", ".join(f"{p.codec.name} from block {p.first}" for p in parts))
+    return line + ("; arrays " + "; ".join(arrays) if arrays else "")
+
+
 def _print_inspect(session: "Session", args: argparse.Namespace) -> None:
     from ..plots import format_bytes, format_time, memory_history, tier_bytes
 
@@ -53,6 +67,7 @@ def _print_inspect(session: "Session", args: argparse.Namespace) -> None:
     print(f"levels   {_levels_line(session.config)}")
     print(f"kv       {st['kv_bytes_per_token']:,} bytes per token (all layers, keys and values); "
           f"{format_bytes(st['bytes'])} stored in all")
+    print(f"codec    {_codecs_line(session)}")
     print()
     print(_table(_inspect_rows(session), ("level", "tier", "blocks", "tokens", "bytes"), right=(2, 3, 4)))
     print()
@@ -106,7 +121,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             st = session.stats()
             print(json.dumps({"store": str(args.store), "stream_id": args.stream_id, "backend": args.backend,
                               "frames": st["frames"], "last_time": st["last_time"],
-                              "kv_bytes_per_token": st["kv_bytes_per_token"],
+                              "kv_bytes_per_token": st["kv_bytes_per_token"], "kv_codec": session.config.kv_codec,
                               "stats": session.backend.stats(), "tiers": plots.level_tiers(session.backend),
                               "config": session.config.model_dump(mode="json")}, indent=1, default=str))
         else:

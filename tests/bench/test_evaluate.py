@@ -128,3 +128,28 @@ def test_top_k_overrides_mukv_levels_and_the_budget_follows():
         with_top_k(defaults, {"frame": -1})
     with pytest.raises(SystemExit, match="LEVEL=K pairs"):
         main(["--top-k", "segment", "--minutes", "1", "--questions", "1"])
+
+
+def test_every_policy_stores_through_the_kv_codec(tmp_path, tiny_model, monkeypatch):
+    """``--kv-codec`` reaches every policy's session (and the oracle's); a bad codec is refused before any model
+    loads."""
+    import mukv.session
+    from mukv.bench import evaluate
+
+    seen = []
+    original = mukv.session.Session.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.codec.record())
+
+    monkeypatch.setattr(mukv.session.Session, "__init__", spy)
+    res, _ = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "2", "--policies", "mukv", "rekv",
+                         "--oracle", "--kv-codec", '{"name": "int4", "group_size": 8}')
+    assert res["settings"]["kv_codec"] == {"name": "int4", "group_size": 8}
+    assert seen and all(r == {"name": "int4", "version": 1, "settings": {"group_size": 8}} for r in seen)
+    plain, _ = run_harness(tmp_path / "plain", tiny_model, monkeypatch, "--questions", "2", "--policies", "mukv")
+    stored = {r["policy"]: r["stored_bytes_per_minute"] for r in res["runs"] if "accuracy" in r}
+    assert stored["mukv"] < 0.5 * plain["runs"][0]["stored_bytes_per_minute"]
+    with pytest.raises(SystemExit, match="unknown KV codec 'int3'"):
+        evaluate.main(["--model", "no-such-model", "--minutes", "1", "--questions", "2", "--kv-codec", "int3"])

@@ -155,7 +155,7 @@ def test_full_disk_loses_nothing_committed(tmp_path, monkeypatch):
     b.flush()
     committed = {lv: b.count(lv) for lv in ("patch", "frame", "segment")}
 
-    def full(self, level, first, rows):
+    def full(self, level, first, rows, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(KVArchive, "write", full)

@@ -97,3 +97,37 @@ def test_session_on_s3(s3, tiny_model):
     again.close()
     with pytest.raises(mukv.StoreError, match="no mukv stream"):
         Session.open("s3://mukv/nothing-here", model=tiny_model)
+
+
+def test_codecs_on_s3(s3):
+    """Arrays of two codecs in one stream on S3, an uncommitted third one removed by recovery."""
+    from mukv.backends.disk import TieredBackend
+    from mukv.backends.disk.files import Files
+    from mukv.backends.disk.zarr_kv import KVArchive, to_numpy
+    from mukv.kvcodec import build_codec
+
+    uri = "s3://mukv/codecs"
+    for spec in ("int4", "none"):
+        b = TieredBackend(LAYOUT, uri, "cpu", stream_id="cam", storage_options=s3, commit_interval=0.0, hot_bytes=0,
+                          codec=build_codec(spec))
+        for level in ("patch", "frame", "segment"):
+            b.add(synth_blocks(level, b.count(level), 2))
+        b.flush()
+        counts = {lv: b.count(lv) for lv in ("patch", "frame", "segment")}
+        b.close()
+    int8 = build_codec("int8")
+    leftover = KVArchive(Files(uri, s3), "cam", LAYOUT.dtype, codec=int8)
+    n = counts["frame"]
+    leftover.write("frame", n, to_numpy(int8.encode_blocks(expected_kv("frame", [n])).rows),
+                   tuple(expected_kv("frame", [0]).shape[1:]))
+    again = TieredBackend(LAYOUT, uri, "cpu", stream_id="cam", storage_options=s3, hot_bytes=0)
+    assert again.recovered["kv_rows"] == {"frame": 1}
+    int4 = build_codec("int4")
+    for lv, n in counts.items():
+        assert [p.codec.name for p in again.archive.parts(lv)] == ["int4", "none"]
+        half = n // 2
+        want = torch.cat([int4.decode_blocks(int4.encode_blocks(expected_kv(lv, range(half))), "cpu"),
+                          expected_kv(lv, range(half, n))])
+        assert torch.equal(again.load_kv(lv, torch.arange(n)), want)
+    assert again.verify()["ok"]
+    again.close()

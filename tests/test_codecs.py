@@ -1,0 +1,391 @@
+"""KV codecs (issue 20): round trips within their stated bounds, byte layouts, refusals, the registry role,
+the memory backend and the session's ``kv_codec`` setting. The disk tier's part: tests/disk/test_disk_codecs.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mukv
+from mukv.blocks import CompressedBlocks, EncodedKV
+from mukv.config import MukvConfig
+from mukv.errors import ConfigError, InputError, UnknownPluginError
+from mukv.interfaces import KVCodec
+from mukv.kvcodec import build_codec, codec_from_record
+
+HAS_FP8 = hasattr(torch, "float8_e4m3fn")
+QUANTISING = ["int8", "int4", "fp8"] if HAS_FP8 else ["int8", "int4"]
+ALL = ["none", *QUANTISING]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def crafted(dtype: torch.dtype = torch.float32, b: int = 3, y: int = 2, h: int = 2, k: int = 7, d: int = 64,
+            seed: int = 0) -> torch.Tensor:
+    """``[B, Y, 2, H, K, D]`` KV with what hurts quantisers: Gaussian values, key channels with outliers (x40),
+    a value token with an outlier (x30), a constant key channel, a block of zeros, tiny values, negatives only."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(b, y, 2, h, k, d, generator=g)
+    kv[:, :, 0, :, :, 3] *= 40.0  # an outlier key channel (RoPE's low frequencies look like this)
+    kv[:, :, 1, :, 2, :] *= 30.0  # an outlier value token (an attention sink)
+    kv[:, :, 0, :, :, 5] = 0.75  # a constant key channel
+    kv[1] = 0.0  # a block of zeros
+    kv[2, 0] *= 1e-4  # a layer of tiny values
+    kv[2, 1, 1] = -kv[2, 1, 1].abs() - 2.0  # values that are all negative
+    return kv.to(dtype)
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """Relative error of one rounding to ``dtype``."""
+    return {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+
+
+def _bounds(codec: KVCodec, kv: torch.Tensor, enc: EncodedKV) -> torch.Tensor:
+    """Each value's error bound as the codec's docstring states it (before the final rounding to the dtype)."""
+    name = codec.name
+    if name == "none":
+        return torch.zeros(kv.shape)
+    b, (y, _, h, k, d) = kv.shape[0], kv.shape[1:]
+    v = codec._rows(tuple(kv.shape[1:])).views(enc.rows)
+    if name == "int8":
+        bound = torch.empty(kv.shape)
+        bound[:, :, 0] = v["key_step"].float().unsqueeze(-2).expand(b, y, h, k, d) / 2
+        bound[:, :, 1] = v["value_step"].float().unsqueeze(-1).expand(b, y, h, k, d) / 2
+        return bound
+    if name == "int4":
+        g = codec.group(d)
+        step = v["step"].float().unsqueeze(-1).expand(b, y, 2, h, k, d // g, g)
+        return step.reshape(kv.shape) / 2
+    if name == "fp8":
+        scale = v["scale"].float()[..., None, None].expand(kv.shape)
+        return kv.float().abs() / 16 + scale * 2**-10
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ALL)
+def test_round_trip_within_the_stated_bound(name, dtype):
+    codec = build_codec(name)
+    kv = crafted(dtype)
+    enc = codec.encode_blocks(kv)
+    out = codec.decode_blocks(enc, "cpu")
+    assert out.shape == kv.shape and out.dtype == dtype
+    err = (out.float() - kv.float()).abs()
+    bound = _bounds(codec, kv, enc) * (1 + 1e-6) + out.float().abs() * _rounding(dtype) + 1e-30
+    assert (err <= bound).all(), f"{name} {dtype}: worst excess {float((err - bound).max())}"
+    assert torch.equal(out[1], kv[1])  # zeros decode exactly
+    if name in ("int8", "none"):  # a constant key channel of a float16 value decodes exactly (int8: per channel)
+        assert torch.equal(out[0, :, 0, :, :, 5], kv[0, :, 0, :, :, 5])
+    if name != "none":  # the error bound is a fraction of the range where it applies
+        assert float(err.max()) > 0
+
+
+def test_per_channel_keys_keep_small_channels_sharp():
+    """int8 quantises keys per channel: an outlier channel does not blur the others (KIVI's point), while
+    int4's groups along the head dimension share the outlier's step."""
+    kv = crafted(torch.float32)[:1]
+    err8 = (build_codec("int8").decode_blocks(build_codec("int8").encode_blocks(kv), "cpu") - kv).abs()
+    normal = torch.ones(64, dtype=torch.bool)
+    normal[[3, 5]] = False
+    keys = kv[:, :, 0][..., normal]
+    assert float(err8[:, :, 0][..., normal].max()) <= float((keys.amax(-2) - keys.amin(-2)).max()) / 255 / 2 * 1.01
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_encoding_is_deterministic_and_rows_are_contiguous(name):
+    codec = build_codec(name)
+    kv = crafted(torch.bfloat16, seed=3)
+    a, b = codec.encode_blocks(kv), codec.encode_blocks(kv.clone())
+    assert torch.equal(a.rows.view(torch.uint8) if a.rows.dtype != torch.uint8 else a.rows,
+                       b.rows.view(torch.uint8) if b.rows.dtype != torch.uint8 else b.rows)
+    assert a.rows.is_contiguous() and a.block_shape == tuple(kv.shape[1:]) and a.dtype == kv.dtype
+    shape, dtype = codec.row_layout(tuple(kv.shape[1:]), kv.dtype)
+    assert tuple(a.rows.shape[1:]) == shape and a.rows.dtype == dtype
+    # one block encodes the same alone as in a batch: rows are independent
+    one = codec.encode_blocks(kv[2:3])
+    assert torch.equal(one.rows[0], a.rows[2])
+
+
+def test_int4_byte_layout():
+    """Codes 0..15 with min 0 and step 1 in one group: the row is exactly the documented bytes."""
+    codec = build_codec({"name": "int4", "group_size": 16})
+    kv = torch.arange(16, dtype=torch.float32).repeat(2).view(1, 1, 2, 1, 1, 16)  # keys and values 0..15
+    row = codec.encode_blocks(kv).rows[0]
+    layout = codec._rows((1, 2, 1, 1, 16))
+    assert layout.nbytes == row.numel() == 48  # q: 2 x 8 bytes, padded to 16; min, step: 2 x 2 bytes each, padded
+    q = row[:16].tolist()
+    assert q == [0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE] * 2  # channel 2j low nibble, 2j + 1 high nibble
+    assert row[16:20].view(torch.float16).tolist() == [0.0, 0.0]  # min of keys, of values
+    assert row[32:36].view(torch.float16).tolist() == [1.0, 1.0]  # step
+    assert row[20:32].tolist() == [0] * 12 and row[36:].tolist() == [0] * 12  # zero padding
+    assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu"), kv)
+
+
+def test_int8_byte_layout():
+    codec = build_codec("int8")
+    keys = torch.tensor([[0.0, 10.0], [255.0, 20.0]])  # [K=2, D=2]: channel 0 spans 0..255, channel 1 10..20
+    values = torch.tensor([[0.0, 51.0], [-1.0, -1.0]])  # token 0 spans 0..51, token 1 is constant
+    kv = torch.stack([keys, values]).view(1, 1, 2, 1, 2, 2)
+    row = codec.encode_blocks(kv).rows[0]
+    assert row.numel() == 16 + 4 * 16  # q (8 bytes) and four float16 sections, each padded to 16
+    assert row[:8].tolist() == [0, 0, 255, 255, 0, 255, 0, 0]
+    assert row[16:20].view(torch.float16).tolist() == [0.0, 10.0]  # key_min per channel
+    assert row[32:36].view(torch.float16).tolist() == pytest.approx([1.0, 10 / 255], rel=2**-10)  # key_step
+    assert row[48:52].view(torch.float16).tolist() == [0.0, -1.0]  # value_min per token
+    assert row[64:68].view(torch.float16).tolist() == pytest.approx([0.2, 0.0], rel=2**-10)  # value_step
+    assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu")[0, 0, 0, 0, :, 0], keys[:, 0])
+
+
+@pytest.mark.skipif(not HAS_FP8, reason="this torch has no float8_e4m3fn")
+def test_fp8_byte_layout():
+    codec = build_codec("fp8")
+    kv = torch.zeros(1, 1, 2, 1, 1, 4)
+    kv[0, 0, 0, 0, 0] = torch.tensor([448.0, -224.0, 1.0, 0.0])  # keys: max 448 -> scale 1
+    row = codec.encode_blocks(kv).rows[0]
+    assert row.numel() == 16 + 16
+    assert row[:4].tolist() == [0x7E, 0xF6, 0x38, 0x00]  # e4m3fn bit patterns of 448, -224, 1, 0
+    assert row[4:8].tolist() == [0, 0, 0, 0]  # values: all zero
+    assert row[16:24].view(torch.float32).tolist() == [1.0, 1.0]  # scale of keys; of the zero values: 1
+    assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu"), kv)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_kv_is_refused(name, bad):
+    kv = crafted(torch.float32)
+    kv[1, 0, 1, 0, 3, 7] = bad
+    with pytest.raises(InputError, match=r"1 block\(s\) of the batch \(rows \[1\]\) holds NaN or infinite"):
+        build_codec(name).encode_blocks(kv)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_beyond_float16_scales_is_refused(name):
+    kv = crafted(torch.float32)
+    kv[0, 0, 0, 0, 0, 0] = -1e6  # a minimum below float16's
+    with pytest.raises(InputError, match="exceed the float16 range"):
+        build_codec(name).encode_blocks(kv)
+    kv[0, 0, 0, 0, 0, 0] = 3e7  # a step beyond it (int8: 3e7 / 255 > 65504)
+    with pytest.raises(InputError, match="exceed the float16 range"):
+        build_codec(name).encode_blocks(kv)
+    kv[0, 0, 0, 0, 0, 0] = 6e4  # large, and still fine: the minimum and the step fit
+    codec = build_codec(name)
+    assert torch.isfinite(codec.decode_blocks(codec.encode_blocks(kv), "cpu")).all()
+
+
+@pytest.mark.skipif(not HAS_FP8, reason="this torch has no float8_e4m3fn")
+def test_fp8_takes_any_finite_range():
+    kv = crafted(torch.float32) * 1e30
+    codec = build_codec("fp8")
+    out = codec.decode_blocks(codec.encode_blocks(kv), "cpu")
+    scale = kv.abs().amax(dim=(-2, -1), keepdim=True) / 448
+    assert torch.isfinite(out).all() and ((out - kv).abs() <= (kv.abs() / 16 + scale * 2**-10) * 1.0001).all()
+
+
+def test_bytes_per_value():
+    """What each codec stores per KV value at the 0.5B layout's segment block (bf16 = 2 bytes)."""
+    shape = (24, 2, 2, 627, 64)
+    values = math.prod(shape)
+    per = {n: build_codec(n).row_layout(shape, torch.bfloat16) for n in ALL}
+    nbytes = {n: math.prod(s) * torch.empty((), dtype=dt).element_size() for n, (s, dt) in per.items()}
+    assert nbytes["none"] == 2 * values
+    assert nbytes["int8"] / values == pytest.approx(1 + 2 * 2 / 627 / 2 + 2 * 2 / 64 / 2, rel=1e-3)
+    assert nbytes["int4"] / values == pytest.approx(0.5 + 4 / 64, rel=1e-3)
+    if HAS_FP8:
+        assert nbytes["fp8"] / values == pytest.approx(1.0, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ settings and the registry
+def test_builtins_come_from_the_entry_point_group():
+    reg = mukv.get_registry()
+    assert set(reg.names("codecs")) >= {"none", "int8", "int4"} | ({"fp8"} if HAS_FP8 else set())
+    for name in reg.names("codecs"):
+        entry = reg.entries["codecs"][name]
+        if name in ALL:
+            assert entry.package.startswith("mukv ") and entry.plugin == "codecs"
+
+
+def test_settings_are_typed_and_named_in_errors():
+    assert build_codec({"name": "int4", "group_size": 32}).settings.group_size == 32
+    with pytest.raises(ConfigError, match=r"kv_codec\.group_size: Input should be greater than or equal to 1"):
+        build_codec({"name": "int4", "group_size": 0})
+    with pytest.raises(ConfigError, match=r"kv_codec\.bits: Extra inputs are not permitted"):
+        build_codec({"name": "int4", "bits": 3})
+    with pytest.raises(ConfigError, match=r"kv_codec\.scale: Extra inputs"):
+        build_codec({"name": "none", "scale": 1})
+    with pytest.raises(UnknownPluginError, match=r"unknown KV codec 'int3'.*registered codecs: .*int4"):
+        build_codec("int3")
+    with pytest.raises(ConfigError, match="group_size 48 does not divide the head dimension 64"):
+        build_codec({"name": "int4", "group_size": 48}).row_layout((1, 2, 1, 1, 64), torch.float32)
+    # a head dimension smaller than the group is one group
+    assert build_codec("int4").group(32) == 32
+
+
+def test_config_field_accepts_a_name_or_name_and_settings():
+    assert MukvConfig.build().kv_codec == "none"
+    cfg = MukvConfig.build(kv_codec={"name": "int4", "group_size": 16})
+    assert cfg.codec_spec() == ("int4", {"group_size": 16})
+    assert MukvConfig.build(cfg.model_dump(mode="json")).codec_spec() == ("int4", {"group_size": 16})
+    assert cfg.replace(kv_codec={"name": "int8"}).codec_spec() == ("int8", {})  # another name replaces ...
+    assert cfg.replace(kv_codec={"group_size": 32}).codec_spec() == ("int4", {"group_size": 32})  # ... a setting merges
+    for bad in ("", {"group_size": 4}, {"name": ""}, 4, None):
+        with pytest.raises(ConfigError, match="kv_codec"):
+            MukvConfig.build(kv_codec=bad)
+
+
+def test_records_rebuild_the_codec_and_refuse_what_cannot_be_read():
+    rec = build_codec({"name": "int4", "group_size": 8}).record()
+    assert rec == {"name": "int4", "version": 1, "settings": {"group_size": 8}}
+    assert codec_from_record(rec, "x").settings.group_size == 8
+    with pytest.raises(mukv.StoreError, match="stored with KV codec 'zstd4', which is not installed"):
+        codec_from_record({"name": "zstd4", "version": 1, "settings": {}}, "x")
+    with pytest.raises(mukv.StoreError, match="version 2 of KV codec 'int4'"):
+        codec_from_record({**rec, "version": 2}, "x")
+    with pytest.raises(mukv.StoreError, match="cannot read its recorded settings"):
+        codec_from_record({**rec, "settings": {"group_size": -1}}, "x")
+    for bad in (None, "int4", {"version": 1}, {"name": "int4", "settings": []}, {"name": "int4", "version": True}):
+        with pytest.raises(mukv.StoreError, match="invalid KV codec record"):
+            codec_from_record(bad, "x")
+
+
+class HalfCodec(KVCodec):
+    """A third-party codec: float16 rows, no row_layout of its own (the base class derives it)."""
+
+    def encode(self, kv):
+        return EncodedKV(kv.to(torch.float16).contiguous(), tuple(kv.shape[1:]), kv.dtype)
+
+    def decode(self, encoded, device):
+        return encoded.rows.to(device=device, dtype=encoded.dtype)
+
+
+class BrokenCodec(HalfCodec):
+    """Rows that do not have the layout it declares."""
+
+    def row_layout(self, block_shape, dtype):
+        return tuple(block_shape), torch.float16
+
+    def encode(self, kv):
+        return EncodedKV(kv.to(torch.float16)[:, :1].contiguous(), tuple(kv.shape[1:]), kv.dtype)
+
+
+def test_a_third_party_codec_plugs_in():
+    class Plugin:
+        @mukv.hookimpl
+        def mukv_register_codecs(self, register):
+            register("half", HalfCodec)
+            register("broken", BrokenCodec)
+
+    plugin = Plugin()
+    mukv.register_plugin(plugin, name="half_codec")
+    try:
+        codec = build_codec("half")
+        assert codec.name == "half" and codec.row_layout((2, 2, 1, 3, 4), torch.float32) == ((2, 2, 1, 3, 4),
+                                                                                            torch.float16)
+        kv = crafted(torch.float32, d=8)
+        assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu"), kv.half().float())
+        with pytest.raises(TypeError, match="KV codec 'broken' encoded 3 blocks as"):
+            build_codec("broken").encode_blocks(kv)
+    finally:
+        mukv.unregister_plugin(plugin)
+
+
+# ------------------------------------------------------------------------------ the memory backend and sessions
+def _blocks(kv: torch.Tensor, level: str = "frame") -> CompressedBlocks:
+    b, k = kv.shape[0], kv.shape[4]
+    idx = torch.arange(k).expand(b, k)
+    fs = torch.arange(b)
+    return CompressedBlocks(level, kv, torch.randn(b, kv.shape[3] * kv.shape[5]), idx, idx, fs, fs + 1,
+                            fs.double(), fs.double(), idx)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_memory_backend_keeps_encoded_rows(name):
+    from mukv.backends.memory import MemoryBackend
+    from mukv.blocks import KVLayout
+
+    layout = KVLayout(2, 2, 64, torch.bfloat16)
+    codec = build_codec(name)
+    b = MemoryBackend(layout, codec=codec)
+    kv = crafted(torch.bfloat16)
+    b.add(_blocks(kv))
+    got = b.load_kv("frame", torch.tensor([2, 0, 2]))
+    expect = codec.decode_blocks(codec.encode_blocks(kv), "cpu")[[2, 0, 2]]
+    assert torch.equal(got, expect)
+    row_bytes = codec.encode_blocks(kv).nbytes // 3
+    assert b.stats()["frame"]["bytes"] == 3 * row_bytes
+    bad = kv.clone()
+    bad[0, 0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        b.add(_blocks(bad))
+    assert b.count("frame") == 3  # nothing of the refused batch
+    assert torch.equal(b.load_kv("frame", torch.arange(3)), codec.decode_blocks(codec.encode_blocks(kv), "cpu"))
+
+
+@pytest.mark.parametrize("name", QUANTISING)
+def test_session_answers_through_a_codec(tiny_model, frames, name):
+    """The memory backend with a codec: what a question pages in is the codec's round trip of what was
+    stored, and the session stores the codec's bytes."""
+    f = frames(12)
+    with mukv.Session(model=tiny_model, config={"kv_codec": name}) as s, mukv.Session(model=tiny_model) as plain:
+        s.feed(f)
+        plain.feed(f)
+        assert s.codec.name == name
+        for level in ("patch", "frame", "segment"):
+            n = plain.backend.count(level)
+            ref = plain.backend.load_kv(level, torch.arange(n))
+            got = s.backend.load_kv(level, torch.arange(n))
+            assert torch.equal(got, s.codec.decode_blocks(s.codec.encode_blocks(ref), "cpu"))
+        assert s.stats()["bytes"] < plain.stats()["bytes"] * 0.6
+        answer = s.ask("what happened?", max_new_tokens=2)
+        assert answer.kv_tokens == plain.ask("what happened?", max_new_tokens=2).kv_tokens
+
+
+def test_session_refuses_what_cannot_work(tiny_model):
+    with pytest.raises(UnknownPluginError, match="kv_codec"):
+        mukv.Session(model=tiny_model, config={"kv_codec": "int2"})
+    with pytest.raises(ConfigError, match="group_size 12 does not divide the head dimension 16"):
+        mukv.Session(model=tiny_model, config={"kv_codec": {"name": "int4", "group_size": 12}})
+    with pytest.raises(ConfigError, match="not a backend option"):
+        mukv.Session(model=tiny_model, backend_options={"codec": "int4"})
+    with mukv.Session(model=tiny_model, config={"kv_codec": "int8"}) as s:
+        with pytest.raises(ConfigError, match="cannot change .*kv_codec"):
+            s.fork(config={"kv_codec": "int4"})
+        assert s.fork(config={"retrieval": {"over_retrieval": 3.0}}).codec is s.codec
+
+
+def test_a_backend_without_codecs_takes_none_only(tiny_model, frames):
+    import sys
+
+    from mukv.interfaces import StorageBackend
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "snippets"))
+    try:
+        import backend as snippet  # the docs' ListBackend: stores KV as given
+    finally:
+        sys.path.pop(0)
+    assert not snippet.ListBackend.accepts_codec and StorageBackend.accepts_codec is False
+    mukv.register_plugin(snippet, name="list_backend_codec_test")
+    try:
+        with pytest.raises(ConfigError, match="backend 'list' stores KV as it is given"):
+            mukv.Session(model=tiny_model, backend="list", config={"kv_codec": "int8"})
+        with mukv.Session(model=tiny_model, backend="list", config={"kv_codec": "none"}) as s:
+            s.feed(frames(4))
+            assert s.ask("what happened?", max_new_tokens=1).kv_tokens > 0
+    finally:
+        mukv.unregister_plugin(snippet)
+
+
+def test_none_is_there_when_the_codecs_plugin_is_not_loaded(monkeypatch):
+    import mukv.registry as reg
+
+    monkeypatch.setenv("MUKV_PLUGINS", "extractors,scorers,compressors,retrievers,models,policies,memory_backend")
+    reg.reset()
+    try:
+        assert reg.registry().names("codecs") == []
+        assert build_codec("none").name == "none"
+        with pytest.raises(UnknownPluginError, match="unknown KV codec 'int4'"):
+            build_codec("int4")
+    finally:
+        monkeypatch.delenv("MUKV_PLUGINS")
+        reg.reset()
