@@ -32,6 +32,8 @@ POLICIES: dict[str, dict] = {
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     # segments first over the whole stream, then frames and patches only inside the chosen segments
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
+    # one cosine over the last layer's mean keys of frames prefilled alone (called "rekv" before issue 19)
+    "frame_topk": _frames_only("cosine", 64),
     "rekv": _frames_only("cosine", 64),
     "uniform": _frames_only("uniform", 64, "time"),
     "sliding_window": _frames_only("recent", 64, "time"),
