@@ -17,6 +17,7 @@ RoPE, a packed ``(origin, dt, h, w)`` for M-RoPE models (see :mod:`mukv.rope`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -113,6 +114,8 @@ class CompressedBlocks:
         t_end: ``[B]`` stream time of the last frame, float64.
         token_index: ``[B, K]`` kept tokens' index inside the block's window
             (frame-major), so a kept token maps back to a frame and a grid cell.
+        layer_keys: ``[B, Y, V]`` each block's mean kept key in every layer, RoPE removed,
+            float32 (only for levels with ``layer_keys``; else ``None``).
     """
 
     level: str
@@ -125,6 +128,7 @@ class CompressedBlocks:
     t_start: torch.Tensor
     t_end: torch.Tensor
     token_index: torch.Tensor
+    layer_keys: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.kv.shape[0]
@@ -134,15 +138,22 @@ class CompressedBlocks:
 class Hits:
     """Blocks of one level chosen by a retriever.
 
+    Every layer of the model reads the same blocks, unless ``layer_ids`` says which
+    blocks each layer reads (per-layer retrieval, ReKV's): then ``ids`` are the blocks
+    read by any layer (paged in once) and each layer's context holds its own.
+
     Attributes:
         level: level name.
         ids: ``[k]`` block ids (per-level, in storage order), int64.
         scores: ``[k]`` retrieval scores (higher = better), float32, sorted descending.
+        layer_ids: ``[Y, k']`` the block ids each layer reads (every row the same length,
+            each id among ``ids``), or ``None``: every layer reads ``ids``.
     """
 
     level: str
     ids: torch.Tensor
     scores: torch.Tensor
+    layer_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -157,12 +168,30 @@ class Query:
         vector: ``[V]`` last-layer key of the question's final token, float32.
         time: stream time (seconds) when it was asked.
         frames_seen: frames fed before it was asked.
+        probe: computes :meth:`layer_queries` (set by the session).
     """
 
     text: str
     vector: torch.Tensor
     time: float
     frames_seen: int
+    probe: "Callable[[], torch.Tensor] | None" = field(default=None, repr=False, compare=False)
+    _queries: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def layer_queries(self) -> torch.Tensor:
+        """``[Y, Hq, n, D]`` the question's queries in every layer, RoPE removed, float32
+        (computed by the model on first use, then kept).
+
+        Raises:
+            RetrievalError: the query was built without access to the model.
+        """
+        if self._queries is None:
+            if self.probe is None:
+                from .errors import RetrievalError
+
+                raise RetrievalError("this query carries no per-layer queries (built without the model)")
+            self._queries = self.probe()
+        return self._queries
 
 
 @dataclass(frozen=True)
@@ -177,6 +206,8 @@ class RetrievedBlock:
     t_start: float
     t_end: float
     tokens: int
+    #: share of the model's layers that read this block (1.0 unless retrieval was per layer)
+    layer_share: float = 1.0
 
 
 @dataclass

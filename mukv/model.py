@@ -53,6 +53,12 @@ def _register_attention() -> None:
     mask tensor, no repeated KV heads), and the one layer a prefill names also
     returns its attention column sums. Any other call (the vision tower, a user's
     own ``model.generate``) goes to transformers' sdpa unchanged.
+
+    Under an explicit mask (``_capture.static_mask``: the static decoder, the
+    sliding-window prefill of :mod:`mukv.window`) every layer attends under that
+    mask. ``_capture.hook``, when set, sees every layer's ``(module, query, key,
+    scaling)`` of our calls (RoPE applied): the window prefill takes its column
+    sums there, :func:`mukv.window.question_queries` the question's queries.
     """
     global _registered
     if _registered:
@@ -63,11 +69,16 @@ def _register_attention() -> None:
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         mask = getattr(_capture, "static_mask", None)
+        hook = getattr(_capture, "hook", None)
         if mask is not None:
+            if hook is not None:
+                hook(module, query, key, scaling)
             return static_attention(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
         if not getattr(_capture, "causal", False) or dropout:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                           **kwargs)
+        if hook is not None:
+            hook(module, query, key, scaling)
         out = causal_attention(query, key, value, scaling)
         if getattr(_capture, "module", None) is module:
             _capture.colsum = attention_column_sums(query, key, scaling)
@@ -736,6 +747,10 @@ class HFVideoLLM(ModelAdapter):
         features). Default: the rows as they are, nothing extra."""
         return embeds, {}
 
+    def text_codes(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position codes of text tokens at ``positions`` (1D RoPE: the positions themselves)."""
+        return positions
+
     def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Positions of assembled tokens on one timeline after ``start`` tokens.
 
@@ -927,6 +942,13 @@ class MRopeVideoLLM(HFVideoLLM):
         from .rope import mrope_rows
 
         return mrope_rows(codes)
+
+    def text_codes(self, positions: torch.Tensor) -> torch.Tensor:
+        """Codes of text tokens: the position on all three rows (origin = position, no offsets)."""
+        from .rope import pack_mrope
+
+        zero = torch.zeros_like(positions)
+        return pack_mrope(positions, zero, zero, zero, check=False)
 
     def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Assembled units as consecutive frames of one video (see :meth:`MRopeLayout.timeline`)."""

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .assembly import Piece, assemble_context
-from .blocks import Answer, Query, RetrievedBlock
+from .assembly import assemble_context, page_in, retrieved_blocks
+from .blocks import Answer, Query
 from .config import MukvConfig, merge
 from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
 from .frames import as_frames, as_timestamps, iter_chunks
@@ -39,6 +39,7 @@ from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
 from .rope import rerotate
+from .window import question_queries
 
 MAX_QUESTION_TOKENS = 2048
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
@@ -419,39 +420,23 @@ class Session:
             t0 = time.perf_counter()
             vector = self.model.query_vector(self.prefix, question)
             timings["query"] = time.perf_counter() - t0
-            query = Query(question, vector, self._last_time or 0.0, self._ingestor.frames_seen)
+            query = Query(question, vector, self._last_time or 0.0, self._ingestor.frames_seen,
+                          probe=lambda: question_queries(self.model, self.prefix, question))
             t0 = time.perf_counter()
             hits = self.retriever.retrieve(query, self.backend, plan)
             timings["retrieve"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            pieces = []
-            by_level = {h.level: h for h in hits}
-            for lp in self.levels:  # configuration order
-                h = by_level.get(lp.level.name)
-                if h is None or len(h) == 0:
-                    continue
-                rerot = self.config.assembly.rerotate
-                pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
-                                    self.backend.metadata(h.level, h.ids),
-                                    self.backend.positions(h.level, h.ids) if rerot else None))
+            pieces = page_in(self.backend, hits, [lp.level.name for lp in self.levels], self.config.assembly.rerotate)
             fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
             tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
             assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
-            context, order = assembled.kv, assembled.block_order
+            context = assembled.kv
             timings["page_in"] = time.perf_counter() - t0
             budget = max_new_tokens or self.config.generation.max_new_tokens
             text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position)
             timings.update(gen_t)
             timings["total"] = time.perf_counter() - t_start
-            blocks = []
-            for pi, r in order:
-                p = pieces[pi]
-                blocks.append(RetrievedBlock(
-                    level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
-                    frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
-                    t_start=float(p.meta.t_start[r]), t_end=float(p.meta.t_end[r]), tokens=int(p.kv.shape[4]),
-                ))
-            return Answer(question, text, blocks, int(context.shape[4]), timings, notes)
+            return Answer(question, text, retrieved_blocks(pieces, assembled), int(context.shape[4]), timings, notes)
 
     def _plan(self, top_k: dict[str, int] | None, notes: list[str]) -> dict[str, int]:
         names = [lp.level.name for lp in self.levels]

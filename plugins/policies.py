@@ -1,8 +1,11 @@
 """Named configurations: MuKV as in the paper, mukv's variants, and the baselines.
 
-Baselines store ReKV-style frame blocks (one uncompressed block per frame) and
-differ only in how they choose blocks, so each comparison runs through the
-same ingest, storage, assembly and decoding code.
+``rekv`` is ReKV as its public code runs it (sliding-window encoding, per-layer
+retrieval). The other baselines store frame blocks, each prefilled on its own,
+and differ only in how they choose blocks (``frame_topk``: one cosine over the
+last layer, called ``rekv`` before mukv 0.2), so each comparison runs through
+the same ingest, storage, assembly and decoding code. A stored stream keeps the
+configuration it was written with, whatever its policy is called since.
 """
 
 from __future__ import annotations
@@ -32,9 +35,17 @@ POLICIES: dict[str, dict] = {
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     # segments first over the whole stream, then frames and patches only inside the chosen segments
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
-    # one cosine over the last layer's mean keys of frames prefilled alone (called "rekv" before issue 19)
+    # ReKV as its public code runs: frames encoded with sliding-window attention (n_local = 15,000 tokens,
+    # about 76 frames of 196 tokens), one-frame blocks, each layer its own 64 blocks by its own question-key
+    # inner product, in time order, keys re-rotated for the positions they take
+    "rekv": {
+        "levels": [{"name": "frame", "extractor": "frame", "frames": 1, "keep_ratio": 1.0, "alpha": 0.5,
+                    "top_k": 64, "local_window": 76, "layer_keys": True}],
+        "retrieval": {"retriever": "layerwise", "guide_level": None, "chunk_blocks": 1, "recent_blocks": 0},
+        "assembly": {"order": "time", "rerotate": True},
+    },
+    # frames prefilled alone, 64 by one cosine over the last layer (mukv's "rekv" before issue 19)
     "frame_topk": _frames_only("cosine", 64),
-    "rekv": _frames_only("cosine", 64),
     "uniform": _frames_only("uniform", 64, "time"),
     "sliding_window": _frames_only("recent", 64, "time"),
     "full_context": _frames_only("all", 1_000_000, "time"),

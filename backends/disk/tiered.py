@@ -81,6 +81,7 @@ class _Job:
     token_index: np.ndarray  # [B, K]
     positions: np.ndarray  # [B, K]
     info: BlockInfo
+    layer_keys: np.ndarray | None = None  # [B, Y, V] float16, levels stored with per-layer keys
 
 
 @dataclass
@@ -176,7 +177,7 @@ class TieredBackend(StorageBackend):
     def _await_manifest(self, timeout: float = 5.0) -> dict[str, Any] | None:
         """The manifest of a store that another session is creating (the root holds only mukv's own
         names and the manifest's temp file); ``None`` at once for a folder of other files."""
-        own = {MANIFEST, "streams", "kv", "index"}
+        own = {MANIFEST, "streams", "kv", "index", "layerkeys"}
         deadline = time.monotonic() + timeout
         while True:
             names = self.files.listing()
@@ -210,6 +211,7 @@ class TieredBackend(StorageBackend):
         from mukv.registry import registry
 
         from .lance_index import BlockTable
+        from .layer_keys import LayerKeyArchive, LayerKeyMirror
         from .zarr_kv import KVArchive
 
         o = self.options
@@ -227,9 +229,13 @@ class TieredBackend(StorageBackend):
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout)
+        self.keys = LayerKeyArchive(self.files, self.stream_id, torch.float16, o.shard_bytes, self.read_only,
+                                    read_threads=o.read_threads)
+        self.lk = LayerKeyMirror(self.layout.num_layers, self.layout.vector_dim)
         self.recovered: dict[str, Any] = {}
         if not self.read_only:
             self._recover()
+        self.lk.load(self.keys, self._persisted)
         self._n = dict(self._persisted)  # ids handed out
         self._committed = dict(self._persisted)  # KV + rows on disk
         self._unadmitted: dict[str, int] = {}  # level -> 1 + highest id that is neither hot nor committed
@@ -259,7 +265,7 @@ class TieredBackend(StorageBackend):
     def _recover(self) -> None:
         """Remove what a killed writer left beyond the committed state; fail on real damage."""
         counts = self._persisted
-        partials = self.archive.remove_partials()
+        partials = self.archive.remove_partials() + self.keys.remove_partials()
         try:
             rows = self.table.delete_uncounted(self.stream_id, counts)
         except StoreError:
@@ -285,6 +291,9 @@ class TieredBackend(StorageBackend):
                 if have != n:
                     raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
                                      f"are committed but the index holds {have} rows for them")
+        for level in self.keys.levels():  # per-layer keys beyond the committed blocks
+            if self.keys.length(level) > counts.get(level, 0):
+                self.keys.truncate(level, counts.get(level, 0))
         self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut}
 
     def _restore_index_version(self) -> tuple[int, int] | None:
@@ -329,6 +338,9 @@ class TieredBackend(StorageBackend):
             self._n = dict(self._persisted)
             self._committed = dict(self._persisted)
             self.archive.forget()  # the arrays grew: read their lengths again
+            self.keys.forget()
+            self.lk = type(self.lk)(self.layout.num_layers, self.layout.vector_dim)
+            self.lk.load(self.keys, self._persisted)
 
     # ------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -346,6 +358,7 @@ class TieredBackend(StorageBackend):
             lost = {lv: (self._committed.get(lv, 0), n) for lv, n in self._n.items() if n > self._committed.get(lv, 0)}
             for lv, (c, _) in lost.items():
                 self.hot.rollback(lv, c)
+                self.lk.truncate(lv, c)
             self._n = dict(self._committed)
             # what was not stored is not waited for: reads go on over what is committed
             self._unadmitted = {lv: min(u, self._committed.get(lv, 0)) for lv, u in self._unadmitted.items()}
@@ -400,6 +413,7 @@ class TieredBackend(StorageBackend):
                 raise StoreError(f"{level} block {j} of the batch ends (frame {int(fe[j])}) before it starts "
                                  f"(frame {int(fs[j])})")
             first = self._n.get(level, 0)
+            lk_rows = self.lk.check(level, first, blocks.layer_keys, b)
             ids = np.arange(first, first + b, dtype=np.int64)
             binfo = BlockInfo(ids, fs // self._segment_frames(), fs, fe,
                               blocks.t_start.detach().cpu().to(torch.float64).numpy(),
@@ -415,13 +429,15 @@ class TieredBackend(StorageBackend):
                 self._check_writer()
                 raise
             job = _Job(level, first, host, vectors.cpu().numpy(), _np(blocks.kept), _np(blocks.token_index),
-                       _np(blocks.positions), binfo)
+                       _np(blocks.positions), binfo, lk_rows)
             try:
                 self.writer.submit(job, nbytes)
             except StoreError:
                 self.hot.rollback(level, first)
                 self._check_writer()
                 raise
+            if lk_rows is not None:
+                self.lk.append(level, first, lk_rows)
             self._n[level] = first + b
             return torch.from_numpy(ids)
 
@@ -485,6 +501,9 @@ class TieredBackend(StorageBackend):
             for run in runs:
                 data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
                 self.archive.write(run[0].level, run[0].first, data)
+            for job in jobs:  # per-layer keys with their blocks' KV, before the rows that count them
+                if job.layer_keys is not None:
+                    self.keys.write(job.level, job.first, job.layer_keys)
             self.table.add(pa.concat_tables([self._arrow_rows(j) for j in jobs]))
             ends: dict[str, int] = {}
             for job in jobs:
@@ -794,6 +813,19 @@ class TieredBackend(StorageBackend):
 
     def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         return self._lance_lists(level, ids, "positions")
+
+    def layer_keys(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        """Per-layer mean keys of ``ids`` (from RAM: see :mod:`.layer_keys`)."""
+        with self._lock:
+            self._check_open()
+            return self.lk.get(level, self._ids(level, ids)).to(self.device)
+
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        with self._lock:
+            self._check_open()
+            if self.count(level) == 0:
+                return torch.empty(queries.shape[0], 0, device=self.device)
+            return self.lk.scores(level, queries, chunk)[:, : self.count(level)].to(self.device)
 
     def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         return self._lance_lists(level, ids, "token_index")

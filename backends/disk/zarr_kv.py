@@ -326,13 +326,16 @@ class KVArchive:
             self.store = zarr.storage.LocalStore(str(files.local))
         self._arrays: dict[str, Any] = {}
 
+    #: Folder of the store root that holds the arrays, one subfolder per stream.
+    folder = "kv"
+
     def rel(self, level: str) -> str:
         """Path of a level's array under the store root."""
-        return f"kv/{self.stream_id}/{level}.zarr"
+        return f"{self.folder}/{self.stream_id}/{level}.zarr"
 
     def levels(self) -> list[str]:
         """Levels with an array on disk."""
-        return [n[:-5] for n in self.files.listing(f"kv/{self.stream_id}") if n.endswith(".zarr")]
+        return [n[:-5] for n in self.files.listing(f"{self.folder}/{self.stream_id}") if n.endswith(".zarr")]
 
     def array(self, level: str, block_shape: tuple[int, ...] | None = None, create: bool = False):
         """The level's array (opened once); created with ``block_shape`` if missing and ``create``."""
@@ -577,14 +580,14 @@ class KVArchive:
         """Bytes of the stream's KV files (local stores; 0 for object stores)."""
         if self.files.remote:
             return 0
-        root = self.files.local / "kv" / self.stream_id
+        root = self.files.local / self.folder / self.stream_id
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
     def remove_partials(self) -> int:
         """Delete temp files a killed writer left behind (local stores). Returns how many."""
         if self.files.remote:
             return 0
-        root = self.files.local / "kv" / self.stream_id
+        root = self.files.local / self.folder / self.stream_id
         n = 0
         if root.exists():
             for p in root.rglob("*.partial"):

@@ -23,8 +23,10 @@ def test_baselines_get_the_same_budget_in_frames():
     assert plans["no_memory"].config.levels[0].top_k == 0
     assert plans["full_context"].full_context
     # the frame-block baselines share one ingest
-    assert plans["rekv"].storage_key() == plans["uniform"].storage_key() == plans["no_memory"].storage_key()
-    assert plans["mukv"].storage_key() != plans["rekv"].storage_key()
+    assert plans["uniform"].storage_key() == plans["no_memory"].storage_key()
+    assert plans["mukv"].storage_key() != plans["rekv"].storage_key() != plans["uniform"].storage_key()
+    more = {p.name: p for p in plan_policies(["frame_topk", "uniform"], 196)}
+    assert more["frame_topk"].storage_key() == more["uniform"].storage_key()
 
 
 def run_harness(tmp_path, model, monkeypatch, *args: str) -> tuple[dict, object]:
@@ -106,7 +108,10 @@ def test_shipped_model_carries_the_levels_its_training_code_exports():
     from mukv.train import toy_config
 
     shipped = read_model_defaults(Path(mukv.__file__).parent / "assets" / "mukv-tiny")
-    assert shipped["levels"] == toy_config().model_dump(mode="json")["levels"]
+    # the fields it names are the training code's (fields added to LevelConfig since take their defaults)
+    exported = toy_config().model_dump(mode="json")["levels"]
+    assert shipped["levels"] == [{k: lv[k] for k in shipped["levels"][i]} for i, lv in enumerate(exported)]
+    assert MukvConfig.build({"levels": shipped["levels"]}).levels == toy_config().levels
 
 
 def test_top_k_overrides_mukv_levels_and_the_budget_follows():
