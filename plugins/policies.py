@@ -35,6 +35,8 @@ POLICIES: dict[str, dict] = {
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     # segments first over the whole stream, then frames and patches only inside the chosen segments
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
+    # each level's pool of 4 x top-k fused with the ranks of the finer blocks inside each block
+    "mukv_fusion": {"retrieval": {"retriever": "fusion", "over_retrieval": 4.0}},
     # ReKV as its public code runs: frames encoded with sliding-window attention (n_local = 15,000 tokens,
     # about 76 frames of 196 tokens), one-frame blocks, each layer its own 64 blocks by its own question-key
     # inner product, in time order, keys re-rotated for the positions they take

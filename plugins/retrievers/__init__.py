@@ -1,5 +1,5 @@
 """Built-in retrievers: MuKV's semi-hierarchical retrieval, flat cosine, ReKV's per-layer
-retrieval, and the baselines (uniform sampling, sliding window, full context)."""
+retrieval, cross-level fusion, and the baselines (uniform sampling, sliding window, full context)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import mukv
 
 from .baselines import AllRetriever, RecentRetriever, UniformRetriever
 from .cosine import CosineRetriever
+from .fusion import FusionRetriever
 from .hierarchical import HierarchicalRetriever
 from .layerwise import LayerwiseRetriever
 from .semi_hierarchical import SemiHierarchicalRetriever
@@ -21,3 +22,4 @@ def mukv_register_retrievers(register):
     register("recent", RecentRetriever)
     register("all", AllRetriever)
     register("layerwise", LayerwiseRetriever)
+    register("fusion", FusionRetriever)
