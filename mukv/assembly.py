@@ -171,10 +171,13 @@ def _sorted_rows(pieces: list[Piece], order: str, selection: list[list[int]]) ->
 
 def _assemble_per_layer(prefix: torch.Tensor, pieces: list[Piece], order: str, rerotate_fn, timeline_fn) -> Assembled:
     """Each layer's own blocks (``Piece.layer_rows``), one context per layer, stacked."""
+    from .errors import RetrievalError
+
     y = pieces[0].kv.shape[1]
     for p in pieces:
-        if p.layer_rows is not None and p.layer_rows.shape[0] != y:
-            raise ValueError(f"level {p.level!r}: per-layer rows for {p.layer_rows.shape[0]} layers; the model has {y}")
+        if p.layer_rows is not None and (p.layer_rows.ndim != 2 or p.layer_rows.shape[0] != y):
+            raise RetrievalError(f"level {p.level!r}: per-layer block ids of shape {tuple(p.layer_rows.shape)}; "
+                                 f"expected one row per layer ({y})")
     flat, offsets = [], []
     total = 0
     for piece in pieces:
@@ -190,7 +193,7 @@ def _assemble_per_layer(prefix: torch.Tensor, pieces: list[Piece], order: str, r
                      for p in pieces]
         per_layer.append(_sorted_rows(pieces, order, selection))
     if len({len(o) for o in per_layer}) != 1:
-        raise ValueError("per-layer retrieval must give every layer the same number of blocks of each level")
+        raise RetrievalError("per-layer retrieval must give every layer the same number of blocks of each level")
     index, block_ids = [], []
     for o in per_layer:
         starts = torch.tensor([offsets[p] + r * pieces[p].kv.shape[4] for p, r in o], dtype=torch.long, device=dev)
@@ -200,7 +203,7 @@ def _assemble_per_layer(prefix: torch.Tensor, pieces: list[Piece], order: str, r
         index.append(first + within)
         block_ids.append(torch.repeat_interleave(torch.arange(len(o), device=dev), lens))
     if len({int(i.numel()) for i in index}) != 1:
-        raise ValueError("per-layer retrieval must give every layer the same number of KV tokens")
+        raise RetrievalError("per-layer retrieval must give every layer the same number of KV tokens")
     idx = torch.stack(index)  # [Y, C']
     c = idx.shape[1]
     body = torch.gather(tokens, 3, idx[:, None, None, :, None].expand(y, 2, tokens.shape[2], c, tokens.shape[4]))
@@ -250,7 +253,10 @@ def page_in(backend, hits: list, levels: list[str], positions: bool) -> list[Pie
         rows = None
         if h.layer_ids is not None:
             ids = h.ids.reshape(-1)
-            lid = h.layer_ids.to(ids.device)
+            lid = torch.as_tensor(h.layer_ids).to(ids.device)
+            if lid.ndim != 2 or lid.numel() == 0:
+                raise RetrievalError(f"level {name!r}: per-layer block ids must be [layers, k]; got shape "
+                                     f"{tuple(lid.shape)}")
             order = ids.argsort()
             at = torch.searchsorted(ids[order], lid.reshape(-1)).clamp_max(ids.numel() - 1)
             if not bool((ids[order][at] == lid.reshape(-1)).all()):

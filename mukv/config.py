@@ -60,7 +60,7 @@ class LevelConfig(BaseModel):
     scorer: str | None = None
     """Registered token scorer for this level only; ``None`` uses ``scoring.scorer``."""
 
-    local_window: int = Field(default=0, ge=0, le=1_000_000)
+    local_window: int = Field(default=0, ge=0, le=100_000)
     """Sliding-window encoding (ReKV's): each block is prefilled after the system prompt
     and the ``local_window`` blocks of this level before it (their uncompressed KV),
     instead of alone. ReKV's ``n_local`` of 15,000 tokens is about 76 frames of 196

@@ -250,7 +250,15 @@ class WindowEncoder:
         p = prefix.length
         span = self.window * self.block_len
         self.capacity = p + 2 * span + (self.per_forward + 1) * self.block_len
-        self.buf = llm._kv_buffer(1, self.capacity)  # [Y, 2, 1, H, capacity, D]
+        nbytes = self.capacity * llm.layout.token_bytes()
+        try:
+            self.buf = llm._kv_buffer(1, self.capacity)  # [Y, 2, 1, H, capacity, D]
+        except (RuntimeError, MemoryError) as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(f"local_window of {self.window} blocks of {self.block_len} tokens needs a window buffer "
+                              f"of {nbytes / 2**30:.1f} GiB on {llm.device}, which could not be allocated ({exc}); "
+                              "lower levels.local_window") from None
         self.buf[..., :p, :].copy_(prefix.kv)
         self.a = self.b = p  # the window's slots [a, b)
         self.codes: list[torch.Tensor] = []  # per window block: [L] position codes

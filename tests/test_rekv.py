@@ -346,3 +346,40 @@ def test_rekv_runs_on_m_rope_models(family, frames):
         s.feed(frames(5, size=64))
         ans = s.ask("what color?", max_new_tokens=2)
         assert ans.kv_tokens - s.prefix.length == 2 * t
+
+
+def test_windowed_levels_of_several_blocks_per_window_and_compressed_blocks(tiny_model, frames):
+    """A patch level (four 49-token blocks per frame) runs its window's blocks in one forward under a
+    band mask, and a compressed windowed level is scored by its own attention; either way the stored
+    blocks do not depend on how the frames were fed."""
+    cfg = {"levels": [
+        {"name": "patch", "extractor": "patch_raster", "tokens": 49, "keep_ratio": 1.0, "top_k": 4,
+         "local_window": 6, "layer_keys": True},
+        {"name": "frame", "extractor": "frame", "keep_ratio": 0.25, "alpha": 0.7, "top_k": 2, "local_window": 2}],
+        "retrieval": {"retriever": "cosine", "guide_level": None}}
+    fr = frames(6, seed=8)
+    out = []
+    for batch in (6, 4):
+        with mukv.Session(model=tiny_model, config=cfg) as s:
+            for i in range(0, 6, batch):
+                s.feed(fr[i : i + batch])
+            out.append({lv: s.backend.load_kv(lv, torch.arange(s.backend.count(lv))) for lv in ("patch", "frame")})
+            assert s.backend.count("patch") == 24 and s.backend.count("frame") == 6
+            assert s.ask("what color?", max_new_tokens=1).levels() == {"patch": 4, "frame": 2}
+    for lv in ("patch", "frame"):
+        torch.testing.assert_close(out[0][lv], out[1][lv], rtol=0, atol=1e-5)
+
+
+def test_bad_per_layer_hits_are_refused(tiny_model):
+    bad = Hits("frame", torch.tensor([0, 1]), torch.tensor([1.0, 0.5]), torch.tensor([0, 1]))
+    with pytest.raises(RetrievalError, match=r"\[layers, k\]"):
+        page_in(_Index(torch.zeros(4, 2, 2)), [bad], ["frame"], positions=False)
+
+
+def test_an_impossible_window_is_a_config_error(tiny_model):
+    from mukv.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        MukvConfig.build(rekv_config(window=10**6))
+    with pytest.raises(ConfigError, match="window buffer"):
+        WindowEncoder(tiny_model, tiny_model.prefix(), 100_000, 10**7)
