@@ -178,7 +178,8 @@ class MemoryBackend(StorageBackend):
             return super().layer_keys(level, ids)
         return st.layer_keys.index_select(0, ids).float()
 
-    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
         st = self._levels.get(level)
         if st is None or st.n == 0:
             return torch.empty(queries.shape[0], 0, device=self.device)
@@ -188,7 +189,8 @@ class MemoryBackend(StorageBackend):
         out = torch.empty(q.shape[0], st.n, dtype=torch.float32, device=self.device)
         for a in range(0, st.n, chunk):
             b = min(st.n, a + chunk)
-            out[:, a:b] = torch.einsum("yv,cyv->yc", q, st.layer_keys[a:b].float())
+            keys = st.layer_keys[a:b] if layers is None else st.layer_keys[a:b, layers]
+            out[:, a:b] = torch.einsum("yv,cyv->yc", q, keys.float())
         return out
 
     def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:

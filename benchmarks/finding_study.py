@@ -65,7 +65,7 @@ def question_states(model, prefix, text: str) -> tuple[torch.Tensor, torch.Tenso
     pos = torch.arange(p, p + n)
     qs, ks = [], []
 
-    def hook(module, query, key, scaling):
+    def hook(module, query, key, value, scaling):
         qs.append(query[0])
         ks.append(key[0, :, -n:])
 
@@ -103,7 +103,7 @@ def answer_attention(model, prefix, text: str, kv: torch.Tensor, codes: torch.Te
     pos = torch.arange(nxt, nxt + ids.numel())
     got = []
 
-    def hook(module, query, key, scaling):
+    def hook(module, query, key, value, scaling):
         qh = query[0, :, -1].float()  # [Hq, D]
         kf = key[0].float().repeat_interleave(qh.shape[0] // key.shape[1], dim=0)  # [Hq, C, D]
         w = torch.softmax(torch.einsum("hd,hcd->hc", qh, kf) * (scaling or d**-0.5), dim=-1)

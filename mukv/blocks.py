@@ -178,18 +178,26 @@ class Query:
     probe: "Callable[[], torch.Tensor] | None" = field(default=None, repr=False, compare=False)
     _queries: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
-    def layer_queries(self) -> torch.Tensor:
-        """``[Y, Hq, n, D]`` the question's queries in every layer, RoPE removed, float32
-        (computed by the model on first use, then kept).
+    def layer_queries(self, choose: "Callable[[int, torch.Tensor], list[Hits]] | None" = None) -> torch.Tensor:
+        """``[Y, Hq, n, D]`` the question's queries in every layer, RoPE removed, float32.
+
+        Without ``choose`` the question runs after the system prompt (computed on first use,
+        then kept). With ``choose`` it runs through the memory, as ReKV's question pass does:
+        at each layer ``choose(layer, queries [Hq, n, D])`` returns that layer's blocks
+        (:class:`Hits` of the store's ids), and the question attends to them in that layer
+        before the next layer's queries are formed.
 
         Raises:
-            RetrievalError: the query was built without access to the model.
+            RetrievalError: the query was built without access to the model, or the layers'
+                choices hold different numbers of tokens.
         """
-        if self._queries is None:
-            if self.probe is None:
-                from .errors import RetrievalError
+        if self.probe is None:
+            from .errors import RetrievalError
 
-                raise RetrievalError("this query carries no per-layer queries (built without the model)")
+            raise RetrievalError("this query carries no per-layer queries (built without the model)")
+        if choose is not None:
+            return self.probe(choose)
+        if self._queries is None:
             self._queries = self.probe()
         return self._queries
 

@@ -129,6 +129,12 @@ class RetrievalConfig(BaseModel):
     """Per-layer retrieval (``layerwise``) ranks runs of this many consecutive blocks by
     their mean score and takes whole runs (ReKV's ``chunk_size``; 1: single blocks)."""
 
+    layer_probe: Literal["prompt", "memory"] = "prompt"
+    """How per-layer retrieval (``layerwise``) forms each layer's question queries: "prompt",
+    the question after the system prompt; "memory", the question run through the memory,
+    each layer attending to the blocks it chose before the next layer's queries form (ReKV's
+    question pass)."""
+
     recent_blocks: int = Field(default=0, ge=0)
     """Per-layer retrieval (``layerwise``) always reads the most recent blocks too, this
     many of each level's top-k (the local window at answer time; ReKV's public code: 0)."""

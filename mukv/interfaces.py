@@ -173,16 +173,19 @@ class BlockIndex(ABC):
 
         raise RetrievalError(f"{type(self).__name__} keeps no per-layer keys (level {level!r})")
 
-    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
         """Inner products of per-layer queries with every stored block's per-layer keys.
 
         Args:
             level: level name.
-            queries: ``[Y, V]`` one query per layer (heads flattened as the keys').
+            queries: ``[Y', V]`` one query per layer (heads flattened as the keys'): every layer,
+                or the ``layers`` named.
             chunk: blocks read at once.
+            layers: the layers ``queries`` are for (default: every layer, in order).
 
         Returns:
-            ``[Y, N]`` float32 scores of the ``N`` stored blocks, in id order.
+            ``[Y', N]`` float32 scores of the ``N`` stored blocks, in id order.
         """
         n = self.count(level)
         q = queries.float()
@@ -190,6 +193,8 @@ class BlockIndex(ABC):
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             keys = self.layer_keys(level, torch.arange(a, b)).to(q.device, torch.float32)  # [c, Y, V]
+            if layers is not None:
+                keys = keys[:, layers]
             out[:, a:b] = torch.einsum("yv,cyv->yc", q, keys)
         return out
 

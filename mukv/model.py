@@ -57,8 +57,10 @@ def _register_attention() -> None:
     Under an explicit mask (``_capture.static_mask``: the static decoder, the
     sliding-window prefill of :mod:`mukv.window`) every layer attends under that
     mask. ``_capture.hook``, when set, sees every layer's ``(module, query, key,
-    scaling)`` of our calls (RoPE applied): the window prefill takes its column
-    sums there, :func:`mukv.window.question_queries` the question's queries.
+    value, scaling)`` of our calls (RoPE applied): the window prefill takes its column
+    sums there, :func:`mukv.window.question_queries` the question's queries; in a causal
+    call it may return new ``(key, value)`` to attend to (the question run over each
+    layer's own retrieved blocks).
     """
     global _registered
     if _registered:
@@ -72,13 +74,13 @@ def _register_attention() -> None:
         hook = getattr(_capture, "hook", None)
         if mask is not None:
             if hook is not None:
-                hook(module, query, key, scaling)
+                hook(module, query, key, value, scaling)
             return static_attention(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
         if not getattr(_capture, "causal", False) or dropout:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                           **kwargs)
-        if hook is not None:
-            hook(module, query, key, scaling)
+        if hook is not None:  # it may put more keys and values before the call's own (a layer's own context)
+            key, value = hook(module, query, key, value, scaling) or (key, value)
         out = causal_attention(query, key, value, scaling)
         if getattr(_capture, "module", None) is module:
             _capture.colsum = attention_column_sums(query, key, scaling)

@@ -39,7 +39,7 @@ from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
 from .rope import rerotate
-from .window import question_queries
+from .window import question_probe
 
 MAX_QUESTION_TOKENS = 2048
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
@@ -421,7 +421,8 @@ class Session:
             vector = self.model.query_vector(self.prefix, question)
             timings["query"] = time.perf_counter() - t0
             query = Query(question, vector, self._last_time or 0.0, self._ingestor.frames_seen,
-                          probe=lambda: question_queries(self.model, self.prefix, question))
+                          probe=question_probe(self.model, self.prefix, question, self.backend,
+                                               sum(plan.get(lp.level.name, 0) * lp.kept for lp in self.levels)))
             t0 = time.perf_counter()
             hits = self.retriever.retrieve(query, self.backend, plan)
             timings["retrieve"] = time.perf_counter() - t0

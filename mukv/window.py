@@ -162,7 +162,7 @@ def prefill_window(llm, prefix: PrefixKV, embeds: torch.Tensor, token_index: tor
     if attention:
         last = llm.language_model.layers[-1].self_attn
 
-        def hook(module, query, key, scaling):
+        def hook(module, query, key, value, scaling):
             if module is last:
                 got["colsum"] = own_column_sums(query, key, mask, scaling, p + wn, length)
 
@@ -175,13 +175,22 @@ def prefill_window(llm, prefix: PrefixKV, embeds: torch.Tensor, token_index: tor
 
 
 @torch.inference_mode()
-def question_queries(llm, prefix: PrefixKV, question: str) -> torch.Tensor:
+def question_queries(llm, prefix: PrefixKV, question: str,
+                     context: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     context_tokens: int = 0) -> torch.Tensor:
     """The question's queries in every layer, without RoPE: ``[Y, Hq, n, D]`` float32.
 
     The question (the adapter's ``query_template``) runs after the system prompt, as for
     the query vector; every layer's queries are taken where attention sees them and
     rotated back to position 0 (:func:`mukv.rope.rerotate` with the adapter's text codes),
     so that they compare with block keys whatever position either was computed at.
+
+    With ``context`` the question runs through the memory, as ReKV's question pass does:
+    at layer ``y`` ``context(y, queries [Hq, n, D])`` (that layer's queries, RoPE removed)
+    returns that layer's own blocks, ``(keys, values)`` ``[Hk, C, D]`` with keys rotated for
+    the positions after the system prompt, and the question attends to them before going
+    on to layer ``y + 1``; the question sits after them (``context_tokens`` = C, the same for
+    every layer).
     """
     ids = llm.tokenize(llm.query_template.format(question=question))
     n, p = ids.numel(), prefix.length
@@ -189,17 +198,28 @@ def question_queries(llm, prefix: PrefixKV, question: str) -> torch.Tensor:
         lay = llm.layout
         return torch.zeros(lay.num_layers, llm.language_model.config.num_attention_heads, 0, lay.head_dim)
     cache = kv_to_cache(prefix.kv, extra=n)
-    positions = torch.arange(p, p + n, device=llm.device)
+    start = p + (context_tokens if context is not None else 0)
+    positions = torch.arange(start, start + n, device=llm.device)
+    codes, zero = llm.text_codes(positions), llm.text_codes(torch.zeros_like(positions))
     got: list[torch.Tensor] = []
 
-    def hook(module, query, key, scaling):
-        got.append(query[0])  # [Hq, n, D]
+    def hook(module, query, key, value, scaling):
+        raw = rerotate(llm, query[0], codes, zero)  # [Hq, n, D]
+        got.append(raw)
+        if context is None:
+            return None
+        kc, vc = context(len(got) - 1, raw.float())
+        if kc.shape[1] != context_tokens:
+            from .errors import RetrievalError
+
+            raise RetrievalError(f"layer {len(got) - 1} read {kc.shape[1]} tokens; every layer must read "
+                                 f"{context_tokens}")
+        kc, vc = kc[None].to(key.dtype), vc[None].to(value.dtype)
+        return torch.cat([key[:, :, :p], kc, key[:, :, p:]], dim=2), torch.cat([value[:, :, :p], vc, value[:, :, p:]], dim=2)
 
     with _Masked(None, hook):
         llm.language_model(input_ids=ids[None], past_key_values=cache, position_ids=positions[None], use_cache=True)
-    q = torch.stack(got)  # [Y, Hq, n, D]
-    codes = llm.text_codes(positions)
-    return rerotate(llm, q, codes, llm.text_codes(torch.zeros_like(positions))).float()
+    return torch.stack(got).float()  # [Y, Hq, n, D]
 
 
 def unrotated_mean_keys(llm, kv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -370,7 +390,7 @@ class WindowEncoder:
             if attention:
                 last = llm.language_model.layers[-1].self_attn
 
-                def hook(module, query, key, scaling):
+                def hook(module, query, key, value, scaling):
                     if module is last:
                         got["colsum"] = own_column_sums(query, key, mask, scaling, p + wn, length)
 
@@ -400,3 +420,51 @@ def _band_mask(p: int, wn: int, c: int, length: int, span: int, device) -> torch
     k_seq = torch.arange(wn + n, device=device)
     visible = (k_seq[None] <= q_seq[:, None]) & (k_seq[None] >= (block_start - span)[:, None])
     return torch.cat([torch.ones(n, p, dtype=torch.bool, device=device), visible], dim=1)
+
+
+def layer_context(llm, backend, hits: list, layer: int, start: int, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's own blocks as a context for the question pass: ``(keys, values)`` ``[Hk, C, D]``.
+
+    The blocks of ``hits`` (every level) are taken in time order, that layer's KV of each,
+    and the keys moved onto the timeline after ``start`` tokens (the adapter's
+    :meth:`~mukv.model.HFVideoLLM.timeline`), as the answer's assembly does. ``cache`` holds
+    the blocks already read during this question ((level, id) -> KV row, codes, start time),
+    so that a block several layers choose is read once.
+    """
+    rows = []
+    for order, h in enumerate(hits):
+        ids = [int(i) for i in h.ids.reshape(-1).tolist()]
+        need = [i for i in ids if (h.level, i) not in cache]
+        if need:
+            t = torch.tensor(need, dtype=torch.long)
+            kv, pos, meta = backend.load_kv(h.level, t), backend.positions(h.level, t), backend.metadata(h.level, t)
+            for j, i in enumerate(need):
+                cache[(h.level, i)] = (kv[j], pos[j], float(meta.t_start[j]))
+        rows += [(cache[(h.level, i)][2], order, cache[(h.level, i)]) for i in ids]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    if not rows:
+        lay = llm.layout
+        empty = torch.empty(lay.num_kv_heads, 0, lay.head_dim, dtype=llm.dtype, device=llm.device)
+        return empty, empty
+    kv = torch.cat([r[2][0][layer].to(llm.device) for r in rows], dim=2)  # [2, Hk, C, D]
+    codes = torch.cat([r[2][1].to(llm.device) for r in rows])
+    block = torch.repeat_interleave(torch.arange(len(rows), device=llm.device),
+                                    torch.tensor([r[2][1].numel() for r in rows], device=llm.device))
+    new, _ = llm.timeline(codes, block, start)
+    return rerotate(llm, kv[0], codes, new), kv[1]
+
+
+def question_probe(llm, prefix: PrefixKV, question: str, backend, context_tokens: int) -> Callable:
+    """What :attr:`mukv.blocks.Query.probe` calls: ``probe()`` the question's per-layer queries after
+    the system prompt; ``probe(choose)`` the same with the question run through each layer's own
+    blocks (``choose(layer, queries) -> hits``; ``context_tokens`` tokens per layer)."""
+
+    def probe(choose=None):
+        if choose is None:
+            return question_queries(llm, prefix, question)
+        cache: dict = {}
+        return question_queries(llm, prefix, question,
+                                lambda y, q: layer_context(llm, backend, choose(y, q), y, prefix.length, cache),
+                                context_tokens)
+
+    return probe

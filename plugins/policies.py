@@ -43,7 +43,8 @@ POLICIES: dict[str, dict] = {
     "rekv": {
         "levels": [{"name": "frame", "extractor": "frame", "frames": 1, "keep_ratio": 1.0, "alpha": 0.5,
                     "top_k": 64, "local_window": 76, "layer_keys": True}],
-        "retrieval": {"retriever": "layerwise", "guide_level": None, "chunk_blocks": 1, "recent_blocks": 0},
+        "retrieval": {"retriever": "layerwise", "guide_level": None, "chunk_blocks": 1, "recent_blocks": 0,
+                      "layer_probe": "memory"},
         "assembly": {"order": "time", "rerotate": True},
     },
     # frames prefilled alone, 64 by one cosine over the last layer (mukv's "rekv" before issue 19)

@@ -19,6 +19,7 @@ from mukv.window import WindowEncoder, WindowKV, prefill_window, question_querie
 
 
 def rekv_config(window: int = 2, top_k: int = 3, **retrieval) -> dict:
+    retrieval.setdefault("layer_probe", "memory")
     return {"levels": [{"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": top_k,
                         "local_window": window, "layer_keys": True}],
             "retrieval": {"retriever": "layerwise", "guide_level": None, **retrieval},
@@ -383,3 +384,42 @@ def test_an_impossible_window_is_a_config_error(tiny_model):
         MukvConfig.build(rekv_config(window=10**6))
     with pytest.raises(ConfigError, match="window buffer"):
         WindowEncoder(tiny_model, tiny_model.prefix(), 100_000, 10**7)
+
+
+def test_the_question_runs_through_each_layers_own_blocks(tiny_model, frames):
+    """ReKV's question pass (layer_probe "memory"): layer y + 1's queries are formed after the question
+    attended, in layer y, to the blocks layer y chose. The same as running the question over the
+    assembled per-layer context; layer 0's queries are those after the system prompt alone."""
+    from mukv.model import kv_to_cache
+    from mukv.window import _Masked, question_probe
+
+    with mukv.Session(model=tiny_model, config=rekv_config(window=2, top_k=2)) as s:
+        s.feed(frames(6, seed=9))
+        t, p = tiny_model.tokens_per_frame, s.prefix.length
+        fixed = {0: [1, 3], 1: [0, 4]}
+        probe = question_probe(tiny_model, s.prefix, "what color?", s.backend, 2 * t)
+
+        def choose(layer, queries):
+            return [Hits("frame", torch.tensor(fixed[layer]), torch.ones(2))]
+
+        through = probe(choose)
+        alone = probe()
+        hits = Hits("frame", torch.tensor([0, 1, 3, 4]), torch.ones(4), torch.tensor([fixed[0], fixed[1]]))
+        pieces = page_in(s.backend, [hits], ["frame"], positions=True)
+        ctx = assemble_context(s.prefix.kv, pieces, "time", lambda k, old, new: rerotate(tiny_model, k, old, new),
+                               tiny_model.timeline)
+        ids = tiny_model.tokenize(tiny_model.query_template.format(question="what color?"))
+        pos = torch.arange(p + 2 * t, p + 2 * t + ids.numel())
+        got = []
+        with _Masked(None, lambda m, q, k, v, sc: got.append(q[0])):
+            tiny_model.language_model(input_ids=ids[None], past_key_values=kv_to_cache(ctx.kv, extra=ids.numel()),
+                                      position_ids=pos[None], use_cache=True)
+        ref = rerotate(tiny_model, torch.stack(got), pos, torch.zeros_like(pos)).float()
+        torch.testing.assert_close(through, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(through[0], alone[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(through[1], alone[1], atol=1e-3)
+        # the rekv policy runs it end to end
+        assert MukvConfig.from_policy("rekv").retrieval.layer_probe == "memory"
+        bad = question_probe(tiny_model, s.prefix, "what color?", s.backend, 3 * t)
+        with pytest.raises(RetrievalError, match="every layer must read"):
+            bad(choose)

@@ -95,8 +95,9 @@ class LayerKeyMirror:
             raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys)")
         return self._data[level][torch.from_numpy(np.asarray(ids, dtype=np.int64))].float()
 
-    def scores(self, level: str, queries: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-        """``[Y, N]`` inner products of ``queries [Y, V]`` with every held block's keys."""
+    def scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+               layers: list[int] | None = None) -> torch.Tensor:
+        """``[Y', N]`` inner products of ``queries [Y', V]`` with every held block's keys (of ``layers``)."""
         if not self.has(level):
             raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys)")
         n = self._n[level]
@@ -105,7 +106,8 @@ class LayerKeyMirror:
         data = self._data[level]
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            out[:, a:b] = torch.einsum("yv,cyv->yc", q, data[a:b].float())
+            keys = data[a:b] if layers is None else data[a:b, layers]
+            out[:, a:b] = torch.einsum("yv,cyv->yc", q, keys.float())
         return out
 
     def load(self, archive: LayerKeyArchive, counts: dict[str, int]) -> None:

@@ -820,12 +820,13 @@ class TieredBackend(StorageBackend):
             self._check_open()
             return self.lk.get(level, self._ids(level, ids)).to(self.device)
 
-    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
         with self._lock:
             self._check_open()
             if self.count(level) == 0:
                 return torch.empty(queries.shape[0], 0, device=self.device)
-            return self.lk.scores(level, queries, chunk)[:, : self.count(level)].to(self.device)
+            return self.lk.scores(level, queries, chunk, layers)[:, : self.count(level)].to(self.device)
 
     def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         return self._lance_lists(level, ids, "token_index")

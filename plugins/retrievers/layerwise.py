@@ -14,7 +14,10 @@ Here the blocks' per-layer keys come from levels stored with ``layer_keys``
 layer. Options (``retrieval`` configuration): ``chunk_blocks`` ranks runs of that
 many consecutive blocks by their mean score (ReKV's ``chunk_size``);
 ``recent_blocks`` makes every layer read the most recent blocks too (the local
-window; ReKV's public code reads only its top-k).
+window; ReKV's public code reads only its top-k); ``layer_probe = "memory"`` runs
+the question through the memory as ReKV does (layer y + 1's queries formed after the
+question attended to the blocks layer y chose), ``"prompt"`` after the system prompt
+alone.
 """
 
 from __future__ import annotations
@@ -88,19 +91,38 @@ class LayerwiseRetriever(Retriever):
         recent_blocks: the most recent blocks every layer reads, counted in its top-k.
     """
 
-    def __init__(self, chunk_blocks: int = 1, recent_blocks: int = 0):
+    def __init__(self, chunk_blocks: int = 1, recent_blocks: int = 0, layer_probe: str = "prompt"):
         self.chunk_blocks = chunk_blocks
         self.recent_blocks = recent_blocks
+        self.layer_probe = layer_probe
 
     @classmethod
     def from_config(cls, config: MukvConfig) -> "LayerwiseRetriever":
-        return cls(config.retrieval.chunk_blocks, config.retrieval.recent_blocks)
+        r = config.retrieval
+        return cls(r.chunk_blocks, r.recent_blocks, r.layer_probe)
 
     def retrieve(self, query: Query, index: BlockIndex, top_k: dict[str, int]) -> list[Hits]:
         wanted = {level: k for level, k in top_k.items() if k > 0 and index.count(level) > 0}
         if not wanted:
             return []
-        q = fold_queries(query.layer_queries(), query.vector.numel())
+        dim = query.vector.numel()
+        if self.layer_probe == "memory":  # ReKV's question pass: each layer chooses, then attends to its choice
+            picked: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {level: [] for level in wanted}
+
+            def layer_choice(layer: int, queries: torch.Tensor) -> list[Hits]:
+                q = fold_queries(queries[None], dim).to(query.vector.device)  # [1, V]
+                hits = []
+                for level, k in wanted.items():
+                    scores = index.layer_scores(level, q, layers=[layer])  # [1, N]
+                    ids, chosen = choose(scores, k, self.chunk_blocks, self.recent_blocks)
+                    picked[level].append((ids[0], chosen[0]))
+                    hits.append(Hits(level, ids[0], chosen[0]))
+                return hits
+
+            query.layer_queries(layer_choice)
+            return [layer_hits(level, torch.stack([i for i, _ in rows]), torch.stack([s for _, s in rows]))
+                    for level, rows in picked.items()]
+        q = fold_queries(query.layer_queries(), dim)
         out = []
         for level, k in wanted.items():
             scores = index.layer_scores(level, q.to(query.vector.device))  # [Y, N]
