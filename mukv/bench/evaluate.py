@@ -260,8 +260,9 @@ def _run_group(Session, adapter, group: list[PolicyPlan], stream, qs, m: float, 
         stored = base.stats()["bytes"]
     finally:
         base.close()
-    log(f"{m:>8g} min  seed {sd}  group {', '.join(p.name for p in group)}: ingest {ingest:.1f} s "
-        f"({fed / max(ingest, 1e-9):.0f} frames/s), total {time.perf_counter() - t0:.1f} s")
+    what = "no memory read: one frame fed" if floor else f"ingest {ingest:.1f} s ({fed / max(ingest, 1e-9):.0f} frames/s)"
+    log(f"{m:>8g} min  seed {sd}  group {', '.join(p.name for p in group)}: {what}, "
+        f"total {time.perf_counter() - t0:.1f} s")
     return {"ingest_seconds": None if floor else ingest, "frames": fed, "stored_bytes": stored, "floor": floor}
 
 
