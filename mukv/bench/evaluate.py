@@ -74,6 +74,8 @@ class Record:
     seed: int = 0
     #: KV tokens read besides the system prompt's (what the budget counts)
     retrieved_tokens: int = 0
+    #: per level of the memory: the share of that level's retrieved tokens inside the questioned scene
+    evidence_by_level: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate(
@@ -255,7 +257,7 @@ def _run_group(Session, adapter, group: list[PolicyPlan], stream, qs, m: float, 
                 ans = s.ask(q.text, max_new_tokens=max_new_tokens)
                 records.append(Record(p.name, m, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
                                       time.perf_counter() - t1, ans.levels(), evidence_share(ans, q), sd,
-                                      ans.kv_tokens - s.prefix.length))
+                                      ans.kv_tokens - s.prefix.length, evidence_by_level(ans, q)))
         bar.close()
         stored = base.stats()["bytes"]
     finally:
@@ -278,6 +280,15 @@ def evidence_share(answer: Any, question: Any) -> float:
         if b.frame_start < question.evidence_end and b.frame_end > question.evidence_start:
             inside += w
     return inside / total if total else 0.0
+
+
+def evidence_by_level(answer: Any, question: Any) -> dict[str, float]:
+    """:func:`evidence_share` of each level's retrieved blocks alone (levels that retrieved nothing left out)."""
+    out = {}
+    for level in dict.fromkeys(b.level for b in answer.blocks):
+        out[level] = evidence_share(type("A", (), {"blocks": [b for b in answer.blocks if b.level == level]})(),
+                                    question)
+    return out
 
 
 @dataclass
@@ -312,6 +323,22 @@ def _retrieval_by(mine: list[Record], key) -> dict[str, dict[str, float]]:
     return {k: {"n": len(v), "evidence_share": sum(r.evidence_share for r in v) / len(v),
                 "evidence_hit": sum(r.evidence_share > 0 for r in v) / len(v),
                 "accuracy": sum(r.correct for r in v) / len(v)} for k, v in out.items()}
+
+
+def _by_memory_level(mine: list[Record]) -> dict[str, dict[str, float]]:
+    """Per level of the memory: over the questions it retrieved blocks for, the evidence share of its
+    tokens, the share of questions one of its blocks reached the scene, and that by question depth."""
+    levels = sorted({lv for r in mine for lv in r.evidence_by_level})
+    out = {}
+    for lv in levels:
+        rows = [r for r in mine if lv in r.evidence_by_level]
+        by_depth: dict[str, list[float]] = {}
+        for r in rows:
+            by_depth.setdefault(_depth_bucket(float(r.question.depth_s)), []).append(float(r.evidence_by_level[lv] > 0))
+        out[lv] = {"n": len(rows), "evidence_share": sum(r.evidence_by_level[lv] for r in rows) / len(rows),
+                   "evidence_hit": sum(r.evidence_by_level[lv] > 0 for r in rows) / len(rows),
+                   "evidence_hit_by_depth": {d: sum(v) / len(v) for d, v in by_depth.items()}}
+    return out
 
 
 def _by_seed(mine: list[Record], value) -> dict[int, list[float]]:
@@ -349,6 +376,7 @@ def _run_summary(p: PolicyPlan, m: float, seeds: list[int], records: list[Record
         "evidence_hit": hit.mean, "evidence_hit_ci": [hit.low, hit.high],
         "retrieval_by_level": _retrieval_by(mine, lambda r: r.question.level),
         "retrieval_by_depth": _retrieval_by(mine, lambda r: _depth_bucket(float(r.question.depth_s))),
+        "retrieval_by_memory_level": _by_memory_level(mine),
         "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing else 0.0,
         "ingest_seconds": ingest if p.name != ORACLE else None,
         "ingest_frames_per_second": (frames / ingest) if ingest else None,
@@ -388,7 +416,7 @@ def _record_dict(r: Record) -> dict[str, Any]:
     return {"policy": r.policy, "minutes": r.minutes, "seed": r.seed, "id": q.id, "kind": q.kind, "level": q.level,
             "depth_s": q.depth_s, "answer": q.answer, "prediction": r.prediction, "correct": r.correct,
             "kv_tokens": r.kv_tokens, "retrieved_tokens": r.retrieved_tokens, "seconds": r.seconds,
-            "levels": r.levels, "evidence_share": r.evidence_share}
+            "levels": r.levels, "evidence_share": r.evidence_share, "evidence_by_level": r.evidence_by_level}
 
 
 def _device():

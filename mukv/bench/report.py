@@ -99,6 +99,7 @@ def markdown(results: dict[str, Any]) -> str:
             cells.append("n/a" if r is None or "accuracy" not in r else
                          f"{_cell(r, 'evidence_share', 3)} / {_cell(r, 'evidence_hit')}")
         out.append(f"| {p} | " + " | ".join(cells) + " |")
+    out += _memory_levels(acc, pols, mins)
     out += _breakdown(acc, pols, mins, "retrieval_by_level", "question level", ["patch", "frame", "segment"])
     out += _breakdown(acc, pols, mins, "retrieval_by_depth", "question depth", [b[0] for b in DEPTH_BUCKETS])
     out += ["", "Time and storage (means over seeds): ingest of the stream by the policy's storage group "
@@ -127,6 +128,24 @@ def markdown(results: dict[str, Any]) -> str:
             bk = r["by_kind"]
             out.append(f"| {p} | " + " | ".join(_fmt(bk.get(k)) for k in kinds) + " |")
     return "\n".join(out) + "\n"
+
+
+def _memory_levels(acc: dict, pols: list[str], mins: list[float]) -> list[str]:
+    depths = [b[0] for b in DEPTH_BUCKETS]
+    rows = []
+    for p in pols:
+        for m in mins:
+            r = acc.get((p, m))
+            for lv, c in (r or {}).get("retrieval_by_memory_level", {}).items():
+                per = c.get("evidence_hit_by_depth", {})
+                rows.append(f"| {p} | {m:g} | {lv} | {c['evidence_share']:.3f} | {c['evidence_hit']:.2f} | "
+                            + " | ".join(f"{per[d]:.2f}" if d in per else "-" for d in depths) + " |")
+    if not rows:
+        return []
+    return ["", "Retrieval per level of the memory: the evidence share of that level's retrieved tokens, the share "
+            "of questions one of its blocks reached the scene, and that by question depth:", "",
+            "| policy | minutes | level | evidence share | scene reached | " + " | ".join(depths) + " |",
+            "|---|---|---|---|---|" + "---|" * len(depths)] + rows
 
 
 def _breakdown(acc: dict, pols: list[str], mins: list[float], key: str, what: str, order: list[str]) -> list[str]:

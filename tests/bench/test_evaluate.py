@@ -226,3 +226,15 @@ def test_bad_harness_arguments_are_refused_before_any_model_loads():
             import re
 
             assert re.search(msg, str(exc.value)), exc.value
+
+
+def test_retrieval_is_reported_per_level_of_the_memory():
+    from types import SimpleNamespace as NS
+
+    from mukv.bench.evaluate import evidence_by_level
+
+    q = NS(evidence_start=10, evidence_end=14)
+    blocks = [NS(level="frame", frame_start=11, frame_end=12, tokens=4, layer_share=1.0),
+              NS(level="frame", frame_start=20, frame_end=21, tokens=4, layer_share=1.0),
+              NS(level="segment", frame_start=0, frame_end=4, tokens=8, layer_share=1.0)]
+    assert evidence_by_level(NS(blocks=blocks), q) == {"frame": 0.5, "segment": 0.0}
