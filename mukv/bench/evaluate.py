@@ -377,7 +377,8 @@ def _run_summary(p: PolicyPlan, m: float, seeds: list[int], records: list[Record
         "retrieval_by_level": _retrieval_by(mine, lambda r: r.question.level),
         "retrieval_by_depth": _retrieval_by(mine, lambda r: _depth_bucket(float(r.question.depth_s))),
         "retrieval_by_memory_level": _by_memory_level(mine),
-        "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing else 0.0,
+        "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing and p.name != ORACLE
+        else None,
         "ingest_seconds": ingest if p.name != ORACLE else None,
         "ingest_frames_per_second": (frames / ingest) if ingest else None,
         "answer_seconds": sum(r.seconds for r in mine) / len(mine),

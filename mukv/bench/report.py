@@ -115,7 +115,9 @@ def markdown(results: dict[str, Any]) -> str:
             ing = r.get("ingest_seconds")
             fps = r.get("ingest_frames_per_second")
             ingest = "-" if ing is None else f"ingest {ing:.0f} s ({fps:.0f} frames/s)"
-            cells.append(f"{ingest}, {r['answer_seconds']:.3f} s/answer, {r['stored_bytes_per_minute'] / 2**20:.2f} MiB/min")
+            mib = r.get("stored_bytes_per_minute")
+            stored = "-" if mib is None else f"{mib / 2**20:.2f} MiB/min"
+            cells.append(f"{ingest}, {r['answer_seconds']:.3f} s/answer, {stored}")
         out.append(f"| {p} | " + " | ".join(cells) + " |")
     kinds = sorted({k for r in acc.values() for k in r.get("by_kind", {})})
     for m in mins:
