@@ -31,6 +31,7 @@ class _Level:
     unit: torch.Tensor | None = None  # [cap, V] float32, L2-normalised
     positions: torch.Tensor | None = None  # [cap, K]
     token_index: torch.Tensor | None = None  # [cap, K]
+    layer_keys: torch.Tensor | None = None  # [cap, Y, V] float16, for levels stored with per-layer keys
     meta: dict[str, torch.Tensor] = field(default_factory=dict)  # frame_start/end int64, t_start/end float64
 
 
@@ -104,6 +105,16 @@ class MemoryBackend(StorageBackend):
         st.rows = _grow(st.rows, rows, end)
         st.vectors = _grow(st.vectors, vec, end)
         st.unit = _grow(st.unit, vec, end)
+        lk = None
+        if blocks.layer_keys is not None:
+            lk = blocks.layer_keys.to(dev, torch.float16)
+            if tuple(lk.shape) != (b, lay.num_layers, lay.vector_dim):
+                raise StoreError(f"per-layer keys of shape {tuple(lk.shape)}; expected {(b, lay.num_layers, lay.vector_dim)}")
+            if start and st.layer_keys is None:
+                raise StoreError(f"level {blocks.level!r} was stored without per-layer keys")
+            st.layer_keys = _grow(st.layer_keys, lk, end)
+        elif st.layer_keys is not None:
+            raise StoreError(f"level {blocks.level!r} stores per-layer keys; this batch has none")
         st.positions = _grow(st.positions, blocks.positions.to(dev, torch.int64), end)
         st.token_index = _grow(st.token_index, blocks.token_index.to(dev, torch.int64), end)
         for key, col in columns.items():
@@ -114,6 +125,8 @@ class MemoryBackend(StorageBackend):
         st.unit[start:end] = F.normalize(vec, dim=-1)
         st.positions[start:end] = blocks.positions
         st.token_index[start:end] = blocks.token_index
+        if lk is not None:
+            st.layer_keys[start:end] = lk
         for key, col in columns.items():
             st.meta[key][start:end] = col
         st.n = end
@@ -197,6 +210,27 @@ class MemoryBackend(StorageBackend):
             return torch.empty(0, dtype=self.layout.dtype, device=self.device)
         rows = st.rows.index_select(0, ids)
         return self.codec.decode_blocks(EncodedKV(rows, st.block_shape, self.layout.dtype), self.device)
+
+    def layer_keys(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        st, ids = self._ids(level, ids)
+        if st is None or st.layer_keys is None:
+            return super().layer_keys(level, ids)
+        return st.layer_keys.index_select(0, ids).float()
+
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
+        st = self._levels.get(level)
+        if st is None or st.n == 0:
+            return torch.empty(queries.shape[0], 0, device=self.device)
+        if st.layer_keys is None:
+            return super().layer_keys(level, torch.empty(0, dtype=torch.int64))
+        q = queries.to(self.device, torch.float32)
+        out = torch.empty(q.shape[0], st.n, dtype=torch.float32, device=self.device)
+        for a in range(0, st.n, chunk):
+            b = min(st.n, a + chunk)
+            keys = st.layer_keys[a:b] if layers is None else st.layer_keys[a:b, layers]
+            out[:, a:b] = torch.einsum("yv,cyv->yc", q, keys.float())
+        return out
 
     def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         st, ids = self._ids(level, ids)

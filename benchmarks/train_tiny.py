@@ -46,6 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-questions", type=int, default=3, help="questioned scenes packed into one clip")
     ap.add_argument("--single", type=float, default=0.3, help="share of plain sample_clip clips (one question)")
     ap.add_argument("--plain", type=float, default=0.0, help="share of sample_clip clips without distractors")
+    ap.add_argument("--fillers", choices=["one", "many"], default="one",
+                    help="packed clips: one distractor scene per gap (default), or many short filler scenes of 2 to "
+                         "--max-filler frames (clips that look like a long stream's scenes)")
+    ap.add_argument("--max-filler", type=int, default=12, help="longest filler scene with --fillers many")
+    ap.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of filler scenes built around one key object of a questioned scene (never both)")
+    ap.add_argument("--init", default=None,
+                    help="start from an exported checkpoint's weights (e.g. mukv/assets/mukv-tiny) with a fresh "
+                         "optimizer; later calls resume from --out with --resume")
+    ap.add_argument("--eval-frames", type=int, default=8,
+                    help="frames of the held-out evaluation clips (8: the shipped figures' clips)")
     ap.add_argument("--aux", type=float, default=0.0,
                     help="weight of the per-token perception loss (targets from the pixel oracle)")
     ap.add_argument("--aux-lm", type=float, default=0.0,
@@ -250,6 +261,11 @@ def main(argv=None) -> int:
     params = T.count_parameters(adapter.model)
     print(f"model {args.shape}: {params} parameters; grid {adapter.grid}; device {device}"
           + (f"; data-parallel rank {rank} of {world}" if world > 1 else ""), flush=True)
+    if args.init and args.resume:
+        raise SystemExit("--init starts a run from exported weights; --resume continues one: give one of them")
+    if args.init:
+        n = T.load_weights(adapter, args.init)
+        print(f"initialised {n} tensors from {args.init}", flush=True)
     trainer = T.Trainer(adapter, cfg, config)
     if args.resume:
         state = trainer.load(args.resume)
@@ -269,7 +285,8 @@ def main(argv=None) -> int:
     dataset = T.TrainingClips(args.seed, 10**9, label_grid=label_grid, evidence_grid=evidence_grid, query_labels=args.query_aux > 0,
                               num_frames=args.frames,
                               max_questions=args.max_questions, single=args.single, plain=args.plain,
-                              extra=args.extra_questions, kinds=kinds)
+                              extra=args.extra_questions, kinds=kinds, fillers=args.fillers,
+                              max_filler=args.max_filler, hard_negatives=args.hard_negatives)
 
     def curriculum():
         if trainer.step < args.stage1_steps:
@@ -289,7 +306,7 @@ def main(argv=None) -> int:
         yield from T.iterate_batches(dataset, args.batch, trainer.samples, args.workers, rank, world)
 
     batches = curriculum()
-    probe = T.eval_clips(args.eval_seed + 1000, 10, num_frames=args.frames) if args.eval_every else None
+    probe = T.eval_clips(args.eval_seed + 1000, 10, num_frames=args.eval_frames) if args.eval_every else None
     t_start = time.perf_counter()
     last_save = t_start
     window = {"t": time.perf_counter(), "clips": 0, "questions": 0, "wait": 0.0, "stats": []}
@@ -355,7 +372,7 @@ def main(argv=None) -> int:
     T.training_mode(adapter, False)
     if args.eval_per_kind:
         t0 = time.perf_counter()
-        clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.frames)
+        clips = T.eval_clips(args.eval_seed, args.eval_per_kind, num_frames=args.eval_frames)
         reports = T.evaluate(adapter, clips, config, batch=args.eval_batch)
         print(f"evaluation of {len(clips)} held-out clips (seed {args.eval_seed}) in {time.perf_counter() - t0:.0f} s",
               flush=True)

@@ -17,6 +17,7 @@ RoPE, a packed ``(origin, dt, h, w)`` for M-RoPE models (see :mod:`mukv.rope`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -113,6 +114,8 @@ class CompressedBlocks:
         t_end: ``[B]`` stream time of the last frame, float64.
         token_index: ``[B, K]`` kept tokens' index inside the block's window
             (frame-major), so a kept token maps back to a frame and a grid cell.
+        layer_keys: ``[B, Y, V]`` each block's mean kept key in every layer, RoPE removed,
+            float32 (only for levels with ``layer_keys``; else ``None``).
     """
 
     level: str
@@ -125,6 +128,7 @@ class CompressedBlocks:
     t_start: torch.Tensor
     t_end: torch.Tensor
     token_index: torch.Tensor
+    layer_keys: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.kv.shape[0]
@@ -166,15 +170,22 @@ class EncodedKV:
 class Hits:
     """Blocks of one level chosen by a retriever.
 
+    Every layer of the model reads the same blocks, unless ``layer_ids`` says which
+    blocks each layer reads (per-layer retrieval, ReKV's): then ``ids`` are the blocks
+    read by any layer (paged in once) and each layer's context holds its own.
+
     Attributes:
         level: level name.
         ids: ``[k]`` block ids (per-level, in storage order), int64.
         scores: ``[k]`` retrieval scores (higher = better), float32, sorted descending.
+        layer_ids: ``[Y, k']`` the block ids each layer reads (every row the same length,
+            each id among ``ids``), or ``None``: every layer reads ``ids``.
     """
 
     level: str
     ids: torch.Tensor
     scores: torch.Tensor
+    layer_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -189,12 +200,38 @@ class Query:
         vector: ``[V]`` last-layer key of the question's final token, float32.
         time: stream time (seconds) when it was asked.
         frames_seen: frames fed before it was asked.
+        probe: computes :meth:`layer_queries` (set by the session).
     """
 
     text: str
     vector: torch.Tensor
     time: float
     frames_seen: int
+    probe: "Callable[[], torch.Tensor] | None" = field(default=None, repr=False, compare=False)
+    _queries: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def layer_queries(self, choose: "Callable[[int, torch.Tensor], list[Hits]] | None" = None) -> torch.Tensor:
+        """``[Y, Hq, n, D]`` the question's queries in every layer, RoPE removed, float32.
+
+        Without ``choose`` the question runs after the system prompt (computed on first use,
+        then kept). With ``choose`` it runs through the memory, as ReKV's question pass does:
+        at each layer ``choose(layer, queries [Hq, n, D])`` returns that layer's blocks
+        (:class:`Hits` of the store's ids), and the question attends to them in that layer
+        before the next layer's queries are formed.
+
+        Raises:
+            RetrievalError: the query was built without access to the model, or the layers'
+                choices hold different numbers of tokens.
+        """
+        if self.probe is None:
+            from .errors import RetrievalError
+
+            raise RetrievalError("this query carries no per-layer queries (built without the model)")
+        if choose is not None:
+            return self.probe(choose)
+        if self._queries is None:
+            self._queries = self.probe()
+        return self._queries
 
 
 @dataclass(frozen=True)
@@ -212,6 +249,8 @@ class RetrievedBlock:
     #: ISO 8601 wall-clock times of ``t_start`` / ``t_end`` when the stream keeps a wall-clock origin
     wall_start: str | None = None
     wall_end: str | None = None
+    #: share of the model's layers that read this block (1.0 unless retrieval was per layer)
+    layer_share: float = 1.0
 
 
 @dataclass

@@ -80,6 +80,16 @@ class LevelConfig(BaseModel):
     """Token scorer for this level only (a name, a name with settings, or an object);
     ``None`` uses ``scoring.scorer``."""
 
+    local_window: int = Field(default=0, ge=0, le=100_000)
+    """Sliding-window encoding (ReKV's): each block is prefilled after the system prompt
+    and the ``local_window`` blocks of this level before it (their uncompressed KV),
+    instead of alone. ReKV's ``n_local`` of 15,000 tokens is about 76 frames of 196
+    tokens. 0: every block is prefilled on its own (MuKV)."""
+
+    layer_keys: bool = False
+    """Also store each block's mean key in every layer, RoPE removed, for retrievers that
+    choose blocks per layer (ReKV's: ``retrieval.retriever = "layerwise"``)."""
+
 
 class ScoringConfig(BaseModel):
     """How tokens of a block are scored."""
@@ -184,6 +194,20 @@ class RetrievalConfig(BaseModel):
     guide_level: str | None = "segment"
     """Level whose top candidates guide the rerank of the others; ``None`` disables
     the rerank. Left unset with no "segment" level, it becomes ``None``."""
+
+    chunk_blocks: int = Field(default=1, ge=1, le=4096)
+    """Per-layer retrieval (``layerwise``) ranks runs of this many consecutive blocks by
+    their mean score and takes whole runs (ReKV's ``chunk_size``; 1: single blocks)."""
+
+    layer_probe: Literal["prompt", "memory"] = "prompt"
+    """How per-layer retrieval (``layerwise``) forms each layer's question queries: "prompt",
+    the question after the system prompt; "memory", the question run through the memory,
+    each layer attending to the blocks it chose before the next layer's queries form (ReKV's
+    question pass)."""
+
+    recent_blocks: int = Field(default=0, ge=0)
+    """Per-layer retrieval (``layerwise``) always reads the most recent blocks too, this
+    many of each level's top-k (the local window at answer time; ReKV's public code: 0)."""
 
     on_short_stream: Literal["clamp", "error"] = "clamp"
     """When a level stores fewer blocks than its configured top-k: "clamp" takes

@@ -242,6 +242,42 @@ class BlockIndex(ABC):
     def metadata(self, level: str, ids: torch.Tensor) -> BlockMeta:
         """Frame range and time span of blocks ``ids``."""
 
+    def layer_keys(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        """``[n, Y, V]`` each block's mean key in every layer, RoPE removed (float32), for
+        levels stored with ``layer_keys``.
+
+        Raises:
+            RetrievalError: the level was stored without per-layer keys, or this index keeps none.
+        """
+        from .errors import RetrievalError
+
+        raise RetrievalError(f"{type(self).__name__} keeps no per-layer keys (level {level!r})")
+
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
+        """Inner products of per-layer queries with every stored block's per-layer keys.
+
+        Args:
+            level: level name.
+            queries: ``[Y', V]`` one query per layer (heads flattened as the keys'): every layer,
+                or the ``layers`` named.
+            chunk: blocks read at once.
+            layers: the layers ``queries`` are for (default: every layer, in order).
+
+        Returns:
+            ``[Y', N]`` float32 scores of the ``N`` stored blocks, in id order.
+        """
+        n = self.count(level)
+        q = queries.float()
+        out = torch.empty(q.shape[0], n, dtype=torch.float32, device=q.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            keys = self.layer_keys(level, torch.arange(a, b)).to(q.device, torch.float32)  # [c, Y, V]
+            if layers is not None:
+                keys = keys[:, layers]
+            out[:, a:b] = torch.einsum("yv,cyv->yc", q, keys)
+        return out
+
 
 class StorageBackend(BlockIndex):
     """Where compressed blocks live: KV, vectors and metadata per level.

@@ -56,6 +56,14 @@ def _register_attention() -> None:
     mask tensor, no repeated KV heads), and the one layer a prefill names also
     returns its attention column sums. Any other call (the vision tower, a user's
     own ``model.generate``) goes to transformers' sdpa unchanged.
+
+    Under an explicit mask (``_capture.static_mask``: the static decoder, the
+    sliding-window prefill of :mod:`mukv.local_window`) every layer attends under that
+    mask. ``_capture.hook``, when set, sees every layer's ``(module, query, key,
+    value, scaling)`` of our calls (RoPE applied): the window prefill takes its column
+    sums there, :func:`mukv.local_window.question_queries` the question's queries; in a causal
+    call it may return new ``(key, value)`` to attend to (the question run over each
+    layer's own retrieved blocks).
     """
     global _registered
     if _registered:
@@ -66,11 +74,16 @@ def _register_attention() -> None:
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         mask = getattr(_capture, "static_mask", None)
+        hook = getattr(_capture, "hook", None)
         if mask is not None:
+            if hook is not None:
+                hook(module, query, key, value, scaling)
             return static_attention(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
         if not getattr(_capture, "causal", False) or dropout:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                           **kwargs)
+        if hook is not None:  # it may put more keys and values before the call's own (a layer's own context)
+            key, value = hook(module, query, key, value, scaling) or (key, value)
         out = causal_attention(query, key, value, scaling)
         if getattr(_capture, "module", None) is module:
             _capture.colsum = attention_column_sums(query, key, scaling)
@@ -757,6 +770,10 @@ class HFVideoLLM(ModelAdapter):
         features). Default: the rows as they are, nothing extra."""
         return embeds, {}
 
+    def text_codes(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position codes of text tokens at ``positions`` (1D RoPE: the positions themselves)."""
+        return positions
+
     def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Positions of assembled tokens on one timeline after ``start`` tokens.
 
@@ -956,6 +973,13 @@ class MRopeVideoLLM(HFVideoLLM):
         from .rope import mrope_rows
 
         return mrope_rows(codes)
+
+    def text_codes(self, positions: torch.Tensor) -> torch.Tensor:
+        """Codes of text tokens: the position on all three rows (origin = position, no offsets)."""
+        from .rope import pack_mrope
+
+        zero = torch.zeros_like(positions)
+        return pack_mrope(positions, zero, zero, zero, check=False)
 
     def timeline(self, codes: torch.Tensor, block: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Assembled units as consecutive frames of one video (see :meth:`MRopeLayout.timeline`)."""

@@ -9,6 +9,13 @@ windows, runs each level batched:
     column sums) -> scores [B, L] -> kept [B, K] -> KV gather [B, Y, 2, H, K, D]
     + vectors [B, V] -> backend.add
 
+A level with a ``local_window`` (ReKV's sliding-window encoding) prefills its
+blocks in stream order instead, each after the window of blocks before it
+(:func:`mukv.local_window.prefill_window`); the window's KV stays here between feeds
+and, when a stored stream is reopened, is read back from the store (levels that
+keep every token). A level with ``layer_keys`` also stores each block's
+per-layer mean key (RoPE removed) for per-layer retrieval.
+
 Bookkeeping (cursors, times) stays here; byte movement is in the backend.
 """
 
@@ -113,6 +120,8 @@ class Ingestor:
         #: "store") in seconds, summed over calls. Each timed stage ends with a
         #: device synchronisation, so leave it ``None`` when throughput matters.
         self.stage_times: dict[str, float] | None = None
+        #: per windowed level: the KV of the blocks the next block attends to
+        self._window: dict[str, object] = {}
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -153,6 +162,9 @@ class Ingestor:
         (self.frames_seen, cursor, uncovered, self._pending, self._pending_start, self._times,
          self._times_start) = snap
         self.cursor, self.uncovered = dict(cursor), dict(uncovered)
+        # a windowed level's encoder may have moved past what the store holds: it reads its window back
+        # from the store (what was committed) at its next use
+        self._window.clear()
 
     def pending_frames(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """``(first index, embeds [n, T, E], times [n])`` of the frames some level has not consumed
@@ -195,9 +207,13 @@ class Ingestor:
         # one batch = whole windows, at most prefill_batch_tokens tokens (at least one window)
         wb = max(1, self.config.stream.prefill_batch_tokens // max(1, per_window * lp.block_len))
         stored = 0
-        for w0 in range(0, windows, wb):
-            nw = min(wb, windows - w0)
+        done = 0
+        while done < windows:
             first = self.cursor[name]
+            # a windowed level: one window per forward, so that every block is laid out the same way
+            # (system prompt, its window, itself) however the frames were fed
+            nw = 1 if lp.level.local_window else min(wb, windows - done)
+            done += nw
             with self._stage("prefill"):
                 blocks = self._prefill(lp, first, nw)
             compressed = self._compress(lp, blocks)
@@ -208,6 +224,25 @@ class Ingestor:
             self.cursor[name] = first + nw * frames
             stored += len(compressed)
         return stored
+
+    def _window_of(self, lp: LevelPipeline):
+        """The level's :class:`~mukv.local_window.WindowEncoder`; after a reopened stream, its window is read
+        back from the store (only where blocks keep every token: a compressed block cannot stand for
+        its tokens; otherwise the window starts empty)."""
+        from .local_window import WindowEncoder
+
+        name = lp.level.name
+        enc = self._window.get(name)
+        if enc is not None:
+            return enc
+        enc = WindowEncoder(self.model, self.prefix, lp.level.local_window, lp.block_len, lp.split.shape[0])
+        stored = self.backend.count(name)
+        if stored and lp.kept == lp.block_len:
+            ids = torch.arange(max(0, stored - lp.level.local_window), stored)
+            enc.restore(self.backend.load_kv(name, ids).to(self.model.device),
+                        self.backend.positions(name, ids).to(self.model.device))
+        self._window[name] = enc
+        return enc
 
     def _prefill(self, lp: LevelPipeline, first: int, nw: int) -> PrefilledBlocks:
         frames, tpf = lp.level.frames, self.model.tokens_per_frame
@@ -220,8 +255,11 @@ class Ingestor:
         else:
             embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
         token_index = split.repeat(nw, 1)  # [B, L]
-        kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention,
-                                                             token_index=token_index)
+        if lp.level.local_window:
+            kv, attention, positions = self._window_of(lp).encode(embeds, token_index, attention=lp.needs_attention)
+        else:
+            kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention,
+                                                                 token_index=token_index)
         start = torch.arange(nw).repeat_interleave(per_window) * frames + first
         b = embeds.shape[0]
         return PrefilledBlocks(
@@ -261,12 +299,19 @@ class Ingestor:
             vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
         frame_start = blocks.frame_start
         frame_end = blocks.frame_end
+        positions = blocks.positions.to(device).gather(1, kept)
+        layer_keys = None
+        if lp.level.layer_keys:
+            from .local_window import unrotated_mean_keys
+
+            layer_keys = unrotated_mean_keys(self.model, kv, positions)
         return CompressedBlocks(
             level=lp.level.name, kv=kv, vectors=vectors, kept=kept,
-            positions=blocks.positions.to(device).gather(1, kept),
+            positions=positions,
             frame_start=frame_start, frame_end=frame_end,
             t_start=self.time_of(frame_start), t_end=self.time_of(frame_end - 1),
             token_index=blocks.token_index.to(device).gather(1, kept),
+            layer_keys=layer_keys,
         )
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .assembly import Piece, assemble_context
+from .assembly import assemble_context, page_in
 from .blocks import Answer, Query, RetrievedBlock
 from .clock import is_wall_clock, iso, stream_seconds, to_unix, unix_array
 from .config import MukvConfig, merge
@@ -47,6 +47,7 @@ from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
 from .rope import rerotate
+from .local_window import question_probe
 from .safeio import read_json_object
 from .specs import build, canonicalize, config_hash, require_json, split, validate_settings
 from .state import MAX_STREAM_TIME, validate_values
@@ -827,21 +828,14 @@ class Session:
         t0 = time.perf_counter()
         vector = self.model.query_vector(self.prefix, question)
         timings["query"] = time.perf_counter() - t0
-        query = Query(question, vector, self._stream.last_time or 0.0, self._stream.frames_seen)
+        probe = question_probe(self.model, self.prefix, question, self.backend,
+                               sum(plan.get(lp.level.name, 0) * lp.kept for lp in self.levels))
+        query = Query(question, vector, self._stream.last_time or 0.0, self._stream.frames_seen, probe=probe)
         t0 = time.perf_counter()
         hits = self.retriever.retrieve(query, index, plan)
         timings["retrieve"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pieces = []
-        by_level = {h.level: h for h in hits}
-        for lp in self.levels:  # configuration order
-            h = by_level.get(lp.level.name)
-            if h is None or len(h) == 0:
-                continue
-            rerot = self.config.assembly.rerotate
-            pieces.append(Piece(h.level, h.ids, h.scores, self.backend.load_kv(h.level, h.ids),
-                                self.backend.metadata(h.level, h.ids),
-                                self.backend.positions(h.level, h.ids) if rerot else None))
+        pieces = page_in(self.backend, hits, [lp.level.name for lp in self.levels], self.config.assembly.rerotate)
         fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
         tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
         assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
@@ -854,13 +848,15 @@ class Session:
         timings["total"] = time.perf_counter() - t_start
         origin = self._stream.wall_origin
         blocks = []
-        for pi, r in order:
+        share = assembled.layer_share or [1.0] * len(order)
+        for (pi, r), layer_share in zip(order, share):
             p = pieces[pi]
             ts, te = float(p.meta.t_start[r]), float(p.meta.t_end[r])
             blocks.append(RetrievedBlock(
                 level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
                 frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
                 t_start=ts, t_end=te, tokens=int(p.kv.shape[4]), wall_start=iso(ts, origin), wall_end=iso(te, origin),
+                layer_share=float(layer_share),
             ))
         answer = Answer(question, text, blocks, int(context.shape[4]), timings, notes, window)
         if log.isEnabledFor(logging.INFO):

@@ -415,7 +415,8 @@ TAG_EVAL = 0xE7A
 
 def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, size: int = 64,
                          max_questions: int = 3, single: float = 0.3, plain: float = 0.0,
-                         extra: int = 0, kinds: Sequence[str] | None = None) -> TrainingClip:
+                         extra: int = 0, kinds: Sequence[str] | None = None, fillers: str = "one",
+                         max_filler: int = 12, hard_negatives: float = 0.0) -> TrainingClip:
     """A training clip: with probability ``plain`` :func:`mukv.bench.sample_clip` without
     distractors (the questioned scene on empty background frames: an easy start);
     with probability ``single`` exactly :func:`mukv.bench.sample_clip`
@@ -433,12 +434,25 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
 
     ``kinds``: the question kinds to draw from, uniformly over the sequence (a kind
     repeated is drawn that many times as often); default every kind once.
+
+    Clips that look like a long stream's scenes (packed clips only): ``fillers="many"``
+    fills every gap with several filler scenes of 2 to ``max_filler`` frames
+    (log-uniform, past a scene's natural length its last state holds, as a stream's
+    fillers do) instead of one distractor per gap; ``hard_negatives`` is the share of
+    those fillers built around one key object of a questioned scene of the clip (never
+    both: its key pair stays unique), so that the question's query vector must match
+    both named objects to find its scene (the retrieval loss then sees them as in-clip
+    negatives).
     """
     from mukv.bench import KINDS, pose, render_scene, sample_clip
     from mukv.bench.scene import MIN_SCENE_LEN, N_IDENTITIES, blocked_matrix, make_scene
 
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
+    if fillers not in ("one", "many"):
+        raise ValueError(f"fillers must be 'one' or 'many'; got {fillers!r}")
+    if not 0.0 <= hard_negatives <= 1.0 or max_filler < 2:
+        raise ValueError(f"hard_negatives must be in [0, 1] and max_filler >= 2; got {hard_negatives}, {max_filler}")
     pool = tuple(kinds) if kinds else KINDS
     unknown = sorted(set(pool) - set(KINDS))
     if unknown:
@@ -501,11 +515,15 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
     posed = []
     for i in range(len(scenes) + 1):
         g = int(gaps[i])
-        if g:
-            d = make_scene(rng, None, blocked=blocked)
-            start = max(0, d.n - g) if i == 0 else 0  # the clip opens at the end of a scene
-            frames[t : t + g] = render_scene(d, size, length=g, start=start)
-            t += g
+        first = True
+        while g:
+            d = _filler_scene(rng, scenes, blocked, hard_negatives)
+            length = g if fillers == "one" else min(g, _filler_length(rng, max_filler))
+            start = max(0, d.n - length) if i == 0 and first else 0  # the clip opens at the end of a scene
+            frames[t : t + length] = render_scene(d, size, length=length, start=start)
+            t += length
+            g -= length
+            first = False
         if i < len(scenes):
             s = scenes[i]
             frames[t : t + s.n] = render_scene(s, size)
@@ -513,6 +531,31 @@ def sample_training_clip(rng: np.random.Generator | int, num_frames: int = 8, si
             posed.append((text, answer, s.kind, s, t))
             t += s.n
     return with_extras(frames, posed)
+
+
+def _filler_length(rng: np.random.Generator, most: int) -> int:
+    """Frames of one filler scene: log-uniform from 2 to ``most`` (a stream's fillers are log-uniform too)."""
+    return int(round(math.exp(math.log(2) + rng.random() * (math.log(most) - math.log(2)))))
+
+
+def _filler_scene(rng: np.random.Generator, scenes: list, blocked: np.ndarray, hard: float):
+    """A distractor scene; with probability ``hard`` one built around a key object of a questioned
+    scene (with an object it never forms a questioned key pair with)."""
+    from mukv.bench.scene import N_IDENTITIES, make_scene, split_identity
+
+    if hard > 0 and scenes and rng.random() < hard:
+        target = scenes[int(rng.integers(len(scenes)))]
+        a = int(target.key[int(rng.integers(2))])
+        ca, sa = split_identity(a)
+        cands = [x for x in range(N_IDENTITIES)
+                 if split_identity(x)[0] != ca and split_identity(x)[1] != sa and not blocked[a, x]]
+        if cands:
+            x = int(cands[int(rng.integers(len(cands)))])
+            try:
+                return make_scene(rng, None, key=(a, x), blocked=blocked, attempts=20)
+            except RuntimeError:
+                pass
+    return make_scene(rng, None, blocked=blocked)
 
 
 class TrainingClips(torch.utils.data.Dataset):
@@ -1708,6 +1751,30 @@ def export(adapter, path: str | Path, card: str | None = None, dtype: torch.dtyp
     if card is not None:
         (path / "MODEL_CARD.md").write_text(card)
     return path
+
+
+def load_weights(adapter, path: str | Path) -> int:
+    """Copy an exported checkpoint's weights (:func:`export`) into ``adapter``'s model of the same
+    shape, in its dtype (loaded by transformers, offline, safetensors only). Returns how many tensors
+    were copied.
+
+    Raises:
+        ValueError: a checkpoint of another shape (missing, unexpected or mis-shaped tensors).
+    """
+    from mukv.model import load_checkpoint
+
+    loaded, _, _ = load_checkpoint(path, type(adapter.model), "cpu", torch.float32)
+    state = loaded.state_dict()
+    own = adapter.model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad:
+        raise ValueError(f"{path}: not a checkpoint of this shape (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"other shapes {bad[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return len(state)
 
 
 def directory_bytes(path: str | Path) -> int:

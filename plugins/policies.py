@@ -1,8 +1,11 @@
 """Named configurations: MuKV as in the paper, mukv's variants, and the baselines.
 
-Baselines store ReKV-style frame blocks (one uncompressed block per frame) and
-differ only in how they choose blocks, so each comparison runs through the
-same ingest, storage, assembly and decoding code.
+``rekv`` is ReKV as its public code runs it (sliding-window encoding, per-layer
+retrieval). The other baselines store frame blocks, each prefilled on its own,
+and differ only in how they choose blocks (``frame_topk``: one cosine over the
+last layer, called ``rekv`` before mukv 0.2), so each comparison runs through
+the same ingest, storage, assembly and decoding code. A stored stream keeps the
+configuration it was written with, whatever its policy is called since.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _frames_only(retriever: str, top_k: int, order: str = "level_score") -> dict
 
 
 class FrameBaselineSettings(PluginSettings):
-    """Settings of the frame-block baselines ("rekv", "uniform", "sliding_window")."""
+    """Settings of the frame-block baselines ("rekv", "frame_topk", "uniform", "sliding_window")."""
 
     top_k: int = Field(default=64, ge=0)
     """Frame blocks retrieved per question."""
@@ -31,7 +34,7 @@ class FrameBaselineSettings(PluginSettings):
 
 class FrameBaseline:
     """A baseline policy over uncompressed frame blocks, with its frames per question as a
-    setting: ``policy={"name": "rekv", "top_k": 32}``.
+    setting: ``policy={"name": "frame_topk", "top_k": 32}``.
 
     Args:
         retriever: the retriever that chooses the frames.
@@ -47,7 +50,23 @@ class FrameBaseline:
         return _frames_only(self.retriever, top_k, self.order)
 
 
-POLICIES: dict[str, dict | FrameBaseline] = {
+class ReKVBaseline:
+    """ReKV as its public code runs it, with the blocks each layer reads as a setting:
+    ``policy={"name": "rekv", "top_k": 32}``."""
+
+    Settings = FrameBaselineSettings
+
+    def __call__(self, top_k: int = 64) -> dict:
+        return {
+            "levels": [{"name": "frame", "extractor": "frame", "frames": 1, "keep_ratio": 1.0, "alpha": 0.5,
+                        "top_k": top_k, "local_window": 76, "layer_keys": True}],
+            "retrieval": {"retriever": "layerwise", "guide_level": None, "chunk_blocks": 1, "recent_blocks": 0,
+                          "layer_probe": "memory"},
+            "assembly": {"order": "time", "rerotate": True},
+        }
+
+
+POLICIES: dict[str, dict | FrameBaseline | ReKVBaseline] = {
     "mukv": {},
     "mukv_spatial": {"levels": [
         {"name": "patch", "extractor": "patch_spatial", "frames": 1, "tokens": 49, "keep_ratio": 0.1, "alpha": 0.5,
@@ -60,7 +79,14 @@ POLICIES: dict[str, dict | FrameBaseline] = {
     "mukv_timeline": {"assembly": {"order": "time", "rerotate": True}},
     # segments first over the whole stream, then frames and patches only inside the chosen segments
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
-    "rekv": FrameBaseline("cosine"),
+    # each level's pool of 4 x top-k fused with the ranks of the finer blocks inside each block
+    "mukv_fusion": {"retrieval": {"retriever": "fusion", "over_retrieval": 4.0}},
+    # ReKV as its public code runs: frames encoded with sliding-window attention (n_local = 15,000 tokens,
+    # about 76 frames of 196 tokens), one-frame blocks, each layer its own 64 blocks by its own question-key
+    # inner product, in time order, keys re-rotated for the positions they take
+    "rekv": ReKVBaseline(),
+    # frames prefilled alone, 64 by one cosine over the last layer (mukv's "rekv" before issue 19)
+    "frame_topk": FrameBaseline("cosine"),
     "uniform": FrameBaseline("uniform", "time"),
     "sliding_window": FrameBaseline("recent", "time"),
     "full_context": _frames_only("all", 1_000_000, "time"),

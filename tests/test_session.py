@@ -124,7 +124,7 @@ def test_third_party_scorer_changes_which_tokens_are_kept(tiny_model, frames):
 
 def test_policies_run_through_the_same_path(tiny_model, frames):
     f = frames(8)
-    for policy, levels in [("rekv", {"frame": 8}), ("uniform", {"frame": 8}), ("sliding_window", {"frame": 8}),
+    for policy, levels in [("rekv", {"frame": 8}), ("frame_topk", {"frame": 8}), ("uniform", {"frame": 8}), ("sliding_window", {"frame": 8}),
                            ("full_context", {"frame": 8}), ("mukv_spatial", {"patch": 20, "frame": 8, "segment": 2})]:
         with mukv.Session(model=tiny_model, policy=policy) as s:
             s.feed(f)
@@ -271,7 +271,7 @@ def test_concurrent_feed_and_ask(tiny_model, frames):
 
 
 def test_fork_shares_memory_and_refuses_storage_changes(tiny_model, frames):
-    with mukv.Session(model=tiny_model, policy="rekv") as s:
+    with mukv.Session(model=tiny_model, policy="frame_topk") as s:
         s.feed(frames(6))
         window = s.fork(policy="sliding_window", config={"levels": [
             {"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 2}]})

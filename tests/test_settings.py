@@ -171,9 +171,9 @@ def test_bench_takes_config_and_policy():
 def test_bench_harness_applies_config_over_every_policy():
     from mukv.bench.evaluate import plan_policies
 
-    plans = plan_policies(["mukv", {"name": "rekv", "top_k": 5}], 196, budget_tokens=1960,
-                          overrides={"generation": {"max_new_tokens": 2}})
-    assert [p.name for p in plans] == ["mukv", "rekv"]
+    plans = plan_policies(["mukv", {"name": "frame_topk", "top_k": 5}], 196, budget_tokens=1960,
+                          config={"generation": {"max_new_tokens": 2}})
+    assert [p.name for p in plans] == ["mukv", "frame_topk"]
     assert all(p.config.generation.max_new_tokens == 2 for p in plans)
     assert plans[1].config.levels[0].top_k == 10  # the shared budget still sets the baseline's frames
 

@@ -320,6 +320,37 @@ def test_packed_clips_are_unambiguous():
     assert n > 80  # packing puts more than one question in many clips
 
 
+def test_stream_like_clips_with_hard_negatives_are_unambiguous():
+    """Long clips filled with many short filler scenes, all of them built around a key object of a
+    questioned scene: every question still has one answer in its clip (the pixel oracle), and other
+    scenes of the clip show one of its named objects without the other."""
+    import re
+
+    from mukv.bench import COLORS, SHAPES, perceive, solve
+
+    ds = T.TrainingClips(5, 100, num_frames=32, max_questions=6, single=0.0, fillers="many", max_filler=8,
+                         hard_negatives=1.0)
+    easy = T.TrainingClips(5, 100, num_frames=32, max_questions=6, single=0.0, fillers="many", max_filler=8)
+    counts = {}
+    for name, data in (("hard", ds), ("easy", easy)):
+        n = halves = 0
+        for i in range(10):
+            clip = data[i]
+            assert clip.frames.shape == (32, 64, 64, 3)
+            seen = [{(o.color, o.shape) for o in perceive(f).objects} for f in clip.frames]
+            for (question, answer, _), (s0, s1) in zip(clip.questions, clip.spans):
+                assert solve(question, clip.frames) == answer, question
+                n += 1
+                m = re.search(r"with the (\w+) (\w+) and the (\w+) (\w+),", question)
+                a = (COLORS.index(m.group(1)), SHAPES.index(m.group(2)))
+                b = (COLORS.index(m.group(3)), SHAPES.index(m.group(4)))
+                halves += sum((a in f) != (b in f) for j, f in enumerate(seen) if not s0 <= j < s1)
+        counts[name] = (n, halves)
+    assert counts["hard"][0] >= 30 and counts["hard"][1] > 1.3 * counts["easy"][1]
+    with pytest.raises(ValueError):
+        T.sample_training_clip(0, fillers="some")
+
+
 def test_extra_questions_are_unambiguous():
     """Questions added per scene (extra_questions) are answered correctly by the pixel
     oracle from the whole clip, are unique in their clip, and come with their evidence."""

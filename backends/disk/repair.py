@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from mukv.errors import StoreError
 from mukv.state import validate_values
@@ -302,10 +303,13 @@ def apply_repair(path: str, stream_id: str | None = None, storage_options: dict[
             manifest = validate_manifest(files.read_json(MANIFEST), files.uri(MANIFEST), FORMAT)
             table = BlockTable(files, manifest.layout.num_kv_heads * manifest.layout.head_dim, vector_index_rows=None)
             table.delete_uncounted(rep.stream_id, rep.counts)
-            archive = KVArchive(files, rep.stream_id, dtype_from_name(manifest.layout.dtype))
-            for level in archive.levels():
-                if archive.length(level) > rep.counts.get(level, 0):
-                    archive.truncate(level, rep.counts.get(level, 0))
+            from .layer_keys import LayerKeyArchive
+
+            for archive in (KVArchive(files, rep.stream_id, dtype_from_name(manifest.layout.dtype)),
+                            LayerKeyArchive(files, rep.stream_id, torch.float16)):  # KV, and per-layer keys
+                for level in archive.levels():
+                    if archive.length(level) > rep.counts.get(level, 0):
+                        archive.truncate(level, rep.counts.get(level, 0))
             old = _raw_state(files, rep.stream_id) or {}
             pend = (old.get("values") or {}).get("pending") if isinstance(old.get("values"), dict) else None
             files.write_json(f"streams/{rep.stream_id}.json", json.loads(json.dumps(rep.state)))

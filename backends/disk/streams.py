@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from mukv.errors import StoreError
 
@@ -158,7 +159,7 @@ def delete_stream(path: str, stream_id: str, storage_options: dict[str, Any] | N
         found = None  # a damaged state: the stream is deleted all the same
         if files.read(rel) is None:
             raise
-    leftovers = files.listing(f"kv/{sid}") or files.listing(f"streams/{sid}")
+    leftovers = files.listing(f"kv/{sid}") or files.listing(f"streams/{sid}") or files.listing(f"layerkeys/{sid}")
     if found is None and files.read(rel) is None and not leftovers:
         raise _unknown(files, sid)
     lock = _lock(files, sid)
@@ -169,7 +170,8 @@ def delete_stream(path: str, stream_id: str, storage_options: dict[str, Any] | N
         files.delete(rel)  # from here on the stream does not exist
         table = BlockTable(files, manifest.layout.num_kv_heads * manifest.layout.head_dim, vector_index_rows=None)
         rows = table.delete_uncounted(sid, {})  # every row of the stream
-        removed = _remove_tree(files, f"kv/{sid}") + _remove_tree(files, f"streams/{sid}")
+        removed = (_remove_tree(files, f"kv/{sid}") + _remove_tree(files, f"layerkeys/{sid}")
+                   + _remove_tree(files, f"streams/{sid}"))
         try:
             table.maintain()  # compaction drops the deleted rows' fragments (old versions go after 5 minutes)
         except Exception:  # noqa: BLE001 - upkeep is an optimisation
@@ -276,6 +278,20 @@ def _copy_stream(src: Files, sid: str, dst: Files, did: str, layout_src: Any, ch
                 rows = rows.append_column("txn", ones)
             dst_table.add(rows.select(dst_cols))
         copied[level] = n
+    from .layer_keys import LayerKeyArchive
+
+    keys = LayerKeyArchive(src, sid, torch.float16, read_only=True)  # ReKV's per-layer keys, where stored
+    for level in keys.levels():
+        n = int(counts.get(level, 0))
+        for p in keys.parts(level):
+            if p.first >= n:
+                continue
+            a, m = p.array, min(p.end, n) - p.first
+            b = zarr.create_array(store=stores[1], name=f"layerkeys/{did}/" + p.rel[len(f"layerkeys/{sid}/"):],
+                                  shape=(m, *a.shape[1:]), chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+                                  fill_value=0, compressors=None, attributes=dict(a.attrs))
+            for lo in range(0, m, COPY_BLOCKS):
+                b[lo : min(m, lo + COPY_BLOCKS)] = np.asarray(a[lo : min(m, lo + COPY_BLOCKS)])
     n_files = 0
     for rel in _walk(src, f"streams/{sid}"):
         data = src.read(rel, max_bytes=1 << 30)
@@ -326,6 +342,7 @@ def _discard(dst: Files, did: str, manifest: Any) -> None:
         BlockTable(dst, manifest.layout.num_kv_heads * manifest.layout.head_dim, vector_index_rows=None
                    ).delete_uncounted(did, {})
         _remove_tree(dst, f"kv/{did}")
+        _remove_tree(dst, f"layerkeys/{did}")
         _remove_tree(dst, f"streams/{did}")
     except Exception:  # noqa: BLE001 - best effort; verify_store reports what is left
         pass

@@ -88,6 +88,7 @@ class _Job:
     positions: np.ndarray  # [B, K]
     info: BlockInfo
     txn: int  # the transaction whose rows these are
+    layer_keys: np.ndarray | None = None  # [B, Y, V] float16, levels stored with per-layer keys
 
 
 @dataclass
@@ -219,7 +220,7 @@ class TieredBackend(StorageBackend):
     def _await_manifest(self, timeout: float = 5.0) -> dict[str, Any] | None:
         """The manifest of a store that another session is creating (the root holds only mukv's own
         names and the manifest's temp file); ``None`` at once for a folder of other files."""
-        own = {MANIFEST, "streams", "kv", "index"}
+        own = {MANIFEST, "streams", "kv", "index", "layerkeys"}
         deadline = time.monotonic() + timeout
         while True:
             names = self.files.listing()
@@ -248,6 +249,7 @@ class TieredBackend(StorageBackend):
         from mukv.specs import build
 
         from .lance_index import BlockTable
+        from .layer_keys import LayerKeyArchive, LayerKeyMirror
         from .zarr_kv import KVArchive
 
         o = self.options
@@ -258,11 +260,15 @@ class TieredBackend(StorageBackend):
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout)
+        self.keys = LayerKeyArchive(self.files, self.stream_id, torch.float16, o.shard_bytes, self.read_only,
+                                    read_threads=o.read_threads)
+        self.lk = LayerKeyMirror(self.layout.num_layers, self.layout.vector_dim)
         self.recovered: dict[str, Any] = {}
         if not self.read_only:
             self._recover()
         self._unwritten: dict[str, bytes] = {}  # committed stream files the writer has not written yet
         self._files_lock = threading.Lock()  # guards _unwritten (the writer thread never takes self._lock)
+        self.lk.load(self.keys, self._persisted)
         self._n = dict(self._persisted)  # ids handed out
         self._committed = dict(self._persisted)  # KV + rows on disk
         self._base = dict(self._persisted)  # counts as of the last commit (what a rollback returns to)
@@ -317,7 +323,7 @@ class TieredBackend(StorageBackend):
         decides what to do, when asked), KV or rows missing below the counts.
         """
         counts = self._persisted
-        partials = self.archive.remove_partials()
+        partials = self.archive.remove_partials() + self.keys.remove_partials()
         try:
             beyond = self._rows_beyond(counts)
         except StoreError:
@@ -345,6 +351,9 @@ class TieredBackend(StorageBackend):
                 if have != n:
                     raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
                                      f"are committed but the index holds {have} rows for them")
+        for level in self.keys.levels():  # per-layer keys beyond the committed blocks
+            if self.keys.length(level) > counts.get(level, 0):
+                self.keys.truncate(level, counts.get(level, 0))
         files = self._remove_unreferenced_files()
         self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut,
                           "stream_files": files}
@@ -464,6 +473,9 @@ class TieredBackend(StorageBackend):
             if (self._txn, self._persisted) == old:
                 return False
             self.archive.forget()  # the arrays grew: read their lengths again
+            self.keys.forget()
+            self.lk = type(self.lk)(self.layout.num_layers, self.layout.vector_dim)
+            self.lk.load(self.keys, self._persisted)
             return True
 
     # ------------------------------------------------------------------ writing
@@ -487,6 +499,7 @@ class TieredBackend(StorageBackend):
             lost = {lv: (done.get(lv, 0), n) for lv, n in self._n.items() if n > done.get(lv, 0)}
             for lv, (c, _) in lost.items():
                 self.hot.rollback(lv, c)
+                self.lk.truncate(lv, c)
             self._n = {lv: min(n, done.get(lv, 0)) for lv, n in self._n.items()}
             self._base = dict(self._n)
             with self.hot.lock:
@@ -545,6 +558,7 @@ class TieredBackend(StorageBackend):
                 raise StoreError(f"{level} block {j} of the batch ends (frame {int(fe[j])}) before it starts "
                                  f"(frame {int(fs[j])})")
             first = self._n.get(level, 0)
+            lk_rows = self.lk.check(level, first, blocks.layer_keys, b)
             ids = np.arange(first, first + b, dtype=np.int64)
             binfo = BlockInfo(ids, fs // self._segment_frames(), fs, fe,
                               blocks.t_start.detach().cpu().to(torch.float64).numpy(),
@@ -560,13 +574,15 @@ class TieredBackend(StorageBackend):
                 self._check_writer()
                 raise
             job = _Job(level, first, host, vectors.cpu().numpy(), _np(blocks.kept), _np(blocks.token_index),
-                       _np(blocks.positions), binfo, self._open_txn)
+                       _np(blocks.positions), binfo, self._open_txn, lk_rows)
             try:
                 self.writer.submit(job, nbytes)
             except StoreError:
                 self.hot.rollback(level, first)
                 self._check_writer()
                 raise
+            if lk_rows is not None:
+                self.lk.append(level, first, lk_rows)
             self._n[level] = first + b
             return torch.from_numpy(ids)
 
@@ -632,6 +648,7 @@ class TieredBackend(StorageBackend):
             changed = {lv: n for lv, n in self._n.items() if n != self._base.get(lv, 0)}
             for lv in changed:
                 self.hot.rollback(lv, self._base.get(lv, 0))
+                self.lk.truncate(lv, self._base.get(lv, 0))
             self._n = {lv: self._base.get(lv, 0) for lv in self._n}
             self._unadmitted = {lv: min(u, self._base.get(lv, 0)) for lv, u in self._unadmitted.items()}
             aborted = self._open_txn
@@ -715,6 +732,9 @@ class TieredBackend(StorageBackend):
             for run in runs:
                 data = run[0].rows if len(run) == 1 else np.concatenate([j.rows for j in run])  # type: ignore[attr-defined]
                 self.archive.write(run[0].level, run[0].first, data, self._block_shape(run[0].level))
+            for job in jobs:  # per-layer keys with their blocks' KV, before the rows that count them
+                if job.layer_keys is not None:
+                    self.keys.write(job.level, job.first, job.layer_keys)
             self.table.table(create=True)
             with_txn = self.table.has_column("txn")
             self.table.add(pa.concat_tables([self._arrow_rows(j, with_txn) for j in jobs]))
@@ -758,10 +778,11 @@ class TieredBackend(StorageBackend):
         """Remove what the writer already wrote of an aborted transaction (its rows and KV beyond
         ``rb.counts``; nothing of a committed transaction lies there)."""
         self.table.delete_uncounted(self.stream_id, rb.counts)
-        for level in self.archive.levels():
-            n = rb.counts.get(level, 0)
-            if self.archive.length(level) > n:
-                self.archive.truncate(level, n)
+        for archive in (self.archive, self.keys):  # KV, and per-layer keys
+            for level in archive.levels():
+                n = rb.counts.get(level, 0)
+                if archive.length(level) > n:
+                    archive.truncate(level, n)
         with self.hot.lock:
             for level in list(self._committed):
                 self._committed[level] = min(self._committed[level], rb.counts.get(level, 0))
@@ -981,6 +1002,20 @@ class TieredBackend(StorageBackend):
 
     def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         return self._lance_lists(level, ids, "positions")
+
+    def layer_keys(self, level: str, ids: torch.Tensor) -> torch.Tensor:
+        """Per-layer mean keys of ``ids`` (from RAM: see :mod:`.layer_keys`)."""
+        with self._lock:
+            self._check_open()
+            return self.lk.get(level, self._ids(level, ids)).to(self.device)
+
+    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
+                     layers: list[int] | None = None) -> torch.Tensor:
+        with self._lock:
+            self._check_open()
+            if self.count(level) == 0:
+                return torch.empty(queries.shape[0], 0, device=self.device)
+            return self.lk.scores(level, queries, chunk, layers)[:, : self.count(level)].to(self.device)
 
     def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
         return self._lance_lists(level, ids, "token_index")

@@ -272,14 +272,18 @@ class KVArchive:
         self._parts: dict[str, list[KVPart]] = {}
         self._lock = threading.RLock()  # the writer thread adds parts while questions read them
 
+    #: Folder of the store root that holds the arrays, one subfolder per stream.
+    folder = "kv"
+
     # -- parts ------------------------------------------------------------------------------------
     def rel(self, level: str, first: int = 0) -> str:
         """Path of a level's part starting at block ``first`` (0: the level's first array)."""
-        return f"kv/{self.stream_id}/{level}.zarr" if first == 0 else f"kv/{self.stream_id}/{level}@{first}.zarr"
+        base = f"{self.folder}/{self.stream_id}/{level}"
+        return f"{base}.zarr" if first == 0 else f"{base}@{first}.zarr"
 
     def _listing(self) -> dict[str, list[tuple[int, str]]]:
         out: dict[str, list[tuple[int, str]]] = {}
-        for name in self.files.listing(f"kv/{self.stream_id}"):
+        for name in self.files.listing(f"{self.folder}/{self.stream_id}"):
             m = _PART_NAME.fullmatch(name)
             if m:
                 first = int(m.group(2) or 0)
@@ -545,14 +549,14 @@ class KVArchive:
         """Bytes of the stream's KV files (local stores; 0 for object stores)."""
         if self.files.remote:
             return 0
-        root = self.files.local / "kv" / self.stream_id
+        root = self.files.local / self.folder / self.stream_id
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
     def remove_partials(self) -> int:
         """Delete temp files a killed writer left behind (local stores). Returns how many."""
         if self.files.remote:
             return 0
-        root = self.files.local / "kv" / self.stream_id
+        root = self.files.local / self.folder / self.stream_id
         n = 0
         if root.exists():
             for p in root.rglob("*.partial"):

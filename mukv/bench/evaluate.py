@@ -1,124 +1,61 @@
 """The evaluation harness: every policy on the same streams, at the same KV budget.
 
-For each stream length a :class:`~mukv.bench.Benchmark` is generated; its
-questions are asked in stream order, each one as soon as its ``ask_frame`` has
-been fed, so a question only sees the past. Policies that store the same blocks
-(the frame-block baselines all store ReKV-style frames) share one ingest
-through :meth:`mukv.Session.fork` and differ only in retrieval.
+For each stream length and each seed a :class:`~mukv.bench.Benchmark` is
+generated; its questions are asked in stream order, each one as soon as its
+``ask_frame`` has been fed, so a question only sees the past. Policies that store
+the same blocks (the frame-block baselines all store frames prefilled alone)
+share one ingest through :meth:`mukv.Session.fork` and differ only in retrieval.
 
-Every policy answers from the same number of KV tokens: the budget is MuKV's at
-its defaults (top-k 20/32/12 over 49/196/784-token blocks kept at 0.1/0.1/0.8,
-about 8.2K tokens for 196 tokens per frame), or at the model's own levels where its
-checkpoint has them (``mukv_config.json``; mukv-tiny: 7/49/196-token blocks, about 2K
-tokens), unless ``budget_tokens`` says otherwise; frame-block baselines get
-``budget // tokens_per_frame`` frames. MuKV's variants run at the model's levels too.
-Full context takes every frame and runs only while the stream fits in
-``full_context_max_tokens``. "no_memory" answers from the question alone (a
-text-only floor).
+Budgets (:mod:`mukv.bench.plans`): every policy reads the same number of KV tokens
+per answer (MuKV's at the model's levels) unless its spec scales it
+(``rekv@1.5``); each answer's realised tokens are recorded, and a cell more than
+5% off its policy's budget is flagged. Intervals (:mod:`mukv.bench.stats`): each
+cell is the mean over every question of every seed with a 95% bootstrap interval
+over seeds and questions; differences from a reference policy are paired.
+Provenance (:mod:`mukv.bench.provenance`): code, machine, libraries, the model's
+hash and every policy's resolved configuration go into results.json.
+
+With ``backend="lancedb"`` every storage group writes its stream to a store
+under ``store_path`` (hot tier bounded by ``backend_options``), as a user's
+week-long stream would; ingest and answer times are reported beside accuracy.
 
 Command::
 
-    python -m mukv.bench.evaluate --model mukv-tiny --minutes 1 10 60 --questions 24 --out runs/eval
+    python -m mukv.bench.evaluate --model mukv-tiny --minutes 64 256 --seeds 2 3 4 --questions 99 \\
+        --policies mukv rekv rekv@1.5 frame_topk no_memory --oracle --out runs/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import MukvConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError, MukvError
 from .dataset import Benchmark
-from .questions import accuracy_report, score
+from .plans import (  # noqa: F401  (re-exported: the harness's public names)
+    BUDGET_TOLERANCE,
+    NO_MEMORY,
+    ORACLE,
+    PolicyPlan,
+    mukv_budget,
+    plan_policies,
+    with_top_k,
+)
+from .questions import _depth_bucket, accuracy_report, score
+from .report import markdown, plot  # noqa: F401
+from .stats import bootstrap_interval, paired_interval
 
-DEFAULT_POLICIES = ("mukv", "mukv_spatial", "mukv_time", "mukv_timeline", "mukv_hierarchical", "rekv", "uniform",
-                    "sliding_window", "full_context", "no_memory")
-
-
-@dataclass
-class PolicyPlan:
-    """A policy as run by the harness: its name, configuration and what it stores."""
-
-    name: str
-    config: MukvConfig
-    full_context: bool = False
-
-    def storage_key(self) -> str:
-        levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in self.config.levels]
-        parts = {"levels": levels, "scoring": self.config.scoring.model_dump(),
-                 "compression": self.config.compression.model_dump(), "stream": self.config.stream.model_dump(),
-                 "kv_codec": self.config.kv_codec}
-        return json.dumps(parts, sort_keys=True)
-
-
-def mukv_budget(config: MukvConfig, tokens_per_frame: int) -> int:
-    """KV tokens a configuration retrieves at its top-k (system prompt excluded)."""
-    from ..interfaces import Compressor
-
-    total = 0
-    for lv in config.levels:
-        length = lv.tokens if lv.tokens is not None else lv.frames * tokens_per_frame
-        total += lv.top_k * Compressor.kept_count(lv, length)
-    return total
-
-
-def plan_policies(names: Sequence[Any], tokens_per_frame: int, budget_tokens: int | None = None,
-                  model_defaults: dict[str, Any] | None = None,
-                  overrides: dict[str, Any] | None = None) -> list[PolicyPlan]:
-    """Configurations of the policies at one shared KV budget (default: MuKV's at the
-    model's own levels, ``model_defaults``, where it has them). A policy is a name or a name
-    with settings (``{"name": "rekv", "top_k": 32}``); ``overrides`` (configuration fields)
-    go over every policy's configuration, after the budget."""
-    budget = (budget_tokens if budget_tokens is not None
-              else mukv_budget(MukvConfig.build(model_defaults), tokens_per_frame))
-    plans = []
-    for spec in names:
-        name = spec if isinstance(spec, str) else str(spec.get("name"))
-        if name == "no_memory":
-            cfg = MukvConfig.from_policy("rekv").replace(
-                levels=[{"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 0}])
-            plans.append(PolicyPlan(name, cfg))
-            continue
-        cfg = MukvConfig.from_policy(spec, under=model_defaults)
-        levels = cfg.levels
-        if name == "full_context":
-            plans.append(PolicyPlan(name, cfg, full_context=True))
-            continue
-        if len(levels) == 1 and levels[0].keep_ratio == 1.0:  # a frame-block baseline
-            lv = levels[0]
-            k = max(1, budget // (lv.frames * tokens_per_frame))
-            cfg = cfg.replace(levels=[{**lv.model_dump(), "top_k": k}])
-        plans.append(PolicyPlan(name, cfg))
-    if overrides:
-        plans = [PolicyPlan(p.name, p.config.replace(**overrides), p.full_context) for p in plans]
-    return plans
-
-
-def with_top_k(defaults: dict[str, Any], top_k: dict[str, int] | None) -> dict[str, Any]:
-    """``defaults`` (a model's configuration fields) with MuKV's per-level top-k replaced.
-
-    Raises:
-        ConfigError: a level name that the levels do not have, or a negative top-k.
-    """
-    if not top_k:
-        return defaults
-    levels = [dict(lv) for lv in (defaults.get("levels")
-                                  or MukvConfig.build().model_dump(mode="json")["levels"])]
-    names = [lv["name"] for lv in levels]
-    unknown = sorted(set(top_k) - set(names))
-    if unknown:
-        raise ConfigError(f"top-k for unknown level(s) {unknown}; the levels are {names}")
-    for lv in levels:
-        if lv["name"] in top_k:
-            if int(top_k[lv["name"]]) < 0:
-                raise ConfigError(f"top-k of level {lv['name']!r} must be >= 0; got {top_k[lv['name']]}")
-            lv["top_k"] = int(top_k[lv["name"]])
-    return {**defaults, "levels": levels}
+DEFAULT_POLICIES = ("mukv", "mukv_spatial", "mukv_time", "mukv_timeline", "mukv_hierarchical", "rekv", "frame_topk",
+                    "uniform", "sliding_window", "full_context", "no_memory")
 
 
 @dataclass
@@ -135,6 +72,11 @@ class Record:
     levels: dict[str, int] = field(default_factory=dict)
     #: share of the retrieved visual KV tokens that lie in the questioned scene's frames
     evidence_share: float = 0.0
+    seed: int = 0
+    #: KV tokens read besides the system prompt's (what the budget counts)
+    retrieved_tokens: int = 0
+    #: per level of the memory: the share of that level's retrieved tokens inside the questioned scene
+    evidence_by_level: dict[str, float] = field(default_factory=dict)
 
 
 def evaluate(
@@ -152,17 +94,26 @@ def evaluate(
     log=print,
     oracle: bool = False,
     top_k: dict[str, int] | None = None,
+    seeds: Sequence[int] | None = None,
     config: dict[str, Any] | None = None,
+    policy_config: dict[str, dict[str, Any]] | None = None,
+    backend: str = "memory",
+    store_path: str | Path | None = None,
+    backend_options: dict[str, Any] | None = None,
+    keep_stores: bool = False,
+    reference: str | None = None,
+    argv: list[str] | None = None,
     kv_codec: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run every policy on a stream of each length; return the results dict.
+    """Run every policy on a stream of each length and seed; return the results dict.
 
     Args:
         model: a model adapter or a preset name (loaded once, shared by every session).
         minutes: stream lengths (stream time).
-        policies: registered policy names, plus "no_memory".
+        policies: policy specs: registered names, ``no_memory``, or ``NAME@SCALE`` for a
+            policy at ``SCALE`` times the shared budget.
         questions: questions per stream.
-        seed: benchmark seed (the same streams for every policy).
+        seed: benchmark seed when ``seeds`` is not given.
         fps: sampling rate of the streams.
         budget_tokens: KV tokens at answer time for every policy (default MuKV's).
         full_context_max_tokens: full context runs while frames x tokens fit.
@@ -170,103 +121,182 @@ def evaluate(
         feed_batch: frames per ``feed`` call.
         progress: show progress bars.
         log: where progress lines go.
+        oracle: also report "oracle_scene": each question asked of a fresh session fed only
+            its own scene's frames (the context-complete clip), with the first policy's
+            configuration. It separates reading (the model) from finding (the memory policy).
         top_k: blocks MuKV retrieves per level, by level name, over the model's own levels (or
             mukv's defaults); the shared budget follows (unless ``budget_tokens`` is given).
-        oracle: also report "oracle": each question asked of a fresh session fed only
-            its own scene's frames (the context-complete clip), with the first policy's configuration.
-            It separates reading (the model) from finding (the memory policy).
-        config: configuration fields applied over every policy's configuration.
+        seeds: benchmark seeds: one stream per seed and length (default ``[seed]``).
+        config: configuration fields applied over every policy (e.g. a codec).
+        policy_config: configuration fields applied over one policy, by name or spec.
+        backend: storage backend of the sessions ("memory" or "lancedb").
+        store_path: folder for the disk backend's stores (empty or absent; one store per
+            stream and storage group, removed after its questions unless ``keep_stores``).
+        backend_options: options of the backend (e.g. ``{"hot_bytes": 268435456}``).
+        keep_stores: leave the disk stores in place.
+        reference: policy the others are compared with, per question (default ``rekv`` when run).
+        argv: the command line, recorded in the provenance.
         kv_codec: the KV codec every policy stores with (``MukvConfig.kv_codec``: a name or
             ``{"name": ..., **settings}``); ``None``: each policy's own (default "none").
 
     Returns:
-        ``{"runs": [...], "records": [...], "settings": {...}}`` where each run
-        holds a policy's accuracy report at one stream length, its mean KV
-        tokens at answer time and the bytes it stores per minute of stream.
+        ``{"settings": {...}, "runs": [...], "differences": [...], "records": [...]}``:
+        settings hold the provenance and each policy's resolved configuration; each run is a
+        policy at one stream length over every seed (accuracy with its interval, realised
+        KV tokens against the budget, retrieval figures per level and depth, time);
+        records are the answered questions.
+
+    Raises:
+        ConfigError: bad policies, configuration or budget.
+        InputError: an unusable store path.
     """
     from ..session import Session, load_model
+    from .provenance import provenance
 
-    adapter = load_model(model, _device(), None)
+    seeds = [int(s) for s in (seeds if seeds is not None else [seed])]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and at least one; got {seeds}")
+    if backend != "memory" and store_path is None:
+        raise ConfigError(f"backend {backend!r} keeps its blocks on disk: give a store path")
+    root = _store_root(store_path) if backend != "memory" else None
+    device = _device()
+    adapter = load_model(model, device, None)
+    prov = provenance(adapter, device, argv)  # at the start: the code that runs, not the code at the end
     tpf = adapter.tokens_per_frame
     defaults = with_top_k(getattr(adapter, "default_config", None) or {}, top_k)
-    plans = plan_policies(policies, tpf, budget_tokens, defaults, config)
+    plans = plan_policies(policies, tpf, budget_tokens, defaults, config, policy_config)
     if kv_codec is not None:
-        plans = [PolicyPlan(p.name, p.config.replace(kv_codec=kv_codec), p.full_context) for p in plans]
+        plans = [dataclasses.replace(p, config=p.config.replace(kv_codec=kv_codec)) for p in plans]
+    names = [p.name for p in plans]
+    if reference is None:
+        reference = "rekv" if "rekv" in names else None
+    elif reference not in names:
+        raise ConfigError(f"reference policy {reference!r} is not among the policies run: {names}")
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
         groups.setdefault(p.storage_key(), []).append(p)
-    records: list[Record] = []
-    runs: list[dict[str, Any]] = []
     groups_list = list(groups.values())
+    records: list[Record] = []
+    info: dict[tuple[float, int, int], dict[str, float]] = {}  # (minutes, seed, group) -> ingest, stored
     for m in minutes:
-        bench = Benchmark.generate(seed=seed, minutes=m, fps=fps, questions=questions)
-        stream = bench.stream
-        qs = sorted(bench.questions, key=lambda q: (q.ask_frame, q.id))
-        for group in groups_list:
-            t0 = time.perf_counter()
-            base = Session(model=adapter, config=group[0].config, progress=False)
-            sessions = {p.name: (base if i == 0 else base.fork(config=p.config)) for i, p in enumerate(group)}
-            fed = 0
-            bar = _bar(stream.num_frames, f"{m:g} min: {', '.join(sessions)}", progress)
-            for q in qs:
-                while fed <= q.ask_frame:
-                    stop = min(q.ask_frame + 1, fed + feed_batch)
-                    base.feed(stream.frames(fed, stop), timestamps=stream.timestamps[fed:stop])
-                    bar.update(stop - fed)
-                    fed = stop
-                for p in group:
-                    if p.full_context and fed * tpf > full_context_max_tokens:
-                        continue
-                    t1 = time.perf_counter()
-                    ans = sessions[p.name].ask(q.text, max_new_tokens=max_new_tokens)
-                    records.append(Record(p.name, m, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
-                                          time.perf_counter() - t1, ans.levels(), evidence_share(ans, q)))
-            bar.close()
-            if oracle and group is groups_list[0]:
-                records += _oracle_records(adapter, group[0].config, stream, qs, m, max_new_tokens)
-            stored = base.stats()
-            for p in group + ([PolicyPlan(ORACLE, group[0].config)] if oracle and group is groups_list[0] else []):
-                mine = [r for r in records if r.policy == p.name and r.minutes == m]
-                if not mine:
-                    runs.append({"policy": p.name, "minutes": m, "skipped": "stream does not fit in full context"})
+        for sd in seeds:
+            bench = Benchmark.generate(seed=sd, minutes=m, fps=fps, questions=questions)
+            stream = bench.stream
+            qs = sorted(bench.questions, key=lambda q: (q.ask_frame, q.id))
+            for gi, group in enumerate(groups_list):
+                where = None if root is None else root / f"m{m:g}-seed{sd}-group{gi}"
+                info[(m, sd, gi)] = _run_group(
+                    Session, adapter, group, stream, qs, m, sd, records, backend, where, backend_options,
+                    full_context_max_tokens, max_new_tokens, feed_batch, progress, log)
+                if oracle and gi == 0:
+                    records += _oracle_records(adapter, group[0].config, stream, qs, m, sd, max_new_tokens)
+                if where is not None and not keep_stores:
+                    shutil.rmtree(where, ignore_errors=True)
+    group_of = {p.name: gi for gi, g in enumerate(groups_list) for p in g}
+    all_plans = plans + ([PolicyPlan(ORACLE, groups_list[0][0].config, policy=ORACLE)] if oracle else [])
+    runs = [_run_summary(p, m, seeds, records, info, group_of.get(p.name, 0)) for m in minutes for p in all_plans]
+    for r in runs:
+        if "accuracy" in r:
+            log(f"{r['minutes']:>8g} min  {r['policy']:<18} acc {r['accuracy']:.3f} "
+                f"[{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]  kv {r['retrieved_tokens']:>7.0f}"
+                f"{' (off budget)' if r['budget_flag'] else ''}  scene reached {r['evidence_hit']:.2f}")
+    diffs = differences(records, reference, names + ([ORACLE] if oracle else []), minutes) if reference else []
+    shared = (budget_tokens if budget_tokens is not None
+              else next((p.budget for p in plans if p.scale == 1.0 and p.budget), None)
+              or mukv_budget(MukvConfig.from_policy("mukv", under=defaults, **dict(config or {})), tpf))
+    settings = {
+        "minutes": list(minutes), "policies": list(policies), "questions": questions, "seeds": seeds,
+        "seed": seeds[0], "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
+        "budget_tokens": shared, "full_context_max_tokens": full_context_max_tokens, "top_k": top_k,
+        "config": config or {}, "policy_config": policy_config or {}, "backend": backend,
+        "backend_options": backend_options or {}, "reference": reference, "oracle": oracle,
+        "budget_tolerance": BUDGET_TOLERANCE,
+        "kv_codec": plans[0].config.kv_codec if plans else kv_codec,
+        "resolved": {p.name: {"policy": p.policy, "budget": p.budget, "scale": p.scale,
+                              "storage_group": group_of[p.name], "config": p.config.model_dump(mode="json")}
+                     for p in plans},
+        "provenance": prov,
+    }
+    return {"settings": settings, "runs": runs, "differences": diffs, "records": [_record_dict(r) for r in records]}
+
+
+def _store_root(store_path: str | Path) -> Path:
+    root = Path(store_path)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise InputError(f"store path {str(root)!r} must be an empty folder or not exist: the harness writes "
+                         "one store per stream into it and removes them")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _run_group(Session, adapter, group: list[PolicyPlan], stream, qs, m: float, sd: int, records: list[Record],
+               backend: str, where: Path | None, backend_options, full_context_max_tokens: int, max_new_tokens: int,
+               feed_batch: int, progress: bool, log) -> dict[str, float]:
+    """One storage group on one stream: ingest as the questions come, every policy answers each."""
+    tpf = adapter.tokens_per_frame
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"backend": backend}
+    if where is not None:
+        kwargs.update(path=str(where), backend_options=backend_options or None)
+    base = Session(model=adapter, config=group[0].config, progress=False, **kwargs)
+    # a group that reads no memory (no_memory) needs none: one frame, so that a question can be asked
+    floor = all(p.budget == 0 for p in group)
+    try:
+        sessions = {p.name: (base if i == 0 else base.fork(config=p.config)) for i, p in enumerate(group)}
+        fed, ingest = 0, 0.0
+        bar = _bar(stream.num_frames, f"{m:g} min, seed {sd}: {', '.join(sessions)}", progress)
+        for q in qs:
+            if floor and fed == 0:
+                base.feed(stream.frames(0, 1), timestamps=stream.timestamps[:1])
+                fed = 1
+            while not floor and fed <= q.ask_frame:
+                stop = min(q.ask_frame + 1, fed + feed_batch)
+                frames = stream.frames(fed, stop)
+                t1 = time.perf_counter()
+                base.feed(frames, timestamps=stream.timestamps[fed:stop])
+                ingest += time.perf_counter() - t1
+                bar.update(stop - fed)
+                fed = stop
+            for p in group:
+                if p.full_context and fed * tpf > full_context_max_tokens:
                     continue
-                rep = accuracy_report([(r.question, r.prediction) for r in mine])
-                runs.append({
-                    "policy": p.name, "minutes": m, "questions": len(mine), "accuracy": rep["overall"],
-                    "by_kind": rep["by_kind"], "by_level": rep["by_level"], "by_depth": rep.get("by_depth", {}),
-                    "kv_tokens": sum(r.kv_tokens for r in mine) / len(mine),
-                    "evidence_share": sum(r.evidence_share for r in mine) / len(mine),
-                    "evidence_hit": sum(r.evidence_share > 0 for r in mine) / len(mine),
-                    "stored_bytes_per_minute": stored["bytes"] / m,
-                    "answer_seconds": sum(r.seconds for r in mine) / len(mine),
-                })
-                log(f"{m:>8g} min  {p.name:<15} acc {rep['overall']:.3f}  kv {runs[-1]['kv_tokens']:>8.0f}  "
-                    f"evidence {runs[-1]['evidence_share']:.2f}  "
-                    f"stored {runs[-1]['stored_bytes_per_minute'] / 2**20:8.2f} MiB/min")
-            log(f"{m:>8g} min  group {', '.join(sessions)} took {time.perf_counter() - t0:.1f} s")
-            base.close()
-    settings = {"minutes": list(minutes), "policies": list(policies), "questions": questions, "seed": seed,
-                "fps": fps, "tokens_per_frame": tpf, "model": getattr(adapter, "name", str(model)),
-                "budget_tokens": (budget_tokens if budget_tokens is not None
-                                  else mukv_budget(MukvConfig.build(defaults), tpf)),
-                "full_context_max_tokens": full_context_max_tokens, "top_k": top_k, "config": config,
-                "kv_codec": plans[0].config.kv_codec if plans else kv_codec}
-    return {"settings": settings, "runs": runs, "records": [_record_dict(r) for r in records]}
-
-
-#: Name of the oracle row: each question answered from its own scene only.
-ORACLE = "oracle_scene"
+                s = sessions[p.name]
+                t1 = time.perf_counter()
+                ans = s.ask(q.text, max_new_tokens=max_new_tokens)
+                records.append(Record(p.name, m, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
+                                      time.perf_counter() - t1, ans.levels(), evidence_share(ans, q), sd,
+                                      ans.kv_tokens - s.prefix.length, evidence_by_level(ans, q)))
+        bar.close()
+        stored = base.stats()["bytes"]
+    finally:
+        base.close()
+    what = "no memory read: one frame fed" if floor else f"ingest {ingest:.1f} s ({fed / max(ingest, 1e-9):.0f} frames/s)"
+    log(f"{m:>8g} min  seed {sd}  group {', '.join(p.name for p in group)}: {what}, "
+        f"total {time.perf_counter() - t0:.1f} s")
+    return {"ingest_seconds": None if floor else ingest, "frames": fed, "stored_bytes": stored, "floor": floor}
 
 
 def evidence_share(answer: Any, question: Any) -> float:
     """Share of the answer's retrieved visual KV tokens whose frames overlap the question's
-    evidence frames (``[evidence_start, evidence_end)``); 0 when nothing was retrieved."""
-    total = inside = 0
+    evidence frames (``[evidence_start, evidence_end)``); 0 when nothing was retrieved.
+
+    A block that only some layers read (per-layer retrieval) counts in proportion to them."""
+    total = inside = 0.0
     for b in answer.blocks:
-        total += b.tokens
+        w = b.tokens * (getattr(b, "layer_share", 1.0) or 0.0)
+        total += w
         if b.frame_start < question.evidence_end and b.frame_end > question.evidence_start:
-            inside += b.tokens
+            inside += w
     return inside / total if total else 0.0
+
+
+def evidence_by_level(answer: Any, question: Any) -> dict[str, float]:
+    """:func:`evidence_share` of each level's retrieved blocks alone (levels that retrieved nothing left out)."""
+    out = {}
+    for level in dict.fromkeys(b.level for b in answer.blocks):
+        out[level] = evidence_share(type("A", (), {"blocks": [b for b in answer.blocks if b.level == level]})(),
+                                    question)
+    return out
 
 
 @dataclass
@@ -275,7 +305,7 @@ class _Span:
     evidence_end: int
 
 
-def _oracle_records(adapter: Any, config: MukvConfig, stream: Any, qs: Sequence[Any], minutes: float,
+def _oracle_records(adapter: Any, config: MukvConfig, stream: Any, qs: Sequence[Any], minutes: float, seed: int,
                     max_new_tokens: int) -> list[Record]:
     from ..session import Session
 
@@ -286,83 +316,116 @@ def _oracle_records(adapter: Any, config: MukvConfig, stream: Any, qs: Sequence[
             s.feed(stream.frames(q.evidence_start, q.evidence_end),
                    timestamps=stream.timestamps[q.evidence_start:q.evidence_end])
             ans = s.ask(q.text, max_new_tokens=max_new_tokens)
+            prefix = s.prefix.length
         own = _Span(0, q.evidence_end - q.evidence_start)  # the session's frames count from the scene's first
         out.append(Record(ORACLE, minutes, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
-                          time.perf_counter() - t1, ans.levels(), evidence_share(ans, own)))
+                          time.perf_counter() - t1, ans.levels(), evidence_share(ans, own), seed,
+                          ans.kv_tokens - prefix))
+    return out
+
+
+def _retrieval_by(mine: list[Record], key) -> dict[str, dict[str, float]]:
+    out: dict[str, list[Record]] = {}
+    for r in mine:
+        out.setdefault(key(r), []).append(r)
+    return {k: {"n": len(v), "evidence_share": sum(r.evidence_share for r in v) / len(v),
+                "evidence_hit": sum(r.evidence_share > 0 for r in v) / len(v),
+                "accuracy": sum(r.correct for r in v) / len(v)} for k, v in out.items()}
+
+
+def _by_memory_level(mine: list[Record]) -> dict[str, dict[str, float]]:
+    """Per level of the memory: over the questions it retrieved blocks for, the evidence share of its
+    tokens, the share of questions one of its blocks reached the scene, and that by question depth."""
+    levels = sorted({lv for r in mine for lv in r.evidence_by_level})
+    out = {}
+    for lv in levels:
+        rows = [r for r in mine if lv in r.evidence_by_level]
+        by_depth: dict[str, list[float]] = {}
+        for r in rows:
+            by_depth.setdefault(_depth_bucket(float(r.question.depth_s)), []).append(float(r.evidence_by_level[lv] > 0))
+        out[lv] = {"n": len(rows), "evidence_share": sum(r.evidence_by_level[lv] for r in rows) / len(rows),
+                   "evidence_hit": sum(r.evidence_by_level[lv] > 0 for r in rows) / len(rows),
+                   "evidence_hit_by_depth": {d: sum(v) / len(v) for d, v in by_depth.items()}}
+    return out
+
+
+def _by_seed(mine: list[Record], value) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for r in mine:
+        out.setdefault(r.seed, []).append(float(value(r)))
+    return out
+
+
+def _run_summary(p: PolicyPlan, m: float, seeds: list[int], records: list[Record],
+                 info: dict[tuple[float, int, int], dict[str, float]], group: int) -> dict[str, Any]:
+    mine = [r for r in records if r.policy == p.name and r.minutes == m]
+    if not mine:
+        return {"policy": p.name, "minutes": m, "skipped": "stream does not fit in full context"}
+    rep = accuracy_report([(r.question, r.prediction) for r in mine])
+    acc = bootstrap_interval(_by_seed(mine, lambda r: r.correct))
+    share = bootstrap_interval(_by_seed(mine, lambda r: r.evidence_share))
+    hit = bootstrap_interval(_by_seed(mine, lambda r: r.evidence_share > 0))
+    toks = [r.retrieved_tokens for r in mine]
+    realised = sum(toks) / len(toks)
+    budget = p.budget
+    flag = bool(budget is not None and (abs(realised - budget) > BUDGET_TOLERANCE * budget if budget
+                                        else realised > 0))
+    ing = [info[(m, s, group)] for s in seeds if (m, s, group) in info and not info[(m, s, group)].get("floor")]
+    ingest = sum(i["ingest_seconds"] for i in ing) / len(ing) if ing else None
+    frames = sum(i["frames"] for i in ing) / len(ing) if ing else None
+    return {
+        "policy": p.name, "minutes": m, "questions": len(mine), "seeds": sorted({r.seed for r in mine}),
+        "accuracy": acc.mean, "accuracy_ci": [acc.low, acc.high],
+        "by_kind": rep["by_kind"], "by_level": rep["by_level"], "by_depth": rep.get("by_depth", {}),
+        "kv_tokens": sum(r.kv_tokens for r in mine) / len(mine),
+        "retrieved_tokens": realised, "retrieved_tokens_min": min(toks), "retrieved_tokens_max": max(toks),
+        "budget": budget, "budget_ratio": (realised / budget) if budget else None, "budget_flag": flag,
+        "evidence_share": share.mean, "evidence_share_ci": [share.low, share.high],
+        "evidence_hit": hit.mean, "evidence_hit_ci": [hit.low, hit.high],
+        "retrieval_by_level": _retrieval_by(mine, lambda r: r.question.level),
+        "retrieval_by_depth": _retrieval_by(mine, lambda r: _depth_bucket(float(r.question.depth_s))),
+        "retrieval_by_memory_level": _by_memory_level(mine),
+        "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing and p.name != ORACLE
+        else None,
+        "ingest_seconds": ingest if p.name != ORACLE else None,
+        "ingest_frames_per_second": (frames / ingest) if ingest else None,
+        "answer_seconds": sum(r.seconds for r in mine) / len(mine),
+    }
+
+
+def differences(records: list[Record], reference: str, names: Sequence[str],
+                minutes: Sequence[float]) -> list[dict[str, Any]]:
+    """Per policy and length, the paired difference in accuracy from ``reference`` with its interval."""
+
+    def table(name: str, m: float) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for r in records:
+            if r.policy == name and r.minutes == m:
+                out.setdefault(r.seed, {})[r.question.id] = float(r.correct)
+        return out
+
+    out = []
+    for m in minutes:
+        ref = table(reference, m)
+        if not ref:
+            continue
+        for name in names:
+            if name == reference:
+                continue
+            mine = table(name, m)
+            if not mine:
+                continue
+            iv = paired_interval(mine, ref)
+            out.append({"policy": name, "reference": reference, "minutes": m, **iv.to_dict()})
     return out
 
 
 def _record_dict(r: Record) -> dict[str, Any]:
     q = r.question
-    return {"policy": r.policy, "minutes": r.minutes, "id": q.id, "kind": q.kind, "level": q.level,
+    return {"policy": r.policy, "minutes": r.minutes, "seed": r.seed, "id": q.id, "kind": q.kind, "level": q.level,
             "depth_s": q.depth_s, "answer": q.answer, "prediction": r.prediction, "correct": r.correct,
-            "kv_tokens": r.kv_tokens, "seconds": r.seconds, "levels": r.levels, "evidence_share": r.evidence_share}
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """Tables: accuracy per policy and stream length; per kind at each length."""
-    runs = [r for r in results["runs"] if "accuracy" in r]
-    mins = sorted({r["minutes"] for r in results["runs"]})
-    pols = list(dict.fromkeys(r["policy"] for r in results["runs"]))
-    acc = {(r["policy"], r["minutes"]): r for r in runs}
-    s = results["settings"]
-    codec = s.get("kv_codec") or "none"
-    out = [f"Model `{s['model']}`, {s['questions']} questions per stream, seed {s['seed']}, {s['fps']} fps, "
-           f"KV budget {s['budget_tokens']} tokens ({s['tokens_per_frame']} tokens per frame), KV codec "
-           f"`{json.dumps(codec) if isinstance(codec, dict) else codec}`.", "",
-           "| policy | " + " | ".join(f"{m:g} min" for m in mins) + " | KV tokens | evidence share | stored MiB/min |",
-           "|---|" + "---|" * len(mins) + "---|---|---|"]
-    for p in pols:
-        cells = [f"{acc[(p, m)]['accuracy']:.3f}" if (p, m) in acc else "n/a" for m in mins]
-        mine = [acc[(p, m)] for m in mins if (p, m) in acc]
-        kv = sum(r["kv_tokens"] for r in mine) / max(1, len(mine))
-        mib = sum(r["stored_bytes_per_minute"] for r in mine) / max(1, len(mine)) / 2**20
-        ev = sum(r.get("evidence_share", 0.0) for r in mine) / max(1, len(mine))
-        out.append(f"| {p} | " + " | ".join(cells) + f" | {kv:.0f} | {ev:.2f} | {mib:.2f} |")
-    kinds = sorted({k for r in runs for k in r["by_kind"]})
-    for m in mins:
-        out += ["", f"Accuracy per question kind, {m:g} min of stream:", "",
-                "| policy | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        for p in pols:
-            if (p, m) not in acc:
-                continue
-            bk = acc[(p, m)]["by_kind"]
-            out.append(f"| {p} | " + " | ".join(_fmt(bk.get(k)) for k in kinds) + " |")
-    return "\n".join(out) + "\n"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, dict):
-        return f"{v.get('accuracy', 0):.2f} ({v.get('n', v.get('count', '?'))})"
-    return f"{v:.2f}"
-
-
-def plot(results: dict[str, Any], path: str | Path) -> Path:
-    """PNG: accuracy against stream length, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if "accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for p in dict.fromkeys(r["policy"] for r in runs):
-        pts = sorted((r["minutes"], r["accuracy"]) for r in runs if r["policy"] == p)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-    ax.set_xscale("log")
-    ax.set_xlabel("stream length (minutes of stream time)")
-    ax.set_ylabel("accuracy (exact match)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"Answer accuracy vs stream length ({results['settings']['model']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+            "kv_tokens": r.kv_tokens, "retrieved_tokens": r.retrieved_tokens, "seconds": r.seconds,
+            "levels": r.levels, "evidence_share": r.evidence_share, "evidence_by_level": r.evidence_by_level}
 
 
 def _device():
@@ -388,35 +451,69 @@ def build_parser() -> argparse.ArgumentParser:
     from ..cli.common import OneLineParser
 
     p = OneLineParser(prog="mukv bench",
-                                description="Answer accuracy of every policy against stream length.")
+                      description="Answer accuracy of every policy against stream length, with 95% "
+                                  "intervals over seeds and questions.")
     p.add_argument("--model", default="mukv-tiny", help="preset name or checkpoint directory (default mukv-tiny)")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10], help="stream lengths in minutes")
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), help="policies to compare")
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
+                   help="policies to compare: registered names, no_memory, or NAME@SCALE (the policy at SCALE "
+                        "times the shared budget, e.g. rekv@1.5)")
     p.add_argument("--questions", type=int, default=24, help="questions per stream (at most 240)")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="benchmark seeds: one stream per seed and length (default: 0)")
+    seeds.add_argument("--seed", type=int, default=None, help="one benchmark seed (same as --seeds N)")
     p.add_argument("--fps", type=float, default=0.5)
     p.add_argument("--budget-tokens", type=int, default=None, help="KV tokens at answer time (default MuKV's)")
     p.add_argument("--full-context-max-tokens", type=int, default=32768)
     p.add_argument("--top-k", default=None, metavar="LEVEL=K,...",
                    help="blocks MuKV retrieves per level, e.g. segment=4 (default: the model's levels); "
                    "the shared budget follows")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="configuration fields applied over every policy (a JSON object or file)")
+    p.add_argument("--policy-config", action="append", default=[], metavar="NAME=JSON",
+                   help="configuration fields applied over one policy (repeatable)")
+    p.add_argument("--reference", default=None,
+                   help="policy the others are compared with per question (default: rekv when it runs)")
+    p.add_argument("--backend", default="memory", help="storage backend: memory (default) or lancedb")
+    p.add_argument("--store-path", default=None,
+                   help="folder (empty or absent) for the disk backend's stores, one per stream and storage group")
+    p.add_argument("--backend-options", default=None, metavar="JSON",
+                   help='options of the backend, e.g. {"hot_bytes": 268435456}')
+    p.add_argument("--keep-stores", action="store_true", help="leave the disk stores in place")
     p.add_argument("--kv-codec", default=None, metavar="CODEC",
                    help='KV codec every policy stores with: a name (none, int8, int4, fp8) or JSON such as '
                    '\'{"name": "int4", "group_size": 32}\' (default: each policy\'s own, "none")')
     p.add_argument("--out", default=None, help="folder for results.json, results.md and accuracy.png")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's); 1 is fastest on a shared or busy machine")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--oracle", action="store_true",
                    help="also answer each question from its own scene only (row oracle_scene): reading vs finding")
-    p.add_argument("--config", default=None, metavar="JSON",
-                   help="configuration fields (a JSON object) applied over every policy's configuration")
     return p
 
 
+def _json_arg(raw: str | None, flag: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        path = Path(raw)
+        if not path.is_file():
+            raise SystemExit(f"{flag}: {raw!r} is neither a JSON object nor a JSON file")
+        text = path.read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{flag}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag}: expected a JSON object; got {type(value).__name__}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    config = _json_arg(args.config, "--config") if args.config else None
-    if config is not None and not isinstance(config, dict):
-        raise SystemExit("--config takes a JSON object of configuration fields")
     args.policies = [_json_arg(p, "--policies") if p.lstrip().startswith("{") else p for p in args.policies]
     model = _json_arg(args.model, "--model") if args.model.lstrip().startswith("{") else args.model
     top_k = None
@@ -425,33 +522,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_k = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.top_k.split(","))}
         except ValueError:
             raise SystemExit(f"--top-k takes LEVEL=K pairs separated by commas, e.g. segment=4; got {args.top_k!r}")
+    seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
+    config = _json_arg(args.config, "--config")
+    per_policy: dict[str, dict[str, Any]] = {}
+    for item in args.policy_config:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--policy-config takes NAME=JSON; got {item!r}")
+        per_policy[name] = _json_arg(raw, f"--policy-config {name}") or {}
+    backend_options = _json_arg(args.backend_options, "--backend-options")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1; got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     for m in args.minutes:
         if not math.isfinite(m) or m <= 0:
             raise SystemExit(f"--minutes must be positive; got {m}")
-        try:  # the benchmark's own limits (questions per stream length), before any model loads
-            Benchmark.generate(seed=args.seed, minutes=m, fps=args.fps, questions=args.questions)
-        except ValueError as exc:
-            raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
+        for sd in seeds:
+            try:  # the benchmark's own limits (questions per stream length), before any model loads
+                Benchmark.generate(seed=sd, minutes=m, fps=args.fps, questions=args.questions)
+            except ValueError as exc:
+                raise SystemExit(f"--minutes {m:g} with --questions {args.questions}: {exc}") from None
     kv_codec = args.kv_codec
     if kv_codec is not None and kv_codec.strip().startswith("{"):
         try:
             kv_codec = json.loads(kv_codec)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"--kv-codec: not JSON ({exc})") from None
-    if kv_codec is not None:
-        try:  # the codec exists and its settings are valid, before any model loads
+    try:  # every policy, configuration and codec, before any model loads
+        plan_policies(args.policies, 196, args.budget_tokens, None, config, per_policy)
+        if kv_codec is not None:
             from ..kvcodec import build_codec
 
             build_codec(kv_codec, field="--kv-codec")
-        except ConfigError as exc:
-            raise SystemExit(str(exc)) from None
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     t0 = time.perf_counter()
     try:
-        res = evaluate(model, args.minutes, args.policies, args.questions, args.seed, args.fps,
-                       args.budget_tokens, args.full_context_max_tokens, progress=args.progress, oracle=args.oracle,
-                       top_k=top_k, config=config, kv_codec=kv_codec)
+        res = evaluate(model, args.minutes, args.policies, args.questions, fps=args.fps,
+                       budget_tokens=args.budget_tokens, full_context_max_tokens=args.full_context_max_tokens,
+                       progress=args.progress, oracle=args.oracle, top_k=top_k, seeds=seeds, config=config,
+                       policy_config=per_policy, backend=args.backend, store_path=args.store_path,
+                       backend_options=backend_options, keep_stores=args.keep_stores, reference=args.reference,
+                       argv=argv, kv_codec=kv_codec)
     except ConfigError as exc:
         raise SystemExit(f"--top-k: {exc}" if top_k and "top-k" in str(exc) else str(exc)) from None
+    except MukvError as exc:
+        raise SystemExit(str(exc)) from None
     res["settings"]["seconds"] = time.perf_counter() - t0
     md = markdown(res)
     print(md)
@@ -463,13 +582,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(res, out / "accuracy.png")
         print(f"wrote {out}/results.json, results.md, accuracy.png")
     return 0
-
-
-def _json_arg(text: str, flag: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"{flag}: invalid JSON ({exc.msg})") from None
 
 
 if __name__ == "__main__":

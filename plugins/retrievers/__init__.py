@@ -1,5 +1,5 @@
-"""Built-in retrievers: MuKV's semi-hierarchical retrieval, flat cosine, and the
-baselines (uniform sampling, sliding window, full context)."""
+"""Built-in retrievers: MuKV's semi-hierarchical retrieval, flat cosine, ReKV's per-layer
+retrieval, cross-level fusion, and the baselines (uniform sampling, sliding window, full context)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import mukv
 
 from .baselines import AllRetriever, RecentRetriever, UniformRetriever
 from .cosine import CosineRetriever
+from .fusion import FusionRetriever
 from .hierarchical import HierarchicalRetriever
+from .layerwise import LayerwiseRetriever
 from .semi_hierarchical import SemiHierarchicalRetriever
 
 
@@ -19,3 +21,5 @@ def mukv_register_retrievers(register):
     register("uniform", UniformRetriever)
     register("recent", RecentRetriever)
     register("all", AllRetriever)
+    register("layerwise", LayerwiseRetriever)
+    register("fusion", FusionRetriever)

@@ -9,6 +9,7 @@ import pytest
 
 from mukv.bench.evaluate import main, markdown, mukv_budget, plan_policies
 from mukv.config import MukvConfig
+from mukv.errors import ConfigError
 
 
 def test_budget_matches_mukv_defaults():
@@ -22,8 +23,10 @@ def test_baselines_get_the_same_budget_in_frames():
     assert plans["no_memory"].config.levels[0].top_k == 0
     assert plans["full_context"].full_context
     # the frame-block baselines share one ingest
-    assert plans["rekv"].storage_key() == plans["uniform"].storage_key() == plans["no_memory"].storage_key()
-    assert plans["mukv"].storage_key() != plans["rekv"].storage_key()
+    assert plans["uniform"].storage_key() == plans["no_memory"].storage_key()
+    assert plans["mukv"].storage_key() != plans["rekv"].storage_key() != plans["uniform"].storage_key()
+    more = {p.name: p for p in plan_policies(["frame_topk", "uniform"], 196)}
+    assert more["frame_topk"].storage_key() == more["uniform"].storage_key()
 
 
 def run_harness(tmp_path, model, monkeypatch, *args: str) -> tuple[dict, object]:
@@ -105,7 +108,10 @@ def test_shipped_model_carries_the_levels_its_training_code_exports():
     from mukv.train import toy_config
 
     shipped = read_model_defaults(Path(mukv.__file__).parent / "assets" / "mukv-tiny")
-    assert shipped["levels"] == toy_config().model_dump(mode="json")["levels"]
+    # the fields it names are the training code's (fields added to LevelConfig since take their defaults)
+    exported = toy_config().model_dump(mode="json")["levels"]
+    assert shipped["levels"] == [{k: lv[k] for k in shipped["levels"][i]} for i, lv in enumerate(exported)]
+    assert MukvConfig.build({"levels": shipped["levels"]}).levels == toy_config().levels
 
 
 def test_top_k_overrides_mukv_levels_and_the_budget_follows():
@@ -153,3 +159,105 @@ def test_every_policy_stores_through_the_kv_codec(tmp_path, tiny_model, monkeypa
     assert stored["mukv"] < 0.5 * plain["runs"][0]["stored_bytes_per_minute"]
     with pytest.raises(SystemExit, match="unknown KV codec 'int3'"):
         evaluate.main(["--model", "no-such-model", "--minutes", "1", "--questions", "2", "--kv-codec", "int3"])
+# ------------------------------------------------------------------ issue 19: numbers that hold
+def test_policy_specs_scale_the_budget_and_configs_apply():
+    from mukv.bench.plans import parse_policy
+
+    assert parse_policy("rekv@1.5") == ("rekv", 1.5) and parse_policy("mukv") == ("mukv", 1.0)
+    for bad in ("rekv@0", "rekv@-1", "re kv", "rekv@x", ""):
+        with pytest.raises(ConfigError):
+            parse_policy(bad)
+    plans = {p.name: p for p in plan_policies(["mukv", "frame_topk", "frame_topk@1.5", "no_memory"], 196,
+                                              config={"generation": {"max_new_tokens": 7}},
+                                              policy_config={"frame_topk@1.5": {"assembly": {"order": "time"}}})}
+    assert plans["frame_topk@1.5x"].budget == round(1.5 * 8212)
+    assert plans["frame_topk@1.5x"].config.levels[0].top_k == round(1.5 * 8212) // 196
+    assert plans["frame_topk@1.5x"].config.assembly.order == "time"
+    assert plans["frame_topk"].config.assembly.order == "level_score"  # the per-policy fields stay there
+    assert all(p.config.generation.max_new_tokens == 7 for p in plans.values())  # --config reaches every policy
+    assert plans["no_memory"].budget == 0
+    with pytest.raises(ConfigError, match="not run"):
+        plan_policies(["mukv"], 196, policy_config={"rekv": {}})
+    with pytest.raises(ConfigError, match="twice"):
+        plan_policies(["mukv", "mukv@1"], 196)
+
+
+def test_a_scaled_multi_level_policy_reads_its_scaled_budget():
+    from mukv.bench.plans import fit_budget
+
+    cfg = MukvConfig()
+    assert fit_budget(cfg, mukv_budget(cfg, 196), 196) == cfg
+    bigger = fit_budget(cfg, 2 * mukv_budget(cfg, 196), 196)
+    assert [lv.top_k for lv in bigger.levels] == [40, 64, 24]
+
+
+def test_seeds_intervals_budgets_and_provenance(tmp_path, tiny_model, monkeypatch):
+    res, out = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "3", "--seeds", "0", "1",
+                           "--policies", "mukv", "frame_topk", "frame_topk@100", "no_memory",
+                           "--reference", "frame_topk", "--config", '{"generation": {"max_new_tokens": 5}}')
+    s = res["settings"]
+    assert s["seeds"] == [0, 1]
+    assert {r["seed"] for r in res["records"]} == {0, 1}
+    runs = {r["policy"]: r for r in res["runs"]}
+    for r in runs.values():
+        assert r["questions"] == 6 and r["seeds"] == [0, 1]
+        lo, hi = r["accuracy_ci"]
+        assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
+    # every answer's realised tokens are recorded; a policy far off its budget is flagged, the others are not
+    assert all(0 <= rec["retrieved_tokens"] < rec["kv_tokens"] for rec in res["records"])
+    assert all(rec["retrieved_tokens"] % 49 == 0 for rec in res["records"] if rec["policy"] == "frame_topk")
+    assert runs["frame_topk@100x"]["budget_flag"] and runs["frame_topk@100x"]["budget_ratio"] < 0.05
+    for r in runs.values():  # early questions of a 1-minute stream see fewer frames than the budget holds
+        if r["budget"]:
+            assert r["budget_flag"] == (abs(r["budget_ratio"] - 1) > 0.05)
+    assert not runs["no_memory"]["budget_flag"] and runs["no_memory"]["retrieved_tokens"] == 0
+    assert "†" in markdown(res) and "[" in markdown(res)
+    # paired differences from the reference, for every other policy
+    assert {d["policy"] for d in res["differences"]} == {"mukv", "frame_topk@100x", "no_memory"}
+    prov = s["provenance"]
+    assert prov["mukv_version"] and prov["torch"] and prov["transformers"] and prov["device"].startswith("cpu")
+    assert len(prov["model"]["checkpoint_sha256"]) == 64
+    assert "commit" in prov["git"]
+    resolved = s["resolved"]
+    assert resolved["mukv"]["config"]["generation"]["max_new_tokens"] == 5
+    assert MukvConfig.build(resolved["frame_topk"]["config"]).levels[0].keep_ratio == 1.0
+    assert resolved["frame_topk"]["storage_group"] == resolved["no_memory"]["storage_group"]
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_harness_runs_on_the_disk_tier_and_removes_its_stores(tmp_path, tiny_model, monkeypatch):
+    store = tmp_path / "stores"
+    res, _ = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "2", "--policies", "mukv", "frame_topk",
+                         "--backend", "lancedb", "--store-path", str(store),
+                         "--backend-options", '{"hot_bytes": 8388608}')
+    assert res["settings"]["backend"] == "lancedb"
+    assert all(r["ingest_seconds"] > 0 and r["stored_bytes_per_minute"] > 0 for r in res["runs"])
+    assert store.is_dir() and not any(store.iterdir())
+    (store / "other").write_text("x")
+    with pytest.raises(SystemExit, match="must be an empty folder"):
+        run_harness(tmp_path / "again", tiny_model, monkeypatch, "--questions", "2", "--policies", "mukv",
+                    "--backend", "lancedb", "--store-path", str(store))
+
+
+def test_bad_harness_arguments_are_refused_before_any_model_loads():
+    for argv, msg in ((["--policies", "nope"], "unknown policy|nope"), (["--policies", "rekv@0"], "positive"),
+                      (["--config", "{bad"], "invalid JSON"), (["--policy-config", "mukv"], "NAME=JSON"),
+                      (["--seeds", "0", "--seed", "1"], None)):
+        with pytest.raises(SystemExit) as exc:
+            main(["--model", "no-such-model", "--minutes", "1", "--questions", "1", *argv])
+        if msg:
+            import re
+
+            assert re.search(msg, str(exc.value)), exc.value
+
+
+def test_retrieval_is_reported_per_level_of_the_memory():
+    from types import SimpleNamespace as NS
+
+    from mukv.bench.evaluate import evidence_by_level
+
+    q = NS(evidence_start=10, evidence_end=14)
+    blocks = [NS(level="frame", frame_start=11, frame_end=12, tokens=4, layer_share=1.0),
+              NS(level="frame", frame_start=20, frame_end=21, tokens=4, layer_share=1.0),
+              NS(level="segment", frame_start=0, frame_end=4, tokens=8, layer_share=1.0)]
+    assert evidence_by_level(NS(blocks=blocks), q) == {"frame": 0.5, "segment": 0.0}

@@ -1,0 +1,252 @@
+"""Which score finds a question's scene in MuKV's memory? A study over the stored blocks.
+
+The harness measures finding through whole answers; this study isolates it. One
+stream is ingested once into a MuKV memory (the model's levels, the memory
+backend); then, for every question, every stored block seen before the question
+is scored by several functions of the question and the block, and the study
+reports for each level and score how often the best ``k`` blocks reach the
+questioned scene (``reached@k``) and the share of them inside it (``share@k``),
+per depth bucket. Nothing here changes mukv; the scores that win become
+retriever plugins.
+
+Scores (layer ``y``; keys and queries with RoPE removed, heads flattened):
+
+* ``cos_final@y``: cosine of the question's final-token key and the block's mean
+  key (MuKV's query vector and block vector at the last layer);
+* ``cos_mean@y``: the same with the question's keys averaged over its tokens;
+* ``rekv@y``: ReKV's inner product of the question's mean query and the block's mean key;
+* ``maxsim@y``: late interaction over tokens: for each question token, the best
+  cosine between its key and one of the block's kept keys; summed over tokens;
+* ``attn@y``: late interaction by attention: for each question token and query
+  head, the log-sum-exp over the block's kept keys of the attention logits;
+  averaged over heads, summed over tokens;
+* ``..._all``: the same summed over layers (z-scored per layer over the blocks).
+
+Example::
+
+    python benchmarks/finding_study.py --model mukv-tiny --minutes 64 --questions 99 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mukv-tiny")
+    ap.add_argument("--minutes", type=float, default=64.0)
+    ap.add_argument("--questions", type=int, default=99)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=str, default="patch=20,frame=32,segment=4", help="top-k per level")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pool", type=float, nargs="+", default=[3.0],
+                    help="reranker candidates as multiples of k (one row per multiple)")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args(argv)
+
+
+@torch.inference_mode()
+def question_states(model, prefix, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries [Y, Hq, n, D], keys [Y, Hk, n, D])`` of the question after the system prompt, RoPE removed."""
+    from mukv.model import kv_to_cache
+    from mukv.rope import rerotate
+    from mukv.local_window import _Masked
+
+    ids = model.tokenize(model.query_template.format(question=text))
+    n, p = ids.numel(), prefix.length
+    cache = kv_to_cache(prefix.kv, extra=n)
+    pos = torch.arange(p, p + n)
+    qs, ks = [], []
+
+    def hook(module, query, key, value, scaling):
+        qs.append(query[0])
+        ks.append(key[0, :, -n:])
+
+    with _Masked(None, hook):
+        model.language_model(input_ids=ids[None], past_key_values=cache, position_ids=pos[None], use_cache=True)
+    codes, zero = model.text_codes(pos), model.text_codes(torch.zeros_like(pos))
+    q = rerotate(model, torch.stack(qs), codes, zero).float()
+    k = rerotate(model, torch.stack(ks), codes, zero).float()
+    return q, k
+
+
+@torch.inference_mode()
+def answer_attention(model, prefix, text: str, kv: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The answer position's attention over candidate blocks assembled as one context.
+
+    Args:
+        kv: ``[c, Y, 2, Hk, K, D]`` the candidates' KV (keys at ``codes [c, K]``), in the order given.
+
+    Returns:
+        ``[Y, Hq, c]``: per layer and query head, the attention mass the last token of the answer
+        prompt puts on each candidate's tokens.
+    """
+    from mukv.model import kv_to_cache
+    from mukv.rope import rerotate
+    from mukv.local_window import _Masked
+
+    c, y, _, hk, kk, d = kv.shape
+    p = prefix.length
+    body = kv.permute(1, 2, 3, 0, 4, 5).reshape(y, 2, hk, c * kk, d).clone()
+    new, nxt = model.timeline(codes.reshape(-1), torch.arange(c).repeat_interleave(kk), p)
+    body[:, 0] = rerotate(model, body[:, 0], codes.reshape(-1), new)
+    ctx = torch.cat([prefix.kv, body[:, :, None]], dim=4)
+    ids = model.tokenize(model.answer_template.format(question=text))
+    cache = kv_to_cache(ctx, extra=ids.numel())
+    pos = torch.arange(nxt, nxt + ids.numel())
+    got = []
+
+    def hook(module, query, key, value, scaling):
+        qh = query[0, :, -1].float()  # [Hq, D]
+        kf = key[0].float().repeat_interleave(qh.shape[0] // key.shape[1], dim=0)  # [Hq, C, D]
+        w = torch.softmax(torch.einsum("hd,hcd->hc", qh, kf) * (scaling or d**-0.5), dim=-1)
+        got.append(w[:, p : p + c * kk].reshape(qh.shape[0], c, kk).sum(dim=2))
+
+    with _Masked(None, hook):
+        model.language_model(input_ids=ids[None], past_key_values=cache, position_ids=pos[None], use_cache=True)
+    return torch.stack(got)  # [Y, Hq, c]
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores of blocks with kept keys ``keys [N, Y, Hk, K, D]`` (RoPE removed) for a question with
+    queries ``q [Y, Hq, n, D]`` and keys ``k [Y, Hk, n, D]``: name -> ``[N]``."""
+    n_blocks, y, hk, kk, d = keys.shape
+    hq = q.shape[1]
+    out: dict[str, torch.Tensor] = {}
+    mean_key = keys.mean(dim=3)  # [N, Y, Hk, D]
+    layers = {}
+    for layer in range(y):
+        mk = mean_key[:, layer].reshape(n_blocks, -1)  # [N, V]
+        s = {
+            "cos_final": F.cosine_similarity(mk, k[layer, :, -1].reshape(1, -1), dim=-1),
+            "cos_mean": F.cosine_similarity(mk, k[layer].mean(dim=1).reshape(1, -1), dim=-1),
+            "rekv": mk @ q[layer].mean(dim=1).reshape(hk, hq // hk, d).sum(dim=1).reshape(-1),
+        }
+        bk = F.normalize(keys[:, layer].permute(0, 2, 1, 3).reshape(n_blocks, kk, hk * d), dim=-1)  # [N, K, V]
+        qk = F.normalize(k[layer].permute(1, 0, 2).reshape(-1, hk * d), dim=-1)  # [n, V]
+        s["maxsim"] = torch.einsum("nv,bkv->bnk", qk, bk).amax(dim=2).sum(dim=1)
+        exp = keys[:, layer].repeat_interleave(hq // hk, dim=1)  # [N, Hq, K, D]
+        logits = torch.einsum("hnd,bhkd->bhnk", q[layer], exp) / d**0.5
+        s["attn"] = logits.logsumexp(dim=3).mean(dim=1).sum(dim=1)
+        for name, v in s.items():
+            out[f"{name}@{layer}"] = v
+            layers.setdefault(name, []).append(zscore(v))
+    for name, parts in layers.items():
+        out[f"{name}_all"] = torch.stack(parts).sum(dim=0)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import mukv
+    from mukv.bench import Benchmark
+    from mukv.bench.questions import _depth_bucket
+    from mukv.rope import rerotate
+    from mukv.session import load_model
+
+    model = load_model(args.model, torch.device("cpu"), None)
+    bench = Benchmark.generate(seed=args.seed, minutes=args.minutes, questions=args.questions)
+    stream = bench.stream
+    tops = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.k.split(",")}
+    with mukv.Session(model=model, policy="mukv") as s:
+        for i in range(0, stream.num_frames, 256):
+            s.feed(stream.frames(i, min(stream.num_frames, i + 256)))
+        levels = {}
+        for lp in s.levels:
+            name = lp.level.name
+            st = s.backend._levels[name]
+            n = st.n
+            kv, pos = st.kv[:n], st.positions[:n]
+            y, hk, kk, d = kv.shape[1], kv.shape[3], kv.shape[4], kv.shape[5]
+            keys = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(y, hk, n * kk, d)
+            codes = pos.reshape(-1)
+            raw = rerotate(model, keys, codes, model.text_codes(torch.zeros_like(codes)))
+            levels[name] = (raw.reshape(y, hk, n, kk, d).permute(2, 0, 1, 3, 4).float(),
+                            st.meta["frame_start"][:n], st.meta["frame_end"][:n])
+        prefix = s.prefix
+        stored = {lp.level.name: (s.backend._levels[lp.level.name].kv, s.backend._levels[lp.level.name].positions)
+                  for lp in s.levels}
+    stats: dict[tuple, list] = {}
+    last = model.layout.num_layers - 1
+    for q in bench.questions:
+        qq, qk = question_states(model, prefix, q.text)
+        depth = _depth_bucket(q.depth_s)
+        ranked = {}
+        for name, (keys, fs, fe) in levels.items():
+            seen = fe <= q.ask_frame + 1
+            idx = seen.nonzero().reshape(-1)
+            if idx.numel() == 0:
+                continue
+            kk = min(tops.get(name, 8), idx.numel())
+            inside = (fs[idx] < q.evidence_end) & (fe[idx] > q.evidence_start)
+            scores = block_scores(qq, qk, keys[idx])
+            ranked[name] = (idx, scores[f"cos_final@{last}"], inside, kk)
+            for score, v in scores.items():
+                top = v.topk(kk).indices
+                hit = inside[top]
+                for key in ((name, score, "all"), (name, score, depth)):
+                    stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+        # fusion: a block also scores by the reciprocal ranks of the finer blocks inside its frames
+        for name, (idx, v, inside, kk) in ranked.items():
+            fs, fe = levels[name][1][idx], levels[name][2][idx]
+            fused = 1.0 / (60 + v.argsort(descending=True).argsort().float())
+            for other, (oidx, ov, _, _) in ranked.items():
+                if other == name:
+                    continue
+                ofs, ofe = levels[other][1][oidx], levels[other][2][oidx]
+                orr = 1.0 / (60 + ov.argsort(descending=True).argsort().float())  # [M]
+                within = (ofs[None] >= fs[:, None]) & (ofe[None] <= fe[:, None])  # [N, M]: finer blocks inside
+                fused = fused + (within.float() * orr[None]).amax(dim=1)
+            hit = inside[fused.topk(kk).indices]
+            for key in ((name, "fusion", "all"), (name, "fusion", depth)):
+                stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+            # the model as its own reranker: the top 3k candidates by the trained score, assembled in
+            # time order, ranked by the attention the answer position gives each
+            for pool in args.pool:
+                cand = v.topk(min(v.numel(), int(pool * kk))).indices.sort().values
+                kv, codes = stored[name]
+                att = answer_attention(model, prefix, q.text, kv[idx[cand]], codes[idx[cand]])  # [Y, Hq, c]
+                variants = {"rerank_all": att.mean(dim=(0, 1))}
+                for yy in range(att.shape[0]):
+                    variants[f"rerank@{yy}"] = att[yy].mean(dim=0)
+                    variants[f"rerank@{yy}h01"] = att[yy, :2].mean(dim=0)
+                variants["pool"] = torch.ones(cand.numel())  # reached by the pool itself (any of it)
+                for vname, sc in variants.items():
+                    top = cand if vname == "pool" else cand[sc.topk(min(kk, cand.numel())).indices]
+                    hit = inside[top]
+                    for key in ((name, f"{vname}x{pool:g}", "all"), (name, f"{vname}x{pool:g}", depth)):
+                        stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+            chance = float(inside.float().mean())
+            for key in ((name, "chance", "all"), (name, "chance", depth)):
+                stats.setdefault(key, []).append((1 - (1 - chance) ** kk, chance))
+    table = {f"{lv}|{sc}|{dp}": {"reached": sum(a for a, _ in v) / len(v), "share": sum(b for _, b in v) / len(v),
+                                 "n": len(v)} for (lv, sc, dp), v in stats.items()}
+    print(f"model {args.model}, {args.minutes:g} min, seed {args.seed}, {len(bench.questions)} questions; "
+          f"reached@k / share@k over all depths (k: {tops})")
+    depths = sorted({key.split("|")[2] for key in table} - {"all"})
+    for lv in levels:
+        rows = sorted(((sc, t) for key, t in table.items() for l2, sc, dp in [key.split("|")] if l2 == lv and dp == "all"),
+                      key=lambda r: -r[1]["reached"])
+        print(f"\n{lv}: score, reached@k and share@k (all depths), reached@k per depth {depths}")
+        for sc, t in rows:
+            per = " ".join(f"{table.get(f'{lv}|{sc}|{d}', {}).get('reached', float('nan')):.2f}" for d in depths)
+            print(f"  {sc:<18} reached {t['reached']:.3f}  share {t['share']:.3f}   {per}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
