@@ -349,9 +349,9 @@ class IngestScheduler:
             self._busy = True
             self._answered = 0
         try:
-            t0 = time.perf_counter()
+            t0 = float(self.clock())
             results, stats = self.batcher.run(items)
-            self.policy.observe(stats.frames, time.perf_counter() - t0)
+            self.policy.observe(stats.frames, float(self.clock()) - t0)  # the batch time, on the scheduler's clock
         finally:
             with self._cv:
                 self._busy = False
