@@ -30,6 +30,8 @@ __all__ = [
     "hookimpl",
     "Session",
     "Client",
+    "IngestScheduler",
+    "SchedulerConfig",
     "MukvConfig",
     "LevelConfig",
     "register_plugin",
@@ -52,6 +54,10 @@ def __getattr__(name: str):
         from .session import Session
 
         return Session
+    if name in ("IngestScheduler", "SchedulerConfig"):
+        from . import scheduler
+
+        return getattr(scheduler, name)
     if name == "Client":  # needs httpx: pip install 'mukv[serve]'
         from .client import Client
 

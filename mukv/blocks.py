@@ -133,6 +133,16 @@ class CompressedBlocks:
     def __len__(self) -> int:
         return self.kv.shape[0]
 
+    def rows(self, start: int, end: int, level: str | None = None) -> "CompressedBlocks":
+        """Blocks ``start .. end - 1`` of the batch (views), optionally under another level name: how a
+        batch gathered from several streams is split back per stream."""
+        return CompressedBlocks(
+            level=self.level if level is None else level,
+            **{f: getattr(self, f)[start:end] for f in ("kv", "vectors", "kept", "positions", "frame_start",
+                                                         "frame_end", "t_start", "t_end", "token_index")},
+            layer_keys=None if self.layer_keys is None else self.layer_keys[start:end],
+        )
+
 
 @dataclass
 class EncodedKV:

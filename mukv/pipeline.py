@@ -16,6 +16,12 @@ and, when a stored stream is reopened, is read back from the store (levels that
 keep every token). A level with ``layer_keys`` also stores each block's
 per-layer mean key (RoPE removed) for per-layer retrieval.
 
+The three steps of a level are functions of a batch of blocks (:class:`WindowRows` in,
+:func:`prefill_rows`, :func:`compress_blocks`), so that one batch may gather the windows of
+several streams (:mod:`mukv.batching`) and split the compressed blocks back per stream: a
+block's KV, scores and kept tokens depend on its own tokens only, never on its batch. A
+windowed level depends on its stream's window, so it is never batched across streams.
+
 Bookkeeping (cursors, times) stays here; byte movement is in the backend.
 """
 
@@ -25,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -67,6 +73,117 @@ class LevelPipeline:
     @property
     def needs_attention(self) -> bool:
         return self.kept < self.block_len and getattr(self.scorer, "needs_attention", False)
+
+
+@dataclass
+class WindowRows:
+    """The blocks of whole windows of one level, cut from a stream's encoded frames: the input
+    of one batched prefill. Rows of several streams concatenate (:meth:`cat`).
+
+    Attributes:
+        embeds: ``[B, L, E]`` input embeddings of each block's tokens.
+        token_index: ``[B, L]`` each token's index in its window (frame-major).
+        frame_start: ``[B]`` the stream's index of each block's first frame (int64).
+        t_start: ``[B]`` stream time of each block's first frame (float64).
+        t_end: ``[B]`` stream time of each block's last frame (float64).
+    """
+
+    embeds: torch.Tensor
+    token_index: torch.Tensor
+    frame_start: torch.Tensor
+    t_start: torch.Tensor
+    t_end: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @staticmethod
+    def cat(parts: "list[WindowRows]") -> "WindowRows":
+        """The rows of ``parts`` one after the other (a single part is returned as it is)."""
+        if len(parts) == 1:
+            return parts[0]
+        return WindowRows(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("embeds", "token_index", "frame_start", "t_start", "t_end")))
+
+
+def prefill_rows(model: HFVideoLLM, prefix: PrefixKV, lp: LevelPipeline, rows: WindowRows) -> PrefilledBlocks:
+    """One batched prefill of ``rows`` (blocks of level ``lp``) after the system prompt ``prefix``:
+    every block attends to the prompt and causally to itself only, so a block's KV and column
+    sums do not depend on the other rows of the batch."""
+    kv, attention, positions = model.prefill_blocks(prefix, rows.embeds, attention=lp.needs_attention,
+                                                    token_index=rows.token_index)
+    b = len(rows)
+    frames = lp.level.frames
+    return PrefilledBlocks(
+        level=lp.level, kv=kv, attention=attention, token_index=rows.token_index,
+        frame_start=rows.frame_start, frame_end=rows.frame_start + frames,
+        positions=positions.expand(b, -1), grid=model.grid,
+    )
+
+
+@contextmanager
+def _no_stage(name: str) -> Iterator[None]:
+    yield
+
+
+def compress_blocks(lp: LevelPipeline, blocks: PrefilledBlocks, t_start: torch.Tensor, t_end: torch.Tensor,
+                    stage: Callable[[str], Any] = _no_stage, model: HFVideoLLM | None = None) -> CompressedBlocks:
+    """Score and compress prefilled blocks of level ``lp``: ``[B, L]`` scores, ``[B, K]`` kept tokens,
+    the KV gathered into the stored layout ``[B, Y, 2, H, K, D]`` and ``[B, V]`` vectors. Every step
+    is per block (a scorer scores a block from its own KV and attention).
+
+    Args:
+        t_start, t_end: ``[B]`` stream times of each block's first and last frame (float64).
+        stage: a context manager factory timing the "score" and "compress" stages.
+        model: the model (needed by a level with ``layer_keys``: each block's per-layer mean keys
+            without RoPE).
+
+    Raises:
+        RuntimeError: a scorer or compressor returned the wrong shape.
+    """
+    b, length = blocks.num_blocks, blocks.block_len
+    device = blocks.kv.device
+    with stage("score"):
+        if lp.kept >= length:
+            kept = torch.arange(length, device=device).expand(b, -1)
+            scores = None
+        else:
+            scores = lp.scorer.score(blocks)
+            if scores.shape != (b, length):
+                raise RuntimeError(
+                    f"scorer for level {lp.level.name!r} returned shape {tuple(scores.shape)}; expected {(b, length)}"
+                )
+    with stage("compress"):
+        if scores is not None:
+            kept = lp.compressor.select(blocks, scores.to(device))
+            if kept.shape != (b, lp.kept):
+                raise RuntimeError(
+                    f"compressor returned shape {tuple(kept.shape)} for level {lp.level.name!r}; "
+                    f"expected {(b, lp.kept)}"
+                )
+        kept = kept.to(device)
+        y, _, _, h, _, d = blocks.kv.shape
+        # one gather over every layer, straight into the stored layout:
+        # [Y, 2, B, H, L, D] viewed as [B, Y, 2, H, L, D] -> [B, Y, 2, H, K, D], contiguous
+        idx = kept[:, None, None, None, :, None].expand(b, y, 2, h, lp.kept, d)
+        kv = torch.gather(blocks.kv.permute(2, 0, 1, 3, 4, 5), 4, idx)
+        last_keys = kv[:, -1, 0]  # [B, H, K, D]
+        vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
+    positions = blocks.positions.to(device).gather(1, kept)
+    layer_keys = None
+    if lp.level.layer_keys:
+        if model is None:
+            raise RuntimeError(f"level {lp.level.name!r} stores per-layer keys: compress_blocks needs the model")
+        from .local_window import unrotated_mean_keys
+
+        layer_keys = unrotated_mean_keys(model, kv, positions)
+    return CompressedBlocks(
+        level=lp.level.name, kv=kv, vectors=vectors, kept=kept, positions=positions,
+        frame_start=blocks.frame_start, frame_end=blocks.frame_end,
+        t_start=t_start, t_end=t_end,
+        token_index=blocks.token_index.to(device).gather(1, kept),
+        layer_keys=layer_keys,
+    )
 
 
 class Ingestor:
@@ -114,7 +231,7 @@ class Ingestor:
             for name in self.cursor:
                 if name not in (cursors or {}):
                     self.cursor[name] = self._pending_start
-            self._trim()
+            self.trim()
         self.on_stored: Callable[[CompressedBlocks], None] | None = None
         #: Set to a dict to time the stages ("prefill", "score", "compress",
         #: "store") in seconds, summed over calls. Each timed stage ends with a
@@ -139,17 +256,35 @@ class Ingestor:
     def add_frames(self, embeds: torch.Tensor, times: torch.Tensor) -> int:
         """Append encoded frames ``[n, T, E]`` with their times ``[n]`` and store
         every block they complete. Returns the number of blocks stored."""
+        self.append(embeds, times)
+        stored = 0
+        for lp in self.levels:
+            stored += self.run_level(lp)
+        self.trim()
+        return stored
+
+    def append(self, embeds: torch.Tensor, times: torch.Tensor) -> None:
+        """Append encoded frames ``[n, T, E]`` with their times ``[n]`` (no block is made yet:
+        :meth:`ready_windows`, :meth:`window_rows` and :meth:`store` do that, then :meth:`trim`)."""
         if self._pending is None:
             self._pending = embeds
         else:
             self._pending = torch.cat([self._pending, embeds])
         self._times = torch.cat([self._times, times.to(torch.float64)])
         self.frames_seen += embeds.shape[0]
-        stored = 0
-        for lp in self.levels:
-            stored += self._run_level(lp)
-        self._trim()
-        return stored
+
+    def ready_windows(self, lp: LevelPipeline) -> int:
+        """Whole windows of level ``lp`` its pending frames complete (from its cursor on)."""
+        return max(0, (self.frames_seen - self.cursor[lp.level.name]) // lp.level.frames)
+
+    def store(self, lp: LevelPipeline, blocks: CompressedBlocks, windows: int) -> None:
+        """Add the compressed blocks of the next ``windows`` windows of level ``lp`` to the backend
+        (inside the stream's transaction) and move the level's cursor past them."""
+        with self._stage("store"):
+            self.backend.add(blocks)
+        if self.on_stored is not None:
+            self.on_stored(blocks)
+        self.cursor[lp.level.name] += windows * lp.level.frames
 
     # -- transactions ------------------------------------------------------------------
     def snapshot(self) -> tuple:
@@ -185,7 +320,8 @@ class Ingestor:
     def last_time(self) -> float | None:
         return float(self._times[-1]) if self._times.numel() else None
 
-    def _trim(self) -> None:
+    def trim(self) -> None:
+        """Forget the encoded frames every level has consumed (keeping the newest frame's time)."""
         low = min(self.cursor.values())
         drop = low - self._pending_start
         if drop > 0 and self._pending is not None:
@@ -198,9 +334,11 @@ class Ingestor:
             self._times = self._times[tdrop:]
             self._times_start = keep_from
 
-    def _run_level(self, lp: LevelPipeline) -> int:
-        name, frames = lp.level.name, lp.level.frames
-        windows = (self.frames_seen - self.cursor[name]) // frames
+    def run_level(self, lp: LevelPipeline) -> int:
+        """Prefill, compress and store every whole window of level ``lp`` its pending frames complete,
+        this stream alone (in batches of ``prefill_batch_tokens``; a windowed level one window per
+        forward). Returns the number of blocks stored."""
+        windows = self.ready_windows(lp)
         if windows <= 0:
             return 0
         per_window = lp.split.shape[0]
@@ -209,19 +347,15 @@ class Ingestor:
         stored = 0
         done = 0
         while done < windows:
-            first = self.cursor[name]
             # a windowed level: one window per forward, so that every block is laid out the same way
             # (system prompt, its window, itself) however the frames were fed
             nw = 1 if lp.level.local_window else min(wb, windows - done)
             done += nw
+            rows = self.window_rows(lp, self.cursor[lp.level.name], nw)
             with self._stage("prefill"):
-                blocks = self._prefill(lp, first, nw)
-            compressed = self._compress(lp, blocks)
-            with self._stage("store"):
-                self.backend.add(compressed)
-            if self.on_stored is not None:
-                self.on_stored(compressed)
-            self.cursor[name] = first + nw * frames
+                blocks = self._prefill(lp, rows)
+            compressed = compress_blocks(lp, blocks, rows.t_start, rows.t_end, self._stage, self.model)
+            self.store(lp, compressed, nw)
             stored += len(compressed)
         return stored
 
@@ -244,7 +378,22 @@ class Ingestor:
         self._window[name] = enc
         return enc
 
-    def _prefill(self, lp: LevelPipeline, first: int, nw: int) -> PrefilledBlocks:
+    def _prefill(self, lp: LevelPipeline, rows: WindowRows) -> PrefilledBlocks:
+        """:func:`prefill_rows`, or for a windowed level its encoder (each block after its window)."""
+        if not lp.level.local_window:
+            return prefill_rows(self.model, self.prefix, lp, rows)
+        kv, attention, positions = self._window_of(lp).encode(rows.embeds, rows.token_index,
+                                                              attention=lp.needs_attention)
+        b = len(rows)
+        return PrefilledBlocks(
+            level=lp.level, kv=kv, attention=attention, token_index=rows.token_index,
+            frame_start=rows.frame_start, frame_end=rows.frame_start + lp.level.frames,
+            positions=positions.expand(b, -1), grid=self.model.grid,
+        )
+
+    def window_rows(self, lp: LevelPipeline, first: int, nw: int) -> WindowRows:
+        """The blocks of ``nw`` windows of level ``lp`` from frame ``first`` on (pending frames), cut
+        by the level's split: ``B = nw * blocks per window`` rows."""
         frames, tpf = lp.level.frames, self.model.tokens_per_frame
         off = first - self._pending_start
         window_tokens = self._pending[off : off + nw * frames].reshape(nw, frames * tpf, -1)  # [nw, F*T, E]
@@ -255,64 +404,8 @@ class Ingestor:
         else:
             embeds = window_tokens[:, split].reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]
         token_index = split.repeat(nw, 1)  # [B, L]
-        if lp.level.local_window:
-            kv, attention, positions = self._window_of(lp).encode(embeds, token_index, attention=lp.needs_attention)
-        else:
-            kv, attention, positions = self.model.prefill_blocks(self.prefix, embeds, attention=lp.needs_attention,
-                                                                 token_index=token_index)
         start = torch.arange(nw).repeat_interleave(per_window) * frames + first
-        b = embeds.shape[0]
-        return PrefilledBlocks(
-            level=lp.level, kv=kv, attention=attention,
-            token_index=token_index, frame_start=start, frame_end=start + frames,
-            positions=positions.expand(b, -1), grid=self.model.grid,
-        )
-
-    def _compress(self, lp: LevelPipeline, blocks: PrefilledBlocks) -> CompressedBlocks:
-        b, length = blocks.num_blocks, blocks.block_len
-        device = blocks.kv.device
-        with self._stage("score"):
-            if lp.kept >= length:
-                kept = torch.arange(length, device=device).expand(b, -1)
-                scores = None
-            else:
-                scores = lp.scorer.score(blocks)
-                if scores.shape != (b, length):
-                    raise RuntimeError(
-                        f"scorer for level {lp.level.name!r} returned shape {tuple(scores.shape)}; expected {(b, length)}"
-                    )
-        with self._stage("compress"):
-            if scores is not None:
-                kept = lp.compressor.select(blocks, scores.to(device))
-                if kept.shape != (b, lp.kept):
-                    raise RuntimeError(
-                        f"compressor returned shape {tuple(kept.shape)} for level {lp.level.name!r}; "
-                        f"expected {(b, lp.kept)}"
-                    )
-            kept = kept.to(device)
-            y, _, _, h, _, d = blocks.kv.shape
-            # one gather over every layer, straight into the stored layout:
-            # [Y, 2, B, H, L, D] viewed as [B, Y, 2, H, L, D] -> [B, Y, 2, H, K, D], contiguous
-            idx = kept[:, None, None, None, :, None].expand(b, y, 2, h, lp.kept, d)
-            kv = torch.gather(blocks.kv.permute(2, 0, 1, 3, 4, 5), 4, idx)
-            last_keys = kv[:, -1, 0]  # [B, H, K, D]
-            vectors = last_keys.float().mean(dim=2).reshape(b, h * d)  # mean over kept tokens, flattened over heads
-        frame_start = blocks.frame_start
-        frame_end = blocks.frame_end
-        positions = blocks.positions.to(device).gather(1, kept)
-        layer_keys = None
-        if lp.level.layer_keys:
-            from .local_window import unrotated_mean_keys
-
-            layer_keys = unrotated_mean_keys(self.model, kv, positions)
-        return CompressedBlocks(
-            level=lp.level.name, kv=kv, vectors=vectors, kept=kept,
-            positions=positions,
-            frame_start=frame_start, frame_end=frame_end,
-            t_start=self.time_of(frame_start), t_end=self.time_of(frame_end - 1),
-            token_index=blocks.token_index.to(device).gather(1, kept),
-            layer_keys=layer_keys,
-        )
+        return WindowRows(embeds, token_index, start, self.time_of(start), self.time_of(start + frames - 1))
 
 
 def _sync(device: torch.device) -> None:

@@ -580,11 +580,13 @@ class Session:
                 stored += self._feed_batch(self._checked(chunk, resize), None)
             return stored
 
-    def _checked(self, frames: Any, resize: bool | None, copy: bool = True) -> torch.Tensor:
-        """Validated frames of the stream's size (resized if asked), as a private copy."""
+    def _checked(self, frames: Any, resize: bool | None, copy: bool = True,
+                 want: tuple[int, int] | None = None) -> torch.Tensor:
+        """Validated frames of the stream's size (or ``want``, the size of frames queued before these;
+        resized if asked), as a private copy."""
         t = as_frames(frames)
         hw = (int(t.shape[1]), int(t.shape[2]))
-        want = self._stream.frame_hw
+        want = self._stream.frame_hw or want
         if want is not None and hw != want:
             if not (self.resize if resize is None else resize):
                 raise InputError(
@@ -593,11 +595,13 @@ class Session:
             return resize_frames(t, want)
         return t.clone() if copy else t
 
-    def _stream_times(self, timestamps: Any, n: int) -> tuple[torch.Tensor, float | None]:
+    def _stream_times(self, timestamps: Any, n: int, after: "tuple[float | None, float | None, int] | None" = None
+                      ) -> tuple[torch.Tensor, float | None]:
         """Validated stream times of ``n`` frames, and a wall-clock origin to set (a new stream given
-        wall-clock timestamps), else ``None``."""
+        wall-clock timestamps), else ``None``. ``after``: ``(last time, wall-clock origin, frames)`` of
+        the stream as frames queued but not fed yet leave it (default: as it is now)."""
         st = self._stream
-        last = st.last_time
+        last, wall_origin, seen = (st.last_time, st.wall_origin, st.frames_seen) if after is None else after
         if timestamps is None:
             step = 1.0 / self.config.stream.fps
             base = -step if last is None else last
@@ -610,13 +614,13 @@ class Session:
         origin = None
         if is_wall_clock(timestamps):
             unix = unix_array(timestamps)
-            if st.wall_origin is None:
-                if st.frames_seen > 0:
+            if wall_origin is None:
+                if seen > 0:
                     raise InputError("wall-clock timestamps given to a stream that counts stream seconds (it has no "
                                      "wall-clock origin): give stream seconds, or start a new stream")
                 if unix.size and math.isfinite(float(unix[0])):
                     origin = float(unix[0])
-            values = unix - (origin if origin is not None else st.wall_origin)
+            values = unix - (origin if origin is not None else wall_origin)
         else:
             values = timestamps
         ts = as_timestamps(values, n, last)

@@ -127,23 +127,18 @@ class Stream:
         """All or nothing: the body adds blocks and changes fields; on leaving, the state values and
         files (the yielded dict's ``"files"``) are committed with them. An exception (KeyboardInterrupt
         included) rolls the blocks back and restores every field, then propagates."""
-        self.check_writable()
-        snap = self._snapshot()
-        extra: dict[str, Any] = {"files": {}}
+        tx = self.begin()
         try:
-            yield extra
-            with deferred():  # a signal arriving here waits until the commit has been handed over
-                values, files = self._values(extra["files"])
-                self.backend.commit(values, files)
+            yield tx.extra
         except BaseException:
-            with deferred():
-                self._restore(snap)
-                try:
-                    self.backend.rollback()
-                except BaseException as exc:  # noqa: BLE001 - the stream is unusable, say why on every call
-                    self.broken = (f"a failed feed could not be rolled back ({exc}); what was committed before "
-                                   "is intact: reopen the stream to continue")
+            tx.rollback()
             raise
+        tx.commit()
+
+    def begin(self) -> "Transaction":
+        """Open a transaction by hand (:meth:`transaction` is the usual way): what a batch over
+        several streams uses, one transaction per stream, each committed or rolled back on its own."""
+        return Transaction(self)
 
     def _values(self, files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
         ing = self.ingestor
@@ -204,25 +199,37 @@ class Stream:
             source: the source record to create or update with this chunk (``None``: a plain feed).
             wall_origin: the wall-clock origin a new stream takes from these frames' timestamps.
         """
-        n = int(frames.shape[0])
         with self.transaction() as tx:
-            if wall_origin is not None:  # a new stream fed wall-clock times: part of its contract from now on
-                self.contract = {**self.contract, "wall_origin": wall_origin}
+            self.start_feed(wall_origin)
             embeds = encode(frames)
             first = self.ingestor.frames_seen
             stored = self.ingestor.add_frames(embeds, times)
-            self.last_time = float(times[-1])
-            if self.first_time is None:
-                self.first_time = float(times[0])
-            if self.frame_hw is None:
-                self.frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
-                self.contract = {**self.contract, "frame_size": list(self.frame_hw)}
-            self._note_source(source, first, n, times)
-            if thumbnails and self.thumbnails:
-                arr = frames.numpy()
-                for i in range(n):
-                    tx["files"][f"thumbs/{first + i:09d}.jpg"] = thumbnail_jpeg(arr[i], self.thumbnails)
+            self.end_feed(tx["files"], frames, times, first, source, thumbnails)
             return stored
+
+    def start_feed(self, wall_origin: float | None) -> None:
+        """The first step of a feed, inside its transaction: a new stream fed wall-clock times takes
+        its wall-clock origin from them (part of its contract from now on)."""
+        if wall_origin is not None and self.wall_origin is None:
+            self.contract = {**self.contract, "wall_origin": wall_origin}
+
+    def end_feed(self, files: dict[str, bytes], frames: torch.Tensor, times: torch.Tensor, first: int,
+                 source: dict[str, Any] | None = None, thumbnails: bool = True) -> None:
+        """The last step of a feed, inside its transaction, once its blocks are added: the stream's
+        times, frame size, source record and thumbnails (into ``files``) follow the frames
+        ``first .. first + n - 1`` fed."""
+        n = int(frames.shape[0])
+        self.last_time = float(times[-1])
+        if self.first_time is None:
+            self.first_time = float(times[0])
+        if self.frame_hw is None:
+            self.frame_hw = (int(frames.shape[1]), int(frames.shape[2]))
+            self.contract = {**self.contract, "frame_size": list(self.frame_hw)}
+        self._note_source(source, first, n, times)
+        if thumbnails and self.thumbnails:
+            arr = frames.numpy()
+            for i in range(n):
+                files[f"thumbs/{first + i:09d}.jpg"] = thumbnail_jpeg(arr[i], self.thumbnails)
 
     def _note_source(self, source: dict[str, Any] | None, first: int, n: int, times: torch.Tensor) -> None:
         end = first + n
@@ -286,6 +293,58 @@ class Stream:
             if len(self.gaps) > MAX_GAPS:  # merge the two oldest
                 a, b = self.gaps[0], self.gaps[1]
                 self.gaps[:2] = [{**a, "t_end": b["t_end"], "frames": a["frames"] + b["frames"]}]
+
+
+class Transaction:
+    """One stream's transaction (see :meth:`Stream.transaction`): opened with :meth:`Stream.begin`,
+    ended by exactly one of :meth:`commit` or :meth:`rollback` (a second call does nothing).
+
+    Attributes:
+        extra: ``{"files": {...}}``: small files to commit with the state values.
+        error: set by whoever decides this transaction must not commit (it is rolled back instead).
+    """
+
+    def __init__(self, stream: Stream):
+        stream.check_writable()
+        self.stream = stream
+        self.extra: dict[str, Any] = {"files": {}}
+        self.error: BaseException | None = None
+        self.done = False
+        self._snap = stream._snapshot()
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return self.extra["files"]
+
+    def commit(self) -> None:
+        """Commit the blocks added since :meth:`Stream.begin` with the stream's state values and files;
+        if that fails (or :attr:`error` is set) everything is rolled back and the error raised."""
+        if self.done:
+            return
+        try:
+            if self.error is not None:
+                raise self.error
+            with deferred():  # a signal arriving here waits until the commit has been handed over
+                values, files = self.stream._values(self.files)
+                self.stream.backend.commit(values, files)
+        except BaseException:
+            self.rollback()
+            raise
+        self.done = True
+
+    def rollback(self) -> None:
+        """Forget the blocks added since :meth:`Stream.begin` and restore every field of the stream."""
+        if self.done:
+            return
+        self.done = True
+        st = self.stream
+        with deferred():
+            st._restore(self._snap)
+            try:
+                st.backend.rollback()
+            except BaseException as exc:  # noqa: BLE001 - the stream is unusable, say why on every call
+                st.broken = (f"a failed feed could not be rolled back ({exc}); what was committed before "
+                             "is intact: reopen the stream to continue")
 
 
 def load_pending(backend: Any, values: StreamValues, tokens_per_frame: int, hidden: int

@@ -7,8 +7,9 @@ import argparse
 SERVE_DESCRIPTION = """\
 Serve a store over HTTP: one model, every stream of the store, an HTTP API (OpenAPI at /docs)
 and a web page at /. Frames pushed to a stream (or pulled from a file, folder or camera/URL
-given when the stream is created through the API) are ingested in the background; questions
-are answered between ingest steps. A stream that cannot keep up drops frames older than --max-lag
+given when the stream is created through the API) are ingested in the background, the frames of
+many streams in one batch (one vision-tower batch and one prefill per level for all of them);
+questions are answered between ingest steps. A stream that cannot keep up drops frames older than --max-lag
 and records them as gaps. SIGINT/SIGTERM stop every stream cleanly; the next start resumes them.
 
 Binds 127.0.0.1 unless told otherwise; any other address needs a bearer token (--token or
@@ -37,6 +38,11 @@ def add_parser(sub) -> None:
                                                                     "before it is dropped (default: 10)")
     p.add_argument("--max-queue-bytes", type=int, help="bytes of waiting frames per stream (default: 64 MiB)")
     p.add_argument("--max-batch-frames", type=int, help="frames of a stream per ingest step (default: 16)")
+    p.add_argument("--batch-frames", type=int, metavar="N",
+                   help="frames of all streams in one ingest step; a step this full runs at once (default: 256)")
+    p.add_argument("--latency-target", type=float, metavar="SECONDS",
+                   help="seconds from a frame's arrival to its blocks being searchable the engine aims at; at "
+                        "most half of --max-lag is used (default: 5)")
     p.add_argument("--questions-per-step", type=int, metavar="N",
                    help="questions answered in a row while frames wait, before one ingest step (default: 4)")
     p.add_argument("--max-upload-bytes", type=int, help="largest request body (default: 64 MiB)")
@@ -62,6 +68,7 @@ def build_config(args: argparse.Namespace):
               "backend_options": _parse_config(args.backend_options, "--backend-options") or {}}
     for flag, field in (("max_lag", "max_lag_s"), ("max_queue_bytes", "max_queue_bytes"),
                         ("max_batch_frames", "max_batch_frames"), ("max_upload_bytes", "max_upload_bytes"),
+                        ("batch_frames", "batch_frames"), ("latency_target", "latency_target_s"),
                         ("questions_per_step", "questions_per_step"),
                         ("max_frame_pixels", "max_frame_pixels"), ("thumbnails", "thumbnails"),
                         ("drain", "drain_s"), ("refresh", "refresh_s")):

@@ -91,6 +91,14 @@ def feed(session: Any, frames: np.ndarray, timestamps: np.ndarray | None, thumbn
     return session.feed(frames, timestamps=timestamps)
 
 
+def feed_item(session: Any, frames: np.ndarray, timestamps: np.ndarray | None) -> Any:
+    """``uint8 [n, H, W, 3]`` frames of a stream validated (as :func:`feed` would) for a batch over
+    several streams (:class:`mukv.batching.FeedItem`; thumbnails kept when the stream keeps them)."""
+    from ..batching import FeedItem
+
+    return FeedItem.of(session, frames, timestamps)
+
+
 def record_gap(session: Any, t_start: float, t_end: float, frames: int) -> None:
     """Record dropped frames in the stream (committed at once)."""
     session.record_gap(t_start, t_end, frames)

@@ -72,8 +72,18 @@ class ServeConfig(BaseModel):
     (recorded as a gap)."""
 
     max_batch_frames: int = Field(default=16, ge=1, le=4096)
-    """Frames of one stream ingested in one step of the engine loop (questions are answered
-    between steps, so smaller steps answer sooner under load)."""
+    """Frames of one stream in one ingest step of the engine loop (a step batches the frames of many
+    streams; this keeps one stream with a backlog from filling it)."""
+
+    batch_frames: int = Field(default=256, ge=1, le=65536)
+    """Frames of all streams in one ingest step: a step this full runs at once. Questions are answered
+    between steps, so smaller steps answer sooner under load; larger ones use the GPU better."""
+
+    latency_target_s: float = Field(default=5.0, gt=0.0, le=86400.0)
+    """Seconds from a frame's arrival to its blocks being searchable that the engine aims at: a step
+    that is not full runs when its oldest frame would otherwise miss this (by the step time measured
+    on the steps before). At most half of ``max_lag_s`` is used (frames waiting longer than ``max_lag_s``
+    are dropped)."""
 
     questions_per_step: int = Field(default=4, ge=1, le=1024)
     """Questions answered in a row, at most, while frames wait: then one ingest step runs. Questions
@@ -107,6 +117,14 @@ class ServeConfig(BaseModel):
     refresh_s: float = Field(default=2.0, gt=0.0, le=3600.0)
     """Seconds between looks at the store: streams other servers write are refreshed, new
     streams are found, and expired leases of dead servers are taken over."""
+
+    def scheduler_config(self) -> Any:
+        """The batching configuration of the engine's ingest steps (:class:`mukv.scheduler.SchedulerConfig`)."""
+        from ..scheduler import SchedulerConfig
+
+        target = min(self.latency_target_s, self.max_lag_s / 2)
+        return SchedulerConfig(latency_target_s=target, max_batch_frames=self.batch_frames,
+                               max_stream_frames=self.max_batch_frames)
 
     @model_validator(mode="after")
     def _token_for_public_address(self) -> "ServeConfig":

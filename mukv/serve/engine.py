@@ -8,7 +8,9 @@ own :class:`~mukv.serve.queues.FrameQueue`) and jobs (:meth:`Engine.submit_ask`,
         a waiting question?            -> answer it        (questions first; after
                                           questions_per_step in a row, one ingest step)
         a waiting control job?         -> run it           (open, create, delete a stream)
-        frames waiting in any queue?   -> one ingest step  (IngestScheduler: plan, run)
+        a batch of frames due?         -> one ingest step  (IngestScheduler: plan, run): the frames
+                                          of many streams in one batch, due when full or when the
+                                          oldest waiting frame would miss the latency target
         time to look at the store?     -> refresh readers, find new streams, take over
                                           streams whose writer died, record idle gaps
         else                           -> sleep until something is queued
@@ -73,7 +75,7 @@ class Engine:
         self.model = model
         self.model_name: str | None = getattr(model, "name", None)
         self.server_name = config.backend_options.get("lease_owner") or f"{socket.gethostname()}:{os.getpid()}"
-        self.scheduler = IngestScheduler(config.max_batch_frames, config.thumbnails)
+        self.scheduler = IngestScheduler(config.max_batch_frames, config.thumbnails, config.scheduler_config())
         self.state = "starting"
         self.broken: dict[str, str] = {}  # streams of the store that could not be opened
         self._streams: dict[str, ServedStream] = {}
@@ -386,7 +388,7 @@ class Engine:
             if job is not None:
                 job.run()
                 continue
-            works = self.scheduler.plan(self._all())
+            works = self.scheduler.plan(self._all(), force=self.state == "stopping")
             answered = 0
             if works:
                 t0 = time.monotonic()
@@ -402,7 +404,8 @@ class Engine:
                     log.exception("looking at the store failed")
                 next_look = time.monotonic() + self.config.refresh_s
                 continue
-            self._kick.wait(max(0.0, min(0.5, next_look - now)))
+            due = self.scheduler.due_in(self._all(), now)
+            self._kick.wait(max(0.0, min(0.5, next_look - now, 0.5 if due is None else due)))
             self._kick.clear()
 
     def _step_done(self, r: StepResult) -> None:

@@ -1,0 +1,463 @@
+"""One batched ingest over the frames of several streams of one model.
+
+:class:`BatchIngest` stores the frames of many sessions (one :class:`FeedItem` each) as if each
+session had been fed alone, with the GPU work of all of them done together::
+
+    per stream: its transaction opens (Stream.begin)
+    the vision tower over every stream's frames, encode_batch_frames at a time (frames of one size)
+    per stream: its encoded frames join its Ingestor's pending frames
+    per level kind (levels of streams whose blocks are made alike): the windows every stream
+        completes, gathered across streams, prefill_batch_tokens at a time
+        -> one prefill forward -> scores -> kept tokens -> KV gather (pipeline.prefill_rows,
+           pipeline.compress_blocks: the single-stream path's own functions)
+        -> split back per stream -> that stream's backend.add, its level cursor moves on
+    per stream: its bookkeeping (times, source, thumbnails), then its own commit.
+
+A block attends to the system prompt and to itself only, and every score and selection is per
+block, so a block's KV, scores and kept tokens do not depend on the streams that shared its batch
+(only floating-point rounding of batched matrix products may differ with the batch size, as it
+does between feeds of one stream in chunks of other sizes).
+
+Each stream commits or rolls back on its own: a stream whose backend fails to add or to commit
+is rolled back (nothing of this feed is stored, its bookkeeping is as before) while the others
+commit. A failure of the shared work (the vision tower, a prefill, a scorer) rolls every
+transaction of the batch back, and then (``isolate_failures``) each stream is fed again alone, so
+that only the stream that causes it fails.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ConfigError, InputError
+from .pipeline import LevelPipeline, WindowRows, compress_blocks, prefill_rows
+from .stream import Transaction
+
+
+@dataclass
+class FeedItem:
+    """Frames of one session to store in a batch.
+
+    Attributes:
+        session: a writing :class:`~mukv.Session` (every item of a batch shares one model).
+        frames: ``uint8 [n, H, W, 3]`` frames of the stream's size, a private copy (CPU).
+        times: ``float64 [n]`` stream times, strictly increasing, after the stream's last.
+        wall_origin: the wall-clock origin a new stream takes from these frames (``None``: none).
+        source: a source record to note these frames under (``None``: a plain feed).
+        thumbnails: keep thumbnails of these frames when the stream keeps thumbnails.
+    """
+
+    session: Any
+    frames: torch.Tensor
+    times: torch.Tensor
+    wall_origin: float | None = None
+    source: dict[str, Any] | None = None
+    thumbnails: bool = True
+
+    @classmethod
+    def of(cls, session: Any, frames: Any, timestamps: Any = None, resize: bool | None = None,
+           after: tuple[float | None, float | None, int] | None = None,
+           frame_hw: tuple[int, int] | None = None) -> "FeedItem":
+        """Frames and timestamps validated as :meth:`mukv.Session.feed` validates them (copied, resized
+        if asked), timed after ``after`` (``(last time, wall-clock origin, frames)`` of frames queued
+        but not fed yet; default: the stream as it is) and sized as ``frame_hw`` (the size of frames
+        queued for a stream that has none yet).
+
+        Raises:
+            InputError: bad frames or timestamps. StoreError: a session that cannot be fed.
+        """
+        with session._lock if after is None else _nothing():
+            session._check_writable()
+            t = session._checked(frames, resize, want=frame_hw)
+            ts, origin = session._stream_times(timestamps, int(t.shape[0]), after)
+        return cls(session, t, ts, origin)
+
+
+@dataclass
+class FeedResult:
+    """What a batch did to one item: ``blocks`` stored and committed, or the ``error`` that left
+    the stream as it was (nothing of the item stored)."""
+
+    session: Any
+    frames: int
+    blocks: int = 0
+    error: BaseException | None = None
+    #: the item was fed again alone after a failure of the shared work
+    alone: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class BatchStats:
+    """Counts of one batch (:meth:`BatchIngest.run`)."""
+
+    streams: int = 0
+    frames: int = 0
+    blocks: int = 0
+    encode_batches: int = 0
+    prefill_batches: int = 0
+    #: level kinds (groups of levels whose blocks are made alike) in the batch
+    kinds: int = 0
+    failed: int = 0
+    #: the shared work failed and the streams were fed again one by one
+    retried_alone: bool = False
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    item: FeedItem
+    index: int
+    tx: Transaction
+    first: int = 0  # the stream's frame index of the item's first frame
+    embeds: list[torch.Tensor] = field(default_factory=list)
+    blocks: int = 0
+
+
+@dataclass
+class _Part:
+    live: _Live
+    lp: LevelPipeline
+    first: int  # first frame of the part's first window
+    windows: int
+
+
+class _Kind:
+    """Levels of several streams whose blocks are made alike: the same model, system prompt,
+    level configuration (up to top-k and rerank weight), split, scorer and compressor."""
+
+    def __init__(self, model: Any, prefix: Any, lp: LevelPipeline):
+        self.model, self.prefix, self.lp = model, prefix, lp
+        self.signature = _level_signature(lp)
+
+    def accepts(self, model: Any, prefix: Any, lp: LevelPipeline) -> bool:
+        mine = self.lp
+        return (model is self.model and _same_tensor(prefix.kv, self.prefix.kv) and lp.kept == mine.kept
+                and lp.split.shape == mine.split.shape and torch.equal(lp.split.cpu(), mine.split.cpu())
+                and _level_signature(lp) == self.signature and same_component(lp.scorer, mine.scorer)
+                and same_component(lp.compressor, mine.compressor))
+
+
+class BatchIngest:
+    """Stores the frames of several sessions of one model in one batched pass (module docstring).
+
+    Args:
+        encode_batch_frames: frames per vision-tower batch (frames of several streams together).
+        prefill_batch_tokens: most tokens of one prefill forward (windows of several streams together;
+            at least one window).
+        isolate_failures: when the shared work fails, feed every stream of the batch again alone so
+            that only the stream causing the failure fails.
+    """
+
+    def __init__(self, encode_batch_frames: int = 64, prefill_batch_tokens: int = 16384, isolate_failures: bool = True):
+        for name, v in (("encode_batch_frames", encode_batch_frames), ("prefill_batch_tokens", prefill_batch_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {v!r}")
+        self.encode_batch_frames = encode_batch_frames
+        self.prefill_batch_tokens = prefill_batch_tokens
+        self.isolate_failures = bool(isolate_failures)
+        self._kinds: list[_Kind] = []
+        self._kind_of: dict[int, tuple[weakref.ref, int]] = {}  # id(LevelPipeline) -> (ref, index in _kinds)
+        #: Set to a dict to time the stages ("encode", "prefill", "score", "compress", "store", "commit")
+        #: in seconds, summed over batches; each timed stage ends with a device synchronisation.
+        self.stage_times: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ the batch
+    def run(self, items: list[FeedItem]) -> tuple[list[FeedResult], BatchStats]:
+        """Store every item's frames, one transaction per stream (see the module docstring).
+
+        Returns:
+            ``(results, stats)``: one :class:`FeedResult` per item, in order.
+
+        Raises:
+            InputError: a session given twice (the items of a batch are one per stream).
+            KeyboardInterrupt: after rolling back every transaction not yet committed.
+        """
+        t0 = time.perf_counter()
+        seen: set[int] = set()
+        for it in items:
+            if id(it.session) in seen:
+                raise InputError(f"stream {getattr(it.session, 'stream_id', '?')!r} is given twice in one batch; "
+                                 "concatenate its frames into one item")
+            seen.add(id(it.session))
+        stats = BatchStats(streams=len(items), frames=sum(int(it.frames.shape[0]) for it in items))
+        results = [FeedResult(it.session, int(it.frames.shape[0])) for it in items]
+        model = items[0].session.model if items else None
+        with ExitStack() as locks:
+            for it in sorted(items, key=lambda it: id(it.session)):  # one order: no deadlock between schedulers
+                locks.enter_context(it.session._lock)
+                locks.enter_context(it.session._stream.lock)
+            live: list[_Live] = []
+            for i, it in enumerate(items):
+                try:
+                    _check_item(it, model)
+                    it.session._check_writable()
+                    live.append(_Live(it, i, it.session._stream.begin()))
+                except Exception as exc:  # noqa: BLE001 - reported against this stream only
+                    results[i].error = exc
+            try:
+                if live:
+                    self._work(live, model, stats)
+            except BaseException as exc:
+                for lv in live:
+                    lv.tx.rollback()
+                if not isinstance(exc, Exception):
+                    raise
+                if self.isolate_failures and len(live) > 1:
+                    stats.retried_alone = True
+                    for lv in live:
+                        (alone,), _ = self.run([lv.item])
+                        alone.alone = True
+                        results[lv.index] = alone
+                else:
+                    for lv in live:
+                        results[lv.index].error = exc
+                live = []
+            self._commit(live, results)
+        stats.blocks = sum(r.blocks for r in results)
+        stats.failed = sum(not r.ok for r in results)
+        stats.seconds = time.perf_counter() - t0
+        return results, stats
+
+    def _commit(self, live: list[_Live], results: list[FeedResult]) -> None:
+        """Each stream's own commit (its failure rolls it back alone)."""
+        done = 0
+        try:
+            with self._stage("commit"):
+                for lv in live:
+                    try:
+                        lv.tx.commit()
+                        results[lv.index].blocks = lv.blocks
+                    except Exception as exc:  # noqa: BLE001 - this stream is rolled back, the others go on
+                        results[lv.index].error = exc
+                    done += 1
+        except BaseException:
+            for lv in live[done:]:
+                lv.tx.rollback()
+            raise
+
+    def _work(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
+        with self._stage("encode"):
+            self._encode(live, model, stats)
+        for lv in live:
+            st = lv.item.session._stream
+            st.start_feed(lv.item.wall_origin)
+            ing = st.ingestor
+            lv.first = ing.frames_seen
+            embeds = lv.embeds[0] if len(lv.embeds) == 1 else torch.cat(lv.embeds)
+            lv.embeds = []
+            ing.append(embeds, lv.item.times)
+        groups: dict[int, list[_Part]] = {}
+        for lv in live:
+            s = lv.item.session
+            for lp in s.levels:
+                if lp.level.local_window:  # a windowed level depends on its own stream's window: alone
+                    if lv.tx.error is None:
+                        try:
+                            with self._stage("prefill"):
+                                lv.blocks += s._stream.ingestor.run_level(lp)
+                        except Exception as exc:  # noqa: BLE001 - this stream alone rolls back
+                            lv.tx.error = exc
+                    continue
+                nw = s._stream.ingestor.ready_windows(lp)
+                if nw > 0:
+                    k = self._kind(model, s.prefix, lp)
+                    groups.setdefault(k, []).append(_Part(lv, lp, s._stream.ingestor.cursor[lp.level.name], nw))
+        stats.kinds = len(groups)
+        for k, parts in groups.items():
+            self._run_kind(self._kinds[k], parts, stats)
+        for lv in live:
+            if lv.tx.error is not None:
+                continue
+            st = lv.item.session._stream
+            try:
+                st.ingestor.trim()
+                it = lv.item
+                st.end_feed(lv.tx.files, it.frames, it.times, lv.first, it.source, it.thumbnails)
+            except Exception as exc:  # noqa: BLE001 - this stream's own bookkeeping failed: it alone rolls back
+                lv.tx.error = exc
+
+    def _encode(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
+        """The vision tower over the frames of every stream: frames of one size together,
+        ``encode_batch_frames`` at a time (a batch may hold the frames of several streams)."""
+        by_size: dict[tuple[int, int], list[_Live]] = {}
+        for lv in live:
+            f = lv.item.frames
+            by_size.setdefault((int(f.shape[1]), int(f.shape[2])), []).append(lv)
+        cap = self.encode_batch_frames
+        for group in by_size.values():
+            pieces: list[tuple[_Live, int, int]] = []
+            count = 0
+            for lv in group:
+                n, a = int(lv.item.frames.shape[0]), 0
+                while a < n:
+                    b = min(n, a + cap - count)
+                    pieces.append((lv, a, b))
+                    count += b - a
+                    a = b
+                    if count == cap:
+                        self._encode_pieces(pieces, model)
+                        stats.encode_batches += 1
+                        pieces, count = [], 0
+            if pieces:
+                self._encode_pieces(pieces, model)
+                stats.encode_batches += 1
+
+    @staticmethod
+    def _encode_pieces(pieces: list[tuple[_Live, int, int]], model: Any) -> None:
+        frames = torch.cat([lv.item.frames[a:b] for lv, a, b in pieces]) if len(pieces) > 1 else \
+            pieces[0][0].item.frames[pieces[0][1]:pieces[0][2]]
+        out = model.encode_frames(frames)  # [n, T, E]
+        o = 0
+        for lv, a, b in pieces:
+            lv.embeds.append(out[o : o + b - a])
+            o += b - a
+
+    def _run_kind(self, kind: _Kind, parts: list[_Part], stats: BatchStats) -> None:
+        """The windows of one level kind across streams, in prefill batches of whole windows."""
+        lp = kind.lp
+        per_window = lp.split.shape[0]
+        cap = max(1, self.prefill_batch_tokens // max(1, per_window * lp.block_len))
+        chunk: list[_Part] = []
+        count = 0
+        for p in parts:
+            first, left = p.first, p.windows
+            while left > 0:
+                take = min(left, cap - count)
+                chunk.append(_Part(p.live, p.lp, first, take))
+                count += take
+                first += take * lp.level.frames
+                left -= take
+                if count == cap:
+                    self._run_chunk(kind, chunk, stats)
+                    chunk, count = [], 0
+        if chunk:
+            self._run_chunk(kind, chunk, stats)
+
+    def _run_chunk(self, kind: _Kind, chunk: list[_Part], stats: BatchStats) -> None:
+        chunk = [p for p in chunk if p.live.tx.error is None]
+        if not chunk:
+            return
+        lp = kind.lp
+        rows = WindowRows.cat([p.live.item.session._stream.ingestor.window_rows(p.lp, p.first, p.windows)
+                               for p in chunk])
+        with self._stage("prefill"):
+            blocks = prefill_rows(kind.model, kind.prefix, lp, rows)
+        compressed = compress_blocks(lp, blocks, rows.t_start, rows.t_end, self._stage, kind.model)
+        del blocks
+        stats.prefill_batches += 1
+        per_window = lp.split.shape[0]
+        o = 0
+        with self._stage("store"):
+            for p in chunk:
+                n = p.windows * per_window
+                piece = compressed.rows(o, o + n, level=p.lp.level.name)
+                o += n
+                try:
+                    p.live.item.session._stream.ingestor.store(p.lp, piece, p.windows)
+                    p.live.blocks += n
+                except Exception as exc:  # noqa: BLE001 - this stream's backend refused: it alone rolls back
+                    p.live.tx.error = exc
+
+    # ------------------------------------------------------------------ level kinds
+    def _kind(self, model: Any, prefix: Any, lp: LevelPipeline) -> int:
+        got = self._kind_of.get(id(lp))
+        if got is not None and got[0]() is lp:
+            k = got[1]
+            if self._kinds[k].model is model:
+                return k
+        for k, kind in enumerate(self._kinds):
+            if kind.accepts(model, prefix, lp):
+                break
+        else:
+            self._kinds.append(_Kind(model, prefix, lp))
+            k = len(self._kinds) - 1
+        if len(self._kind_of) > 65536:  # drop entries of levels gone with their sessions
+            self._kind_of = {i: e for i, e in self._kind_of.items() if e[0]() is not None}
+        self._kind_of[id(lp)] = (weakref.ref(lp), k)
+        return k
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        times = self.stage_times
+        if times is None:
+            yield
+            return
+        device = self._kinds[0].model.device if self._kinds else None
+        _sync(device)
+        t0 = time.perf_counter()
+        yield
+        _sync(device)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _check_item(it: FeedItem, model: Any) -> None:
+    if it.session.model is not model:
+        raise ConfigError(f"stream {it.session.stream_id!r} has another model than the batch's: a batch serves "
+                          "sessions of one model (share one adapter: Session(model=adapter))")
+    f, t = it.frames, it.times
+    if not isinstance(f, torch.Tensor) or f.dtype != torch.uint8 or f.ndim != 4 or f.shape[0] < 1 or f.shape[3] != 3:
+        raise InputError("a batch item's frames must be a uint8 tensor [n, H, W, 3] with n >= 1 (FeedItem.of "
+                         "validates them)")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or t.shape != (f.shape[0],):
+        raise InputError(f"a batch item's times must be float64 [{f.shape[0]}] (FeedItem.of validates them)")
+    last = it.session._stream.last_time
+    if (last is not None and float(t[0]) <= last) or (t.numel() > 1 and not bool((t[1:] > t[:-1]).all())):
+        raise InputError(f"stream {it.session.stream_id!r}: times must be strictly increasing and after the "
+                         f"stream's last ({last}); got {float(t[0])} .. {float(t[-1])}")
+
+
+def _level_signature(lp: LevelPipeline) -> Any:
+    """What decides how a level's blocks are made, but its name-independent retrieval fields."""
+    return lp.level.model_copy(update={"top_k": 0, "rerank_weight": 0.0})
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+
+
+def same_component(a: Any, b: Any, _depth: int = 0) -> bool:
+    """Whether two components (scorers, compressors) behave alike: the same object, or objects of one
+    class whose attributes are equal (tensors by value, components compared the same way)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or _depth > 4:
+        return False
+    da, db = getattr(a, "__dict__", None), getattr(b, "__dict__", None)
+    if da is None or db is None or da.keys() != db.keys():
+        return False
+    for k, va in da.items():
+        vb = db[k]
+        if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+            if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and _same_tensor(va, vb)):
+                return False
+        elif hasattr(va, "__dict__") and not isinstance(va, type) and not callable(va):
+            if not same_component(va, vb, _depth + 1):
+                return False
+        else:
+            try:
+                if not bool(va == vb):
+                    return False
+            except Exception:  # noqa: BLE001 - incomparable values: not known to be alike
+                return False
+    return True
+
+
+def _sync(device: Any) -> None:
+    if device is not None and getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,452 @@
+"""One ingest scheduler for every stream of a process.
+
+A process holding many :class:`~mukv.Session` s of one model (hundreds of 0.5-fps cameras) would,
+feeding each on its own, run hundreds of small forwards of one frame's blocks. The scheduler
+queues the frames of every stream instead and stores them in batches
+(:class:`~mukv.batching.BatchIngest`: one vision-tower batch across streams, one prefill forward
+per level kind, then each stream's own transaction)::
+
+    sched = mukv.IngestScheduler({"latency_target_s": 5})
+    a = mukv.Session(model=model); b = mukv.Session(model=model)   # one model, shared
+    sched.submit(a, frames_a); sched.submit(b, frames_b)           # queued: returns at once
+    sched.step()                # one batch, if one is due (or run sched.start() for a thread)
+    sched.ask(a, "what moved?") # waits only for a running batch, then goes before the next one
+    sched.drain()               # everything queued, stored
+
+When a batch runs (:class:`BatchPolicy`): as soon as it is full (``max_batch_frames``), or when
+waiting longer would make the oldest waiting frame miss the latency target (its arrival plus
+``latency_target_s``, less the time a batch of what waits is expected to take, measured on the
+batches before). Which frames (fairness): streams by the arrival of their oldest waiting frame,
+oldest first, at most ``max_stream_frames`` of each, so no stream waits behind a busy one for
+more than a batch or two. Questions (:meth:`IngestScheduler.ask`) go before any batch that has not
+started, up to ``questions_per_batch`` in a row while frames wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .batching import BatchIngest, BatchStats, FeedItem, FeedResult
+from .config import format_validation_error
+from .errors import ConfigError, InputError, MukvError
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerConfig(BaseModel):
+    """How the ingest scheduler batches the frames of many streams."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    latency_target_s: float = Field(default=5.0, gt=0.0, le=86400.0)
+    """Seconds from a frame's arrival to its blocks being searchable that the scheduler aims at: a
+    batch that is not full runs early enough for its oldest frame to make it, by the batch time
+    measured on the batches before. Frames of a level whose window is not complete yet (a
+    segment of 4 frames) wait for the rest of their window."""
+
+    max_batch_frames: int = Field(default=512, ge=1, le=65536)
+    """Frames of all streams in one batch; a batch this full runs at once. Bounds the batch's memory
+    (encoded frames, compressed blocks waiting for their commits) and the time a question waits
+    for a running batch."""
+
+    max_stream_frames: int = Field(default=64, ge=1, le=65536)
+    """Frames of one stream in one batch, so that one stream with a backlog cannot fill a batch."""
+
+    encode_batch_frames: int = Field(default=64, ge=1, le=65536)
+    """Frames per vision-tower batch (frames of several streams together)."""
+
+    prefill_batch_tokens: int = Field(default=16384, ge=1)
+    """Most tokens in one prefill forward (windows of several streams together; at least one window)."""
+
+    questions_per_batch: int = Field(default=4, ge=1, le=1024)
+    """Questions answered in a row, at most, while a batch is due: then the batch runs. Questions come
+    first, but questions faster than the model answers them cannot starve ingest."""
+
+    isolate_failures: bool = True
+    """When the shared work of a batch fails (the vision tower, a prefill, a scorer), feed each stream
+    of the batch again alone, so that only the stream causing the failure loses its frames."""
+
+    @classmethod
+    def build(cls, value: "SchedulerConfig | dict[str, Any] | None" = None) -> "SchedulerConfig":
+        """A configuration from itself, a dict of fields or ``None`` (the defaults).
+
+        Raises:
+            ConfigError: naming every invalid field.
+        """
+        if isinstance(value, SchedulerConfig):
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"scheduler config must be a SchedulerConfig or a dict, not {type(value).__name__}")
+        try:
+            return cls.model_validate(value or {})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc).replace("mukv configuration", "scheduler configuration")
+                              ) from None
+
+
+@dataclass
+class Waiting:
+    """What one stream has waiting, as the policy sees it."""
+
+    key: Hashable
+    frames: int
+    oldest: float  # arrival (clock seconds) of its oldest waiting frame
+
+
+class BatchPolicy:
+    """When a batch runs and which frames it takes (see the module docstring). Pure bookkeeping:
+    the caller's clock, no threads; shared by :class:`IngestScheduler` and ``mukv serve``.
+
+    Args:
+        config: the scheduler's configuration.
+    """
+
+    #: weight of the newest batch in the running estimate of the time per frame
+    EMA = 0.3
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.seconds_per_frame: float | None = None  # None until a batch was measured
+        self._turn: dict[Hashable, int] = {}
+        self._served = 0
+
+    def estimate(self, frames: int) -> float:
+        """Seconds a batch of ``frames`` frames is expected to take (0 before any was measured)."""
+        return 0.0 if self.seconds_per_frame is None else self.seconds_per_frame * frames
+
+    def observe(self, frames: int, seconds: float) -> None:
+        """Record a batch's measured time."""
+        if frames <= 0 or not seconds >= 0:
+            return
+        per = seconds / frames
+        self.seconds_per_frame = per if self.seconds_per_frame is None else \
+            (1 - self.EMA) * self.seconds_per_frame + self.EMA * per
+
+    def batch_frames(self, waiting: Sequence[Waiting]) -> int:
+        """Frames the next batch would take from ``waiting``."""
+        cap = self.config.max_stream_frames
+        return min(self.config.max_batch_frames, sum(min(w.frames, cap) for w in waiting if w.frames > 0))
+
+    def due_in(self, waiting: Sequence[Waiting], now: float) -> float | None:
+        """Seconds until the next batch is due (0: now), ``None`` when nothing waits."""
+        live = [w for w in waiting if w.frames > 0]
+        if not live:
+            return None
+        n = self.batch_frames(live)
+        if n >= self.config.max_batch_frames or self.seconds_per_frame is None:
+            return 0.0  # full, or no batch measured yet: the first one measures the batch time
+        oldest = min(w.oldest for w in live)
+        return max(0.0, oldest + self.config.latency_target_s - self.estimate(n) - now)
+
+    def pick(self, waiting: Sequence[Waiting], now: float, force: bool = False) -> list[tuple[Hashable, int]]:
+        """``[(key, frames)]`` to take now (empty when no batch is due, unless ``force``): streams by
+        their oldest waiting frame, oldest first (equal arrivals: the stream served longest ago
+        first), at most ``max_stream_frames`` each, ``max_batch_frames`` in all."""
+        live = [w for w in waiting if w.frames > 0]
+        due = self.due_in(live, now)
+        if due is None or (due > 0 and not force):
+            return []
+        live.sort(key=lambda w: (w.oldest, self._turn.get(w.key, -1)))
+        left, out = self.config.max_batch_frames, []
+        for w in live:
+            if left <= 0:
+                break
+            n = min(w.frames, self.config.max_stream_frames, left)
+            out.append((w.key, n))
+            left -= n
+            self._served += 1
+            self._turn[w.key] = self._served
+        if len(self._turn) > 4 * max(1, len(live)) + 1024:  # forget streams gone
+            keys = {w.key for w in live}
+            self._turn = {k: v for k, v in self._turn.items() if k in keys}
+        return out
+
+
+class _Queue:
+    """Frames of one session waiting for a batch, with the stream state they continue."""
+
+    def __init__(self, session: Any):
+        st = session._stream
+        self.session = session
+        self.chunks: deque[list[Any]] = deque()  # [frames uint8 [n,H,W,3], times f64 [n], arrivals f64 [n]]
+        self.frames = 0
+        self.last_time: float | None = st.last_time
+        self.origin: float | None = st.wall_origin
+        self.seen = st.frames_seen
+        self.frame_hw: tuple[int, int] | None = st.frame_hw
+        self.lock = threading.Lock()  # one submit of this session at a time
+
+    def oldest(self) -> float:
+        return float(self.chunks[0][2][0])
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        parts: list[list[Any]] = []
+        got = 0
+        while self.chunks and got < n:
+            head = self.chunks[0]
+            k = min(n - got, int(head[0].shape[0]))
+            parts.append([x[:k] for x in head])
+            if k == head[0].shape[0]:
+                self.chunks.popleft()
+            else:
+                self.chunks[0] = [x[k:] for x in head]
+            got += k
+        self.frames -= got
+        return tuple(p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+@dataclass
+class BatchReport:
+    """One batch of :class:`IngestScheduler`: each stream's result, the batch's counts, and for every
+    frame fed its arrival (clock seconds) and the clock when its batch was committed."""
+
+    results: list[FeedResult]
+    stats: BatchStats
+    arrivals: list[torch.Tensor] = field(default_factory=list)
+    started: float = 0.0
+    committed: float = 0.0
+
+    def latencies(self) -> torch.Tensor:
+        """``[frames]`` seconds from each stored frame's arrival to its batch's commit."""
+        got = [self.committed - a for a, r in zip(self.arrivals, self.results) if r.ok]
+        return torch.cat(got) if got else torch.empty(0, dtype=torch.float64)
+
+
+class IngestScheduler:
+    """Queues the frames of many sessions of one model and stores them in batches (module docstring).
+
+    Args:
+        config: a :class:`SchedulerConfig`, a dict of its fields, or ``None`` for the defaults.
+        clock: monotonic seconds (a fake clock in tests).
+        on_batch: called with each :class:`BatchReport` (on the thread that ran the batch).
+
+    Thread-safe: :meth:`submit` and :meth:`ask` may be called from any thread while :meth:`start`'s
+    thread (or the caller, with :meth:`step`) runs batches.
+    """
+
+    def __init__(self, config: SchedulerConfig | dict[str, Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic, on_batch: Callable[[BatchReport], None] | None = None):
+        self.config = SchedulerConfig.build(config)
+        if not callable(clock):
+            raise ConfigError("clock must be a callable returning seconds")
+        self.clock = clock
+        self.on_batch = on_batch
+        self.policy = BatchPolicy(self.config)
+        self.batcher = BatchIngest(self.config.encode_batch_frames, self.config.prefill_batch_tokens,
+                                   self.config.isolate_failures)
+        self.model: Any = None
+        self._queues: dict[int, _Queue] = {}
+        self._cv = threading.Condition()
+        self._busy = False  # a batch or a question is using the model
+        self._asks = 0  # questions waiting for the model
+        self._batch_waiting = False
+        self._answered = 0  # questions answered since the last batch
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        #: Counts since the scheduler was made: batches, frames and blocks stored, streams failed.
+        self.totals = {"batches": 0, "frames": 0, "blocks": 0, "failed_feeds": 0, "questions": 0}
+
+    # ------------------------------------------------------------------ streams and frames
+    def submit(self, session: Any, frames: Any, timestamps: Any = None, resize: bool | None = None) -> int:
+        """Queue frames of ``session`` for the next batches; returns the frames it has waiting.
+
+        Frames and timestamps are validated and copied here, as :meth:`mukv.Session.feed` does
+        (timestamps continue after the frames already waiting); the frames are stored, one
+        transaction per batch, when a batch takes them.
+
+        Raises:
+            InputError: bad frames or timestamps (nothing queued).
+            ConfigError: a session of another model than the scheduler's sessions.
+            StoreError: a session that cannot be fed (read-only, closed, failed).
+        """
+        from .session import Session
+
+        if not isinstance(session, Session):
+            raise InputError(f"submit() takes a mukv.Session; got {type(session).__name__}")
+        with self._cv:
+            q = self._queues.get(id(session))
+            if q is None or q.session is not session:
+                if self._queues and self.model is not None and session.model is not self.model:
+                    raise ConfigError("the scheduler batches sessions of one model: give every session the same "
+                                      "adapter (Session(model=adapter))")
+                q = _Queue(session)
+                self._queues[id(session)] = q
+                self.model = session.model
+        with q.lock:  # validation (a copy, maybe a resize) outside the scheduler's lock: batches go on
+            item = FeedItem.of(session, frames, timestamps, resize, (q.last_time, q.origin, q.seen), q.frame_hw)
+            n = int(item.frames.shape[0])
+            with self._cv:
+                if self._queues.get(id(session)) is not q:
+                    raise MukvError("the session was removed from the scheduler meanwhile")
+                q.chunks.append([item.frames, item.times, torch.full((n,), float(self.clock()), dtype=torch.float64)])
+                q.frames += n
+                q.seen += n
+                q.last_time = float(item.times[-1])
+                q.frame_hw = (int(item.frames.shape[1]), int(item.frames.shape[2]))
+                if item.wall_origin is not None:
+                    q.origin = item.wall_origin
+                self._cv.notify_all()
+                return q.frames
+
+    def waiting(self, session: Any = None) -> int:
+        """Frames waiting (of one session, or of all)."""
+        with self._cv:
+            if session is not None:
+                q = self._queues.get(id(session))
+                return q.frames if q is not None and q.session is session else 0
+            return sum(q.frames for q in self._queues.values())
+
+    def remove(self, session: Any) -> int:
+        """Stop scheduling ``session``: its waiting frames are dropped (returned: how many); a
+        batch already running for it completes."""
+        with self._cv:
+            q = self._queues.get(id(session))
+            if q is None or q.session is not session:
+                return 0
+            del self._queues[id(session)]
+            return q.frames
+
+    def _waiting(self) -> list[Waiting]:
+        return [Waiting(k, q.frames, q.oldest()) for k, q in self._queues.items() if q.frames]
+
+    def due_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next batch is due (0: now; ``None``: nothing waits)."""
+        with self._cv:
+            return self.policy.due_in(self._waiting(), float(self.clock()) if now is None else now)
+
+    # ------------------------------------------------------------------ batches
+    def step(self, now: float | None = None, force: bool = False) -> BatchReport | None:
+        """Run one batch if one is due (``force``: whatever waits, due or not). Questions waiting for
+        the model go first (up to ``questions_per_batch`` of them). Returns the batch's report, or
+        ``None`` when no batch ran."""
+        with self._cv:
+            self._batch_waiting = True
+            try:
+                while self._busy or (self._asks and self._answered < self.config.questions_per_batch):
+                    self._cv.wait()
+            finally:
+                self._batch_waiting = False
+            t = float(self.clock()) if now is None else now
+            picks = self.policy.pick(self._waiting(), t, force)
+            if not picks:
+                self._cv.notify_all()
+                return None
+            items, arrivals = [], []
+            for key, n in picks:
+                q = self._queues[key]
+                frames, times, arr = q.take(n)
+                st = q.session._stream
+                items.append(FeedItem(q.session, frames, times, q.origin if st.wall_origin is None else None))
+                arrivals.append(arr)
+            self._busy = True
+            self._answered = 0
+        try:
+            t0 = float(self.clock())
+            results, stats = self.batcher.run(items)
+            self.policy.observe(stats.frames, float(self.clock()) - t0)  # the batch time, on the scheduler's clock
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+        report = BatchReport(results, stats, arrivals, t, float(self.clock()))
+        self.totals["batches"] += 1
+        self.totals["frames"] += sum(r.frames for r in results if r.ok)
+        self.totals["blocks"] += stats.blocks
+        for r, it in zip(results, items):
+            if not r.ok:
+                self.totals["failed_feeds"] += 1
+                self._failed(r, it)
+        if self.on_batch is not None:
+            self.on_batch(report)
+        return report
+
+    @staticmethod
+    def _failed(r: FeedResult, item: FeedItem) -> None:
+        """A feed that stored nothing: say so, and record its frames as a gap of the stream (when the
+        stream can still commit one)."""
+        log.warning("stream %s: %d frame(s) not stored: %s", r.session.stream_id, r.frames, r.error)
+        why = " ".join(f"not stored: {r.error}".split())[:200]
+        try:
+            r.session.record_gap(float(item.times[0]), float(item.times[-1]), r.frames, why)
+        except Exception as exc:  # noqa: BLE001 - a broken stream: the warning above says what was lost
+            log.warning("stream %s: the gap could not be recorded either: %s", r.session.stream_id, exc)
+
+    def drain(self) -> list[BatchReport]:
+        """Run batches, due or not, until nothing waits; returns their reports."""
+        out = []
+        while True:
+            r = self.step(force=True)
+            if r is None:
+                return out
+            out.append(r)
+
+    # ------------------------------------------------------------------ questions
+    def ask(self, session: Any, question: str, **kwargs: Any) -> Any:
+        """:meth:`mukv.Session.ask` with priority over batches: it waits for a batch already running
+        (never for frames queued) and runs before the next batch starts."""
+        with self._cv:
+            self._asks += 1
+            try:
+                while self._busy or (self._batch_waiting and self._answered >= self.config.questions_per_batch):
+                    self._cv.wait()
+            finally:
+                self._asks -= 1
+            self._busy = True
+        try:
+            return session.ask(question, **kwargs)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._answered += 1
+                self.totals["questions"] += 1
+                self._cv.notify_all()
+
+    # ------------------------------------------------------------------ a thread of its own
+    def start(self) -> "IngestScheduler":
+        """Run batches on a background thread, each when it is due; returns the scheduler."""
+        with self._cv:
+            if self._thread is not None:
+                raise MukvError("the scheduler is already running")
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="mukv-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the background thread, after storing everything waiting (``drain``)."""
+        with self._cv:
+            thread, self._thread = self._thread, None
+            self._stopping = True
+            self._cv.notify_all()
+        if thread is not None:
+            thread.join()
+        if drain:
+            self.drain()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stopping:
+                    return
+                due = self.policy.due_in(self._waiting(), float(self.clock()))
+                if due is None or due > 0:
+                    self._cv.wait(0.5 if due is None else min(due, 0.5))
+                    continue
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the loop must go on; each stream's error is in its result
+                log.exception("an ingest batch failed")
+
+    def __enter__(self) -> "IngestScheduler":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(drain=exc[0] is None)

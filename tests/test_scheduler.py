@@ -1,0 +1,443 @@
+"""The ingest scheduler for many streams (mukv.scheduler, mukv.batching) on CPU with the tiny model.
+
+Batched blocks equal each stream ingested alone; fairness and the latency target with a fake clock;
+a stream whose store fails is rolled back alone; questions go before batches.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import mukv
+from mukv.batching import BatchIngest, FeedItem, same_component
+from mukv.errors import ConfigError, InputError, StoreError
+from mukv.reference import compare_kept
+from mukv.scheduler import BatchPolicy, IngestScheduler, SchedulerConfig, Waiting
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class RecordingScorer:
+    """Wraps a session's scorer and keeps every score it returns, in block order."""
+
+    def __init__(self, inner):
+        self.inner, self.scores = inner, []
+        self.needs_attention = getattr(inner, "needs_attention", False)
+
+    def score(self, blocks):
+        s = self.inner.score(blocks)
+        self.scores.append(s.detach().clone())
+        return s
+
+
+def alone(model, frames_list, times_list=None):
+    """A session fed ``frames_list`` one feed each, its scores recorded per level."""
+    s = mukv.Session(model=model)
+    rec = {}
+    for lp in s.levels:
+        lp.scorer = rec[lp.level.name] = RecordingScorer(lp.scorer)
+    for i, f in enumerate(frames_list):
+        s.feed(f, None if times_list is None else times_list[i])
+    return s, rec
+
+
+def assert_same_blocks(batched, ref, rec):
+    """Every level of ``batched`` holds the blocks of ``ref``: KV and vectors to rounding, the same kept
+    tokens up to ties of the reference's scores, the same frames and times."""
+    for lp in ref.levels:
+        name = lp.level.name
+        n = ref.backend.count(name)
+        assert batched.backend.count(name) == n, name
+        if n == 0:
+            continue
+        ids = torch.arange(n)
+        kept_b = batched.backend.token_index(name, ids)
+        kept_r = ref.backend.token_index(name, ids)
+        if rec[name].scores:
+            cmp = compare_kept(kept_b, kept_r, torch.cat(rec[name].scores))
+            assert cmp["identical"] == cmp["blocks"] or cmp["max_gap"] < 1e-5, (name, cmp)
+        else:  # a level keeping every token
+            assert torch.equal(kept_b, kept_r)
+        same = (kept_b.sort(1).values == kept_r.sort(1).values).all(1)
+        torch.testing.assert_close(batched.backend.load_kv(name, ids)[same], ref.backend.load_kv(name, ids)[same],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.backend.vectors(name, ids)[same], ref.backend.vectors(name, ids)[same],
+                                   rtol=1e-4, atol=1e-5)
+        mb, mr = batched.backend.metadata(name, ids), ref.backend.metadata(name, ids)
+        for f in ("frame_start", "frame_end", "t_start", "t_end"):
+            assert torch.equal(getattr(mb, f), getattr(mr, f)), (name, f)
+    assert batched.stats()["frames"] == ref.stats()["frames"]
+    assert batched._stream.last_time == ref._stream.last_time
+    assert batched._stream.ingestor.cursor == ref._stream.ingestor.cursor
+
+
+# ---------------------------------------------------------------------------------------------- equality
+def test_blocks_do_not_depend_on_the_streams_sharing_their_batch(tiny_model, frames):
+    """Three streams batched together, over two batches (pending frames carried across), store what
+    each stores fed alone; one vision-tower batch and one prefill per level serve all of them."""
+    data = [frames(5, seed=1), frames(3, seed=2), frames(6, seed=3)]
+    times = [None, np.array([0.5, 7.0, 9.25]), None]
+    refs = [alone(tiny_model, [f], [t]) for f, t in zip(data, times)]
+    clock = FakeClock()
+    sched = IngestScheduler({"latency_target_s": 5}, clock=clock)
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    for s, f, t in zip(sessions, data, times):
+        sched.submit(s, f[:2], None if t is None else t[:2])
+    first = sched.step()
+    assert first is not None and all(r.ok for r in first.results)
+    assert first.stats.encode_batches == 1 and first.stats.streams == 3 and first.stats.frames == 6
+    assert first.stats.prefill_batches == 2  # patch and frame blocks of all three streams; no segment is complete
+    for s, f, t in zip(sessions, data, times):
+        sched.submit(s, f[2:], None if t is None else t[2:])
+    second = sched.drain()
+    assert len(second) == 1 and second[0].stats.prefill_batches == 3
+    for s, (ref, rec) in zip(sessions, refs):
+        assert_same_blocks(s, ref, rec)
+        assert s.ask("what happened?", max_new_tokens=3).text == ref.ask("what happened?", max_new_tokens=3).text
+
+
+def test_prefill_batches_split_windows_across_streams(tiny_model, frames):
+    """A prefill cap smaller than the streams' windows cuts batches across stream boundaries
+    (other batch sizes than alone) and still stores the same blocks."""
+    data = [frames(4, seed=5), frames(5, seed=6)]
+    refs = [alone(tiny_model, [f]) for f in data]
+    tpf = tiny_model.tokens_per_frame
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    batch = BatchIngest(encode_batch_frames=3, prefill_batch_tokens=3 * tpf)
+    results, stats = batch.run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert all(r.ok for r in results)
+    assert stats.encode_batches == 3  # 9 frames, 3 at a time, across the two streams
+    assert stats.prefill_batches > 3
+    for s, (ref, rec) in zip(sessions, refs):
+        assert_same_blocks(s, ref, rec)
+
+
+def test_streams_of_other_configurations_share_a_batch_by_level_kind(tiny_model, frames):
+    """Levels alike (same split, scorer, compressor, keep ratio) batch together whatever their
+    retrieval settings; a level made otherwise gets its own prefill."""
+    f1, f2, f3 = frames(4, seed=7), frames(4, seed=8), frames(4, seed=9)
+    a = mukv.Session(model=tiny_model)
+    b = mukv.Session(model=tiny_model, config={"levels": [dict(lv.model_dump(), top_k=3) for lv in a.config.levels]})
+    other = [dict(lv.model_dump()) for lv in a.config.levels]
+    other[1]["keep_ratio"] = 0.5  # the frame level keeps more
+    c = mukv.Session(model=tiny_model, config={"levels": other})
+    assert same_component(a.levels[0].scorer, b.levels[0].scorer)
+    results, stats = BatchIngest().run([FeedItem.of(a, f1), FeedItem.of(b, f2), FeedItem.of(c, f3)])
+    assert all(r.ok for r in results)
+    assert stats.kinds == 4 and stats.prefill_batches == 4  # patch, frame, segment; and c's frame level
+    ref, rec = alone(tiny_model, [f3])
+    ref_c = mukv.Session(model=tiny_model, config={"levels": other})
+    ref_c.feed(f3)
+    assert c.backend.count("frame") == ref_c.backend.count("frame") == 4
+    ids = torch.arange(4)
+    assert c.backend.load_kv("frame", ids).shape == ref_c.backend.load_kv("frame", ids).shape
+    torch.testing.assert_close(c.backend.vectors("frame", ids), ref_c.backend.vectors("frame", ids),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- isolation
+def test_a_failed_commit_rolls_back_its_stream_alone(tiny_model, frames, monkeypatch):
+    data = [frames(4, seed=11), frames(4, seed=12), frames(4, seed=13)]
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    sessions[0].feed(frames(1, seed=10))  # something committed before, which must stay
+    bad = sessions[1]
+
+    def refuse(*a, **k):
+        raise StoreError("the disk is full")
+
+    monkeypatch.setattr(bad.backend, "commit", refuse)
+    before = {lp.level.name: sessions[0].backend.count(lp.level.name) for lp in sessions[0].levels}
+    results, stats = BatchIngest().run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert [r.ok for r in results] == [True, False, True]
+    assert isinstance(results[1].error, StoreError) and stats.failed == 1
+    assert all(bad.backend.count(lp.level.name) == 0 for lp in bad.levels)  # its blocks rolled back
+    assert bad.stats()["frames"] == 0 and bad._stream.last_time is None
+    assert bad._stream.ingestor.pending_frames() is None
+    assert all(sessions[0].backend.count(n) > before[n] for n in ("patch", "frame"))
+    assert sessions[2].stats()["frames"] == 4 and sessions[2].backend.count("segment") == 1
+    monkeypatch.undo()
+    bad.feed(data[1])  # the stream goes on as if the failed feed never happened
+    ref, rec = alone(tiny_model, [data[1]])
+    assert_same_blocks(bad, ref, rec)
+
+
+def test_a_store_that_refuses_blocks_fails_its_stream_alone(tiny_model, frames, monkeypatch):
+    data = [frames(4, seed=14), frames(4, seed=15)]
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    calls = {"n": 0}
+    real_add = sessions[0].backend.add
+
+    def add_then_fail(blocks):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second level's blocks
+            raise StoreError("write failed")
+        return real_add(blocks)
+
+    monkeypatch.setattr(sessions[0].backend, "add", add_then_fail)
+    results, _ = BatchIngest().run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert [r.ok for r in results] == [False, True]
+    assert all(sessions[0].backend.count(lp.level.name) == 0 for lp in sessions[0].levels)
+    ref, rec = alone(tiny_model, [data[1]])
+    assert_same_blocks(sessions[1], ref, rec)
+
+
+def test_a_failure_of_the_shared_work_is_isolated_by_feeding_each_stream_alone(tiny_model, frames, monkeypatch):
+    poisoned = frames(2, seed=16)
+    poisoned[:, 0, 0, :] = (255, 0, 255)  # a marker the failing vision tower recognises
+    good = [frames(2, seed=17), frames(3, seed=18)]
+    real = tiny_model.encode_frames
+
+    def encode(f):
+        if bool(((f[:, 0, 0] == torch.tensor([255, 0, 255], dtype=torch.uint8)).all(-1)).any()):
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return real(f)
+
+    monkeypatch.setattr(tiny_model, "encode_frames", encode)
+    sessions = [mukv.Session(model=tiny_model) for _ in range(3)]
+    results, stats = BatchIngest().run([FeedItem.of(s, f) for s, f in zip(sessions, [poisoned, *good])])
+    assert stats.retried_alone and [r.ok for r in results] == [False, True, True]
+    assert all(r.alone for r in results)
+    assert sessions[0].stats()["frames"] == 0 and sessions[2].stats()["frames"] == 3
+    no_retry, _ = BatchIngest(isolate_failures=False).run(
+        [FeedItem.of(s, f) for s, f in zip([mukv.Session(model=tiny_model) for _ in range(2)], [poisoned, good[0]])])
+    assert [r.ok for r in no_retry] == [False, False]
+
+
+def test_a_scheduler_records_the_frames_a_failed_feed_lost_as_a_gap(tiny_model, frames, monkeypatch):
+    clock = FakeClock()
+    sched = IngestScheduler(clock=clock)
+    s = mukv.Session(model=tiny_model)
+    sched.submit(s, frames(2))
+    state = {"fail": True}
+    real = s.backend.commit
+
+    def commit(values, files=None):
+        if state["fail"] and values.get("frames_seen"):
+            raise StoreError("refused")
+        return real(values, files)
+
+    monkeypatch.setattr(s.backend, "commit", commit)
+    report = sched.step()
+    assert not report.results[0].ok and sched.totals["failed_feeds"] == 1
+    gaps = s.stats()["gaps"]
+    assert len(gaps) == 1 and gaps[0]["frames"] == 2 and "not stored" in gaps[0]["reason"]
+    state["fail"] = False
+    sched.submit(s, frames(1, seed=3))  # times go on after the lost frames
+    assert sched.step(force=True).results[0].ok
+    assert s.stats()["frames"] == 1 and s._stream.last_time == 4.0
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def test_policy_latency_target_with_a_fake_clock():
+    p = BatchPolicy(SchedulerConfig(latency_target_s=5.0, max_batch_frames=8, max_stream_frames=4))
+    assert p.due_in([], 0.0) is None
+    w = [Waiting("a", 1, oldest=10.0)]
+    assert p.due_in(w, 10.0) == 0.0  # nothing measured yet: the first batch runs at once
+    p.observe(frames=4, seconds=0.0)
+    assert p.due_in(w, 10.0) == pytest.approx(5.0) and p.pick(w, 12.0) == []
+    assert p.pick(w, 15.0) == [("a", 1)]
+    p.observe(frames=10, seconds=10.0)  # 0.3 s per frame now (running estimate)
+    assert p.seconds_per_frame == pytest.approx(0.3)
+    w = [Waiting("a", 2, oldest=20.0), Waiting("b", 2, oldest=21.0)]
+    assert p.due_in(w, 20.0) == pytest.approx(5.0 - 4 * 0.3)  # early enough for a batch of 4 frames
+    full = [Waiting("a", 4, oldest=30.0), Waiting("b", 4, oldest=30.0)]
+    assert p.due_in(full, 30.0) == 0.0  # a full batch runs at once
+    assert p.pick(w, 20.0, force=True) == [("a", 2), ("b", 2)]
+
+
+def test_policy_is_fair_oldest_first_with_a_cap_per_stream():
+    p = BatchPolicy(SchedulerConfig(max_batch_frames=4, max_stream_frames=2))
+    p.observe(1, 0.0)
+    w = [Waiting("busy", 100, oldest=0.0), Waiting("quiet", 1, oldest=5.0), Waiting("late", 3, oldest=9.0)]
+    assert p.pick(w, 100.0) == [("busy", 2), ("quiet", 1), ("late", 1)]
+
+
+def test_policy_never_starves_a_stream():
+    """Twenty backlogged streams and a batch room for eight frames: every stream is served at least once
+    every three batches (equal arrivals are taken in turn)."""
+    p = BatchPolicy(SchedulerConfig(max_batch_frames=8, max_stream_frames=1))
+    p.observe(1, 0.0)
+    last = {}
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        w = [Waiting(k, int(rng.integers(1, 5)), oldest=0.0) for k in range(20)]
+        for key, n in p.pick(w, 1000.0):
+            assert n == 1
+            last[key] = step
+        if step >= 3:
+            assert all(step - last.get(k, -1) <= 3 for k in range(20)), (step, last)
+
+
+def test_scheduler_latency_target_and_full_batches(tiny_model, frames):
+    clock = FakeClock()
+    sched = IngestScheduler({"latency_target_s": 5, "max_batch_frames": 3, "max_stream_frames": 3}, clock=clock)
+    a, b = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
+    sched.submit(a, frames(1))
+    assert sched.step() is not None  # the first batch runs at once and measures the batch time (0 here)
+    clock.t = 10.0
+    sched.submit(a, frames(1, seed=1))
+    clock.t = 12.0
+    sched.submit(b, frames(1, seed=2))
+    assert sched.due_in() == pytest.approx(3.0)
+    assert sched.step() is None and sched.waiting() == 2
+    clock.t = 15.0  # the oldest frame (arrived at 10) reaches its target: both go
+    report = sched.step()
+    assert report is not None and sorted(r.frames for r in report.results) == [1, 1]
+    assert report.latencies().tolist() == [5.0, 3.0]
+    clock.t = 20.0
+    sched.submit(b, frames(3, seed=3))  # a full batch does not wait
+    assert sched.due_in() == 0.0 and sched.step().stats.frames == 3
+    assert a.stats()["frames"] == 2 and b.stats()["frames"] == 4
+
+
+def test_scheduler_serves_a_stream_with_little_traffic_next_to_a_backlog(tiny_model, frames):
+    clock = FakeClock()
+    sched = IngestScheduler({"max_batch_frames": 3, "max_stream_frames": 2}, clock=clock)
+    busy, quiet = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
+    sched.submit(busy, frames(6))
+    clock.t = 1.0
+    sched.submit(quiet, frames(1, seed=1))
+    first = sched.step(force=True)
+    assert {id(r.session): r.frames for r in first.results} == {id(busy): 2, id(quiet): 1}
+
+
+# ---------------------------------------------------------------------------------------------- questions
+def test_questions_go_before_the_next_batch(tiny_model, frames, monkeypatch):
+    """A question waits for the batch running, then goes before the next batch; after
+    ``questions_per_batch`` questions in a row the batch goes."""
+    sched = IngestScheduler({"questions_per_batch": 1})
+    s = mukv.Session(model=tiny_model)
+    s.feed(frames(2))
+    log: list[str] = []
+    release = threading.Event()
+    entered = threading.Event()
+    real_run = sched.batcher.run
+
+    def run(items):
+        log.append("batch")
+        entered.set()
+        release.wait(60)
+        return real_run(items)
+
+    monkeypatch.setattr(sched.batcher, "run", run)
+    real_ask = s.ask
+    monkeypatch.setattr(s, "ask", lambda q, **k: (log.append(q), real_ask(q, max_new_tokens=1))[1])
+    sched.submit(s, frames(1, seed=1))
+    t1 = threading.Thread(target=sched.step, kwargs={"force": True})
+    t1.start()
+    assert entered.wait(60)
+    asks = [threading.Thread(target=sched.ask, args=(s, q)) for q in ("q1", "q2")]
+    asks[0].start()
+    _wait(lambda: sched._asks == 1)
+    sched.submit(s, frames(1, seed=2))
+    t2 = threading.Thread(target=sched.step, kwargs={"force": True})
+    t2.start()
+    _wait(lambda: sched._batch_waiting)
+    asks[1].start()
+    _wait(lambda: sched._asks == 2)
+    entered.clear()
+    release.set()
+    for t in (t1, t2, *asks):
+        t.join(120)
+    # q1 and q2 both waited for the first batch; one question, then the batch, then the other question
+    assert log[0] == "batch" and log[2] == "batch" and sorted([log[1], log[3]]) == ["q1", "q2"]
+    assert s.stats()["frames"] == 4 and sched.totals["questions"] == 2
+
+
+def _wait(check, timeout: float = 60.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_background_thread_stores_everything_and_answers(tiny_model, frames):
+    s = mukv.Session(model=tiny_model)
+    with IngestScheduler({"latency_target_s": 0.05}) as sched:
+        sched.submit(s, frames(2))
+        sched.submit(s, frames(2, seed=1))
+        _wait(lambda: s.stats()["frames"] == 4)
+        assert sched.ask(s, "what is there?", max_new_tokens=2).blocks
+    assert sched.waiting() == 0 and sched.totals["frames"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- input
+def test_submit_validates_like_feed_and_continues_queued_times(tiny_model, frames):
+    clock = FakeClock()
+    sched = IngestScheduler(clock=clock)
+    s = mukv.Session(model=tiny_model)
+    with pytest.raises(InputError):
+        sched.submit(s, np.zeros((2, 8, 8), dtype=np.uint8))
+    with pytest.raises(InputError):
+        sched.submit(s, frames(2), timestamps=[1.0, 0.5])
+    assert sched.waiting() == 0
+    sched.submit(s, frames(2), timestamps=[10.0, 11.0])
+    with pytest.raises(InputError, match="continue the stream"):
+        sched.submit(s, frames(1), timestamps=[11.0])  # continues the queued frames, not the stream
+    with pytest.raises(InputError, match="frame size"):
+        sched.submit(s, frames(1, size=32))  # the size of the frames queued
+    sched.submit(s, frames(1))  # 1 / fps after the last queued frame
+    sched.drain()
+    assert s._stream.last_time == 13.0 and s.stats()["frames"] == 3
+    with pytest.raises(ConfigError, match="one model"):
+        sched.submit(mukv.Session(model="tiny-llava-ov", device="cpu"), frames(1))
+    with pytest.raises(InputError):
+        sched.submit("not a session", frames(1))
+    fork = s.fork()
+    with pytest.raises(StoreError):
+        sched.submit(fork, frames(1))
+    with pytest.raises(ConfigError, match="latency_target_s"):
+        IngestScheduler({"latency_target_s": 0})
+    with pytest.raises(ConfigError, match="nope"):
+        SchedulerConfig.build({"nope": 1})
+    with pytest.raises(InputError, match="twice"):
+        BatchIngest().run([FeedItem.of(s, frames(1)), FeedItem.of(s, frames(1))])
+
+
+def test_wall_clock_timestamps_give_a_new_stream_its_origin_when_stored(tiny_model, frames):
+    sched = IngestScheduler()
+    s = mukv.Session(model=tiny_model)
+    t0 = np.datetime64("2026-01-02T03:04:05")
+    sched.submit(s, frames(2), timestamps=[t0, t0 + np.timedelta64(2, "s")])
+    sched.submit(s, frames(1), timestamps=[t0 + np.timedelta64(4, "s")])
+    sched.drain()
+    assert s.wall_origin == pytest.approx(t0.astype("datetime64[s]").astype(float))
+    assert s._stream.last_time == 4.0 and s.stats()["frames"] == 3
+
+
+def test_a_windowed_level_is_ingested_per_stream_beside_batched_streams(tiny_model, frames):
+    """A ReKV stream (sliding-window level, per-layer keys) fed in a batch with MuKV streams stores
+    exactly what it stores fed alone: its window is its own, never shared with another stream."""
+    cfg = {"levels": [{"name": "frame", "extractor": "frame", "keep_ratio": 1.0, "top_k": 3, "local_window": 2,
+                       "layer_keys": True}],
+           "retrieval": {"retriever": "layerwise", "guide_level": None, "layer_probe": "memory"},
+           "assembly": {"order": "time", "rerotate": True}}
+    data = [frames(6, seed=31), frames(6, seed=32), frames(6, seed=33)]
+    sessions = [mukv.Session(model=tiny_model, config=cfg), mukv.Session(model=tiny_model),
+                mukv.Session(model=tiny_model, config=cfg)]
+    for half in (slice(0, 3), slice(3, 6)):
+        results, _ = BatchIngest().run([FeedItem.of(s, d[half]) for s, d in zip(sessions, data)])
+        assert all(r.ok for r in results), [r.error for r in results]
+    for s, d in ((sessions[0], data[0]), (sessions[2], data[2])):
+        with mukv.Session(model=tiny_model, config=cfg) as ref:
+            ref.feed(d)
+            ids = torch.arange(6)
+            assert s.backend.count("frame") == 6
+            torch.testing.assert_close(s.backend.load_kv("frame", ids), ref.backend.load_kv("frame", ids),
+                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(s.backend.layer_keys("frame", ids), ref.backend.layer_keys("frame", ids),
+                                       rtol=0, atol=1e-3)
+    for s in sessions:
+        s.close()
