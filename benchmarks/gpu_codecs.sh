@@ -28,7 +28,7 @@ if [ "$DEV" = cuda ]; then
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tee -a "$OUT/codecs.log" || exit 1
     TESTS=()
-    BENCH=(--device cuda --preset llava-onevision-qwen2-0.5b-ov --questions 24 --minutes 2 --store-minutes 10)
+    BENCH=(--device cuda --preset llava-onevision-qwen2-0.5b-ov --questions 24 --minutes 6 --store-minutes 10)
 else
     TESTS=(MUKV_GPU_TEST_DEVICE=cpu)
     BENCH=(--device cpu --preset tiny-llava-ov --questions 4 --minutes 1 --store-minutes 1 --repeats 3)

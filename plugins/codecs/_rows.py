@@ -98,6 +98,13 @@ def half_down(x: torch.Tensor) -> torch.Tensor:
     return -half_up(-x)
 
 
+def exact_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """``x / d`` rounded once, on every device: CUDA divides by a Python or CPU scalar as ``x * (1 / d)``
+    (two roundings), which would give the GPU other bytes than the CPU; a 0-dim tensor on ``x``'s
+    device is divided by exactly, as on the CPU."""
+    return x / x.new_full((), d)
+
+
 def affine(lo: torch.Tensor, hi: torch.Tensor, levels: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 minimum and step of an affine grid ``minimum + q * step``, ``q = 0 .. levels``, that covers
     ``[lo, hi]`` (float32): ``minimum <= lo`` and ``minimum + levels * step >= hi``, so no value clips and
@@ -107,7 +114,7 @@ def affine(lo: torch.Tensor, hi: torch.Tensor, levels: int, what: str) -> tuple[
         InputError: a minimum or a step beyond float16 (65504), naming ``what``.
     """
     m16 = half_down(lo)
-    step16 = half_up((hi - m16.float()) / levels)
+    step16 = half_up(exact_div(hi - m16.float(), levels))
     short = m16.float() + levels * step16.float() < hi  # float32 rounding of the cover: one more step up
     step16 = torch.where(short, _next_up(step16), step16)
     if not bool(torch.isfinite(m16).all() & torch.isfinite(step16).all()):

@@ -9,7 +9,7 @@ import torch
 from mukv.blocks import EncodedKV
 from mukv.interfaces import KVCodec
 
-from ._rows import RowLayout
+from ._rows import RowLayout, exact_div
 
 #: the largest finite float8 e4m3fn value
 FP8_MAX = 448.0
@@ -46,7 +46,7 @@ class Fp8Codec(KVCodec):
         rows = layout.allocate(kv.shape[0], kv.device)
         v = layout.views(rows)
         x = kv.float() if kv.dtype != torch.float32 else kv.clone()  # our own copy: scaled in place
-        scale = x.abs().amax(dim=(-2, -1)) / FP8_MAX  # [B, Y, 2, H]
+        scale = exact_div(x.abs().amax(dim=(-2, -1)), FP8_MAX)  # [B, Y, 2, H], the same bytes on every device
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows (or a subnormal max)
         v["q"].copy_(x.div_(scale[..., None, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
         v["scale"].copy_(scale)
