@@ -518,7 +518,7 @@ def markdown(res: dict[str, Any]) -> str:
             r = sg[key]
             share = r.get("share_of_datasheet")
             meas = r.get("share_of_measured")
-            lines.append(f"| {label} | {f(r["gflop_per_frame"], 1)} | {f(r['fps'])} | {f(r['tflops'])} | "
+            lines.append(f"| {label} | {f(r['gflop_per_frame'], 1)} | {f(r['fps'])} | {f(r['tflops'])} | "
                          f"{f(r.get('roofline_fps'))} | {f(None if share is None else 100 * share)} | "
                          f"{f(None if meas is None else 100 * meas)} |")
         lines.append("")
