@@ -20,7 +20,8 @@ Parts (``--parts``, default all three):
   dropped when it is not searchable within ``--lag-bound`` seconds of its arrival: skipped by the
   independent loop because it is already that late, committed later than that, or still waiting
   ``--grace`` seconds after the last arrival. A mode passes at N with no frame dropped and p99
-  first token <= ``--ttft-goal``; a mode that fails is not run at larger N.
+  first token <= ``--ttft-goal``; a mode that fails is not run at larger N. The scheduler's N run
+  first, then the independent sessions' (the same arrivals and questions per N).
 * ``single``: one stream fed in chunks of ``--chunk`` frames, with the vision tower (uint8 frames)
   and without (the vision tower's own output, precomputed), in frames/s and as a share of the bf16
   roofline: FLOPs per frame from the architecture (``gpu_bench.vision_flops`` + ``gpu_bench.prefill_flops``)
@@ -160,7 +161,7 @@ class Phase:
 
     # ---------------------------------------------------------------- questions
     def _questions(self, ask: Callable[[Session, str], Any]) -> None:
-        rng_q = gb.QUESTIONS
+        texts = gb.QUESTIONS
         for j, tq in enumerate(self.load.questions):
             self.clock.sleep_until(float(tq), self.stop)
             if self.stop.is_set():
@@ -175,7 +176,7 @@ class Phase:
             arrival = self.clock.wall_of(float(tq))
             t0 = time.perf_counter()
             try:
-                a = ask(s, rng_q[j % len(rng_q)])
+                a = ask(s, texts[j % len(texts)])
             except EmptyMemoryError:
                 self.q_skipped += 1
                 continue
@@ -390,26 +391,25 @@ def warm_up(adapter: Any, config: MukvConfig, frames: torch.Tensor, args: argpar
 
 def part_streams(adapter: Any, config: MukvConfig, frames: torch.Tensor, args: argparse.Namespace,
                  res: dict[str, Any], left: Callable[[], float], save: Callable[[], None]) -> None:
+    """Each mode over increasing N (the scheduler's first: its largest N is the run's point), each N
+    with the same arrivals and questions in both modes (one seed per N)."""
     phases = res.setdefault("phases", [])
-    alive = {m: True for m in args.modes}
     per_stream_setup = 0.01
-    for n in args.streams:
-        for mode in args.modes:
-            if not alive[mode]:
-                continue
+    for mode in args.modes:
+        for n in args.streams:
             need = args.seconds / args.time_scale + args.grace / args.time_scale + per_stream_setup * n + 2
             if need > left():
                 res["skipped"].append(f"streams: {mode} at N={n} (needs ~{need:.0f} s; {left():.0f} s left)")
-                alive[mode] = False
-                continue
+                break
             load = Load(n, args.seconds, args.fps, args.question_every, args.question_start, args.seed + n)
             out = Phase(adapter, config, frames, args, mode, load).run()
             per_stream_setup = max(per_stream_setup, out["setup_s"] / n)
             phases.append(out)
             print(phase_line(out), flush=True)
-            alive[mode] = out["passed"]
             gb.free(adapter.device)
             save()
+            if not out["passed"]:
+                break
     res["max_streams"] = {m: max([p["streams"] for p in phases if p["mode"] == m and p["passed"]], default=0)
                           for m in args.modes}
 
