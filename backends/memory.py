@@ -35,10 +35,20 @@ class _Level:
     meta: dict[str, torch.Tensor] = field(default_factory=dict)  # frame_start/end int64, t_start/end float64
 
 
+#: Bytes a level's first buffer may take beyond the blocks it is made for: at most 16 rows, fewer when
+#: rows are big (a segment block of a 0.5B model is ~8 MB), so that a store of one block does not hold
+#: 16 blocks' worth of GPU memory (hundreds of streams on one GPU each start one).
+FIRST_BUFFER_BYTES = 1 << 20
+
+
 def _grow(buf: torch.Tensor | None, like: torch.Tensor, need: int) -> torch.Tensor:
     if buf is not None and buf.shape[0] >= need:
         return buf
-    cap = max(need, 16 if buf is None else 2 * buf.shape[0])
+    if buf is None:
+        row = max(1, like[0].numel() * like.element_size()) if like.shape[0] else 1
+        cap = max(need, min(16, FIRST_BUFFER_BYTES // row))
+    else:
+        cap = max(need, 2 * buf.shape[0])
     new = torch.empty((cap, *like.shape[1:]), dtype=like.dtype, device=like.device)
     if buf is not None:
         new[: buf.shape[0]] = buf

@@ -79,6 +79,18 @@ PRESETS = {
     "tiny-qwen": "tiny-qwen2.5-vl",
 }
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+#: Dense bf16 datasheet rates (TFLOP/s) by a piece of the card's name, the first match wins: the PCIe and
+#: NVL forms of the H100 run slower than its SXM form (what "H100" alone names).
+DATASHEET_BF16_BY_NAME = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                          ("A100", 312.0))
+
+
+def datasheet_bf16_tflops(card_name: str) -> float | None:
+    """The dense bf16 datasheet rate of a card (``torch.cuda.get_device_name``), ``None`` when unknown."""
+    for key, tflops in DATASHEET_BF16_BY_NAME:
+        if key.lower() in card_name.lower():
+            return tflops
+    return None
 FPS = 0.5  # stream sampling rate: 1 h = 1800 frames
 QUESTIONS = [
     "what color was the car?",
