@@ -12,7 +12,7 @@
 #
 #     pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl \
 #         fastapi starlette uvicorn h11 httpx httpcore anyio sniffio idna certifi python-multipart \
-#         annotated-types typing-inspection annotated-doc
+#         annotated-types typing-inspection annotated-doc opentelemetry-api (fastapi 0.165 imports it)
 #
 # Environment: STREAMS (default 64), MINUTES (stream minutes per camera, default 5), RATE (questions
 # per second, default 2), MODEL (default llava-onevision-qwen2-0.5b-ov), OUT (default runs/serve).

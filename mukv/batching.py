@@ -70,7 +70,8 @@ class FeedItem:
         queued for a stream that has none yet).
 
         Raises:
-            InputError: bad frames or timestamps. StoreError: a session that cannot be fed.
+            InputError: bad frames or timestamps.
+            StoreError: a session that cannot be fed.
         """
         with session._lock if after is None else _nothing():
             session._check_writable()

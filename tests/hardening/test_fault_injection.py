@@ -200,7 +200,7 @@ def test_state_file_write_failure(store, monkeypatch):
 @pytest.mark.parametrize("reader", ["direct", "zarr"])
 def test_eio_reading_kv_names_the_blocks(store, monkeypatch, reader):
     """An I/O error reading KV, on the direct shard reader of local stores and on zarr's (object stores)."""
-    from mukv.backends.disk import zarr_kv
+    from mukv.backends.disk import shards
 
     path, _, total = store
     b = backend(path)
@@ -213,7 +213,7 @@ def test_eio_reading_kv_names_the_blocks(store, monkeypatch, reader):
 
     if reader == "direct":
         assert b.archive.geometry("frame") is not None
-        monkeypatch.setattr(zarr_kv, "_read_piece", eio_sync)
+        monkeypatch.setattr(shards, "_read_piece", eio_sync)
     else:
         b.archive.direct = False
         monkeypatch.setattr(zarr.storage.LocalStore, "get", eio)
