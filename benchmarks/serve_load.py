@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "correct": bool(q is not None and score(final["text"], q.answer)),
                           "frames": final["frames"], "t_end": final["t_end"],
                           "first_token_s": first if first is not None else total, "total_s": total,
-                          "server_wait_s": final["timings"].get("wait", 0.0)})
+                          "server_wait_s": final["timings"].get("wait", 0.0),
+                          "server_timings": {k: round(float(v), 4) for k, v in final["timings"].items()}})
 
     askers = []
     k = 0

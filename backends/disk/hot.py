@@ -312,6 +312,14 @@ class HotTier:
                 return np.full(len(ids), -1, dtype=np.int64)
             return np.array([lv.where.get(int(i), -1) for i in np.asarray(ids).tolist()], dtype=np.int64)
 
+    def holds_all(self, name: str, n: int) -> bool:
+        """Whether every block ``0 .. n - 1`` of ``name`` is in the tier (a search need not look on disk)."""
+        with self.lock:
+            lv = self.levels.get(name)
+            if lv is None or n <= 0:
+                return n <= 0
+            return int(np.count_nonzero((lv.ids >= 0) & (lv.ids < n))) == n
+
     def read(self, name: str, slots: np.ndarray) -> torch.Tensor:
         """``[n, Y, 2, H, K, D]`` copies of the blocks in ``slots`` (on the tier's device)."""
         with self.lock:

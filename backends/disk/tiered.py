@@ -908,7 +908,9 @@ class TieredBackend(StorageBackend):
             hot_ids, hot_vecs = self.hot.search(level, F.normalize(q, dim=0), k, w)
             below = min(self._committed.get(level, 0), n)
             cold_ids, cold_vecs = np.empty(0, dtype=np.int64), np.empty((0, self.layout.vector_dim), np.float32)
-            if below > 0:
+            # the index on disk is searched only for blocks the hot tier does not hold: a stream whose blocks
+            # are all hot answers without a lance query (whose cost grows with the table's fragments)
+            if below > 0 and not self.hot.holds_all(level, below):
                 covered = None if w is None else int(np.clip(w[:, 1] - w[:, 0], 0, None).sum())
                 if w is not None and covered <= self.options.scan_frames:
                     t = self.table.scan(self.stream_id, level, below, w, _ROW_COLUMNS)

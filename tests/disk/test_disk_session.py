@@ -136,3 +136,28 @@ def test_several_streams_in_one_store(tiny_model, tmp_path):
         Session.open(path, stream_id="cam-3", model=tiny_model)
     ra.close()
     rb.close()
+
+
+def test_a_stream_held_whole_in_the_hot_tier_is_searched_without_the_index(tiny_model, tmp_path):
+    """Every block hot: a question makes no query of the index on disk (whose cost grows with its
+    fragments, one per commit) and retrieves what the same stream retrieves from disk alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 255, (12, 64, 64, 3), dtype=np.uint8)
+    answers = {}
+    for name, hot in (("hot", 64 << 20), ("cold", 0)):
+        with mukv.Session(model=tiny_model, backend="lancedb", path=tmp_path / name,
+                          backend_options={"hot_bytes": hot}) as s:
+            for i in range(0, 12, 3):
+                s.feed(frames[i : i + 3])
+            s.flush()
+            calls = []
+            real = s.backend.table.search
+            s.backend.table.search = lambda *a, **k: calls.append(1) or real(*a, **k)
+            a = s.ask("what color was the car?", max_new_tokens=2)
+            answers[name] = [(b.level, b.block_id) for b in a.blocks]
+            a2 = s.ask("what color was the car?", max_new_tokens=2, since=2.0, until=14.0)
+            answers[name + "-window"] = [(b.level, b.block_id) for b in a2.blocks]
+            assert (len(calls) == 0) == (name == "hot"), (name, calls)
+    assert answers["hot"] == answers["cold"] and answers["hot-window"] == answers["cold-window"]
