@@ -27,11 +27,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .assembly import assemble_context, page_in
-from .blocks import Answer, Query, RetrievedBlock
-from .clock import is_wall_clock, iso, stream_seconds, to_unix, unix_array
+from .blocks import Answer
+from .clock import is_wall_clock, stream_seconds, to_unix, unix_array
 from .config import MukvConfig, merge
-from .errors import ConfigError, EmptyMemoryError, InputError, MukvError, RetrievalError, StoreError
+from .errors import ConfigError, InputError, MukvError, StoreError
 from .frames import as_frames, as_timestamps, iter_chunks, resize_frames
 from .ingest import LiveFeed  # noqa: F401  (the handle feed_from(background=True) returns)
 from .kvcodec import build_codec
@@ -43,160 +42,36 @@ from .interfaces import (
     StorageBackend,
     TokenScorer,
 )
-from .model import HFVideoLLM
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
-from .rope import rerotate
-from .local_window import question_probe
-from .safeio import read_json_object
-from .specs import build, canonicalize, config_hash, require_json, split, validate_settings
+from .specs import build, canonicalize, config_hash, require_json
 from .state import MAX_STREAM_TIME, validate_values
 from .stream import Stream, load_pending
 
+from .answering import MAX_QUESTION_TOKENS, answer_question, plan_top_k  # noqa: F401  (re-exported)
+from .loading import (  # noqa: F401  (re-exported: mukv.session's public helpers since 0.1)
+    DEFAULT_MODEL,
+    MAX_PATH_CHARS,
+    STORAGE_FIELDS,
+    _as_dict,
+    _backend_spec,
+    _model_record,
+    _question_log,
+    check_device,
+    check_dtype,
+    check_path,
+    default_device,
+    list_stream_ids,
+    load_model,
+    storage_differences,
+)
+
 log = logging.getLogger(__name__)
 
-#: The model of ``mukv.Session()`` and of new stores made by the ``mukv`` command.
-DEFAULT_MODEL = "mukv-tiny"
-
-MAX_QUESTION_TOKENS = 2048
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
 MAX_NEW_TOKENS = 4096
-#: longest store path or model path accepted
-MAX_PATH_CHARS = 4096
 #: the stream state values a session reads back (mukv.state.StreamValues)
 STATE_KEYS = ("session", "frames_seen", "cursors", "last_time", "first_time", "pending", "sources", "gaps")
-#: configuration sections that say how blocks are made and stored: fixed for a stream's life
-STORAGE_FIELDS = ("scoring", "compression", "stream")
-
-
-def default_device() -> torch.device:
-    """CUDA if available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def check_path(path: Any, what: str) -> str:
-    """A store or checkpoint path: a non-empty string or ``os.PathLike`` of sane length, no NUL byte."""
-    if isinstance(path, Path):
-        path = str(path)
-    if not isinstance(path, str):
-        raise InputError(f"{what} must be a path (str or pathlib.Path); got {type(path).__name__}")
-    if not path or len(path) > MAX_PATH_CHARS or "\x00" in path:
-        raise InputError(f"{what} must be a non-empty path of at most {MAX_PATH_CHARS} characters without NUL bytes")
-    return path
-
-
-def check_device(device: Any) -> torch.device:
-    """A torch device this machine has (``None``: CUDA if available, else CPU)."""
-    if device is None:
-        return default_device()
-    if not isinstance(device, (str, torch.device)) or (isinstance(device, str) and len(device) > 64):
-        raise ConfigError(f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'); got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {device!r}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta") or dev.type == "meta":
-        raise ConfigError(f"device {device!r}: not a device mukv runs on (cpu, cuda, mps)")
-    return dev
-
-
-def check_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return dtype
-    raise ConfigError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None); got {dtype!r}")
-
-
-def load_model(model: Any, device: torch.device, dtype: torch.dtype | None = None) -> HFVideoLLM:
-    """A model adapter from a registered name (preset), a local checkpoint directory, either
-    with settings (``{"name": "llava-onevision-qwen2-0.5b-ov", "parity": "authors"}``), or an adapter.
-
-    Raises:
-        ConfigError: unknown preset, no adapter for the checkpoint, invalid settings.
-        StoreError: an unreadable checkpoint.
-    """
-    if isinstance(model, ModelAdapter):
-        return model  # type: ignore[return-value]
-    if isinstance(model, Path):
-        model = str(model)
-    if not isinstance(model, (str, Mapping)) or not model:
-        raise ConfigError(f"model must be a preset name, a checkpoint directory (either may come with settings: "
-                          f'{{"name": ..., setting: value}}) or a ModelAdapter; got {model!r}')
-    name, raw, _ = split(model, "model")
-    check_path(name, "model")
-    dtype = check_dtype(dtype)
-    reg = registry()
-    path = Path(name)
-    if name in reg.entries["models"]:
-        entry = reg.entries["models"][name]
-        factory = reg.get("models", name)
-        if isinstance(factory, type):
-            raise ConfigError(f"model {name!r} is an adapter class; pass a checkpoint directory it can load")
-        settings = validate_settings("models", name, factory, raw, "model", entry)
-        return factory(device=device, dtype=dtype, **_kwargs(settings))
-    if path.is_dir():
-        cfg = read_json_object(path / "config.json", "checkpoint config.json", 16 << 20, StoreError, missing_ok=True)
-        if cfg is None:
-            raise StoreError(f"{path}: not a model checkpoint (no config.json)")
-        model_type = cfg.get("model_type")
-        if not isinstance(model_type, str):
-            raise StoreError(f"{path / 'config.json'}: model_type must be a string; got {model_type!r}")
-        adapters = {
-            t: e for e in reg.entries["models"].values()
-            if isinstance(e.component, type) for t in getattr(e.component, "model_types", ())
-        }
-        if model_type not in adapters:
-            raise ConfigError(f"no model adapter for model_type {model_type!r}; adapters exist for {sorted(adapters)}")
-        entry = adapters[model_type]
-        settings = validate_settings("models", entry.name, entry.component, raw, "model", entry)
-        try:
-            return entry.component.from_pretrained(path, device=device, dtype=dtype, **_kwargs(settings))
-        except MukvError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
-    presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]
-    raise ConfigError(f"unknown model {name!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
-
-
-def _kwargs(settings: Any) -> dict[str, Any]:
-    return {} if settings is None else {k: getattr(settings, k) for k in type(settings).model_fields}
-
-
-def _model_record(model: Any, adapter: Any) -> Any:
-    """What a store records as its model: the name or spec given (JSON), else the adapter's name."""
-    if isinstance(model, Path):
-        return str(model)
-    if isinstance(model, str):
-        return model
-    if isinstance(model, Mapping):
-        return dict(model)
-    return adapter.name
-
-
-def storage_differences(stored: MukvConfig, new: MukvConfig) -> list[str]:
-    """The configuration fields of ``new`` that would store blocks differently from ``stored`` (levels
-    other than their top-k and rerank weights, scoring, compression, stream)."""
-    old_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in stored.levels]
-    new_levels = [lv.model_dump(exclude={"top_k", "rerank_weight"}) for lv in new.levels]
-    changed = [f for f in STORAGE_FIELDS if getattr(new, f) != getattr(stored, f)]
-    return (["levels"] if old_levels != new_levels else []) + changed
-
-
-def list_stream_ids(backend_cls: Any, path: str, options: dict[str, Any]) -> list[str]:
-    """Streams of a store, for messages (empty if it cannot be listed)."""
-    fn = getattr(backend_cls, "list_streams", None)
-    try:
-        return sorted(fn(path, **options)) if callable(fn) else []
-    except MukvError:
-        return []
 
 
 class Session:
@@ -814,107 +689,11 @@ class Session:
 
     def _answer(self, question: str, top_k: dict[str, int] | None, max_new_tokens: int | None,
                 window: tuple[float | None, float | None] | None, on_token: Any = None) -> Answer:
-        t_start = time.perf_counter()
-        timings: dict[str, float] = {}
-        notes: list[str] = []
-        index = self.backend
-        if window is not None:
-            from .window import WindowedIndex, level_window
-
-            t0 = time.perf_counter()
-            index = WindowedIndex(self.backend, {lp.level.name: level_window(self.backend, lp.level.name, *window)
-                                                 for lp in self.levels})
-            timings["window"] = time.perf_counter() - t0
-        plan = self._plan(top_k, notes, index, window)
-        n_q = self.model.tokenize(question).numel()
-        if n_q > MAX_QUESTION_TOKENS:
-            raise InputError(f"question is too long: {n_q} tokens (at most {MAX_QUESTION_TOKENS})")
-        t0 = time.perf_counter()
-        vector = self.model.query_vector(self.prefix, question)
-        timings["query"] = time.perf_counter() - t0
-        probe = question_probe(self.model, self.prefix, question, self.backend,
-                               sum(plan.get(lp.level.name, 0) * lp.kept for lp in self.levels))
-        query = Query(question, vector, self._stream.last_time or 0.0, self._stream.frames_seen, probe=probe)
-        t0 = time.perf_counter()
-        hits = self.retriever.retrieve(query, index, plan)
-        timings["retrieve"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pieces = page_in(self.backend, hits, [lp.level.name for lp in self.levels], self.config.assembly.rerotate)
-        fn = (lambda k, old, new: rerotate(self.model, k, old, new)) if self.config.assembly.rerotate else None
-        tl = getattr(self.model, "timeline", None) if self.config.assembly.rerotate else None
-        assembled = assemble_context(self.prefix.kv, pieces, self.config.assembly.order, fn, tl)
-        context, order = assembled.kv, assembled.block_order
-        timings["page_in"] = time.perf_counter() - t0
-        budget = max_new_tokens or self.config.generation.max_new_tokens
-        stream = {"on_token": on_token} if on_token is not None else {}
-        text, _, gen_t = self.model.generate(context, question, budget, assembled.next_position, **stream)
-        timings.update(gen_t)
-        timings["total"] = time.perf_counter() - t_start
-        origin = self._stream.wall_origin
-        blocks = []
-        share = assembled.layer_share or [1.0] * len(order)
-        for (pi, r), layer_share in zip(order, share):
-            p = pieces[pi]
-            ts, te = float(p.meta.t_start[r]), float(p.meta.t_end[r])
-            blocks.append(RetrievedBlock(
-                level=p.level, block_id=int(p.ids[r]), score=float(p.scores[r]),
-                frame_start=int(p.meta.frame_start[r]), frame_end=int(p.meta.frame_end[r]),
-                t_start=ts, t_end=te, tokens=int(p.kv.shape[4]), wall_start=iso(ts, origin), wall_end=iso(te, origin),
-                layer_share=float(layer_share),
-            ))
-        answer = Answer(question, text, blocks, int(context.shape[4]), timings, notes, window)
-        if log.isEnabledFor(logging.INFO):
-            log.info("answered in %.0f ms from %d blocks (%s), %d KV tokens", timings["total"] * 1000,
-                     len(blocks), ", ".join(f"{n} {lv}" for lv, n in answer.levels().items()), answer.kv_tokens)
-        if self._question_log is not None:
-            self._question_log.record(answer, self.config, model=self.model.name,
-                                      stream_time=self._stream.last_time or 0.0)
-        return answer
+        return answer_question(self, question, top_k, max_new_tokens, window, on_token)
 
     def _plan(self, top_k: dict[str, int] | None, notes: list[str], index: Any = None,
               window: tuple[float | None, float | None] | None = None) -> dict[str, int]:
-        index = self.backend if index is None else index
-        names = [lp.level.name for lp in self.levels]
-        if top_k is not None:
-            if not isinstance(top_k, dict):
-                raise InputError(f"top_k must be a dict of level name -> count; got {type(top_k).__name__}")
-            unknown = sorted(set(top_k) - set(names), key=repr)
-            if unknown:
-                raise InputError(f"top_k names unknown levels {unknown}; levels: {names}")
-            for name, k in top_k.items():
-                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-                    raise InputError(f"top_k[{name!r}] must be a non-negative integer; got {k!r}")
-        if sum(index.count(n) for n in names) == 0:
-            seen = self._stream.frames_seen
-            if window is not None and sum(self.backend.count(n) for n in names):
-                raise EmptyMemoryError(f"nothing is stored in the window since={window[0]} until={window[1]} "
-                                       "(stream seconds)")
-            raise EmptyMemoryError(
-                "nothing is stored yet: feed frames before asking" if seen == 0 else
-                f"nothing is stored yet: {seen} frame(s) fed, no level has completed a block"
-            )
-        plan = {}
-        for lp in self.levels:
-            name = lp.level.name
-            stored = index.count(name)
-            if top_k is not None and name in top_k:
-                k = top_k[name]
-                if k > stored:
-                    raise RetrievalError(f"top_k[{name!r}] = {k} but only {stored} {name} block(s) are stored"
-                                         + (" in the window" if window is not None else ""))
-            else:
-                k = lp.level.top_k
-                if k > stored:
-                    if self.config.retrieval.on_short_stream == "error":
-                        raise RetrievalError(
-                            f"levels.{name}.top_k = {k} but only {stored} {name} block(s) are stored "
-                            "(retrieval.on_short_stream = 'error')")
-                    if stored < k and k < 1_000_000:
-                        notes.append(f"{name}: top-k {k} clamped to the {stored} block(s) stored"
-                                     + (" in the window" if window is not None else ""))
-                    k = stored
-            plan[name] = k
-        return plan
+        return plan_top_k(self, top_k, notes, index, window)
 
     # -- state ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -973,45 +752,3 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _as_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, MukvConfig):
-        return config.model_dump()
-    if isinstance(config, dict):
-        return config
-    raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
-
-
-
-
-def _backend_spec(backend: Any, options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
-    """``(name, options)`` of a backend given as a name or as ``{"name": ..., **options}``."""
-    if isinstance(backend, Mapping):
-        name, given, _ = split(backend, "backend")
-        clash = sorted(set(given) & set(options or {}))
-        if clash:
-            raise ConfigError(f"backend options {clash} are given twice (in the backend spec and in backend_options)")
-        return name, {**given, **(options or {})} if (given or options) else options
-    if not isinstance(backend, str) or not backend:
-        raise ConfigError(f"backend must be a registered backend name (or one with options); got {backend!r}")
-    return backend, options
-
-
-def _question_log(where: Any, path: Any, stream_id: str, backend_options: dict[str, Any] | None) -> Any:
-    """The session's question log (``None``: off)."""
-    if where is False or where is None:
-        return None
-    from .logs import QuestionLog
-
-    storage = (backend_options or {}).get("storage_options")
-    if where is True:
-        if path is None:
-            raise ConfigError("log_questions=True keeps the log in the store, but this session has no path; "
-                              "give the folder or URI to log into instead (log_questions='questions/')")
-        return QuestionLog(str(path), stream_id, storage_options=storage)
-    if isinstance(where, (str, Path)) and str(where):
-        return QuestionLog(str(where), stream_id, storage_options=storage)
-    raise ConfigError(f"log_questions must be True, False or a folder / URI; got {where!r}")
