@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mukv.blocks import CompressedBlocks, KVLayout
 from mukv.errors import RetrievalError, StoreError
-from mukv.interfaces import BlockMeta, EvictionPolicy, KVCodec, StorageBackend
+from mukv.interfaces import EvictionPolicy, KVCodec, StorageBackend
 from mukv.kvcodec import codec_or_none
 from mukv.malloc import pin_mmap_threshold
 from mukv.state import validate_values
@@ -57,12 +56,13 @@ from .state_file import read_state, validate_manifest
 from .hot import BlockInfo, HotTier
 from .lease import LeaseHeld, StreamLease
 from .options import TieredOptions
-from .pagein import hot_form, load_kv
+from .pagein import hot_form
+from .reads import Reads
+from .recovery import Recovery
 from .transfer import HostCopy, Mover, as_numpy_rows
 from .writer import OffloadWriter
 
 MANIFEST = "mukv.json"
-_ROW_COLUMNS = ["block_id", "segment_id", "frame_start", "frame_end", "t_start", "t_end", "crc32"]
 _open_backends: "weakref.WeakSet[TieredBackend]" = weakref.WeakSet()
 
 
@@ -121,7 +121,7 @@ def layout_dict(layout: KVLayout) -> dict[str, Any]:
             "dtype": dtype_name(layout.dtype), "model_id": layout.model_id}
 
 
-class TieredBackend(StorageBackend):
+class TieredBackend(Recovery, Reads, StorageBackend):
     """Blocks in a bounded hot tier and on disk (zarr KV + lancedb index); see the module docstring.
 
     Args:
@@ -312,123 +312,6 @@ class TieredBackend(StorageBackend):
             self._values = dict(state.values)
             self._level_info = {lv: info.model_dump() for lv, info in state.levels.items()}
         self._pvalues: dict[str, Any] = dict(self._values)  # values in the state file (writer thread)
-
-    def _recover(self) -> None:
-        """Remove what a killed writer left beyond the committed state; refuse on real damage.
-
-        Left over (removed): index rows of transactions the state has not committed, KV rows beyond the
-        counts, temp files, stream files the state does not reference. Damage (a :class:`StoreError`,
-        nothing removed): rows of a committed transaction, or rows whose frames the state's cursors say
-        were covered, beyond the counts (the state lost count of committed data: ``mukv repair``
-        decides what to do, when asked), KV or rows missing below the counts.
-        """
-        counts = self._persisted
-        partials = self.archive.remove_partials() + self.keys.remove_partials()
-        try:
-            beyond = self._rows_beyond(counts)
-        except StoreError:
-            # a version of the table that references files that are gone (a copy taken while being
-            # written): go back to the newest readable version holding every committed row of every stream
-            restored = self._restore_index_version()
-            if restored is None:
-                raise
-            self.recovered["index_version"] = {"latest": restored[0], "restored": restored[1]}
-            beyond = self._rows_beyond(counts)
-        self._refuse_committed_beyond(beyond)
-        rows = self.table.delete_uncounted(self.stream_id, counts) if beyond is not None and beyond.num_rows else 0
-        cut: dict[str, int] = {}
-        for level in sorted(set(self.archive.levels()) | set(counts)):
-            n = counts.get(level, 0)
-            length = self.archive.length(level)
-            if length < n:
-                raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks are "
-                                 f"committed but only {length} have KV on disk")
-            if length > n:
-                self.archive.truncate(level, n)
-                cut[level] = length - n
-            if n:
-                have = self.table.count(self.stream_id, level)
-                if have != n:
-                    raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is damaged: {n} {level} blocks "
-                                     f"are committed but the index holds {have} rows for them")
-        for level in self.keys.levels():  # per-layer keys beyond the committed blocks
-            if self.keys.length(level) > counts.get(level, 0):
-                self.keys.truncate(level, counts.get(level, 0))
-        files = self._remove_unreferenced_files()
-        self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut,
-                          "stream_files": files}
-
-    def _rows_beyond(self, counts: dict[str, int]):
-        cols = ["level", "block_id", "frame_start", "frame_end"] + (["txn"] if self.table.has_column("txn") else [])
-        return self.table.beyond(self.stream_id, counts, cols)
-
-    def _refuse_committed_beyond(self, beyond) -> None:
-        """Rows beyond the counts that were committed (by their transaction number, or because the state's
-        cursors say their frames were covered) mean the state disagrees with the data: refuse."""
-        if beyond is None or beyond.num_rows == 0:
-            return
-        cursors = (self._values.get("cursors") or {}) if isinstance(self._values.get("cursors"), dict) else {}
-        levels = beyond.column("level").to_pylist()
-        ids = beyond.column("block_id").to_pylist()
-        ends = beyond.column("frame_end").to_pylist()
-        txns = beyond.column("txn").to_pylist() if "txn" in beyond.column_names else [None] * len(ids)
-        bad: dict[str, list[int]] = {}
-        for lv, bid, end, txn in zip(levels, ids, ends, txns):
-            committed_txn = txn is not None and txn <= self._txn
-            covered = lv in cursors and end <= int(cursors[lv])
-            if committed_txn or covered:
-                bad.setdefault(lv, []).append(int(bid))
-        if bad:
-            what = "; ".join(f"{lv}: state counts {self._persisted.get(lv, 0)}, committed rows up to id {max(b)}"
-                             for lv, b in sorted(bad.items()))
-            raise StoreError(
-                f"{self.files.uri()}: stream {self.stream_id!r}: its state disagrees with its data ({what}); "
-                "refusing to open it for writing, nothing was changed. `mukv repair "
-                f"{self.files.uri()} --stream-id {self.stream_id}` shows what it would do")
-
-    def _stream_dir(self) -> str:
-        return f"streams/{self.stream_id}"
-
-    def _referenced_files(self, values: dict[str, Any]) -> set[str]:
-        pending = values.get("pending")
-        return {pending["file"]} if isinstance(pending, dict) and isinstance(pending.get("file"), str) else set()
-
-    def _remove_unreferenced_files(self) -> int:
-        """Stream files a killed writer left: pending-frame files the state does not name, thumbnails of
-        frames the state has not committed. Returns how many were removed."""
-        removed = 0
-        keep = self._referenced_files(self._values)
-        seen = int(self._values.get("frames_seen", 0) or 0)
-        for name in self.files.listing(self._stream_dir()):
-            if name.startswith("pending.") and name not in keep:
-                self.files.delete(f"{self._stream_dir()}/{name}")
-                removed += 1
-        thumbs = f"{self._stream_dir()}/thumbs"
-        for name in self.files.listing(thumbs):
-            stem = name.split(".", 1)[0]
-            if not stem.isdigit() or int(stem) >= seen:
-                self.files.delete(f"{thumbs}/{name}")
-                removed += 1
-        return removed
-
-    def _restore_index_version(self) -> tuple[int, int] | None:
-        """:meth:`BlockTable.restore_readable` with every stream's committed counts, unless another
-        process writes a stream of this store (a restore would race its commits)."""
-        from .verify import writer_active
-
-        counts: dict[str, dict[str, int]] = {}
-        for name in self.files.listing("streams"):
-            if not name.endswith(".json") or name.startswith("."):
-                continue
-            sid = check_stream_id(name[: -len(".json")])
-            if sid != self.stream_id and writer_active(self.files, sid):
-                return None
-            try:
-                found = read_state(self.files, sid)
-            except StoreError:
-                return None  # a stream whose committed counts are unknown: no version can be proven to hold them
-            counts[sid] = dict(found[0].counts) if found else {}
-        return self.table.restore_readable(counts)
 
     @classmethod
     def peek_state(cls, path: str, stream_id: str, key: str, **options: Any) -> Any:
@@ -850,181 +733,6 @@ class TieredBackend(StorageBackend):
             self._check_writer()
             self.writer.wait()
             self._check_writer()
-
-    def _cold_rows(self, level: str, ids: np.ndarray) -> dict[int, tuple]:
-        """(vector, segment, frame_start, frame_end, t_start, t_end, crc) of blocks on disk, via the row cache."""
-        out: dict[int, tuple] = {}
-        missing = []
-        for i in ids.tolist():
-            row = self._rows.get((level, i))
-            if row is None:
-                missing.append(i)
-            else:
-                self._rows.move_to_end((level, i))
-                out[i] = row
-        if missing:
-            self._ensure_on_disk(level, max(missing) + 1)
-            t = self.table.fetch(self.stream_id, level, np.array(missing), _ROW_COLUMNS + ["vector"])
-            got = self._cache_rows(level, t)
-            for i in missing:
-                if i not in got:
-                    raise StoreError(f"{self.files.uri()}: {level} block {i} of stream {self.stream_id!r} is "
-                                     "missing from the index")
-            out.update(got)
-        return out
-
-    def _cache_rows(self, level: str, t) -> dict[int, tuple]:
-        if t is None or t.num_rows == 0:
-            return {}
-        cols = {c: t.column(c).to_numpy() for c in _ROW_COLUMNS}
-        vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                          dtype=np.float32).reshape(t.num_rows, -1)
-        got = {}
-        for r in range(t.num_rows):
-            i = int(cols["block_id"][r])
-            row = (vecs[r], int(cols["segment_id"][r]), int(cols["frame_start"][r]), int(cols["frame_end"][r]),
-                   float(cols["t_start"][r]), float(cols["t_end"][r]), int(cols["crc32"][r]))
-            got[i] = row
-            if self.options.row_cache:
-                # its own vector: a view would keep the whole fetched batch alive as long as any row of it
-                # stays cached, and the cache's bound in rows would not bound its bytes
-                row = (row[0].copy(),) + row[1:]
-                self._rows[(level, i)] = row
-                self._rows.move_to_end((level, i))
-        while len(self._rows) > self.options.row_cache:
-            self._rows.popitem(last=False)
-        return got
-
-    def search(self, level: str, query: torch.Tensor, k: int, within: torch.Tensor | None = None):
-        with self._lock:
-            self._check_open()
-            empty = (torch.empty(0, dtype=torch.int64, device=self.device), torch.empty(0, device=self.device))
-            n = self.count(level)
-            if n == 0 or k <= 0:
-                return empty
-            self._ensure_on_disk(level, self._unadmitted.get(level, 0))
-            q = query.detach().to("cpu", torch.float32).reshape(-1)
-            w = None if within is None else within.detach().cpu().to(torch.int64).reshape(-1, 2).numpy()
-            hot_ids, hot_vecs = self.hot.search(level, F.normalize(q, dim=0), k, w)
-            below = min(self._committed.get(level, 0), n)
-            cold_ids, cold_vecs = np.empty(0, dtype=np.int64), np.empty((0, self.layout.vector_dim), np.float32)
-            # the index on disk is searched only for blocks the hot tier does not hold: a stream whose blocks
-            # are all hot answers without a lance query (whose cost grows with the table's fragments)
-            if below > 0 and not self.hot.holds_all(level, below):
-                covered = None if w is None else int(np.clip(w[:, 1] - w[:, 0], 0, None).sum())
-                if w is not None and covered <= self.options.scan_frames:
-                    t = self.table.scan(self.stream_id, level, below, w, _ROW_COLUMNS)
-                else:
-                    t = self.table.search(self.stream_id, level, below, q.numpy(), k, w, _ROW_COLUMNS)
-                if t is not None and t.num_rows:
-                    cold_ids = t.column("block_id").to_numpy()
-                    cold_vecs = np.asarray(t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                                           dtype=np.float32).reshape(t.num_rows, -1)
-                    keep_t = t
-                else:
-                    keep_t = None
-            else:
-                keep_t = None
-            ids = np.concatenate([hot_ids, cold_ids])
-            vecs = np.concatenate([hot_vecs.cpu().numpy().reshape(-1, self.layout.vector_dim), cold_vecs])
-            if ids.size == 0:
-                return empty
-            ids, first = np.unique(ids, return_index=True)  # ascending ids, first occurrence
-            vecs = vecs[first].astype(np.float64)
-            q64 = q.numpy().astype(np.float64)
-            q64 /= max(np.sqrt((q64 * q64).sum()), 1e-12)
-            norms = np.sqrt((vecs * vecs).sum(axis=1))
-            scores = (vecs * q64[None]).sum(axis=1) / np.maximum(norms, 1e-12)
-            order = np.argsort(-scores, kind="stable")[:k]
-            top = ids[order]
-            if keep_t is not None:  # remember the winners' rows for vectors()/metadata()/load_kv()
-                pos = np.flatnonzero(np.isin(keep_t.column("block_id").to_numpy(), top))
-                self._cache_rows(level, keep_t.take(pos))
-            return (torch.from_numpy(top.copy()).to(self.device),
-                    torch.from_numpy(scores[order].astype(np.float32)).to(self.device))
-
-    def vectors(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            self._check_open()
-            ids = self._ids(level, ids)
-            out = torch.empty(ids.size, self.layout.vector_dim, dtype=torch.float32, device=self.device)
-            slots = self.hot.lookup(level, ids)
-            hot = slots >= 0
-            if hot.any():
-                out[torch.from_numpy(np.flatnonzero(hot)).to(self.device)] = self.hot.vectors(level, slots[hot]).to(self.device)
-            if (~hot).any():
-                rows = self._cold_rows(level, ids[~hot])
-                vec = np.stack([rows[int(i)][0] for i in ids[~hot]])
-                out[torch.from_numpy(np.flatnonzero(~hot)).to(self.device)] = torch.from_numpy(vec).to(self.device)
-            return out
-
-    def metadata(self, level: str, ids: torch.Tensor) -> BlockMeta:
-        with self._lock:
-            self._check_open()
-            ids = self._ids(level, ids)
-            cols = {k: np.empty(ids.size, dtype=np.int64) for k in ("frame_start", "frame_end")}
-            cols.update({k: np.empty(ids.size, dtype=np.float64) for k in ("t_start", "t_end")})
-            slots = self.hot.lookup(level, ids)
-            hot = slots >= 0
-            if hot.any():
-                m = self.hot.meta(level, slots[hot])
-                for c in cols:
-                    cols[c][hot] = m[c]
-            if (~hot).any():
-                rows = self._cold_rows(level, ids[~hot])
-                sel = [rows[int(i)] for i in ids[~hot]]
-                for j, c in enumerate(("frame_start", "frame_end", "t_start", "t_end")):
-                    cols[c][~hot] = [r[2 + j] for r in sel]
-            d = self.device
-            return BlockMeta(*(torch.from_numpy(cols[c]).to(d) for c in ("frame_start", "frame_end", "t_start", "t_end")))
-
-    def load_kv(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """Page in blocks ``ids`` (the final selection of one question); see :func:`.pagein.load_kv`.
-
-        Returns:
-            ``[n, Y, 2, H, K, D]`` KV of ``ids`` in their order, on the session's device.
-        """
-        with self._lock:
-            self._check_open()
-            return load_kv(self, level, self._ids(level, ids))
-
-    def _lance_lists(self, level: str, ids: torch.Tensor, column: str) -> torch.Tensor:
-        with self._lock:
-            self._check_open()
-            ids = self._ids(level, ids)
-            if ids.size == 0:
-                return torch.empty(0, int(self._level_info.get(level, {}).get("tokens", 0)), dtype=torch.int64)
-            self._ensure_on_disk(level, int(ids.max()) + 1)
-            t = self.table.fetch(self.stream_id, level, ids, [column])
-            got = t.column("block_id").to_numpy()
-            vals = np.asarray(t.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                              dtype=np.int64).reshape(t.num_rows, -1)
-            pos = np.searchsorted(got, ids)
-            return torch.from_numpy(vals[pos]).to(self.device)
-
-    def positions(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._lance_lists(level, ids, "positions")
-
-    def layer_keys(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """Per-layer mean keys of ``ids`` (from RAM: see :mod:`.layer_keys`)."""
-        with self._lock:
-            self._check_open()
-            return self.lk.get(level, self._ids(level, ids)).to(self.device)
-
-    def layer_scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
-                     layers: list[int] | None = None) -> torch.Tensor:
-        with self._lock:
-            self._check_open()
-            if self.count(level) == 0:
-                return torch.empty(queries.shape[0], 0, device=self.device)
-            return self.lk.scores(level, queries, chunk, layers)[:, : self.count(level)].to(self.device)
-
-    def token_index(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        return self._lance_lists(level, ids, "token_index")
-
-    def kept(self, level: str, ids: torch.Tensor) -> torch.Tensor:
-        """``[n, K]`` kept token indices inside each block."""
-        return self._lance_lists(level, ids, "kept")
 
     # ------------------------------------------------------------------ numbers, checks, closing
     def stats(self) -> dict[str, Any]:
