@@ -62,7 +62,7 @@ def _bounds(codec: KVCodec, kv: torch.Tensor, enc: EncodedKV) -> torch.Tensor:
         scale = v["scale"].float()[..., None, None].expand(kv.shape)
         return kv.float().abs() / 16 + scale * 2**-10
     if name == "kivi4":
-        return _kivi4_steps(codec, kv.shape, v) / 2
+        return _kivi4_bound(codec, kv, v)
     raise AssertionError(name)
 
 
@@ -83,6 +83,23 @@ def _kivi4_steps(codec: KVCodec, shape: torch.Size, v: dict[str, torch.Tensor]) 
         j = torch.arange(h * d)  # channel j of the token: head j // d, channel j % d
         steps[:, :, i] = per_token[..., j // g].view(b, y, k, h, d).permute(0, 1, 3, 2, 4)
     return steps
+
+
+def _kivi4_bound(codec: KVCodec, kv: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
+    """kivi4's stated bound per value: half its step; where rotated (per token) the head's half steps summed,
+    over ``2**(n - n // 2)``, plus the transforms' float32 rounding (taken as ``D 2**-20`` of the head's
+    largest magnitude)."""
+    b, y, _, h, k, d = kv.shape
+    half = _kivi4_steps(codec, kv.shape, v) / 2
+    if codec.settings.rotate:  # values quantised per token are rotated: short blocks, long without channel_values
+        n = d.bit_length() - 1
+        for i, part in enumerate(("key", "value")):
+            if codec.long(k) and (part == "key" or codec.settings.channel_values):
+                continue
+            rounding = kv[:, :, i].float().abs().amax(-1, keepdim=True) * d * 2**-20
+            head = half[:, :, i].sum(-1, keepdim=True) / 2 ** (n - n // 2) + rounding
+            half[:, :, i] = head.expand(b, y, h, k, d)
+    return half
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -115,7 +132,8 @@ def test_per_channel_keys_keep_small_channels_sharp():
 
 
 KIVI4 = [{"name": "kivi4", "channel_tokens": 4}, {"name": "kivi4", "channel_tokens": 4, "channel_values": False},
-         {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096}]
+         {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096},
+         {"name": "kivi4", "rotate": False}, {"name": "kivi4", "rotate": False, "key_group": 8, "value_group": 128}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,10 +152,32 @@ def test_kivi4_round_trip_within_the_stated_bound(spec, dtype):
     assert torch.equal(out[1], kv[1]) and float(err.max()) > 0
     if codec.long(kv.shape[4]):  # per channel: a constant key channel of a float16 value decodes exactly
         assert torch.equal(out[0, :, 0, :, :, 5], kv[0, :, 0, :, :, 5])
-    # the steps are what the docstring says: at most (max - min) / 15 of each channel or group, never less
-    steps = _kivi4_steps(codec, kv.shape, codec._rows(tuple(kv.shape[1:])).views(enc.rows))
-    lo, hi = kv.float().amin(), kv.float().amax()
-    assert float(steps.max()) <= float(hi - lo) / 15 * (1 + 2**-9)
+    if not codec.settings.rotate:  # steps of unrotated values: at most range / 15
+        steps = _kivi4_steps(codec, kv.shape, codec._rows(tuple(kv.shape[1:])).views(enc.rows))
+        lo, hi = kv.float().amin(), kv.float().amax()
+        assert float(steps.max()) <= float(hi - lo) / 15 * (1 + 2**-9)
+
+
+def test_kivi4_rotation_is_walsh_hadamard_and_spreads_outliers():
+    """The rotation is Sylvester's Hadamard matrix (inverse: itself over D); it lets short blocks' per-token
+    groups share a step with an outlier channel: less error on the crafted KV (outlier key channel x40)."""
+    from mukv.plugins.codecs.kivi4 import hadamard
+
+    for d in (2, 8, 32):
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        x = torch.randn(5, d)
+        assert torch.allclose(hadamard(x.clone(), -1), x @ h.T / 2, atol=1e-5)
+        n = d.bit_length() - 1
+        assert torch.allclose(hadamard(hadamard(x.clone(), -(n // 2)), n // 2 - n), x, atol=1e-6)
+    kv = crafted(torch.float32)
+    err = {}
+    for rotate in (False, True):
+        codec = build_codec({"name": "kivi4", "rotate": rotate})
+        out = codec.decode_blocks(codec.encode_blocks(kv), "cpu")
+        err[rotate] = float((out - kv)[:, :, 0].norm() / kv[:, :, 0].norm())
+    assert err[True] < 0.7 * err[False]
 
 
 def test_kivi4_keeps_small_key_channels_sharp_in_long_blocks():
@@ -159,7 +199,7 @@ def test_kivi4_keeps_small_key_channels_sharp_in_long_blocks():
 def test_kivi4_byte_layout():
     """A long block (K = 2 >= channel_tokens 2): keys and values per channel; a short one (K = 1): values in
     one group spanning both heads. The rows are exactly the documented bytes."""
-    codec = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4})
+    codec = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4, "rotate": False})
     kv = torch.zeros(1, 1, 2, 2, 2, 2)  # (Y, 2, H, K, D) = (1, 2, 2, 2, 2)
     kv[0, 0, 0, 0] = torch.tensor([[0.0, 1.0], [15.0, 1.0]])  # keys of head 0: channel 0 spans 0..15, 1 is constant
     kv[0, 0, 0, 1] = torch.tensor([[-2.0, 0.0], [28.0, 0.0]])  # head 1: channel 0 spans -2..28 (step 2)
@@ -185,6 +225,11 @@ def test_kivi4_byte_layout():
     assert v["value_step"].flatten().tolist() == pytest.approx([4.0 / 15], rel=2**-10)  # 0, 0 and 3, 4: one group
     # keys: 0, 1 -> codes 0, 15 (step 1/15), -2, 0 -> 0, 15; values 3, 4 | 0, 0 with step 4/15 -> 11, 15 | 0, 0
     assert v["q"].flatten().tolist() == [0xF0, 0xF0, 0xFB, 0x00]
+    # rotated (D = 2: H t = (a + b, a - b)): keys of head 0, (0, 1) -> (1, -1): min -1, codes 15 and 0
+    rotated = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4})
+    v = layout.views(rotated.encode_blocks(short).rows)
+    assert v["key_min"].flatten().tolist() == [-1.0, -2.0] and v["q"].flatten().tolist()[0] == 0x0F
+    assert torch.allclose(rotated.decode_blocks(rotated.encode_blocks(short), "cpu"), short, atol=0.15)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -352,7 +397,11 @@ def test_kivi4_settings_are_typed():
     codec = build_codec({"name": "kivi4", "channel_tokens": 8, "channel_values": False, "key_group": 16,
                          "value_group": 256})
     assert codec.record() == {"name": "kivi4", "version": 1, "settings": {
-        "channel_tokens": 8, "channel_values": False, "key_group": 16, "value_group": 256}}
+        "channel_tokens": 8, "channel_values": False, "key_group": 16, "rotate": True, "value_group": 256}}
+    with pytest.raises(ConfigError, match="rotate needs a head dimension that is a power of two, not 48"):
+        build_codec("kivi4").row_layout((1, 2, 2, 4, 48), torch.float32)
+    assert build_codec({"name": "kivi4", "rotate": False, "key_group": 16}).row_layout((1, 2, 2, 4, 48),
+                                                                                       torch.float32)
     assert codec_from_record(codec.record(), "x").settings == codec.settings
     assert build_codec({"name": "kivi4", "value_group": 256}).row_layout((1, 2, 2, 4, 64), torch.float32)  # all heads
     with pytest.raises(ConfigError, match="head dimension 63 must be even"):

@@ -33,11 +33,31 @@ class Kivi4Settings(CodecSettings):
     """Channels of one token of one head whose keys share a minimum and a step in short blocks. A head
     dimension smaller than it is one group; otherwise it must divide the head dimension."""
 
+    rotate: bool = True
+    """Whether keys and values quantised per token (short blocks; values of long blocks without
+    ``channel_values``) are first rotated by a Walsh-Hadamard transform over each head's channels (QuaRot's
+    idea: an outlier channel's energy spreads over the head, so one step fits every channel of a group). The
+    head dimension must then be a power of two."""
+
     value_group: int = Field(default=128, ge=2, le=1 << 16)
     """Channels of one token whose values share a minimum and a step (where values are quantised per token),
     counted over the token's heads one after the other (``H x D`` channels), so a group may span heads: up to
     the head dimension it must divide it; above, it must be a multiple of it covering whole heads (e.g. 128 is
     two heads of 64). ``H x D`` channels fewer than it are one group."""
+
+
+def hadamard(t: torch.Tensor, scale_log2: int) -> torch.Tensor:
+    """``H t * 2**scale_log2`` over the last dimension (``D``, a power of two; ``H`` the Walsh-Hadamard matrix
+    of +-1, ``H H = D I``), as ``log2 D`` stages of additions and subtractions in ``t``'s dtype: the same bits
+    on every device (no product is rounded but by a power of two, which is exact)."""
+    shape, d = t.shape, t.shape[-1]
+    h = 1
+    while h < d:
+        x = t.reshape(*shape[:-1], d // (2 * h), 2, h)
+        a, b = x[..., 0, :], x[..., 1, :]
+        t = torch.stack((a + b, a - b), dim=-2).reshape(shape)
+        h *= 2
+    return t.mul_(2.0 ** scale_log2) if scale_log2 else t
 
 
 class _Groups:
@@ -69,13 +89,17 @@ class Kivi4Codec(KVCodec):
     head over the block's ``K`` tokens shares a minimum and a step: outlier channels keep their own range) and
     so are values (``channel_values``; else per token); in shorter blocks (patch and frame blocks) keys are
     quantised per token in groups of ``key_group`` channels of a head, and values per token in groups of
-    ``value_group`` channels, which may span heads. Asymmetric, codes 0..15 packed two per byte, float16
-    minimum and step.
+    ``value_group`` channels, which may span heads, each head's channels first **rotated** by a Walsh-Hadamard
+    transform (``rotate``), so that an outlier channel does not set its group's step alone. Asymmetric, codes
+    0..15 packed two per byte, float16 minimum and step.
 
     Row of a block ``(Y, 2, H, K, D)``, ``uint8 [S]``, sections at 16-byte aligned offsets:
 
     1. ``q``: uint8 ``[Y, 2, H, K, D / 2]``: channel ``2j`` in the low nibble of byte ``j``, channel
-       ``2j + 1`` in the high nibble (keys at index 0 of the second axis, values at 1);
+       ``2j + 1`` in the high nibble (keys at index 0 of the second axis, values at 1); where quantised per
+       token (short blocks; values of long ones without ``channel_values``) with ``rotate``, the channels
+       are those of ``H_D t / 2**(n // 2)``, ``t`` a token's ``D`` channels of one head, ``H_D`` the
+       Walsh-Hadamard matrix of +-1 (Sylvester's order), ``n = log2 D``;
     2. ``key_min``, ``key_step``: float16, per channel ``[Y, H, D]`` (long blocks) or per token group
        ``[Y, H, K, D / Gk]`` (short blocks, ``Gk = min(key_group, D)``);
     3. ``value_min``, ``value_step``: float16, per channel ``[Y, H, D]`` (long blocks with
@@ -83,14 +107,21 @@ class Kivi4Codec(KVCodec):
        ``Gv = min(value_group, H x D)`` channels covers ``m = Gv / D`` heads (``Gv >= D``, ``c = 1``) or is
        one of ``c = D / Gv`` groups of a head (``m = 1``).
 
-    A value decodes as ``min + q * step`` (float32, then the model's dtype). Bits per value: ``4 + 32 / K``
-    in long blocks with ``channel_values`` (4.05 at the 0.5B layout's segment blocks, ``K = 627``), ``4 +
-    16 / Gk + 16 / Gv`` in short ones (4.375 at 64 and 128), plus padding to 16 bytes.
+    A value decodes as ``min + q * step`` (float32), where rotated then ``H_D r / 2**(n - n // 2)``
+    over each head's ``D`` decoded channels ``r`` (additions and subtractions in float32 and a product by a
+    power of two: the same bits on every device), then the model's dtype. Bits per value: ``4 + 32 / K`` in
+    long blocks with ``channel_values`` (4.05 at the 0.5B layout's segment blocks, ``K = 627``), ``4 + 16 / Gk
+    + 16 / Gv`` in short ones (4.375 at 64 and 128), plus padding to 16 bytes.
 
-    Error bound: every value is within ``step / 2`` of its decoded value (float32 arithmetic), where
-    ``step <= (max - min) / 15 * (1 + 2**-9)`` of its channel or group; channels and groups of one float16
-    value (zeros included) decode exactly; then one rounding to the model's dtype. KV whose minimum or step
-    does not fit float16 (a minimum below -65504, a range above 65504 x 15) is refused.
+    Error bound: every value quantised as it is (long blocks, or ``rotate`` off) is within ``step / 2`` of its
+    decoded value, where ``step <= (max - min) / 15 * (1 + 2**-9)`` of its channel or group; channels and
+    groups of one float16 value (zeros included) decode exactly. Where rotated, every rotated value
+    is within ``step / 2`` of its grid point, so a value is within ``sum(step / 2) / 2**(n - n // 2)`` over
+    its token's ``D`` channels of the head (and its error vector has the L2 norm of the rotated one, times
+    ``2**(n // 2 - n / 2)``), plus the float32 rounding of the two transforms (a few units of ``2**-24`` of
+    the head's largest magnitudes times ``D``); zeros decode exactly. Then one rounding to the model's dtype.
+    KV whose minimum or step does not fit float16 (a minimum below -65504, a range above 65504 x 15) is
+    refused.
     """
 
     Settings = Kivi4Settings
@@ -101,6 +132,9 @@ class Kivi4Codec(KVCodec):
         gk, gv = min(int(s.key_group), d), min(int(s.value_group), h * d)
         if d % 2:
             raise ConfigError(f"kv_codec kivi4: the head dimension {d} must be even (two codes per byte)")
+        if s.rotate and d & (d - 1):
+            raise ConfigError(f"kv_codec kivi4: rotate needs a head dimension that is a power of two, not {d}; "
+                              "set rotate to false")
         if d % gk:
             raise ConfigError(f"kv_codec kivi4: key_group {s.key_group} does not divide the head dimension {d}; "
                               f"use a divisor of {d}")
@@ -150,6 +184,8 @@ class Kivi4Codec(KVCodec):
                 m, s = affine(*torch.aminmax(t, dim=-2), LEVELS, f"kivi4 {part}s")  # [B, Y, H, D]
                 q[:, :, i] = quantise_(t, m.unsqueeze(-2), s.unsqueeze(-2), LEVELS)
             else:
+                if self.settings.rotate:  # H t / 2**(n // 2), n = log2 D: orthonormal where n is even
+                    t = hadamard(t, -((d.bit_length() - 1) // 2))
                 g = groups.view(t)
                 m, s = affine(g.amin(dim=(3, 6)), g.amax(dim=(3, 6)), LEVELS, f"kivi4 {part}s")  # [B, Y, H/m, K, c]
                 q[:, :, i] = quantise_(g, groups.spread(m), groups.spread(s), LEVELS).view(b, y, h, k, d)
@@ -174,4 +210,7 @@ class Kivi4Codec(KVCodec):
                 dequantise_(t, m.unsqueeze(-2), s.unsqueeze(-2))
             else:
                 dequantise_(groups.view(t), groups.spread(m), groups.spread(s))
+                if self.settings.rotate:  # H (H t / 2**(n // 2)) / 2**(n - n // 2) = D t / 2**n = t
+                    n = d.bit_length() - 1
+                    x[:, :, i] = hadamard(t, n // 2 - n)
         return x.to(encoded.dtype)
