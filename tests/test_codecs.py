@@ -133,7 +133,8 @@ def test_per_channel_keys_keep_small_channels_sharp():
 
 KIVI4 = [{"name": "kivi4", "channel_tokens": 4}, {"name": "kivi4", "channel_tokens": 4, "channel_values": False},
          {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096},
-         {"name": "kivi4", "rotate": False}, {"name": "kivi4", "rotate": False, "key_group": 8, "value_group": 128}]
+         {"name": "kivi4", "rotate": True}, {"name": "kivi4", "rotate": True, "channel_tokens": 4, "channel_values": False},
+         {"name": "kivi4", "rotate": True, "key_group": 8, "value_group": 128}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -199,7 +200,7 @@ def test_kivi4_keeps_small_key_channels_sharp_in_long_blocks():
 def test_kivi4_byte_layout():
     """A long block (K = 2 >= channel_tokens 2): keys and values per channel; a short one (K = 1): values in
     one group spanning both heads. The rows are exactly the documented bytes."""
-    codec = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4, "rotate": False})
+    codec = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4})
     kv = torch.zeros(1, 1, 2, 2, 2, 2)  # (Y, 2, H, K, D) = (1, 2, 2, 2, 2)
     kv[0, 0, 0, 0] = torch.tensor([[0.0, 1.0], [15.0, 1.0]])  # keys of head 0: channel 0 spans 0..15, 1 is constant
     kv[0, 0, 0, 1] = torch.tensor([[-2.0, 0.0], [28.0, 0.0]])  # head 1: channel 0 spans -2..28 (step 2)
@@ -226,7 +227,7 @@ def test_kivi4_byte_layout():
     # keys: 0, 1 -> codes 0, 15 (step 1/15), -2, 0 -> 0, 15; values 3, 4 | 0, 0 with step 4/15 -> 11, 15 | 0, 0
     assert v["q"].flatten().tolist() == [0xF0, 0xF0, 0xFB, 0x00]
     # rotated (D = 2: H t = (a + b, a - b)): keys of head 0, (0, 1) -> (1, -1): min -1, codes 15 and 0
-    rotated = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4})
+    rotated = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4, "rotate": True})
     v = layout.views(rotated.encode_blocks(short).rows)
     assert v["key_min"].flatten().tolist() == [-1.0, -2.0] and v["q"].flatten().tolist()[0] == 0x0F
     assert torch.allclose(rotated.decode_blocks(rotated.encode_blocks(short), "cpu"), short, atol=0.15)
@@ -397,11 +398,10 @@ def test_kivi4_settings_are_typed():
     codec = build_codec({"name": "kivi4", "channel_tokens": 8, "channel_values": False, "key_group": 16,
                          "value_group": 256})
     assert codec.record() == {"name": "kivi4", "version": 1, "settings": {
-        "channel_tokens": 8, "channel_values": False, "key_group": 16, "rotate": True, "value_group": 256}}
+        "channel_tokens": 8, "channel_values": False, "key_group": 16, "rotate": False, "value_group": 256}}
     with pytest.raises(ConfigError, match="rotate needs a head dimension that is a power of two, not 48"):
-        build_codec("kivi4").row_layout((1, 2, 2, 4, 48), torch.float32)
-    assert build_codec({"name": "kivi4", "rotate": False, "key_group": 16}).row_layout((1, 2, 2, 4, 48),
-                                                                                       torch.float32)
+        build_codec({"name": "kivi4", "rotate": True}).row_layout((1, 2, 2, 4, 48), torch.float32)
+    assert build_codec({"name": "kivi4", "key_group": 16}).row_layout((1, 2, 2, 4, 48), torch.float32)
     assert codec_from_record(codec.record(), "x").settings == codec.settings
     assert build_codec({"name": "kivi4", "value_group": 256}).row_layout((1, 2, 2, 4, 64), torch.float32)  # all heads
     with pytest.raises(ConfigError, match="head dimension 63 must be even"):

@@ -33,11 +33,12 @@ class Kivi4Settings(CodecSettings):
     """Channels of one token of one head whose keys share a minimum and a step in short blocks. A head
     dimension smaller than it is one group; otherwise it must divide the head dimension."""
 
-    rotate: bool = True
+    rotate: bool = False
     """Whether keys and values quantised per token (short blocks; values of long blocks without
     ``channel_values``) are first rotated by a Walsh-Hadamard transform over each head's channels (QuaRot's
     idea: an outlier channel's energy spreads over the head, so one step fits every channel of a group). The
-    head dimension must then be a power of two."""
+    head dimension must then be a power of two. Off by default: on mukv-tiny it made the keys' error 20-45%
+    smaller and the held-out clips no more accurate (docs/codecs-results.md)."""
 
     value_group: int = Field(default=128, ge=2, le=1 << 16)
     """Channels of one token whose values share a minimum and a step (where values are quantised per token),
@@ -89,8 +90,8 @@ class Kivi4Codec(KVCodec):
     head over the block's ``K`` tokens shares a minimum and a step: outlier channels keep their own range) and
     so are values (``channel_values``; else per token); in shorter blocks (patch and frame blocks) keys are
     quantised per token in groups of ``key_group`` channels of a head, and values per token in groups of
-    ``value_group`` channels, which may span heads, each head's channels first **rotated** by a Walsh-Hadamard
-    transform (``rotate``), so that an outlier channel does not set its group's step alone. Asymmetric, codes
+    ``value_group`` channels, which may span heads (with ``rotate``, each head's channels first rotated by a
+    Walsh-Hadamard transform, so that an outlier channel does not set its group's step alone). Asymmetric, codes
     0..15 packed two per byte, float16 minimum and step.
 
     Row of a block ``(Y, 2, H, K, D)``, ``uint8 [S]``, sections at 16-byte aligned offsets:
