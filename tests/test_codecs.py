@@ -133,7 +133,8 @@ def test_per_channel_keys_keep_small_channels_sharp():
 
 KIVI4 = [{"name": "kivi4", "channel_tokens": 4}, {"name": "kivi4", "channel_tokens": 4, "channel_values": False},
          {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096},
-         {"name": "kivi4", "rotate": True}, {"name": "kivi4", "rotate": True, "channel_tokens": 4, "channel_values": False},
+         {"name": "kivi4", "rotate": True},
+         {"name": "kivi4", "rotate": True, "channel_tokens": 4, "channel_values": False},
          {"name": "kivi4", "rotate": True, "key_group": 8, "value_group": 128}]
 
 
