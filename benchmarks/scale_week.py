@@ -408,7 +408,8 @@ def run_week(args, layout, week: Path, retrievers, opts) -> dict:
     checkpoints = sorted({float(h) for h in args.checkpoints.split(",") if float(h) <= args.hours + 1e-9})
     cp_windows = {h: int(round(h * 3600 * args.fps / WINDOW)) for h in checkpoints}
     backend = TieredBackend(layout, str(week), "cpu", stream_id="week", **opts)
-    backend.set_state("session", {"config": {"levels": [{"frames": 1}, {"frames": 1}, {"frames": WINDOW}]}})
+    backend.set_state("session", {"model": layout.model_id, "model_id": layout.model_id,  # the stream contract
+                                  "config": {"levels": [{"frames": 1}, {"frames": 1}, {"frames": WINDOW}]}})
     done, t_ingest = 0, 0.0
     sample_every = max(1, int(round(2 * 3600 * args.fps / WINDOW)))  # every 2 h of video
     marks = sorted(set(list(range(sample_every, total_windows, sample_every)) + list(cp_windows.values()) + [total_windows]))
@@ -468,7 +469,8 @@ def run_full(args, fpath: Path, retrievers, opts) -> dict:
         hours, t_full = fb.count("segment") * WINDOW / args.fps / 3600, None
     else:
         fb = TieredBackend(flay, str(fpath), "cpu", stream_id="full", **opts)
-        fb.set_state("session", {"config": {"levels": [{"frames": 1}, {"frames": 1}, {"frames": WINDOW}]}})
+        fb.set_state("session", {"model": flay.model_id, "model_id": flay.model_id,  # the stream contract
+                                 "config": {"levels": [{"frames": 1}, {"frames": 1}, {"frames": WINDOW}]}})
         fw = int(round(args.full_hours * 3600 * args.fps / WINDOW))
         t0 = time.perf_counter()
         seg = flay.num_layers * 2 * flay.num_kv_heads * LEVELS["segment"][1] * flay.head_dim

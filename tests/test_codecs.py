@@ -17,7 +17,7 @@ from mukv.interfaces import KVCodec
 from mukv.kvcodec import build_codec, codec_from_record
 
 HAS_FP8 = hasattr(torch, "float8_e4m3fn")
-QUANTISING = ["int8", "int4", "fp8"] if HAS_FP8 else ["int8", "int4"]
+QUANTISING = ["int8", "int4", "kivi4", "fp8"] if HAS_FP8 else ["int8", "int4", "kivi4"]
 ALL = ["none", *QUANTISING]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -61,7 +61,45 @@ def _bounds(codec: KVCodec, kv: torch.Tensor, enc: EncodedKV) -> torch.Tensor:
     if name == "fp8":
         scale = v["scale"].float()[..., None, None].expand(kv.shape)
         return kv.float().abs() / 16 + scale * 2**-10
+    if name == "kivi4":
+        return _kivi4_bound(codec, kv, v)
     raise AssertionError(name)
+
+
+def _kivi4_steps(codec: KVCodec, shape: torch.Size, v: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each value's step as kivi4's docstring defines its channels and groups, indexed here on its own: per
+    channel in blocks of at least ``channel_tokens`` tokens, else channel ``j`` of a token's head-major ``H x D``
+    channels in group ``j // G`` (keys: ``G = min(key_group, D)`` within a head)."""
+    b, y, _, h, k, d = shape
+    s = codec.settings
+    steps = torch.empty(shape)
+    for i, part in enumerate(("key", "value")):
+        step = v[f"{part}_step"].float()
+        if k >= s.channel_tokens and (part == "key" or s.channel_values):
+            steps[:, :, i] = step.view(b, y, h, 1, d).expand(b, y, h, k, d)
+            continue
+        g = min(s.key_group, d) if part == "key" else min(s.value_group, h * d)
+        per_token = step.permute(0, 1, 3, 2, 4).reshape(b, y, k, h * d // g)  # [B, Y, K, groups in head order]
+        j = torch.arange(h * d)  # channel j of the token: head j // d, channel j % d
+        steps[:, :, i] = per_token[..., j // g].view(b, y, k, h, d).permute(0, 1, 3, 2, 4)
+    return steps
+
+
+def _kivi4_bound(codec: KVCodec, kv: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
+    """kivi4's stated bound per value: half its step; where rotated (per token) the head's half steps summed,
+    over ``2**(n - n // 2)``, plus the transforms' float32 rounding (taken as ``D 2**-20`` of the head's
+    largest magnitude)."""
+    b, y, _, h, k, d = kv.shape
+    half = _kivi4_steps(codec, kv.shape, v) / 2
+    if codec.settings.rotate:  # values quantised per token are rotated: short blocks, long without channel_values
+        n = d.bit_length() - 1
+        for i, part in enumerate(("key", "value")):
+            if codec.long(k) and (part == "key" or codec.settings.channel_values):
+                continue
+            rounding = kv[:, :, i].float().abs().amax(-1, keepdim=True) * d * 2**-20
+            head = half[:, :, i].sum(-1, keepdim=True) / 2 ** (n - n // 2) + rounding
+            half[:, :, i] = head.expand(b, y, h, k, d)
+    return half
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -91,6 +129,109 @@ def test_per_channel_keys_keep_small_channels_sharp():
     normal[[3, 5]] = False
     keys = kv[:, :, 0][..., normal]
     assert float(err8[:, :, 0][..., normal].max()) <= float((keys.amax(-2) - keys.amin(-2)).max()) / 255 / 2 * 1.01
+
+
+KIVI4 = [{"name": "kivi4", "channel_tokens": 4}, {"name": "kivi4", "channel_tokens": 4, "channel_values": False},
+         {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096},
+         {"name": "kivi4", "rotate": True},
+         {"name": "kivi4", "rotate": True, "channel_tokens": 4, "channel_values": False},
+         {"name": "kivi4", "rotate": True, "key_group": 8, "value_group": 128}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", KIVI4, ids=str)
+def test_kivi4_round_trip_within_the_stated_bound(spec, dtype):
+    """Long blocks (per channel, with and without values per channel) and short ones (groups within a head,
+    across heads, one group of all heads), on the crafted outliers, constant channels, zeros and tiny values."""
+    codec = build_codec(spec)
+    kv = crafted(dtype)
+    enc = codec.encode_blocks(kv)
+    out = codec.decode_blocks(enc, "cpu")
+    assert out.shape == kv.shape and out.dtype == dtype
+    err = (out.float() - kv.float()).abs()
+    bound = _bounds(codec, kv, enc) * (1 + 1e-6) + out.float().abs() * _rounding(dtype) + 1e-30
+    assert (err <= bound).all(), f"{spec} {dtype}: worst excess {float((err - bound).max())}"
+    assert torch.equal(out[1], kv[1]) and float(err.max()) > 0
+    if codec.long(kv.shape[4]):  # per channel: a constant key channel of a float16 value decodes exactly
+        assert torch.equal(out[0, :, 0, :, :, 5], kv[0, :, 0, :, :, 5])
+    if not codec.settings.rotate:  # steps of unrotated values: at most range / 15
+        steps = _kivi4_steps(codec, kv.shape, codec._rows(tuple(kv.shape[1:])).views(enc.rows))
+        lo, hi = kv.float().amin(), kv.float().amax()
+        assert float(steps.max()) <= float(hi - lo) / 15 * (1 + 2**-9)
+
+
+def test_kivi4_rotation_is_walsh_hadamard_and_spreads_outliers():
+    """The rotation is Sylvester's Hadamard matrix (inverse: itself over D); it lets short blocks' per-token
+    groups share a step with an outlier channel: less error on the crafted KV (outlier key channel x40)."""
+    from mukv.plugins.codecs.kivi4 import hadamard
+
+    for d in (2, 8, 32):
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        x = torch.randn(5, d)
+        assert torch.allclose(hadamard(x.clone(), -1), x @ h.T / 2, atol=1e-5)
+        n = d.bit_length() - 1
+        assert torch.allclose(hadamard(hadamard(x.clone(), -(n // 2)), n // 2 - n), x, atol=1e-6)
+    kv = crafted(torch.float32)
+    err = {}
+    for rotate in (False, True):
+        codec = build_codec({"name": "kivi4", "rotate": rotate})
+        out = codec.decode_blocks(codec.encode_blocks(kv), "cpu")
+        err[rotate] = float((out - kv)[:, :, 0].norm() / kv[:, :, 0].norm())
+    assert err[True] < 0.7 * err[False]
+
+
+def test_kivi4_keeps_small_key_channels_sharp_in_long_blocks():
+    """In a block of at least ``channel_tokens`` tokens, kivi4 quantises keys per channel: the outlier
+    channel (x40) does not blur the others, which int4's groups along the head dimension share with it."""
+    kv = crafted(torch.float32, k=80)[:1]
+    codec, int4 = build_codec("kivi4"), build_codec("int4")
+    assert codec.long(64) and not codec.long(63)
+    err = (codec.decode_blocks(codec.encode_blocks(kv), "cpu") - kv).abs()[:, :, 0]
+    err4 = (int4.decode_blocks(int4.encode_blocks(kv), "cpu") - kv).abs()[:, :, 0]
+    normal = torch.ones(64, dtype=torch.bool)
+    normal[[3, 5]] = False
+    keys = kv[:, :, 0][..., normal]
+    per_channel = (keys.amax(-2) - keys.amin(-2)) / 15 / 2 * (1 + 2**-9)  # [1, Y, H, 62]
+    assert (err[..., normal] <= per_channel.unsqueeze(-2) * (1 + 1e-6)).all()
+    assert float(err[..., normal].mean()) < float(err4[..., normal].mean()) / 4
+
+
+def test_kivi4_byte_layout():
+    """A long block (K = 2 >= channel_tokens 2): keys and values per channel; a short one (K = 1): values in
+    one group spanning both heads. The rows are exactly the documented bytes."""
+    codec = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4})
+    kv = torch.zeros(1, 1, 2, 2, 2, 2)  # (Y, 2, H, K, D) = (1, 2, 2, 2, 2)
+    kv[0, 0, 0, 0] = torch.tensor([[0.0, 1.0], [15.0, 1.0]])  # keys of head 0: channel 0 spans 0..15, 1 is constant
+    kv[0, 0, 0, 1] = torch.tensor([[-2.0, 0.0], [28.0, 0.0]])  # head 1: channel 0 spans -2..28 (step 2)
+    kv[0, 0, 1, 0] = torch.tensor([[3.0, 4.0], [18.0, 4.0]])  # values per channel of head 0: 3..18, constant 4
+    row = codec.encode_blocks(kv).rows[0]
+    assert row.numel() == 16 + 4 * 16  # q: 2 x 2 x 2 x 1 bytes, padded; four float16 [1, 2, 2] sections
+    q = row[:8].tolist()
+    assert q[:4] == [0x00, 0x0F, 0x00, 0x0F]  # keys: [token][head] (0, 0) (0, 15) for head 0; (0, 0) (15, 0) head 1
+    assert row[16:24].view(torch.float16).tolist() == [0.0, 1.0, -2.0, 0.0]  # key_min per channel [H, D]
+    assert row[32:40].view(torch.float16).tolist() == [1.0, 0.0, 2.0, 0.0]  # key_step
+    assert row[48:56].view(torch.float16).tolist() == [3.0, 4.0, 0.0, 0.0]  # value_min per channel
+    assert row[64:72].view(torch.float16).tolist() == [1.0, 0.0, 0.0, 0.0]  # value_step
+    assert row[4:16].tolist() == [0x00, 0x0F, 0x00, 0x00] + [0] * 8  # values: 3 -> 0, 18 -> 15; padding
+    assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu"), kv)
+    short = kv[:, :, :, :, :1].contiguous()  # K = 1 < 2: per token; keys per head (group 2), values across heads
+    row = codec.encode_blocks(short).rows[0]
+    layout = codec._rows((1, 2, 2, 1, 2))
+    assert [(s.name, s.shape) for s in layout.sections.values()] == [
+        ("q", (1, 2, 2, 1, 1)), ("key_min", (1, 2, 1, 1)), ("key_step", (1, 2, 1, 1)),
+        ("value_min", (1, 1, 1, 1)), ("value_step", (1, 1, 1, 1))]
+    v = layout.views(row[None])
+    assert v["key_min"].flatten().tolist() == [0.0, -2.0] and v["value_min"].flatten().tolist() == [0.0]
+    assert v["value_step"].flatten().tolist() == pytest.approx([4.0 / 15], rel=2**-10)  # 0, 0 and 3, 4: one group
+    # keys: 0, 1 -> codes 0, 15 (step 1/15), -2, 0 -> 0, 15; values 3, 4 | 0, 0 with step 4/15 -> 11, 15 | 0, 0
+    assert v["q"].flatten().tolist() == [0xF0, 0xF0, 0xFB, 0x00]
+    # rotated (D = 2: H t = (a + b, a - b)): keys of head 0, (0, 1) -> (1, -1): min -1, codes 15 and 0
+    rotated = build_codec({"name": "kivi4", "channel_tokens": 2, "key_group": 2, "value_group": 4, "rotate": True})
+    v = layout.views(rotated.encode_blocks(short).rows)
+    assert v["key_min"].flatten().tolist() == [-1.0, -2.0] and v["q"].flatten().tolist()[0] == 0x0F
+    assert torch.allclose(rotated.decode_blocks(rotated.encode_blocks(short), "cpu"), short, atol=0.15)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -160,7 +301,7 @@ def test_non_finite_kv_is_refused(name, bad):
         build_codec(name).encode_blocks(kv)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "kivi4", {"name": "kivi4", "channel_tokens": 4}], ids=str)
 def test_beyond_float16_scales_is_refused(name):
     kv = crafted(torch.float32)
     kv[0, 0, 0, 0, 0, 0] = -1e6  # a minimum below float16's
@@ -194,6 +335,22 @@ def test_bytes_per_value():
     assert nbytes["int4"] / values == pytest.approx(0.5 + 4 / 64, rel=1e-3)
     if HAS_FP8:
         assert nbytes["fp8"] / values == pytest.approx(1.0, rel=1e-3)
+    assert nbytes["kivi4"] / values == pytest.approx(0.5 + 4 / 627, rel=1e-3)  # keys and values per channel
+
+
+def test_kivi4_stores_under_4_125_bits_per_value_at_the_0_5b_layout():
+    """MuKV's blocks per 4-frame window at the 0.5B layout (16 patch blocks of 4 tokens, 4 frame blocks of 19,
+    a segment block of 627; 24 layers, 2 heads of 64): kivi4 stores 4.11 bits per value on average, what
+    1.1 GB per stream-hour allows with the index (issue 20's goal: 4.124), against int4's 4.5."""
+    def bits(spec):
+        codec = build_codec(spec)
+        stored = sum(n * codec.row_layout((24, 2, 2, k, 64), torch.bfloat16)[0][0] for n, k in ((16, 4), (4, 19),
+                                                                                                (1, 627)))
+        return 8 * stored / (24 * 2 * 2 * 64 * (16 * 4 + 4 * 19 + 627))
+
+    short = 4 + 16 / 64 + 16 / 128  # keys in groups of 64 channels of a head, values of 128 (both heads)
+    assert bits("kivi4") == pytest.approx((16 * 4 * short + 4 * 19 * short + 627 * (4 + 32 / 627)) / 767, rel=1e-3)
+    assert bits("kivi4") < 4.124 < bits({"name": "kivi4", "channel_values": False}) < bits("int4") == 4.5
 
 
 # ------------------------------------------------------------------------------ settings and the registry
@@ -220,6 +377,43 @@ def test_settings_are_typed_and_named_in_errors():
         build_codec({"name": "int4", "group_size": 48}).row_layout((1, 2, 1, 1, 64), torch.float32)
     # a head dimension smaller than the group is one group
     assert build_codec("int4").group(32) == 32
+
+
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"key_group": 48}, "key_group 48 does not divide the head dimension 64"),
+    ({"value_group": 96}, "value_group 96 neither divides the head dimension 64 nor covers whole heads"),
+    ({"value_group": 192}, "value_group 192 neither divides"),  # three heads of four
+    ({"value_group": 24}, "value_group 24 neither divides"),
+])
+def test_kivi4_groups_must_fit_the_layout(settings, match):
+    codec = build_codec({"name": "kivi4", **settings})
+    with pytest.raises(ConfigError, match=match):
+        codec.row_layout((1, 2, 4, 4, 64), torch.float32)
+    with pytest.raises(ConfigError, match=match):
+        codec.encode_blocks(torch.zeros(1, 1, 2, 4, 4, 64))
+    # 192 channels or more of two heads of 64 are one group
+    assert build_codec({"name": "kivi4", "value_group": 192})._groups((1, 2, 2, 4, 64))[1].m == 2
+
+
+def test_kivi4_settings_are_typed():
+    codec = build_codec({"name": "kivi4", "channel_tokens": 8, "channel_values": False, "key_group": 16,
+                         "value_group": 256})
+    assert codec.record() == {"name": "kivi4", "version": 1, "settings": {
+        "channel_tokens": 8, "channel_values": False, "key_group": 16, "rotate": False, "value_group": 256}}
+    with pytest.raises(ConfigError, match="rotate needs a head dimension that is a power of two, not 48"):
+        build_codec({"name": "kivi4", "rotate": True}).row_layout((1, 2, 2, 4, 48), torch.float32)
+    assert build_codec({"name": "kivi4", "key_group": 16}).row_layout((1, 2, 2, 4, 48), torch.float32)
+    assert codec_from_record(codec.record(), "x").settings == codec.settings
+    assert build_codec({"name": "kivi4", "value_group": 256}).row_layout((1, 2, 2, 4, 64), torch.float32)  # all heads
+    with pytest.raises(ConfigError, match="head dimension 63 must be even"):
+        build_codec("kivi4").row_layout((1, 2, 2, 4, 63), torch.float32)
+    for bad, match in (({"channel_tokens": 0}, r"kv_codec\.channel_tokens: Input should be greater than or equal to 1"),
+                       ({"key_group": 1}, r"kv_codec\.key_group: Input should be greater"),
+                       ({"value_group": "many"}, r"kv_codec\.value_group: Input should be a valid integer"),
+                       ({"channel_values": "maybe"}, r"kv_codec\.channel_values: Input should be a valid boolean"),
+                       ({"group_size": 64}, r"kv_codec\.group_size: Extra inputs are not permitted")):
+        with pytest.raises(ConfigError, match=match):
+            build_codec({"name": "kivi4", **bad})
 
 
 def test_config_field_accepts_a_name_or_name_and_settings():

@@ -44,6 +44,11 @@ class Int4Codec(KVCodec):
     ``step <= (max - min) / 15 * (1 + 2**-9)`` of its group; groups of one float16 value (zeros
     included) decode exactly; then one rounding to the model's dtype. KV whose minimum or step does not fit
     float16 (a minimum below -65504, a range above 65504 x 15) is refused.
+
+    At the 0.5B layout this is 1.19 GB of KV per stream-hour (1.20 with the index), above issue 20's 1.1 GB:
+    the float16 scales alone are 0.5 bit per value. ``kivi4`` stores 1.09 (per-channel scales in MuKV's long
+    segment blocks); on mukv-tiny's held-out clips int4 answered 1.0 point below bf16 and kivi4 1.5
+    (docs/codecs-results.md).
     """
 
     Settings = Int4Settings

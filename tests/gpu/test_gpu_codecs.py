@@ -10,7 +10,7 @@ Run through the device tool (skipped without CUDA)::
 * every codec and KV dtype: rows encoded on the GPU are bit for bit the rows encoded on the CPU, and rows
   decoded on the GPU are bit for bit the values decoded on the CPU (the decode arithmetic rounds once, so a
   fused multiply-add or not gives the same);
-* the disk tier on the device with int4, a hot tier far smaller than the stream, decoded or encoded hot
+* the disk tier on the device with int4 and kivi4, a hot tier far smaller than the stream, decoded or encoded hot
   blocks: every block reads back as the CPU round trip of what was stored; page-in counts stored and
   decoded bytes.
 """
@@ -29,8 +29,12 @@ CUDA = DEVICE.type == "cuda"
 pytestmark = ([pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
               if CUDA else [])
 
-CODECS = ["none", "int8", "int4", {"name": "int4", "group_size": 32}, *(["fp8"] if hasattr(torch, "float8_e4m3fn")
-                                                                       else [])]
+# kivi4 on blocks of 19 tokens: short blocks (per token, values across heads) by default; long ones (per
+# channel) with channel_tokens 16, with and without values per channel; rotated per-token groups
+CODECS = ["none", "int8", "int4", {"name": "int4", "group_size": 32}, "kivi4", {"name": "kivi4", "channel_tokens": 16},
+          {"name": "kivi4", "channel_tokens": 16, "channel_values": False, "rotate": True},
+          {"name": "kivi4", "rotate": True},
+          *(["fp8"] if hasattr(torch, "float8_e4m3fn") else [])]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -64,15 +68,16 @@ def test_gpu_and_cpu_agree_bit_for_bit(spec, dtype):
     assert torch.equal(dec_gpu.cpu().view(torch.uint8), dec_cpu.view(torch.uint8))
 
 
+@pytest.mark.parametrize("spec", ["int4", {"name": "kivi4", "channel_tokens": 16}], ids=str)
 @pytest.mark.parametrize("hot_encoded", [False, True])
-def test_disk_tier_decodes_on_the_device(tmp_path, hot_encoded):
+def test_disk_tier_decodes_on_the_device(tmp_path, hot_encoded, spec):
     pytest.importorskip("lancedb")
     pytest.importorskip("zarr")
     from mukv.backends.disk import TieredBackend
     from mukv.blocks import CompressedBlocks, KVLayout
 
     layout = KVLayout(4, 2, 64, torch.bfloat16, "gpu-codec-test")
-    codec = build_codec("int4")
+    codec = build_codec(spec)
     b = TieredBackend(layout, str(tmp_path / "st"), DEVICE, stream_id="s", codec=codec, hot_bytes=256 << 10,
                       hot_slab_bytes=64 << 10, commit_interval=0.05, hot_encoded=hot_encoded)
     stored = []
