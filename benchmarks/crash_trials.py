@@ -306,8 +306,10 @@ def _check_writer(out: dict, sid: str, sig: int, status: int | None, log: list[d
         out["problems"].append(f"{sid}: exit status {status} after {signal.Signals(sig).name}, expected {want}")
     if scenario != "ingest" and fed:
         last = fed[-1]["frames"]
-        inflight = [e for e in log if e.get("kind") == "feeding"]
-        extra = inflight[-1]["n"] if inflight and log.index(inflight[-1]) > log.index(fed[-1]) else 0
+        # positions, not list.index: equal entries ({"kind": "feeding", "n": 3}) recur in a log
+        at_fed = max(i for i, e in enumerate(log) if e.get("kind") == "fed")
+        inflight = [(i, e) for i, e in enumerate(log) if e.get("kind") == "feeding"]
+        extra = inflight[-1][1]["n"] if inflight and inflight[-1][0] > at_fed else 0
         if after["frames"] not in (last, last + extra):
             out["problems"].append(f"{sid}: a completed feed was not committed: fed {last} (+{extra} in flight), "
                                    f"stored {after['frames']}")

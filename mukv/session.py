@@ -732,7 +732,8 @@ class Session:
                 return
             self._stream.closed = True
             try:
-                if self._stream.writable and not self._stream.broken:
+                # a backend whose write failure was already raised has nothing more to store
+                if self._stream.writable and not self._stream.broken and not getattr(self.backend, "failed", False):
                     self.backend.flush()
             finally:
                 self.backend.close()

@@ -321,16 +321,23 @@ class Transaction:
         if that fails (or :attr:`error` is set) everything is rolled back and the error raised."""
         if self.done:
             return
+        # a signal arriving during the commit waits until the commit has been handed over and is
+        # recorded: it is raised after, never into the rollback of a transaction already committed
+        held = deferred()
+        held.__enter__()
         try:
             if self.error is not None:
                 raise self.error
-            with deferred():  # a signal arriving here waits until the commit has been handed over
-                values, files = self.stream._values(self.files)
-                self.stream.backend.commit(values, files)
+            values, files = self.stream._values(self.files)
+            self.stream.backend.commit(values, files)
         except BaseException:
-            self.rollback()
+            try:
+                self.rollback()
+            finally:
+                held.__exit__(None, None, None)
             raise
         self.done = True
+        held.__exit__(None, None, None)  # an interrupt that came during the commit: the feed is committed
 
     def rollback(self) -> None:
         """Forget the blocks added since :meth:`Stream.begin` and restore every field of the stream."""

@@ -197,8 +197,8 @@ FILTER_CALL_SITES = {
     # file deletions, not filters: object-store keys / paths under the stream's folder, names checked by _FILE_NAME
     ("files.py", "delete", "delete", "self._store"),
     ("tiered.py", "_commit_run", "delete", "f'{self._stream_dir()}/{name}'"),
-    ("tiered.py", "_remove_unreferenced_files", "delete", "f'{self._stream_dir()}/{name}'"),
-    ("tiered.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
+    ("recovery.py", "_remove_unreferenced_files", "delete", "f'{self._stream_dir()}/{name}'"),
+    ("recovery.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
     ("repair.py", "apply_repair", "delete", "f\"streams/{rep.stream_id}/{check_stream_id(pend['file'])}\""),
     ("streams.py", "delete_stream", "delete", "rel"),  # f"streams/{check_stream_id(stream_id)}.json"
     ("streams.py", "_remove_tree", "delete", "obj['path']"),  # listed under kv/<id>/ or streams/<id>/

@@ -115,6 +115,37 @@ def test_an_interrupt_inside_a_feed_rolls_it_back(any_session, monkeypatch):
     assert bookkeeping(s)["counts"]["frame"] == 5
 
 
+def test_a_signal_during_the_commit_is_raised_after_it_and_the_feed_stays_committed(any_session, monkeypatch):
+    """SIGINT arriving while a feed's commit is handed over waits for it: the feed is committed, its
+    bookkeeping kept, and the interrupt raised after (never a rollback of what the store committed)."""
+    import os
+    import signal
+
+    s = any_session
+    s.feed(frames(2))
+    real = s.backend.commit
+
+    def commit_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the commit runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s.backend, "commit", commit_and_signal)
+    with pytest.raises(KeyboardInterrupt):
+        s.feed(frames(3, seed=2))
+    monkeypatch.undo()
+    after = bookkeeping(s)
+    assert after["frames"] == 5 and after["counts"]["frame"] == 5
+    s.feed(frames(1, seed=3))  # the next frame index follows the committed feed
+    assert bookkeeping(s)["frames"] == 6 and bookkeeping(s)["counts"]["frame"] == 6
+    if s.backend.persistent:
+        s.flush()
+        reopened = mukv.Session.open(s.backend.files.uri(), stream_id=s.stream_id, model=s.model, read_only=True)
+        try:
+            assert bookkeeping(reopened)["frames"] == 6
+        finally:
+            reopened.close()
+
+
 def test_a_bad_item_in_an_iterable_keeps_the_chunks_before_it(any_session):
     s = any_session
 
