@@ -732,9 +732,8 @@ class Session:
                 return
             self._stream.closed = True
             try:
-                # a backend whose write failure was already raised has nothing more to store
-                if self._stream.writable and not self._stream.broken and not getattr(self.backend, "failed", False):
-                    self.backend.flush()
+                if self._stream.writable and not self._stream.broken:
+                    self.backend.flush()  # a write failure is said again: what was not stored
             finally:
                 self.backend.close()
 

@@ -369,12 +369,6 @@ class TieredBackend(Recovery, Reads, StorageBackend):
             raise StoreError(f"{self.files.uri()}: stream {self.stream_id!r} is open read-only")
         self._check_writer()
 
-    @property
-    def failed(self) -> bool:
-        """Whether a write failure was raised to the caller: nothing more can be stored until the
-        store is reopened (closing does not raise it again)."""
-        return self._failure is not None
-
     def _check_writer(self) -> None:
         if self._failure is not None:
             raise StoreError(self._failure)
