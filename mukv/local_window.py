@@ -157,6 +157,16 @@ def prefill_window(llm, prefix: PrefixKV, embeds: torch.Tensor, token_index: tor
     mask = _band_mask(p, wn, c, length, span, dev)
     codes = new[wn:]
     inputs, extra = llm.block_inputs(embeds.reshape(1, n, -1))
+    colsum = _masked_forward(llm, mask, inputs, extra, buf, p + wn, codes[None], length, attention)
+    y, _, _, h, _, d = buf.shape
+    kv = buf[:, :, 0, :, p + wn :, :].reshape(y, 2, h, c, length, d).permute(0, 1, 3, 2, 4, 5)
+    return kv, colsum, codes.reshape(c, length)
+
+
+def _masked_forward(llm, mask: torch.Tensor, inputs: torch.Tensor, extra: dict, buf: torch.Tensor, past: int,
+                    codes: torch.Tensor, length: int, attention: bool) -> torch.Tensor | None:
+    """One forward of ``inputs`` after the ``past`` tokens held in ``buf``, under ``mask``; the last
+    layer's per-block column sums when ``attention`` (else ``None``)."""
     got: dict[str, torch.Tensor] = {}
     hook = None
     if attention:
@@ -164,14 +174,12 @@ def prefill_window(llm, prefix: PrefixKV, embeds: torch.Tensor, token_index: tor
 
         def hook(module, query, key, value, scaling):
             if module is last:
-                got["colsum"] = own_column_sums(query, key, mask, scaling, p + wn, length)
+                got["colsum"] = own_column_sums(query, key, mask, scaling, past, length)
 
     with _Masked(mask, hook):
-        llm.language_model(inputs_embeds=inputs.to(llm.dtype), past_key_values=buffer_cache(buf, p + wn),
-                           position_ids=llm.position_ids(codes[None]), use_cache=True, **extra)
-    y, _, _, h, _, d = buf.shape
-    kv = buf[:, :, 0, :, p + wn :, :].reshape(y, 2, h, c, length, d).permute(0, 1, 3, 2, 4, 5)
-    return kv, got.get("colsum"), codes.reshape(c, length)
+        llm.language_model(inputs_embeds=inputs.to(llm.dtype), past_key_values=buffer_cache(buf, past),
+                           position_ids=llm.position_ids(codes), use_cache=True, **extra)
+    return got.get("colsum")
 
 
 @torch.inference_mode()
@@ -385,19 +393,8 @@ class WindowEncoder:
                 colsum = call.colsum[:, p + wn :]
         else:
             mask = _band_mask(p, wn, c, length, self.window * length, llm.device)
-            got: dict[str, torch.Tensor] = {}
-            hook = None
-            if attention:
-                last = llm.language_model.layers[-1].self_attn
-
-                def hook(module, query, key, value, scaling):
-                    if module is last:
-                        got["colsum"] = own_column_sums(query, key, mask, scaling, p + wn, length)
-
-            with _Masked(mask, hook):
-                llm.language_model(inputs_embeds=inputs.to(llm.dtype), past_key_values=buffer_cache(view, p + wn),
-                                   position_ids=llm.position_ids(codes_t.reshape(1, -1)), use_cache=True, **extra)
-            colsum = got.get("colsum")
+            colsum = _masked_forward(llm, mask, inputs, extra, view, p + wn, codes_t.reshape(1, -1), length,
+                                     attention)
         y, _, _, h, _, d = self.buf.shape
         kv = self.buf[:, :, 0, :, self.b : self.b + n, :].reshape(y, 2, h, c, length, d).permute(0, 1, 3, 2, 4, 5)
         # the new blocks join the window; the oldest leave it

@@ -332,15 +332,9 @@ class TieredBackend(Recovery, Reads, StorageBackend):
     @classmethod
     def list_streams(cls, path: str, **options: Any) -> list[str]:
         """Ids of the streams a store holds (those with a state file)."""
-        files = Files(str(path), storage_options=options.get("storage_options"))
-        out = []
-        for name in files.listing("streams"):
-            if name.endswith(".json") and not name.startswith("."):
-                try:
-                    out.append(check_stream_id(name[: -len(".json")]))
-                except StoreError:
-                    continue
-        return sorted(out)
+        from .streams import stream_ids
+
+        return stream_ids(Files(str(path), storage_options=options.get("storage_options")))
 
     def refresh(self) -> bool:
         """Reader: catch up with what the writer has committed since opening (or the last refresh).
