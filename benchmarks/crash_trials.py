@@ -263,7 +263,7 @@ def checker_child(model, store: str, sids: list[str], seed: int, fd: int) -> Non
         try:
             with mukv.Session.open(store, stream_id=sid, model=model, backend_options=OPTIONS) as s:
                 f0, t0 = s.stats()["frames"], s._last_time
-                s.feed(frames(2, seed))
+                s.feed(frames(2, seed), resize=True)  # an ingested stream holds the clip's 32x32 frames
                 f1, t1 = s.stats()["frames"], s._last_time
             if f1 != f0 + 2 or (t0 is not None and not t1 > t0):
                 problems.append(f"{sid}: resume fed frames {f0}->{f1}, time {t0}->{t1}")

@@ -444,8 +444,9 @@ class Engine:
         except MukvError as exc:
             s.failed, s.error = True, adapter.describe(exc)
             return
-        s.role, s.owner, s.source = "reader", adapter.writer_of(s.session), None
-        s.update()
+        s.update()  # the store's numbers first: a status read between these lines never shows the role
+        s.owner, s.source = adapter.writer_of(s.session), None  # of a reader with the lost writer's numbers
+        s.role = "reader"
 
     def _refresh(self, s: ServedStream) -> None:
         try:
