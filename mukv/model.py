@@ -89,9 +89,23 @@ def _register_attention() -> None:
             _capture.colsum = attention_column_sums(query, key, scaling)
         return out.transpose(1, 2).contiguous(), None
 
+    global _attention
+    _attention = attention
     AttentionInterface.register(ATTN_IMPL, attention)
     AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
     _registered = True
+
+
+_attention = None
+
+
+def keep_attention_eager() -> None:
+    """Run the "mukv_sdpa" attention function outside any compiled graph (``mukv.accel``'s
+    compiled decoder layers): it reads per-call state (``_capture``) that a graph would bake in."""
+    from transformers import AttentionInterface
+
+    _register_attention()
+    AttentionInterface.register(ATTN_IMPL, torch.compiler.disable(_attention, recursive=True))
 
 
 def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:

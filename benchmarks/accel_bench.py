@@ -1,0 +1,209 @@
+"""Ingest forwards against the bf16 roofline, plain and accelerated (issue 18, part 2).
+
+For each mode (``plain``, and combinations of :data:`mukv.accel.KNOWN`), on a fresh model of
+the same random weights (same seed):
+
+* vision tower alone: frames/s of ``encode_frames`` on batches of ``--vision-batch`` frames;
+* ingest with the vision tower (``Session.feed`` in chunks of ``--chunk``) and without it
+  (encoded frames straight into the ingestor): frames/s and share of the datasheet roofline;
+* against ``plain`` on the same frames and questions: the visual tokens' cosine, the kept
+  tokens of every level (share of blocks whose kept tokens are equal), the stored KV's
+  relative error, the first-token logits (relative L2 error, cosine, top-1 agreement) and
+  the greedy answer tokens.
+
+    python benchmarks/accel_bench.py --device cuda --modes plain,compile_vision,fp8_vision,... --out runs/accel
+
+Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov): speed and
+agreement are real, answers are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench as gb  # noqa: E402
+from codec_bench import _spy, first_logits  # noqa: E402
+
+import mukv  # noqa: E402
+from mukv.accel import accelerate  # noqa: E402
+from mukv.config import MukvConfig  # noqa: E402
+
+LEVELS = ("patch", "frame", "segment")
+QUESTIONS = ("what happened first?", "what colour was the object?", "where did the person go?",
+             "how many objects were there?", "what changed at the end?", "what was on the table?")
+
+
+def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dict[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"mode": mode}
+    t, adapter = gb.timed(lambda: gb.build(args.preset, device), device)
+    adapter.stop_ids = []  # every answer decodes its whole budget
+    which = [] if mode == "plain" else mode.split("+")
+    row["applied"] = accelerate(adapter, which)
+    config = MukvConfig()
+    pool = gb.random_frames(adapter, args.vision_batch, seed=1)
+    # vision tower alone (the first call compiles)
+    t_first, _ = gb.timed(lambda: adapter.encode_frames(pool), device)
+    runs = [gb.timed(lambda: adapter.encode_frames(pool), device)[0] for _ in range(args.reps)]
+    row["vision"] = {"first_call_s": t_first, "fps": args.vision_batch / gb.median(runs)}
+    vis = gb.vision_flops(adapter)
+    prefix_len = adapter.prefix(config.generation.system_prompt).length
+    fl = gb.prefill_flops(adapter, config, prefix_len)["per_frame"]
+    row["vision"]["tflops"] = row["vision"]["fps"] * vis / 1e12
+    # ingest, with and without the vision tower (warm-up first: every level's shapes compiled)
+    embeds = gb.encode_pool(adapter, pool, config.stream.encode_batch_frames)
+    t_warm, _ = gb.timed(lambda: (gb.fast_ingest(adapter, config, embeds, None, args.chunk, args.chunk),
+                                  gb.fast_ingest(adapter, config, None, pool, args.chunk, args.chunk)), device)
+    row["warm_up_s"] = t_warm
+    for key, e, f, n, flops in (("no_vision", embeds, None, args.frames * 2, fl), ("vision", None, pool, args.frames,
+                                                                                    fl + vis)):
+        fps = [gb.fast_ingest(adapter, config, e, f, n, args.chunk)["fps"] for _ in range(args.reps)]
+        r = {"fps": gb.median(fps), "fps_runs": fps, "gflop_per_frame": flops / 1e9}
+        r["tflops"] = r["fps"] * flops / 1e12
+        if args.peak:
+            r["share_of_datasheet"] = r["tflops"] / args.peak
+        if args.measured:
+            r["share_of_measured"] = r["tflops"] / args.measured
+        row["ingest_" + key] = r
+        gb.free(device)
+    # agreement with the plain path on one stream and its questions
+    frames = gb.random_frames(adapter, args.stream_frames, seed=7)
+    s = mukv.Session(model=adapter, backend="memory", config=config)
+    s.feed(frames)
+    seen = _spy(s)
+    got: dict[str, Any] = {"visual": adapter.encode_frames(frames[:8]).float().cpu(), "kept": {}, "kv": {},
+                           "logits": [], "ids": []}
+    for lv in LEVELS:
+        n = s.backend.count(lv)
+        ids = torch.arange(n, device=s.backend.device if hasattr(s.backend, "device") else "cpu")
+        got["kept"][lv] = s.backend.token_index(lv, ids).cpu() if n else None
+        got["kv"][lv] = s.backend.load_kv(lv, ids).float().cpu() if n else None
+    for q in QUESTIONS[: args.questions]:
+        s.ask(q, max_new_tokens=args.answer_tokens)
+        got["logits"].append(first_logits(s.model, seen["context"], q, seen["start"]).cpu())
+        got["ids"].append(seen["ids"])
+    del s.model.generate
+    s.close()
+    if ref is not None:
+        row["agreement"] = compare(ref, got)
+    del adapter
+    gb.free(device)
+    return row, got
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    cos = torch.nn.functional.cosine_similarity
+    out: dict[str, Any] = {"visual_cosine_min": float(cos(ref["visual"].flatten(1), got["visual"].flatten(1)).min())}
+    for lv in LEVELS:
+        a, b = ref["kept"][lv], got["kept"][lv]
+        if a is None or b is None or a.shape != b.shape:
+            out[lv] = {"blocks": None if a is None else int(a.shape[0]), "note": "block counts differ"}
+            continue
+        same = (a == b).flatten(1).all(dim=1).float().mean().item()
+        tok = (a == b).float().mean().item()
+        ka, kb = ref["kv"][lv], got["kv"][lv]
+        rel = float((ka - kb).norm() / ka.norm())
+        out[lv] = {"blocks": int(a.shape[0]), "blocks_same_kept": same, "kept_tokens_same": tok, "kv_rel_l2": rel}
+    rl, cs, top = [], [], []
+    for la, lb in zip(ref["logits"], got["logits"]):
+        rl.append(float((la - lb).norm() / la.norm()))
+        cs.append(float(cos(la, lb, dim=0)))
+        top.append(int(la.argmax()) == int(lb.argmax()))
+    out["logits_rel_l2_median"] = statistics.median(rl) if rl else None
+    out["logits_rel_l2_max"] = max(rl) if rl else None
+    out["logits_cosine_min"] = min(cs) if cs else None
+    out["top1_agreement"] = sum(top) / len(top) if top else None
+    agree = [sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b))) for a, b in zip(ref["ids"], got["ids"])]
+    out["greedy_agreement"] = statistics.mean(agree) if agree else None
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    f = lambda x, nd=1: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    lines = [f"# Ingest forwards, plain and accelerated: {res['preset']} (random weights) on {res['card']}", "",
+             f"datasheet bf16 {f(res['peak'], 0)} TFLOP/s, measured bf16 matmul {f(res['measured'], 0)} TFLOP/s; "
+             f"chunks of {res['args']['chunk']} frames", "",
+             "| mode | vision tower frames/s | ingest w/o vision frames/s (% datasheet) | ingest with vision frames/s "
+             "(% datasheet, % measured) | first call s | visual cos min | kept tokens same (patch/frame/segment) | "
+             "KV rel. err (segment) | logits rel. L2 (median/max) | top-1 | greedy agree |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["modes"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | failed: {r['error'][:120]} |||||||||")
+            continue
+        a = r.get("agreement", {})
+        nv, v = r["ingest_no_vision"], r["ingest_vision"]
+        kept = "/".join(f(a.get(lv, {}).get("kept_tokens_same"), 4) for lv in LEVELS) if a else "(reference)"
+        lines.append(
+            f"| {r['mode']} | {f(r['vision']['fps'])} | {f(nv['fps'])} ({f(100 * nv.get('share_of_datasheet', 0))}%) | "
+            f"{f(v['fps'])} ({f(100 * v.get('share_of_datasheet', 0))}%, {f(100 * v.get('share_of_measured', 0))}%) | "
+            f"{f(r['vision']['first_call_s'])} | {f(a.get('visual_cosine_min'), 6)} | {kept} | "
+            f"{f(a.get('segment', {}).get('kv_rel_l2'), 4)} | {f(a.get('logits_rel_l2_median'), 4)}/"
+            f"{f(a.get('logits_rel_l2_max'), 4)} | {f(a.get('top1_agreement'), 2)} | {f(a.get('greedy_agreement'), 2)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="llava-onevision-qwen2-0.5b-ov")
+    p.add_argument("--modes", default="plain,compile_vision,fp8_vision,fp8_vision+compile_vision,"
+                                      "compile_vision+compile_llm,fp8_vision+compile_vision+compile_llm")
+    p.add_argument("--vision-batch", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--frames", type=int, default=512, help="frames per ingest run (twice that without vision)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--stream-frames", type=int, default=64)
+    p.add_argument("--questions", type=int, default=6)
+    p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--budget-s", type=float, default=480)
+    p.add_argument("--out", default="runs/accel")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name, peak = gb.datasheet_name_peak(device) if hasattr(gb, "datasheet_name_peak") else (
+        torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", None)
+    if device.type == "cuda" and peak is None:
+        peak = gb.datasheet_bf16_tflops(name)
+    args.peak = peak
+    args.measured = gb.measure_ceilings(device, quick=True).get("bf16_matmul_tflops") if device.type == "cuda" else None
+    res: dict[str, Any] = {"preset": args.preset, "card": name, "peak": peak, "measured": args.measured,
+                           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "modes": [],
+                           "skipped": []}
+    start = time.perf_counter()
+    ref = None
+    for mode in args.modes.split(","):
+        if time.perf_counter() - start > args.budget_s:
+            res["skipped"].append(mode)
+            continue
+        t0 = time.perf_counter()
+        try:
+            row, got = run_mode(mode, args, device, ref)
+        except Exception as exc:  # noqa: BLE001 - a mode that cannot run is a result, the others go on
+            import traceback
+
+            traceback.print_exc()
+            row, got = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"}, None
+            gb.free(device)
+        row["seconds"] = time.perf_counter() - t0
+        if mode == "plain" and got is not None:
+            ref = got
+        res["modes"].append(row)
+        print(json.dumps(row, default=str), flush=True)
+        (out / "accel.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / "accel.md").write_text(markdown(res) + "\n")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""mukv.accel: compiled vision tower and decoder layers store what the plain path stores; FP8 and unknown
+names are refused where they cannot run."""
+
+import pytest
+import torch
+
+import mukv
+from mukv.accel import FP8Linear, accelerate, fp8_supported, to_fp8
+from mukv.plugins.models.llava_onevision import build_llava_onevision
+
+
+def _stored(adapter, frames):
+    s = mukv.Session(model=adapter, backend="memory")
+    s.feed(frames)
+    out = {}
+    for lv in ("patch", "frame", "segment"):
+        ids = torch.arange(s.backend.count(lv))
+        out[lv] = (s.backend.token_index(lv, ids), s.backend.load_kv(lv, ids).float())
+    answer = s.ask("what happened?", max_new_tokens=4)
+    s.close()
+    return out, answer.text
+
+
+@pytest.mark.slow  # two compilations on the CPU, about a minute
+def test_compiled_vision_tower_and_layers_store_what_the_plain_path_stores():
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = build_llava_onevision("tiny-llava-ov")
+    fast = build_llava_onevision("tiny-llava-ov")
+    assert accelerate(fast, ["compile_vision", "compile_llm"]) == ["compile_vision", "compile_llm"]
+    torch.testing.assert_close(fast.encode_frames(frames), plain.encode_frames(frames), rtol=1e-5, atol=1e-5)
+    want, want_text = _stored(plain, frames)
+    got, got_text = _stored(fast, frames)
+    for lv in want:
+        assert torch.equal(got[lv][0], want[lv][0]), lv  # the same kept tokens
+        torch.testing.assert_close(got[lv][1], want[lv][1], rtol=1e-4, atol=1e-5)
+    assert got_text == want_text
+
+
+def test_unknown_acceleration_and_fp8_without_fp8_products_are_refused():
+    adapter = build_llava_onevision("tiny-llava-ov")
+    with pytest.raises(mukv.ConfigError, match="unknown acceleration 'fast'"):
+        accelerate(adapter, ["fast"])
+    if not fp8_supported(adapter.device):
+        with pytest.raises(mukv.ConfigError, match="FP8"):
+            accelerate(adapter, ["fp8_vision"])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_supported(torch.device("cuda"))), reason="FP8 GPU")
+def test_fp8_linear_is_close_to_the_bf16_product():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 33, 256, device="cuda", dtype=torch.bfloat16)
+    want = lin(x).float()
+    mod = torch.nn.Sequential(lin)
+    assert to_fp8(mod) == 1 and isinstance(mod[0], FP8Linear)
+    got = mod(x).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.05
