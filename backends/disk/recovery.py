@@ -60,6 +60,18 @@ class Recovery:
         for level in self.keys.levels():  # per-layer keys beyond the committed blocks
             if self.keys.length(level) > counts.get(level, 0):
                 self.keys.truncate(level, counts.get(level, 0))
+        leftover = [f"{a.folder}/{self.stream_id}" for a in (self.archive, self.keys)
+                    if self.files.listing(f"{a.folder}/{self.stream_id}")]
+        if not self._has_state and leftover:
+            # no state file: every array of this stream is a leftover (a writer killed before its first
+            # commit, a copy taken before the state file was written); a truncated array keeps its folder,
+            # which would stay a stream without a state file if this writer never commits
+            from .streams import _remove_tree
+
+            for rel in leftover:
+                _remove_tree(self.files, rel)
+            self.archive.forget()
+            self.keys.forget()
         files = self._remove_unreferenced_files()
         self.recovered = {**self.recovered, "temp_files": partials, "index_rows": rows, "kv_rows": cut,
                           "stream_files": files}

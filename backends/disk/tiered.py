@@ -300,6 +300,7 @@ class TieredBackend(Recovery, Reads, StorageBackend):
     def _load_state(self) -> None:
         """Read and validate the stream's state file (every field; :class:`StoreError` if invalid)."""
         found = read_state(self.files, self.stream_id, self.manifest.layout.model_dump() if self.manifest else None)
+        self._has_state = found is not None
         if found is None:
             self._txn = 0
             self._persisted: dict[str, int] = {}

@@ -552,3 +552,25 @@ def test_reader_reads_blocks_committed_after_refresh(store):
     assert n > total["frame"] and intact(r, "frame", list(range(n)))  # the new blocks read back
     r.close()
     w.close()
+
+
+def test_a_new_writer_over_leftovers_of_a_stream_without_state_leaves_no_orphan(tmp_path):
+    """KV of a stream whose state file is gone (a writer killed before its first commit, a copy taken
+    before the state was written): a writer of that id removes it, whether it commits or not."""
+    for commit in (False, True):
+        src = tmp_path / f"st{int(commit)}"
+        b = TieredBackend(LAYOUT, str(src), "cpu", stream_id="s", shard_bytes=8192)
+        b.add(synth_blocks("patch", 0, 2))
+        b.set_state("counts", {"patch": b.count("patch")})
+        b.flush()
+        b.close()
+        (src / "streams" / "s.json").unlink()
+        assert any(p.severity == "leftover" for p in verify_store(str(src)).problems)
+        w = TieredBackend(LAYOUT, str(src), "cpu", stream_id="s")
+        assert all(w.count(lv) == 0 for lv in LEVELS)
+        if commit:
+            w.add(synth_blocks("patch", 0, 1))
+            w.flush()
+            assert intact(w, "patch", [0])
+        w.close()
+        assert verify_store(str(src)).problems == []
