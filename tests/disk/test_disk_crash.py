@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 ROUNDS = 30
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_kill9_at_random_moments(tmp_path):
     store = str(tmp_path / "crash.mukv")

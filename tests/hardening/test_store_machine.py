@@ -174,6 +174,7 @@ class StoreMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_random_feed_ask_close_open_orders(tiny_model):
     StoreMachine.model_adapter = tiny_model
     run_state_machine_as_test(StoreMachine, settings=settings(

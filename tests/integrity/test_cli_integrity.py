@@ -24,6 +24,7 @@ def frame_blocks(store) -> int:
     return state(store)["counts"].get("frame", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_ingest_commits_what_is_complete_and_resumes_exactly(tmp_path, sig, status):
     video = write_mp4(tmp_path / "long.mp4", 240, fps=8)  # 30 s
@@ -60,6 +61,7 @@ def test_an_interrupted_ingest_commits_what_is_complete_and_resumes_exactly(tmp_
         assert bool((times[1:] > times[:-1]).all()) and float(times[-1]) == pytest.approx(239 / 8)
 
 
+@pytest.mark.slow
 def test_a_chat_reader_never_blocks_an_ingest(tmp_path):
     video = write_mp4(tmp_path / "a.mp4", 16, fps=4)
     store = tmp_path / "s.mukv"
@@ -82,6 +84,7 @@ def test_a_chat_reader_never_blocks_an_ingest(tmp_path):
     assert state(store)["values"]["frames_seen"] == 16
 
 
+@pytest.mark.slow
 def test_files_of_another_size_are_refused_before_anything_is_stored(tmp_path):
     a = write_mp4(tmp_path / "a.mp4", 8, fps=4, side=32)
     b = write_mp4(tmp_path / "b.mp4", 8, fps=4, side=48, seed=1)
@@ -147,6 +150,7 @@ def ingested(tmp_path_factory):
     return store, video
 
 
+@pytest.mark.slow
 def test_streams_and_repair_commands(tmp_path, ingested):
     store, video = ingested
     listed = mukv_cli("streams", "list", str(store), "--json")
