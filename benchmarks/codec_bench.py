@@ -19,7 +19,8 @@ Parts (``--parts``, comma-separated; all by default):
     the same), their KV passed through each codec (what a backend with that codec returns: encode then
     decode). Reported: relative L2 error and max |error| of the first token's logits, cosine, first-token
     agreement, and greedy agreement (the share of the ``--new-tokens`` answer tokens equal to "none"'s at
-    the same position, up to the shorter answer, and whole answers equal).
+    the same position, up to the shorter answer, and whole answers equal); and the relative L2 error of the
+    keys and of the values paged in for those answers, per level.
 ``pagein``
     Page-in and time to first token with every block read from disk, per codec: a ``lancedb`` store per
     codec (hot tier off, no promotion) holding ``--store-minutes`` of synthetic blocks at the preset's real
@@ -153,13 +154,25 @@ class CodecView:
 
     def __init__(self, base, codec):
         self._base, self._codec = base, codec
+        #: per level: squared error and squared norm of keys and of values paged in (KV reconstruction error)
+        self.sums: dict[str, list[float]] = {}
 
     def __getattr__(self, name):
         return getattr(self._base, name)
 
     def load_kv(self, level, ids):
         kv = self._base.load_kv(level, ids)
-        return self._codec.decode_blocks(self._codec.encode_blocks(kv), kv.device)
+        out = self._codec.decode_blocks(self._codec.encode_blocks(kv), kv.device)
+        acc = self.sums.setdefault(str(level), [0.0] * 4)
+        for i in (0, 1):  # keys, values: [n, Y, 2, H, K, D]
+            acc[2 * i] += float((out[:, :, i].float() - kv[:, :, i].float()).square().sum())
+            acc[2 * i + 1] += float(kv[:, :, i].float().square().sum())
+        return out
+
+    def kv_error(self) -> dict[str, dict[str, float]]:
+        """Relative L2 error of the keys and of the values paged in, per level."""
+        return {lv: {"key_rel_l2": (a[0] / max(a[1], 1e-30)) ** 0.5, "value_rel_l2": (a[2] / max(a[3], 1e-30)) ** 0.5}
+                for lv, a in self.sums.items()}
 
 
 def _spy(session) -> dict[str, Any]:
@@ -206,9 +219,10 @@ def part_quality(adapter, codecs, args) -> dict[str, Any]:
           f"{len(bench.questions)} questions", flush=True)
     results: dict[str, dict[str, list[Any]]] = {}
     refs: list[tuple[torch.Tensor, list[int]]] = []
+    kv_errors: dict[str, dict[str, dict[str, float]]] = {}
     for spec in ["none", *[c for c in codecs if c != "none"]]:
         fork = s.fork()
-        fork.backend = CodecView(s.backend, build_codec(spec))
+        fork.backend = view = CodecView(s.backend, build_codec(spec))
         seen = _spy(fork)
         rows: dict[str, list[Any]] = {k: [] for k in ("rel_l2", "max_abs", "cosine", "top1", "agree", "same")}
         for qi, q in enumerate(bench.questions):
@@ -229,17 +243,21 @@ def part_quality(adapter, codecs, args) -> dict[str, Any]:
         del fork.model.generate
         if spec != "none":
             results[label(spec)] = rows
+            kv_errors[label(spec)] = view.kv_error()
     s.close()
     out = {}
     for name, rows in results.items():
         out[name] = {"questions": len(rows["rel_l2"]), "rel_l2_median": statistics.median(rows["rel_l2"]),
                      "rel_l2_max": max(rows["rel_l2"]), "max_abs_median": statistics.median(rows["max_abs"]),
                      "cosine_min": min(rows["cosine"]), "top1_agreement": float(np.mean(rows["top1"])),
-                     "greedy_agreement": float(np.mean(rows["agree"])), "answers_equal": float(np.mean(rows["same"]))}
+                     "greedy_agreement": float(np.mean(rows["agree"])), "answers_equal": float(np.mean(rows["same"])),
+                     "kv_error": kv_errors[name]}
         r = out[name]
         print(f"quality {name:24s} logits rel L2 {r['rel_l2_median']:.4f} (max {r['rel_l2_max']:.4f}), max|d| "
               f"{r['max_abs_median']:.3f}, cos >= {r['cosine_min']:.5f}; first token {r['top1_agreement']:.1%}, "
-              f"greedy {r['greedy_agreement']:.1%}, answers {r['answers_equal']:.1%}", flush=True)
+              f"greedy {r['greedy_agreement']:.1%}, answers {r['answers_equal']:.1%}; KV rel L2 (keys / values) "
+              + ", ".join(f"{lv} {e['key_rel_l2']:.4f} / {e['value_rel_l2']:.4f}" for lv, e in r["kv_error"].items()),
+              flush=True)
     return out
 
 
@@ -356,6 +374,12 @@ def markdown(res: dict[str, Any]) -> str:
             L.append(f"| {n} | {r['questions']} | {r['rel_l2_median']:.4f} / {r['rel_l2_max']:.4f} | "
                      f"{r['max_abs_median']:.3f} | {r['cosine_min']:.5f} | {r['top1_agreement']:.1%} | "
                      f"{r['greedy_agreement']:.1%} | {r['answers_equal']:.1%} |")
+        L += ["", "KV paged in for those answers, relative L2 error (keys / values):", "",
+              "| codec | " + " | ".join(lv for lv in next(iter(res["quality"].values()))["kv_error"]) + " |",
+              "|---|" + "---:|" * len(next(iter(res["quality"].values()))["kv_error"])]
+        for n, r in res["quality"].items():
+            L.append(f"| {n} | " + " | ".join(f"{e['key_rel_l2']:.4f} / {e['value_rel_l2']:.4f}"
+                                             for e in r["kv_error"].values()) + " |")
         L.append("")
     if res.get("pagein"):
         L += ["Every block read from disk (hot tier off, page cache dropped before each question):", "",

@@ -470,7 +470,9 @@ class KVCodec(Component):
         return tuple(enc.rows.shape[1:]), enc.rows.dtype
 
     def record(self) -> dict[str, Any]:
-        """What a store keeps to read rows of this codec again: ``{"name", "version", "settings"}``."""
+        """What a store keeps to read rows of this codec again: ``{"name", "version", "settings"}``. A subclass
+        may leave out settings that change only which rows its encoder writes, not how rows read (kivi4's
+        ``range_search``): arrays written with and without them are then one format, read alike."""
         settings = getattr(self, "settings", None)  # a subclass may build itself without KVCodec.__init__
         return {"name": getattr(self, "name", type(self).__name__), "version": int(self.version),
                 "settings": settings.model_dump(mode="json") if isinstance(settings, BaseModel) else {}}

@@ -125,5 +125,7 @@ def codec_from_record(record: Any, where: str) -> KVCodec:
 
 
 def same_codec(a: KVCodec, b: KVCodec) -> bool:
-    """Whether two codecs write the same bytes (same name, version and settings)."""
+    """Whether two codecs store the same format (equal records: same name, version and recorded settings), so
+    that either reads what the other writes (settings that only change the encoder's choices, such as kivi4's
+    ``range_search``, are not recorded)."""
     return a.record() == b.record()

@@ -234,6 +234,138 @@ def test_kivi4_byte_layout():
     assert torch.allclose(rotated.decode_blocks(rotated.encode_blocks(short), "cpu"), short, atol=0.15)
 
 
+SEARCHED = [{"name": "kivi4", "range_search": True},  # K = 7 < 64: short blocks, per token groups
+            {"name": "kivi4", "range_search": True, "channel_tokens": 4},  # long: keys and values per channel
+            {"name": "kivi4", "range_search": True, "channel_tokens": 4, "channel_values": False},
+            {"name": "kivi4", "range_search": True, "key_group": 16, "value_group": 32},
+            {"name": "kivi4", "range_search": True, "rotate": True},
+            {"name": "kivi4", "range_search": True, "rotate": True, "channel_tokens": 4, "channel_values": False}]
+
+
+def _plain(spec: dict) -> KVCodec:
+    return build_codec({k: v for k, v in spec.items() if k != "range_search"})
+
+
+def _group_sums(codec: KVCodec, sq: torch.Tensor) -> list[torch.Tensor]:
+    """Squared errors ``[B, Y, 2, H, K, D]`` summed per channel (long blocks) or per token group: the sums
+    range_search minimises (unrotated)."""
+    kg, vg = codec._groups(tuple(sq.shape[1:]))
+    return [sq[:, :, i].sum(-2) if g is None else g.view(sq[:, :, i].contiguous()).sum(dim=(3, 6))
+            for i, g in enumerate((kg, vg))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("spec", SEARCHED, ids=str)
+def test_kivi4_range_search_round_trip(spec, dtype):
+    """range_search on the crafted outliers, constant channels, zeros, tiny and negative values: no channel or
+    group ends with more squared error than plain kivi4's range gives (float32: exactly what the search
+    scored; rotated: per rotated group, whose L2 norm the rotation keeps), and the whole error is
+    smaller; every value is within half a step of its channel's or group's chosen grid or, outside it,
+    within 0.3875 of the full range (the most an end is clipped); zeros and constant channels decode exactly."""
+    codec, plain = build_codec(spec), _plain(spec)
+    kv = crafted(dtype)
+    enc, enc0 = codec.encode_blocks(kv), plain.encode_blocks(kv)
+    out, out0 = codec.decode_blocks(enc, "cpu"), plain.decode_blocks(enc0, "cpu")
+    assert out.shape == kv.shape and out.dtype == dtype
+    x = kv.float()
+    sq, sq0 = (out.float() - x).square(), (out0.float() - x).square()
+    assert torch.equal(out[1], kv[1])  # zeros
+    if codec.long(kv.shape[4]):  # a constant key channel of a float16 value decodes exactly
+        assert torch.equal(out[0, :, 0, :, :, 5], kv[0, :, 0, :, :, 5])
+    assert float(sq.sum()) < float(sq0.sum())
+    slack = 1e-6 if dtype == torch.float32 else 2 * _rounding(dtype)  # the final rounding to the dtype
+    if codec.settings.rotate:
+        groups = codec._groups(tuple(kv.shape[1:]))
+        for i, dims in ((0, (-1,)), (1, (2, -1))):  # rotated groups: keys per token of a head, values per token
+            if groups[i] is None:  # per channel (long blocks), not rotated
+                per, per0, norm = (t[:, :, i].sum(-2) for t in (sq, sq0, x.square()))
+            else:
+                per, per0, norm = (t[:, :, i].sum(dim=dims) for t in (sq, sq0, x.square()))
+            assert (per <= per0 * (1 + 1e-4 + slack) + 1e-12 + norm * slack).all()
+        return
+    for got, ref in zip(_group_sums(codec, sq), _group_sums(codec, sq0)):
+        assert (got <= ref * (1 + slack) + 1e-30 + slack * float(x.square().amax())).all()
+    # every value: within step / 2 of the chosen grid, or clamped to its nearer end
+    v = codec._rows(tuple(kv.shape[1:])).views(enc.rows)
+    steps = _kivi4_steps(codec, kv.shape, v)
+    mins = _kivi4_steps(codec, kv.shape, {f"{p}_step": v[f"{p}_min"] for p in ("key", "value")})
+    top = mins + 15 * steps
+    inside = (x >= mins) & (x <= top)
+    err = (out.float() - x).abs()
+    rounding = out.float().abs() * _rounding(dtype) + 1e-30
+    assert (err[inside] <= (steps / 2 * (1 + 1e-6) + rounding)[inside]).all()
+    full = _kivi4_steps(codec, kv.shape, {f"{p}_step": s for p, s in zip(
+        ("key", "value"), _full_ranges(codec, x))})  # each value's channel or group range, max - min
+    assert (err[~inside] <= (0.3875 * full * (1 + 1e-6) + rounding)[~inside]).all()
+    assert bool((~inside).any())  # the outliers were clipped
+
+
+def _full_ranges(codec: KVCodec, x: torch.Tensor) -> list[torch.Tensor]:
+    """max - min of each channel or group, shaped as the stored steps."""
+    kg, vg = codec._groups(tuple(x.shape[1:]))
+    out = []
+    for i, g in enumerate((kg, vg)):
+        t = x[:, :, i].contiguous()
+        out.append(t.amax(-2) - t.amin(-2) if g is None
+                   else g.view(t).amax(dim=(3, 6)) - g.view(t).amin(dim=(3, 6)))
+    return out
+
+
+def test_range_search_clips_heavy_tails_and_keeps_a_uniform_range():
+    """The search on its own: a channel of heavy-tailed (Laplace) values gets a narrower range, clipping its
+    tails, with less squared error than the full range; evenly spread values keep nearly all their range; one far
+    outlier among Gaussian values stays nearly covered (clipping it would cost more than the others' steps)."""
+    from mukv.plugins.codecs._rows import _grid_error, search_range
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(3, 400, 1)
+    u = torch.rand(400, 1, generator=g) - 0.5
+    x[0] = -u.sign() * torch.log1p(-2 * u.abs())  # Laplace
+    x[1] = torch.linspace(-1, 1, 400)[:, None]
+    x[2] = torch.randn(400, 1, generator=g)
+    x[2, 0] = 40.0
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    l, h = search_range(x, lo, hi, (1,), 15)
+    assert ((l >= lo) & (h <= hi)).all()
+    assert float(h[0] - l[0]) < 0.9 * float(hi[0] - lo[0])
+    err, err0 = _grid_error(x, l, h, (1,), 15), _grid_error(x, lo, hi, (1,), 15)
+    assert float(err[0]) < 0.9 * float(err0[0]) and (err <= err0).all()
+    assert float(h[1] - l[1]) >= 0.9 * 2  # uniform: at most about a half step of 16 cells off each end
+    assert float(h[2]) > 0.8 * 40.0
+    # constant and zero channels keep their exact range
+    c = torch.full((1, 5, 2), 0.75)
+    c[..., 1] = 0.0
+    lc, hc = search_range(c, c.amin(1, keepdim=True), c.amax(1, keepdim=True), (1,), 15)
+    assert torch.equal(lc, c.amin(1, keepdim=True)) and torch.equal(hc, c.amax(1, keepdim=True))
+
+
+@pytest.mark.parametrize("spec", SEARCHED, ids=str)
+def test_range_search_stores_kivi4_bytes_that_plain_kivi4_reads(spec):
+    """Zero extra bytes: the same row layout (every block length, both sides of channel_tokens) and the same
+    store record as kivi4 without the search; rows written with it decode with the plain codec to the same
+    KV; the encoder really chose other ranges."""
+    codec, plain = build_codec(spec), _plain(spec)
+    for shape in ((24, 2, 2, 4, 64), (24, 2, 2, 19, 64), (24, 2, 2, 627, 64), (2, 2, 2, 7, 32)):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert codec.row_layout(shape, dtype) == plain.row_layout(shape, dtype)
+    assert codec.record() == plain.record() and "range_search" not in codec.record()["settings"]
+    assert codec_from_record(codec.record(), "x").settings.range_search is False
+    kv = crafted(torch.bfloat16)
+    enc = codec.encode_blocks(kv)
+    assert enc.rows.shape == plain.encode_blocks(kv).rows.shape
+    assert not torch.equal(enc.rows, plain.encode_blocks(kv).rows)
+    assert torch.equal(plain.decode_blocks(enc, "cpu"), codec.decode_blocks(enc, "cpu"))
+
+
+def test_range_search_setting_is_typed():
+    assert build_codec({"name": "kivi4"}).settings.range_search is False
+    assert build_codec({"name": "kivi4", "range_search": "true"}).settings.range_search is True
+    with pytest.raises(ConfigError, match=r"kv_codec\.range_search: Input should be a valid boolean"):
+        build_codec({"name": "kivi4", "range_search": "maybe"})
+    with pytest.raises(ConfigError, match=r"kv_codec\.range_search: Extra inputs are not permitted"):
+        build_codec({"name": "int4", "range_search": True})
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_encoding_is_deterministic_and_rows_are_contiguous(name):
     codec = build_codec(name)
@@ -292,7 +424,7 @@ def test_fp8_byte_layout():
     assert torch.equal(codec.decode_blocks(codec.encode_blocks(kv), "cpu"), kv)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, {"name": "kivi4", "range_search": True}], ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_kv_is_refused(name, bad):
     kv = crafted(torch.float32)
@@ -301,7 +433,9 @@ def test_non_finite_kv_is_refused(name, bad):
         build_codec(name).encode_blocks(kv)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "kivi4", {"name": "kivi4", "channel_tokens": 4}], ids=str)
+@pytest.mark.parametrize("name", ["int8", "int4", "kivi4", {"name": "kivi4", "channel_tokens": 4},
+                                  {"name": "kivi4", "range_search": True},
+                                  {"name": "kivi4", "channel_tokens": 4, "range_search": True}], ids=str)
 def test_beyond_float16_scales_is_refused(name):
     kv = crafted(torch.float32)
     kv[0, 0, 0, 0, 0, 0] = -1e6  # a minimum below float16's

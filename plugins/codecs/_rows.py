@@ -138,3 +138,58 @@ def dequantise_(q: torch.Tensor, m16: torch.Tensor, step16: torch.Tensor) -> tor
     is exact in float32 (at most 8 + 11 significant bits), so the result is rounded once, the same on every
     device (whether the two steps are fused or not)."""
     return q.mul_(step16).add_(m16)
+
+
+def _grid_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dims: tuple[int, ...],
+                levels: int) -> torch.Tensor:
+    """Squared error, summed over ``dims`` (kept) in float64, of ``x`` through the float16 grid that covers
+    ``[lo, hi]`` (values outside clamp to its ends): exactly what :func:`quantise_` then :func:`dequantise_`
+    give. Every step but the sum is rounded once, the same on every device; the float64 sum makes the order
+    in which a device adds up a group matter only below 2**-50 of it."""
+    m16, step16 = affine(lo, hi, levels, "range search")  # inside a range that fitted: cannot raise
+    q = (x - m16).div_(step16.float().clamp_min(1e-30)).round_().clamp_(0, levels)
+    return dequantise_(q, m16, step16).sub_(x).square_().sum(dim=dims, keepdim=True, dtype=torch.float64)
+
+
+def search_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dims: tuple[int, ...], levels: int,
+                 coarse: float = 0.1, most: float = 0.3, finer: tuple[float, ...] = (0.05, 0.025, 0.0125),
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range each group of ``x`` is quantised over, chosen for the least squared error (MSE-optimal
+    clipping of a uniform grid), all groups at once.
+
+    ``x`` (float32) is reduced over ``dims`` into groups; ``lo``, ``hi`` are each group's minimum and maximum
+    (``keepdim`` shapes), ``w = hi - lo``. A candidate range is ``[lo + a w, hi - b w]``: each end clipped by
+    its own fraction. First every ``a, b`` in steps of ``coarse`` with ``a + b <= most`` (10 candidates at
+    0.1 and 0.3), then around each group's best the 8 neighbours ``a +- f, b +- f`` (not below 0) for each
+    ``f`` of ``finer`` in turn: 34 candidates, each end clipped by at most ``most + sum(finer)`` of the range
+    (0.3875). Each candidate is scored by the squared error of the group's values decoded from its float16
+    grid (what is stored: values outside it clamp to its ends), and the first least one kept, so no group
+    ends with more squared error than its full range gives (a constant group keeps its exact grid). Every
+    device chooses the same (the bytes encoded on a GPU are the CPU's) unless two candidates' errors differ
+    by less than the float64 rounding of their sums. ``x`` is not changed.
+
+    Returns:
+        ``(lo, hi)`` of the chosen ranges, shaped as the given ones, within them.
+    """
+    w, zero = hi - lo, torch.zeros_like(lo)
+    best_a, best_b, best = zero, zero, _grid_error(x, lo, hi, dims, levels)
+
+    def trial(a: torch.Tensor, b: torch.Tensor) -> None:
+        nonlocal best, best_a, best_b
+        err = _grid_error(x, lo + a * w, hi - b * w, dims, levels)
+        better = err < best
+        best, best_a, best_b = torch.where(better, err, best), torch.where(better, a, best_a), \
+            torch.where(better, b, best_b)
+
+    n = round(most / coarse)
+    for i in range(n + 1):
+        for j in range(n + 1 - i):
+            if i or j:
+                trial(zero + i * coarse, zero + j * coarse)
+    for f in finer:
+        a0, b0 = best_a, best_b
+        for da in (-f, 0.0, f):
+            for db in (-f, 0.0, f):
+                if da or db:
+                    trial((a0 + da).clamp_(min=0), (b0 + db).clamp_(min=0))
+    return lo + best_a * w, hi - best_b * w

@@ -34,7 +34,7 @@ def fill(b: TieredBackend, windows: int = 2) -> None:
         b.add(synth_blocks(level, b.count(level), windows))
 
 
-def round_trip(codec: str, level: str, ids) -> torch.Tensor:
+def round_trip(codec: str | dict, level: str, ids) -> torch.Tensor:
     c = build_codec(codec)
     return c.decode_blocks(c.encode_blocks(expected_kv(level, ids)), "cpu")
 
@@ -306,3 +306,43 @@ def test_reader_beside_a_writer_sees_a_new_codec(tmp_path):
         assert torch.equal(r.load_kv(lv, torch.arange(n)), want)
     r.close()
     w.close()
+
+
+def test_kivi4_range_search_store_reads_with_the_plain_codec(tmp_path):
+    """kivi4 with range_search writes kivi4's format: the array records the plain codec (the search is the
+    encoder's business), the rows are the searched encoder's bytes, a session reopening with plain kivi4
+    reads them back and appends to the same array, and verify_store checks them."""
+    path = tmp_path / "st"
+    searched = {"name": "kivi4", "channel_tokens": 5, "range_search": True}  # segment blocks (K 9) per channel
+    plain = {"name": "kivi4", "channel_tokens": 5}
+    b = backend(path, searched)
+    fill(b)
+    b.flush()
+    differ = []
+    for level in LEVELS:
+        n = b.count(level)
+        rows = b.archive.read(level, np.arange(n))
+        assert np.array_equal(rows, to_numpy(build_codec(searched).encode_blocks(expected_kv(level, range(n))).rows))
+        differ.append(not np.array_equal(rows, to_numpy(build_codec(plain).encode_blocks(
+            expected_kv(level, range(n))).rows)))
+        attrs = b.archive.parts(level)[0].array.attrs
+        assert attrs["mukv_codec"] == build_codec(plain).record()
+    assert all(differ)  # the search chose other ranges than the minimum and maximum
+    b.close()
+    again = backend(path, plain, hot_bytes=0)
+    first = {lv: again.count(lv) for lv in LEVELS}
+    for level in LEVELS:
+        ids = torch.arange(first[level])
+        assert torch.equal(again.load_kv(level, ids), round_trip(searched, level, ids.tolist()))
+    fill(again)  # plain kivi4 goes on in the same array
+    again.flush()
+    for level in LEVELS:
+        assert len(again.archive.parts(level)) == 1
+        n = again.count(level)
+        ids = torch.arange(n)
+        want = torch.cat([round_trip(searched, level, range(first[level])),
+                          round_trip(plain, level, range(first[level], n))])
+        assert torch.equal(again.load_kv(level, ids), want)
+    again.close()
+    rep = verify_store(str(path))
+    assert rep.ok, rep.summary()

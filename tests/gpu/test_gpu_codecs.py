@@ -30,10 +30,12 @@ pytestmark = ([pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available()
               if CUDA else [])
 
 # kivi4 on blocks of 19 tokens: short blocks (per token, values across heads) by default; long ones (per
-# channel) with channel_tokens 16, with and without values per channel; rotated per-token groups
+# channel) with channel_tokens 16, with and without values per channel; rotated per-token groups; the encoder's
+# range search (the same choice on every device: float64 sums of the candidates' errors)
 CODECS = ["none", "int8", "int4", {"name": "int4", "group_size": 32}, "kivi4", {"name": "kivi4", "channel_tokens": 16},
           {"name": "kivi4", "channel_tokens": 16, "channel_values": False, "rotate": True},
-          {"name": "kivi4", "rotate": True},
+          {"name": "kivi4", "rotate": True}, {"name": "kivi4", "range_search": True},
+          {"name": "kivi4", "channel_tokens": 16, "range_search": True},
           *(["fp8"] if hasattr(torch, "float8_e4m3fn") else [])]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
