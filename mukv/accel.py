@@ -2,7 +2,7 @@
 
 Each acceleration rewrites a model adapter's modules in place and is measured against the
 plain bf16 path (``benchmarks/accel_bench.py``: frames/s, and the first-token logits, kept
-tokens and stored KV of the same stream). They are opt-in (``HFVideoLLM.accelerate``):
+tokens and stored KV of the same stream). They are opt-in (:func:`accelerate` on a session's model):
 the plain path stays the reference, and the authors'-path comparisons run without them.
 
 * ``compile_vision``: ``torch.compile`` of the vision tower (one graph per batch shape;
@@ -118,7 +118,7 @@ def accelerate(adapter: Any, which: Iterable[str]) -> list[str]:
         vision_tower(adapter).compile(dynamic=False)
         done.append("compile_vision")
     if "compile_llm" in which:
-        from .model import keep_attention_eager
+        from .attention import keep_attention_eager
 
         keep_attention_eager()
         for layer in decoder_layers(adapter):

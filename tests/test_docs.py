@@ -193,9 +193,9 @@ def test_hook_is_documented_and_has_a_tested_example(hook):
 #: Modules whose public classes (and functions, for mukv.plots) the reference must document.
 PUBLIC_MODULES = ["mukv.session", "mukv.config", "mukv.blocks", "mukv.interfaces", "mukv.registry", "mukv.errors",
                   "mukv.plots", "mukv.specs", "mukv.settings", "mukv.logs", "mukv.log", "mukv.streams", "mukv.state",
-                  "mukv.stream", "mukv.ingest", "mukv.window"]
+                  "mukv.stream", "mukv.ingest", "mukv.window", "mukv.accel"]
 #: Public classes of modules whose other classes are implementation details.
-PUBLIC_NAMES = ["mukv.model.HFVideoLLM", "mukv.model.PrefixKV"]
+PUBLIC_NAMES = ["mukv.model.HFVideoLLM", "mukv.kvcache.PrefixKV"]
 
 
 def public_objects() -> list[str]:

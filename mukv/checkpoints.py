@@ -1,0 +1,87 @@
+"""Loading model checkpoints for adapters: local safetensors only, and the mukv configuration a
+checkpoint was trained with (``mukv_config.json``)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                    ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a local checkpoint directory with a transformers model class, for model adapters:
+    safetensors only (never pickle), nothing downloaded; ``dtype`` defaults to bf16 on CUDA and
+    float32 otherwise. Returns the model on ``device``, its tokenizer and the checkpoint's
+    ``preprocessor_config.json`` as a dict (empty when it has none)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .errors import StoreError
+
+    path = Path(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not any(path.glob("*.safetensors")):
+        raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
+    with _no_hf_progress():  # the library prints no progress bar nobody asked for
+        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                          local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    pre = path / "preprocessor_config.json"
+    return model, tokenizer, (json.loads(pre.read_text()) if pre.exists() else {})
+
+
+@contextmanager
+def _no_hf_progress() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off while loading (restored after)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+#: File in a checkpoint directory with the mukv configuration the model was trained with.
+MODEL_DEFAULTS_FILE = "mukv_config.json"
+
+
+def read_model_defaults(path) -> dict[str, Any]:
+    """The ``config`` object of a checkpoint's ``mukv_config.json`` (empty when there is none):
+    mukv configuration fields the model was trained with, e.g. levels sized for its
+    tokens per frame. Validated here, so a bad file is named before anything uses it.
+
+    Raises:
+        ConfigError: the file is not JSON, has no ``config`` object, or its fields are invalid.
+    """
+    import json
+    from pathlib import Path
+
+    from .config import MukvConfig
+    from .errors import ConfigError
+
+    file = Path(path) / MODEL_DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ConfigError(f'{file}: expected a JSON object with a "config" object of mukv configuration fields')
+    try:
+        MukvConfig.build(data["config"])
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    return data["config"]
