@@ -93,16 +93,23 @@ def decoder_layers(adapter: Any) -> Iterable[nn.Module]:
     return list(adapter.language_model.layers)
 
 
-def accelerate(adapter: Any, which: Iterable[str]) -> list[str]:
-    """Apply accelerations (names of :data:`KNOWN`) to ``adapter`` in place.
+def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
+    """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
 
     Returns what was applied. Raises ConfigError for an unknown name, or FP8 where the device
     has no FP8 products.
     """
-    which = list(dict.fromkeys(which))
+    if isinstance(which, str):
+        which = [which]
+    try:
+        which = list(dict.fromkeys(which))
+    except TypeError:
+        raise ConfigError(f"accelerations: expected names of {', '.join(KNOWN)}, got {type(which).__name__}") from None
     unknown = [w for w in which if w not in KNOWN]
     if unknown:
         raise ConfigError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
+    if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
+        raise ConfigError(f"accelerate: expected a model adapter (session.model), got {type(adapter).__name__}")
     if any(w.startswith("fp8") for w in which) and not fp8_supported(adapter.device):
         raise ConfigError(f"FP8 products need a CUDA GPU of compute capability 8.9 or more; "
                           f"this model runs on {adapter.device}")

@@ -40,6 +40,12 @@ def test_unknown_acceleration_and_fp8_without_fp8_products_are_refused():
     adapter = build_llava_onevision("tiny-llava-ov")
     with pytest.raises(mukv.ConfigError, match="unknown acceleration 'fast'"):
         accelerate(adapter, ["fast"])
+    with pytest.raises(mukv.ConfigError, match="unknown acceleration 'fast'"):
+        accelerate(adapter, "fast")  # one name, not its letters
+    with pytest.raises(mukv.ConfigError, match="expected names"):
+        accelerate(adapter, 3)
+    with pytest.raises(mukv.ConfigError, match="expected a model adapter"):
+        accelerate("model", ["compile_vision"])
     if not fp8_supported(adapter.device):
         with pytest.raises(mukv.ConfigError, match="FP8"):
             accelerate(adapter, ["fp8_vision"])
