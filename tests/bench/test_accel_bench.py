@@ -1,0 +1,34 @@
+"""benchmarks/accel_bench.py runs end to end on CPU with the tiny model (the benchmark's flow, not its
+figures): the plain mode is the reference, a mode the device cannot run (FP8 on a CPU) is recorded as
+failed with its reason while the others go on, and the tables are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accel_bench.py"
+
+
+@pytest.mark.slow
+def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("accel_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
+                     "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
+                     "--questions", "1", "--answer-tokens", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "accel.json").read_text())
+    plain, fp8, again = res["modes"]
+    assert plain["mode"] == "plain" and plain["vision"]["fps"] > 0 and plain["ingest_vision"]["fps"] > 0
+    assert "agreement" not in plain  # the reference
+    assert "FP8" in fp8["error"]
+    agree = again["agreement"]  # the plain path against itself: every token kept alike
+    assert agree["top1_agreement"] == 1.0 and agree["greedy_agreement"] == 1.0
+    assert all(agree[lv]["kept_tokens_same"] == 1.0 for lv in ("patch", "frame", "segment") if agree[lv]["blocks"])
+    assert "| plain |" in (tmp_path / "accel.md").read_text()
