@@ -135,7 +135,10 @@ KIVI4 = [{"name": "kivi4", "channel_tokens": 4}, {"name": "kivi4", "channel_toke
          {"name": "kivi4", "key_group": 16, "value_group": 32}, {"name": "kivi4", "value_group": 4096},
          {"name": "kivi4", "rotate": True},
          {"name": "kivi4", "rotate": True, "channel_tokens": 4, "channel_values": False},
-         {"name": "kivi4", "rotate": True, "key_group": 8, "value_group": 128}]
+         {"name": "kivi4", "rotate": True, "key_group": 8, "value_group": 128},
+         {"name": "kivi4", "key_bits": 6}, {"name": "kivi4", "key_bits": 6, "channel_tokens": 4},
+         {"name": "kivi4", "key_bits": 5, "channel_tokens": 4, "channel_values": False},
+         {"name": "kivi4", "key_bits": 2, "rotate": True}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -154,10 +157,11 @@ def test_kivi4_round_trip_within_the_stated_bound(spec, dtype):
     assert torch.equal(out[1], kv[1]) and float(err.max()) > 0
     if codec.long(kv.shape[4]):  # per channel: a constant key channel of a float16 value decodes exactly
         assert torch.equal(out[0, :, 0, :, :, 5], kv[0, :, 0, :, :, 5])
-    if not codec.settings.rotate:  # steps of unrotated values: at most range / 15
+    if not codec.settings.rotate:  # steps of unrotated values: at most range / (2**bits - 1) of their part
         steps = _kivi4_steps(codec, kv.shape, codec._rows(tuple(kv.shape[1:])).views(enc.rows))
-        lo, hi = kv.float().amin(), kv.float().amax()
-        assert float(steps.max()) <= float(hi - lo) / 15 * (1 + 2**-9)
+        for i, bits in enumerate(codec.split):
+            lo, hi = kv[:, :, i].float().amin(), kv[:, :, i].float().amax()
+            assert float(steps[:, :, i].max()) <= float(hi - lo) / ((1 << bits) - 1) * (1 + 2**-9)
 
 
 def test_kivi4_rotation_is_walsh_hadamard_and_spreads_outliers():
@@ -717,3 +721,35 @@ def test_none_is_there_when_the_codecs_plugin_is_not_loaded(monkeypatch):
     finally:
         monkeypatch.delenv("MUKV_PLUGINS")
         reg.reset()
+
+
+@pytest.mark.parametrize("key_bits", [2, 3, 5, 6])
+def test_kivi4_key_bits_share_each_byte_between_a_key_and_its_value(key_bits):
+    """Every split stores the bytes of 4 + 4 bits; a key's code sits in the low ``key_bits`` of the byte of its
+    token and channel, the value's above it; more key bits make the keys finer and the values coarser."""
+    kv = torch.randn(2, 3, 2, 2, 70, 16, generator=torch.Generator().manual_seed(1))
+    four = build_codec("kivi4")
+    codec = build_codec({"name": "kivi4", "key_bits": key_bits})
+    assert codec.split == (key_bits, 8 - key_bits)
+    assert codec.row_layout(kv.shape[1:], kv.dtype) == four.row_layout(kv.shape[1:], kv.dtype)
+    enc = codec.encode_blocks(kv)
+    v = codec._rows(tuple(kv.shape[1:])).views(enc.rows)
+    q = v["q"]  # [B, Y, H, K, D]
+    for i, (part, bits) in enumerate((("key", key_bits), ("value", 8 - key_bits))):
+        code = (q & ((1 << key_bits) - 1)) if i == 0 else (q >> key_bits)
+        m, st = v[f"{part}_min"].float().unsqueeze(-2), v[f"{part}_step"].float().unsqueeze(-2)  # per channel
+        assert int(code.max()) <= (1 << bits) - 1
+        torch.testing.assert_close(m + code.float() * st, codec.decode_blocks(enc, "cpu")[:, :, i], rtol=0, atol=0)
+    err = lambda c, i: float((c.decode_blocks(c.encode_blocks(kv), "cpu")[:, :, i] - kv[:, :, i]).norm())  # noqa: E731
+    if key_bits > 4:
+        assert err(codec, 0) < err(four, 0) and err(codec, 1) > err(four, 1)
+    else:
+        assert err(codec, 0) > err(four, 0) and err(codec, 1) < err(four, 1)
+    assert codec.record()["settings"]["key_bits"] == key_bits  # recorded: a reader decodes the same split
+    assert "key_bits" not in four.record()["settings"]  # 4 + 4 records as stores written before the setting
+
+
+def test_kivi4_key_bits_out_of_range_is_refused():
+    for bad in (1, 7, 8, "six", 4.5):
+        with pytest.raises(ConfigError, match="key_bits"):
+            build_codec({"name": "kivi4", "key_bits": bad})

@@ -49,6 +49,13 @@ class Kivi4Settings(CodecSettings):
     measured; on the device that encodes, at ingest). Off by default: on mukv-tiny it made the KV's error 8-9%
     smaller and the held-out clips 2 points less accurate (clipping the keys' extremes; docs/codecs-results.md)."""
 
+    key_bits: int = Field(default=4, ge=2, le=6)
+    """Bits of a key's code; a value's code gets the rest of the byte (``8 - key_bits``), so every setting
+    stores the same bytes: a key and the value of the same token and channel share one byte. 4 (the
+    default) is 4 + 4 bits, two keys or two values per byte as in stores written before this setting. On
+    mukv-tiny the answers depend on the keys and hardly on the values: keys of 6 bits and values of 2 kept
+    bf16's accuracy on the held-out clips where 4 + 4 lost 1.5 points (docs/codecs-results.md)."""
+
     value_group: int = Field(default=128, ge=2, le=1 << 16)
     """Channels of one token whose values share a minimum and a step (where values are quantised per token),
     counted over the token's heads one after the other (``H x D`` channels), so a group may span heads: up to
@@ -101,7 +108,8 @@ class Kivi4Codec(KVCodec):
     quantised per token in groups of ``key_group`` channels of a head, and values per token in groups of
     ``value_group`` channels, which may span heads (with ``rotate``, each head's channels first rotated by a
     Walsh-Hadamard transform, so that an outlier channel does not set its group's step alone). Asymmetric, codes
-    0..15 packed two per byte, float16 minimum and step.
+    0..15 packed two per byte (or, with ``key_bits``, a key's and its value's codes sharing a byte), float16
+    minimum and step.
 
     Row of a block ``(Y, 2, H, K, D)``, ``uint8 [S]``, sections at 16-byte aligned offsets:
 
@@ -109,7 +117,10 @@ class Kivi4Codec(KVCodec):
        ``2j + 1`` in the high nibble (keys at index 0 of the second axis, values at 1); where quantised per
        token (short blocks; values of long ones without ``channel_values``) with ``rotate``, the channels
        are those of ``H_D t / 2**(n // 2)``, ``t`` a token's ``D`` channels of one head, ``H_D`` the
-       Walsh-Hadamard matrix of +-1 (Sylvester's order), ``n = log2 D``;
+       Walsh-Hadamard matrix of +-1 (Sylvester's order), ``n = log2 D``. With ``key_bits`` other than 4,
+       ``q`` is uint8 ``[Y, H, K, D]`` instead (the same bytes): the key's code of a token and channel in the
+       low ``key_bits`` bits of its byte, the value's code of the same token and channel in the high
+       ``8 - key_bits`` bits;
     2. ``key_min``, ``key_step``: float16, per channel ``[Y, H, D]`` (long blocks) or per token group
        ``[Y, H, K, D / Gk]`` (short blocks, ``Gk = min(key_group, D)``);
     3. ``value_min``, ``value_step``: float16, per channel ``[Y, H, D]`` (long blocks with
@@ -124,7 +135,8 @@ class Kivi4Codec(KVCodec):
     + 16 / Gv`` in short ones (4.375 at 64 and 128), plus padding to 16 bytes.
 
     Error bound: every value quantised as it is (long blocks, or ``rotate`` off) is within ``step / 2`` of its
-    decoded value, where ``step <= (max - min) / 15 * (1 + 2**-9)`` of its channel or group; channels and
+    decoded value, where ``step <= (max - min) / L * (1 + 2**-9)`` of its channel or group, ``L = 2**bits - 1``
+    of its part (15 for 4 + 4; keys ``2**key_bits - 1``, values ``2**(8 - key_bits) - 1``); channels and
     groups of one float16 value (zeros included) decode exactly. Where rotated, every rotated value
     is within ``step / 2`` of its grid point, so a value is within ``sum(step / 2) / 2**(n - n // 2)`` over
     its token's ``D`` channels of the head (and its error vector has the L2 norm of the rotated one, times
@@ -182,7 +194,8 @@ class Kivi4Codec(KVCodec):
         ks = (y, h, d) if kg is None else kg.scale_shape(y, h, k)
         vs = (y, h, d) if vg is None else vg.scale_shape(y, h, k)
         f16 = torch.float16
-        return RowLayout([("q", (y, 2, h, k, d // 2), torch.uint8), ("key_min", ks, f16), ("key_step", ks, f16),
+        codes = (y, 2, h, k, d // 2) if self.split == (4, 4) else (y, h, k, d)
+        return RowLayout([("q", codes, torch.uint8), ("key_min", ks, f16), ("key_step", ks, f16),
                           ("value_min", vs, f16), ("value_step", vs, f16)])
 
     def row_layout(self, block_shape, dtype):
@@ -190,18 +203,28 @@ class Kivi4Codec(KVCodec):
 
     def record(self) -> dict:
         """The store's record: the settings a reader needs (``range_search`` only changes which bytes the encoder
-        writes, not how they read)."""
+        writes, not how they read; ``key_bits`` only where it is not 4, so 4 + 4 records as before it existed)."""
         rec = super().record()
         rec["settings"].pop("range_search", None)
+        if rec["settings"].get("key_bits") == 4:  # 4 + 4: the record of stores written before the setting
+            rec["settings"].pop("key_bits")
         return rec
 
-    def _scales(self, t: torch.Tensor, dims: tuple[int, ...], what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """float16 minimum and step of each channel or group of ``t`` (reduced over ``dims``, kept): over its
-        minimum and maximum, or with ``range_search`` over the range of least squared error."""
+    @property
+    def split(self) -> tuple[int, int]:
+        """Bits of a key's code and of a value's code."""
+        kb = int(self.settings.key_bits)
+        return kb, 8 - kb
+
+    def _scales(self, t: torch.Tensor, dims: tuple[int, ...], what: str, levels: int = LEVELS
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float16 minimum and step of each channel or group of ``t`` (reduced over ``dims``, kept) for codes
+        ``0 .. levels``: over its minimum and maximum, or with ``range_search`` over the range of least squared
+        error."""
         lo, hi = t.amin(dim=dims, keepdim=True), t.amax(dim=dims, keepdim=True)
-        m, s = affine(lo, hi, LEVELS, what)  # the full range must fit float16 (else refused), whatever is searched
+        m, s = affine(lo, hi, levels, what)  # the full range must fit float16 (else refused), whatever is searched
         if self.settings.range_search:
-            m, s = affine(*search_range(t, lo, hi, dims, LEVELS), LEVELS, what)
+            m, s = affine(*search_range(t, lo, hi, dims, levels), levels, what)
         return m, s
 
     def encode(self, kv: torch.Tensor) -> EncodedKV:
@@ -220,12 +243,16 @@ class Kivi4Codec(KVCodec):
                 if self.settings.rotate:  # H t / 2**(n // 2), n = log2 D: orthonormal where n is even
                     t = hadamard(t, -((d.bit_length() - 1) // 2))
                 t, dims = groups.view(t), (3, 6)  # per token group: [B, Y, H/m, 1, K, c, 1]
-            m, s = self._scales(t, dims, f"kivi4 {part}s")
-            q[:, :, i] = quantise_(t, m, s, LEVELS).reshape(b, y, h, k, d)
+            levels = (1 << self.split[i]) - 1
+            m, s = self._scales(t, dims, f"kivi4 {part}s", levels)
+            q[:, :, i] = quantise_(t, m, s, levels).reshape(b, y, h, k, d)
             v[f"{part}_min"].copy_(m.view(v[f"{part}_min"].shape))
             v[f"{part}_step"].copy_(s.view(v[f"{part}_step"].shape))
-        q = q.view(b, y, 2, h, k, d // 2, 2)
-        v["q"].copy_(q[..., 0] | (q[..., 1] << 4))
+        if self.split == (4, 4):  # two codes of one kind per byte
+            q = q.view(b, y, 2, h, k, d // 2, 2)
+            v["q"].copy_(q[..., 0] | (q[..., 1] << 4))
+        else:  # a key's code in the low bits, the value's of the same token and channel in the high bits
+            v["q"].copy_(q[:, :, 0] | (q[:, :, 1] << self.split[0]))
         return EncodedKV(rows, shape, kv.dtype)
 
     def decode(self, encoded: EncodedKV, device: torch.device | str) -> torch.Tensor:
@@ -235,8 +262,13 @@ class Kivi4Codec(KVCodec):
         v, (kg, vg) = self._rows(shape).views(rows), self._groups(shape)
         p = v["q"]
         x = torch.empty((b, y, 2, h, k, d), dtype=torch.float32, device=rows.device)
-        x[..., 0::2] = p & 15  # the nibbles, straight into the float32 codes
-        x[..., 1::2] = p >> 4
+        if self.split == (4, 4):
+            x[..., 0::2] = p & 15  # the nibbles, straight into the float32 codes
+            x[..., 1::2] = p >> 4
+        else:
+            kb = self.split[0]
+            x[:, :, 0] = p & ((1 << kb) - 1)
+            x[:, :, 1] = p >> kb
         for i, (part, groups) in enumerate((("key", kg), ("value", vg))):
             t, m, s = x[:, :, i], v[f"{part}_min"], v[f"{part}_step"]
             if groups is None:

@@ -36,6 +36,7 @@ CODECS = ["none", "int8", "int4", {"name": "int4", "group_size": 32}, "kivi4", {
           {"name": "kivi4", "channel_tokens": 16, "channel_values": False, "rotate": True},
           {"name": "kivi4", "rotate": True}, {"name": "kivi4", "range_search": True},
           {"name": "kivi4", "channel_tokens": 16, "range_search": True},
+          {"name": "kivi4", "key_bits": 6}, {"name": "kivi4", "channel_tokens": 16, "key_bits": 6},
           *(["fp8"] if hasattr(torch, "float8_e4m3fn") else [])]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
