@@ -48,7 +48,7 @@ def _load_sharded(path: Path, stem: str) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(trainer, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Resumable checkpoint: float32 weights and bf16 Adam moments as safetensors
+    """Resumable checkpoint of ``trainer``: float32 weights and bf16 Adam moments as safetensors
     files of at most 15 MB each, plus ``state.json`` (step, config, RNG states, history)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def save_checkpoint(trainer, path: str | Path, extra: dict[str, Any] | None = No
 
 
 def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
-    """Restore weights, Adam moments, step and RNG state from :meth:`save`."""
+    """Restore weights, Adam moments, step and RNG state of ``trainer`` from :func:`save_checkpoint`."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     weights = _load_sharded(path, "weights")
