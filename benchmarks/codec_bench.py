@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_week import drop_cache  # noqa: E402
 
-DEFAULT_CODECS = "none,int8,int4,kivi4,fp8"
+DEFAULT_CODECS = 'none,int8,int4,kivi4,{"name":"kivi4","key_bits":6},fp8'
 #: MuKV's final top-k per level (the selection one question pages in)
 TOP_K = {"patch": 20, "frame": 32, "segment": 12}
 

@@ -11,6 +11,7 @@
 #   bench    benchmarks/codec_bench.py on llava-onevision-qwen2-0.5b-ov (random weights): decode throughput,
 #            first-token logit error and greedy agreement per codec, page-in GB/s (stored and decoded) and
 #            time to first token with every block read from disk
+# Environment: CODECS (codec_bench.py --codecs; default its list), OUT.
 # Files under $OUT (./runs/codecs where OUT is unset): codecs.log, codecs.json, codecs.md
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -41,6 +42,7 @@ timeout -s INT -k 15 150 env "${TESTS[@]}" "$PY" -m pytest -q -p no:cacheprovide
     2>&1 | tee -a "$OUT/codecs.log"
 log "END tests: rc ${PIPESTATUS[0]}"
 
+[ -n "${CODECS:-}" ] && BENCH+=(--codecs "$CODECS")  # default: codec_bench.py's list (kivi4 key_bits 6 included)
 log "START bench"
 timeout -s INT -k 15 330 "$PY" benchmarks/codec_bench.py "${BENCH[@]}" --out "$OUT" 2>&1 | tee -a "$OUT/codecs.log"
 log "END bench: rc ${PIPESTATUS[0]}"
