@@ -170,10 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name, peak = gb.datasheet_name_peak(device) if hasattr(gb, "datasheet_name_peak") else (
-        torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", None)
-    if device.type == "cuda" and peak is None:
-        peak = gb.datasheet_bf16_tflops(name)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    peak = gb.datasheet_bf16_tflops(name) if device.type == "cuda" else None
     args.peak = peak
     args.measured = gb.measure_ceilings(device, quick=True).get("bf16_matmul_tflops") if device.type == "cuda" else None
     res: dict[str, Any] = {"preset": args.preset, "card": name, "peak": peak, "measured": args.measured,

@@ -34,6 +34,33 @@ def paired_interval(diff: list[int], resamples: int, seed: int = 0) -> tuple[flo
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+def compared_row(name: str, results: dict, refs: tuple[str, ...], resamples: int) -> str:
+    """A markdown row of ``results[name]`` (accuracy per level and overall) with its paired difference to each
+    run of ``refs`` (95% interval; blank against itself or a run that is missing), recorded as ``vs_<ref>``."""
+    r, cells = results[name], []
+    for ref in refs:
+        if ref == name or ref not in results:
+            cells.append("")
+            continue
+        diff = [a - b for a, b in zip(r["correct"], results[ref]["correct"])]
+        lo, hi = paired_interval(diff, resamples)
+        r[f"vs_{ref}"] = [sum(diff) / len(diff), lo, hi]
+        cells.append(f"{100 * sum(diff) / len(diff):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    by = r["report"]["by_level"]
+    return (f"| {name} | " + " | ".join(f"{100 * by[lv]['accuracy']:.1f}" for lv in ("patch", "frame", "segment"))
+            + f" | {100 * r['report']['overall']:.1f} ({sum(r['correct'])}) | " + " | ".join(cells) + " |")
+
+
+def write_results(out: str | None, stem: str, args: argparse.Namespace, results: dict, md: str) -> None:
+    """Print the table; with ``out``, write ``<stem>.json`` (settings and every run) and ``<stem>.md`` there."""
+    print(md)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.json").write_text(json.dumps({"settings": vars(args), "results": results}))
+        (folder / f"{stem}.md").write_text(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--codecs", default='none,int8,int4,{"name":"int4","group_size":16},fp8',

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_clips import paired_interval  # noqa: E402
+from codec_clips import compared_row, write_results  # noqa: E402
 
 
 def roundtrip_view(codec, rotary_emb, pre_rope: bool):
@@ -89,26 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{len(clips)} held-out clips (seed {args.seed}), mukv-tiny, codec {args.codec}: round trip on the "
              "stored (rotated) keys, or on keys rotated back to position 0 (pre-RoPE)", "",
              "| mode | patch | frame | segment | overall | vs none (95%) | vs rotated (95%) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for mode, r in results.items():
-        cells = []
-        for ref in ("none", "rotated"):
-            if ref not in results or ref == mode:
-                cells.append("")
-                continue
-            diff = [a - b for a, b in zip(r["correct"], results[ref]["correct"])]
-            lo, hi = paired_interval(diff, args.resamples)
-            r[f"vs_{ref}"] = [sum(diff) / len(diff), lo, hi]
-            cells.append(f"{100 * sum(diff) / len(diff):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-        by = r["report"]["by_level"]
-        lines.append(f"| {mode} | " + " | ".join(f"{100 * by[lv]['accuracy']:.1f}" for lv in ("patch", "frame", "segment"))
-                     + f" | {100 * r['report']['overall']:.1f} ({sum(r['correct'])}) | {cells[0]} | {cells[1]} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "prerope.json").write_text(json.dumps({"settings": vars(args), "results": results}))
-        (out / "prerope.md").write_text(md)
+    lines += [compared_row(name, results, ("none", "rotated"), args.resamples) for name in results]
+    write_results(args.out, "prerope", args, results, "\n".join(lines) + "\n")
     return 0
 
 

@@ -16,7 +16,6 @@ Model: mukv-tiny (trained). A simulation of a format, not a codec: the bytes are
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_clips import paired_interval  # noqa: E402
+from codec_clips import compared_row, write_results  # noqa: E402
 
 
 def fake_quant(x: torch.Tensor, bits: int, dim: int | tuple[int, ...]) -> torch.Tensor:
@@ -92,26 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{len(clips)} held-out clips (seed {args.seed}), mukv-tiny; keys/values bits with kivi4's grouping", "",
              f"| keys / values bits | patch | frame | segment | overall | vs none (95%) | vs {first} (95%) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        cells = []
-        for ref in ("none", first):
-            if ref == name:
-                cells.append("")
-                continue
-            diff = [a - b for a, b in zip(r["correct"], results[ref]["correct"])]
-            lo, hi = paired_interval(diff, args.resamples)
-            r[f"vs_{ref}"] = [sum(diff) / len(diff), lo, hi]
-            cells.append(f"{100 * sum(diff) / len(diff):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-        by = r["report"]["by_level"]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * by[lv]['accuracy']:.1f}" for lv in ("patch", "frame", "segment"))
-                     + f" | {100 * r['report']['overall']:.1f} ({sum(r['correct'])}) | {cells[0]} | {cells[1]} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bits.json").write_text(json.dumps({"settings": vars(args), "results": results}))
-        (out / "bits.md").write_text(md)
+    lines += [compared_row(name, results, ("none", first), args.resamples) for name in results]
+    write_results(args.out, "bits", args, results, "\n".join(lines) + "\n")
     return 0
 
 

@@ -66,10 +66,10 @@ class Recovery:
             # no state file: every array of this stream is a leftover (a writer killed before its first
             # commit, a copy taken before the state file was written); a truncated array keeps its folder,
             # which would stay a stream without a state file if this writer never commits
-            from .streams import _remove_tree
+            from .streams import remove_tree
 
             for rel in leftover:
-                _remove_tree(self.files, rel)
+                remove_tree(self.files, rel)
             self.archive.forget()
             self.keys.forget()
         files = self._remove_unreferenced_files()

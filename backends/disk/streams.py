@@ -170,8 +170,8 @@ def delete_stream(path: str, stream_id: str, storage_options: dict[str, Any] | N
         files.delete(rel)  # from here on the stream does not exist
         table = BlockTable(files, manifest.layout.num_kv_heads * manifest.layout.head_dim, vector_index_rows=None)
         rows = table.delete_uncounted(sid, {})  # every row of the stream
-        removed = (_remove_tree(files, f"kv/{sid}") + _remove_tree(files, f"layerkeys/{sid}")
-                   + _remove_tree(files, f"streams/{sid}"))
+        removed = (remove_tree(files, f"kv/{sid}") + remove_tree(files, f"layerkeys/{sid}")
+                   + remove_tree(files, f"streams/{sid}"))
         try:
             table.maintain()  # compaction drops the deleted rows' fragments (old versions go after 5 minutes)
         except Exception:  # noqa: BLE001 - upkeep is an optimisation
@@ -187,7 +187,7 @@ def delete_stream(path: str, stream_id: str, storage_options: dict[str, Any] | N
                     pass
 
 
-def _remove_tree(files: Files, rel: str) -> int:
+def remove_tree(files: Files, rel: str) -> int:
     """Delete every file under ``rel``; returns how many."""
     if files.remote:
         import obstore
@@ -341,9 +341,9 @@ def _discard(dst: Files, did: str, manifest: Any) -> None:
         dst.delete(f"streams/{did}.json")
         BlockTable(dst, manifest.layout.num_kv_heads * manifest.layout.head_dim, vector_index_rows=None
                    ).delete_uncounted(did, {})
-        _remove_tree(dst, f"kv/{did}")
-        _remove_tree(dst, f"layerkeys/{did}")
-        _remove_tree(dst, f"streams/{did}")
+        remove_tree(dst, f"kv/{did}")
+        remove_tree(dst, f"layerkeys/{did}")
+        remove_tree(dst, f"streams/{did}")
     except Exception:  # noqa: BLE001 - best effort; verify_store reports what is left
         pass
 

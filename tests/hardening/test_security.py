@@ -201,7 +201,7 @@ FILTER_CALL_SITES = {
     ("recovery.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
     ("repair.py", "apply_repair", "delete", "f\"streams/{rep.stream_id}/{check_stream_id(pend['file'])}\""),
     ("streams.py", "delete_stream", "delete", "rel"),  # f"streams/{check_stream_id(stream_id)}.json"
-    ("streams.py", "_remove_tree", "delete", "obj['path']"),  # listed under kv/<id>/ or streams/<id>/
+    ("streams.py", "remove_tree", "delete", "obj['path']"),  # listed under kv/<id>/ or streams/<id>/
     ("streams.py", "_discard", "delete", "f'streams/{did}.json'"),
 }
 #: what may be interpolated into an f-string of lance_index.py: validated names, ints, and clauses built of them
