@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..frames import check_fps, video_size
-from ..signals import Interrupted, interrupts_as_exceptions
+from ..signals import Interrupted, deferred, interrupts_as_exceptions
 from .common import _bar, _open_store, _say, _stored, new_session, store_backend
 
 
@@ -68,8 +68,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 _ingest_all(session, args, show)
             except Interrupted as exc:
                 stopped = exc
-        session.flush()
-        _report(session, args, before, time.perf_counter() - t0, stopped)
+        with deferred():  # a signal now (the last commit, the report) is delivered after the report
+            session.flush()
+            _report(session, args, before, time.perf_counter() - t0, stopped)
     finally:
         session.close()
     return stopped.exit_status if stopped is not None else 0

@@ -27,7 +27,8 @@ def frame_blocks(store) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_ingest_commits_what_is_complete_and_resumes_exactly(tmp_path, sig, status):
-    video = write_mp4(tmp_path / "long.mp4", 240, fps=8)  # 30 s
+    n = 960  # 2 minutes at 8 fps: long enough that the signal lands mid-ingest on a fast idle machine too
+    video = write_mp4(tmp_path / "long.mp4", n, fps=8)
     store = tmp_path / "s.mukv"
     args = [sys.executable, "-m", "mukv", "ingest", str(store), str(video), "--fps", "8", "--chunk", "8", *MODEL]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -45,20 +46,20 @@ def test_an_interrupted_ingest_commits_what_is_complete_and_resumes_exactly(tmp_
     assert "interrupted" in out and "committed" in out and "resume" in out, out
     st = state(store)
     seen = st["values"]["frames_seen"]
-    assert 16 <= seen < 240 and seen % 8 == 0  # whole chunks only
+    assert 16 <= seen < n and seen % 8 == 0  # whole chunks only
     assert frame_blocks(store) == seen  # the bookkeeping says what the blocks say
     report = verify_store(str(store))
     assert report.ok, report.summary()
     done = mukv_cli("ingest", str(store), str(video), "--fps", "8", "--chunk", "8", *MODEL)
     assert done.returncode == 0, done.stderr
     st = state(store)
-    assert st["values"]["frames_seen"] == 240 and frame_blocks(store) == 240  # resumed at the next frame
+    assert st["values"]["frames_seen"] == n and frame_blocks(store) == n  # resumed at the next frame
     src = [s for s in st["values"]["sources"] if s["kind"] == "video"]
-    assert len(src) == 1 and src[0]["complete"] and src[0]["frames"] == [0, 240] and src[0]["consumed"] == 240
+    assert len(src) == 1 and src[0]["complete"] and src[0]["frames"] == [0, n] and src[0]["consumed"] == n
     assert verify_store(str(store)).ok  # no frame index or time repeated
     with mukv.Session.open(store, read_only=True) as s:
-        times = s.backend.metadata("frame", mukv.session.torch.arange(240)).t_start
-        assert bool((times[1:] > times[:-1]).all()) and float(times[-1]) == pytest.approx(239 / 8)
+        times = s.backend.metadata("frame", mukv.session.torch.arange(n)).t_start
+        assert bool((times[1:] > times[:-1]).all()) and float(times[-1]) == pytest.approx((n - 1) / 8)
 
 
 @pytest.mark.slow
