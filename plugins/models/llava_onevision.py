@@ -123,6 +123,9 @@ class LlavaOnevisionAdapter(HFVideoLLM):
         self.select_strategy = model.config.vision_feature_select_strategy
         self._mean = torch.tensor(image_mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(image_std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        inner = model.model
+        if hasattr(inner, "apply_pooling"):  # the same arithmetic, in the layout the GPU kernel is fast in
+            inner.apply_pooling = lambda features: pool_frames(features, side)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """``uint8 [n, H, W, 3]`` -> normalised ``[n, 3, S, S]`` pixels in the model dtype."""
@@ -173,6 +176,22 @@ class LlavaOnevisionAdapter(HFVideoLLM):
         return adapter
 
 
+def pool_frames(features: torch.Tensor, side: int) -> torch.Tensor:
+    """LLaVA-OneVision's pooling of each frame: ``[n, side * side, E]`` projected patch features
+    -> ``[n, ceil(side / 2) ** 2, E]`` by 2x bilinear downscaling of the patch grid.
+
+    The same arithmetic as transformers' ``apply_pooling`` (results are bit for bit equal), which
+    first copies the grid to channels-first memory: there CUDA's bilinear kernel runs one thread
+    per output position (196 of them) and loops over every frame and channel, which took 47 ms
+    of 242 for 128 frames on an H100 (``benchmarks/profile_ingest.py``). Channels-last memory
+    takes the kernel that runs a thread per output element.
+    """
+    n, _, dim = features.shape
+    grid = features.view(n, side, side, dim).permute(0, 3, 1, 2)  # a channels-last view, no copy
+    pooled = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(n, -1, dim)
+
+
 # ------------------------------------------------------------------------------ presets
 #: Language model and vision tower shapes of the real checkpoints (llava-hf configs).
 REAL_CONFIGS: dict[str, dict[str, Any]] = {
@@ -181,14 +200,16 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
                          num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, vocab_size=151647,
                          max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14),
+                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                           vision_use_head=False),
     ),
     "llava-onevision-qwen2-7b-ov": dict(
         text_config=dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, rope_theta=1_000_000.0, vocab_size=152128,
                          max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14),
+                           num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                           vision_use_head=False),
     ),
     "tiny-llava-ov": dict(
         text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
