@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--preset", default="llava-onevision-qwen2-0.5b-ov")
-    p.add_argument("--modes", default="plain,compile_vision,fp8_vision,fp8_vision+compile_vision,"
-                                      "compile_vision+compile_llm,fp8_vision+compile_vision+compile_llm")
+    p.add_argument("--modes", default="plain,fused_vision,fused_llm,fused_vision+fused_llm,fp8_vision,"
+                                      "fp8_vision+fused_llm,fp8_vision+fp8_llm+fused_llm")
     p.add_argument("--vision-batch", type=int, default=64)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--frames", type=int, default=512, help="frames per ingest run (twice that without vision)")

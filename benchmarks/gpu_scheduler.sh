@@ -12,7 +12,8 @@
 #            the same load and questions (32-token answers); questions at 1 h stored, idle and under load.
 #            The script skips what would run past its own budget (BUDGET seconds, default 330) and lists it.
 # Environment: STREAMS (default "100 200 300 400 500 600"), SECONDS_PER_N (default 20), BATCH (scheduler
-# max_batch_frames, default 32), BUDGET (default 330), OUT (default runs/scheduler).
+# max_batch_frames, default 32), BUDGET (default 330), ACCEL (mukv.accel names, e.g. fp8_vision; default none),
+# OUT (default runs/scheduler).
 # Files under $OUT: scheduler.log, scheduler.json, scheduler.md, gpu.txt
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -34,6 +35,7 @@ if [ "$DEV" = cuda ]; then
     BENCH=(--device cuda --preset llava-onevision-qwen2-0.5b-ov --streams ${STREAMS:-100 200 300 400 500 600}
            --seconds "${SECONDS_PER_N:-20}" --batch-frames "${BATCH:-32}" --budget-s "${BUDGET:-330}")
     LIMIT=$(( ${BUDGET:-330} + 90 ))
+    [ -n "${ACCEL:-}" ] && BENCH+=(--accel "$ACCEL")
 else
     BENCH=(--device cpu --preset tiny-llava-ov --streams 2 --seconds 4 --answer-tokens 4 --chunk 16 --single-frames 16
            --reps 1 --store-hours 0.01 --store-questions 2 --load-streams 2 --load-seconds 4 --budget-s 120)

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench as gb  # noqa: E402 - the ingest helpers, FLOP formulas and datasheet rates are shared
 
 import mukv  # noqa: E402
+from mukv.accel import accelerate  # noqa: E402
 from mukv.config import MukvConfig  # noqa: E402
 from mukv.errors import EmptyMemoryError  # noqa: E402
 from mukv.scheduler import BatchReport, IngestScheduler  # noqa: E402
@@ -590,6 +591,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                     help="warm the kernels and question graphs up first (excluded from the figures)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--accel", default="", help="mukv.accel names applied to the model, comma-separated "
+                    "(e.g. fp8_vision); default none: the plain bf16 path")
     args = ap.parse_args(argv)
     if args.streams != sorted(args.streams) or min(args.streams) < 1:
         ap.error("--streams must be positive and increasing")
@@ -624,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t, adapter = gb.timed(lambda: gb.build(args.preset, device), device)
     res["build_s"] = t
+    res["accel"] = accelerate(adapter, [a for a in args.accel.split(",") if a]) if args.accel else []
     config = MukvConfig()
     frames = gb.random_frames(adapter, 16, seed=3)
     res["frame_hw"] = list(frames.shape[1:3])

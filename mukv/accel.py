@@ -14,19 +14,27 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   compilation: one graph reused by every layer).
 * ``fp8_llm``: the decoder layers' linear layers as FP8 products (this changes the stored KV:
   measured, never on by default).
+* ``fused_vision``: the vision tower's MLP runs its bias and tanh-GELU in the matrix
+  product's epilogue (``torch._addmm_activation``: one kernel instead of two).
+* ``fused_llm``: the language model's SwiGLU (``silu(gate) * up``) and rotary embedding each
+  as one fused kernel (small compiled elementwise functions, no graph around mukv's
+  attention). The rotary function is replaced in transformers' Qwen2 module, so it holds for
+  every Qwen2 model of the process.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import types
+from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
 
 #: The accelerations :func:`accelerate` knows.
-KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm")
+KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm")
 E4M3_MAX = 448.0
 
 
@@ -49,14 +57,86 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xs = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
-        xq = (x2.float() / xs).to(torch.float8_e4m3fn)
+        xq, xs = _compiled("quantize_rows", quantize_rows)(x.reshape(-1, shape[-1]))
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         bias = None if self.bias is None else self.bias.to(out_dtype)
         y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=bias,
                              out_dtype=out_dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, K]`` -> e4m3 codes ``[M, K]`` and float32 scales ``[M, 1]`` (one per row)."""
+    xs = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+    return (x2.float() / xs).to(torch.float8_e4m3fn), xs
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, elementwise (any equal shapes)."""
+    return F.silu(gate) * up
+
+
+def rotate_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of queries ``[B, Hq, T, D]`` and keys ``[B, Hk, T, D]`` with ``cos`` and
+    ``sin`` ``[B, T, D]``: the arithmetic of transformers' ``apply_rotary_pos_emb``."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    half = q.shape[-1] // 2
+    rq = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    rk = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return q * cos + rq * sin, k * cos + rk * sin
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _fused_swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_compiled("swiglu", swiglu)(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fc1 = self.fc1
+    if type(fc1) is not nn.Linear or fc1.bias is None:  # e.g. an FP8Linear: its own product, then GELU
+        return self.fc2(F.gelu(fc1(x), approximate="tanh"))
+    x2 = x.reshape(-1, x.shape[-1])
+    h = torch._addmm_activation(fc1.bias, x2, fc1.weight.t(), use_gelu=True)  # tanh GELU in the epilogue
+    return self.fc2(h.reshape(*x.shape[:-1], fc1.out_features))
+
+
+def fuse_vision_mlps(module: nn.Module) -> int:
+    """Give every MLP under ``module`` with ``fc1``/``fc2`` and a tanh-GELU activation the fused
+    forward; returns how many."""
+    n = 0
+    for m in module.modules():
+        act = getattr(m, "activation_fn", None)
+        if hasattr(m, "fc1") and hasattr(m, "fc2") and type(act).__name__ in ("PytorchGELUTanh", "GELUTanh"):
+            m.forward = types.MethodType(_fused_gelu_forward, m)
+            n += 1
+    return n
+
+
+def fuse_llm(adapter: Any) -> int:
+    """SwiGLU of every decoder layer's MLP as one kernel, and transformers' Qwen2 rotary
+    embedding as one kernel (process-wide); returns how many MLPs were fused."""
+    n = 0
+    for layer in decoder_layers(adapter):
+        mlp = getattr(layer, "mlp", None)
+        act = getattr(mlp, "act_fn", None)
+        if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) and type(act).__name__ == "SiLUActivation":
+            mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
+            n += 1
+    from transformers.models.qwen2 import modeling_qwen2
+
+    if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
+        modeling_qwen2.apply_rotary_pos_emb = _compiled("rope", rotate_pair)
+    return n
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -70,6 +150,8 @@ def to_fp8(module: nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``module`` whose sizes FP8 products take (multiples of
     16) by an :class:`FP8Linear`; returns how many were replaced."""
     n = 0
+    if isinstance(module, nn.MultiheadAttention):  # reads its out_proj's weight itself
+        return 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
             setattr(module, name, FP8Linear(child))
@@ -121,6 +203,16 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         for layer in decoder_layers(adapter):
             to_fp8(layer)
         done.append("fp8_llm")
+    if "fused_vision" in which:
+        if not fuse_vision_mlps(vision_tower(adapter)):
+            raise ConfigError(f"fused_vision: the vision tower of {getattr(adapter, 'name', '?')} has no "
+                              "tanh-GELU MLP (fc1, fc2) it knows")
+        done.append("fused_vision")
+    if "fused_llm" in which:
+        if not fuse_llm(adapter):
+            raise ConfigError(f"fused_llm: the decoder layers of {getattr(adapter, 'name', '?')} have no SwiGLU "
+                              "MLP (gate_proj, up_proj, down_proj) it knows")
+        done.append("fused_llm")
     if "compile_vision" in which:
         vision_tower(adapter).compile(dynamic=False)
         done.append("compile_vision")

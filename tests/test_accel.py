@@ -61,3 +61,44 @@ def test_fp8_linear_is_close_to_the_bf16_product():
     assert to_fp8(mod) == 1 and isinstance(mod[0], FP8Linear)
     got = mod(x).float()
     assert ((got - want).norm() / want.norm()).item() < 0.05
+
+
+def test_fp8_leaves_multihead_attention_projections_alone():
+    # nn.MultiheadAttention reads its out_proj's weight directly: replacing it broke SigLIP's head
+    mod = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(32, 2), "fc": torch.nn.Linear(32, 64)})
+    assert to_fp8(mod) == 1
+    assert isinstance(mod["fc"], FP8Linear) and type(mod["attn"].out_proj) is not FP8Linear
+
+
+def test_fused_rotary_embedding_is_transformers_arithmetic():
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from mukv.accel import rotate_pair
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    cos, sin = torch.randn(1, 9, 16, generator=g), torch.randn(1, 9, 16, generator=g)
+    for got, want in zip(rotate_pair(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.slow  # compiles two small kernels on the CPU
+def test_fused_vision_and_llm_store_what_the_plain_path_stores():
+    from transformers.models.qwen2 import modeling_qwen2
+
+    original = modeling_qwen2.apply_rotary_pos_emb
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    plain = build_llava_onevision("tiny-llava-ov")
+    want, want_text = _stored(plain, frames)
+    want_visual = plain.encode_frames(frames)
+    fast = build_llava_onevision("tiny-llava-ov")
+    try:
+        assert accelerate(fast, ["fused_vision", "fused_llm"]) == ["fused_vision", "fused_llm"]
+        torch.testing.assert_close(fast.encode_frames(frames), want_visual, rtol=1e-5, atol=1e-5)
+        got, got_text = _stored(fast, frames)
+    finally:
+        modeling_qwen2.apply_rotary_pos_emb = original  # the rotary function is process-wide
+    for lv in want:  # float32: the fused LLM kernels are exact here; the GELU epilogue rounds differently
+        assert torch.equal(got[lv][0], want[lv][0]), lv
+        assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < 1e-3, lv
+    assert got_text == want_text

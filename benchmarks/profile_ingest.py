@@ -1,0 +1,104 @@
+"""Where one stream's ingest spends its GPU time (issue 18, part 2): kernels by kind, and the
+share of wall time the GPU is busy, for the vision tower and for the prefill of every level.
+
+    python benchmarks/profile_ingest.py --device cuda --out runs/profile
+
+Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench as gb  # noqa: E402
+
+from mukv.config import MukvConfig  # noqa: E402
+
+
+def kind_of(name: str) -> str:
+    name = name.lower()
+    if any(w in name for w in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    if any(w in name for w in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "gemv", "cublas", "sm90")):
+        return "matmul"
+    if any(w in name for w in ("memcpy", "copy", "gather", "index", "cat")):
+        return "copy/gather"
+    if "softmax" in name or "reduce" in name:
+        return "softmax/reduce"
+    return "elementwise/other"
+
+
+def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    gb.sync(device)
+    t0 = time.perf_counter()
+    fn()
+    gb.sync(device)
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        gb.sync(device)
+    kinds: dict[str, float] = {}
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if not t or getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        k = kind_of(e.key)
+        kinds[k] = kinds.get(k, 0.0) + t
+        rows.append((t, k, e.count, e.key[:100]))
+    rows.sort(reverse=True)
+    total = sum(kinds.values())
+    print(f"\n{tag}: wall {wall * 1e3:.1f} ms, kernels {total / 1e3:.1f} ms (GPU busy {100 * total / 1e3 / (wall * 1e3):.0f}%)")
+    for k, v in sorted(kinds.items(), key=lambda x: -x[1]):
+        print(f"  {k:18s} {100 * v / total:5.1f}%  {v / 1e3:8.2f} ms")
+    for t, k, c, n in rows[:top]:
+        print(f"  {t / 1e3:8.2f} ms x{c:<5d} {k:16s} {n}")
+    return {"wall_ms": wall * 1e3, "kernel_ms": total / 1e3, "kinds_ms": {k: v / 1e3 for k, v in kinds.items()},
+            "top": [{"ms": t / 1e3, "kind": k, "count": c, "name": n} for t, k, c, n in rows[:top]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="llava-onevision-qwen2-0.5b-ov")
+    p.add_argument("--frames", type=int, default=64, help="frames per profiled call")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("runs/profile"))
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    a.out.mkdir(parents=True, exist_ok=True)
+    adapter = gb.build(a.preset, device)
+    vt = adapter.model.model.vision_tower
+    print("vision attention:", getattr(vt.config, "_attn_implementation", None),
+          "| text attention:", getattr(adapter.model.config.text_config, "_attn_implementation", None))
+    config = MukvConfig()
+    pool = gb.random_frames(adapter, a.frames, seed=1)
+    out: dict = {"preset": a.preset, "frames": a.frames, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    out["preprocess"] = profiled(lambda: adapter.preprocess(pool), device, "preprocess", a.top)
+    pixels = adapter.preprocess(pool)
+    out["vision"] = profiled(lambda: adapter.encode_frames(pool), device, "encode_frames", a.top)
+    with torch.inference_mode():
+        out["tower"] = profiled(lambda: vt(pixels, output_hidden_states=True), device, "vision tower only", a.top)
+    embeds = gb.encode_pool(adapter, pool, config.stream.encode_batch_frames)
+    def ingest():
+        gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames)
+    out["ingest"] = profiled(ingest, device, f"ingest without vision ({4 * a.frames} frames, chunks of {a.frames})", a.top)
+    st = gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames, stages=True)
+    print("stages (s):", json.dumps({k: round(v, 4) for k, v in st.get("stages", {}).items()}))
+    out["stages"] = st.get("stages")
+    (a.out / "profile.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
