@@ -578,6 +578,21 @@ def bench_ingest(adapter: Any, config: MukvConfig, sizes: dict[str, int], reps: 
     return res
 
 
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, by its name: attention, matmul, copy/gather, softmax/reduce or
+    elementwise/other."""
+    name = name.lower()
+    if any(w in name for w in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    if any(w in name for w in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "gemv", "cublas")):
+        return "matmul"
+    if any(w in name for w in ("memcpy", "copy", "gather", "index", "cat")):
+        return "copy/gather"
+    if "softmax" in name or "reduce" in name:
+        return "softmax/reduce"
+    return "elementwise/other"
+
+
 def profile_prefill(adapter: Any, config: MukvConfig, out: Path, tag: str) -> dict[str, Any]:
     """Kernel time of one 64-frame ingest chunk (all three levels), by kind of kernel."""
     from torch.profiler import ProfilerActivity, profile
@@ -602,17 +617,7 @@ def profile_prefill(adapter: Any, config: MukvConfig, out: Path, tag: str) -> di
             t = getattr(e, "self_cuda_time_total", 0.0)
         if not t or getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
-        name = e.key.lower()
-        if any(w in name for w in ("flash", "fmha", "attention", "attn")):
-            kind = "attention"
-        elif any(w in name for w in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "gemv", "cublas")):
-            kind = "matmul"
-        elif any(w in name for w in ("memcpy", "copy", "gather", "index", "cat")):
-            kind = "copy/gather"
-        elif "softmax" in name or "reduce" in name:
-            kind = "softmax/reduce"
-        else:
-            kind = "elementwise/other"
+        kind = kernel_kind(e.key)
         kinds[kind] = kinds.get(kind, 0.0) + t
         rows.append((t, kind, e.key[:110]))
     rows.sort(reverse=True)

@@ -22,19 +22,6 @@ import gpu_bench as gb  # noqa: E402
 from mukv.config import MukvConfig  # noqa: E402
 
 
-def kind_of(name: str) -> str:
-    name = name.lower()
-    if any(w in name for w in ("flash", "fmha", "attention", "attn")):
-        return "attention"
-    if any(w in name for w in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "gemv", "cublas", "sm90")):
-        return "matmul"
-    if any(w in name for w in ("memcpy", "copy", "gather", "index", "cat")):
-        return "copy/gather"
-    if "softmax" in name or "reduce" in name:
-        return "softmax/reduce"
-    return "elementwise/other"
-
-
 def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +40,7 @@ def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
         t = getattr(e, "self_device_time_total", 0.0) or 0.0
         if not t or getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
-        k = kind_of(e.key)
+        k = gb.kernel_kind(e.key)
         kinds[k] = kinds.get(k, 0.0) + t
         rows.append((t, k, e.count, e.key[:100]))
     rows.sort(reverse=True)
