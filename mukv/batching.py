@@ -31,7 +31,7 @@ import time
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -172,6 +172,10 @@ class BatchIngest:
         #: Set to a dict to time the stages ("encode", "prefill", "score", "compress", "store", "commit")
         #: in seconds, summed over batches; each timed stage ends with a device synchronisation.
         self.stage_times: dict[str, float] | None = None
+        #: Called between the stages of a batch (after the vision tower, after each level kind's
+        #: forwards), on the batch's thread, with the batch's streams locked and nothing committed:
+        #: the scheduler lets questions on other streams use the model there.
+        self.between_stages: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ the batch
     def run(self, items: list[FeedItem]) -> tuple[list[FeedResult], BatchStats]:
@@ -250,6 +254,7 @@ class BatchIngest:
     def _work(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
         with self._stage("encode"):
             self._encode(live, model, stats)
+        self._between()
         for lv in live:
             st = lv.item.session._stream
             st.start_feed(lv.item.wall_origin)
@@ -277,6 +282,7 @@ class BatchIngest:
         stats.kinds = len(groups)
         for k, parts in groups.items():
             self._run_kind(self._kinds[k], parts, stats)
+            self._between()
         for lv in live:
             if lv.tx.error is not None:
                 continue
@@ -287,6 +293,10 @@ class BatchIngest:
                 st.end_feed(lv.tx.files, it.frames, it.times, lv.first, it.source, it.thumbnails)
             except Exception as exc:  # noqa: BLE001 - this stream's own bookkeeping failed: it alone rolls back
                 lv.tx.error = exc
+
+    def _between(self) -> None:
+        if self.between_stages is not None:
+            self.between_stages()
 
     def _encode(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
         """The vision tower over the frames of every stream: frames of one size together,

@@ -10,7 +10,7 @@ per level kind, then each stream's own transaction)::
     a = mukv.Session(model=model); b = mukv.Session(model=model)   # one model, shared
     sched.submit(a, frames_a); sched.submit(b, frames_b)           # queued: returns at once
     sched.step()                # one batch, if one is due (or run sched.start() for a thread)
-    sched.ask(a, "what moved?") # waits only for a running batch, then goes before the next one
+    sched.ask(a, "what moved?") # goes before the next batch, or into a running one's next stage break
     sched.drain()               # everything queued, stored
 
 When a batch runs (:class:`BatchPolicy`): as soon as it is full (``max_batch_frames``), or when
@@ -19,7 +19,9 @@ waiting longer would make the oldest waiting frame miss the latency target (its 
 batches before). Which frames (fairness): streams by the arrival of their oldest waiting frame,
 oldest first, at most ``max_stream_frames`` of each, so no stream waits behind a busy one for
 more than a batch or two. Questions (:meth:`IngestScheduler.ask`) go before any batch that has not
-started, up to ``questions_per_batch`` in a row while frames wait.
+started, up to ``questions_per_batch`` in a row while frames wait; a running batch lends the model
+to questions on streams it does not hold at its stage boundaries (after the vision tower, after
+each level kind's forwards), so such a question waits for one stage, not for the whole batch.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class SchedulerConfig(BaseModel):
     """Most tokens in one prefill forward (windows of several streams together; at least one window)."""
 
     questions_per_batch: int = Field(default=4, ge=1, le=1024)
-    """Questions answered in a row, at most, while a batch is due: then the batch runs. Questions come
-    first, but questions faster than the model answers them cannot starve ingest."""
+    """Questions answered in a row, at most, while a batch is due, and at most inside one running batch
+    (at its stage boundaries): then the batch runs. Questions come first, but questions faster than
+    the model answers them cannot starve ingest."""
 
     isolate_failures: bool = True
     """When the shared work of a batch fails (the vision tower, a prefill, a scorer), feed each stream
@@ -242,11 +245,16 @@ class IngestScheduler:
         self.policy = BatchPolicy(self.config)
         self.batcher = BatchIngest(self.config.encode_batch_frames, self.config.prefill_batch_tokens,
                                    self.config.isolate_failures)
+        self.batcher.between_stages = self._between_stages
         self.model: Any = None
         self._queues: dict[int, _Queue] = {}
         self._cv = threading.Condition()
         self._busy = False  # a batch or a question is using the model
+        self._running = False  # a batch has started and not ended (it may have lent the model to questions)
+        self._in_batch: frozenset[int] = frozenset()  # id() of the sessions of the running batch
+        self._lent = False  # the running batch waits between its stages while questions use the model
         self._asks = 0  # questions waiting for the model
+        self._asking: dict[int, int] = {}  # id(session) -> its questions waiting
         self._batch_waiting = False
         self._answered = 0  # questions answered since the last batch
         self._thread: threading.Thread | None = None
@@ -330,7 +338,7 @@ class IngestScheduler:
         with self._cv:
             self._batch_waiting = True
             try:
-                while self._busy or (self._asks and self._answered < self.config.questions_per_batch):
+                while self._busy or self._running or (self._asks and self._answered < self.config.questions_per_batch):
                     self._cv.wait()
             finally:
                 self._batch_waiting = False
@@ -346,7 +354,8 @@ class IngestScheduler:
                 st = q.session._stream
                 items.append(FeedItem(q.session, frames, times, q.origin if st.wall_origin is None else None))
                 arrivals.append(arr)
-            self._busy = True
+            self._busy = self._running = True
+            self._in_batch = frozenset(id(it.session) for it in items)
             self._answered = 0
         try:
             t0 = float(self.clock())
@@ -354,7 +363,8 @@ class IngestScheduler:
             self.policy.observe(stats.frames, float(self.clock()) - t0)  # the batch time, on the scheduler's clock
         finally:
             with self._cv:
-                self._busy = False
+                self._busy = self._running = False
+                self._in_batch = frozenset()
                 self._cv.notify_all()
         report = BatchReport(results, stats, arrivals, t, float(self.clock()))
         self.totals["batches"] += 1
@@ -390,15 +400,23 @@ class IngestScheduler:
 
     # ------------------------------------------------------------------ questions
     def ask(self, session: Any, question: str, **kwargs: Any) -> Any:
-        """:meth:`mukv.Session.ask` with priority over batches: it waits for a batch already running
-        (never for frames queued) and runs before the next batch starts."""
+        """:meth:`mukv.Session.ask` with priority over batches: it runs before the next batch starts,
+        and a question on a stream that is not in the running batch runs at the batch's next stage
+        boundary (after the vision tower, after each level kind's forwards); a question on a stream in
+        the running batch waits for the batch to end. Frames queued are never waited for."""
+        sid = id(session)
         with self._cv:
             self._asks += 1
+            self._asking[sid] = self._asking.get(sid, 0) + 1
             try:
-                while self._busy or (self._batch_waiting and self._answered >= self.config.questions_per_batch):
+                while (self._busy or (self._running and (not self._lent or sid in self._in_batch))
+                       or ((self._batch_waiting or self._lent) and self._answered >= self.config.questions_per_batch)):
                     self._cv.wait()
             finally:
                 self._asks -= 1
+                self._asking[sid] -= 1
+                if not self._asking[sid]:
+                    del self._asking[sid]
             self._busy = True
         try:
             return session.ask(question, **kwargs)
@@ -408,6 +426,24 @@ class IngestScheduler:
                 self._answered += 1
                 self.totals["questions"] += 1
                 self._cv.notify_all()
+
+    def _between_stages(self) -> None:
+        """Called by the running batch between its stages: lend the model to the questions waiting on
+        other streams (up to ``questions_per_batch`` in the batch), then go on."""
+        with self._cv:
+            if not self._running or not self._questions_outside():
+                return
+            self._lent, self._busy = True, False
+            self._cv.notify_all()
+            try:
+                while self._busy or (self._questions_outside()
+                                     and self._answered < self.config.questions_per_batch):
+                    self._cv.wait()
+            finally:
+                self._lent, self._busy = False, True
+
+    def _questions_outside(self) -> bool:
+        return any(sid not in self._in_batch for sid in self._asking)
 
     # ------------------------------------------------------------------ a thread of its own
     def start(self) -> "IngestScheduler":

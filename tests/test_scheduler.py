@@ -354,6 +354,113 @@ def test_questions_go_before_the_next_batch(tiny_model, frames, monkeypatch):
     assert s.stats()["frames"] == 4 and sched.totals["questions"] == 2
 
 
+def _stalled_batch(sched, monkeypatch, log):
+    """Make the scheduler's next batch stop after its vision tower until ``release`` is set, logging
+    its stages ("encode", "levels" after each level kind, "commit")."""
+    release, encoded = threading.Event(), threading.Event()
+    b = sched.batcher
+    real_encode, real_kind, real_commit = b._encode, b._run_kind, b._commit
+
+    def encode(*a):
+        real_encode(*a)
+        log.append("encode")
+        encoded.set()
+        assert release.wait(60)
+
+    def run_kind(*a):
+        real_kind(*a)
+        log.append("levels")
+
+    def commit(*a):
+        log.append("commit")
+        real_commit(*a)
+
+    monkeypatch.setattr(b, "_encode", encode)
+    monkeypatch.setattr(b, "_run_kind", run_kind)
+    monkeypatch.setattr(b, "_commit", commit)
+    return release, encoded
+
+
+def _logged_ask(session, log, monkeypatch, name):
+    real_ask = session.ask
+    monkeypatch.setattr(session, "ask", lambda q, **k: (log.append(name), real_ask(q, max_new_tokens=1))[1])
+
+
+def test_a_question_on_another_stream_runs_between_the_stages_of_a_batch(tiny_model, frames, monkeypatch):
+    """A batch lends the model to questions on streams it does not hold at its stage boundaries: the
+    question runs after the vision tower, before the level forwards; the batch then stores all."""
+    sched = IngestScheduler()
+    a, b = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
+    b.feed(frames(4, seed=5))
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    _logged_ask(b, log, monkeypatch, "question on b")
+    sched.submit(a, frames(4))
+    batch = threading.Thread(target=sched.step, kwargs={"force": True})
+    batch.start()
+    assert encoded.wait(60)
+    q = threading.Thread(target=sched.ask, args=(b, "what?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    for t in (batch, q):
+        t.join(120)
+    assert log[:3] == ["encode", "question on b", "levels"] and log[-1] == "commit"
+    assert a.stats()["frames"] == 4 and sched.totals["questions"] == 1
+
+
+def test_a_question_on_a_stream_of_the_running_batch_waits_for_its_commit(tiny_model, frames, monkeypatch):
+    sched = IngestScheduler()
+    a = mukv.Session(model=tiny_model)
+    a.feed(frames(4, seed=5))
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    _logged_ask(a, log, monkeypatch, "question on a")
+    sched.submit(a, frames(4))
+    batch = threading.Thread(target=sched.step, kwargs={"force": True})
+    batch.start()
+    assert encoded.wait(60)
+    q = threading.Thread(target=sched.ask, args=(a, "what?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    for t in (batch, q):
+        t.join(120)
+    assert log[-1] == "question on a" and log.index("commit") < log.index("question on a")
+    assert a.stats()["frames"] == 8
+
+
+def test_a_second_batch_never_starts_while_the_first_lends_the_model(tiny_model, frames, monkeypatch):
+    """While a batch waits between its stages for a question, another thread's step() waits too."""
+    sched = IngestScheduler({"questions_per_batch": 4})
+    a, b, c = (mukv.Session(model=tiny_model) for _ in range(3))
+    b.feed(frames(4, seed=5))
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    gate = threading.Event()
+    real_ask = b.ask
+    monkeypatch.setattr(b, "ask", lambda q, **k: (log.append("question on b"), gate.wait(60), real_ask(q, max_new_tokens=1))[2])
+    sched.submit(a, frames(4))
+    first = threading.Thread(target=sched.step, kwargs={"force": True})
+    first.start()
+    assert encoded.wait(60)
+    q = threading.Thread(target=sched.ask, args=(b, "what?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    _wait(lambda: "question on b" in log)  # the model is lent to the question
+    sched.submit(c, frames(4, seed=6))
+    second = threading.Thread(target=sched.step, kwargs={"force": True})
+    second.start()
+    _wait(lambda: sched._batch_waiting)
+    assert log.count("encode") == 1  # the second batch did not start while the first lent the model
+    gate.set()
+    for t in (first, q, second):
+        t.join(120)
+    assert log.count("encode") == 2 and log.count("commit") == 2
+    assert a.stats()["frames"] == 4 and c.stats()["frames"] == 4
+
+
 def _wait(check, timeout: float = 60.0) -> None:
     import time
 
