@@ -73,6 +73,11 @@ class SchedulerConfig(BaseModel):
     (at its stage boundaries): then the batch runs. Questions come first, but questions faster than
     the model answers them cannot starve ingest."""
 
+    lend_between_stages: bool = True
+    """Let questions on streams the running batch does not hold use the model at the batch's stage
+    boundaries (after the vision tower, after each level kind's forwards). Off: every question
+    waits for the running batch to end."""
+
     isolate_failures: bool = True
     """When the shared work of a batch fails (the vision tower, a prefill, a scorer), feed each stream
     of the batch again alone, so that only the stream causing the failure loses its frames."""
@@ -431,7 +436,7 @@ class IngestScheduler:
         """Called by the running batch between its stages: lend the model to the questions waiting on
         other streams (up to ``questions_per_batch`` in the batch), then go on."""
         with self._cv:
-            if not self._running or not self._questions_outside():
+            if not self.config.lend_between_stages or not self._running or not self._questions_outside():
                 return
             self._lent, self._busy = True, False
             self._cv.notify_all()

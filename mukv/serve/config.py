@@ -77,7 +77,8 @@ class ServeConfig(BaseModel):
 
     batch_frames: int = Field(default=256, ge=1, le=65536)
     """Frames of all streams in one ingest step: a step this full runs at once. Questions are answered
-    between steps, so smaller steps answer sooner under load; larger ones use the GPU better."""
+    between steps (a question on a stream the step does not hold also between the step's stages), so
+    smaller steps answer sooner under load; larger ones use the GPU better."""
 
     latency_target_s: float = Field(default=5.0, gt=0.0, le=86400.0)
     """Seconds from a frame's arrival to its blocks being searchable that the engine aims at: a step

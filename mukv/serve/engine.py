@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 
 class _Job:
-    def __init__(self, fn: Callable[[], Any], kind: str):
-        self.fn, self.kind = fn, kind
+    def __init__(self, fn: Callable[[], Any], kind: str, stream: str | None = None):
+        self.fn, self.kind, self.stream = fn, kind, stream
         self.future: Future = Future()
         self.arrived = time.monotonic()
 
@@ -333,7 +333,8 @@ class Engine:
     def submit_ask(self, sid: str, question: str, since: Any = None, until: Any = None,
                    max_new_tokens: int | None = None, top_k: dict[str, int] | None = None,
                    on_token: Callable[[str], None] | None = None) -> Future:
-        """Queue a question (answered before any further ingest step); returns the answer's future."""
+        """Queue a question (answered before any further ingest step, or inside a running step between
+        its stages when the step does not hold this stream); returns the answer's future."""
         self._check_running()
         if len(question) > self.config.max_question_chars:
             raise InputError(f"question is too long: {len(question)} characters (max_question_chars "
@@ -341,7 +342,7 @@ class Engine:
         s = self.get(sid)
         if len(self._asks) >= self.config.max_waiting_questions:
             raise Unavailable(f"{len(self._asks)} questions are waiting (max_waiting_questions); ask again later")
-        job = _Job(lambda: self._answer(s, job, question, since, until, max_new_tokens, top_k, on_token), "ask")
+        job = _Job(lambda: self._answer(s, job, question, since, until, max_new_tokens, top_k, on_token), "ask", sid)
         self._asks.append(job)
         self._kick.set()
         return job.future
@@ -392,6 +393,8 @@ class Engine:
             answered = 0
             if works:
                 t0 = time.monotonic()
+                busy = frozenset(w.stream.id for w in works)
+                self.scheduler.batcher.between_stages = lambda: self._answer_between(busy)
                 self.scheduler.run(works, self._step_done)
                 self.metrics.step_seconds.observe(time.monotonic() - t0)
                 self.metrics.batch.observe(sum(int(w.frames.shape[0]) for w in works))
@@ -407,6 +410,25 @@ class Engine:
             due = self.scheduler.due_in(self._all(), now)
             self._kick.wait(max(0.0, min(0.5, next_look - now, 0.5 if due is None else due)))
             self._kick.clear()
+
+    def _answer_between(self, busy: frozenset[str]) -> None:
+        """Inside an ingest step, between its stages (engine thread): answer up to
+        ``questions_per_step`` waiting questions on streams the step does not hold, in arrival order;
+        questions on the step's own streams keep their place and wait for its commit."""
+        if not self.scheduler.config.lend_between_stages or not self._asks:
+            return
+        budget, kept = self.config.questions_per_step, []
+        while budget > 0:
+            try:
+                job = self._asks.popleft()
+            except IndexError:
+                break
+            if job.stream in busy:
+                kept.append(job)
+                continue
+            job.run()
+            budget -= 1
+        self._asks.extendleft(reversed(kept))  # back in front, in their order
 
     def _step_done(self, r: StepResult) -> None:
         s = r.stream

@@ -86,3 +86,48 @@ def test_asking_stays_fast_under_ingest_load(serve):
         assert waited < time.monotonic() - t0 + 1e-6
         step = app.state.engine.metrics.step_seconds
         assert step._values  # steps ran while the question waited
+
+
+def test_a_question_on_a_quiet_stream_is_answered_inside_an_ingest_step(serve, monkeypatch):
+    """The engine answers a question on a stream its running step does not hold between the step's
+    stages (after the vision tower), before the step's level forwards and commit; a question on the
+    step's own stream waits for the commit."""
+    import threading
+
+    with serve(drain_s=0) as (c, app, url):
+        eng = app.state.engine
+        c.create_stream("quiet")
+        c.push("quiet", frames(8))
+        stored(c, "quiet", 8)
+        c.create_stream("load")
+        log: list[str] = []
+        release, encoded = threading.Event(), threading.Event()
+        b = eng.scheduler.batcher
+        real_encode, real_kind, real_commit, real_answer = b._encode, b._run_kind, b._commit, eng._answer
+
+        def encode(*a):
+            real_encode(*a)
+            log.append("encode")
+            encoded.set()
+            assert release.wait(60)
+
+        monkeypatch.setattr(b, "_encode", encode)
+        monkeypatch.setattr(b, "_run_kind", lambda *a: (real_kind(*a), log.append("levels"))[0])
+        monkeypatch.setattr(b, "_commit", lambda *a: (log.append("commit"), real_commit(*a))[1])
+        monkeypatch.setattr(eng, "_answer", lambda s, *a: (log.append("answer " + s.id), real_answer(s, *a))[1])
+        c.push("load", frames(8, seed=3))
+        assert encoded.wait(60)
+        answers: dict[str, dict] = {}
+        asks = [threading.Thread(target=lambda sid=sid: answers.__setitem__(sid, c.ask(sid, "what?", max_new_tokens=2)))
+                for sid in ("load", "quiet")]
+        asks[0].start()
+        wait_until(lambda: len(eng._asks) == 1, what="the question on load waits")
+        asks[1].start()
+        wait_until(lambda: len(eng._asks) == 2, what="the question on quiet waits")
+        release.set()
+        for t in asks:
+            t.join(120)
+        stored(c, "load", 8)
+        assert log[:3] == ["encode", "answer quiet", "levels"], log
+        assert log.index("commit") < log.index("answer load"), log
+        assert answers["quiet"]["blocks"] and answers["load"]["blocks"]
