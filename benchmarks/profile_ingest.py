@@ -45,7 +45,8 @@ def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
         rows.append((t, k, e.count, e.key[:100]))
     rows.sort(reverse=True)
     total = sum(kinds.values())
-    print(f"\n{tag}: wall {wall * 1e3:.1f} ms, kernels {total / 1e3:.1f} ms (GPU busy {100 * total / 1e3 / (wall * 1e3):.0f}%)")
+    busy = 100 * total / 1e3 / (wall * 1e3)
+    print(f"\n{tag}: wall {wall * 1e3:.1f} ms, kernels {total / 1e3:.1f} ms (GPU busy {busy:.0f}%)")
     for k, v in sorted(kinds.items(), key=lambda x: -x[1]):
         print(f"  {k:18s} {100 * v / total:5.1f}%  {v / 1e3:8.2f} ms")
     for t, k, c, n in rows[:top]:
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
           "| text attention:", getattr(adapter.model.config.text_config, "_attn_implementation", None))
     config = MukvConfig()
     pool = gb.random_frames(adapter, a.frames, seed=1)
-    out: dict = {"preset": a.preset, "frames": a.frames, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    out: dict = {"preset": a.preset, "frames": a.frames, "device": card}
     out["preprocess"] = profiled(lambda: adapter.preprocess(pool), device, "preprocess", a.top)
     pixels = adapter.preprocess(pool)
     out["vision"] = profiled(lambda: adapter.encode_frames(pool), device, "encode_frames", a.top)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     embeds = gb.encode_pool(adapter, pool, config.stream.encode_batch_frames)
     def ingest():
         gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames)
-    out["ingest"] = profiled(ingest, device, f"ingest without vision ({4 * a.frames} frames, chunks of {a.frames})", a.top)
+    tag = f"ingest without vision ({4 * a.frames} frames, chunks of {a.frames})"
+    out["ingest"] = profiled(ingest, device, tag, a.top)
     st = gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames, stages=True)
     print("stages (s):", json.dumps({k: round(v, 4) for k, v in st.get("stages", {}).items()}))
     out["stages"] = st.get("stages")

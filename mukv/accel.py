@@ -129,7 +129,8 @@ def fuse_llm(adapter: Any) -> int:
     for layer in decoder_layers(adapter):
         mlp = getattr(layer, "mlp", None)
         act = getattr(mlp, "act_fn", None)
-        if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")) and type(act).__name__ == "SiLUActivation":
+        swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        if swiglu_mlp and type(act).__name__ == "SiLUActivation":
             mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
             n += 1
     from transformers.models.qwen2 import modeling_qwen2

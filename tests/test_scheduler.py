@@ -444,7 +444,12 @@ def test_a_second_batch_never_starts_while_the_first_lends_the_model(tiny_model,
     release, encoded = _stalled_batch(sched, monkeypatch, log)
     gate = threading.Event()
     real_ask = b.ask
-    monkeypatch.setattr(b, "ask", lambda q, **k: (log.append("question on b"), gate.wait(60), real_ask(q, max_new_tokens=1))[2])
+    def ask(q, **k):
+        log.append("question on b")
+        gate.wait(60)
+        return real_ask(q, max_new_tokens=1)
+
+    monkeypatch.setattr(b, "ask", ask)
     sched.submit(a, frames(4))
     first = threading.Thread(target=sched.step, kwargs={"force": True})
     first.start()
