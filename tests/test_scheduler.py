@@ -386,6 +386,25 @@ def _logged_ask(session, log, monkeypatch, name):
     monkeypatch.setattr(session, "ask", lambda q, **k: (log.append(name), real_ask(q, max_new_tokens=1))[1])
 
 
+def _ask_during_a_stalled_batch(sched, fed, asked, frames, monkeypatch) -> list[str]:
+    """Run a batch of ``fed``'s frames, ask on ``asked`` while the batch is stalled after its vision
+    tower, then let it go on; returns the log of stages and the question ("question")."""
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    _logged_ask(asked, log, monkeypatch, "question")
+    sched.submit(fed, frames(4))
+    batch = threading.Thread(target=sched.step, kwargs={"force": True})
+    batch.start()
+    assert encoded.wait(60)
+    q = threading.Thread(target=sched.ask, args=(asked, "what?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    for t in (batch, q):
+        t.join(120)
+    return log
+
+
 @pytest.mark.parametrize("lend", [True, False])
 def test_a_question_on_another_stream_runs_between_the_stages_of_a_batch(tiny_model, frames, monkeypatch, lend):
     """A batch lends the model to questions on streams it does not hold at its stage boundaries: the
@@ -394,23 +413,11 @@ def test_a_question_on_another_stream_runs_between_the_stages_of_a_batch(tiny_mo
     sched = IngestScheduler({"lend_between_stages": lend})
     a, b = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
     b.feed(frames(4, seed=5))
-    log: list[str] = []
-    release, encoded = _stalled_batch(sched, monkeypatch, log)
-    _logged_ask(b, log, monkeypatch, "question on b")
-    sched.submit(a, frames(4))
-    batch = threading.Thread(target=sched.step, kwargs={"force": True})
-    batch.start()
-    assert encoded.wait(60)
-    q = threading.Thread(target=sched.ask, args=(b, "what?"))
-    q.start()
-    _wait(lambda: sched._asks == 1)
-    release.set()
-    for t in (batch, q):
-        t.join(120)
+    log = _ask_during_a_stalled_batch(sched, a, b, frames, monkeypatch)
     if lend:
-        assert log[:3] == ["encode", "question on b", "levels"] and log[-1] == "commit"
+        assert log[:3] == ["encode", "question", "levels"] and log[-1] == "commit"
     else:
-        assert log[0] == "encode" and log[-1] == "question on b" and log.index("commit") < len(log) - 1
+        assert log[0] == "encode" and log[-1] == "question" and log.index("commit") < len(log) - 1
     assert a.stats()["frames"] == 4 and sched.totals["questions"] == 1
 
 
@@ -418,21 +425,48 @@ def test_a_question_on_a_stream_of_the_running_batch_waits_for_its_commit(tiny_m
     sched = IngestScheduler()
     a = mukv.Session(model=tiny_model)
     a.feed(frames(4, seed=5))
+    log = _ask_during_a_stalled_batch(sched, a, a, frames, monkeypatch)
+    assert log[-1] == "question" and log.index("commit") < log.index("question")
+    assert a.stats()["frames"] == 8
+
+
+def test_a_lent_question_that_fails_leaves_the_batch_to_store_everything(tiny_model, frames, monkeypatch):
+    """A question that raises while the batch lends it the model reaches its caller; the batch takes
+    the model back and commits, and the scheduler is free for the next batch and question."""
+    sched = IngestScheduler()
+    a, b = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
+    b.feed(frames(4, seed=5))
     log: list[str] = []
     release, encoded = _stalled_batch(sched, monkeypatch, log)
-    _logged_ask(a, log, monkeypatch, "question on a")
+
+    def failing(q, **k):
+        log.append("question")
+        raise RuntimeError("question failed")
+
+    monkeypatch.setattr(b, "ask", failing)
     sched.submit(a, frames(4))
     batch = threading.Thread(target=sched.step, kwargs={"force": True})
     batch.start()
     assert encoded.wait(60)
-    q = threading.Thread(target=sched.ask, args=(a, "what?"))
+    errors: list[BaseException] = []
+
+    def ask():
+        try:
+            sched.ask(b, "what?")
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    q = threading.Thread(target=ask)
     q.start()
     _wait(lambda: sched._asks == 1)
     release.set()
     for t in (batch, q):
         t.join(120)
-    assert log[-1] == "question on a" and log.index("commit") < log.index("question on a")
-    assert a.stats()["frames"] == 8
+    assert log[:3] == ["encode", "question", "levels"] and log[-1] == "commit"
+    assert [str(e) for e in errors] == ["question failed"]
+    assert a.stats()["frames"] == 4 and not sched._busy and not sched._running and not sched._lent
+    sched.submit(a, frames(2, seed=7))
+    assert sched.step(force=True) is not None and a.stats()["frames"] == 6
 
 
 def test_a_second_batch_never_starts_while_the_first_lends_the_model(tiny_model, frames, monkeypatch):
