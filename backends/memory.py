@@ -103,7 +103,9 @@ class MemoryBackend(StorageBackend):
             )
         start, end = st.n, st.n + b
         dev = self.device
-        rows = self.codec.encode_blocks(blocks.kv.to(dev, lay.dtype)).rows  # refuses NaN/inf: nothing stored
+        kv = blocks.kv.to(dev, lay.dtype)
+        # refuses NaN/inf (nothing stored) unless the batch was checked and is stored unconverted
+        rows = self.codec.encode_blocks(kv, known_finite=blocks.finite and kv is blocks.kv).rows
         vec = blocks.vectors.to(dev, torch.float32)
         columns = {
             "frame_start": blocks.frame_start.to(dev, torch.int64),

@@ -36,6 +36,8 @@ def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
         gb.sync(device)
     kinds: dict[str, float] = {}
     rows = []
+    syncs = {e.key: e.count for e in prof.key_averages()
+             if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")}
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0.0) or 0.0
         if not t or getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
@@ -46,13 +48,49 @@ def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
     rows.sort(reverse=True)
     total = sum(kinds.values())
     busy = 100 * total / 1e3 / (wall * 1e3)
-    print(f"\n{tag}: wall {wall * 1e3:.1f} ms, kernels {total / 1e3:.1f} ms (GPU busy {busy:.0f}%)")
+    print(f"\n{tag}: wall {wall * 1e3:.1f} ms, kernels {total / 1e3:.1f} ms (GPU busy {busy:.0f}%); host waits "
+          f"(scalar reads, synchronisations): {syncs}")
     for k, v in sorted(kinds.items(), key=lambda x: -x[1]):
         print(f"  {k:18s} {100 * v / total:5.1f}%  {v / 1e3:8.2f} ms")
     for t, k, c, n in rows[:top]:
         print(f"  {t / 1e3:8.2f} ms x{c:<5d} {k:16s} {n}")
-    return {"wall_ms": wall * 1e3, "kernel_ms": total / 1e3, "kinds_ms": {k: v / 1e3 for k, v in kinds.items()},
+    return {"wall_ms": wall * 1e3, "kernel_ms": total / 1e3, "host_waits": syncs, "kinds_ms": {k: v / 1e3 for k, v in kinds.items()},
             "top": [{"ms": t / 1e3, "kind": k, "count": c, "name": n} for t, k, c, n in rows[:top]]}
+
+
+def batch_parts(adapter, config: MukvConfig, n: int, device: torch.device, top: int) -> dict:
+    """One :class:`~mukv.batching.BatchIngest` batch of ``n`` streams with one frame each, against
+    one stream's batch of ``n`` frames: wall time, kernel time and the batch's stages."""
+    from mukv import Session
+    from mukv.batching import BatchIngest, FeedItem
+
+    res: dict = {}
+    for tag, streams, per in ((f"{n} streams x 1 frame", n, 1), (f"1 stream x {n} frames", 1, n)):
+        sessions = [Session(model=adapter, backend="memory", config=config, stream_id=f"p{i}")
+                    for i in range(streams)]
+        frames = gb.random_frames(adapter, streams * per * 16, seed=3)
+        bi = BatchIngest(encode_batch_frames=config.stream.encode_batch_frames)
+        step = [0]
+
+        def run() -> None:
+            k = step[0]
+            step[0] += 1
+            items = [FeedItem.of(s, frames[((k % 16) * streams + i) * per:((k % 16) * streams + i + 1) * per])
+                     for i, s in enumerate(sessions)]
+            bi.run(items)
+
+        for _ in range(4):  # every level's windows completed at least once
+            run()
+        prof = profiled(run, device, f"batch: {tag}", top)
+        bi.stage_times = {}
+        for _ in range(8):
+            run()
+        prof["stages_ms_per_batch"] = {k: 1e3 * v / 8 for k, v in bi.stage_times.items()}
+        print("  stages (ms per batch):", json.dumps({k: round(v, 2) for k, v in prof["stages_ms_per_batch"].items()}))
+        res[tag] = prof
+        for s in sessions:
+            s.close()
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="llava-onevision-qwen2-0.5b-ov")
     p.add_argument("--frames", type=int, default=64, help="frames per profiled call")
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--streams", type=int, default=0,
+                   help="also profile one scheduler batch of this many streams, one frame each, against one "
+                        "stream's batch of as many frames (0: skip)")
+    p.add_argument("--only-streams", action="store_true", help="skip the single-stream parts")
     p.add_argument("--out", type=Path, default=Path("runs/profile"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -73,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     pool = gb.random_frames(adapter, a.frames, seed=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     out: dict = {"preset": a.preset, "frames": a.frames, "device": card}
+    if a.streams:
+        out["batch"] = batch_parts(adapter, config, a.streams, device, a.top)
+    if a.only_streams:
+        (a.out / "profile.json").write_text(json.dumps(out, indent=1))
+        return 0
     out["preprocess"] = profiled(lambda: adapter.preprocess(pool), device, "preprocess", a.top)
     pixels = adapter.preprocess(pool)
     out["vision"] = profiled(lambda: adapter.encode_frames(pool), device, "encode_frames", a.top)

@@ -368,12 +368,24 @@ class BatchIngest:
         del blocks
         stats.prefill_batches += 1
         per_window = lp.split.shape[0]
+        # one finiteness check for the whole chunk (one device synchronisation, not one per stream's
+        # store): a stream whose blocks hold NaN or inf is refused alone, the others store unchecked
+        bad = (~torch.isfinite(compressed.kv).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+        compressed.finite = True
         o = 0
         with self._stage("store"):
             for p in chunk:
                 n = p.windows * per_window
                 piece = compressed.rows(o, o + n, level=p.lp.level.name)
+                rows = [r - o for r in bad if o <= r < o + n]
                 o += n
+                if rows:
+                    p.live.tx.error = InputError(
+                        f"KV of {len(rows)} block(s) of level {p.lp.level.name!r} (rows {rows[:8]}"
+                        f"{' ...' if len(rows) > 8 else ''} of this feed) holds NaN or infinite values; refused, "
+                        "nothing of this feed was stored (the model produced non-finite keys or values: in "
+                        "float16 usually an overflow)")
+                    continue
                 try:
                     p.live.item.session._stream.ingestor.store(p.lp, piece, p.windows)
                     p.live.blocks += n

@@ -116,6 +116,10 @@ class CompressedBlocks:
             (frame-major), so a kept token maps back to a frame and a grid cell.
         layer_keys: ``[B, Y, V]`` each block's mean kept key in every layer, RoPE removed,
             float32 (only for levels with ``layer_keys``; else ``None``).
+        finite: ``True`` when whoever made the batch has checked every value of ``kv`` finite
+            (the cross-stream ingest batch checks a whole batch with one device synchronisation);
+            a backend storing ``kv`` unconverted may then skip its own check. ``False`` (the
+            default) asks every backend to check.
     """
 
     level: str
@@ -129,6 +133,7 @@ class CompressedBlocks:
     t_end: torch.Tensor
     token_index: torch.Tensor
     layer_keys: torch.Tensor | None = None
+    finite: bool = False
 
     def __len__(self) -> int:
         return self.kv.shape[0]
@@ -141,6 +146,7 @@ class CompressedBlocks:
             **{f: getattr(self, f)[start:end] for f in ("kv", "vectors", "kept", "positions", "frame_start",
                                                          "frame_end", "t_start", "t_end", "token_index")},
             layer_keys=None if self.layer_keys is None else self.layer_keys[start:end],
+            finite=self.finite,
         )
 
 

@@ -477,9 +477,15 @@ class KVCodec(Component):
         return {"name": getattr(self, "name", type(self).__name__), "version": int(self.version),
                 "settings": settings.model_dump(mode="json") if isinstance(settings, BaseModel) else {}}
 
-    def encode_blocks(self, kv: torch.Tensor) -> EncodedKV:
+    def encode_blocks(self, kv: torch.Tensor, known_finite: bool = False) -> EncodedKV:
         """:meth:`encode` with its contract checked: non-finite KV is refused before anything is
         encoded, and the rows must have the layout :meth:`row_layout` names.
+
+        Args:
+            kv: ``[B, Y, 2, H, K, D]`` blocks to encode.
+            known_finite: the caller has already checked these very values finite
+                (:attr:`mukv.blocks.CompressedBlocks.finite`): the check, one device
+                synchronisation per call, is skipped.
 
         Raises:
             InputError: ``kv`` holds NaN or infinite values (naming the blocks).
@@ -488,8 +494,8 @@ class KVCodec(Component):
             raise InputError(f"KV to encode must be [B, Y, 2, H, K, D]; got {tuple(kv.shape)}")
         if not kv.dtype.is_floating_point:
             raise InputError(f"KV to encode must be floating point; got {kv.dtype}")
-        bad = ~torch.isfinite(kv).flatten(1).all(dim=1)
-        if bool(bad.any()):
+        bad = None if known_finite else ~torch.isfinite(kv).flatten(1).all(dim=1)
+        if bad is not None and bool(bad.any()):
             which = torch.nonzero(bad).flatten().tolist()
             raise InputError(f"KV of {len(which)} block(s) of the batch (rows {which[:8]}"
                              f"{' ...' if len(which) > 8 else ''}) holds NaN or infinite values; refused, nothing "

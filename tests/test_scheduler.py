@@ -191,6 +191,66 @@ def test_a_store_that_refuses_blocks_fails_its_stream_alone(tiny_model, frames, 
     assert_same_blocks(sessions[1], ref, rec)
 
 
+def test_non_finite_kv_of_one_stream_is_refused_alone_with_one_check_per_batch(tiny_model, frames, monkeypatch):
+    """The batch checks its blocks' KV once (not one device synchronisation per stream's store); a
+    stream whose blocks hold NaN fails alone with an InputError and stores nothing, the others store
+    their blocks, marked checked, so the backend does not check them again."""
+    import mukv.batching as batching
+
+    data = [frames(4, seed=30), frames(4, seed=31)]
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    real = batching.compress_blocks
+
+    def poisoned(lp, *a, **k):
+        out = real(lp, *a, **k)
+        if lp.level.name == "frame":
+            out.kv[1] = float("nan")  # the second frame block of the first stream
+        return out
+
+    monkeypatch.setattr(batching, "compress_blocks", poisoned)
+    seen = []
+    real_add = sessions[1].backend.add
+    monkeypatch.setattr(sessions[1].backend, "add", lambda b: (seen.append(b.finite), real_add(b))[1])
+    checks = []
+    real_encode = type(sessions[1].backend.codec).encode_blocks
+
+    def encode(self, kv, known_finite=False):
+        checks.append(known_finite)
+        return real_encode(self, kv, known_finite)
+
+    monkeypatch.setattr(type(sessions[1].backend.codec), "encode_blocks", encode)
+    results, _ = BatchIngest().run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert [r.ok for r in results] == [False, True]
+    assert isinstance(results[0].error, InputError) and "NaN" in str(results[0].error)
+    assert "'frame'" in str(results[0].error) and "rows [1]" in str(results[0].error)
+    assert all(sessions[0].backend.count(lp.level.name) == 0 for lp in sessions[0].levels)
+    assert sessions[0].stats()["frames"] == 0
+    assert seen and all(seen) and checks and all(checks)
+    ref, rec = alone(tiny_model, [data[1]])
+    assert_same_blocks(sessions[1], ref, rec)
+
+
+def test_a_backend_checks_checked_kv_again_when_it_converts_it(tiny_model):
+    """``finite`` vouches for the values given, not for a narrower dtype they are stored in: a float32
+    batch marked checked whose values overflow float16 is refused by a float16 store."""
+    from backends.memory import MemoryBackend
+    from mukv.blocks import CompressedBlocks, KVLayout
+
+    lay = KVLayout(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float16)
+    be = MemoryBackend(layout=lay)
+    kv = torch.full((1, 2, 2, 1, 3, 4), 1e6)
+    blocks = CompressedBlocks(level="frame", kv=kv, vectors=torch.ones(1, 4), kept=torch.arange(3)[None],
+                              positions=torch.arange(3)[None], frame_start=torch.zeros(1, dtype=torch.int64),
+                              frame_end=torch.ones(1, dtype=torch.int64), t_start=torch.zeros(1, dtype=torch.float64),
+                              t_end=torch.zeros(1, dtype=torch.float64), token_index=torch.arange(3)[None], finite=True)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        be.add(blocks)
+    assert be.count("frame") == 0
+    blocks.kv = torch.ones_like(kv)
+    be.add(blocks)
+    assert be.count("frame") == 1
+
+
 def test_a_failure_of_the_shared_work_is_isolated_by_feeding_each_stream_alone(tiny_model, frames, monkeypatch):
     poisoned = frames(2, seed=16)
     poisoned[:, 0, 0, :] = (255, 0, 255)  # a marker the failing vision tower recognises

@@ -415,7 +415,9 @@ class TieredBackend(Recovery, Reads, StorageBackend):
                 raise StoreError(f"level {level!r} stores {info['tokens']} tokens per block; got {k}")
             if b == 0:
                 return torch.empty(0, dtype=torch.int64)
-            enc = self.codec.encode_blocks(kv.to(lay.dtype))  # the stored rows; NaN/inf refused, nothing stored
+            kv_s = kv.to(lay.dtype)
+            # the stored rows; NaN/inf refused (nothing stored) unless checked by the batch and unconverted
+            enc = self.codec.encode_blocks(kv_s, known_finite=blocks.finite and kv_s is kv)
             nbytes = enc.nbytes
             if not self.files.remote:
                 try:
