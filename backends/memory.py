@@ -86,6 +86,10 @@ class MemoryBackend(StorageBackend):
         self._files: dict[str, bytes] = {}
         self._committed: dict[str, int] = {}  # blocks per level as of the last commit
 
+    @property
+    def metadata_device(self) -> torch.device:
+        return self.device
+
     def _level(self, level: str) -> _Level:
         return self._levels.setdefault(level, _Level())
 

@@ -133,7 +133,7 @@ class Phase:
         self.stored = [0] * n
         self.ready: list[int] = []
         self.lags: list[float] = []
-        self.late = self.skipped = self.left = self.failed = 0
+        self.late = self.skipped = self.left = self.failed = self.withdrawn = 0
         self.held = [True] * n
         self.batch_frames: list[int] = []
         self.batch_streams: list[int] = []
@@ -233,6 +233,9 @@ class Phase:
         self.batch_frames.append(report.stats.frames)
         self.batch_streams.append(report.stats.streams)
         for r in report.results:
+            if r.withdrawn:  # left the batch for a question: its frames are queued again, in front
+                self.withdrawn += 1
+                continue
             i = self._index[id(r.session)]
             times, self._queued[i] = self._queued[i][: r.frames], self._queued[i][r.frames :]
             if r.ok:
@@ -328,7 +331,7 @@ class Phase:
             "mode": self.mode, "streams": self.load.n, "seconds": self.load.seconds, "wall_s": wall, "setup_s": setup,
             "frames_received": received, "frames_stored": stored, "frames_dropped": dropped,
             "dropped_late": self.late, "dropped_skipped": self.skipped, "dropped_left": self.left,
-            "dropped_failed": self.failed,
+            "dropped_failed": self.failed, "feeds_withdrawn": self.withdrawn,
             "lag_p50_s": pct(self.lags, 50), "lag_p99_s": pct(self.lags, 99),
             "lag_max_s": max(self.lags) if self.lags else None,
             "streams_held": int(sum(self.held)), "all_streams_held": all(self.held) and dropped == 0,

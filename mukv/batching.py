@@ -20,7 +20,9 @@ does between feeds of one stream in chunks of other sizes).
 
 Each stream commits or rolls back on its own: a stream whose backend fails to add or to commit
 is rolled back (nothing of this feed is stored, its bookkeeping is as before) while the others
-commit. A failure of the shared work (the vision tower, a prefill, a scorer) rolls every
+commit. A stream may also leave a running batch at a stage boundary (``withdraw``: a question
+waits on it): its transaction is rolled back and its locks released there, so the question reads
+the stream as last committed, and its result says ``withdrawn`` (the caller feeds its frames again). A failure of the shared work (the vision tower, a prefill, a scorer) rolls every
 transaction of the batch back, and then (``isolate_failures``) each stream is fed again alone, so
 that only the stream that causes it fails.
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -91,10 +93,13 @@ class FeedResult:
     error: BaseException | None = None
     #: the item was fed again alone after a failure of the shared work
     alone: bool = False
+    #: the stream left the batch at a stage boundary (``BatchIngest.withdraw``): nothing of the item
+    #: was stored, nothing failed; the caller feeds its frames again
+    withdrawn: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.error is None and not self.withdrawn
 
 
 @dataclass
@@ -123,6 +128,8 @@ class _Live:
     first: int = 0  # the stream's frame index of the item's first frame
     embeds: list[torch.Tensor] = field(default_factory=list)
     blocks: int = 0
+    locks: list[Any] = field(default_factory=list)  # held for this stream, in acquisition order
+    withdrawn: bool = False
 
 
 @dataclass
@@ -176,6 +183,12 @@ class BatchIngest:
         #: forwards), on the batch's thread, with the batch's streams locked and nothing committed:
         #: the scheduler lets questions on other streams use the model there.
         self.between_stages: Callable[[], None] | None = None
+        #: Called at the stage boundaries a stream can still leave the batch at (after the vision
+        #: tower, after each level kind's forwards but the last), before ``between_stages``, with the
+        #: sessions still in the batch; returns those to withdraw. Each is rolled back and unlocked
+        #: there (a question on it may then run, on what it last committed) and its result is
+        #: ``withdrawn``. The scheduler withdraws the streams that questions wait on.
+        self.withdraw: Callable[[list[Any]], Any] | None = None
 
     # ------------------------------------------------------------------ the batch
     def run(self, items: list[FeedItem]) -> tuple[list[FeedResult], BatchStats]:
@@ -198,16 +211,19 @@ class BatchIngest:
         stats = BatchStats(streams=len(items), frames=sum(int(it.frames.shape[0]) for it in items))
         results = [FeedResult(it.session, int(it.frames.shape[0])) for it in items]
         model = items[0].session.model if items else None
-        with ExitStack() as locks:
+        held: dict[int, list[Any]] = {}
+        try:
             for it in sorted(items, key=lambda it: id(it.session)):  # one order: no deadlock between schedulers
-                locks.enter_context(it.session._lock)
-                locks.enter_context(it.session._stream.lock)
+                got = held.setdefault(id(it.session), [])
+                for lock in (it.session._lock, it.session._stream.lock):
+                    lock.acquire()
+                    got.append(lock)
             live: list[_Live] = []
             for i, it in enumerate(items):
                 try:
                     _check_item(it, model)
                     it.session._check_writable()
-                    live.append(_Live(it, i, it.session._stream.begin()))
+                    live.append(_Live(it, i, it.session._stream.begin(), locks=held[id(it.session)]))
                 except Exception as exc:  # noqa: BLE001 - reported against this stream only
                     results[i].error = exc
             try:
@@ -218,6 +234,7 @@ class BatchIngest:
                     lv.tx.rollback()
                 if not isinstance(exc, Exception):
                     raise
+                live = [lv for lv in live if not lv.withdrawn]
                 if self.isolate_failures and len(live) > 1:
                     stats.retried_alone = True
                     for lv in live:
@@ -228,7 +245,13 @@ class BatchIngest:
                     for lv in live:
                         results[lv.index].error = exc
                 live = []
-            self._commit(live, results)
+            for lv in live:
+                if lv.withdrawn:
+                    results[lv.index].withdrawn = True
+            self._commit([lv for lv in live if not lv.withdrawn], results)
+        finally:
+            for got in held.values():
+                _release(got)
         stats.blocks = sum(r.blocks for r in results)
         stats.failed = sum(not r.ok for r in results)
         stats.seconds = time.perf_counter() - t0
@@ -254,8 +277,10 @@ class BatchIngest:
     def _work(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
         with self._stage("encode"):
             self._encode(live, model, stats)
-        self._between()
+        self._between(live, last=False)
         for lv in live:
+            if lv.tx.error is not None:
+                continue
             st = lv.item.session._stream
             st.start_feed(lv.item.wall_origin)
             ing = st.ingestor
@@ -280,9 +305,9 @@ class BatchIngest:
                     k = self._kind(model, s.prefix, lp)
                     groups.setdefault(k, []).append(_Part(lv, lp, s._stream.ingestor.cursor[lp.level.name], nw))
         stats.kinds = len(groups)
-        for k, parts in groups.items():
+        for i, (k, parts) in enumerate(groups.items()):
             self._run_kind(self._kinds[k], parts, stats)
-            self._between()
+            self._between(live, last=i == len(groups) - 1)
         for lv in live:
             if lv.tx.error is not None:
                 continue
@@ -294,9 +319,29 @@ class BatchIngest:
             except Exception as exc:  # noqa: BLE001 - this stream's own bookkeeping failed: it alone rolls back
                 lv.tx.error = exc
 
-    def _between(self) -> None:
+    def _between(self, live: list[_Live], last: bool) -> None:
+        if self.withdraw is not None and not last:
+            staying = [lv for lv in live if lv.tx.error is None]
+            if staying:
+                out = {id(s) for s in (self.withdraw([lv.item.session for lv in staying]) or ())}
+                for lv in staying:
+                    if id(lv.item.session) in out:
+                        self._withdraw(lv)
         if self.between_stages is not None:
             self.between_stages()
+
+    @staticmethod
+    def _withdraw(lv: _Live) -> None:
+        """``lv``'s stream leaves the batch: rolled back (nothing of the item stored, its bookkeeping
+        as before) and unlocked; the rest of the batch skips it."""
+        lv.tx.error = _WITHDRAWN
+        lv.withdrawn = True
+        lv.embeds = []
+        lv.blocks = 0
+        try:
+            lv.tx.rollback()
+        finally:
+            _release(lv.locks)
 
     def _encode(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
         """The vision tower over the frames of every stream: frames of one size together,
@@ -372,11 +417,16 @@ class BatchIngest:
         # store): a stream whose blocks hold NaN or inf is refused alone, the others store unchecked
         bad = (~torch.isfinite(compressed.kv).flatten(1).all(dim=1)).nonzero().flatten().tolist()
         compressed.finite = True
+        placed = {compressed.frame_start.device: compressed}  # the metadata moved once per backend device
         o = 0
         with self._stage("store"):
             for p in chunk:
                 n = p.windows * per_window
-                piece = compressed.rows(o, o + n, level=p.lp.level.name)
+                dev = getattr(p.live.item.session.backend, "metadata_device", None)
+                src = compressed
+                if isinstance(dev, torch.device):
+                    src = placed.get(dev) or placed.setdefault(dev, compressed.with_metadata_on(dev))
+                piece = src.rows(o, o + n, level=p.lp.level.name)
                 rows = [r - o for r in bad if o <= r < o + n]
                 o += n
                 if rows:
@@ -422,6 +472,19 @@ class BatchIngest:
         yield
         _sync(device)
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+class _Withdrawn(Exception):
+    """Marks the transaction of a stream that left its batch (never raised to a caller)."""
+
+
+_WITHDRAWN = _Withdrawn("withdrawn from the batch")
+
+
+def _release(locks: list[Any]) -> None:
+    """Release ``locks`` (acquired in this order), last first, and forget them."""
+    while locks:
+        locks.pop().release()
 
 
 @contextmanager

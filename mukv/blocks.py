@@ -16,7 +16,7 @@ RoPE, a packed ``(origin, dt, h, w)`` for M-RoPE models (see :mod:`mukv.rope`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -137,6 +137,12 @@ class CompressedBlocks:
 
     def __len__(self) -> int:
         return self.kv.shape[0]
+
+    def with_metadata_on(self, device: torch.device) -> "CompressedBlocks":
+        """The same blocks with ``frame_start``, ``frame_end``, ``t_start`` and ``t_end`` on ``device``
+        (the other tensors shared)."""
+        moved = {f: getattr(self, f).to(device) for f in ("frame_start", "frame_end", "t_start", "t_end")}
+        return replace(self, **moved)
 
     def rows(self, start: int, end: int, level: str | None = None) -> "CompressedBlocks":
         """Blocks ``start .. end - 1`` of the batch (views), optionally under another level name: how a

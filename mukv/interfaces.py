@@ -307,6 +307,14 @@ class StorageBackend(BlockIndex):
     #: refused with any codec but "none".
     accepts_codec: ClassVar[bool] = False
 
+    @property
+    def metadata_device(self) -> torch.device | None:
+        """Where :meth:`add` keeps the blocks' ``frame_start``, ``frame_end``, ``t_start`` and ``t_end``
+        (``None``: on the host, the default). A batch of many streams' blocks moves them there once
+        for all its streams rather than each backend copying its own few (each copy from host memory
+        waits for the device)."""
+        return None
+
     @abstractmethod
     def add(self, blocks: CompressedBlocks) -> torch.Tensor:
         """Store a batch of blocks of one level; return their ids ``[B]``."""

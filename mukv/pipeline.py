@@ -74,6 +74,17 @@ class LevelPipeline:
     def needs_attention(self) -> bool:
         return self.kept < self.block_len and getattr(self.scorer, "needs_attention", False)
 
+    def split_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`split` on ``device``, copied there once (a copy from host memory per window cut
+        would wait for the device each time)."""
+        if self.split.device == device:
+            return self.split
+        cache = self.__dict__.setdefault("_split_on", {})
+        got = cache.get(device)
+        if got is None or got[0] is not self.split:  # (the split copied, its copy): a new split is copied again
+            got = cache[device] = (self.split, self.split.to(device))
+        return got[1]
+
 
 @dataclass
 class WindowRows:
@@ -397,7 +408,7 @@ class Ingestor:
         frames, tpf = lp.level.frames, self.model.tokens_per_frame
         off = first - self._pending_start
         window_tokens = self._pending[off : off + nw * frames].reshape(nw, frames * tpf, -1)  # [nw, F*T, E]
-        split = lp.split.to(window_tokens.device)
+        split = lp.split_on(window_tokens.device)
         per_window = split.shape[0]
         if lp.is_identity_split and per_window * lp.block_len == frames * tpf:  # consecutive runs: a view, no copy
             embeds = window_tokens.reshape(nw * per_window, lp.block_len, -1)  # [B, L, E]

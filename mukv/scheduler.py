@@ -20,8 +20,11 @@ batches before). Which frames (fairness): streams by the arrival of their oldest
 oldest first, at most ``max_stream_frames`` of each, so no stream waits behind a busy one for
 more than a batch or two. Questions (:meth:`IngestScheduler.ask`) go before any batch that has not
 started, up to ``questions_per_batch`` in a row while frames wait; a running batch lends the model
-to questions on streams it does not hold at its stage boundaries (after the vision tower, after
-each level kind's forwards), so such a question waits for one stage, not for the whole batch.
+to questions at its stage boundaries (after the vision tower, after each level kind's forwards),
+so a question waits for one stage, not for the whole batch. A question on a stream of the running
+batch takes that stream out of it first (``withdraw_asked``): the stream's feed is rolled back,
+the question reads what the stream last committed (as it would before the batch), and its frames
+go back to the front of its queue for the next batch.
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ class SchedulerConfig(BaseModel):
     """Let questions on streams the running batch does not hold use the model at the batch's stage
     boundaries (after the vision tower, after each level kind's forwards). Off: every question
     waits for the running batch to end."""
+
+    withdraw_asked: bool = True
+    """With ``lend_between_stages``: a question on a stream of the running batch takes the stream out
+    of the batch at its next stage boundary (but the last), rolled back, its frames queued again in
+    front for the next batch, and is answered there on what the stream last committed. Off: such a
+    question waits for the batch's commit (and then sees its frames)."""
 
     isolate_failures: bool = True
     """When the shared work of a batch fails (the vision tower, a prefill, a scorer), feed each stream
@@ -251,6 +260,7 @@ class IngestScheduler:
         self.batcher = BatchIngest(self.config.encode_batch_frames, self.config.prefill_batch_tokens,
                                    self.config.isolate_failures)
         self.batcher.between_stages = self._between_stages
+        self.batcher.withdraw = self._withdraw_asked
         self.model: Any = None
         self._queues: dict[int, _Queue] = {}
         self._cv = threading.Condition()
@@ -264,8 +274,9 @@ class IngestScheduler:
         self._answered = 0  # questions answered since the last batch
         self._thread: threading.Thread | None = None
         self._stopping = False
-        #: Counts since the scheduler was made: batches, frames and blocks stored, streams failed.
-        self.totals = {"batches": 0, "frames": 0, "blocks": 0, "failed_feeds": 0, "questions": 0}
+        #: Counts since the scheduler was made: batches, frames and blocks stored, streams failed,
+        #: questions answered, feeds withdrawn from a running batch for a question (fed again later).
+        self.totals = {"batches": 0, "frames": 0, "blocks": 0, "failed_feeds": 0, "questions": 0, "withdrawn": 0}
 
     # ------------------------------------------------------------------ streams and frames
     def submit(self, session: Any, frames: Any, timestamps: Any = None, resize: bool | None = None) -> int:
@@ -371,17 +382,34 @@ class IngestScheduler:
                 self._busy = self._running = False
                 self._in_batch = frozenset()
                 self._cv.notify_all()
+        self._requeue([(it, arr) for r, it, arr in zip(results, items, arrivals) if r.withdrawn])
         report = BatchReport(results, stats, arrivals, t, float(self.clock()))
         self.totals["batches"] += 1
         self.totals["frames"] += sum(r.frames for r in results if r.ok)
         self.totals["blocks"] += stats.blocks
         for r, it in zip(results, items):
-            if not r.ok:
+            if r.withdrawn:
+                self.totals["withdrawn"] += 1
+            elif not r.ok:
                 self.totals["failed_feeds"] += 1
                 self._failed(r, it)
         if self.on_batch is not None:
             self.on_batch(report)
         return report
+
+    def _requeue(self, back: list[tuple[FeedItem, torch.Tensor]]) -> None:
+        """Frames of feeds withdrawn from the batch, back in front of their queues with their arrivals
+        (a stream removed meanwhile loses them, as :meth:`remove` says)."""
+        if not back:
+            return
+        with self._cv:
+            for it, arr in back:
+                q = self._queues.get(id(it.session))
+                if q is None or q.session is not it.session:
+                    continue
+                q.chunks.appendleft([it.frames, it.times, arr])
+                q.frames += int(it.frames.shape[0])
+            self._cv.notify_all()
 
     @staticmethod
     def _failed(r: FeedResult, item: FeedItem) -> None:
@@ -406,9 +434,10 @@ class IngestScheduler:
     # ------------------------------------------------------------------ questions
     def ask(self, session: Any, question: str, **kwargs: Any) -> Any:
         """:meth:`mukv.Session.ask` with priority over batches: it runs before the next batch starts,
-        and a question on a stream that is not in the running batch runs at the batch's next stage
-        boundary (after the vision tower, after each level kind's forwards); a question on a stream in
-        the running batch waits for the batch to end. Frames queued are never waited for."""
+        or at the running batch's next stage boundary (after the vision tower, after each level kind's
+        forwards). A question on a stream of the running batch takes the stream out of the batch there
+        (``withdraw_asked``; its frames wait for the next batch) or, past the last boundary or with
+        ``withdraw_asked`` off, waits for the batch's commit. Frames queued are never waited for."""
         sid = id(session)
         with self._cv:
             self._asks += 1
@@ -446,6 +475,18 @@ class IngestScheduler:
                     self._cv.wait()
             finally:
                 self._lent, self._busy = False, True
+
+    def _withdraw_asked(self, sessions: list[Any]) -> list[Any]:
+        """Called by the running batch at a stage boundary: the sessions of the batch that questions
+        wait on, to take out of it (then no longer in the batch for :meth:`ask`)."""
+        with self._cv:
+            if not (self.config.lend_between_stages and self.config.withdraw_asked and self._running
+                    and self._answered < self.config.questions_per_batch):
+                return []
+            out = [s for s in sessions if id(s) in self._asking]
+            if out:
+                self._in_batch = self._in_batch - {id(s) for s in out}
+            return out
 
     def _questions_outside(self) -> bool:
         return any(sid not in self._in_batch for sid in self._asking)

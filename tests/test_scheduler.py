@@ -251,6 +251,37 @@ def test_a_backend_checks_checked_kv_again_when_it_converts_it(tiny_model):
     assert be.count("frame") == 1
 
 
+def test_withdraw_is_asked_at_every_stage_boundary_but_the_last(tiny_model, frames):
+    """A stream can leave a batch after the vision tower and after each level kind but the last
+    (past it, only its commit is left); one withdrawn after the patch level stores nothing."""
+    data = [frames(4, seed=32), frames(4, seed=33)]
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    bi = BatchIngest()
+    calls: list[int] = []
+
+    def withdraw(staying):
+        calls.append(len(staying))
+        return [sessions[0]] if len(calls) == 2 else []
+
+    bi.withdraw = withdraw
+    results, stats = bi.run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert stats.kinds == 3 and calls == [2, 2, 1]
+    assert results[0].withdrawn and results[0].blocks == 0 and results[1].ok
+    assert all(sessions[0].backend.count(lp.level.name) == 0 for lp in sessions[0].levels)
+    assert sessions[0].stats()["frames"] == 0
+    got: list[bool] = []  # released: another thread can take the stream's locks
+    t = threading.Thread(target=lambda: got.extend(lk.acquire(timeout=5) and (lk.release() or True)
+                                                   for lk in (sessions[0]._lock, sessions[0]._stream.lock)))
+    t.start()
+    t.join(30)
+    assert got == [True, True]
+    sessions[0].feed(data[0])  # unlocked, and fed as if the batch had never held it
+    ref, rec = alone(tiny_model, [data[0]])
+    assert_same_blocks(sessions[0], ref, rec)
+    ref1, rec1 = alone(tiny_model, [data[1]])
+    assert_same_blocks(sessions[1], ref1, rec1)
+
+
 def test_a_failure_of_the_shared_work_is_isolated_by_feeding_each_stream_alone(tiny_model, frames, monkeypatch):
     poisoned = frames(2, seed=16)
     poisoned[:, 0, 0, :] = (255, 0, 255)  # a marker the failing vision tower recognises
@@ -374,8 +405,9 @@ def test_scheduler_serves_a_stream_with_little_traffic_next_to_a_backlog(tiny_mo
 # ---------------------------------------------------------------------------------------------- questions
 def test_questions_go_before_the_next_batch(tiny_model, frames, monkeypatch):
     """A question waits for the batch running, then goes before the next batch; after
-    ``questions_per_batch`` questions in a row the batch goes."""
-    sched = IngestScheduler({"questions_per_batch": 1})
+    ``questions_per_batch`` questions in a row the batch goes. (Withdrawal off: the questions are on the
+    batch's stream, which would otherwise leave the batch for them.)"""
+    sched = IngestScheduler({"questions_per_batch": 1, "withdraw_asked": False})
     s = mukv.Session(model=tiny_model)
     s.feed(frames(2))
     log: list[str] = []
@@ -481,13 +513,64 @@ def test_a_question_on_another_stream_runs_between_the_stages_of_a_batch(tiny_mo
     assert a.stats()["frames"] == 4 and sched.totals["questions"] == 1
 
 
-def test_a_question_on_a_stream_of_the_running_batch_waits_for_its_commit(tiny_model, frames, monkeypatch):
-    sched = IngestScheduler()
+def test_a_question_on_a_stream_of_the_running_batch_waits_for_its_commit_without_withdrawal(
+        tiny_model, frames, monkeypatch):
+    sched = IngestScheduler({"withdraw_asked": False})
     a = mukv.Session(model=tiny_model)
     a.feed(frames(4, seed=5))
     log = _ask_during_a_stalled_batch(sched, a, a, frames, monkeypatch)
     assert log[-1] == "question" and log.index("commit") < log.index("question")
-    assert a.stats()["frames"] == 8
+    assert a.stats()["frames"] == 8 and sched.totals["withdrawn"] == 0
+
+
+def test_a_question_takes_its_stream_out_of_the_running_batch(tiny_model, frames, monkeypatch):
+    """A question on a stream of the running batch withdraws the stream at the next stage boundary:
+    its feed is rolled back, the question reads what it last committed (the answer it would get
+    before the batch), the other streams of the batch commit, and the withdrawn frames go back in
+    front of the stream's queue: the next batch stores them as a feed alone would, no gap recorded."""
+    sched = IngestScheduler()
+    a, b = mukv.Session(model=tiny_model), mukv.Session(model=tiny_model)
+    first, later, other = frames(4, seed=5), frames(4, seed=6), frames(4, seed=7)
+    a.feed(first)
+    before = a.ask("what happened?", max_new_tokens=3).text
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    answers: list[str] = []
+    real_ask = a.ask
+
+    def ask(q, **k):
+        log.append("question")
+        answers.append(real_ask(q, max_new_tokens=3).text)
+        return answers[-1]
+
+    monkeypatch.setattr(a, "ask", ask)
+    sched.submit(a, later)
+    sched.submit(b, other)
+    reports: list = []
+    batch = threading.Thread(target=lambda: reports.append(sched.step(force=True)))
+    batch.start()
+    assert encoded.wait(60)
+    sched.submit(a, frames(2, seed=8))  # arrives during the batch: queued behind the withdrawn frames
+    q = threading.Thread(target=sched.ask, args=(a, "what happened?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    for t in (batch, q):
+        t.join(120)
+    assert log[:2] == ["encode", "question"] and "commit" in log
+    assert answers == [before]
+    (report,) = reports
+    res = {id(r.session): r for r in report.results}
+    assert res[id(a)].withdrawn and not res[id(a)].ok and res[id(a)].error is None and res[id(a)].blocks == 0
+    assert res[id(b)].ok and b.stats()["frames"] == 4
+    assert a.stats()["frames"] == 4 and sched.waiting(a) == 6
+    assert sched.totals["withdrawn"] == 1 and sched.totals["failed_feeds"] == 0
+    assert len(report.latencies()) == 4  # only b's frames were stored by this batch
+    monkeypatch.undo()
+    sched.drain()
+    ref, rec = alone(tiny_model, [first, later, frames(2, seed=8)])
+    assert_same_blocks(a, ref, rec)
+    assert a.stats()["gaps"] == ref.stats()["gaps"]
 
 
 def test_a_lent_question_that_fails_leaves_the_batch_to_store_everything(tiny_model, frames, monkeypatch):

@@ -393,7 +393,8 @@ class Engine:
             answered = 0
             if works:
                 t0 = time.monotonic()
-                busy = frozenset(w.stream.id for w in works)
+                busy = {w.stream.id for w in works}
+                self.scheduler.batcher.withdraw = lambda sessions: self._withdraw_asked(sessions, works, busy)
                 self.scheduler.batcher.between_stages = lambda: self._answer_between(busy)
                 self.scheduler.run(works, self._step_done)
                 self.metrics.step_seconds.observe(time.monotonic() - t0)
@@ -411,10 +412,23 @@ class Engine:
             self._kick.wait(max(0.0, min(0.5, next_look - now, 0.5 if due is None else due)))
             self._kick.clear()
 
-    def _answer_between(self, busy: frozenset[str]) -> None:
+    def _withdraw_asked(self, sessions: list[Any], works: list[Any], busy: set[str]) -> list[Any]:
+        """Inside an ingest step, at a stage boundary (engine thread): the step's sessions that
+        waiting questions are on leave the step (``withdraw_asked``), rolled back, their frames back
+        in front of their queues; ``busy`` forgets them, so :meth:`_answer_between` answers them."""
+        cfg = self.scheduler.config
+        if not (cfg.lend_between_stages and cfg.withdraw_asked and self._asks):
+            return []
+        asked = {job.stream for job in list(self._asks)[: self.config.questions_per_step]}
+        by_session = {id(w.stream.session): w.stream.id for w in works}
+        out = [s for s in sessions if by_session.get(id(s)) in asked]
+        busy.difference_update(by_session[id(s)] for s in out)
+        return out
+
+    def _answer_between(self, busy: set[str]) -> None:
         """Inside an ingest step, between its stages (engine thread): answer up to
-        ``questions_per_step`` waiting questions on streams the step does not hold, in arrival order;
-        questions on the step's own streams keep their place and wait for its commit."""
+        ``questions_per_step`` waiting questions on streams the step does not hold (any longer), in
+        arrival order; questions on the step's own streams keep their place and wait for its commit."""
         if not self.scheduler.config.lend_between_stages or not self._asks:
             return
         budget, kept = self.config.questions_per_step, []

@@ -156,6 +156,21 @@ class FrameQueue:
         times = parts_t[0] if len(parts_t) == 1 else np.concatenate(parts_t)
         return frames, times, gap
 
+    def put_back(self, frames: np.ndarray, times: np.ndarray, arrived: float) -> None:
+        """Frames taken for ingest and not stored, but not refused either (their stream left the batch
+        for a question): back in front of the queue, in front of frames pushed since, with ``arrived``
+        (the oldest arrival among them). The queue's bounds then apply as to any waiting frame."""
+        n = int(frames.shape[0])
+        if n == 0:
+            return
+        with self._cv:
+            self._items.appendleft(_Batch(frames, times, arrived))
+            self.bytes += int(frames.nbytes)
+            self.frames += n
+            while self.bytes > self.max_bytes:
+                self._drop_head(1)
+            self._cv.notify_all()
+
     def lost(self, t_start: float, t_end: float, frames: int) -> None:
         """Count frames taken for ingest but not stored (a refused feed) as dropped, part of the next gap."""
         with self._cv:

@@ -33,6 +33,7 @@ class IngestWork:
     frames: np.ndarray  # uint8 [n, H, W, 3]
     times: np.ndarray  # float64 [n] stream seconds
     gap: GapRun | None  # frames dropped just before these, to record with them
+    arrived: float = 0.0  # monotonic arrival of the oldest of these frames
 
 
 @dataclass
@@ -94,15 +95,18 @@ class IngestScheduler:
         for sid, n in self.policy.pick(self._waiting(list(writers.values()), now), now, force):
             s = writers[sid]
             s.busy = True  # "ingesting" from the moment its frames leave the queue
+            arrived = now - s.queue.lag(now)
             got = s.queue.take(n, now)
             if got is not None:
-                works.append(IngestWork(s, *got))
+                works.append(IngestWork(s, *got, arrived=arrived))
             else:
                 s.busy = False
         return works
 
     def run(self, works: list[IngestWork], on_done: Callable[[StepResult], None]) -> None:
-        """Store the works' frames as one batch (one transaction per stream), each stream's gap first."""
+        """Store the works' frames as one batch (one transaction per stream), each stream's gap first.
+        A stream withdrawn from the batch for a question (``batcher.withdraw``) gets its frames back
+        in front of its queue, and no result."""
         items, ready = [], []
         for w in works:
             s = w.stream
@@ -131,6 +135,10 @@ class IngestScheduler:
         self.last_stats = stats
         for w, r in zip(ready, results):
             n, t0, t1 = int(w.frames.shape[0]), float(w.times[0]), float(w.times[-1])
+            if r.withdrawn:
+                w.stream.queue.put_back(w.frames, w.times, w.arrived)
+                w.stream.busy = False
+                continue
             try:
                 on_done(StepResult(w.stream, n, t0, t1, r.ok, r.error))
             finally:

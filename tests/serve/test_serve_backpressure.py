@@ -90,12 +90,13 @@ def test_asking_stays_fast_under_ingest_load(serve):
 
 def test_a_question_on_a_quiet_stream_is_answered_inside_an_ingest_step(serve, monkeypatch):
     """The engine answers a question on a stream its running step does not hold between the step's
-    stages (after the vision tower), before the step's level forwards and commit; a question on the
-    step's own stream waits for the commit."""
+    stages (after the vision tower), before the step's level forwards and commit; with
+    ``withdraw_asked`` off, a question on the step's own stream waits for the commit."""
     import threading
 
     with serve(drain_s=0) as (c, app, url):
         eng = app.state.engine
+        eng.scheduler.config = eng.scheduler.config.model_copy(update={"withdraw_asked": False})
         c.create_stream("quiet")
         c.push("quiet", frames(8))
         stored(c, "quiet", 8)
@@ -131,3 +132,48 @@ def test_a_question_on_a_quiet_stream_is_answered_inside_an_ingest_step(serve, m
         assert log[:3] == ["encode", "answer quiet", "levels"], log
         assert log.index("commit") < log.index("answer load"), log
         assert answers["quiet"]["blocks"] and answers["load"]["blocks"]
+
+
+def test_a_question_on_a_stream_of_the_running_step_takes_it_out_of_the_step(serve, monkeypatch):
+    """A question on a stream of the running step withdraws the stream at the step's next stage
+    boundary: it is answered there on what the stream last committed, the other streams of the step
+    commit, and the withdrawn frames go back in front of the stream's queue and are stored by a
+    later step: nothing dropped, no gap."""
+    import threading
+
+    with serve(drain_s=0, max_lag_s=600) as (c, app, url):
+        eng = app.state.engine
+        for sid in ("cam", "other"):
+            c.create_stream(sid)
+        c.push("cam", frames(8))
+        stored(c, "cam", 8)
+        log: list[str] = []
+        release, encoded = threading.Event(), threading.Event()
+        b = eng.scheduler.batcher
+        real_encode, real_commit, real_answer = b._encode, b._commit, eng._answer
+
+        def encode(*a):
+            real_encode(*a)
+            if not encoded.is_set():
+                log.append("encode")
+                encoded.set()
+                assert release.wait(60)
+
+        monkeypatch.setattr(b, "_encode", encode)
+        monkeypatch.setattr(b, "_commit", lambda live, *a: (log.append(f"commit {len(live)}"), real_commit(live, *a))[1])
+        monkeypatch.setattr(eng, "_answer", lambda s, *a: (log.append("answer " + s.id), real_answer(s, *a))[1])
+        c.push("cam", frames(8, seed=3))
+        c.push("other", frames(8, seed=4))
+        assert encoded.wait(60)
+        answers: list[dict] = []
+        ask = threading.Thread(target=lambda: answers.append(c.ask("cam", "what?", max_new_tokens=2)))
+        ask.start()
+        wait_until(lambda: len(eng._asks) == 1, what="the question on cam waits")
+        release.set()
+        ask.join(120)
+        assert log[:2] == ["encode", "answer cam"], log
+        assert answers[0]["frames"] == 8  # what cam had committed when the question came
+        stored(c, "cam", 16)
+        stored(c, "other", 8)
+        st = c.stream("cam")
+        assert st["dropped"] == 0 and st["gaps"] == [] and st["received"] == 16
