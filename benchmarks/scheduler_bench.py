@@ -199,7 +199,7 @@ class Phase:
         sched = None
         if self.mode == "scheduler":
             sched = IngestScheduler({"latency_target_s": args.latency_target, "max_batch_frames": args.batch_frames,
-                                     "encode_batch_frames": args.batch_frames}, clock=self.clock,
+                                     "encode_batch_frames": args.encode_frames or args.batch_frames}, clock=self.clock,
                                     on_batch=self._on_batch)
             self._index = {id(s): i for i, s in enumerate(self.sessions)}
             self._queued: list[list[float]] = [[] for _ in self.sessions]
@@ -381,7 +381,8 @@ def warm_up(adapter: Any, config: MukvConfig, frames: torch.Tensor, args: argpar
     for k in range(4):
         s.feed(frames[k : k + 1])
     s.feed(frames[:8])
-    sched = IngestScheduler({"max_batch_frames": args.batch_frames, "encode_batch_frames": args.batch_frames})
+    sched = IngestScheduler({"max_batch_frames": args.batch_frames,
+                             "encode_batch_frames": args.encode_frames or args.batch_frames})
     others = [Session(model=adapter, backend="memory", config=config) for _ in range(3)]
     for o in others:
         sched.submit(o, frames[: min(8, args.batch_frames)])
@@ -579,6 +580,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-target", type=float, default=5.0, help="the scheduler's latency_target_s")
     ap.add_argument("--batch-frames", type=int, default=32,
                     help="the scheduler's max_batch_frames (and encode_batch_frames)")
+    ap.add_argument("--encode-frames", type=int, default=0,
+                    help="the scheduler's encode_batch_frames (0: --batch-frames); each vision-tower batch ends a "
+                         "stage a question can run after")
     ap.add_argument("--grace", type=float, default=3.0, help="seconds after the last arrival to store what waits")
     ap.add_argument("--ttft-goal", type=float, default=0.2, help="p99 first-token latency a passing N keeps (s)")
     ap.add_argument("--chunk", type=int, default=256, help="frames per feed of the single-stream part")

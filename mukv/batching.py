@@ -179,12 +179,12 @@ class BatchIngest:
         #: Set to a dict to time the stages ("encode", "prefill", "score", "compress", "store", "commit")
         #: in seconds, summed over batches; each timed stage ends with a device synchronisation.
         self.stage_times: dict[str, float] | None = None
-        #: Called between the stages of a batch (after the vision tower, after each level kind's
-        #: forwards), on the batch's thread, with the batch's streams locked and nothing committed:
-        #: the scheduler lets questions on other streams use the model there.
+        #: Called between the stages of a batch (after each vision-tower batch of ``encode_batch_frames``,
+        #: after each level kind's forwards), on the batch's thread, with the batch's streams locked and
+        #: nothing committed: the scheduler lets questions on other streams use the model there.
         self.between_stages: Callable[[], None] | None = None
-        #: Called at the stage boundaries a stream can still leave the batch at (after the vision
-        #: tower, after each level kind's forwards but the last), before ``between_stages``, with the
+        #: Called at the stage boundaries a stream can still leave the batch at (after each
+        #: vision-tower batch, after each level kind's forwards but the last), before ``between_stages``, with the
         #: sessions still in the batch; returns those to withdraw. Each is rolled back and unlocked
         #: there (a question on it may then run, on what it last committed) and its result is
         #: ``withdrawn``. The scheduler withdraws the streams that questions wait on.
@@ -351,6 +351,7 @@ class BatchIngest:
             f = lv.item.frames
             by_size.setdefault((int(f.shape[1]), int(f.shape[2])), []).append(lv)
         cap = self.encode_batch_frames
+        batches: list[list[tuple[_Live, int, int]]] = []
         for group in by_size.values():
             pieces: list[tuple[_Live, int, int]] = []
             count = 0
@@ -362,12 +363,18 @@ class BatchIngest:
                     count += b - a
                     a = b
                     if count == cap:
-                        self._encode_pieces(pieces, model)
-                        stats.encode_batches += 1
+                        batches.append(pieces)
                         pieces, count = [], 0
             if pieces:
-                self._encode_pieces(pieces, model)
-                stats.encode_batches += 1
+                batches.append(pieces)
+        for i, pieces in enumerate(batches):
+            if i:  # a stage boundary too: questions wait for one vision-tower batch, not for all of them
+                self._between(live, last=False)
+                pieces = [p for p in pieces if not p[0].withdrawn]
+                if not pieces:
+                    continue
+            self._encode_pieces(pieces, model)
+            stats.encode_batches += 1
 
     @staticmethod
     def _encode_pieces(pieces: list[tuple[_Live, int, int]], model: Any) -> None:

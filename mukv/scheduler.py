@@ -66,7 +66,8 @@ class SchedulerConfig(BaseModel):
     """Frames of one stream in one batch, so that one stream with a backlog cannot fill a batch."""
 
     encode_batch_frames: int = Field(default=64, ge=1, le=65536)
-    """Frames per vision-tower batch (frames of several streams together)."""
+    """Frames per vision-tower batch (frames of several streams together). Each vision-tower batch
+    ends a stage: smaller ones let questions in sooner (``lend_between_stages``)."""
 
     prefill_batch_tokens: int = Field(default=16384, ge=1)
     """Most tokens in one prefill forward (windows of several streams together; at least one window)."""

@@ -282,6 +282,26 @@ def test_withdraw_is_asked_at_every_stage_boundary_but_the_last(tiny_model, fram
     assert_same_blocks(sessions[1], ref1, rec1)
 
 
+def test_each_vision_tower_batch_ends_a_stage(tiny_model, frames):
+    """With vision-tower batches of 4 frames, two streams of 4 frames make two such batches with a
+    stage boundary between them; a stream withdrawn there is not encoded at all."""
+    data = [frames(4, seed=34), frames(4, seed=35)]
+    sessions = [mukv.Session(model=tiny_model) for _ in data]
+    bi = BatchIngest(encode_batch_frames=4)
+    calls: list[int] = []
+
+    def withdraw(staying):
+        calls.append(len(staying))
+        return [sessions[1]] if len(calls) == 1 else []
+
+    bi.withdraw = withdraw
+    results, stats = bi.run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    assert calls == [2, 1, 1, 1] and stats.encode_batches == 1
+    assert results[0].ok and results[1].withdrawn and sessions[1].stats()["frames"] == 0
+    ref, rec = alone(tiny_model, [data[0]])
+    assert_same_blocks(sessions[0], ref, rec)
+
+
 def test_a_failure_of_the_shared_work_is_isolated_by_feeding_each_stream_alone(tiny_model, frames, monkeypatch):
     poisoned = frames(2, seed=16)
     poisoned[:, 0, 0, :] = (255, 0, 255)  # a marker the failing vision tower recognises
