@@ -40,6 +40,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-frames", type=int, help="frames of a stream per ingest step (default: 16)")
     p.add_argument("--batch-frames", type=int, metavar="N",
                    help="frames of all streams in one ingest step; a step this full runs at once (default: 256)")
+    p.add_argument("--encode-batch-frames", type=int, metavar="N",
+                   help="frames of one vision-tower batch inside an ingest step; each ends a stage where waiting "
+                        "questions are answered (default: 64)")
+    p.add_argument("--no-answer-during-steps", dest="answer_during_steps", action="store_false", default=None,
+                   help="answer questions only between ingest steps, not at a step's stage boundaries")
     p.add_argument("--latency-target", type=float, metavar="SECONDS",
                    help="seconds from a frame's arrival to its blocks being searchable the engine aims at; at "
                         "most half of --max-lag is used (default: 5)")
@@ -70,6 +75,8 @@ def build_config(args: argparse.Namespace):
                         ("max_batch_frames", "max_batch_frames"), ("max_upload_bytes", "max_upload_bytes"),
                         ("batch_frames", "batch_frames"), ("latency_target", "latency_target_s"),
                         ("questions_per_step", "questions_per_step"),
+                        ("encode_batch_frames", "encode_batch_frames"),
+                        ("answer_during_steps", "answer_during_steps"),
                         ("max_frame_pixels", "max_frame_pixels"), ("thumbnails", "thumbnails"),
                         ("drain", "drain_s"), ("refresh", "refresh_s")):
         value = getattr(args, flag)

@@ -80,6 +80,18 @@ class ServeConfig(BaseModel):
     between steps (a question on a stream the step does not hold also between the step's stages), so
     smaller steps answer sooner under load; larger ones use the GPU better."""
 
+    encode_batch_frames: int = Field(default=64, ge=1, le=65536)
+    """Frames of one vision-tower batch inside an ingest step (frames of several streams together).
+    Each such batch ends a stage of the step, where waiting questions are answered
+    (``answer_during_steps``): smaller ones let questions in sooner."""
+
+    answer_during_steps: bool = True
+    """Answer waiting questions at an ingest step's stage boundaries (after each vision-tower batch,
+    after each level kind's forwards) rather than only between steps. A question on a stream of the
+    running step first takes that stream out of the step (rolled back; its frames go back in front
+    of its queue for the next step) and is answered on what the stream last committed. Off: every
+    question waits for the running step's commit."""
+
     latency_target_s: float = Field(default=5.0, gt=0.0, le=86400.0)
     """Seconds from a frame's arrival to its blocks being searchable that the engine aims at: a step
     that is not full runs when its oldest frame would otherwise miss this (by the step time measured
@@ -125,7 +137,10 @@ class ServeConfig(BaseModel):
 
         target = min(self.latency_target_s, self.max_lag_s / 2)
         return SchedulerConfig(latency_target_s=target, max_batch_frames=self.batch_frames,
-                               max_stream_frames=self.max_batch_frames)
+                               max_stream_frames=self.max_batch_frames,
+                               encode_batch_frames=self.encode_batch_frames,
+                               lend_between_stages=self.answer_during_steps,
+                               withdraw_asked=self.answer_during_steps)
 
     @model_validator(mode="after")
     def _token_for_public_address(self) -> "ServeConfig":

@@ -52,3 +52,22 @@ def test_token_is_required_on_every_route_but_health_and_page(serve):
             mukv.Client(url).streams()
         assert e.value.status == 401
         assert [s["id"] for s in mukv.Client(url, token=TOKEN).streams()] == ["s"]
+
+
+def test_step_flags_reach_the_engines_scheduler(tmp_path):
+    """--encode-batch-frames and --no-answer-during-steps set the batching of the engine's steps;
+    bad values are refused like every other flag."""
+    import argparse
+
+    from mukv.cli.serve import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cfg = build_config(parser.parse_args(["serve", str(tmp_path / "s")])).scheduler_config()
+    assert cfg.encode_batch_frames == 64 and cfg.lend_between_stages and cfg.withdraw_asked
+    args = parser.parse_args(["serve", str(tmp_path / "s"), "--encode-batch-frames", "16", "--no-answer-during-steps"])
+    cfg = build_config(args).scheduler_config()
+    assert cfg.encode_batch_frames == 16 and not cfg.lend_between_stages and not cfg.withdraw_asked
+    with pytest.raises(ConfigError, match="encode_batch_frames"):
+        ServeConfig.build(store="x", encode_batch_frames=0)
+    assert main(["serve", str(tmp_path / "s"), "--encode-batch-frames", "0"]) == 2
