@@ -85,8 +85,10 @@ class SchedulerConfig(BaseModel):
     withdraw_asked: bool = True
     """With ``lend_between_stages``: a question on a stream of the running batch takes the stream out
     of the batch at its next stage boundary (but the last), rolled back, its frames queued again in
-    front for the next batch, and is answered there on what the stream last committed. Off: such a
-    question waits for the batch's commit (and then sees its frames)."""
+    front for the next batch, and is answered there on what the stream last committed. Frames are
+    given back once: the batch that takes them again stores them, whatever is asked meanwhile, so a
+    stream asked without pause still ingests. Off: such a question waits for the batch's commit (and
+    then sees its frames)."""
 
     isolate_failures: bool = True
     """When the shared work of a batch fails (the vision tower, a prefill, a scorer), feed each stream
@@ -201,6 +203,7 @@ class _Queue:
         self.seen = st.frames_seen
         self.frame_hw: tuple[int, int] | None = st.frame_hw
         self.lock = threading.Lock()  # one submit of this session at a time
+        self.withdrawn = 0  # frames at the head that a batch gave back for a question: not withdrawn again
 
     def oldest(self) -> float:
         return float(self.chunks[0][2][0])
@@ -218,6 +221,7 @@ class _Queue:
                 self.chunks[0] = [x[k:] for x in head]
             got += k
         self.frames -= got
+        self.withdrawn = max(0, self.withdrawn - got)
         return tuple(p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
@@ -268,6 +272,7 @@ class IngestScheduler:
         self._busy = False  # a batch or a question is using the model
         self._running = False  # a batch has started and not ended (it may have lent the model to questions)
         self._in_batch: frozenset[int] = frozenset()  # id() of the sessions of the running batch
+        self._stays: frozenset[int] = frozenset()  # of those, the ones never withdrawn (withdrawn before)
         self._lent = False  # the running batch waits between its stages while questions use the model
         self._asks = 0  # questions waiting for the model
         self._asking: dict[int, int] = {}  # id(session) -> its questions waiting
@@ -364,15 +369,18 @@ class IngestScheduler:
             if not picks:
                 self._cv.notify_all()
                 return None
-            items, arrivals = [], []
+            items, arrivals, again = [], [], set()
             for key, n in picks:
                 q = self._queues[key]
+                if q.withdrawn:  # these frames left a batch for a question once: this batch stores them
+                    again.add(id(q.session))
                 frames, times, arr = q.take(n)
                 st = q.session._stream
                 items.append(FeedItem(q.session, frames, times, q.origin if st.wall_origin is None else None))
                 arrivals.append(arr)
             self._busy = self._running = True
             self._in_batch = frozenset(id(it.session) for it in items)
+            self._stays = frozenset(again)
             self._answered = 0
         try:
             t0 = float(self.clock())
@@ -410,6 +418,7 @@ class IngestScheduler:
                     continue
                 q.chunks.appendleft([it.frames, it.times, arr])
                 q.frames += int(it.frames.shape[0])
+                q.withdrawn += int(it.frames.shape[0])
             self._cv.notify_all()
 
     @staticmethod
@@ -484,7 +493,7 @@ class IngestScheduler:
             if not (self.config.lend_between_stages and self.config.withdraw_asked and self._running
                     and self._answered < self.config.questions_per_batch):
                 return []
-            out = [s for s in sessions if id(s) in self._asking]
+            out = [s for s in sessions if id(s) in self._asking and id(s) not in self._stays]
             if out:
                 self._in_batch = self._in_batch - {id(s) for s in out}
             return out

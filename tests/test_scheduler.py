@@ -593,6 +593,32 @@ def test_a_question_takes_its_stream_out_of_the_running_batch(tiny_model, frames
     assert a.stats()["gaps"] == ref.stats()["gaps"]
 
 
+def test_frames_given_back_once_are_stored_by_the_next_batch_whatever_is_asked(tiny_model, frames, monkeypatch):
+    """A stream asked without pause still ingests: frames a batch gave back for a question are not
+    given back again; the next question on the stream waits for the batch that stores them."""
+    sched = IngestScheduler()
+    a = mukv.Session(model=tiny_model)
+    a.feed(frames(4, seed=5))
+    first = _ask_during_a_stalled_batch(sched, a, a, frames, monkeypatch)
+    assert first[:2] == ["encode", "question"] and sched.totals["withdrawn"] == 1
+    assert a.stats()["frames"] == 4 and sched.waiting(a) == 4
+    monkeypatch.undo()
+    log: list[str] = []
+    release, encoded = _stalled_batch(sched, monkeypatch, log)
+    _logged_ask(a, log, monkeypatch, "question")
+    batch = threading.Thread(target=sched.step, kwargs={"force": True})
+    batch.start()
+    assert encoded.wait(60)
+    q = threading.Thread(target=sched.ask, args=(a, "what?"))
+    q.start()
+    _wait(lambda: sched._asks == 1)
+    release.set()
+    for t in (batch, q):
+        t.join(120)
+    assert log.index("commit") < log.index("question"), log
+    assert sched.totals["withdrawn"] == 1 and a.stats()["frames"] == 8 and sched.waiting(a) == 0
+
+
 def test_a_lent_question_that_fails_leaves_the_batch_to_store_everything(tiny_model, frames, monkeypatch):
     """A question that raises while the batch lends it the model reaches its caller; the batch takes
     the model back and commits, and the scheduler is free for the next batch and question."""

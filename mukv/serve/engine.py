@@ -415,12 +415,13 @@ class Engine:
     def _withdraw_asked(self, sessions: list[Any], works: list[Any], busy: set[str]) -> list[Any]:
         """Inside an ingest step, at a stage boundary (engine thread): the step's sessions that
         waiting questions are on leave the step (``withdraw_asked``), rolled back, their frames back
-        in front of their queues; ``busy`` forgets them, so :meth:`_answer_between` answers them."""
+        in front of their queues; ``busy`` forgets them, so :meth:`_answer_between` answers them.
+        Frames given back once are stored by the next step that takes them (never given back twice)."""
         cfg = self.scheduler.config
         if not (cfg.lend_between_stages and cfg.withdraw_asked and self._asks):
             return []
         asked = {job.stream for job in list(self._asks)[: self.config.questions_per_step]}
-        by_session = {id(w.stream.session): w.stream.id for w in works}
+        by_session = {id(w.stream.session): w.stream.id for w in works if not w.stays}
         out = [s for s in sessions if by_session.get(id(s)) in asked]
         busy.difference_update(by_session[id(s)] for s in out)
         return out

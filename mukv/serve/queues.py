@@ -65,6 +65,9 @@ class FrameQueue:
         self.dropped = 0
         self.closed = False
         self._gap: GapRun | None = None
+        #: frames at the head given back by an ingest step for a question (:meth:`put_back`): the
+        #: step that takes them next stores them (they are not given back twice)
+        self.given_back = 0
 
     # ------------------------------------------------------------------ pushing
     def push(self, frames: np.ndarray, times: np.ndarray | None = None, now: float | None = None) -> tuple[float, float]:
@@ -167,6 +170,7 @@ class FrameQueue:
             self._items.appendleft(_Batch(frames, times, arrived))
             self.bytes += int(frames.nbytes)
             self.frames += n
+            self.given_back += n
             while self.bytes > self.max_bytes:
                 self._drop_head(1)
             self._cv.notify_all()
@@ -237,6 +241,7 @@ class FrameQueue:
             head.frames, head.times = head.frames[k:], head.times[k:]
             self.bytes -= before - head.nbytes
         self.frames -= k
+        self.given_back = max(0, self.given_back - k)
 
     def lag(self, now: float | None = None) -> float:
         """Seconds the oldest waiting frame has waited (0 when nothing waits)."""

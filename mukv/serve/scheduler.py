@@ -34,6 +34,7 @@ class IngestWork:
     times: np.ndarray  # float64 [n] stream seconds
     gap: GapRun | None  # frames dropped just before these, to record with them
     arrived: float = 0.0  # monotonic arrival of the oldest of these frames
+    stays: bool = False  # frames given back by a step before: this step stores them (never withdrawn)
 
 
 @dataclass
@@ -96,9 +97,10 @@ class IngestScheduler:
             s = writers[sid]
             s.busy = True  # "ingesting" from the moment its frames leave the queue
             arrived = now - s.queue.lag(now)
+            stays = s.queue.given_back > 0
             got = s.queue.take(n, now)
             if got is not None:
-                works.append(IngestWork(s, *got, arrived=arrived))
+                works.append(IngestWork(s, *got, arrived=arrived, stays=stays))
             else:
                 s.busy = False
         return works

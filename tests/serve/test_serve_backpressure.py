@@ -29,6 +29,15 @@ def test_queue_drops_the_oldest_frames_past_the_lag_and_the_bytes():
     q.push(np.stack([f] * 12)[:10], now=6.0)
     q.push(np.stack([f] * 3), now=6.1)  # over the bytes: the oldest 3 go
     assert q.frames == 10 and q.dropped == 12
+    got, times, _ = q.take(4, now=6.2)  # taken for a step that gives them back (a question on the stream)
+    q.put_back(got, times, arrived=6.0)
+    assert q.frames == 10 and q.given_back == 4 and q.bytes == 10 * f.nbytes
+    again, times2, _ = q.take(3, now=6.3)
+    assert list(times2) == list(times[:3]) and q.given_back == 1
+    q.put_back(again, times2, arrived=6.0)
+    q.push(np.stack([f]), now=6.35)  # 11 frames: over the bytes, the oldest (given back) goes
+    assert q.frames == 10 and q.bytes == 10 * f.nbytes and q.given_back == 3 and q.dropped == 13
+    assert list(q.take(3, now=6.4)[1]) == list(times[1:4]) and q.given_back == 0
     with pytest.raises(InputError, match="larger than a stream's queue"):
         q.push(np.stack([f] * 11), now=6.2)
     with pytest.raises(InputError, match="finite"):
