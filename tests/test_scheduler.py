@@ -251,20 +251,28 @@ def test_a_backend_checks_checked_kv_again_when_it_converts_it(tiny_model):
     assert be.count("frame") == 1
 
 
-def test_withdraw_is_asked_at_every_stage_boundary_but_the_last(tiny_model, frames):
-    """A stream can leave a batch after the vision tower and after each level kind but the last
-    (past it, only its commit is left); one withdrawn after the patch level stores nothing."""
-    data = [frames(4, seed=32), frames(4, seed=33)]
-    sessions = [mukv.Session(model=tiny_model) for _ in data]
-    bi = BatchIngest()
+def _withdrawing_batch(model, frames, seeds, who: int, at: int, **batch):
+    """One batch of two streams (4 frames each, of ``seeds``) whose stream ``who`` is withdrawn at the
+    ``at``-th stage boundary; returns the sessions, their frames, the results, the batch's stats and
+    the number of streams offered at each boundary."""
+    data = [frames(4, seed=seed) for seed in seeds]
+    sessions = [mukv.Session(model=model) for _ in data]
+    bi = BatchIngest(**batch)
     calls: list[int] = []
 
     def withdraw(staying):
         calls.append(len(staying))
-        return [sessions[0]] if len(calls) == 2 else []
+        return [sessions[who]] if len(calls) == at else []
 
     bi.withdraw = withdraw
     results, stats = bi.run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    return sessions, data, results, stats, calls
+
+
+def test_withdraw_is_asked_at_every_stage_boundary_but_the_last(tiny_model, frames):
+    """A stream can leave a batch after the vision tower and after each level kind but the last
+    (past it, only its commit is left); one withdrawn after the patch level stores nothing."""
+    sessions, data, results, stats, calls = _withdrawing_batch(tiny_model, frames, (32, 33), who=0, at=2)
     assert stats.kinds == 3 and calls == [2, 2, 1]
     assert results[0].withdrawn and results[0].blocks == 0 and results[1].ok
     assert all(sessions[0].backend.count(lp.level.name) == 0 for lp in sessions[0].levels)
@@ -285,17 +293,8 @@ def test_withdraw_is_asked_at_every_stage_boundary_but_the_last(tiny_model, fram
 def test_each_vision_tower_batch_ends_a_stage(tiny_model, frames):
     """With vision-tower batches of 4 frames, two streams of 4 frames make two such batches with a
     stage boundary between them; a stream withdrawn there is not encoded at all."""
-    data = [frames(4, seed=34), frames(4, seed=35)]
-    sessions = [mukv.Session(model=tiny_model) for _ in data]
-    bi = BatchIngest(encode_batch_frames=4)
-    calls: list[int] = []
-
-    def withdraw(staying):
-        calls.append(len(staying))
-        return [sessions[1]] if len(calls) == 1 else []
-
-    bi.withdraw = withdraw
-    results, stats = bi.run([FeedItem.of(s, f) for s, f in zip(sessions, data)])
+    sessions, data, results, stats, calls = _withdrawing_batch(tiny_model, frames, (34, 35), who=1, at=1,
+                                                               encode_batch_frames=4)
     assert calls == [2, 1, 1, 1] and stats.encode_batches == 1
     assert results[0].ok and results[1].withdrawn and sessions[1].stats()["frames"] == 0
     ref, rec = alone(tiny_model, [data[0]])
@@ -498,13 +497,15 @@ def _logged_ask(session, log, monkeypatch, name):
     monkeypatch.setattr(session, "ask", lambda q, **k: (log.append(name), real_ask(q, max_new_tokens=1))[1])
 
 
-def _ask_during_a_stalled_batch(sched, fed, asked, frames, monkeypatch) -> list[str]:
-    """Run a batch of ``fed``'s frames, ask on ``asked`` while the batch is stalled after its vision
-    tower, then let it go on; returns the log of stages and the question ("question")."""
+def _ask_during_a_stalled_batch(sched, fed, asked, frames, monkeypatch, submit: int = 4) -> list[str]:
+    """Run a batch of ``fed``'s frames (``submit`` more of them queued first), ask on ``asked`` while
+    the batch is stalled after its vision tower, then let it go on; returns the log of stages and
+    the question ("question")."""
     log: list[str] = []
     release, encoded = _stalled_batch(sched, monkeypatch, log)
     _logged_ask(asked, log, monkeypatch, "question")
-    sched.submit(fed, frames(4))
+    if submit:
+        sched.submit(fed, frames(submit))
     batch = threading.Thread(target=sched.step, kwargs={"force": True})
     batch.start()
     assert encoded.wait(60)
@@ -603,18 +604,7 @@ def test_frames_given_back_once_are_stored_by_the_next_batch_whatever_is_asked(t
     assert first[:2] == ["encode", "question"] and sched.totals["withdrawn"] == 1
     assert a.stats()["frames"] == 4 and sched.waiting(a) == 4
     monkeypatch.undo()
-    log: list[str] = []
-    release, encoded = _stalled_batch(sched, monkeypatch, log)
-    _logged_ask(a, log, monkeypatch, "question")
-    batch = threading.Thread(target=sched.step, kwargs={"force": True})
-    batch.start()
-    assert encoded.wait(60)
-    q = threading.Thread(target=sched.ask, args=(a, "what?"))
-    q.start()
-    _wait(lambda: sched._asks == 1)
-    release.set()
-    for t in (batch, q):
-        t.join(120)
+    log = _ask_during_a_stalled_batch(sched, a, a, frames, monkeypatch, submit=0)  # the frames given back
     assert log.index("commit") < log.index("question"), log
     assert sched.totals["withdrawn"] == 1 and a.stats()["frames"] == 8 and sched.waiting(a) == 0
 
