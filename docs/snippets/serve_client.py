@@ -16,14 +16,16 @@ thread = threading.Thread(target=server.run, daemon=True)
 thread.start()
 
 client = mukv.Client("http://127.0.0.1:8765")
+deadline = time.monotonic() + 300
 while True:  # the model loads, then the server answers
+    if not thread.is_alive() or time.monotonic() > deadline:  # e.g. port 8765 taken by another program
+        raise SystemExit("the server did not start; see its log above")
     try:
         if client.health()["status"] == "ok":
             break
-    except mukv.MukvError:
+    except Exception:  # not listening yet, or still loading
         pass
-    except Exception:  # not listening yet
-        time.sleep(0.2)
+    time.sleep(0.2)
 
 client.create_stream("lobby")
 bench = Benchmark.generate(seed=0, minutes=2, questions=4)  # a generated camera: uint8 [n, 64, 64, 3]
