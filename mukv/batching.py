@@ -432,7 +432,9 @@ class BatchIngest:
                 dev = getattr(p.live.item.session.backend, "metadata_device", None)
                 src = compressed
                 if isinstance(dev, torch.device):
-                    src = placed.get(dev) or placed.setdefault(dev, compressed.with_metadata_on(dev))
+                    if dev not in placed:
+                        placed[dev] = compressed.with_metadata_on(dev)
+                    src = placed[dev]
                 piece = src.rows(o, o + n, level=p.lp.level.name)
                 rows = [r - o for r in bad if o <= r < o + n]
                 o += n
