@@ -8,7 +8,9 @@ and, for each ``--pair A:B``, the paired difference over the questions both answ
 
     python benchmarks/compare_runs.py benchmarks/results/day-1440min-*.json --pair mukv:rekv
 
-A codec's label is ``policy+codec`` with its settings (e.g. ``mukv+kivi4(key_bits=6)``).
+A codec's label is ``policy+codec`` with its settings (e.g. ``mukv+kivi4(key_bits=6)``). When the
+files come from more than one model (a checkpoint against the shipped one), every label also names
+its model by its weights' hash: ``mukv#54e34658abfc``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from typing import Any
 from mukv.bench.stats import bootstrap_interval, paired_interval
 
 
-def label_of(settings: dict[str, Any], policy: str) -> str:
+def model_of(settings: dict[str, Any]) -> str:
+    """The weights' short hash the run recorded (its model name if none)."""
+    model = (settings.get("provenance") or {}).get("model") or {}
+    digest = str(model.get("checkpoint_sha256") or "") if isinstance(model, dict) else ""
+    return digest[:12] if digest else str(settings.get("model", "?"))
+
+
+def label_of(settings: dict[str, Any], policy: str, with_model: bool = False) -> str:
+    if with_model:
+        return label_of(settings, policy) + "#" + model_of(settings)
     codec = settings.get("kv_codec") or "none"
     if isinstance(codec, dict):
         extra = ",".join(f"{k}={v}" for k, v in sorted(codec.items()) if k != "name")
@@ -34,14 +45,17 @@ def label_of(settings: dict[str, Any], policy: str) -> str:
 def load(paths: list[Path]) -> dict[tuple[float, str], dict[int, dict[str, float]]]:
     """``{(minutes, label): {seed: {question id: 1.0 or 0.0}}}`` over every file."""
     out: dict[tuple[float, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    runs = []
     for p in paths:
         try:
             res = json.loads(p.read_text())
-            settings, records = res["settings"], res["records"]
+            runs.append((p, res["settings"], res["records"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"{p}: not a results.json of mukv.bench.evaluate ({exc})") from None
+    with_model = len({model_of(settings) for _, settings, _ in runs}) > 1
+    for p, settings, records in runs:
         for r in records:
-            key = (float(r["minutes"]), label_of(settings, r["policy"]))
+            key = (float(r["minutes"]), label_of(settings, r["policy"], with_model))
             seen = out[key][int(r["seed"])]
             if r["id"] in seen and seen[r["id"]] != float(r["correct"]):
                 raise SystemExit(f"{p}: question {r['id']} of seed {r['seed']} ({key[1]}, {key[0]:g} min) is "

@@ -20,7 +20,16 @@ Scores (layer ``y``; keys and queries with RoPE removed, heads flattened):
 * ``attn@y``: late interaction by attention: for each question token and query
   head, the log-sum-exp over the block's kept keys of the attention logits;
   averaged over heads, summed over tokens;
+* ``cos_cblock@y`` / ``cos_cboth@y`` / ``cos_cunit@y``: ``cos_final`` with the block vectors centred
+  on their mean over the stored blocks (the question's key too, for ``cboth``; the unit vectors,
+  for ``cunit``), against the common direction that transformer keys share;
+* ``cos_white@y`` / ``cos_white3@y``: the same after whitening by the blocks' covariance
+  (eigenvalues floored at 1e-2 / 1e-3 of the largest); ``cos_abtt{1,3}@y``: the top 1 / 3
+  principal directions removed ("all but the top");
 * ``..._all``: the same summed over layers (z-scored per layer over the blocks).
+
+``--no-rerank`` skips the model-as-reranker rows (one forward per question and pool), ``--only``
+keeps the scores whose names start with the given prefixes (``cos_final`` always).
 
 Example::
 
@@ -48,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pool", type=float, nargs="+", default=[3.0],
                     help="reranker candidates as multiples of k (one row per multiple)")
+    ap.add_argument("--no-rerank", action="store_true", help="skip the model-as-reranker rows (slow)")
+    ap.add_argument("--only", default=None, help="comma-separated score prefixes to keep (e.g. cos_)")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -133,6 +144,22 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> dict[s
             "cos_mean": F.cosine_similarity(mk, k[layer].mean(dim=1).reshape(1, -1), dim=-1),
             "rekv": mk @ q[layer].mean(dim=1).reshape(hk, hq // hk, d).sum(dim=1).reshape(-1),
         }
+        qf = k[layer, :, -1].reshape(1, -1)
+        mu = mk.mean(dim=0, keepdim=True)
+        s["cos_cblock"] = F.cosine_similarity(mk - mu, qf, dim=-1)
+        s["cos_cboth"] = F.cosine_similarity(mk - mu, qf - mu, dim=-1)
+        unit = F.normalize(mk, dim=-1)
+        s["cos_cunit"] = F.cosine_similarity(unit - unit.mean(dim=0, keepdim=True), qf, dim=-1)
+        xc = mk - mu
+        cov = xc.T @ xc / max(1, n_blocks - 1)
+        ev, evec = torch.linalg.eigh(cov + 1e-6 * cov.diagonal().mean() * torch.eye(cov.shape[0]))
+        for tag, eps in (("white", 1e-2), ("white3", 1e-3)):
+            w = evec @ torch.diag((ev.clamp_min(0) + eps * ev.max()).rsqrt()) @ evec.T
+            s[f"cos_{tag}"] = F.cosine_similarity(xc @ w, (qf - mu) @ w, dim=-1)
+        # all-but-the-top: remove the block vectors' top principal directions
+        for r in (1, 3):
+            top = evec[:, -r:]
+            s[f"cos_abtt{r}"] = F.cosine_similarity(xc - xc @ top @ top.T, qf - (qf - mu) @ top @ top.T - mu, dim=-1)
         bk = F.normalize(keys[:, layer].permute(0, 2, 1, 3).reshape(n_blocks, kk, hk * d), dim=-1)  # [N, K, V]
         qk = F.normalize(k[layer].permute(1, 0, 2).reshape(-1, hk * d), dim=-1)  # [n, V]
         s["maxsim"] = torch.einsum("nv,bkv->bnk", qk, bk).amax(dim=2).sum(dim=1)
@@ -168,7 +195,7 @@ def main(argv=None) -> int:
             name = lp.level.name
             st = s.backend._levels[name]
             n = st.n
-            kv, pos = st.kv[:n], st.positions[:n]
+            kv, pos = st.rows[:n].reshape(n, *st.block_shape), st.positions[:n]
             y, hk, kk, d = kv.shape[1], kv.shape[3], kv.shape[4], kv.shape[5]
             keys = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(y, hk, n * kk, d)
             codes = pos.reshape(-1)
@@ -176,8 +203,10 @@ def main(argv=None) -> int:
             levels[name] = (raw.reshape(y, hk, n, kk, d).permute(2, 0, 1, 3, 4).float(),
                             st.meta["frame_start"][:n], st.meta["frame_end"][:n])
         prefix = s.prefix
-        stored = {lp.level.name: (s.backend._levels[lp.level.name].kv, s.backend._levels[lp.level.name].positions)
-                  for lp in s.levels}
+        stored = {}
+        for lp in s.levels:
+            st = s.backend._levels[lp.level.name]
+            stored[lp.level.name] = (st.rows[: st.n].reshape(st.n, *st.block_shape), st.positions[: st.n])
     stats: dict[tuple, list] = {}
     last = model.layout.num_layers - 1
     for q in bench.questions:
@@ -194,6 +223,8 @@ def main(argv=None) -> int:
             scores = block_scores(qq, qk, keys[idx])
             ranked[name] = (idx, scores[f"cos_final@{last}"], inside, kk)
             for score, v in scores.items():
+                if args.only and not score.startswith(tuple(args.only.split(","))) and not score.startswith("cos_final"):
+                    continue
                 top = v.topk(kk).indices
                 hit = inside[top]
                 for key in ((name, score, "all"), (name, score, depth)):
@@ -214,7 +245,7 @@ def main(argv=None) -> int:
                 stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
             # the model as its own reranker: the top 3k candidates by the trained score, assembled in
             # time order, ranked by the attention the answer position gives each
-            for pool in args.pool:
+            for pool in ([] if args.no_rerank else args.pool):
                 cand = v.topk(min(v.numel(), int(pool * kk))).indices.sort().values
                 kv, codes = stored[name]
                 att = answer_attention(model, prefix, q.text, kv[idx[cand]], codes[idx[cand]])  # [Y, Hq, c]

@@ -19,10 +19,13 @@ def _script():
     return mod
 
 
-def _run(path: Path, policy: str, codec, seed: int, correct: list[bool]) -> Path:
+def _run(path: Path, policy: str, codec, seed: int, correct: list[bool], weights: str | None = None) -> Path:
     records = [{"policy": policy, "minutes": 64.0, "seed": seed, "id": f"q{i}", "correct": c}
                for i, c in enumerate(correct)]
-    path.write_text(json.dumps({"settings": {"kv_codec": codec}, "records": records}))
+    settings = {"kv_codec": codec, "model": "mukv-tiny"}
+    if weights:
+        settings["provenance"] = {"model": {"checkpoint_sha256": weights}}
+    path.write_text(json.dumps({"settings": settings, "records": records}))
     return path
 
 
@@ -50,3 +53,15 @@ def test_a_file_that_is_not_a_result_or_a_run_given_twice_is_refused(tmp_path):
     b = _run(tmp_path / "b.json", "mukv", "none", 1, [False, False])
     with pytest.raises(SystemExit, match="another result"):
         mod.main([str(a), str(b)])
+
+
+def test_runs_of_two_checkpoints_are_labelled_by_their_weights(tmp_path, capsys):
+    """The same policy on the same questions from two checkpoints pairs them, checkpoint against checkpoint."""
+    mod = _script()
+    old, new = "a" * 64, "b" * 64
+    files = [_run(tmp_path / "old.json", "mukv", "none", 1, [True, False, False, False], weights=old),
+             _run(tmp_path / "new.json", "mukv", "none", 1, [True, True, True, False], weights=new)]
+    assert mod.main([str(f) for f in files] + ["--pair", f"mukv#{new[:12]}:mukv#{old[:12]}"]) == 0
+    out = capsys.readouterr().out
+    assert f"mukv#{old[:12]}" in out and f"mukv#{new[:12]}" in out
+    assert f"mukv#{new[:12]} - mukv#{old[:12]}: +50.0 points" in out
