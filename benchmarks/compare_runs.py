@@ -8,9 +8,11 @@ and, for each ``--pair A:B``, the paired difference over the questions both answ
 
     python benchmarks/compare_runs.py benchmarks/results/day-1440min-*.json --pair mukv:rekv
 
-A codec's label is ``policy+codec`` with its settings (e.g. ``mukv+kivi4(key_bits=6)``). When the
-files come from more than one model (a checkpoint against the shipped one), every label also names
-its model by its weights' hash: ``mukv#54e34658abfc``.
+A codec's label is ``policy+codec`` with its settings (e.g. ``mukv+kivi4(key_bits=6)``). With
+``--by-model`` (a retrained checkpoint against the shipped one) every label also names its model by
+the checkpoint hash its run recorded: ``mukv#b115cfe6e359``. (Off by default: runs of one model
+made before and after the provenance's hash changed from the weights file to the checkpoint
+directory record different hashes.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def label_of(settings: dict[str, Any], policy: str, with_model: bool = False) ->
     return policy if codec == "none" or policy == "oracle_scene" else f"{policy}+{codec}"
 
 
-def load(paths: list[Path]) -> dict[tuple[float, str], dict[int, dict[str, float]]]:
+def load(paths: list[Path], with_model: bool = False) -> dict[tuple[float, str], dict[int, dict[str, float]]]:
     """``{(minutes, label): {seed: {question id: 1.0 or 0.0}}}`` over every file."""
     out: dict[tuple[float, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     runs = []
@@ -52,7 +54,6 @@ def load(paths: list[Path]) -> dict[tuple[float, str], dict[int, dict[str, float
             runs.append((p, res["settings"], res["records"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"{p}: not a results.json of mukv.bench.evaluate ({exc})") from None
-    with_model = len({model_of(settings) for _, settings, _ in runs}) > 1
     for p, settings, records in runs:
         for r in records:
             key = (float(r["minutes"]), label_of(settings, r["policy"], with_model))
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="+", type=Path, help="results.json files of mukv.bench.evaluate")
     ap.add_argument("--pair", action="append", default=[], metavar="A:B",
                     help="labels to compare question by question (A minus B); repeatable")
+    ap.add_argument("--by-model", action="store_true",
+                    help="label every run by its checkpoint's hash too (policy#hash): checkpoints compared")
     args = ap.parse_args(argv)
-    data = load(args.files)
+    data = load(args.files, args.by_model)
     for minutes in sorted({m for m, _ in data}):
         print(f"## {minutes:g} minutes")
         for (m, label), seeds in sorted(data.items()):

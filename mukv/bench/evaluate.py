@@ -45,6 +45,8 @@ from .plans import (  # noqa: F401  (re-exported: the harness's public names)
     BUDGET_TOLERANCE,
     NO_MEMORY,
     ORACLE,
+    ORACLE_BLOCKS,
+    ORACLES,
     PolicyPlan,
     mukv_budget,
     plan_policies,
@@ -93,6 +95,7 @@ def evaluate(
     progress: bool = False,
     log=print,
     oracle: bool = False,
+    oracle_blocks: bool = False,
     top_k: dict[str, int] | None = None,
     seeds: Sequence[int] | None = None,
     config: dict[str, Any] | None = None,
@@ -122,8 +125,14 @@ def evaluate(
         progress: show progress bars.
         log: where progress lines go.
         oracle: also report "oracle_scene": each question asked of a fresh session fed only
-            its own scene's frames (the context-complete clip), with the first policy's
-            configuration. It separates reading (the model) from finding (the memory policy).
+            its own scene's frames (the context-complete clip), with MuKV's configuration (the
+            ``mukv`` policy as run, else MuKV under ``config`` and the model's defaults). It
+            separates reading (the model) from finding (the memory policy).
+        oracle_blocks: also report "oracle_blocks": each question asked of a fresh session fed
+            the frames of the blocks its scene is stored in (the scene widened to the stream's grid
+            of the first policy's longest level, as the stream's memory cuts it), so a scene shorter
+            than a segment is read from whole segments, with the frames around it, as a perfect
+            finder would read it from the stream's memory.
         top_k: blocks MuKV retrieves per level, by level name, over the model's own levels (or
             mukv's defaults); the shared budget follows (unless ``budget_tokens`` is given).
         seeds: benchmark seeds: one stream per seed and length (default ``[seed]``).
@@ -172,6 +181,11 @@ def evaluate(
         reference = "rekv" if "rekv" in names else None
     elif reference not in names:
         raise ConfigError(f"reference policy {reference!r} is not among the policies run: {names}")
+    # the oracles read MuKV's memory: the mukv policy as run, else MuKV under the run's configuration
+    oracle_config = next((p.config for p in plans if p.name == "mukv"), None) or MukvConfig.from_policy(
+        "mukv", under=defaults, **dict(config or {}))
+    if kv_codec is not None:
+        oracle_config = oracle_config.replace(kv_codec=kv_codec)
     groups: dict[str, list[PolicyPlan]] = {}
     for p in plans:
         groups.setdefault(p.storage_key(), []).append(p)
@@ -189,18 +203,22 @@ def evaluate(
                     Session, adapter, group, stream, qs, m, sd, records, backend, where, backend_options,
                     full_context_max_tokens, max_new_tokens, feed_batch, progress, log)
                 if oracle and gi == 0:
-                    records += _oracle_records(adapter, group[0].config, stream, qs, m, sd, max_new_tokens)
+                    records += _oracle_records(adapter, oracle_config, stream, qs, m, sd, max_new_tokens)
+                if oracle_blocks and gi == 0:
+                    records += _oracle_records(adapter, oracle_config, stream, qs, m, sd, max_new_tokens,
+                                               on_grid=True)
                 if where is not None and not keep_stores:
                     shutil.rmtree(where, ignore_errors=True)
     group_of = {p.name: gi for gi, g in enumerate(groups_list) for p in g}
-    all_plans = plans + ([PolicyPlan(ORACLE, groups_list[0][0].config, policy=ORACLE)] if oracle else [])
+    rows = [o for o, on in ((ORACLE, oracle), (ORACLE_BLOCKS, oracle_blocks)) if on]
+    all_plans = plans + [PolicyPlan(o, oracle_config, policy=o) for o in rows]
     runs = [_run_summary(p, m, seeds, records, info, group_of.get(p.name, 0)) for m in minutes for p in all_plans]
     for r in runs:
         if "accuracy" in r:
             log(f"{r['minutes']:>8g} min  {r['policy']:<18} acc {r['accuracy']:.3f} "
                 f"[{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]  kv {r['retrieved_tokens']:>7.0f}"
                 f"{' (off budget)' if r['budget_flag'] else ''}  scene reached {r['evidence_hit']:.2f}")
-    diffs = differences(records, reference, names + ([ORACLE] if oracle else []), minutes) if reference else []
+    diffs = differences(records, reference, names + rows, minutes) if reference else []
     shared = (budget_tokens if budget_tokens is not None
               else next((p.budget for p in plans if p.scale == 1.0 and p.budget), None)
               or mukv_budget(MukvConfig.from_policy("mukv", under=defaults, **dict(config or {})), tpf))
@@ -210,6 +228,7 @@ def evaluate(
         "budget_tokens": shared, "full_context_max_tokens": full_context_max_tokens, "top_k": top_k,
         "config": config or {}, "policy_config": policy_config or {}, "backend": backend,
         "backend_options": backend_options or {}, "reference": reference, "oracle": oracle,
+        "oracle_blocks": oracle_blocks,
         "budget_tolerance": BUDGET_TOLERANCE,
         "kv_codec": plans[0].config.kv_codec if plans else kv_codec,
         "resolved": {p.name: {"policy": p.policy, "budget": p.budget, "scale": p.scale,
@@ -305,20 +324,30 @@ class _Span:
     evidence_end: int
 
 
+def scene_on_grid(start: int, end: int, config: MukvConfig, num_frames: int) -> tuple[int, int]:
+    """Frames ``[start, end)`` widened to the block grid of a stream whose memory starts at frame 0:
+    the frames of every block of ``config``'s levels that holds one of them (the grid of the least
+    common multiple of the levels' windows), cut at the stream's ``num_frames``."""
+    grid = math.lcm(*(int(lv.frames) for lv in config.levels))
+    return (start // grid) * grid, min(num_frames, -(-end // grid) * grid)
+
+
 def _oracle_records(adapter: Any, config: MukvConfig, stream: Any, qs: Sequence[Any], minutes: float, seed: int,
-                    max_new_tokens: int) -> list[Record]:
+                    max_new_tokens: int, on_grid: bool = False) -> list[Record]:
     from ..session import Session
 
     out = []
     for q in qs:
         t1 = time.perf_counter()
+        a, b = (scene_on_grid(q.evidence_start, q.evidence_end, config, stream.num_frames) if on_grid
+                else (q.evidence_start, q.evidence_end))
         with Session(model=adapter, config=config) as s:
-            s.feed(stream.frames(q.evidence_start, q.evidence_end),
-                   timestamps=stream.timestamps[q.evidence_start:q.evidence_end])
+            s.feed(stream.frames(a, b), timestamps=stream.timestamps[a:b])
             ans = s.ask(q.text, max_new_tokens=max_new_tokens)
             prefix = s.prefix.length
-        own = _Span(0, q.evidence_end - q.evidence_start)  # the session's frames count from the scene's first
-        out.append(Record(ORACLE, minutes, q, ans.text, score(ans.text, q.answer), ans.kv_tokens,
+        own = _Span(q.evidence_start - a, q.evidence_end - a)  # the session's frames count from its first
+        out.append(Record(ORACLE_BLOCKS if on_grid else ORACLE, minutes, q, ans.text, score(ans.text, q.answer),
+                          ans.kv_tokens,
                           time.perf_counter() - t1, ans.levels(), evidence_share(ans, own), seed,
                           ans.kv_tokens - prefix))
     return out
@@ -385,9 +414,9 @@ def _run_summary(p: PolicyPlan, m: float, seeds: list[int], records: list[Record
         "retrieval_by_level": _retrieval_by(mine, lambda r: r.question.level),
         "retrieval_by_depth": _retrieval_by(mine, lambda r: _depth_bucket(float(r.question.depth_s))),
         "retrieval_by_memory_level": _by_memory_level(mine),
-        "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing and p.name != ORACLE
+        "stored_bytes_per_minute": (sum(i["stored_bytes"] for i in ing) / len(ing) / m) if ing and p.name not in ORACLES
         else None,
-        "ingest_seconds": ingest if p.name != ORACLE else None,
+        "ingest_seconds": ingest if p.name not in ORACLES else None,
         "ingest_frames_per_second": (frames / ingest) if ingest else None,
         "answer_seconds": sum(r.seconds for r in mine) / len(mine),
     }
@@ -490,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--oracle", action="store_true",
                    help="also answer each question from its own scene only (row oracle_scene): reading vs finding")
+    p.add_argument("--oracle-blocks", action="store_true",
+                   help="also answer each question from the blocks its scene is stored in, the scene widened to the "
+                   "stream's block grid (row oracle_blocks): what the memory reads when it finds perfectly")
     return p
 
 
@@ -563,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = evaluate(model, args.minutes, args.policies, args.questions, fps=args.fps,
                        budget_tokens=args.budget_tokens, full_context_max_tokens=args.full_context_max_tokens,
-                       progress=args.progress, oracle=args.oracle, top_k=top_k, seeds=seeds, config=config,
+                       progress=args.progress, oracle=args.oracle, oracle_blocks=args.oracle_blocks, top_k=top_k, seeds=seeds, config=config,
                        policy_config=per_policy, backend=args.backend, store_path=args.store_path,
                        backend_options=backend_options, keep_stores=args.keep_stores, reference=args.reference,
                        argv=argv, kv_codec=kv_codec)

@@ -30,6 +30,11 @@ from ..errors import ConfigError
 NO_MEMORY = "no_memory"
 #: Each question answered from its own scene only.
 ORACLE = "oracle_scene"
+#: Each question answered from the blocks the memory stores its scene in (the scene's frames widened
+#: to the stream's block grid): what the memory reads when it finds perfectly.
+ORACLE_BLOCKS = "oracle_blocks"
+#: The rows no policy may take the name of.
+ORACLES = (ORACLE, ORACLE_BLOCKS)
 #: Allowed relative difference between a policy's realised KV tokens and its budget.
 BUDGET_TOLERANCE = 0.05
 
@@ -130,7 +135,7 @@ def plan_policies(names: Sequence[str | Mapping[str, Any]], tokens_per_frame: in
         spec = key
         name, scale = parse_policy(spec)
         lab = label(name, scale)
-        if lab in seen or lab == ORACLE:
+        if lab in seen or lab in ORACLES:
             raise ConfigError(f"policy {lab!r} is listed twice or is reserved")
         seen.add(lab)
         own = merge(dict(policy_config.get(name, {})), dict(policy_config.get(spec, {})))

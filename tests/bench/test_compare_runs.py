@@ -61,7 +61,9 @@ def test_runs_of_two_checkpoints_are_labelled_by_their_weights(tmp_path, capsys)
     old, new = "a" * 64, "b" * 64
     files = [_run(tmp_path / "old.json", "mukv", "none", 1, [True, False, False, False], weights=old),
              _run(tmp_path / "new.json", "mukv", "none", 1, [True, True, True, False], weights=new)]
-    assert mod.main([str(f) for f in files] + ["--pair", f"mukv#{new[:12]}:mukv#{old[:12]}"]) == 0
+    assert mod.main([str(f) for f in files] + ["--by-model", "--pair", f"mukv#{new[:12]}:mukv#{old[:12]}"]) == 0
     out = capsys.readouterr().out
     assert f"mukv#{old[:12]}" in out and f"mukv#{new[:12]}" in out
     assert f"mukv#{new[:12]} - mukv#{old[:12]}: +50.0 points" in out
+    with pytest.raises(SystemExit, match="another result"):  # without --by-model they are one label
+        mod.main([str(f) for f in files])

@@ -75,6 +75,34 @@ def test_budget_and_levels_follow_the_model_defaults():
     assert plans["rekv"].config.levels[0].top_k == budget // 49
 
 
+def test_oracle_blocks_reads_the_scene_widened_to_the_block_grid(tmp_path, tiny_model, monkeypatch):
+    """``--oracle-blocks`` feeds each question the frames of the blocks its scene is stored in (the scene
+    on the grid of the levels' windows), so a scene shorter than a segment is read from whole segments."""
+    from mukv.bench.evaluate import scene_on_grid
+    from mukv.train import toy_config
+
+    cfg = toy_config()  # windows of 1, 1 and 4 frames
+    assert scene_on_grid(10, 12, cfg, 100) == (8, 12)
+    assert scene_on_grid(9, 14, cfg, 100) == (8, 16)
+    assert scene_on_grid(8, 12, cfg, 100) == (8, 12)
+    assert scene_on_grid(97, 99, cfg, 99) == (96, 99)  # cut at the stream's end
+    # the oracles read MuKV's memory whatever policy comes first (here the text-only floor)
+    res, _ = run_harness(tmp_path, tiny_model, monkeypatch, "--questions", "2", "--policies", "no_memory",
+                         "--oracle", "--oracle-blocks")
+    runs = {r["policy"]: r for r in res["runs"]}
+    assert set(runs) == {"no_memory", "oracle_scene", "oracle_blocks"} and runs["oracle_blocks"]["questions"] == 2
+    assert runs["no_memory"]["retrieved_tokens"] == 0
+    assert runs["oracle_scene"]["retrieved_tokens"] > 0 and runs["oracle_scene"]["evidence_share"] == 1.0
+    assert res["settings"]["oracle_blocks"] is True
+    assert runs["oracle_blocks"]["stored_bytes_per_minute"] is None
+    # the widened scene holds the scene: some of what it reads is evidence, and never more than oracle_scene's
+    assert 0.0 < runs["oracle_blocks"]["evidence_share"] <= 1.0
+    assert runs["oracle_blocks"]["evidence_hit"] == 1.0
+    assert "| oracle_blocks |" in markdown(res)
+    with pytest.raises(ConfigError, match="reserved"):
+        plan_policies(["oracle_blocks"], 49, None, None)
+
+
 def test_evidence_share_counts_tokens_in_the_questioned_scene():
     from types import SimpleNamespace as NS
 
