@@ -41,7 +41,7 @@ def label_of(settings: dict[str, Any], policy: str, with_model: bool = False) ->
     if isinstance(codec, dict):
         extra = ",".join(f"{k}={v}" for k, v in sorted(codec.items()) if k != "name")
         codec = str(codec.get("name", "?")) + (f"({extra})" if extra else "")
-    return policy if codec == "none" or policy == "oracle_scene" else f"{policy}+{codec}"
+    return policy if codec == "none" or policy.startswith("oracle_") else f"{policy}+{codec}"
 
 
 def load(paths: list[Path], with_model: bool = False) -> dict[tuple[float, str], dict[int, dict[str, float]]]:
