@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pool", type=float, nargs="+", default=[3.0],
                     help="reranker candidates as multiples of k (one row per multiple)")
+    ap.add_argument("--diverse", type=float, nargs="*", default=[0.99, 0.95, 0.9],
+                    help="cosine thresholds of the diversity rows (a block too like one already taken is skipped)")
     ap.add_argument("--no-rerank", action="store_true", help="skip the model-as-reranker rows (slow)")
     ap.add_argument("--only", default=None, help="comma-separated score prefixes to keep (e.g. cos_)")
     ap.add_argument("--out", default=None)
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
     import mukv
     from mukv.bench import Benchmark
     from mukv.bench.questions import _depth_bucket
+    from mukv.plugins.retrievers.diversity import diverse_order
     from mukv.rope import rerotate
     from mukv.session import load_model
 
@@ -228,6 +231,43 @@ def main(argv=None) -> int:
                 top = v.topk(kk).indices
                 hit = inside[top]
                 for key in ((name, score, "all"), (name, score, depth)):
+                    stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+        # diversity: greedy top-k by the trained score, skipping a block too like one already taken
+        for name, (idx, v, inside, kk) in ranked.items():
+            unit = F.normalize(levels[name][0][idx][:, last].mean(dim=2).reshape(idx.numel(), -1), dim=-1)
+            order = v.argsort(descending=True)
+            for thr in args.diverse:
+                taken: list[int] = []
+                for j in order.tolist():
+                    if len(taken) == kk:
+                        break
+                    if taken and float((unit[taken] @ unit[j]).max()) > thr:
+                        continue
+                    taken.append(j)
+                hit = inside[torch.tensor(taken, dtype=torch.long)]
+                for key in ((name, f"diverse{thr:g}", "all"), (name, f"diverse{thr:g}", depth)):
+                    stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+        # coarse from fine: the segments holding the best (diverse) frames, in the frames' order
+        if "frame" in ranked and "segment" in ranked:
+            fidx, fv, _, fk = ranked["frame"]
+            sidx, _, sinside, sk = ranked["segment"]
+            funit = F.normalize(levels["frame"][0][fidx][:, last].mean(dim=2).reshape(fidx.numel(), -1), dim=-1)
+            ffs = levels["frame"][1][fidx]
+            sfs, sfe = levels["segment"][1][sidx], levels["segment"][2][sidx]
+            for thr in [None, *args.diverse]:
+                forder = fv.argsort(descending=True)
+                if thr is not None:
+                    forder = forder[diverse_order(funit[forder], forder.numel(), thr)]
+                segs: list[int] = []
+                for j in forder.tolist():
+                    own = ((sfs <= ffs[j]) & (sfe > ffs[j])).nonzero().reshape(-1)
+                    if own.numel() and int(own[0]) not in segs:
+                        segs.append(int(own[0]))
+                    if len(segs) == sk:
+                        break
+                hit = sinside[torch.tensor(segs, dtype=torch.long)] if segs else torch.zeros(1, dtype=torch.bool)
+                tag = "from_frames" + ("" if thr is None else f"_diverse{thr:g}")
+                for key in (("segment", tag, "all"), ("segment", tag, depth)):
                     stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
         # fusion: a block also scores by the reciprocal ranks of the finer blocks inside its frames
         for name, (idx, v, inside, kk) in ranked.items():

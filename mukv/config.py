@@ -209,6 +209,17 @@ class RetrievalConfig(BaseModel):
     """Per-layer retrieval (``layerwise``) always reads the most recent blocks too, this
     many of each level's top-k (the local window at answer time; ReKV's public code: 0)."""
 
+    diversity: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Near-duplicate suppression: a candidate whose block vector has a cosine similarity above
+    this with a block already chosen at its level is passed over, so that the many near-identical
+    blocks of a long static scene do not fill a level's top-k; passed-over candidates fill the
+    top-k only when too few others remain, so every level still reads its budget. ``None``: off
+    (the paper's retrieval). Used by the ``semi_hierarchical`` retriever (MuKV's)."""
+
+    diversity_pool: float = Field(default=8.0, ge=1.0, le=100.0)
+    """Candidates searched per level when ``diversity`` is on, as a multiple of top-k (never
+    fewer than ``over_retrieval``)."""
+
     on_short_stream: Literal["clamp", "error"] = "clamp"
     """When a level stores fewer blocks than its configured top-k: "clamp" takes
     them all, "error" raises :class:`mukv.errors.RetrievalError`. A top-k passed

@@ -81,6 +81,8 @@ POLICIES: dict[str, dict | FrameBaseline | ReKVBaseline] = {
     "mukv_hierarchical": {"retrieval": {"retriever": "hierarchical"}},
     # each level's pool of 4 x top-k fused with the ranks of the finer blocks inside each block
     "mukv_fusion": {"retrieval": {"retriever": "fusion", "over_retrieval": 4.0}},
+    # MuKV's retrieval with near-duplicate blocks passed over (a long static scene fills no top-k)
+    "mukv_diverse": {"retrieval": {"diversity": 0.99}},
     # ReKV as its public code runs: frames encoded with sliding-window attention (n_local = 15,000 tokens,
     # about 76 frames of 196 tokens), one-frame blocks, each layer its own 64 blocks by its own question-key
     # inner product, in time order, keys re-rotated for the positions they take

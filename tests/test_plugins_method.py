@@ -207,3 +207,48 @@ def test_over_retrieval_bounds_rerank_candidates():
         {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "top_k": 3},
     ])).retrieve(Query("q", torch.randn(4), 0, 1), idx, {"frame": 7, "segment": 3})
     assert ("frame", 14) in calls and ("segment", 6) in calls
+
+
+def test_diverse_order_passes_over_near_duplicates_and_fills_the_top_k():
+    from mukv.plugins.retrievers.diversity import diverse_order
+
+    a, b, c = torch.eye(3)
+    ranked = torch.stack([a, a * 2.0, a + 1e-4 * b, b, b, c])  # three copies of a, two of b, then c
+    assert diverse_order(ranked, 3, 0.99).tolist() == [0, 3, 5]
+    # too few distinct blocks: the passed-over ones fill the rest in ranked order
+    assert diverse_order(ranked, 5, 0.99).tolist() == [0, 3, 5, 1, 2]
+    assert diverse_order(ranked, 10, 0.99).tolist() == [0, 3, 5, 1, 2, 4]
+    # a threshold of 1 passes over nothing that is not the same direction exactly
+    assert diverse_order(torch.stack([a, a + 1e-3 * b, b]), 2, 1.0).tolist() == [0, 1]
+    assert diverse_order(ranked, 0, 0.99).numel() == 0
+    assert diverse_order(torch.zeros(0, 3), 4, 0.99).numel() == 0
+
+
+def test_diversity_keeps_a_static_scene_from_filling_a_level():
+    """Twelve copies of one moment outrank the others: without diversity they fill the top-k; with it
+    the top-k holds that moment once and the next distinct blocks, and the budget is still read."""
+    from mukv.blocks import Query
+
+    torch.manual_seed(0)
+    q = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    static = torch.tensor([0.9, 0.3, 0.0, 0.0]).repeat(12, 1) + 1e-4 * torch.randn(12, 4)
+    others = torch.tensor([[0.8, 0.0, 0.5, 0.0], [0.7, 0.0, 0.0, 0.6], [0.6, -0.6, 0.3, 0.0]])
+    index = FakeIndex({"frame": torch.cat([static, others])})
+    query = Query("q", q, 0.0, 10)
+    plain = SemiHierarchicalRetriever(guide_level=None).retrieve(query, index, {"frame": 4})[0]
+    assert all(i < 12 for i in plain.ids.tolist())
+    cfg = MukvConfig.build(levels=[{"name": "frame", "extractor": "frame", "keep_ratio": 0.1, "top_k": 4}],
+                           retrieval={"diversity": 0.99, "guide_level": None})
+    hits = SemiHierarchicalRetriever.from_config(cfg).retrieve(query, index, {"frame": 4})[0]
+    ids = hits.ids.tolist()
+    assert len(ids) == 4 and sum(i < 12 for i in ids) == 1 and {12, 13, 14} <= set(ids)
+    assert ids[0] == plain.ids.tolist()[0]  # the best block stays first
+
+
+def test_diversity_settings_are_validated():
+    for bad in ({"diversity": 0.0}, {"diversity": 1.5}, {"diversity": float("nan")}, {"diversity_pool": 0.5},
+                {"diversity_pool": float("inf")}):
+        with pytest.raises(ConfigError, match="diversity"):
+            MukvConfig.build(retrieval=bad)
+    assert MukvConfig.from_policy("mukv_diverse").retrieval.diversity == 0.99
+    assert MukvConfig.from_policy("mukv").retrieval.diversity is None
