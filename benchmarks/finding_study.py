@@ -28,6 +28,13 @@ Scores (layer ``y``; keys and queries with RoPE removed, heads flattened):
   principal directions removed ("all but the top");
 * ``..._all``: the same summed over layers (z-scored per layer over the blocks).
 
+Rows beyond the scores: ``diverse<t>`` (the trained score's top-k with near-duplicate blocks,
+cosine above ``t``, passed over: ``retrieval.diversity``), ``from_frames[_diverse<t>]`` (the
+segments holding the best frames, in the frames' order), ``confidencex<m>`` (the top ``m x k``
+diverse candidates of a level each read alone by the model, ranked by its confidence in its first
+answer token; ``confidence_poolx<m>``: reached by that pool itself), ``fusion``, and the
+attention reranker ``rerank...x<pool>``.
+
 ``--no-rerank`` skips the model-as-reranker rows (one forward per question and pool), ``--only``
 keeps the scores whose names start with the given prefixes (``cos_final`` always).
 
@@ -59,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="reranker candidates as multiples of k (one row per multiple)")
     ap.add_argument("--diverse", type=float, nargs="*", default=[0.99, 0.95, 0.9],
                     help="cosine thresholds of the diversity rows (a block too like one already taken is skipped)")
+    ap.add_argument("--confidence", nargs="*", default=[], metavar="LEVEL",
+                    help="levels whose top diverse candidates are reranked by the model's answer confidence")
+    ap.add_argument("--confidence-pool", type=int, default=4, help="candidates of that rerank, as a multiple of k")
     ap.add_argument("--no-rerank", action="store_true", help="skip the model-as-reranker rows (slow)")
     ap.add_argument("--only", default=None, help="comma-separated score prefixes to keep (e.g. cos_)")
     ap.add_argument("--out", default=None)
@@ -125,6 +135,37 @@ def answer_attention(model, prefix, text: str, kv: torch.Tensor, codes: torch.Te
     with _Masked(None, hook):
         model.language_model(input_ids=ids[None], past_key_values=cache, position_ids=pos[None], use_cache=True)
     return torch.stack(got)  # [Y, Hq, c]
+
+
+@torch.inference_mode()
+def answer_confidence(model, prefix, text: str, kv: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The model's confidence in its first answer token when it reads each candidate block alone.
+
+    Args:
+        kv: ``[c, Y, 2, Hk, K, D]`` the candidates' KV (keys at ``codes [c, K]``).
+
+    Returns:
+        ``[c]``: the largest next-token probability at the answer prompt's last position, the
+        context being the system prompt and that one candidate.
+    """
+    from mukv.model import kv_to_cache
+    from mukv.rope import rerotate
+
+    c, y, _, hk, kk, d = kv.shape
+    p = prefix.length
+    ids = model.tokenize(model.answer_template.format(question=text))
+    out = []
+    for i in range(c):
+        body = kv[i].clone()  # [Y, 2, Hk, K, D]
+        new, nxt = model.timeline(codes[i], torch.zeros(kk, dtype=torch.long), p)
+        body[:, 0] = rerotate(model, body[:, 0], codes[i], new)
+        ctx = torch.cat([prefix.kv, body[:, :, None]], dim=4)
+        cache = kv_to_cache(ctx, extra=ids.numel())
+        pos = torch.arange(nxt, nxt + ids.numel())
+        hidden = model.language_model(input_ids=ids[None], past_key_values=cache, position_ids=pos[None],
+                                      use_cache=True).last_hidden_state[0, -1]
+        out.append(torch.softmax(model.lm_head(hidden).float(), dim=-1).max())
+    return torch.stack(out)
 
 
 def zscore(x: torch.Tensor) -> torch.Tensor:
@@ -246,6 +287,21 @@ def main(argv=None) -> int:
                     taken.append(j)
                 hit = inside[torch.tensor(taken, dtype=torch.long)]
                 for key in ((name, f"diverse{thr:g}", "all"), (name, f"diverse{thr:g}", depth)):
+                    stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
+        # the model as its own reranker by confidence: each of the top diverse candidates read alone
+        for name in args.confidence:
+            if name not in ranked:
+                continue
+            idx, v, inside, kk = ranked[name]
+            unit = F.normalize(levels[name][0][idx][:, last].mean(dim=2).reshape(idx.numel(), -1), dim=-1)
+            order = v.argsort(descending=True)
+            cand = order[diverse_order(unit[order], args.confidence_pool * kk, 0.99)]
+            kv, codes = stored[name]
+            conf = answer_confidence(model, prefix, q.text, kv[idx[cand]], codes[idx[cand]])
+            top = cand[conf.topk(min(kk, cand.numel())).indices]
+            for tag, sel in (("confidence", top), ("confidence_pool", cand)):
+                hit = inside[sel]
+                for key in ((name, f"{tag}x{args.confidence_pool}", "all"), (name, f"{tag}x{args.confidence_pool}", depth)):
                     stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
         # coarse from fine: the segments holding the best (diverse) frames, in the frames' order
         if "frame" in ranked and "segment" in ranked:

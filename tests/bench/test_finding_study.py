@@ -21,13 +21,14 @@ def _script():
 def test_the_study_ranks_every_level_by_every_score(tmp_path, capsys):
     out = tmp_path / "study.json"
     assert _script().main(["--minutes", "4", "--questions", "3", "--seed", "0", "--pool", "2",
-                           "--out", str(out)]) == 0
+                           "--confidence", "segment", "--confidence-pool", "2", "--out", str(out)]) == 0
     table = json.loads(out.read_text())["table"]
     levels = {key.split("|")[0] for key in table}
     assert levels == {"patch", "frame", "segment"}
     scores = {key.split("|")[1] for key in table}
     for name in ("cos_final@3", "cos_cboth@3", "cos_white@3", "rekv_all", "maxsim@0", "fusion", "chance",
-                 "poolx2", "rerank_allx2"):
+                 "poolx2", "rerank_allx2", "diverse0.99", "from_frames", "from_frames_diverse0.99",
+                 "confidencex2", "confidence_poolx2"):
         assert name in scores, name
     for row in table.values():
         assert 0.0 <= row["reached"] <= 1.0 and 0.0 <= row["share"] <= 1.0 and row["n"] >= 1
