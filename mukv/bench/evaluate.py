@@ -129,8 +129,9 @@ def evaluate(
             ``mukv`` policy as run, else MuKV under ``config`` and the model's defaults). It
             separates reading (the model) from finding (the memory policy).
         oracle_blocks: also report "oracle_blocks": each question asked of a fresh session fed
-            the frames of the blocks its scene is stored in (the scene widened to the stream's grid
-            of the first policy's longest level, as the stream's memory cuts it), so a scene shorter
+            the frames of the blocks its scene is stored in (the scene widened to the grid of
+            MuKV's level windows, as the stream's memory cuts it), with the oracle's configuration
+            above, so a scene shorter
             than a segment is read from whole segments, with the frames around it, as a perfect
             finder would read it from the stream's memory.
         top_k: blocks MuKV retrieves per level, by level name, over the model's own levels (or
