@@ -130,8 +130,14 @@ def test_a_signal_during_the_commit_is_raised_after_it_and_the_feed_stays_commit
         return real(*args, **kwargs)
 
     monkeypatch.setattr(s.backend, "commit", commit_and_signal)
-    with pytest.raises(KeyboardInterrupt):
-        s.feed(frames(3, seed=2))
+    # Python's own SIGINT handler, whatever this process inherited (a job started in the background
+    # by a shell inherits SIGINT ignored, and then Python installs none)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.feed(frames(3, seed=2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     after = bookkeeping(s)
     assert after["frames"] == 5 and after["counts"]["frame"] == 5
@@ -144,6 +150,29 @@ def test_a_signal_during_the_commit_is_raised_after_it_and_the_feed_stays_commit
             assert bookkeeping(reopened)["frames"] == 6
         finally:
             reopened.close()
+
+
+def test_an_ignored_signal_during_the_commit_stays_ignored(any_session, monkeypatch):
+    """With SIGINT ignored (a job started in the background), a SIGINT during the commit neither
+    interrupts the feed nor is raised after it: the deferral keeps the process's own choice."""
+    import os
+    import signal
+
+    s = any_session
+    real = s.backend.commit
+
+    def commit_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(s.backend, "commit", commit_and_signal)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        s.feed(frames(2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.undo()
+    assert bookkeeping(s)["frames"] == 2 and bookkeeping(s)["counts"]["frame"] == 2
 
 
 def test_a_bad_item_in_an_iterable_keeps_the_chunks_before_it(any_session):
