@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from mukv.blocks import PrefilledBlocks
@@ -24,3 +29,17 @@ def blocks_from_keys(keys: torch.Tensor, attention: torch.Tensor | None = None, 
         frame_start=torch.arange(b), frame_end=torch.arange(b) + 1,
         positions=torch.arange(length).expand(b, -1), grid=(1, length),
     )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` imported as a module (its folder on ``sys.path``, for the scripts
+    that import their siblings), so a test can call its ``main(argv)``."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,22 +4,16 @@ failed with its reason while the others go on, and the tables are written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accel_bench.py"
+from helpers import load_benchmark
 
 
 @pytest.mark.slow
 def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("accel_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("accel_bench")
     assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
                      "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
                      "--questions", "1", "--answer-tokens", "2", "--out", str(tmp_path)]) == 0

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "compare_runs.py"
+from helpers import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("compare_runs")
 
 
 def _run(path: Path, policy: str, codec, seed: int, correct: list[bool], weights: str | None = None) -> Path:

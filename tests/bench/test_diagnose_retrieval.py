@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diagnose_retrieval.py"
+from helpers import load_benchmark
 
 
 def test_diagnostic_reports_every_layer(tmp_path, capsys):
@@ -16,9 +14,7 @@ def test_diagnostic_reports_every_layer(tmp_path, capsys):
 
     if not (asset_dir() / "model.safetensors").exists():
         pytest.skip("the mukv-tiny checkpoint is not installed")
-    spec = importlib.util.spec_from_file_location("diagnose_retrieval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("diagnose_retrieval")
     out = tmp_path / "diag.json"
     assert mod.main(["--minutes", "2", "--questions", "5", "--top-k", "8", "--out", str(out)]) == 0
     res = json.loads(out.read_text())

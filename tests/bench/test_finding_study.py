@@ -3,19 +3,13 @@ buffers, so a change there must not break it silently)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "finding_study.py"
+from helpers import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finding_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("finding_study")
 
 
 def test_the_study_ranks_every_level_by_every_score(tmp_path, capsys):

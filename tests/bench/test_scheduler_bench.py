@@ -4,21 +4,17 @@ benchmark's flow, not its figures)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scheduler_bench.py"
+from helpers import load_benchmark
+
 PHASE_FIELDS = {"mode", "streams", "frames_received", "frames_stored", "frames_dropped", "lag_p50_s", "lag_p99_s",
                 "streams_held", "all_streams_held", "questions", "ttft_p50_ms", "ttft_p99_ms", "batches",
                 "batch_frames_mean", "batch_frames_max", "gpu_busy_share", "passed", "fail_reasons"}
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("scheduler_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scheduler_bench")
 
 
 def test_both_modes_run_the_same_load_and_report_every_field(tmp_path, capsys):
