@@ -252,3 +252,25 @@ def test_diversity_settings_are_validated():
             MukvConfig.build(retrieval=bad)
     assert MukvConfig.from_policy("mukv_diverse").retrieval.diversity == 0.99
     assert MukvConfig.from_policy("mukv").retrieval.diversity is None
+
+
+def test_a_level_reranked_and_diversified_reads_its_candidates_vectors_once():
+    from mukv.blocks import Query
+
+    reads = []
+
+    class Spy(FakeIndex):
+        def vectors(self, level, ids):
+            reads.append(level)
+            return super().vectors(level, ids)
+
+    torch.manual_seed(1)
+    idx = Spy({"frame": torch.randn(60, 4), "segment": torch.randn(10, 4)})
+    cfg = MukvConfig.build(levels=[
+        {"name": "frame", "extractor": "frame", "keep_ratio": 0.1, "top_k": 5, "rerank_weight": 0.3},
+        {"name": "segment", "extractor": "segment", "frames": 4, "keep_ratio": 0.8, "top_k": 2},
+    ], retrieval={"diversity": 0.99})
+    hits = SemiHierarchicalRetriever.from_config(cfg).retrieve(Query("q", torch.randn(4), 0, 1), idx,
+                                                              {"frame": 5, "segment": 2})
+    assert reads.count("frame") == 1  # the rerank and the diversity share one read
+    assert {h.level: h.ids.numel() for h in hits} == {"frame": 5, "segment": 2}

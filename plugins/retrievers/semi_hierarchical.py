@@ -87,12 +87,15 @@ class SemiHierarchicalRetriever(Retriever):
         for level, (ids, scores) in candidates.items():
             k = top_k[level]
             w = self.weights.get(level, 0.0)
-            if context is not None and level != guide and w > 0 and ids.numel():
-                scores = rerank(scores, index.vectors(level, ids), context, w)
+            reranked = context is not None and level != guide and w > 0 and ids.numel()
+            diverse = self.diversity is not None and ids.numel() > k
+            vectors = index.vectors(level, ids) if reranked or diverse else None  # read once for both
+            if reranked:
+                scores = rerank(scores, vectors, context, w)
                 order = scores.argsort(descending=True)
-                ids, scores = ids[order], scores[order]
-            if self.diversity is not None and ids.numel() > k:
-                pos = diverse_order(index.vectors(level, ids), k, self.diversity).to(ids.device)
+                ids, scores, vectors = ids[order], scores[order], vectors[order.to(vectors.device)]
+            if diverse:
+                pos = diverse_order(vectors, k, self.diversity).to(ids.device)
                 ids, scores = ids[pos], scores[pos]
             out.append(Hits(level, ids[:k], scores[:k]))
         return out
