@@ -253,6 +253,9 @@ def main(argv=None) -> int:
             stored[lp.level.name] = (st.rows[: st.n].reshape(st.n, *st.block_shape), st.positions[: st.n])
     stats: dict[tuple, list] = {}
     last = model.layout.num_layers - 1
+    # each stored block's unit vector (its kept keys' mean at the last layer), for the diversity rows
+    units = {name: F.normalize(keys[:, last].mean(dim=2).reshape(keys.shape[0], -1), dim=-1)
+             for name, (keys, _, _) in levels.items()}
     for q in bench.questions:
         qq, qk = question_states(model, prefix, q.text)
         depth = _depth_bucket(q.depth_s)
@@ -273,19 +276,11 @@ def main(argv=None) -> int:
                 hit = inside[top]
                 for key in ((name, score, "all"), (name, score, depth)):
                     stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
-        # diversity: greedy top-k by the trained score, skipping a block too like one already taken
+        # diversity: the top-k by the trained score with near-duplicates passed over (retrieval.diversity)
         for name, (idx, v, inside, kk) in ranked.items():
-            unit = F.normalize(levels[name][0][idx][:, last].mean(dim=2).reshape(idx.numel(), -1), dim=-1)
             order = v.argsort(descending=True)
             for thr in args.diverse:
-                taken: list[int] = []
-                for j in order.tolist():
-                    if len(taken) == kk:
-                        break
-                    if taken and float((unit[taken] @ unit[j]).max()) > thr:
-                        continue
-                    taken.append(j)
-                hit = inside[torch.tensor(taken, dtype=torch.long)]
+                hit = inside[order[diverse_order(units[name][idx][order], kk, thr)]]
                 for key in ((name, f"diverse{thr:g}", "all"), (name, f"diverse{thr:g}", depth)):
                     stats.setdefault(key, []).append((float(hit.any()), float(hit.float().mean())))
         # the model as its own reranker by confidence: each of the top diverse candidates read alone
@@ -293,9 +288,8 @@ def main(argv=None) -> int:
             if name not in ranked:
                 continue
             idx, v, inside, kk = ranked[name]
-            unit = F.normalize(levels[name][0][idx][:, last].mean(dim=2).reshape(idx.numel(), -1), dim=-1)
             order = v.argsort(descending=True)
-            cand = order[diverse_order(unit[order], args.confidence_pool * kk, 0.99)]
+            cand = order[diverse_order(units[name][idx][order], args.confidence_pool * kk, 0.99)]
             kv, codes = stored[name]
             conf = answer_confidence(model, prefix, q.text, kv[idx[cand]], codes[idx[cand]])
             top = cand[conf.topk(min(kk, cand.numel())).indices]
@@ -307,7 +301,7 @@ def main(argv=None) -> int:
         if "frame" in ranked and "segment" in ranked:
             fidx, fv, _, fk = ranked["frame"]
             sidx, _, sinside, sk = ranked["segment"]
-            funit = F.normalize(levels["frame"][0][fidx][:, last].mean(dim=2).reshape(fidx.numel(), -1), dim=-1)
+            funit = units["frame"][fidx]
             ffs = levels["frame"][1][fidx]
             sfs, sfe = levels["segment"][1][sidx], levels["segment"][2][sidx]
             for thr in [None, *args.diverse]:
