@@ -47,14 +47,12 @@ def label_of(settings: dict[str, Any], policy: str, with_model: bool = False) ->
 def load(paths: list[Path], with_model: bool = False) -> dict[tuple[float, str], dict[int, dict[str, float]]]:
     """``{(minutes, label): {seed: {question id: 1.0 or 0.0}}}`` over every file."""
     out: dict[tuple[float, str], dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    runs = []
     for p in paths:
         try:
             res = json.loads(p.read_text())
-            runs.append((p, res["settings"], res["records"]))
+            settings, records = res["settings"], res["records"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"{p}: not a results.json of mukv.bench.evaluate ({exc})") from None
-    for p, settings, records in runs:
         for r in records:
             key = (float(r["minutes"]), label_of(settings, r["policy"], with_model))
             seen = out[key][int(r["seed"])]

@@ -131,9 +131,8 @@ def evaluate(
         oracle_blocks: also report "oracle_blocks": each question asked of a fresh session fed
             the frames of the blocks its scene is stored in (the scene widened to the grid of
             MuKV's level windows, as the stream's memory cuts it), with the oracle's configuration
-            above, so a scene shorter
-            than a segment is read from whole segments, with the frames around it, as a perfect
-            finder would read it from the stream's memory.
+            above, so a scene shorter than a segment is read from whole segments, with the frames
+            around it, as a perfect finder would read it from the stream's memory.
         top_k: blocks MuKV retrieves per level, by level name, over the model's own levels (or
             mukv's defaults); the shared budget follows (unless ``budget_tokens`` is given).
         seeds: benchmark seeds: one stream per seed and length (default ``[seed]``).
@@ -596,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = evaluate(model, args.minutes, args.policies, args.questions, fps=args.fps,
                        budget_tokens=args.budget_tokens, full_context_max_tokens=args.full_context_max_tokens,
-                       progress=args.progress, oracle=args.oracle, oracle_blocks=args.oracle_blocks, top_k=top_k, seeds=seeds, config=config,
+                       progress=args.progress, oracle=args.oracle, oracle_blocks=args.oracle_blocks, top_k=top_k,
+                       seeds=seeds, config=config,
                        policy_config=per_policy, backend=args.backend, store_path=args.store_path,
                        backend_options=backend_options, keep_stores=args.keep_stores, reference=args.reference,
                        argv=argv, kv_codec=kv_codec)
