@@ -24,6 +24,23 @@ import torch
 from .config import LevelConfig
 
 
+#: Small host tensors (a batch's frame and time columns) go to a GPU through pinned memory,
+#: without the device synchronisation a copy from pageable memory makes; switched off only to
+#: measure what it saves (``benchmarks/accel_bench.py --ablate-async-metadata``).
+ASYNC_METADATA = True
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a CUDA device is copied from pinned memory
+    without blocking: a copy from pageable memory waits for every kernel queued before it, so one
+    per column and batch leaves the GPU idle while the host catches up. The pinned buffer is held
+    by PyTorch's host allocator until the copy has run."""
+    device = torch.device(device)
+    if ASYNC_METADATA and t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Shape of a model's KV cache: what a backend needs to allocate storage.
@@ -140,8 +157,9 @@ class CompressedBlocks:
 
     def with_metadata_on(self, device: torch.device) -> "CompressedBlocks":
         """The same blocks with ``frame_start``, ``frame_end``, ``t_start`` and ``t_end`` on ``device``
-        (the other tensors shared)."""
-        moved = {f: getattr(self, f).to(device) for f in ("frame_start", "frame_end", "t_start", "t_end")}
+        (the other tensors shared). From host to a GPU the four columns go through pinned memory
+        without waiting for the device (:func:`to_device`)."""
+        moved = {f: to_device(getattr(self, f), device) for f in ("frame_start", "frame_end", "t_start", "t_end")}
         return replace(self, **moved)
 
     def rows(self, start: int, end: int, level: str | None = None) -> "CompressedBlocks":

@@ -292,6 +292,9 @@ class Ingestor:
         """Add the compressed blocks of the next ``windows`` windows of level ``lp`` to the backend
         (inside the stream's transaction) and move the level's cursor past them."""
         with self._stage("store"):
+            dev = getattr(self.backend, "metadata_device", None)
+            if isinstance(dev, torch.device) and blocks.frame_start.device != dev:
+                blocks = blocks.with_metadata_on(dev)  # no device wait per column (see to_device)
             self.backend.add(blocks)
         if self.on_stored is not None:
             self.on_stored(blocks)

@@ -61,3 +61,42 @@ def test_a_batch_waits_for_the_device_as_often_for_16_streams_as_for_2():
     many, seen_many = _waits(model, 16)
     assert all(d.type == "cuda" for d in seen_few + seen_many)  # moved once per chunk, not per stream
     assert many <= few + 4, (few, many)
+
+
+def _feed_waits(model, frames: int) -> tuple[int, dict]:
+    """Host waits of one ``Session.feed`` of ``frames`` frames (after a first feed), and what the
+    stream stored (frame and time columns of every level)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s = Session(model=model, backend="memory", device=DEVICE)
+    s.feed(_frames(frames, seed=1))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s.feed(_frames(frames, seed=2))
+        torch.cuda.synchronize()
+    waits = sum(e.count for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    stored = {}
+    for lv in ("patch", "frame", "segment"):
+        st = s.backend._levels[lv]
+        stored[lv] = {k: st.meta[k][: st.n].cpu() for k in ("frame_start", "frame_end", "t_start", "t_end")}
+    s.close()
+    return waits, stored
+
+
+def test_one_streams_feed_copies_its_block_columns_without_waiting_for_the_device():
+    """A single stream's store of each level's blocks moved four host columns to the GPU from pageable
+    memory, four device waits per level forward; they go through pinned memory now, with the same
+    values stored."""
+    from mukv import blocks
+
+    model = load_model("tiny-llava-ov", DEVICE)
+    fast, got = _feed_waits(model, 16)
+    blocks.ASYNC_METADATA = False
+    try:
+        slow, want = _feed_waits(model, 16)
+    finally:
+        blocks.ASYNC_METADATA = True
+    for lv in want:
+        for k in want[lv]:
+            assert torch.equal(got[lv][k], want[lv][k]), (lv, k)
+    assert fast + 4 * 3 <= slow, (fast, slow)  # at least four waits fewer for each of the three levels
