@@ -74,6 +74,25 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
             r["share_of_measured"] = r["tflops"] / args.measured
         row["ingest_" + key] = r
         gb.free(device)
+    if args.ablate_async_metadata:
+        # the same ingest with every batch's frame and time columns copied from pageable memory (each copy
+        # waits for the device), as before mukv.blocks.to_device
+        from mukv import blocks as mukv_blocks
+
+        mukv_blocks.ASYNC_METADATA = False
+        try:
+            row["sync_metadata_fps"] = {
+                key: gb.median([gb.fast_ingest(adapter, config, e, f, n, args.chunk)["fps"] for _ in range(args.reps)])
+                for key, e, f, n in (("no_vision", embeds, None, args.frames * 2), ("vision", None, pool, args.frames))}
+        finally:
+            mukv_blocks.ASYNC_METADATA = True
+        gb.free(device)
+    if mode == "plain" and ref is None and args.reference_frames:  # once, in the first plain run
+        # the reference mode (the authors' path: every block prefilled alone) on the plain model, same run
+        gb.ref_ingest(adapter, config, None, pool, 4)  # warm-up
+        row["reference"] = {key: gb.ref_ingest(adapter, config, e, f, args.reference_frames)["fps"]
+                            for key, e, f in (("no_vision", embeds, None), ("vision", None, pool))}
+        gb.free(device)
     # agreement with the plain path on one stream and its questions
     frames = gb.random_frames(adapter, args.stream_frames, seed=7)
     s = mukv.Session(model=adapter, backend="memory", config=config)
@@ -133,8 +152,11 @@ def markdown(res: dict[str, Any]) -> str:
              f"chunks of {res['args']['chunk']} frames", "",
              "| mode | vision tower frames/s | ingest w/o vision frames/s (% datasheet) | ingest with vision frames/s "
              "(% datasheet, % measured) | first call s | visual cos min | kept tokens same (patch/frame/segment) | "
-             "KV rel. err (segment) | logits rel. L2 (median/max) | top-1 | greedy agree |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "KV rel. err (segment) | logits rel. L2 (median/max) | top-1 | greedy agree | "
+             "x reference (w/o vision / with) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    refs = [r["reference"] for r in res["modes"] if "reference" in r]
+    ref = refs[0] if refs else None
     for r in res["modes"]:
         if "error" in r:
             lines.append(f"| {r['mode']} | failed: {r['error'][:120]} |||||||||")
@@ -147,7 +169,18 @@ def markdown(res: dict[str, Any]) -> str:
             f"{f(v['fps'])} ({f(100 * v.get('share_of_datasheet', 0))}%, {f(100 * v.get('share_of_measured', 0))}%) | "
             f"{f(r['vision']['first_call_s'])} | {f(a.get('visual_cosine_min'), 6)} | {kept} | "
             f"{f(a.get('segment', {}).get('kv_rel_l2'), 4)} | {f(a.get('logits_rel_l2_median'), 4)}/"
-            f"{f(a.get('logits_rel_l2_max'), 4)} | {f(a.get('top1_agreement'), 2)} | {f(a.get('greedy_agreement'), 2)} |")
+            f"{f(a.get('logits_rel_l2_max'), 4)} | {f(a.get('top1_agreement'), 2)} | {f(a.get('greedy_agreement'), 2)} | "
+            + (f"{f(nv['fps'] / ref['no_vision'])}x / {f(v['fps'] / ref['vision'])}x |" if ref else "- |"))
+    ablated = [r for r in res["modes"] if "sync_metadata_fps" in r]
+    if ablated:
+        lines += ["", "Ingest with the frame and time columns copied from pageable memory (the ablation), frames/s "
+                      "without / with the vision tower:"]
+        lines += [f"- {r['mode']}: {f(r['sync_metadata_fps']['no_vision'])} / {f(r['sync_metadata_fps']['vision'])} "
+                  f"(pinned, asynchronous: {f(r['ingest_no_vision']['fps'])} / {f(r['ingest_vision']['fps'])})"
+                  for r in ablated]
+    if ref:
+        lines += ["", f"Reference mode (the authors' path, plain model, same run): {f(ref['no_vision'], 2)} frames/s "
+                      f"without the vision tower, {f(ref['vision'], 2)} with it."]
     return "\n".join(lines)
 
 
@@ -164,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-frames", type=int, default=64)
     p.add_argument("--questions", type=int, default=6)
     p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--reference-frames", type=int, default=0,
+                   help="frames the reference mode (the authors' path) ingests in the plain mode's run, with and "
+                        "without the vision tower, for each mode's speedup over it (0: not measured)")
+    p.add_argument("--ablate-async-metadata", action="store_true",
+                   help="also measure each mode's ingest with the blocks' frame and time columns copied to the "
+                        "GPU from pageable memory (a device wait per copy): what mukv.blocks.to_device saves")
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--out", default="runs/accel")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Where one stream's ingest spends its GPU time (issue 18, part 2): kernels by kind, and the
 share of wall time the GPU is busy, for the vision tower and for the prefill of every level.
 
-    python benchmarks/profile_ingest.py --device cuda --out runs/profile
+    python benchmarks/profile_ingest.py --device cuda --out runs/profile [--accel fused_vision,fused_llm]
 
 Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov).
 """
@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench as gb  # noqa: E402
 
+from mukv.accel import accelerate  # noqa: E402
 from mukv.config import MukvConfig  # noqa: E402
 
 
@@ -103,18 +104,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="also profile one scheduler batch of this many streams, one frame each, against one "
                         "stream's batch of as many frames (0: skip)")
     p.add_argument("--only-streams", action="store_true", help="skip the single-stream parts")
+    p.add_argument("--accel", default="", help="accelerations to apply first, comma-separated names of "
+                                              "mukv.accel.KNOWN (default: none, the plain path)")
     p.add_argument("--out", type=Path, default=Path("runs/profile"))
     a = p.parse_args(argv)
     device = torch.device(a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     adapter = gb.build(a.preset, device)
+    applied = accelerate(adapter, [w for w in a.accel.split(",") if w]) if a.accel else []
+    print("accelerations:", applied or "none (plain path)")
     vt = adapter.model.model.vision_tower
     print("vision attention:", getattr(vt.config, "_attn_implementation", None),
           "| text attention:", getattr(adapter.model.config.text_config, "_attn_implementation", None))
     config = MukvConfig()
     pool = gb.random_frames(adapter, a.frames, seed=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    out: dict = {"preset": a.preset, "frames": a.frames, "device": card}
+    out: dict = {"preset": a.preset, "frames": a.frames, "device": card, "accel": applied}
     if a.streams:
         out["batch"] = batch_parts(adapter, config, a.streams, device, a.top)
     if a.only_streams:

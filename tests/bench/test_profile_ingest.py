@@ -18,3 +18,10 @@ def test_the_profile_of_each_step_is_written(tmp_path):
     assert set(res["stages"]) >= {"prefill", "score", "compress", "store"}
     assert mod.gb.kernel_kind("nvjet_sm90_tst_192x192") == "matmul"
     assert mod.gb.kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+
+
+def test_accelerations_apply_before_profiling_and_are_recorded(tmp_path):
+    mod = load_benchmark("profile_ingest")
+    assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--frames", "4", "--top", "3",
+                     "--accel", "fused_vision", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "profile.json").read_text())["accel"] == ["fused_vision"]
