@@ -11,7 +11,10 @@ names (:func:`~mukv.backends.disk.files.check_stream_id`) and integers: user
 text never reaches a ``where`` clause. Searches are cosine; the table is
 scanned exactly until it holds ``vector_index_rows`` rows, then an IVF_PQ
 index is built (and kept up to date by :meth:`BlockTable.maintain`, which also
-compacts the small fragments that frequent commits leave).
+compacts the small fragments that frequent commits leave). Even then, a search
+over a stream's level of at most ``exact_rows`` blocks scans exactly: lance
+trains the index's partitions with an unseeded k-means, so through the index two
+runs of the same stream can retrieve different blocks.
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ class BlockTable:
         read_only: never create or change the table; see every new commit.
         vector_index_rows: build an IVF_PQ index once the table has this many
             rows (``None``: never, exact search only).
+        exact_rows: a search over at most this many blocks of a stream's level (its ``below``)
+            scans them exactly even where the index exists (``None``: the index, once built,
+            for every search).
         optimize_every: compact fragments and update indexes every this many commits.
         cache_bytes: lance's index cache (its metadata cache gets a quarter of it), so a
             long stream does not grow the process's memory; ``None``: lance's defaults.
@@ -162,7 +168,8 @@ class BlockTable:
     def __init__(self, files: Files, vector_dim: int, read_only: bool = False,
                  vector_index_rows: int | None = 100_000, scalar_index_rows: int = 20_000,
                  optimize_every: int = 32, nprobes: int = 32, refine_factor: int = 4,
-                 cache_bytes: int | None = 256 << 20, call_timeout: float | None = None):
+                 cache_bytes: int | None = 256 << 20, call_timeout: float | None = None,
+                 exact_rows: int | None = None):
         import lancedb  # heavy; only when a disk store is opened
 
         self.files = files
@@ -173,6 +180,7 @@ class BlockTable:
         self.optimize_every = optimize_every
         self.nprobes = nprobes
         self.refine_factor = refine_factor
+        self.exact_rows = exact_rows
         opts: dict[str, Any] = {}
         if files.storage_options:
             opts["storage_options"] = lance_storage_options(files.storage_options)
@@ -486,7 +494,10 @@ class BlockTable:
         q = (tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
              .distance_type("cosine").where(where(stream_id, level, below, within), prefilter=True))
         if self._has_vector_index:
-            q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
+            if self.exact_rows is not None and below <= self.exact_rows:
+                q = q.bypass_vector_index()  # exact and reproducible (see the module's docstring)
+            else:
+                q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
         cols = (columns or META_COLUMNS) + ["vector", "_distance"]
         return self._call(f"searching {level} blocks of stream {stream_id!r}", lambda: self._query(q, cols, int(k)))
 

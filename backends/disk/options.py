@@ -49,6 +49,14 @@ class TieredOptions(BaseModel):
     cold_index_rows: int = Field(default=100_000, ge=256)
     """Table size (rows, all streams) at which the IVF_PQ index is built."""
 
+    cold_exact_rows: int | None = Field(default=2_000_000, ge=0)
+    """A search over a stream's level holding at most this many blocks scans them exactly
+    even where the IVF_PQ index exists (a week of one stream at 0.5 fps is 1.2 million
+    patch blocks). Exact search is reproducible: lance trains the index's partitions by an
+    unseeded k-means, so through the index two runs of one stream retrieve different blocks
+    for about one question in five (measured at a day). ``None``: the index for every search
+    once it is built (faster past a few million blocks, not reproducible)."""
+
     lance_cache_bytes: int | None = Field(default=256 << 20, ge=1 << 20)
     """Bound of lancedb's index cache in bytes (its metadata cache: a quarter of it), so
     memory stays flat over a long stream; ``None``: lancedb's defaults (lancedb >= 0.2x with

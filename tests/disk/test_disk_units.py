@@ -287,6 +287,44 @@ def test_cold_index_is_built_when_the_table_grows(tmp_path):
     b.close()
 
 
+@pytest.mark.parametrize("exact_rows", [2_000_000, 100, None])
+def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_path, monkeypatch, exact_rows):
+    """Past ``cold_index_rows`` the table has its IVF_PQ index, whose partitions lance trains by an
+    unseeded k-means; a search over a level of at most ``cold_exact_rows`` blocks bypasses it and
+    ranks every block exactly (the brute-force cosine order), so two runs retrieve the same blocks."""
+    import lancedb.query as lq
+
+    bypassed = []
+    for cls in (lq.LanceVectorQueryBuilder,):
+        real = cls.bypass_vector_index
+        monkeypatch.setattr(cls, "bypass_vector_index", lambda self, real=real: (bypassed.append(1), real(self))[1])
+    opts = {} if exact_rows == 2_000_000 else {"cold_exact_rows": exact_rows}
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
+                      cold_index_rows=256, **opts)
+    assert b.options.cold_exact_rows == exact_rows
+    for _ in range(3):
+        b.add(synth_blocks("frame", b.count("frame"), 128))
+        b.flush()
+    b.table.maintain()
+    assert b.table._has_vector_index
+    n = b.count("frame")
+    unit = torch.nn.functional.normalize(b.vectors("frame", torch.arange(n)).float(), dim=-1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        q = torch.randn(LAYOUT.vector_dim, generator=g)
+        ids, _ = b.search("frame", q, 10)
+        if exact_rows is not None and n <= exact_rows:
+            want = (unit @ torch.nn.functional.normalize(q, dim=0)).topk(10).indices
+            assert ids.tolist() == want.tolist()
+    assert bool(bypassed) == (exact_rows is not None and n <= exact_rows)
+    b.close()
+
+
+def test_cold_exact_rows_is_validated(tmp_path):
+    with pytest.raises(mukv.ConfigError, match="cold_exact_rows"):
+        TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", cold_exact_rows=-1)
+
+
 def test_hierarchical_on_memory_backend_matches_manual_hierarchy():
     from mukv.backends.memory import MemoryBackend
     from mukv.blocks import Query
