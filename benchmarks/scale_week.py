@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="real KV layout of the model (0.5b: 24 layers x 2 heads x 64; 7b: 28 x 4 x 128)")
     ap.add_argument("--skip-raw", action="store_true", help="skip the raw read bandwidth measures (a 2 GiB file "
                     "and reads of the store's files)")
+    ap.add_argument("--backend-options", default="{}", help="more options of the lancedb backend, as a JSON object "
+                    "(e.g. '{\"cold_exact_rows\": null}': searches through the IVF_PQ index once it is built)")
     ap.add_argument("--path", default=None, help="store folder (default: a temporary folder, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the store")
     ap.add_argument("--json", default=None, help="also write every raw number here, with the blocks each question retrieved")
@@ -360,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     real = LAYOUTS[args.layout]
     if args.glibc_threshold:
         opts["malloc_mmap_threshold"] = None
+    try:
+        extra = json.loads(args.backend_options)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--backend-options: not JSON ({exc})")
+    if not isinstance(extra, dict):
+        ap.error("--backend-options: expected a JSON object of the lancedb backend's options")
+    opts.update(extra)
     print(f"store: {root}", flush=True)
 
     raw_bw = None if args.skip_raw else raw_read_bandwidth(root)

@@ -493,11 +493,13 @@ class BlockTable:
             return None
         q = (tbl.search(np.asarray(query, dtype=np.float32), vector_column_name="vector")
              .distance_type("cosine").where(where(stream_id, level, below, within), prefilter=True))
-        if self._has_vector_index:
-            if self.exact_rows is not None and below <= self.exact_rows:
-                q = q.bypass_vector_index()  # exact and reproducible (see the module's docstring)
-            else:
-                q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
+        # set whether or not this handle has seen the index: a reopened or read-only store learns of it only
+        # at its first upkeep, and without these lance would search an existing index at its own defaults
+        # (fewer probes, no refinement); on a table without an index both are a plain scan
+        if self.exact_rows is not None and below <= self.exact_rows:
+            q = q.bypass_vector_index()  # exact and reproducible (see the module's docstring)
+        else:
+            q = q.nprobes(self.nprobes).refine_factor(self.refine_factor)
         cols = (columns or META_COLUMNS) + ["vector", "_distance"]
         return self._call(f"searching {level} blocks of stream {stream_id!r}", lambda: self._query(q, cols, int(k)))
 

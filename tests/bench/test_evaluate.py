@@ -259,6 +259,10 @@ def test_harness_runs_on_the_disk_tier_and_removes_its_stores(tmp_path, tiny_mod
                          "--backend", "lancedb", "--store-path", str(store),
                          "--backend-options", '{"hot_bytes": 8388608}')
     assert res["settings"]["backend"] == "lancedb"
+    from mukv.bench.evaluate import HARNESS_EXACT_ROWS
+
+    # every search on disk exact (reproducible), recorded with the options the user gave
+    assert res["settings"]["backend_options"] == {"hot_bytes": 8388608, "cold_exact_rows": HARNESS_EXACT_ROWS}
     assert all(r["ingest_seconds"] > 0 and r["stored_bytes_per_minute"] > 0 for r in res["runs"])
     assert store.is_dir() and not any(store.iterdir())
     (store / "other").write_text("x")

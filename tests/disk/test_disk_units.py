@@ -287,7 +287,7 @@ def test_cold_index_is_built_when_the_table_grows(tmp_path):
     b.close()
 
 
-@pytest.mark.parametrize("exact_rows", [2_000_000, 100, None])
+@pytest.mark.parametrize("exact_rows", [500_000, 100, None])
 def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_path, monkeypatch, exact_rows):
     """Past ``cold_index_rows`` the table has its IVF_PQ index, whose partitions lance trains by an
     unseeded k-means; a search over a level of at most ``cold_exact_rows`` blocks bypasses it and
@@ -298,7 +298,7 @@ def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_pa
     for cls in (lq.LanceVectorQueryBuilder,):
         real = cls.bypass_vector_index
         monkeypatch.setattr(cls, "bypass_vector_index", lambda self, real=real: (bypassed.append(1), real(self))[1])
-    opts = {} if exact_rows == 2_000_000 else {"cold_exact_rows": exact_rows}
+    opts = {} if exact_rows == 500_000 else {"cold_exact_rows": exact_rows}
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
                       cold_index_rows=256, **opts)
     assert b.options.cold_exact_rows == exact_rows
@@ -318,6 +318,20 @@ def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_pa
             assert ids.tolist() == want.tolist()
     assert bool(bypassed) == (exact_rows is not None and n <= exact_rows)
     b.close()
+    # a reader opened on the indexed store (it has not looked for the index) searches the same way
+    bypassed.clear()
+    r = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", read_only=True, hot_bytes=0, **opts)
+    if exact_rows is not None and n <= exact_rows:
+        ids, _ = r.search("frame", q, 10)
+        assert ids.tolist() == want.tolist() and bypassed
+    else:
+        probes = []
+        real_np = lq.LanceVectorQueryBuilder.nprobes
+        monkeypatch.setattr(lq.LanceVectorQueryBuilder, "nprobes",
+                            lambda self, n, real=real_np: (probes.append(n), real(self, n))[1])
+        r.search("frame", q, 10)
+        assert probes == [r.table.nprobes] and not bypassed  # the index, at mukv's probes and refinement
+    r.close()
 
 
 def test_cold_exact_rows_is_validated(tmp_path):
