@@ -203,10 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate-async-metadata", action="store_true",
                    help="also measure each mode's ingest with the blocks' frame and time columns copied to the "
                         "GPU from pageable memory (a device wait per copy): what mukv.blocks.to_device saves")
+    p.add_argument("--graph-bucket", type=int, default=None,
+                   help="graph_prefill pads batches to a multiple of this many blocks (default: "
+                        "mukv.graph_prefill.DEFAULT_BUCKET; 1: no padding, one graph per batch size)")
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--out", default="runs/accel")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.graph_bucket is not None:
+        import mukv.graph_prefill
+
+        mukv.graph_prefill.DEFAULT_BUCKET = args.graph_bucket
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"

@@ -20,6 +20,8 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   as one fused kernel (small compiled elementwise functions, no graph around mukv's
   attention). The rotary function is replaced in transformers' Qwen2 module, so it holds for
   every Qwen2 model of the process.
+* ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
+  replayed (:mod:`mukv.graph_prefill`: batches padded to a multiple of 16 blocks); CUDA only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from .errors import ConfigError
 
 #: The accelerations :func:`accelerate` knows.
-KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm")
+KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "graph_prefill")
 E4M3_MAX = 448.0
 
 
@@ -193,6 +195,8 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         raise ConfigError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
     if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
         raise ConfigError(f"accelerate: expected a model adapter (session.model), got {type(adapter).__name__}")
+    if "graph_prefill" in which and adapter.device.type != "cuda":
+        raise ConfigError(f"graph_prefill records CUDA graphs; this model runs on {adapter.device}")
     if any(w.startswith("fp8") for w in which) and not fp8_supported(adapter.device):
         raise ConfigError(f"FP8 products need a CUDA GPU of compute capability 8.9 or more; "
                           f"this model runs on {adapter.device}")
@@ -224,4 +228,9 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         for layer in decoder_layers(adapter):
             layer.compile(dynamic=False)
         done.append("compile_llm")
+    if "graph_prefill" in which:  # last: the graphs record the forwards as the modes above left them
+        from .graph_prefill import install
+
+        install(adapter)
+        done.append("graph_prefill")
     return done

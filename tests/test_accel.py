@@ -102,3 +102,48 @@ def test_fused_vision_and_llm_store_what_the_plain_path_stores():
         assert torch.equal(got[lv][0], want[lv][0]), lv
         assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < 1e-3, lv
     assert got_text == want_text
+
+
+def test_graph_prefill_pads_a_batch_to_its_bucket_and_returns_the_real_rows_alone():
+    """The padded batch (the arithmetic every recorded graph replays, run eagerly on the CPU): each real
+    block's KV, column sums and positions are those of the unpadded batch, and they are new tensors."""
+    from mukv.graph_prefill import GraphPrefill
+
+    adapter = build_llava_onevision("tiny-llava-ov")
+    prefix = adapter.prefix("system")
+    g = torch.Generator().manual_seed(0)
+    gp = GraphPrefill(adapter.prefill_blocks, bucket=8, record=False)
+    for b, length in ((5, 12), (8, 12), (3, 12), (6, 7)):
+        embeds = torch.randn(b, length, adapter.hidden_size, generator=g)
+        tokens = torch.randperm(length, generator=g)[None].expand(b, -1)
+        want = adapter.prefill_blocks(prefix, embeds, attention=True, token_index=tokens)
+        got = gp(prefix, embeds, attention=True, token_index=tokens)
+        assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        assert got[0].is_contiguous() and got[0].untyped_storage().data_ptr() != \
+            gp._graphs[next(k for k in gp._graphs if k[0] == -(-b // 8) * 8 and k[1] == length)].out[0] \
+            .untyped_storage().data_ptr()
+    assert len(gp._graphs) == 2 and gp.replays == 4  # batches of 5, 8 and 3 blocks of 12 tokens share one shape
+
+
+def test_graph_prefill_stores_what_the_plain_path_stores_and_needs_cuda():
+    from mukv.graph_prefill import install
+
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = build_llava_onevision("tiny-llava-ov")
+    padded = build_llava_onevision("tiny-llava-ov")
+    gp = install(padded, bucket=16, record=False)
+    assert install(padded, record=False) is gp  # once
+    want, want_text = _stored(plain, frames)
+    got, got_text = _stored(padded, frames)
+    assert gp.replays > 0
+    for lv in want:
+        assert torch.equal(got[lv][0], want[lv][0]), lv
+        torch.testing.assert_close(got[lv][1], want[lv][1], rtol=1e-4, atol=1e-5)
+    assert got_text == want_text
+    if not torch.cuda.is_available():
+        with pytest.raises(mukv.ConfigError, match="graph_prefill records CUDA graphs"):
+            accelerate(plain, ["graph_prefill"])
+        with pytest.raises(mukv.ConfigError, match="CUDA"):
+            install(plain)

@@ -1,0 +1,148 @@
+"""Block prefill replayed from CUDA graphs (the ``graph_prefill`` acceleration of :mod:`mukv.accel`).
+
+A 0.5B model's level forwards are many short kernels: the GPU waits for the host to launch them
+(78-84% busy in ``benchmarks/profile_ingest.py``). :class:`GraphPrefill` records one forward per
+batch shape as a CUDA graph and replays it, one launch for the whole forward.
+
+Shapes: the batch is padded to a multiple of ``bucket`` blocks, so the few batch sizes a stream's
+chunks and the scheduler's batches make share graphs. A padded row is a block of zeros that no real
+block sees (each block attends to the system prompt and to itself only), and what it produces is
+dropped. Graphs share one memory pool; their outputs are copied out before the next replay.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class _Graph:
+    """One recorded forward and its static tensors."""
+
+    graph: Any  # torch.cuda.CUDAGraph, or None when recording is off (the padded eager path)
+    embeds: torch.Tensor  # [NB, L, E'] input rows (padded)
+    tokens: torch.Tensor  # [NB, L] token index per row (padded rows: 0 .. L - 1)
+    prefix_kv: torch.Tensor  # [Y, 2, 1, H, P, D] the system prompt the forward reads
+    prefix_src: Any  # the PrefixKV whose KV prefix_kv holds now
+    out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # kv, column sums, positions
+
+
+class GraphPrefill:
+    """``prefill_blocks`` of a model adapter through CUDA graphs, one per padded batch shape.
+
+    Args:
+        eager: the adapter's own ``prefill_blocks`` (what each graph records).
+        bucket: the batch is padded up to a multiple of this many blocks.
+        max_graphs: shapes recorded at most; a batch of another shape past it runs eagerly.
+        record: record CUDA graphs (``False``: run the padded batch eagerly, the same arithmetic on any
+            device; for tests of the padding on a CPU).
+
+    Called like ``prefill_blocks(prefix, embeds [B, L, E'], attention, token_index [B, L])`` and returns
+    what it returns (``kv [Y, 2, B, H, L, D]``, column sums ``[B, L]`` or ``None``, positions), as new
+    tensors rather than views of the graph's memory.
+    """
+
+    def __init__(self, eager: Callable[..., Any], bucket: int = 16, max_graphs: int = 32, record: bool = True):
+        if bucket < 1 or max_graphs < 1:
+            raise ConfigError(f"graph_prefill: bucket and max_graphs must be >= 1; got {bucket}, {max_graphs}")
+        self.eager, self.bucket, self.max_graphs, self.record = eager, bucket, max_graphs, record
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+        self._lock = threading.Lock()  # one replay at a time: graphs share their memory pool
+        #: batches run from a recorded graph / eagerly (no graph for their shape)
+        self.replays = 0
+        self.eager_calls = 0
+
+    def __call__(self, prefix: Any, embeds: torch.Tensor, attention: bool = True,
+                 token_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        b, length = embeds.shape[:2]
+        nb = -(-b // self.bucket) * self.bucket
+        key = (nb, length, tuple(embeds.shape[2:]), embeds.dtype, embeds.device, prefix.length, bool(attention))
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is None:
+                if len(self._graphs) >= self.max_graphs:
+                    self.eager_calls += 1
+                    return self.eager(prefix, embeds, attention=attention, token_index=token_index)
+                g = self._new(key, prefix, embeds)
+            self._fill(g, prefix, embeds, token_index)
+            if g.out is None:
+                g.out = self._run(g, attention)
+            elif g.graph is not None:
+                g.graph.replay()
+            else:
+                g.out = self._forward(g, attention)
+            self.replays += 1
+            kv, cols, positions = g.out
+            return (kv[:, :, :b].clone(), None if cols is None else cols[:b].clone(),
+                    positions[:b].clone() if positions.ndim == 2 else positions.clone())
+
+    # ------------------------------------------------------------------ internals
+    def _new(self, key: tuple, prefix: Any, embeds: torch.Tensor) -> _Graph:
+        nb, length = key[0], key[1]
+        dev = embeds.device
+        g = _Graph(graph=None, embeds=torch.zeros((nb, *embeds.shape[1:]), dtype=embeds.dtype, device=dev),
+                   tokens=torch.arange(length, device=dev).repeat(nb, 1),
+                   prefix_kv=torch.empty_like(prefix.kv), prefix_src=None)
+        self._graphs[key] = g
+        return g
+
+    def _fill(self, g: _Graph, prefix: Any, embeds: torch.Tensor, token_index: torch.Tensor | None) -> None:
+        b, length = embeds.shape[:2]
+        if g.prefix_src is not prefix:
+            g.prefix_kv.copy_(prefix.kv)
+            g.prefix_src = prefix
+        g.embeds[:b].copy_(embeds)
+        g.embeds[b:].zero_()
+        if token_index is None:
+            g.tokens[:b].copy_(torch.arange(length, device=g.tokens.device).expand(b, -1))
+        else:
+            g.tokens[:b].copy_(token_index.expand(b, -1))
+        g.tokens[b:].copy_(torch.arange(length, device=g.tokens.device).expand(g.tokens.shape[0] - b, -1))
+
+    def _forward(self, g: _Graph, attention: bool):
+        prefix = replace(g.prefix_src, kv=g.prefix_kv)
+        return self.eager(prefix, g.embeds, attention=attention, token_index=g.tokens)
+
+    def _run(self, g: _Graph, attention: bool):
+        """The first batch of a shape: record its graph (after warm-up runs on a side stream, as CUDA
+        graphs need), or run it eagerly when recording is off."""
+        if not self.record:
+            return self._forward(g, attention)
+        side = torch.cuda.Stream(device=g.embeds.device)
+        side.wait_stream(torch.cuda.current_stream(g.embeds.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(g, attention)
+        torch.cuda.current_stream(g.embeds.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self._forward(g, attention)
+        self._pool = graph.pool()
+        g.graph = graph
+        graph.replay()  # the recording ran nothing: this batch's own results
+        return out
+
+
+#: The bucket :func:`install` uses unless given one (``benchmarks/accel_bench.py --graph-bucket``).
+DEFAULT_BUCKET = 16
+
+
+def install(adapter: Any, bucket: int | None = None, max_graphs: int = 32, record: bool = True) -> GraphPrefill:
+    """Give ``adapter`` a :class:`GraphPrefill` as its ``prefill_blocks``; returns it. Recording needs
+    a CUDA device (:class:`ConfigError` elsewhere unless ``record`` is off)."""
+    if record and getattr(adapter, "device", torch.device("cpu")).type != "cuda":
+        raise ConfigError(f"graph_prefill records CUDA graphs; this model runs on {adapter.device}")
+    current = adapter.prefill_blocks
+    if isinstance(current, GraphPrefill):
+        return current
+    gp = GraphPrefill(current, bucket=DEFAULT_BUCKET if bucket is None else bucket, max_graphs=max_graphs,
+                      record=record)
+    adapter.prefill_blocks = gp
+    return gp
