@@ -21,7 +21,7 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   attention). The rotary function is replaced in transformers' Qwen2 module, so it holds for
   every Qwen2 model of the process.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
-  replayed (:mod:`mukv.graph_prefill`: batches padded to a multiple of 16 blocks); CUDA only.
+  replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """
 
 from __future__ import annotations

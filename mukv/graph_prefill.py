@@ -4,8 +4,10 @@ A 0.5B model's level forwards are many short kernels: the GPU waits for the host
 (78-84% busy in ``benchmarks/profile_ingest.py``). :class:`GraphPrefill` records one forward per
 batch shape as a CUDA graph and replays it, one launch for the whole forward.
 
-Shapes: the batch is padded to a multiple of ``bucket`` blocks, so the few batch sizes a stream's
-chunks and the scheduler's batches make share graphs. A padded row is a block of zeros that no real
+Shapes: the batch is padded up to a few sizes, so the batch sizes a stream's chunks and the
+scheduler's batches make share graphs: by default to a multiple of the largest power of two at most
+an eighth of the batch (at most 12.5% more rows: 20 blocks stay 20, 83 become 88, 332 become 352),
+or to a multiple of a fixed ``bucket``. A padded row is a block of zeros that no real
 block sees (each block attends to the system prompt and to itself only), and what it produces is
 dropped. Graphs share one memory pool; their outputs are copied out before the next replay.
 """
@@ -38,7 +40,8 @@ class GraphPrefill:
 
     Args:
         eager: the adapter's own ``prefill_blocks`` (what each graph records).
-        bucket: the batch is padded up to a multiple of this many blocks.
+        bucket: the batch is padded up to a multiple of this many blocks; 0 (the default): of the
+            largest power of two at most an eighth of the batch (:func:`padded_size`).
         max_graphs: shapes recorded at most; a batch of another shape past it runs eagerly.
         record: record CUDA graphs (``False``: run the padded batch eagerly, the same arithmetic on any
             device; for tests of the padding on a CPU).
@@ -48,9 +51,9 @@ class GraphPrefill:
     tensors rather than views of the graph's memory.
     """
 
-    def __init__(self, eager: Callable[..., Any], bucket: int = 16, max_graphs: int = 32, record: bool = True):
-        if bucket < 1 or max_graphs < 1:
-            raise ConfigError(f"graph_prefill: bucket and max_graphs must be >= 1; got {bucket}, {max_graphs}")
+    def __init__(self, eager: Callable[..., Any], bucket: int = 0, max_graphs: int = 32, record: bool = True):
+        if bucket < 0 or max_graphs < 1:
+            raise ConfigError(f"graph_prefill: bucket must be >= 0 and max_graphs >= 1; got {bucket}, {max_graphs}")
         self.eager, self.bucket, self.max_graphs, self.record = eager, bucket, max_graphs, record
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
@@ -62,7 +65,7 @@ class GraphPrefill:
     def __call__(self, prefix: Any, embeds: torch.Tensor, attention: bool = True,
                  token_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         b, length = embeds.shape[:2]
-        nb = -(-b // self.bucket) * self.bucket
+        nb = padded_size(b, self.bucket)
         key = (nb, length, tuple(embeds.shape[2:]), embeds.dtype, embeds.device, prefix.length, bool(attention))
         with self._lock:
             g = self._graphs.get(key)
@@ -130,8 +133,15 @@ class GraphPrefill:
         return out
 
 
+def padded_size(b: int, bucket: int = 0) -> int:
+    """Rows a batch of ``b`` blocks is padded to: a multiple of ``bucket``, or with ``bucket`` 0 of the
+    largest power of two at most ``b / 8`` (so at most 12.5% more rows)."""
+    step = bucket if bucket > 0 else 1 << max(0, (b // 8).bit_length() - 1) if b >= 8 else 1
+    return -(-b // step) * step
+
+
 #: The bucket :func:`install` uses unless given one (``benchmarks/accel_bench.py --graph-bucket``).
-DEFAULT_BUCKET = 16
+DEFAULT_BUCKET = 0
 
 
 def install(adapter: Any, bucket: int | None = None, max_graphs: int = 32, record: bool = True) -> GraphPrefill:

@@ -127,6 +127,18 @@ def test_graph_prefill_pads_a_batch_to_its_bucket_and_returns_the_real_rows_alon
     assert len(gp._graphs) == 2 and gp.replays == 4  # batches of 5, 8 and 3 blocks of 12 tokens share one shape
 
 
+def test_graph_prefill_pads_by_at_most_an_eighth_or_to_a_fixed_bucket():
+    from mukv.graph_prefill import GraphPrefill, padded_size
+
+    for b in range(1, 2000):
+        n = padded_size(b)
+        assert b <= n <= b * 1.125 and padded_size(n) == n  # a padded size is its own shape
+    assert [padded_size(b) for b in (7, 20, 83, 332)] == [7, 20, 88, 352]
+    assert [padded_size(b, 16) for b in (5, 20, 83)] == [16, 32, 96]
+    with pytest.raises(mukv.ConfigError, match="bucket"):
+        GraphPrefill(lambda *a, **k: None, bucket=-1)
+
+
 def test_graph_prefill_stores_what_the_plain_path_stores_and_needs_cuda():
     from mukv.graph_prefill import install
 
