@@ -9,11 +9,14 @@ scheduler's batches make share graphs: by default to a multiple of the largest p
 an eighth of the batch (at most 12.5% more rows: 20 blocks stay 20, 83 become 88, 332 become 352),
 or to a multiple of a fixed ``bucket``. A padded row is a block of zeros that no real
 block sees (each block attends to the system prompt and to itself only), and what it produces is
-dropped. Graphs share one memory pool; their outputs are copied out before the next replay.
+dropped. Graphs share one memory pool; their outputs are copied out before the next replay. A shape
+whose forward cannot be recorded (a model whose forward waits on the device, say) runs eagerly, with
+one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -21,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class _Graph:
     prefix_kv: torch.Tensor  # [Y, 2, 1, H, P, D] the system prompt the forward reads
     prefix_src: Any  # the PrefixKV whose KV prefix_kv holds now
     out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # kv, column sums, positions
+    failed: str | None = None  # why this shape could not be recorded (its batches then run eagerly)
 
 
 class GraphPrefill:
@@ -69,14 +75,21 @@ class GraphPrefill:
         key = (nb, length, tuple(embeds.shape[2:]), embeds.dtype, embeds.device, prefix.length, bool(attention))
         with self._lock:
             g = self._graphs.get(key)
-            if g is None:
-                if len(self._graphs) >= self.max_graphs:
-                    self.eager_calls += 1
-                    return self.eager(prefix, embeds, attention=attention, token_index=token_index)
+            if g is None and len(self._graphs) < self.max_graphs:
                 g = self._new(key, prefix, embeds)
+            if g is None or g.failed:
+                self.eager_calls += 1
+                return self.eager(prefix, embeds, attention=attention, token_index=token_index)
             self._fill(g, prefix, embeds, token_index)
             if g.out is None:
-                g.out = self._run(g, attention)
+                try:
+                    g.out = self._run(g, attention)
+                except Exception as exc:  # noqa: BLE001 - a forward that cannot be recorded still runs
+                    g.failed = f"{type(exc).__name__}: {exc}"
+                    log.warning("graph_prefill: batches of %d blocks of %d tokens run eagerly; recording their "
+                                "forward failed (%s)", key[0], key[1], g.failed)
+                    self.eager_calls += 1
+                    return self.eager(prefix, embeds, attention=attention, token_index=token_index)
             elif g.graph is not None:
                 g.graph.replay()
             else:

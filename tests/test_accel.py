@@ -159,3 +159,23 @@ def test_graph_prefill_stores_what_the_plain_path_stores_and_needs_cuda():
             accelerate(plain, ["graph_prefill"])
         with pytest.raises(mukv.ConfigError, match="CUDA"):
             install(plain)
+
+
+def test_a_shape_whose_forward_cannot_be_recorded_runs_eagerly_with_a_warning(caplog):
+    """Recording fails here (no CUDA on a CPU, as a model whose forward cannot be captured would): the
+    batch still runs, eagerly and unpadded, with one warning naming the shape; later batches of that
+    shape run eagerly without trying again."""
+    from mukv.graph_prefill import GraphPrefill
+
+    adapter = build_llava_onevision("tiny-llava-ov")
+    prefix = adapter.prefix("system")
+    embeds = torch.randn(5, 12, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    gp = GraphPrefill(adapter.prefill_blocks, bucket=8, record=True)
+    want = adapter.prefill_blocks(prefix, embeds, attention=True)
+    with caplog.at_level("WARNING", logger="mukv.graph_prefill"):
+        for _ in range(2):
+            got = gp(prefix, embeds, attention=True)
+            for x, y in zip(got, want):
+                torch.testing.assert_close(x, y)
+    assert gp.eager_calls == 2 and gp.replays == 0
+    assert len([r for r in caplog.records if "run eagerly" in r.getMessage()]) == 1
