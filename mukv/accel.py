@@ -195,8 +195,10 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         raise ConfigError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
     if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
         raise ConfigError(f"accelerate: expected a model adapter (session.model), got {type(adapter).__name__}")
-    if "graph_prefill" in which and adapter.device.type != "cuda":
-        raise ConfigError(f"graph_prefill records CUDA graphs; this model runs on {adapter.device}")
+    if "graph_prefill" in which:
+        from .graph_prefill import require_cuda
+
+        require_cuda(adapter)
     if any(w.startswith("fp8") for w in which) and not fp8_supported(adapter.device):
         raise ConfigError(f"FP8 products need a CUDA GPU of compute capability 8.9 or more; "
                           f"this model runs on {adapter.device}")

@@ -35,6 +35,7 @@ class _Graph:
     graph: Any  # torch.cuda.CUDAGraph, or None when recording is off (the padded eager path)
     embeds: torch.Tensor  # [NB, L, E'] input rows (padded)
     tokens: torch.Tensor  # [NB, L] token index per row (padded rows: 0 .. L - 1)
+    plain: torch.Tensor  # [L] 0 .. L - 1, the token index of a row given none
     prefix_kv: torch.Tensor  # [Y, 2, 1, H, P, D] the system prompt the forward reads
     prefix_src: Any  # the PrefixKV whose KV prefix_kv holds now
     out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None  # kv, column sums, positions
@@ -81,19 +82,19 @@ class GraphPrefill:
                 self.eager_calls += 1
                 return self.eager(prefix, embeds, attention=attention, token_index=token_index)
             self._fill(g, prefix, embeds, token_index)
-            if g.out is None:
+            if g.graph is not None:
+                g.graph.replay()
+            elif not self.record:
+                g.out = self._forward(g, attention)
+            else:  # the first batch of this shape
                 try:
-                    g.out = self._run(g, attention)
+                    g.out = self._record(g, attention)
                 except Exception as exc:  # noqa: BLE001 - a forward that cannot be recorded still runs
                     g.failed = f"{type(exc).__name__}: {exc}"
                     log.warning("graph_prefill: batches of %d blocks of %d tokens run eagerly; recording their "
                                 "forward failed (%s)", key[0], key[1], g.failed)
                     self.eager_calls += 1
                     return self.eager(prefix, embeds, attention=attention, token_index=token_index)
-            elif g.graph is not None:
-                g.graph.replay()
-            else:
-                g.out = self._forward(g, attention)
             self.replays += 1
             kv, cols, positions = g.out
             return (kv[:, :, :b].clone(), None if cols is None else cols[:b].clone(),
@@ -103,34 +104,29 @@ class GraphPrefill:
     def _new(self, key: tuple, prefix: Any, embeds: torch.Tensor) -> _Graph:
         nb, length = key[0], key[1]
         dev = embeds.device
+        plain = torch.arange(length, device=dev)
         g = _Graph(graph=None, embeds=torch.zeros((nb, *embeds.shape[1:]), dtype=embeds.dtype, device=dev),
-                   tokens=torch.arange(length, device=dev).repeat(nb, 1),
-                   prefix_kv=torch.empty_like(prefix.kv), prefix_src=None)
+                   tokens=plain.repeat(nb, 1), plain=plain, prefix_kv=torch.empty_like(prefix.kv), prefix_src=None)
         self._graphs[key] = g
         return g
 
     def _fill(self, g: _Graph, prefix: Any, embeds: torch.Tensor, token_index: torch.Tensor | None) -> None:
-        b, length = embeds.shape[:2]
+        b = embeds.shape[0]
         if g.prefix_src is not prefix:
             g.prefix_kv.copy_(prefix.kv)
             g.prefix_src = prefix
         g.embeds[:b].copy_(embeds)
         g.embeds[b:].zero_()
-        if token_index is None:
-            g.tokens[:b].copy_(torch.arange(length, device=g.tokens.device).expand(b, -1))
-        else:
-            g.tokens[:b].copy_(token_index.expand(b, -1))
-        g.tokens[b:].copy_(torch.arange(length, device=g.tokens.device).expand(g.tokens.shape[0] - b, -1))
+        g.tokens[:b].copy_(g.plain if token_index is None else token_index)  # broadcast over the rows
+        g.tokens[b:].copy_(g.plain)
 
     def _forward(self, g: _Graph, attention: bool):
         prefix = replace(g.prefix_src, kv=g.prefix_kv)
         return self.eager(prefix, g.embeds, attention=attention, token_index=g.tokens)
 
-    def _run(self, g: _Graph, attention: bool):
-        """The first batch of a shape: record its graph (after warm-up runs on a side stream, as CUDA
-        graphs need), or run it eagerly when recording is off."""
-        if not self.record:
-            return self._forward(g, attention)
+    def _record(self, g: _Graph, attention: bool):
+        """Record the forward of ``g``'s shape as a CUDA graph (after warm-up runs on a side stream, as
+        CUDA graphs need) and replay it once: this batch's own results."""
         side = torch.cuda.Stream(device=g.embeds.device)
         side.wait_stream(torch.cuda.current_stream(g.embeds.device))
         with torch.cuda.stream(side):
@@ -142,14 +138,17 @@ class GraphPrefill:
             out = self._forward(g, attention)
         self._pool = graph.pool()
         g.graph = graph
-        graph.replay()  # the recording ran nothing: this batch's own results
+        graph.replay()  # the recording ran nothing
         return out
 
 
 def padded_size(b: int, bucket: int = 0) -> int:
     """Rows a batch of ``b`` blocks is padded to: a multiple of ``bucket``, or with ``bucket`` 0 of the
     largest power of two at most ``b / 8`` (so at most 12.5% more rows)."""
-    step = bucket if bucket > 0 else 1 << max(0, (b // 8).bit_length() - 1) if b >= 8 else 1
+    if bucket > 0:
+        step = bucket
+    else:
+        step = 1 << ((b // 8).bit_length() - 1) if b >= 8 else 1
     return -(-b // step) * step
 
 
@@ -157,11 +156,18 @@ def padded_size(b: int, bucket: int = 0) -> int:
 DEFAULT_BUCKET = 0
 
 
+def require_cuda(adapter: Any) -> None:
+    """:class:`ConfigError` unless ``adapter`` runs on a CUDA device (graphs are recorded there only)."""
+    device = getattr(adapter, "device", torch.device("cpu"))
+    if device.type != "cuda":
+        raise ConfigError(f"graph_prefill records CUDA graphs; this model runs on {device}")
+
+
 def install(adapter: Any, bucket: int | None = None, max_graphs: int = 32, record: bool = True) -> GraphPrefill:
     """Give ``adapter`` a :class:`GraphPrefill` as its ``prefill_blocks``; returns it. Recording needs
     a CUDA device (:class:`ConfigError` elsewhere unless ``record`` is off)."""
-    if record and getattr(adapter, "device", torch.device("cpu")).type != "cuda":
-        raise ConfigError(f"graph_prefill records CUDA graphs; this model runs on {adapter.device}")
+    if record:
+        require_cuda(adapter)
     current = adapter.prefill_blocks
     if isinstance(current, GraphPrefill):
         return current
