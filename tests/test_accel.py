@@ -179,3 +179,61 @@ def test_a_shape_whose_forward_cannot_be_recorded_runs_eagerly_with_a_warning(ca
                 torch.testing.assert_close(x, y)
     assert gp.eager_calls == 2 and gp.replays == 0
     assert len([r for r in caplog.records if "run eagerly" in r.getMessage()]) == 1
+
+
+@pytest.mark.slow  # compiles three small kernels on the CPU
+def test_fused_norms_and_joint_projections_store_what_the_plain_path_stores():
+    from transformers.models.qwen2 import modeling_qwen2
+
+    original = modeling_qwen2.apply_rotary_pos_emb
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    plain = build_llava_onevision("tiny-llava-ov")
+    want, want_text = _stored(plain, frames)
+    keys = set(plain.model.state_dict())
+    for which in (["fused_norms", "fused_proj"], ["fused_llm", "fused_norms", "fused_proj"]):
+        fast = build_llava_onevision("tiny-llava-ov")
+        try:
+            assert accelerate(fast, which) == which
+            got, got_text = _stored(fast, frames)
+        finally:
+            modeling_qwen2.apply_rotary_pos_emb = original
+        for lv in want:  # float32: one joint product rounds like the separate ones up to summation order
+            assert torch.equal(got[lv][0], want[lv][0]), (which, lv)
+            assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < 1e-4, (which, lv)
+        assert got_text == want_text
+        assert set(fast.model.state_dict()) == keys  # a checkpoint saved from it has the plain names
+
+
+def test_joint_projections_share_their_weights_and_leave_what_they_cannot_join():
+    from mukv.accel import fuse_projections
+
+    adapter = build_llava_onevision("tiny-llava-ov")
+    layer = adapter.language_model.layers[0]
+    before = layer.self_attn.k_proj.weight.detach().clone()
+    layers = len(adapter.language_model.layers)
+    to_fp8_like = adapter.language_model.layers[1].mlp
+    to_fp8_like.up_proj = torch.nn.Sequential(to_fp8_like.up_proj)  # not an nn.Linear: left alone
+    assert fuse_projections(adapter) == 2 * layers - 1
+    joint = layer.self_attn._mukv_qkv_w
+    k = layer.self_attn.k_proj.weight
+    assert torch.equal(k, before) and k.untyped_storage().data_ptr() == joint.untyped_storage().data_ptr()
+    assert not hasattr(to_fp8_like, "_mukv_gate_up_w") and "forward" not in vars(to_fp8_like)
+
+
+def test_fused_norms_leave_a_norm_of_other_arithmetic_alone():
+    from mukv.accel import fuse_norms
+
+    class MeanRMSNorm(torch.nn.Module):  # the name of an RMSNorm, a layer norm's arithmetic
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, (8,), self.weight, eps=self.variance_epsilon)
+
+    adapter = build_llava_onevision("tiny-llava-ov")
+    n = sum(type(m).__name__.endswith("RMSNorm") for m in adapter.language_model.modules())
+    adapter.language_model.layers[0].extra_norm = MeanRMSNorm()
+    assert fuse_norms(adapter) == n
+    assert "forward" not in vars(adapter.language_model.layers[0].extra_norm)
+    assert "forward" in vars(adapter.language_model.norm)
