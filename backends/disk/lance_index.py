@@ -34,8 +34,6 @@ from .files import Files, check_level, check_stream_id, lance_storage_options
 TABLE = "blocks"
 #: columns every search returns (the rest are fetched by id when needed)
 META_COLUMNS = ["block_id", "segment_id", "frame_start", "frame_end", "t_start", "t_end"]
-#: the ``vector`` field's metadata key holding the rows its index was last trained on
-INDEX_ROWS_KEY = "mukv:index_built_rows"
 
 
 def schema(vector_dim: int):
@@ -62,13 +60,6 @@ def schema(vector_dim: int):
         # committed are a killed writer's leftovers; rows of a committed one are data
         pa.field("txn", pa.int64(), nullable=False),
     ])
-
-
-def _field_metadata(tbl, name: str = "vector") -> dict[str, str]:
-    """A field's metadata as ``str -> str`` (pyarrow keeps bytes)."""
-    raw = tbl.schema.field(name).metadata or {}
-    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()}
 
 
 @contextlib.contextmanager
@@ -168,11 +159,6 @@ class BlockTable:
             scans them exactly even where the index exists (``None``: the index, once built,
             for every search).
         optimize_every: compact fragments and update indexes every this many commits.
-        index_regrowth: compact the table and train the vector index again once the table
-            holds this many times the rows it was trained on (``None``: never; the table is
-            then not compacted once the index exists). The build size is kept in the ``vector``
-            field's metadata, so a reopened store knows it; a store whose index predates that
-            counts it as built at ``vector_index_rows``.
         cache_bytes: lance's index cache (its metadata cache gets a quarter of it), so a
             long stream does not grow the process's memory; ``None``: lance's defaults.
         call_timeout: seconds a write, search or read of rows may take before it raises a
@@ -183,7 +169,7 @@ class BlockTable:
                  vector_index_rows: int | None = 100_000, scalar_index_rows: int = 20_000,
                  optimize_every: int = 32, nprobes: int = 32, refine_factor: int = 4,
                  cache_bytes: int | None = 256 << 20, call_timeout: float | None = None,
-                 exact_rows: int | None = None, index_regrowth: float | None = None):
+                 exact_rows: int | None = None):
         import lancedb  # heavy; only when a disk store is opened
 
         self.files = files
@@ -195,8 +181,6 @@ class BlockTable:
         self.nprobes = nprobes
         self.refine_factor = refine_factor
         self.exact_rows = exact_rows
-        self.index_regrowth = index_regrowth
-        self._index_built_rows: int | None = None  # rows the vector index was last trained on
         opts: dict[str, Any] = {}
         if files.storage_options:
             opts["storage_options"] = lance_storage_options(files.storage_options)
@@ -426,52 +410,23 @@ class BlockTable:
                 self._maintain(tbl)
 
     def _maintain(self, tbl) -> None:
-        turn = bool(self._commits and self._commits % self.optimize_every == 0)
-        if turn or self._has_scalar_index is None or self._has_vector_index is None:
-            self._read_indices(tbl)  # another writer of the store may have built them since
-        if self._has_vector_index:
-            # lance's index update (part of every optimize()) leaves the IVF_PQ index as one partition, a flat
-            # scan of PQ codes: recall@20 fell from 0.66 to 0.28 after one optimize() of a 45,000-row table
-            # (lancedb 0.40). So once the index exists the table is optimized only right before the index is
-            # trained again, when it has grown ``index_regrowth`` times; rows added since are scanned exactly
-            if turn and self.index_regrowth is not None and self.vector_index_rows is not None:
-                rows = tbl.count_rows()
-                if rows >= self.index_regrowth * self.index_built_rows(tbl):
-                    self._optimize(tbl)
-                    self.build_vector_index(rows)
-            return
         rows = None
-        if turn:
-            self._optimize(tbl)
+        if self._commits and self._commits % self.optimize_every == 0:
+            try:
+                tbl.optimize(cleanup_older_than=timedelta(minutes=5))
+            except AttributeError:  # very old lancedb
+                tbl.compact_files()
+        if self._has_scalar_index is None or self._has_vector_index is None:
+            self._read_indices(tbl)
         if not self._has_scalar_index:
             rows = tbl.count_rows() if rows is None else rows
+            # another writer of the store may have built them since this one last looked
             if rows >= self.scalar_index_rows and not self._read_indices(tbl)[0]:
                 self.build_scalar_indexes()
-        if self.vector_index_rows is not None:
+        if not self._has_vector_index and self.vector_index_rows is not None:
             rows = tbl.count_rows() if rows is None else rows
             if rows >= self.vector_index_rows and not self._read_indices(tbl)[1]:
-                if not turn:  # trained on compacted fragments: no later upkeep compacts without training again
-                    self._optimize(tbl)
                 self.build_vector_index(rows)
-
-    @staticmethod
-    def _optimize(tbl) -> None:
-        try:
-            tbl.optimize(cleanup_older_than=timedelta(minutes=5))
-        except AttributeError:  # very old lancedb
-            tbl.compact_files()
-
-    def index_built_rows(self, tbl=None) -> int:
-        """Rows the vector index was last trained on: from the ``vector`` field's metadata (another
-        writer of the store may have rebuilt it), else ``vector_index_rows``."""
-        tbl = self.table() if tbl is None else tbl
-        meta = _field_metadata(tbl) if tbl is not None else {}
-        try:
-            self._index_built_rows = int(meta[INDEX_ROWS_KEY])
-        except (KeyError, ValueError):
-            if self._index_built_rows is None:
-                self._index_built_rows = int(self.vector_index_rows or 0)
-        return self._index_built_rows
 
     def _read_indices(self, tbl) -> tuple[bool, bool]:
         """Whether the table has its scalar and vector indexes now (and remember it)."""
@@ -508,11 +463,6 @@ class BlockTable:
             tbl.create_index(metric="cosine", num_partitions=parts, num_sub_vectors=sub,
                              vector_column_name="vector", index_type="IVF_PQ", replace=True)
         self._has_vector_index = True
-        self._index_built_rows = int(rows)
-        try:  # for a reopened store and the store's other writers; in-process it is known anyway
-            tbl.replace_field_metadata("vector", {**_field_metadata(tbl), INDEX_ROWS_KEY: str(int(rows))})
-        except Exception:  # noqa: BLE001 - an optimisation's bookkeeping: a lancedb without it rebuilds on size alone
-            pass
 
     # -- reading ------------------------------------------------------------------------
     def count(self, stream_id: str, level: str, below: int | None = None) -> int:

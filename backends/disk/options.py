@@ -49,17 +49,6 @@ class TieredOptions(BaseModel):
     cold_index_rows: int = Field(default=100_000, ge=256)
     """Table size (rows, all streams) at which the IVF_PQ index is built."""
 
-    cold_index_regrowth: float = Field(default=1.5, ge=1.1, le=100.0)
-    """Train the IVF_PQ index again (``sqrt(rows)`` partitions) once the table holds this many
-    times the rows it was last trained on. lance's own index update, part of every compaction
-    (``optimize()``), leaves the index one partition, a flat scan of its PQ codes (lancedb 0.40:
-    recall@20 against exact search fell from 0.66 to 0.28 after one), so once the index exists
-    the table is compacted only together with a new training, and the rows added since are
-    searched exactly beside the index. Each training reads the whole table (about 30 s at
-    100,000 rows, 77 s at 1.6 million, 128-dim vectors, two CPU cores, in the writer's
-    upkeep); at 1.5 a week of one stream from the default build size trains seven times, and
-    at most a third of the rows are outside the index. ``docs/disk-tier-results.md``."""
-
     cold_exact_rows: int | None = Field(default=500_000, ge=0)
     """A search over a stream's level holding at most this many blocks scans them exactly
     even where the IVF_PQ index exists. Exact search is reproducible: lance trains the

@@ -260,7 +260,7 @@ class TieredBackend(Recovery, Reads, StorageBackend):
         self.table = BlockTable(self.files, self.layout.vector_dim, self.read_only,
                                 vector_index_rows=None if o.cold_index == "exact" else o.cold_index_rows,
                                 cache_bytes=o.lance_cache_bytes, call_timeout=o.lance_call_timeout,
-                                exact_rows=o.cold_exact_rows, index_regrowth=o.cold_index_regrowth)
+                                exact_rows=o.cold_exact_rows)
         self.keys = LayerKeyArchive(self.files, self.stream_id, torch.float16, o.shard_bytes, self.read_only,
                                     read_threads=o.read_threads)
         self.lk = LayerKeyMirror(self.layout.num_layers, self.layout.vector_dim)
