@@ -539,8 +539,8 @@ DESIGN = """## Design choices these numbers support
   run, then a gather and a scatter (the previous page-in). Arrays of another layout and `s3://` stores
   are still read through zarr.
 - **Search over both tiers.** Hot blocks are searched by one matmul over the hot tier's vectors; blocks on
-  disk through lancedb (exact scan until the table holds 100k rows, then IVF_PQ, cosine, sqrt(n)
-  partitions, 8-dim sub-vectors, nprobes 32, refine x4), restricted by a filter of validated stream id,
+  disk through lancedb (an exact scan by default; with `cold_index` "auto", IVF_PQ once the table holds
+  100k rows: cosine, sqrt(n) partitions, 8-dim sub-vectors, nprobes 32, refine x4), restricted by a filter of validated stream id,
   level and `block_id < committed`; the union is re-scored exactly (float64) and merged, so the same
   question gets the same blocks before and after a reopen. The alternative, every vector in an in-RAM flat
   index, is faster per search (a 1.59M x 128 float32 matmul is ~0.8 GB and tens of ms on 2 cores) but its

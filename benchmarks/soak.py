@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     disk_options = {"hot_bytes": args.hot_mib << 20, "commit_interval": args.commit_interval,
                     "lance_cache_bytes": args.lance_cache_mib << 20}
     if args.cold_index_rows is not None:
-        disk_options["cold_index_rows"] = args.cold_index_rows
+        disk_options.update(cold_index="auto", cold_index_rows=args.cold_index_rows)
 
     def make_session(name: str, reopen: bool):
         kind = "disk" if name.startswith("disk") else "memory"
@@ -523,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lance-cache-mib", type=int, default=256,
                     help="lancedb index cache bound per disk stream in MiB (the backend's default: 256)")
     ap.add_argument("--cold-index-rows", type=int, default=None,
-                    help="rows (all disk streams) from which the store's IVF_PQ vector index is built "
-                         "(the backend's default: 100,000)")
+                    help="turn the store's IVF_PQ vector index on (cold_index auto), built from this many rows "
+                         "(all disk streams); default: the backend's exact search")
     ap.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples (default 2)")
     ap.add_argument("--max-growth-mib", type=float, default=64.0,
                     help="RSS beyond held blocks may grow this much from the middle to the last third of the run "

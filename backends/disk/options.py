@@ -41,17 +41,23 @@ class TieredOptions(BaseModel):
     """Vector index (``mukv_register_indexes``) searched over the hot tier's vectors
     (a name, or a name with settings)."""
 
-    cold_index: Literal["auto", "exact"] = "auto"
-    """Search of blocks on disk: "auto" scans exactly until the table holds
-    ``cold_index_rows`` rows, then builds an IVF_PQ index (approximate, refined);
-    "exact" always scans."""
+    cold_index: Literal["auto", "exact"] = "exact"
+    """Search of blocks on disk. "exact" (the default) scans a stream's level exactly: every
+    stored block is ranked, and two runs of a stream retrieve the same blocks. "auto" scans
+    exactly until the table holds ``cold_index_rows`` rows, then builds an IVF_PQ index
+    (approximate, refined) for levels of more than ``cold_exact_rows`` blocks: faster at a week
+    (semi-hierarchical retrieval 0.25 s against 0.64 s on two CPU cores) but it finds less of
+    what exact search finds, and less as the stream grows: lance's upkeep (``optimize()``, every
+    32 commits) adds rows to the index without training it again, and lancedb 0.39 and 0.40
+    leave it a flat scan of PQ codes after a single upkeep. At a week the index returned 49% of
+    the patch blocks exact search returned (``docs/disk-tier-results.md``)."""
 
     cold_index_rows: int = Field(default=100_000, ge=256)
     """Table size (rows, all streams) at which the IVF_PQ index is built."""
 
     cold_exact_rows: int | None = Field(default=500_000, ge=0)
-    """A search over a stream's level holding at most this many blocks scans them exactly
-    even where the IVF_PQ index exists. Exact search is reproducible: lance trains the
+    """With ``cold_index`` "auto": a search over a stream's level holding at most this many
+    blocks scans them exactly even where the IVF_PQ index exists. Exact search is reproducible: lance trains the
     index's partitions by an unseeded k-means, so through the index two runs of one stream
     retrieved different blocks for about one question in five (measured at a day). It costs
     time in proportion to the level's blocks: the default covers about three days of a

@@ -274,7 +274,7 @@ def test_pinned_mmap_threshold_gives_freed_buffers_back(tmp_path):
 
 def test_cold_index_is_built_when_the_table_grows(tmp_path):
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
-                      cold_index_rows=256)
+                      cold_index="auto", cold_index_rows=256)
     b.table.scalar_index_rows = 256
     for _ in range(3):
         b.add(synth_blocks("frame", b.count("frame"), 128))
@@ -300,7 +300,7 @@ def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_pa
         monkeypatch.setattr(cls, "bypass_vector_index", lambda self, real=real: (bypassed.append(1), real(self))[1])
     opts = {} if exact_rows == 500_000 else {"cold_exact_rows": exact_rows}
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
-                      cold_index_rows=256, **opts)
+                      cold_index="auto", cold_index_rows=256, **opts)
     assert b.options.cold_exact_rows == exact_rows
     for _ in range(3):
         b.add(synth_blocks("frame", b.count("frame"), 128))
@@ -423,7 +423,7 @@ def test_one_writer_at_a_time_compacts_the_shared_table(tmp_path):
 def test_a_writer_does_not_rebuild_an_index_another_writer_built(tmp_path):
     """Each writer of a store remembers whether the table has its indexes; one that last looked before
     another writer built them looks again instead of building them a second time."""
-    opts = dict(commit_interval=0.0, hot_bytes=0, cold_index_rows=256)
+    opts = dict(commit_interval=0.0, hot_bytes=0, cold_index="auto", cold_index_rows=256)
     a = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="a", **opts)
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="b", **opts)
     b.add(synth_blocks("frame", 0, 4))
