@@ -324,6 +324,18 @@ def decoder_layers(adapter: Any) -> Iterable[nn.Module]:
     return list(adapter.language_model.layers)
 
 
+#: the fusions :func:`accelerate` applies, in this order: what applies each (returning how many
+#: modules it changed) and what a model without such modules lacks
+_FUSIONS: dict[str, tuple[Callable[[Any], int], str]] = {
+    "fused_vision": (lambda a: fuse_vision_mlps(vision_tower(a)),
+                     "the vision tower of {} has no tanh-GELU MLP (fc1, fc2) it knows"),
+    "fused_llm": (fuse_llm, "the decoder layers of {} have no SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
+    "fused_norms": (fuse_norms, "the language model of {} has no RMSNorm whose arithmetic it knows"),
+    "fused_proj": (fuse_projections, "the decoder layers of {} have no Qwen2 attention or SwiGLU MLP whose linear "
+                                     "layers it can join"),
+}
+
+
 def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
     """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
 
@@ -356,26 +368,11 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         for layer in decoder_layers(adapter):
             to_fp8(layer)
         done.append("fp8_llm")
-    if "fused_vision" in which:
-        if not fuse_vision_mlps(vision_tower(adapter)):
-            raise ConfigError(f"fused_vision: the vision tower of {getattr(adapter, 'name', '?')} has no "
-                              "tanh-GELU MLP (fc1, fc2) it knows")
-        done.append("fused_vision")
-    if "fused_llm" in which:
-        if not fuse_llm(adapter):
-            raise ConfigError(f"fused_llm: the decoder layers of {getattr(adapter, 'name', '?')} have no SwiGLU "
-                              "MLP (gate_proj, up_proj, down_proj) it knows")
-        done.append("fused_llm")
-    if "fused_norms" in which:
-        if not fuse_norms(adapter):
-            raise ConfigError(f"fused_norms: the language model of {getattr(adapter, 'name', '?')} has no RMSNorm "
-                              "whose arithmetic it knows")
-        done.append("fused_norms")
-    if "fused_proj" in which:
-        if not fuse_projections(adapter):
-            raise ConfigError(f"fused_proj: the decoder layers of {getattr(adapter, 'name', '?')} have no Qwen2 "
-                              "attention or SwiGLU MLP whose linear layers it can join")
-        done.append("fused_proj")
+    for name, (apply, missing) in _FUSIONS.items():
+        if name in which:
+            if not apply(adapter):
+                raise ConfigError(f"{name}: {missing.format(getattr(adapter, 'name', '?'))}")
+            done.append(name)
     if "compile_vision" in which:
         vision_tower(adapter).compile(dynamic=False)
         done.append("compile_vision")

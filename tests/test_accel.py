@@ -82,25 +82,36 @@ def test_fused_rotary_embedding_is_transformers_arithmetic():
         assert torch.equal(got, want)
 
 
-@pytest.mark.slow  # compiles two small kernels on the CPU
-def test_fused_vision_and_llm_store_what_the_plain_path_stores():
+def _accelerated_stored(which, frames):
+    """A fresh tiny model with ``which`` applied: what it stores of ``frames``, its answer, the model,
+    and its visual tokens (transformers' rotary function, replaced process-wide, restored after)."""
     from transformers.models.qwen2 import modeling_qwen2
 
     original = modeling_qwen2.apply_rotary_pos_emb
+    fast = build_llava_onevision("tiny-llava-ov")
+    try:
+        assert accelerate(fast, which) == which
+        got, got_text = _stored(fast, frames)
+        return got, got_text, fast, fast.encode_frames(frames)
+    finally:
+        modeling_qwen2.apply_rotary_pos_emb = original
+
+
+def _assert_stores_alike(got, want, rel, label):
+    for lv in want:
+        assert torch.equal(got[lv][0], want[lv][0]), (label, lv)  # the same kept tokens
+        assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < rel, (label, lv)
+
+
+@pytest.mark.slow  # compiles two small kernels on the CPU
+def test_fused_vision_and_llm_store_what_the_plain_path_stores():
     frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     plain = build_llava_onevision("tiny-llava-ov")
     want, want_text = _stored(plain, frames)
-    want_visual = plain.encode_frames(frames)
-    fast = build_llava_onevision("tiny-llava-ov")
-    try:
-        assert accelerate(fast, ["fused_vision", "fused_llm"]) == ["fused_vision", "fused_llm"]
-        torch.testing.assert_close(fast.encode_frames(frames), want_visual, rtol=1e-5, atol=1e-5)
-        got, got_text = _stored(fast, frames)
-    finally:
-        modeling_qwen2.apply_rotary_pos_emb = original  # the rotary function is process-wide
-    for lv in want:  # float32: the fused LLM kernels are exact here; the GELU epilogue rounds differently
-        assert torch.equal(got[lv][0], want[lv][0]), lv
-        assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < 1e-3, lv
+    got, got_text, _, visual = _accelerated_stored(["fused_vision", "fused_llm"], frames)
+    torch.testing.assert_close(visual, plain.encode_frames(frames), rtol=1e-5, atol=1e-5)
+    # float32: the fused LLM kernels are exact here; the GELU epilogue rounds differently
+    _assert_stores_alike(got, want, 1e-3, "fused_vision+fused_llm")
     assert got_text == want_text
 
 
@@ -183,23 +194,14 @@ def test_a_shape_whose_forward_cannot_be_recorded_runs_eagerly_with_a_warning(ca
 
 @pytest.mark.slow  # compiles three small kernels on the CPU
 def test_fused_norms_and_joint_projections_store_what_the_plain_path_stores():
-    from transformers.models.qwen2 import modeling_qwen2
-
-    original = modeling_qwen2.apply_rotary_pos_emb
     frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     plain = build_llava_onevision("tiny-llava-ov")
     want, want_text = _stored(plain, frames)
     keys = set(plain.model.state_dict())
     for which in (["fused_norms", "fused_proj"], ["fused_llm", "fused_norms", "fused_proj"]):
-        fast = build_llava_onevision("tiny-llava-ov")
-        try:
-            assert accelerate(fast, which) == which
-            got, got_text = _stored(fast, frames)
-        finally:
-            modeling_qwen2.apply_rotary_pos_emb = original
-        for lv in want:  # float32: one joint product rounds like the separate ones up to summation order
-            assert torch.equal(got[lv][0], want[lv][0]), (which, lv)
-            assert ((got[lv][1] - want[lv][1]).norm() / want[lv][1].norm()).item() < 1e-4, (which, lv)
+        got, got_text, fast, _ = _accelerated_stored(which, frames)
+        # float32: one joint product rounds like the separate ones up to summation order
+        _assert_stores_alike(got, want, 1e-4, which)
         assert got_text == want_text
         assert set(fast.model.state_dict()) == keys  # a checkpoint saved from it has the plain names
 
