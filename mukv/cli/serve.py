@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                                    f"{TRAINED_MODEL}; {RANDOM_MODEL} has random weights)")
     p.add_argument("--config", help="configuration fields of new streams, as a JSON object or file")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
+    p.add_argument("--accel", metavar="NAMES",
+                   help="accelerated forwards applied to the model at start, comma-separated names of "
+                        "mukv.accel.KNOWN, e.g. fused_vision,fused_llm,fused_norms,graph_prefill (default: none)")
     p.add_argument("--backend-options", metavar="JSON",
                    help='options of the lancedb backend, e.g. \'{"storage_options": {...}, "lease_ttl": 30}\'')
     p.add_argument("--token", help="bearer token every request must carry (default: $MUKV_SERVE_TOKEN); "
@@ -71,6 +74,8 @@ def build_config(args: argparse.Namespace):
     fields = {"store": args.store, "host": args.host, "port": args.port, "model": args.model,
               "config": _parse_config(args.config), "device": args.device, "token": args.token,
               "backend_options": _parse_config(args.backend_options, "--backend-options") or {}}
+    if args.accel is not None:
+        fields["accelerations"] = args.accel
     for flag, field in (("max_lag", "max_lag_s"), ("max_queue_bytes", "max_queue_bytes"),
                         ("max_batch_frames", "max_batch_frames"), ("max_upload_bytes", "max_upload_bytes"),
                         ("batch_frames", "batch_frames"), ("latency_target", "latency_target_s"),

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
 
@@ -54,6 +54,27 @@ class ServeConfig(BaseModel):
 
     device: str | None = None
     """torch device of the model (default: CUDA if available)."""
+
+    accelerations: tuple[str, ...] = ()
+    """Accelerated forwards applied to the model at start (names of :data:`mukv.accel.KNOWN`, see
+    :func:`mukv.accel.accelerate`), e.g. ``("fused_vision", "fused_llm", "fused_norms",
+    "graph_prefill")``, the fastest measured at 0.5B on an H100 (docs/gpu-results.md). They change the
+    stored KV within floating-point differences; FP8 and ``graph_prefill`` need a CUDA GPU (the
+    server then refuses to start elsewhere). Default: none, the plain path."""
+
+    @field_validator("accelerations", mode="before")
+    @classmethod
+    def _known_accelerations(cls, value: Any) -> Any:
+        from ..accel import KNOWN
+
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected names of {', '.join(KNOWN)}")
+        unknown = [v for v in value if v not in KNOWN]
+        if unknown:
+            raise ValueError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
+        return tuple(dict.fromkeys(value))
 
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Options of the ``lancedb`` backend for every stream (e.g. ``storage_options`` of an

@@ -74,6 +74,7 @@ class Engine:
         self.metrics.registry.collectors.append(self._collect)
         self.model = model
         self.model_name: str | None = getattr(model, "name", None)
+        self._accelerated = False  # config.accelerations applied to the model
         self.server_name = config.backend_options.get("lease_owner") or f"{socket.gethostname()}:{os.getpid()}"
         self.scheduler = IngestScheduler(config.max_batch_frames, config.thumbnails, config.scheduler_config())
         self.state = "starting"
@@ -112,11 +113,16 @@ class Engine:
             if self.model is None:
                 self.model = load_model(name, device)
             self.model_name = name
+        if self.config.accelerations and not self._accelerated:
+            from ..accel import accelerate
+
+            accelerate(self.model, self.config.accelerations)  # ConfigError where they cannot run: before serving
+            self._accelerated = True
         adapter.stream_ids(self.config.store, self.backend_options)  # the store is readable
 
     def start(self) -> None:
         """Load the model (unless :meth:`load` did), open every stream of the store, start the loop."""
-        if self.model is None or self.model_name is None:
+        if self.model is None or self.model_name is None or (self.config.accelerations and not self._accelerated):
             self.load()
         for sid in adapter.stream_ids(self.config.store, self.backend_options):
             self._open_existing(sid)

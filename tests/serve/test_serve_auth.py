@@ -71,3 +71,44 @@ def test_step_flags_reach_the_engines_scheduler(tmp_path):
     with pytest.raises(ConfigError, match="encode_batch_frames"):
         ServeConfig.build(store="x", encode_batch_frames=0)
     assert main(["serve", str(tmp_path / "s"), "--encode-batch-frames", "0"]) == 2
+
+
+def test_accelerations_are_validated_parsed_and_applied_once_at_load(tmp_path, monkeypatch):
+    import argparse
+
+    import mukv.accel
+    from mukv.cli.serve import add_parser, build_config
+    from mukv.serve.engine import Engine
+
+    for bad in ("fast", ["fused_llm", "nope"], 3, [1]):
+        with pytest.raises(ConfigError, match="accelerations"):
+            ServeConfig.build(store="x", accelerations=bad)
+    assert ServeConfig.build(store="x").accelerations == ()
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cfg = build_config(parser.parse_args(["serve", str(tmp_path / "s"), "--accel", "fused_llm, fused_norms,fused_llm"]))
+    assert cfg.accelerations == ("fused_llm", "fused_norms")
+    assert main(["serve", str(tmp_path / "s"), "--accel", "fused_llm,warp"]) == 2  # refused before anything starts
+    calls = []
+    monkeypatch.setattr(mukv.accel, "accelerate", lambda model, which: calls.append((model, tuple(which))))
+    model = object()
+    engine = Engine(cfg, model=model)
+    engine.model_name = "tiny"
+    engine.load()
+    engine.load()
+    assert calls == [(model, ("fused_llm", "fused_norms"))]
+
+
+def test_a_server_whose_accelerations_cannot_run_here_refuses_to_start(tmp_path):
+    import torch
+
+    from mukv.serve.engine import Engine
+    from mukv.session import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("graph_prefill runs on this machine")
+    engine = Engine(ServeConfig.build(store=str(tmp_path / "s"), accelerations=["graph_prefill"]),
+                    model=load_model("tiny-llava-ov", "cpu"))
+    with pytest.raises(ConfigError, match="graph_prefill"):
+        engine.load()
+    assert not (tmp_path / "s").exists()  # nothing written
