@@ -444,3 +444,27 @@ def test_a_writer_does_not_rebuild_an_index_another_writer_built(tmp_path):
     assert ids[0].item() == 2
     a.close()
     b.close()
+
+
+def test_by_default_blocks_on_disk_are_searched_exactly_and_no_vector_index_is_built(tmp_path):
+    """``cold_index`` is "exact" by default: past ``cold_index_rows`` the table gets its scalar indexes but
+    no IVF_PQ index (lance's upkeep degrades it), and every search ranks every stored block."""
+    b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
+                      cold_index_rows=256)
+    assert b.options.cold_index == "exact"
+    b.table.scalar_index_rows = 256
+    for _ in range(3):
+        b.add(synth_blocks("frame", b.count("frame"), 128))
+        b.flush()
+    b.table._commits = b.table.optimize_every  # an upkeep turn: compaction too
+    b.table.maintain()
+    names = " ".join(str(i) for i in b.table.table().list_indices())
+    assert "block_id" in names and "vector" not in names
+    n = b.count("frame")
+    unit = torch.nn.functional.normalize(b.vectors("frame", torch.arange(n)).float(), dim=-1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        q = torch.randn(LAYOUT.vector_dim, generator=g)
+        ids, _ = b.search("frame", q, 10)
+        assert ids.tolist() == (unit @ torch.nn.functional.normalize(q, dim=0)).topk(10).indices.tolist()
+    b.close()
