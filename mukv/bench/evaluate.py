@@ -59,8 +59,8 @@ from .stats import bootstrap_interval, paired_interval
 DEFAULT_POLICIES = ("mukv", "mukv_spatial", "mukv_time", "mukv_timeline", "mukv_hierarchical", "rekv", "frame_topk",
                     "uniform", "sliding_window", "full_context", "no_memory")
 #: ``cold_exact_rows`` the harness gives the ``lancedb`` backend unless its options set one: every
-#: search on disk exact, so two runs of one stream retrieve the same blocks (the disk tier's own
-#: default bounds exact search for question latency).
+#: search on disk exact, so two runs of one stream retrieve the same blocks, even where the options
+#: turn the IVF_PQ index on (``cold_index`` "auto"; the disk tier's default is exact anyway).
 HARNESS_EXACT_ROWS = 10**12
 
 
@@ -146,8 +146,9 @@ def evaluate(
         store_path: folder for the disk backend's stores (empty or absent; one store per
             stream and storage group, removed after its questions unless ``keep_stores``).
         backend_options: options of the backend (e.g. ``{"hot_bytes": 268435456}``). The ``lancedb``
-            backend searches exactly at every size unless they set ``cold_exact_rows``
-            (:data:`HARNESS_EXACT_ROWS`): runs of one stream then retrieve the same blocks.
+            backend searches exactly at every size unless they turn the index on (``cold_index``
+            "auto") and set ``cold_exact_rows`` (:data:`HARNESS_EXACT_ROWS`): runs of one stream then
+            retrieve the same blocks.
         keep_stores: leave the disk stores in place.
         reference: policy the others are compared with, per question (default ``rekv`` when run).
         argv: the command line, recorded in the provenance.
