@@ -57,8 +57,8 @@ class TieredOptions(BaseModel):
 
     cold_exact_rows: int | None = Field(default=500_000, ge=0)
     """With ``cold_index`` "auto": a search over a stream's level holding at most this many
-    blocks scans them exactly even where the IVF_PQ index exists. Exact search is reproducible: lance trains the
-    index's partitions by an unseeded k-means, so through the index two runs of one stream
+    blocks scans them exactly even where the IVF_PQ index exists. Exact search is reproducible:
+    lance trains the index's partitions by an unseeded k-means, so through the index two runs of one stream
     retrieved different blocks for about one question in five (measured at a day). It costs
     time in proportion to the level's blocks: the default covers about three days of a
     0.5-fps stream's patch blocks (172,800 a day); at a week (1.2 million) semi-hierarchical
