@@ -66,7 +66,14 @@ class Client:
         raise _error(r.status_code, kind, detail)
 
     def _get(self, path: str, **kw: Any) -> Any:
-        return self._check(self._http.get(path, **kw))
+        import httpx
+
+        try:
+            return self._check(self._http.get(path, **kw))
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # a kept-alive connection the server closed as the request went out (uvicorn closes idle ones
+            # after 5 s): a GET changes nothing, so it is sent once more, on a new connection
+            return self._check(self._http.get(path, **kw))
 
     def close(self) -> None:
         self._http.close()

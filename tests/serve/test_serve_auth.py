@@ -112,3 +112,26 @@ def test_a_server_whose_accelerations_cannot_run_here_refuses_to_start(tmp_path)
     with pytest.raises(ConfigError, match="graph_prefill"):
         engine.load()
     assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_a_get_on_a_connection_the_server_just_closed_is_sent_once_more():
+    import httpx
+
+    from mukv.client import Client
+
+    sent = []
+
+    def handler(request):
+        sent.append(request.url.path)
+        if len(sent) == 1:  # the kept-alive connection was closed under the request
+            raise httpx.ReadError("connection reset by peer", request=request)
+        if request.url.path == "/v1/streams/broken":
+            raise httpx.RemoteProtocolError("server disconnected", request=request)
+        return httpx.Response(200, json={"streams": []})
+
+    client = Client("http://server")
+    client._http = httpx.Client(base_url="http://server", transport=httpx.MockTransport(handler))
+    assert client.streams() == [] and sent == ["/v1/streams", "/v1/streams"]
+    with pytest.raises(httpx.RemoteProtocolError):  # once more only: a server that keeps failing is an error
+        client.stream("broken")
+    assert sent[2:] == ["/v1/streams/broken", "/v1/streams/broken"]
