@@ -287,6 +287,18 @@ def test_cold_index_is_built_when_the_table_grows(tmp_path):
     b.close()
 
 
+def _feed_frame_blocks(b, commits=3, per_commit=128):
+    for _ in range(commits):
+        b.add(synth_blocks("frame", b.count("frame"), per_commit))
+        b.flush()
+
+
+def _exact_top(b, q, k=10):
+    """The ``k`` frame blocks of ``b`` nearest ``q`` by brute-force cosine."""
+    unit = torch.nn.functional.normalize(b.vectors("frame", torch.arange(b.count("frame"))).float(), dim=-1)
+    return (unit @ torch.nn.functional.normalize(q, dim=0)).topk(k).indices.tolist()
+
+
 @pytest.mark.parametrize("exact_rows", [500_000, 100, None])
 def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_path, monkeypatch, exact_rows):
     """Past ``cold_index_rows`` the table has its IVF_PQ index, whose partitions lance trains by an
@@ -302,20 +314,17 @@ def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_pa
     b = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", commit_interval=0.0, hot_bytes=0,
                       cold_index="auto", cold_index_rows=256, **opts)
     assert b.options.cold_exact_rows == exact_rows
-    for _ in range(3):
-        b.add(synth_blocks("frame", b.count("frame"), 128))
-        b.flush()
+    _feed_frame_blocks(b)
     b.table.maintain()
     assert b.table._has_vector_index
     n = b.count("frame")
-    unit = torch.nn.functional.normalize(b.vectors("frame", torch.arange(n)).float(), dim=-1)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         q = torch.randn(LAYOUT.vector_dim, generator=g)
         ids, _ = b.search("frame", q, 10)
         if exact_rows is not None and n <= exact_rows:
-            want = (unit @ torch.nn.functional.normalize(q, dim=0)).topk(10).indices
-            assert ids.tolist() == want.tolist()
+            want = _exact_top(b, q)
+            assert ids.tolist() == want
     assert bool(bypassed) == (exact_rows is not None and n <= exact_rows)
     b.close()
     # a reader opened on the indexed store (it has not looked for the index) searches the same way
@@ -323,7 +332,7 @@ def test_a_level_below_cold_exact_rows_is_searched_exactly_past_the_index(tmp_pa
     r = TieredBackend(LAYOUT, str(tmp_path / "st"), "cpu", stream_id="s", read_only=True, hot_bytes=0, **opts)
     if exact_rows is not None and n <= exact_rows:
         ids, _ = r.search("frame", q, 10)
-        assert ids.tolist() == want.tolist() and bypassed
+        assert ids.tolist() == want and bypassed
     else:
         probes = []
         real_np = lq.LanceVectorQueryBuilder.nprobes
@@ -453,18 +462,14 @@ def test_by_default_blocks_on_disk_are_searched_exactly_and_no_vector_index_is_b
                       cold_index_rows=256)
     assert b.options.cold_index == "exact"
     b.table.scalar_index_rows = 256
-    for _ in range(3):
-        b.add(synth_blocks("frame", b.count("frame"), 128))
-        b.flush()
+    _feed_frame_blocks(b)
     b.table._commits = b.table.optimize_every  # an upkeep turn: compaction too
     b.table.maintain()
     names = " ".join(str(i) for i in b.table.table().list_indices())
     assert "block_id" in names and "vector" not in names
-    n = b.count("frame")
-    unit = torch.nn.functional.normalize(b.vectors("frame", torch.arange(n)).float(), dim=-1)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         q = torch.randn(LAYOUT.vector_dim, generator=g)
         ids, _ = b.search("frame", q, 10)
-        assert ids.tolist() == (unit @ torch.nn.functional.normalize(q, dim=0)).topk(10).indices.tolist()
+        assert ids.tolist() == _exact_top(b, q)
     b.close()
