@@ -24,11 +24,6 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   arithmetic: float32 statistics, the weight applied in the input's dtype) instead of the
   five or six elementwise kernels of its eager forward. A norm whose forward does not match
   that arithmetic on a probe is left alone.
-* ``fused_proj``: the query, key and value projections of every Qwen2 attention as one matrix
-  product, and the gate and up projections of every SwiGLU MLP as one (the separate layers'
-  weights become views of the joint one, so no memory is added): fewer, wider products for
-  the small models whose prefill is bound by kernel launches. Measured 2-4% slower at 0.5B on an
-  H100 (the strided query/key/value slices cost more than the launches saved): not recommended.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """
@@ -46,7 +41,7 @@ from .errors import ConfigError
 
 #: The accelerations :func:`accelerate` knows.
 KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "fused_norms",
-         "fused_proj", "graph_prefill")
+         "graph_prefill")
 E4M3_MAX = 448.0
 
 
@@ -150,103 +145,6 @@ def fuse_norms(adapter: Any) -> int:
     return n
 
 
-def _join_linears(module: nn.Module, names: tuple[str, ...], joint: str) -> bool:
-    """Make the ``nn.Linear`` children ``names`` of ``module`` views of one joint weight (and
-    bias), kept as the non-persistent buffers ``_mukv_<joint>_w`` / ``_b`` with their output
-    sizes in ``_mukv_<joint>_sizes``. False (nothing changed) where they cannot be joined."""
-    lins = [getattr(module, n, None) for n in names]
-    if not all(type(lin) is nn.Linear for lin in lins):  # e.g. FP8Linear: a product of its own
-        return False
-    w0 = lins[0].weight
-    if any(lin.in_features != lins[0].in_features or lin.weight.dtype != w0.dtype or lin.weight.device != w0.device
-           for lin in lins):
-        return False
-    has_bias = {lin.bias is not None for lin in lins}
-    if len(has_bias) != 1:
-        return False
-    weight = torch.cat([lin.weight.detach() for lin in lins])
-    bias = torch.cat([lin.bias.detach() for lin in lins]) if has_bias == {True} else None
-    start = 0
-    for lin in lins:
-        rows = lin.out_features
-        lin.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
-        start += rows
-    module.register_buffer(f"_mukv_{joint}_w", weight, persistent=False)
-    module.register_buffer(f"_mukv_{joint}_b", bias, persistent=False)
-    setattr(module, f"_mukv_{joint}_sizes", [lin.out_features for lin in lins])
-    return True
-
-
-def _joint_gate_up_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, self._mukv_gate_up_w, self._mukv_gate_up_b).split(self._mukv_gate_up_sizes, dim=-1)
-    act = getattr(self, "_mukv_swiglu", None)  # fused_llm's one-kernel SwiGLU, where applied
-    return self.down_proj(act(gate, up) if act is not None else self.act_fn(gate) * up)
-
-
-def _computes_swiglu_mlp(mlp: nn.Module) -> bool:
-    """``mlp``'s own forward is ``down(act(gate(x)) * up(x))`` (checked on a probe input)."""
-    w = mlp._mukv_gate_up_w
-    g = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.randn(3, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        want, got = type(mlp).forward(mlp, probe), _joint_gate_up_forward(mlp, probe)
-    return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-3)
-
-
-def _joint_qkv_attention_forward(self: nn.Module, hidden_states: torch.Tensor,
-                                 position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                                 attention_mask: torch.Tensor | None, past_key_values: Any = None,
-                                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' ``Qwen2Attention.forward`` with one product for the query, key and value."""
-    from transformers.models.qwen2 import modeling_qwen2 as q2
-
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = F.linear(hidden_states, self._mukv_qkv_w, self._mukv_qkv_b).split(self._mukv_qkv_sizes, dim=-1)
-    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
-    cos, sin = position_embeddings
-    q, k = q2.apply_rotary_pos_emb(q, k, cos, sin)  # the module's function: fused_llm's where applied
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
-    attend = q2.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, q2.eager_attention_forward)
-    out, weights = attend(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                          scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
-
-
-def _qwen2_attention_forward_known() -> bool:
-    """transformers' Qwen2 attention has the forward :func:`_joint_qkv_attention_forward` mirrors."""
-    import inspect
-
-    from transformers.models.qwen2 import modeling_qwen2 as q2
-
-    params = list(inspect.signature(q2.Qwen2Attention.forward).parameters)
-    return (params[:5] == ["self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values"]
-            and hasattr(q2, "ALL_ATTENTION_FUNCTIONS") and hasattr(q2.ALL_ATTENTION_FUNCTIONS, "get_interface"))
-
-
-def fuse_projections(adapter: Any) -> int:
-    """Query/key/value of every Qwen2 attention and gate/up of every SwiGLU MLP as one matrix
-    product each; returns how many attentions and MLPs were joined."""
-    from transformers.models.qwen2 import modeling_qwen2 as q2
-
-    attention_known = _qwen2_attention_forward_known()
-    n = 0
-    for layer in decoder_layers(adapter):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if (attention_known and type(attn) is q2.Qwen2Attention
-                and _join_linears(attn, ("q_proj", "k_proj", "v_proj"), "qkv")):
-            attn.forward = types.MethodType(_joint_qkv_attention_forward, attn)
-            n += 1
-        if (isinstance(getattr(mlp, "down_proj", None), nn.Module) and callable(getattr(mlp, "act_fn", None))
-                and _join_linears(mlp, ("gate_proj", "up_proj"), "gate_up") and _computes_swiglu_mlp(mlp)):
-            mlp.forward = types.MethodType(_joint_gate_up_forward, mlp)
-            n += 1
-    return n
-
-
 def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fc1 = self.fc1
     if type(fc1) is not nn.Linear or fc1.bias is None:  # e.g. an FP8Linear: its own product, then GELU
@@ -277,9 +175,7 @@ def fuse_llm(adapter: Any) -> int:
         act = getattr(mlp, "act_fn", None)
         swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
         if swiglu_mlp and type(act).__name__ == "SiLUActivation":
-            mlp._mukv_swiglu = _compiled("swiglu", swiglu)
-            if not hasattr(mlp, "_mukv_gate_up_sizes"):  # fused_proj's forward reads _mukv_swiglu itself
-                mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
+            mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
             n += 1
     from transformers.models.qwen2 import modeling_qwen2
 
@@ -331,8 +227,6 @@ _FUSIONS: dict[str, tuple[Callable[[Any], int], str]] = {
                      "the vision tower of {} has no tanh-GELU MLP (fc1, fc2) it knows"),
     "fused_llm": (fuse_llm, "the decoder layers of {} have no SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
     "fused_norms": (fuse_norms, "the language model of {} has no RMSNorm whose arithmetic it knows"),
-    "fused_proj": (fuse_projections, "the decoder layers of {} have no Qwen2 attention or SwiGLU MLP whose linear "
-                                     "layers it can join"),
 }
 
 
