@@ -230,21 +230,28 @@ _FUSIONS: dict[str, tuple[Callable[[Any], int], str]] = {
 }
 
 
-def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
-    """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
-
-    Returns what was applied. Raises ConfigError for an unknown name, or FP8 where the device
-    has no FP8 products.
-    """
+def acceleration_names(which: Iterable[str] | str) -> list[str]:
+    """``which`` (names of :data:`KNOWN`, or one name) as a list without repeats; ConfigError for
+    anything else."""
     if isinstance(which, str):
         which = [which]
     try:
         which = list(dict.fromkeys(which))
     except TypeError:
         raise ConfigError(f"accelerations: expected names of {', '.join(KNOWN)}, got {type(which).__name__}") from None
-    unknown = [w for w in which if w not in KNOWN]
+    unknown = [w for w in which if not isinstance(w, str) or w not in KNOWN]
     if unknown:
         raise ConfigError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
+    return which
+
+
+def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
+    """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
+
+    Returns what was applied. Raises ConfigError for an unknown name, or FP8 where the device
+    has no FP8 products.
+    """
+    which = acceleration_names(which)
     if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
         raise ConfigError(f"accelerate: expected a model adapter (session.model), got {type(adapter).__name__}")
     if "graph_prefill" in which:

@@ -65,16 +65,16 @@ class ServeConfig(BaseModel):
     @field_validator("accelerations", mode="before")
     @classmethod
     def _known_accelerations(cls, value: Any) -> Any:
-        from ..accel import KNOWN
+        from ..accel import acceleration_names
 
-        if isinstance(value, str):
+        if isinstance(value, str):  # the CLI's comma-separated list
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"expected names of {', '.join(KNOWN)}")
-        unknown = [v for v in value if v not in KNOWN]
-        if unknown:
-            raise ValueError(f"unknown acceleration {unknown[0]!r}; known: {', '.join(KNOWN)}")
-        return tuple(dict.fromkeys(value))
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list of acceleration names")
+        try:
+            return tuple(acceleration_names(value))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Options of the ``lancedb`` backend for every stream (e.g. ``storage_options`` of an
