@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,26 @@ class Files:
     def exists_nonempty_root(self) -> bool:
         """True if the root holds anything at all."""
         return bool(self.listing())
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under a local folder, skipping temp files of writes in flight (``*.partial``).
+
+    A background writer may rename or remove a file between the listing and its ``stat``; such a file
+    counts as gone (0 bytes), never as an error: this is a measurement taken while the store is written.
+    """
+    total = 0
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            if name.endswith(".partial"):
+                continue
+            try:
+                st = os.stat(os.path.join(folder, name), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 def disk_error(exc: OSError, what: str) -> StoreError:

@@ -24,7 +24,7 @@ import torch
 
 from mukv.errors import StoreError
 
-from .files import FORMAT, Files, WriterLock, check_stream_id
+from .files import FORMAT, Files, WriterLock, check_stream_id, tree_bytes
 from .state_file import read_state, validate_manifest
 
 MANIFEST = "mukv.json"
@@ -66,8 +66,7 @@ def _unknown(files: Files, sid: str) -> StoreError:
 
 def _kv_bytes(files: Files, sid: str, counts: dict[str, int], levels: dict[str, Any], layout: dict[str, Any]) -> int:
     if not files.remote:
-        root = files.local / "kv" / sid
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+        return tree_bytes(files.local / "kv" / sid)
     elem = 2 if layout["dtype"] in ("bfloat16", "float16") else 4
     return sum(int(np.prod(levels[lv]["block_shape"])) * elem * n for lv, n in counts.items() if lv in levels)
 

@@ -38,6 +38,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -560,7 +561,7 @@ def _check_leftover_files(files: Files, only: str | None, states: dict[str, dict
     for sub in ("streams", "kv") if only is None else ("streams", f"kv/{only}"):
         base = root / sub
         if base.exists():
-            temps += [p for p in base.rglob("*") if _TEMP.search(p.name) and p.is_file()]
+            temps += [Path(d) / n for d, _, names in os.walk(base) for n in names if _TEMP.search(n)]
     if temps:
         report.add("leftover", "temp_files", f"{len(temps)} temp file(s) of an unfinished write, e.g. "
                    f"{temps[0].relative_to(root)}")

@@ -55,7 +55,7 @@ from mukv.errors import ConfigError, StoreError
 from mukv.interfaces import KVCodec
 from mukv.kvcodec import codec_from_record, none_codec
 
-from .files import Files, disk_error
+from .files import Files, disk_error, tree_bytes
 from .shards import ShardFailure, ShardGeometry, open_shard, plan_reads, read_shard, reader_pool
 
 __all__ = ["KVArchive", "ShardGeometry", "block_crc", "describe_ids", "dtype_from_name", "dtype_name", "from_numpy",
@@ -549,8 +549,7 @@ class KVArchive:
         """Bytes of the stream's KV files (local stores; 0 for object stores)."""
         if self.files.remote:
             return 0
-        root = self.files.local / self.folder / self.stream_id
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+        return tree_bytes(self.files.local / self.folder / self.stream_id)
 
     def remove_partials(self) -> int:
         """Delete temp files a killed writer left behind (local stores). Returns how many."""
@@ -558,13 +557,14 @@ class KVArchive:
             return 0
         root = self.files.local / self.folder / self.stream_id
         n = 0
-        if root.exists():
-            for p in root.rglob("*.partial"):
-                try:
-                    p.unlink()
-                    n += 1
-                except OSError:
-                    pass
+        for folder, _dirs, names in os.walk(root):
+            for name in names:
+                if name.endswith(".partial"):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        n += 1
+                    except OSError:
+                        pass
         return n
 
 
