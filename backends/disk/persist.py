@@ -1,8 +1,8 @@
 """The offload writer's side of a commit (a part of :class:`~.tiered.TieredBackend`).
 
 The caller's thread keeps the bookkeeping (ids handed out, the open transaction, the hot tier) in
-:mod:`.tiered` and queues :class:`Job`\ s (a batch of blocks), :class:`Mark`\ s (the end of a
-transaction) and :class:`Rollback`\ s (an aborted one). The writer thread turns a group of them
+:mod:`.tiered` and queues a :class:`Job` per batch of blocks, a :class:`Mark` at the end of a
+transaction and a :class:`Rollback` for an aborted one. The writer thread turns a group of them
 into bytes here, in order: KV (zarr), then index rows (lancedb, one commit), then the transactions'
 files, then the stream's state file (the commit point). Nothing here runs on the caller's thread.
 """

@@ -196,7 +196,7 @@ FILTER_CALL_SITES = {
     ("lance_index.py", "beyond", "where", "clause"),  # _uncounted(stream_id, counts): check_stream_id, check_level, int
     # file deletions, not filters: object-store keys / paths under the stream's folder, names checked by _FILE_NAME
     ("files.py", "delete", "delete", "self._store"),
-    ("tiered.py", "_commit_run", "delete", "f'{self._stream_dir()}/{name}'"),
+    ("persist.py", "_commit_run", "delete", "f'{self._stream_dir()}/{name}'"),
     ("recovery.py", "_remove_unreferenced_files", "delete", "f'{self._stream_dir()}/{name}'"),
     ("recovery.py", "_remove_unreferenced_files", "delete", "f'{thumbs}/{name}'"),
     ("repair.py", "apply_repair", "delete", "f\"streams/{rep.stream_id}/{check_stream_id(pend['file'])}\""),
