@@ -77,7 +77,9 @@ def stream_vectors(model, seed: int, minutes: float, questions: int, cache: Path
                "ee": q.evidence_end} for q in bench.questions]
     data = {"levels": levels, "questions": qs}
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)  # an interrupted run leaves no half-written cache that a later run would load
     return data
 
 
