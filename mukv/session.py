@@ -12,51 +12,37 @@ threads; calls are serialised. Every feed is a transaction: it stores every
 block its frames complete and moves the stream's bookkeeping (frames seen,
 stream time, cursors, pending frames) with them, or, on any error or
 interrupt, changes nothing (:mod:`mukv.stream`).
+
+The class is put together from parts: opening a session (``Session(...)``,
+``Session.open``, ``Session.fork``) is :mod:`mukv.opening`, feeding it frames
+(``feed``, ``ingest``, ``record_gap``, ``thumbnail``) :mod:`mukv.feeding`, answering a
+question :mod:`mukv.answering`. This module keeps the API and the stream's state.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
-import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .blocks import Answer
-from .clock import is_wall_clock, stream_seconds, to_unix, unix_array
-from .config import MukvConfig, merge
-from .errors import ConfigError, InputError, MukvError, StoreError
-from .frames import as_frames, as_timestamps, iter_chunks, resize_frames
+from .clock import stream_seconds
+from .config import MukvConfig
+from .errors import InputError, MukvError, StoreError
+from .feeding import SessionFeeding
 from .ingest import LiveFeed  # noqa: F401  (the handle feed_from(background=True) returns)
-from .kvcodec import build_codec
-from .interfaces import (
-    Compressor,
-    GranularityExtractor,
-    ModelAdapter,
-    Retriever,
-    StorageBackend,
-    TokenScorer,
-)
-from .pipeline import Ingestor, LevelPipeline
-from .registry import registry
-from .specs import build, canonicalize, config_hash, require_json
-from .state import MAX_STREAM_TIME, validate_values
-from .stream import Stream, load_pending
+from .interfaces import ModelAdapter
+from .opening import STATE_KEYS, SessionOpening
+from .pipeline import Ingestor
+from .state import validate_values
 
 from .answering import MAX_QUESTION_TOKENS, answer_question, plan_top_k  # noqa: F401  (re-exported)
 from .loading import (  # noqa: F401  (re-exported: mukv.session's public helpers since 0.1)
     DEFAULT_MODEL,
     MAX_PATH_CHARS,
     STORAGE_FIELDS,
-    _as_dict,
-    _backend_spec,
-    _model_record,
-    _question_log,
     check_device,
     check_dtype,
     check_path,
@@ -66,15 +52,14 @@ from .loading import (  # noqa: F401  (re-exported: mukv.session's public helper
     storage_differences,
 )
 
+#: a session's logger (:mod:`mukv.opening` logs through it: the records keep this name)
 log = logging.getLogger(__name__)
 
 #: the largest answer budget ``ask`` accepts (as ``generation.max_new_tokens``): the answer's KV is allocated up front
 MAX_NEW_TOKENS = 4096
-#: the stream state values a session reads back (mukv.state.StreamValues)
-STATE_KEYS = ("session", "frames_seen", "cursors", "last_time", "first_time", "pending", "sources", "gaps")
 
 
-class Session:
+class Session(SessionFeeding, SessionOpening):
     """A stream's memory and the questions asked about it.
 
     Args:
@@ -137,179 +122,12 @@ class Session:
         thumbnails: int | None = None,
         log_questions: bool | str | Path = False,
     ):
-        self._lock = threading.RLock()
-        self._closed = False
-        self._owner = False
-        reg = registry()
-        if backend_options is not None and not isinstance(backend_options, dict):
-            raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
-        backend, backend_options = _backend_spec(backend, backend_options)
-        backend_cls = reg.get("backends", backend, field="backend")
-        if backend_options is not None and not isinstance(backend_options, dict):
-            raise ConfigError(f"backend_options must be a dict; got {type(backend_options).__name__}")
-        options = dict(backend_options or {})
-        if "codec" in options:
-            raise ConfigError('the KV codec is chosen with config={"kv_codec": ...}, not a backend option')
-        if path is not None:
-            path = check_path(path, "path")
-        if not isinstance(stream_id, str):
-            raise InputError(f"stream_id must be a string; got {type(stream_id).__name__}")
-        for name, flag in (("progress", progress), ("read_only", read_only), ("resize", resize)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name} must be True or False; got {flag!r}")
-        if thumbnails is not None and (not isinstance(thumbnails, int) or isinstance(thumbnails, bool)
-                                       or not 16 <= thumbnails <= 1024):
-            raise ConfigError(f"thumbnails must be a thumbnail size in pixels from 16 to 1024, or None; got {thumbnails!r}")
-        origin = None if wall_origin is None else to_unix(wall_origin, "wall_origin")
-        if "read_only" in options:
-            read_only = bool(options.pop("read_only")) or read_only
-        stored = (backend_cls.peek_state(str(path), stream_id, "session", **options) if path is not None else None)
-        if read_only and not stored:
-            known = list_stream_ids(backend_cls, str(path), options) if path is not None else []
-            raise StoreError(f"{path}: no stream {stream_id!r} to open read-only"
-                             + (f"; streams: {', '.join(known)}" if known else ""))
-        if stored and (wall_origin is not None or thumbnails is not None):
-            raise ConfigError(f"stream {stream_id!r} exists: wall_origin and thumbnails are fixed when a stream is "
-                              "created (its contract); leave them out")
-        self.progress = progress
-        self.stream_id = stream_id
-        self.resize = resize
-        self.config, layered = self._resolve_config(config, policy, stored)
-        self.device = check_device(device)
-        check_dtype(dtype)
-        # resolve every component (names, settings) before loading anything heavy
-        self.config = canonicalize(self.config, reg)
-        if path is not None and not stored:
-            require_json(self.config, "a stream stored on disk")
-        self.retriever, compressor, extractors, scorers = self._components(reg)
-        self._question_log = _question_log(log_questions, path, stream_id, options)
-        self.codec = build_codec(self.config.kv_codec)
+        self._construct(model, backend, path, config, policy, device, dtype, stream_id, backend_options, progress,
+                        read_only, resize, wall_origin, thumbnails, log_questions)
 
-        self.model = load_model(model, self.device, dtype)
-        if getattr(self.model, "random_weights", False) and not getattr(self.model, "_mukv_warned", False):
-            log.warning("model %s has random weights: its answers are meaningless (retrieval, compression and "
-                        "memory are real); use mukv-tiny or a trained checkpoint for answers", self.model.name)
-            try:
-                self.model._mukv_warned = True
-            except AttributeError:  # pragma: no cover - an adapter with __slots__
-                pass
-        self.device = self.model.device
-        model_defaults = getattr(self.model, "default_config", None) or {}
-        if model_defaults and layered:  # e.g. levels sized for the model's tokens per frame
-            self.config = (MukvConfig.from_policy(policy, under=model_defaults, **_as_dict(config)) if policy is not None
-                           else MukvConfig.build(merge(model_defaults, _as_dict(config))))
-            self.config = canonicalize(self.config, reg)
-            self.retriever, compressor, extractors, scorers = self._components(reg)
-            self.codec = build_codec(self.config.kv_codec)
-        lay = self.model.layout
-        self.codec.row_layout((lay.num_layers, 2, lay.num_kv_heads, 1, lay.head_dim), lay.dtype)  # can it store them
-        self.levels: list[LevelPipeline] = []
-        for lv in self.config.levels:
-            split = extractors[lv.name].split(lv, self.model.grid)
-            if split.ndim != 2 or split.shape[1] == 0:
-                raise ConfigError(f"extractor {lv.extractor!r} returned an invalid split of shape {tuple(split.shape)}")
-            self.levels.append(LevelPipeline(lv, split, scorers[lv.name], compressor,
-                                             Compressor.kept_count(lv, split.shape[1])))
-        self.prefix = self.model.prefix(self.config.generation.system_prompt)
-        self.backend: StorageBackend = backend_cls(
-            layout=self.model.layout, path=path, device=self.device,
-            **({"stream_id": stream_id, "read_only": read_only} if path is not None else {}),
-            **self._codec_option(backend_cls, backend, options), **options)
-        try:
-            self._stream = self._open_stream(model, stored, read_only, origin, thumbnails)
-        except BaseException:
-            self.backend.close()
-            raise
-        self._owner = True
-        log.info("session over stream %r: model %s, backend %s%s, config %s", stream_id, self.model.name, backend,
-                 f" at {path}" if path is not None else "", config_hash(self.config))
-
-    # -- construction helpers ----------------------------------------------------------------
-    @staticmethod
-    def _resolve_config(config: Any, policy: str | None, stored: dict[str, Any] | None) -> tuple[MukvConfig, bool]:
-        """The session's configuration and whether a model's own defaults may go under it."""
-        if config is not None and not isinstance(config, (dict, MukvConfig)):
-            raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
-        if policy is not None and not isinstance(policy, (str, Mapping)):
-            raise ConfigError(f"policy must be a registered policy name (or one with settings); got {policy!r}")
-        if stored:
-            reg = registry()
-            base = canonicalize(MukvConfig.build(stored.get("config") or {}), reg)
-            if policy is not None:
-                new = MukvConfig.from_policy(policy, **_as_dict(config))
-            else:
-                new = MukvConfig.build(base, **_as_dict(config))
-            new = canonicalize(new, reg)
-            changed = storage_differences(base, new)
-            if changed:
-                raise ConfigError(
-                    f"the stream's contract (fixed when it was created) cannot change {', '.join(changed)}: its "
-                    "blocks were made with other settings; a session of the stream may change only top_k, rerank "
-                    "weights, retrieval, assembly and generation. Use a new stream id for other settings")
-            return new, False
-        if policy is not None:
-            return MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config)), config is None or isinstance(config, dict)
-        return MukvConfig.build(config), config is None or isinstance(config, dict)
-
-    def _open_stream(self, model: Any, stored: dict[str, Any] | None, read_only: bool, origin: float | None,
-                     thumbnails: int | None) -> Stream:
-        be = self.backend
-        now = be.get_state("session", None)
-        if stored is None and now is not None and not read_only:
-            raise StoreError(f"stream {self.stream_id!r} was created by another process while this session "
-                             "opened it; open it again")
-        values = validate_values({k: be.get_state(k) for k in
-                                  STATE_KEYS
-                                  if be.get_state(k) is not None}, f"stream {self.stream_id!r}")
-        contract = dict(now) if now else {
-            "model": _model_record(model, self.model),
-            "model_id": self.model.layout.model_id,
-            "config": self.config.model_dump(mode="json"), "tokens_per_frame": int(self.model.tokens_per_frame),
-            "frame_size": None, "wall_origin": origin, "thumbnails": thumbnails, "created": time.time(),
-        }
-        if now and contract.get("model_id") and self.model.layout.model_id and \
-                contract["model_id"] != self.model.layout.model_id:
-            raise StoreError(f"stream {self.stream_id!r} was made with model {contract['model_id']!r}; this session's "
-                             f"model is {self.model.layout.model_id!r}")
-        pending, why = load_pending(be, values, self.model.tokens_per_frame, self.model.hidden_size) \
-            if be.persistent and values.pending and not read_only else (None, None)
-        #: why the frames a level had not consumed could not be restored on reopening (``None``: they were)
-        self.reopen_note = why
-        ingestor = Ingestor(self.model, self.prefix, self.levels, be, self.config, values.frames_seen,
-                            values.cursors, pending)
-        stream = Stream(ingestor, be, values, contract, writable=not read_only)
-        if not now and not read_only:
-            with stream.transaction():
-                pass  # commits the contract: the stream exists from here on
-        return stream
-
-    def _codec_option(self, backend_cls: type, backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
-        """``{"codec": ...}`` for a backend that stores KV through a codec; nothing for one that stores it as
-        given (refused with any codec but "none")."""
-        if options and "codec" in options:
-            raise ConfigError('the KV codec is chosen with config={"kv_codec": ...}, not a backend option')
-        if getattr(backend_cls, "accepts_codec", False):
-            return {"codec": self.codec}
-        if self.codec.name != "none":
-            raise ConfigError(f"kv_codec {self.codec.name!r}: backend {backend!r} stores KV as it is given "
-                              "(it does not accept codecs); use kv_codec 'none' or a backend that does "
-                              "(memory, lancedb)")
-        return {}
-
-    def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
-        """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
-        cfg = self.config
-        retriever = build("retrievers", cfg.retrieval.retriever, cfg, Retriever, "retrieval.retriever", reg)
-        compressor = build("compressors", cfg.compression.compressor, cfg, Compressor, "compression.compressor", reg)
-        extractors, scorers = {}, {}
-        for i, lv in enumerate(cfg.levels):
-            extractors[lv.name] = build("extractors", lv.extractor, cfg, GranularityExtractor,
-                                        f"levels.{i}.extractor", reg)
-            own = lv.scorer is not None
-            scorers[lv.name] = build("scorers", lv.scorer if own else cfg.scoring.scorer, cfg, TokenScorer,
-                                     f"levels.{i}.scorer" if own else "scoring.scorer", reg)
-        return retriever, compressor, extractors, scorers
-
+    # -- opening -----------------------------------------------------------------------------
+    # (the work of __init__, open and fork, and the helpers _resolve_config, _open_stream, _codec_option and
+    # _components: :class:`~mukv.opening.SessionOpening`)
     @classmethod
     def open(cls, path: str | Path, stream_id: str = "default", backend: str | dict[str, Any] = "lancedb",
              model: str | Path | dict[str, Any] | ModelAdapter | None = None, read_only: bool = False,
@@ -330,21 +148,7 @@ class Session:
         Raises:
             StoreError: no mukv stream at ``path`` / ``stream_id`` (the message lists the store's streams).
         """
-        path = check_path(path, "path")
-        options = kwargs.get("backend_options") or {}
-        if not isinstance(options, dict):
-            raise ConfigError(f"backend_options must be a dict; got {type(options).__name__}")
-        backend, options = _backend_spec(backend, options)
-        options = options or {}
-        kwargs["backend_options"] = options
-        backend_cls = registry().get("backends", backend, field="backend")
-        stored = backend_cls.peek_state(str(path), stream_id, "session", **options)
-        if not stored:
-            known = list_stream_ids(backend_cls, str(path), options)
-            raise StoreError(f"{path}: no mukv stream {stream_id!r}" + (f"; streams: {', '.join(known)}" if known else
-                             " (not a mukv store, or a different stream id)"))
-        return cls(model=model if model is not None else stored["model"], backend=backend, path=path,
-                   stream_id=stream_id, read_only=read_only, **kwargs)
+        return cls._reopen(path, stream_id, backend, model, read_only, kwargs)
 
     def fork(self, config: MukvConfig | dict[str, Any] | None = None, policy: str | None = None) -> "Session":
         """A reader of this session's stream with another retrieval, assembly or generation
@@ -360,35 +164,7 @@ class Session:
                 (levels, scoring, compression, stream settings or the KV codec).
             MukvError: this session is closed.
         """
-        with self._lock:
-            self._check_open()
-            if policy is not None:
-                if not isinstance(policy, (str, Mapping)):
-                    raise ConfigError(f"policy must be a registered policy name (or one with settings); got {policy!r}")
-                new = MukvConfig.build(MukvConfig.from_policy(policy), **_as_dict(config))
-            else:
-                if config is not None and not isinstance(config, (dict, MukvConfig)):
-                    raise ConfigError(f"config must be a MukvConfig or a dict, not {type(config).__name__}")
-                new = MukvConfig.build(self.config, **_as_dict(config))
-            reg = registry()
-            new = canonicalize(new, reg)
-            changed = storage_differences(self.config, new)
-            if new.kv_codec != self.config.kv_codec:  # a fork reads through the session's backend and its codec
-                changed.append("kv_codec")
-            if changed:
-                raise ConfigError(f"a fork shares stored blocks, so it cannot change {', '.join(changed)}; "
-                                  "only top_k, rerank weights, retrieval, assembly and generation")
-            child = object.__new__(Session)
-            child.__dict__.update(self.__dict__)
-            child.config = new
-            child.levels = [LevelPipeline(lv, lp.split, lp.scorer, lp.compressor, lp.kept)
-                            for lv, lp in zip(new.levels, self.levels)]
-            child.retriever = build("retrievers", new.retrieval.retriever, new, Retriever, "retrieval.retriever", reg)
-            child._owner = False
-            child._closed = False
-            if new.generation.system_prompt != self.config.generation.system_prompt:
-                child.prefix = self.model.prefix(new.generation.system_prompt)
-            return child
+        return self._fork(config, policy)
 
     # -- the stream's bookkeeping (read-only views) ------------------------------------------
     @property
@@ -414,6 +190,8 @@ class Session:
         return self._stream.wall_origin
 
     # -- feeding --------------------------------------------------------------------------
+    # (the work of feed, ingest, record_gap and thumbnail, and the steps _checked, _stream_times and _feed_batch
+    # that mukv.ingest and mukv.batching take too: :class:`~mukv.feeding.SessionFeeding`)
     def feed(self, frames: Any, timestamps: Any = None, resize: bool | None = None) -> int:
         """Add frames to the stream; store every block they complete.
 
@@ -440,81 +218,7 @@ class Session:
                 iterable: nothing from the chunk holding the bad item on).
             StoreError: a read-only session, or the store failed (nothing of the call stored).
         """
-        with self._lock:
-            self._check_writable()
-            if isinstance(frames, (np.ndarray, torch.Tensor)):
-                return self._feed_batch(self._checked(frames, resize), timestamps)
-            if timestamps is not None:
-                raise InputError("timestamps can only be given with an array of frames, not an iterable")
-            if isinstance(frames, (str, bytes, Path)):
-                raise InputError("feed() takes frames; use ingest() for a video file")
-            if not isinstance(frames, Iterable):
-                raise InputError(f"frames must be an array of uint8 [n, H, W, 3] or an iterable of frames; got {type(frames).__name__}")
-            stored = 0
-            for chunk in iter_chunks(frames, self.config.stream.encode_batch_frames):
-                stored += self._feed_batch(self._checked(chunk, resize), None)
-            return stored
-
-    def _checked(self, frames: Any, resize: bool | None, copy: bool = True,
-                 want: tuple[int, int] | None = None) -> torch.Tensor:
-        """Validated frames of the stream's size (or ``want``, the size of frames queued before these;
-        resized if asked), as a private copy."""
-        t = as_frames(frames)
-        hw = (int(t.shape[1]), int(t.shape[2]))
-        want = self._stream.frame_hw or want
-        if want is not None and hw != want:
-            if not (self.resize if resize is None else resize):
-                raise InputError(
-                    f"frame size changed: the stream's frames are {want[0]}x{want[1]}, these are {hw[0]}x{hw[1]}; "
-                    "resize them (resize=True, or --resize on the command line), or start a new stream")
-            return resize_frames(t, want)
-        return t.clone() if copy else t
-
-    def _stream_times(self, timestamps: Any, n: int, after: "tuple[float | None, float | None, int] | None" = None
-                      ) -> tuple[torch.Tensor, float | None]:
-        """Validated stream times of ``n`` frames, and a wall-clock origin to set (a new stream given
-        wall-clock timestamps), else ``None``. ``after``: ``(last time, wall-clock origin, frames)`` of
-        the stream as frames queued but not fed yet leave it (default: as it is now)."""
-        st = self._stream
-        last, wall_origin, seen = (st.last_time, st.wall_origin, st.frames_seen) if after is None else after
-        if timestamps is None:
-            step = 1.0 / self.config.stream.fps
-            base = -step if last is None else last
-            ts = base + step * torch.arange(1, n + 1, dtype=torch.float64)
-            if not (bool(torch.isfinite(ts).all()) and float(ts[0]) > base and bool((ts[1:] > ts[:-1]).all())
-                    and float(ts[-1]) <= MAX_STREAM_TIME):
-                raise InputError(f"stream time {base} is too large to continue at {self.config.stream.fps} fps; "
-                                 "pass timestamps")
-            return ts, None
-        origin = None
-        if is_wall_clock(timestamps):
-            unix = unix_array(timestamps)
-            if wall_origin is None:
-                if seen > 0:
-                    raise InputError("wall-clock timestamps given to a stream that counts stream seconds (it has no "
-                                     "wall-clock origin): give stream seconds, or start a new stream")
-                if unix.size and math.isfinite(float(unix[0])):
-                    origin = float(unix[0])
-            values = unix - (origin if origin is not None else wall_origin)
-        else:
-            values = timestamps
-        ts = as_timestamps(values, n, last)
-        if float(ts.abs().max()) > MAX_STREAM_TIME:
-            raise InputError(f"timestamps must lie within +-{MAX_STREAM_TIME:g} stream seconds; got up to "
-                             f"{float(ts.abs().max()):g}")
-        return ts, origin
-
-    def _feed_batch(self, frames: torch.Tensor, timestamps: Any, source: dict[str, Any] | None = None) -> int:
-        self._check_writable()
-        ts, origin = self._stream_times(timestamps, int(frames.shape[0]))
-        bs = self.config.stream.encode_batch_frames
-        st = self._stream
-
-        def encode(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.model.encode_frames(f[i : i + bs]) for i in range(0, f.shape[0], bs)])
-
-        with st.lock:
-            return st.feed(frames, ts, encode, source, wall_origin=origin)
+        return self._feed(frames, timestamps, resize)
 
     def ingest(self, path: str | Path, fps: float | None = None, *, upsample: bool = False, force: bool = False,
                resize: bool | None = None, on_chunk: Any = None) -> int:
@@ -540,10 +244,7 @@ class Session:
             InputError: missing or unreadable file, bad fps, or (without ``force``) a file
                 already ingested (:class:`~mukv.ingest.AlreadyIngested`).
         """
-        if not isinstance(path, (str, Path)):
-            raise InputError(f"ingest() takes the path of a video file; got {type(path).__name__}")
-        return self.feed_from("video", check_path(path, "path"), fps=fps, upsample=upsample, force=force,
-                              resize=resize, on_chunk=on_chunk)
+        return self._ingest(path, fps, upsample, force, resize, on_chunk)
 
     def feed_from(self, source: str, location: Any, fps: float | None = None, background: bool = False,
                   **options: Any) -> "int | Any":
@@ -577,9 +278,7 @@ class Session:
         """Record that ``frames`` frames between stream times ``t_start`` and ``t_end`` arrived but
         were not stored (e.g. a service that fell behind dropped them). Committed at once; listed by
         ``mukv streams list`` and :meth:`stats`."""
-        with self._lock:
-            self._check_writable()
-            self._stream.record_gap(t_start, t_end, frames, reason)
+        self._record_gap(t_start, t_end, frames, reason)
 
     def thumbnail(self, frame: int) -> bytes:
         """The JPEG thumbnail of stream frame ``frame`` (a stream created with ``thumbnails=``).
@@ -588,19 +287,7 @@ class Session:
             InputError: a bad frame index, or one not stored yet.
             StoreError: the stream keeps no thumbnails.
         """
-        if not isinstance(frame, (int, np.integer)) or isinstance(frame, bool):
-            raise InputError(f"frame must be a frame index (int); got {type(frame).__name__}")
-        with self._lock:
-            self._check_open()
-            self._refresh_reader()
-            if not self._stream.thumbnails:
-                raise StoreError(f"stream {self.stream_id!r} keeps no thumbnails (create it with thumbnails=96)")
-            if not 0 <= int(frame) < self._stream.frames_seen:
-                raise InputError(f"frame {int(frame)} is not stored: the stream has frames 0..{self._stream.frames_seen - 1}")
-            data = self.backend.read_file(f"thumbs/{int(frame):09d}.jpg")
-            if data is None:
-                raise StoreError(f"stream {self.stream_id!r}: the thumbnail of frame {int(frame)} is missing")
-            return data
+        return self._thumbnail(frame)
 
     # -- asking -----------------------------------------------------------------------------
     def ask(self, question: str, top_k: dict[str, int] | None = None, max_new_tokens: int | None = None,
