@@ -43,3 +43,39 @@ def load_benchmark(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def stored_levels(adapter, frames, question: str = "what happened?", max_new_tokens: int = 4):
+    """Feed ``frames`` to a memory-backed session of ``adapter``: per level its kept token indices and
+    stored KV (float32), and the answer's text to ``question``."""
+    import mukv
+
+    s = mukv.Session(model=adapter, backend="memory")
+    s.feed(frames)
+    out = {}
+    for lv in ("patch", "frame", "segment"):
+        ids = torch.arange(s.backend.count(lv))
+        out[lv] = (s.backend.token_index(lv, ids), s.backend.load_kv(lv, ids).float())
+    text = s.ask(question, max_new_tokens=max_new_tokens).text
+    s.close()
+    return out, text
+
+
+def stored_feeds(model, feeds, device):
+    """Feed random frames in chunks of ``feeds`` (frame counts) to a memory-backed session of ``model`` on
+    ``device``: per level its kept token indices and stored KV (float32, on the CPU), and a 6-token
+    answer's text."""
+    import numpy as np
+
+    from mukv.session import Session
+
+    s = Session(model=model, backend="memory", device=device)
+    for i, n in enumerate(feeds):
+        s.feed(np.random.default_rng(i).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8))
+    out = {}
+    for lv in ("patch", "frame", "segment"):
+        ids = torch.arange(s.backend.count(lv), device=device)
+        out[lv] = (s.backend.token_index(lv, ids).cpu(), s.backend.load_kv(lv, ids).float().cpu())
+    text = s.ask("what happened?", max_new_tokens=6).text
+    s.close()
+    return out, text

@@ -8,17 +8,7 @@ import mukv
 from mukv.accel import FP8Linear, accelerate, fp8_supported, to_fp8
 from mukv.plugins.models.llava_onevision import build_llava_onevision
 
-
-def _stored(adapter, frames):
-    s = mukv.Session(model=adapter, backend="memory")
-    s.feed(frames)
-    out = {}
-    for lv in ("patch", "frame", "segment"):
-        ids = torch.arange(s.backend.count(lv))
-        out[lv] = (s.backend.token_index(lv, ids), s.backend.load_kv(lv, ids).float())
-    answer = s.ask("what happened?", max_new_tokens=4)
-    s.close()
-    return out, answer.text
+from helpers import stored_levels
 
 
 @pytest.mark.slow  # two compilations on the CPU, about a minute
@@ -28,8 +18,8 @@ def test_compiled_vision_tower_and_layers_store_what_the_plain_path_stores():
     fast = build_llava_onevision("tiny-llava-ov")
     assert accelerate(fast, ["compile_vision", "compile_llm"]) == ["compile_vision", "compile_llm"]
     torch.testing.assert_close(fast.encode_frames(frames), plain.encode_frames(frames), rtol=1e-5, atol=1e-5)
-    want, want_text = _stored(plain, frames)
-    got, got_text = _stored(fast, frames)
+    want, want_text = stored_levels(plain, frames)
+    got, got_text = stored_levels(fast, frames)
     for lv in want:
         assert torch.equal(got[lv][0], want[lv][0]), lv  # the same kept tokens
         torch.testing.assert_close(got[lv][1], want[lv][1], rtol=1e-4, atol=1e-5)
@@ -91,7 +81,7 @@ def _accelerated_stored(which, frames):
     fast = build_llava_onevision("tiny-llava-ov")
     try:
         assert accelerate(fast, which) == which
-        got, got_text = _stored(fast, frames)
+        got, got_text = stored_levels(fast, frames)
         return got, got_text, fast, fast.encode_frames(frames)
     finally:
         modeling_qwen2.apply_rotary_pos_emb = original
@@ -107,7 +97,7 @@ def _assert_stores_alike(got, want, rel, label):
 def test_fused_vision_and_llm_store_what_the_plain_path_stores():
     frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     plain = build_llava_onevision("tiny-llava-ov")
-    want, want_text = _stored(plain, frames)
+    want, want_text = stored_levels(plain, frames)
     got, got_text, _, visual = _accelerated_stored(["fused_vision", "fused_llm"], frames)
     torch.testing.assert_close(visual, plain.encode_frames(frames), rtol=1e-5, atol=1e-5)
     # float32: the fused LLM kernels are exact here; the GELU epilogue rounds differently
@@ -158,8 +148,8 @@ def test_graph_prefill_stores_what_the_plain_path_stores_and_needs_cuda():
     padded = build_llava_onevision("tiny-llava-ov")
     gp = install(padded, bucket=16, record=False)
     assert install(padded, record=False) is gp  # once
-    want, want_text = _stored(plain, frames)
-    got, got_text = _stored(padded, frames)
+    want, want_text = stored_levels(plain, frames)
+    got, got_text = stored_levels(padded, frames)
     assert gp.replays > 0
     for lv in want:
         assert torch.equal(got[lv][0], want[lv][0]), lv
@@ -196,7 +186,7 @@ def test_a_shape_whose_forward_cannot_be_recorded_runs_eagerly_with_a_warning(ca
 def test_fused_norms_store_what_the_plain_path_stores():
     frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     plain = build_llava_onevision("tiny-llava-ov")
-    want, want_text = _stored(plain, frames)
+    want, want_text = stored_levels(plain, frames)
     keys = set(plain.model.state_dict())
     for which in (["fused_norms"], ["fused_llm", "fused_norms"]):
         got, got_text, fast, _ = _accelerated_stored(which, frames)

@@ -9,38 +9,26 @@ Run through the device tool (skipped without CUDA)::
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from mukv.accel import accelerate
-from mukv.session import Session, load_model
+from mukv.session import load_model
+
+from helpers import stored_feeds
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEVICE = torch.device("cuda")
 
 
-def _stream(model, feeds):
-    s = Session(model=model, backend="memory", device=DEVICE)
-    for i, n in enumerate(feeds):
-        s.feed(np.random.default_rng(i).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8))
-    out = {}
-    for lv in ("patch", "frame", "segment"):
-        ids = torch.arange(s.backend.count(lv), device=DEVICE)
-        out[lv] = (s.backend.token_index(lv, ids).cpu(), s.backend.load_kv(lv, ids).float().cpu())
-    text = s.ask("what happened?", max_new_tokens=6).text
-    s.close()
-    return out, text
-
-
 def test_a_stream_fed_through_recorded_graphs_stores_what_the_eager_path_stores():
     feeds = [8, 5, 16, 3, 8]  # batches of several shapes, some repeated
     eager = load_model("tiny-llava-ov", DEVICE)
-    want, want_text = _stream(eager, feeds)
+    want, want_text = stored_feeds(eager, feeds, DEVICE)
     graphed = load_model("tiny-llava-ov", DEVICE)
     assert accelerate(graphed, ["graph_prefill"]) == ["graph_prefill"]
-    got, got_text = _stream(graphed, feeds)
+    got, got_text = stored_feeds(graphed, feeds, DEVICE)
     gp = graphed.prefill_blocks
     assert gp.replays > len(gp._graphs) > 0 and all(g.graph is not None for g in gp._graphs.values())
     for lv in want:
