@@ -24,6 +24,10 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   arithmetic: float32 statistics, the weight applied in the input's dtype) instead of the
   five or six elementwise kernels of its eager forward. A norm whose forward does not match
   that arithmetic on a probe is left alone.
+* ``fused_mlp``: each decoder layer's gate and up products and its SwiGLU as one Triton matrix
+  product with the activation in its epilogue (:mod:`mukv.kernels.swiglu`; the gate and up
+  weights become row views of one interleaved joint weight, no extra memory). CUDA only (or
+  Triton's CPU interpreter); it replaces ``fused_llm``'s SwiGLU where both are asked for.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """
@@ -41,7 +45,7 @@ from .errors import ConfigError
 
 #: The accelerations :func:`accelerate` knows.
 KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "fused_norms",
-         "graph_prefill")
+         "fused_mlp", "graph_prefill")
 E4M3_MAX = 448.0
 
 
@@ -135,14 +139,20 @@ def _is_rms_norm(m: nn.Module) -> bool:
                                                             rtol=1e-3, atol=1e-3)
 
 
+def _rms_norms(adapter: Any) -> list[nn.Module]:
+    return [m for m in adapter.language_model.modules() if _is_rms_norm(m)]
+
+
+def _apply_norms(adapter: Any, norms: list[nn.Module]) -> None:
+    for m in norms:
+        m.forward = types.MethodType(_fused_norm_forward, m)
+
+
 def fuse_norms(adapter: Any) -> int:
     """Every RMSNorm of the language model as one compiled kernel; returns how many."""
-    n = 0
-    for m in adapter.language_model.modules():
-        if _is_rms_norm(m):
-            m.forward = types.MethodType(_fused_norm_forward, m)
-            n += 1
-    return n
+    norms = _rms_norms(adapter)
+    _apply_norms(adapter, norms)
+    return len(norms)
 
 
 def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,34 +164,108 @@ def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.fc2(h.reshape(*x.shape[:-1], fc1.out_features))
 
 
+def _gelu_mlps(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "fc1") and hasattr(m, "fc2")
+            and type(getattr(m, "activation_fn", None)).__name__ in ("PytorchGELUTanh", "GELUTanh")]
+
+
+def _apply_gelu(adapter: Any, mlps: list[nn.Module]) -> None:
+    for m in mlps:
+        m.forward = types.MethodType(_fused_gelu_forward, m)
+
+
 def fuse_vision_mlps(module: nn.Module) -> int:
     """Give every MLP under ``module`` with ``fc1``/``fc2`` and a tanh-GELU activation the fused
     forward; returns how many."""
-    n = 0
-    for m in module.modules():
-        act = getattr(m, "activation_fn", None)
-        if hasattr(m, "fc1") and hasattr(m, "fc2") and type(act).__name__ in ("PytorchGELUTanh", "GELUTanh"):
-            m.forward = types.MethodType(_fused_gelu_forward, m)
-            n += 1
-    return n
+    mlps = _gelu_mlps(module)
+    _apply_gelu(None, mlps)
+    return len(mlps)
+
+
+def _swiglu_mlps(adapter: Any) -> list[nn.Module]:
+    out = []
+    for layer in decoder_layers(adapter):
+        mlp = getattr(layer, "mlp", None)
+        swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        if swiglu_mlp and type(getattr(mlp, "act_fn", None)).__name__ == "SiLUActivation":
+            out.append(mlp)
+    return out
+
+
+def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
+    for mlp in mlps:
+        mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
+    from transformers.models.qwen2 import modeling_qwen2
+
+    if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
+        modeling_qwen2.apply_rotary_pos_emb = _compiled("rope", rotate_pair)
 
 
 def fuse_llm(adapter: Any) -> int:
     """SwiGLU of every decoder layer's MLP as one kernel, and transformers' Qwen2 rotary
     embedding as one kernel (process-wide); returns how many MLPs were fused."""
-    n = 0
-    for layer in decoder_layers(adapter):
-        mlp = getattr(layer, "mlp", None)
-        act = getattr(mlp, "act_fn", None)
-        swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
-        if swiglu_mlp and type(act).__name__ == "SiLUActivation":
-            mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
-            n += 1
-    from transformers.models.qwen2 import modeling_qwen2
+    mlps = _swiglu_mlps(adapter)
+    _apply_llm(adapter, mlps)
+    return len(mlps)
 
-    if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
-        modeling_qwen2.apply_rotary_pos_emb = _compiled("rope", rotate_pair)
-    return n
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from .kernels.swiglu import swiglu_matmul
+
+    joint = self.mukv_gate_up
+    if x.dtype != joint.dtype or x.device != joint.device:  # e.g. a float32 probe: the composed path
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    h = swiglu_matmul(x.reshape(-1, x.shape[-1]), joint)
+    return self.down_proj(h.reshape(*x.shape[:-1], h.shape[-1]))
+
+
+def _require_fused_mlp(adapter: Any) -> None:
+    """:class:`ConfigError` unless the fused SwiGLU kernel can run for ``adapter`` (triton installed; a
+    CUDA device, or Triton's CPU interpreter)."""
+    from .kernels import swiglu as sk
+
+    why = sk.available()
+    if why:
+        raise ConfigError(f"fused_mlp: {why}")
+    device = getattr(adapter, "device", torch.device("cpu"))
+    if device.type != "cuda" and not sk.interpreting():
+        raise ConfigError(f"fused_mlp runs a Triton kernel on a CUDA GPU; this model runs on {device}")
+
+
+def _plain_swiglu_mlps(adapter: Any) -> list[nn.Module]:
+    """The SwiGLU MLPs whose gate and up are bias-free ``nn.Linear`` layers of one shape."""
+    out = []
+    for mlp in _swiglu_mlps(adapter):
+        gate, up = mlp.gate_proj, mlp.up_proj
+        if all(type(p) is nn.Linear and p.bias is None for p in (gate, up)) and gate.weight.shape == up.weight.shape:
+            out.append(mlp)
+    return out
+
+
+def _apply_mlp(adapter: Any, mlps: list[nn.Module]) -> None:
+    from .kernels import swiglu as sk
+
+    for mlp in mlps:
+        gate, up = mlp.gate_proj, mlp.up_proj
+        with torch.no_grad():
+            joint = sk.interleave(gate.weight.detach(), up.weight.detach())
+        gate.weight = nn.Parameter(joint[0::2], requires_grad=False)
+        up.weight = nn.Parameter(joint[1::2], requires_grad=False)
+        mlp.mukv_gate_up = joint
+        mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+
+
+def fuse_mlp(adapter: Any) -> int:
+    """Every decoder layer's SwiGLU MLP (bias-free ``nn.Linear`` gate and up, SiLU) as one Triton
+    product for gate, up and SwiGLU (:func:`mukv.kernels.swiglu.swiglu_matmul`); returns how many.
+
+    The gate and up weights are replaced by row views of one joint weight (rows interleaved), so
+    the layers keep their parameters and the model no extra memory.
+    """
+    _require_fused_mlp(adapter)
+    mlps = _plain_swiglu_mlps(adapter)
+    _apply_mlp(adapter, mlps)
+    return len(mlps)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -220,13 +304,16 @@ def decoder_layers(adapter: Any) -> Iterable[nn.Module]:
     return list(adapter.language_model.layers)
 
 
-#: the fusions :func:`accelerate` applies, in this order: what applies each (returning how many
-#: modules it changed) and what a model without such modules lacks
-_FUSIONS: dict[str, tuple[Callable[[Any], int], str]] = {
-    "fused_vision": (lambda a: fuse_vision_mlps(vision_tower(a)),
+#: the fusions :func:`accelerate` applies, in this order: what finds the modules each changes (all
+#: found before anything is changed), what changes them, and what a model without such modules lacks
+_FUSIONS: dict[str, tuple[Callable[[Any], list], Callable[[Any, list], None], str]] = {
+    "fused_vision": (lambda a: _gelu_mlps(vision_tower(a)), _apply_gelu,
                      "the vision tower of {} has no tanh-GELU MLP (fc1, fc2) it knows"),
-    "fused_llm": (fuse_llm, "the decoder layers of {} have no SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
-    "fused_norms": (fuse_norms, "the language model of {} has no RMSNorm whose arithmetic it knows"),
+    "fused_llm": (_swiglu_mlps, _apply_llm,
+                  "the decoder layers of {} have no SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
+    "fused_norms": (_rms_norms, _apply_norms, "the language model of {} has no RMSNorm whose arithmetic it knows"),
+    "fused_mlp": (_plain_swiglu_mlps, _apply_mlp,
+                  "the decoder layers of {} have no bias-free SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
 }
 
 
@@ -248,8 +335,9 @@ def acceleration_names(which: Iterable[str] | str) -> list[str]:
 def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
     """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
 
-    Returns what was applied. Raises ConfigError for an unknown name, or FP8 where the device
-    has no FP8 products.
+    Returns what was applied. Raises ConfigError before anything is changed: for an unknown name,
+    for FP8, ``fused_mlp`` or ``graph_prefill`` where the device cannot run them, or for a fusion
+    whose modules the model lacks.
     """
     which = acceleration_names(which)
     if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
@@ -258,9 +346,22 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         from .graph_prefill import require_cuda
 
         require_cuda(adapter)
+    if "fused_mlp" in which:
+        _require_fused_mlp(adapter)
     if any(w.startswith("fp8") for w in which) and not fp8_supported(adapter.device):
         raise ConfigError(f"FP8 products need a CUDA GPU of compute capability 8.9 or more; "
                           f"this model runs on {adapter.device}")
+    if "fused_mlp" in which and "fp8_llm" in which:
+        raise ConfigError("fused_mlp multiplies the decoder layers' bf16 gate and up weights; fp8_llm replaces "
+                          "them: ask for one of the two")
+    if "compile_vision" in which or "fp8_vision" in which:
+        vision_tower(adapter)  # ConfigError now, before anything is changed, for a model without one
+    found = {}
+    for name, (find, _, missing) in _FUSIONS.items():
+        if name in which:
+            found[name] = find(adapter)
+            if not found[name]:
+                raise ConfigError(f"{name}: {missing.format(getattr(adapter, 'name', '?'))}")
     done = []
     if "fp8_vision" in which:
         to_fp8(vision_tower(adapter))
@@ -269,10 +370,9 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         for layer in decoder_layers(adapter):
             to_fp8(layer)
         done.append("fp8_llm")
-    for name, (apply, missing) in _FUSIONS.items():
-        if name in which:
-            if not apply(adapter):
-                raise ConfigError(f"{name}: {missing.format(getattr(adapter, 'name', '?'))}")
+    for name, (_, apply, _) in _FUSIONS.items():
+        if name in found:
+            apply(adapter, found[name])
             done.append(name)
     if "compile_vision" in which:
         vision_tower(adapter).compile(dynamic=False)

@@ -18,6 +18,7 @@ def test_the_profile_of_each_step_is_written(tmp_path):
     assert set(res["stages"]) >= {"prefill", "score", "compress", "store"}
     assert mod.gb.kernel_kind("nvjet_sm90_tst_192x192") == "matmul"
     assert mod.gb.kernel_kind("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert mod.gb.kernel_kind("swiglu_matmul_kernel") == "matmul"  # fused_mlp's Triton product
 
 
 def test_accelerations_apply_before_profiling_and_are_recorded(tmp_path):

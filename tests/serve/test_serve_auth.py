@@ -106,12 +106,13 @@ def test_a_server_whose_accelerations_cannot_run_here_refuses_to_start(tmp_path)
     from mukv.session import load_model
 
     if torch.cuda.is_available():
-        pytest.skip("graph_prefill runs on this machine")
-    engine = Engine(ServeConfig.build(store=str(tmp_path / "s"), accelerations=["graph_prefill"]),
-                    model=load_model("tiny-llava-ov", "cpu"))
-    with pytest.raises(ConfigError, match="graph_prefill"):
-        engine.load()
-    assert not (tmp_path / "s").exists()  # nothing written
+        pytest.skip("graph_prefill and fused_mlp run on this machine")
+    for name, why in (("graph_prefill", "graph_prefill"), ("fused_mlp", "triton|CUDA GPU")):
+        engine = Engine(ServeConfig.build(store=str(tmp_path / "s"), accelerations=[name]),
+                        model=load_model("tiny-llava-ov", "cpu"))
+        with pytest.raises(ConfigError, match=why):
+            engine.load()
+        assert not (tmp_path / "s").exists()  # nothing written
 
 
 def test_a_get_on_a_connection_the_server_just_closed_is_sent_once_more():
