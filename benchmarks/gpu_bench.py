@@ -134,6 +134,38 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def event_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls, timed by CUDA events (for kernel benchmarks)."""
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def kernel_bench_args(name: str, doc: str, argv: list[str] | None, reps: int) -> argparse.Namespace:
+    """``--reps`` and ``--out`` of a GPU kernel benchmark; stops with a clear message without CUDA."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name} needs a CUDA GPU")
+    return args
+
+
+def write_result(path: Path | None, res: dict[str, Any]) -> dict[str, Any]:
+    """Write a kernel benchmark's ``res`` as JSON to ``path`` (its folder made; nothing when ``None``)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -168,15 +200,7 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    ts = []
-    for _ in range(5 if quick else 10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end) / 1e3)
-    out["bf16_matmul_tflops"] = 2 * n**3 / median(ts) / 1e12
+    out["bf16_matmul_tflops"] = 2 * n**3 / (event_ms(lambda: a @ b, 5 if quick else 10) / 1e3) / 1e12
     del a, b
     x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=device).normal_()
     y = torch.empty_like(x)
