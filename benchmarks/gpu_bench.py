@@ -15,7 +15,7 @@ What it measures, per model:
   and with it (uint8 frames of the vision tower's input size in), fast path
   and reference mode, and the share of time per stage (encode, prefill,
   score, compress, store);
-* the LLM prefill's FLOPs per frame (formula in :func:`prefill_flops`) and
+* the LLM prefill's FLOPs per frame (formula in :func:`gpukit.flops.prefill_flops`) and
   the share of the GPU's bf16 matrix rate it reaches (measured in the same
   run, and the datasheet's 989 TFLOP/s);
 * question latency to the first token, split into query vector, retrieval,
@@ -48,11 +48,8 @@ table last.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -60,14 +57,34 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 import mukv
 from mukv.assembly import Piece, assemble
 from mukv.blocks import Query
 from mukv.config import MukvConfig
-from mukv.interfaces import BlockMeta, Compressor, StorageBackend
 from mukv.reference import ReferenceIngestor, ReferenceStore
+
+# the shared parts (gpukit/), also reached through this module by the scripts beside it (``gb.timed``, ...)
+from gpukit.flops import prefill_flops, qwen_vision_flops, qwen_window_sizes, vision_flops  # noqa: F401
+from gpukit.ingest import bench_ingest, fast_ingest, kernel_kind, profile_prefill, ref_ingest  # noqa: F401
+from gpukit.models import build, encode_pool, frame_hw, model_notes, random_frames  # noqa: F401
+from gpukit.report import markdown
+from gpukit.synthetic import FPS, SyntheticPlugin, SyntheticStore, store_spec, synthetic_reference_store  # noqa: F401
+from gpukit.timing import (  # noqa: F401
+    DATASHEET_BF16_BY_NAME,
+    allocated_gib,
+    datasheet_bf16_tflops,
+    event_ms,
+    free,
+    kernel_bench_args,
+    measure_ceilings,
+    median,
+    peak_gib,
+    reset_peak,
+    sync,
+    timed,
+    write_result,
+)
 
 #: Short names (a name may stand for several presets); any registered preset name works too.
 PRESETS = {
@@ -78,20 +95,8 @@ PRESETS = {
     "tiny-llava": "tiny-llava-ov",
     "tiny-qwen": "tiny-qwen2.5-vl",
 }
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
-#: Dense bf16 datasheet rates (TFLOP/s) by a piece of the card's name, the first match wins: the PCIe and
-#: NVL forms of the H100 run slower than its SXM form (what "H100" alone names).
-DATASHEET_BF16_BY_NAME = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                          ("A100", 312.0))
 
 
-def datasheet_bf16_tflops(card_name: str) -> float | None:
-    """The dense bf16 datasheet rate of a card (``torch.cuda.get_device_name``), ``None`` when unknown."""
-    for key, tflops in DATASHEET_BF16_BY_NAME:
-        if key.lower() in card_name.lower():
-            return tflops
-    return None
-FPS = 0.5  # stream sampling rate: 1 h = 1800 frames
 QUESTIONS = [
     "what color was the car?",
     "where did the red square move after the blue circle appeared?",
@@ -120,541 +125,6 @@ def short_name(preset: str) -> str:
     return preset.replace("llava-onevision-qwen2-", "")
 
 
-# ------------------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def event_ms(fn: Callable[[], Any], reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` calls, timed by CUDA events (for kernel benchmarks)."""
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
-
-
-def kernel_bench_args(name: str, doc: str, argv: list[str] | None, reps: int) -> argparse.Namespace:
-    """``--reps`` and ``--out`` of a GPU kernel benchmark; stops with a clear message without CUDA."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--reps", type=int, default=reps)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit(f"{name} needs a CUDA GPU")
-    return args
-
-
-def write_result(path: Path | None, res: dict[str, Any]) -> dict[str, Any]:
-    """Write a kernel benchmark's ``res`` as JSON to ``path`` (its folder made; nothing when ``None``)."""
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1))
-    return res
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-def allocated_gib(device: torch.device) -> float:
-    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-# ------------------------------------------------------------------------------------ ceilings
-def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
-    """bf16 matrix rate and copy bandwidths, measured now on this device."""
-    out: dict[str, float] = {}
-    if device.type != "cuda":
-        return out
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    out["bf16_matmul_tflops"] = 2 * n**3 / (event_ms(lambda: a @ b, 5 if quick else 10) / 1e3) / 1e12
-    del a, b
-    x = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=device).normal_()
-    y = torch.empty_like(x)
-    y.copy_(x)
-    t, _ = timed(lambda: [y.copy_(x) for _ in range(5)], device)
-    out["d2d_gbps"] = 2 * x.numel() * 2 * 5 / t / 1e9
-    host_pinned = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
-    host = torch.empty(x.numel(), dtype=x.dtype)
-    x.copy_(host_pinned, non_blocking=True)
-    t, _ = timed(lambda: [x.copy_(host_pinned, non_blocking=True) for _ in range(3)], device)
-    out["h2d_pinned_gbps"] = x.numel() * 2 * 3 / t / 1e9
-    t, _ = timed(lambda: x.copy_(host), device)
-    out["h2d_pageable_gbps"] = x.numel() * 2 / t / 1e9
-    del x, y, host_pinned, host
-    free(device)
-    return out
-
-
-# ------------------------------------------------------------------------------------ FLOPs
-def prefill_flops(adapter: Any, config: MukvConfig, prefix_len: int) -> dict[str, float]:
-    """FLOPs of the LLM prefill per frame, all levels.
-
-    Per block of L tokens after a system prompt of P tokens, per layer:
-
-    * linear: ``2 * L * (d*Hq*Dh + 2*d*Hk*Dh + Hq*Dh*d + 3*d*F)`` (q, k, v, o
-      projections and the gated MLP; biases, norms, RoPE and activations left out);
-    * attention: ``4 * Hq * Dh * (L*P + L*(L+1)/2)`` (QK^T and PV over the
-      entries the causal mask keeps);
-
-    times Y layers, times blocks per frame (patch 4 of 49 tokens, frame 1 of
-    196, segment 1/4 of 784 at MuKV's defaults). The last layer's column-sum
-    pass and the unused last-layer output are overhead, not counted as work.
-    """
-    c = adapter.language_model.config
-    d, hq, hk, y, f = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers, \
-        c.intermediate_size
-    dh = getattr(c, "head_dim", None) or d // hq
-    linear = 2 * (d * hq * dh + 2 * d * hk * dh + hq * dh * d + 3 * d * f)
-    t = adapter.tokens_per_frame
-    total, per_level = 0.0, {}
-    for lv in config.levels:
-        length = lv.tokens if lv.tokens else lv.frames * t
-        blocks_per_frame = (t // lv.tokens if lv.tokens else 1) / lv.frames
-        p = prefix_len
-        per_block = y * (length * linear + 4 * hq * dh * (length * p + length * (length + 1) / 2))
-        per_level[lv.name] = per_block * blocks_per_frame
-        total += per_level[lv.name]
-    return {"per_frame": total, **{f"per_frame_{k}": v for k, v in per_level.items()},
-            "linear_per_token_per_layer": float(linear)}
-
-
-def vision_flops(adapter: Any) -> float:
-    """FLOPs of the vision tower + projector per frame (same conventions as :func:`prefill_flops`).
-
-    LLaVA-OneVision (SigLIP): per layer ``2 n (4 h^2 + 2 h F) + 4 h n^2`` over the
-    ``n`` patches of a frame, plus the projector ``2 n (h e + e^2)``. Qwen2.5-VL:
-    :func:`qwen_vision_flops`.
-    """
-    vc = adapter.model.config.vision_config
-    if not hasattr(vc, "image_size"):
-        return qwen_vision_flops(adapter)
-    h, f, layers = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
-    n = (vc.image_size // vc.patch_size) ** 2
-    per_layer = 2 * n * (4 * h * h + 2 * h * f) + 4 * h * n * n
-    e = adapter.hidden_size
-    projector = 2 * n * (h * e + e * e)
-    return float(layers * per_layer + projector)
-
-
-def qwen_window_sizes(grid: tuple[int, int], merge: int, window: int) -> list[int]:
-    """Patches in each attention window of one frame of Qwen2.5-VL's vision tower.
-
-    ``grid``: merged tokens per side ``(gh / m, gw / m)``; windows tile the merged
-    grid in squares of ``window`` merged tokens per side (the last ones cut at the
-    edge, as ``get_window_index`` does), each merged token ``m * m`` patches.
-    """
-    gh, gw = grid
-    rows = [min(window, gh - i) for i in range(0, gh, window)]
-    cols = [min(window, gw - j) for j in range(0, gw, window)]
-    return [r * c * merge * merge for r in rows for c in cols]
-
-
-def qwen_vision_flops(adapter: Any) -> float:
-    """FLOPs of Qwen2.5-VL's vision tower + patch merger per frame (one temporal step).
-
-    ``n`` patches of ``C * t * p * p`` inputs, width ``h``, gated MLP of width ``F``:
-
-    * patch embedding (a 3D convolution): ``2 n (C t p^2) h``;
-    * per block: ``2 n (4 h^2 + 3 h F)`` (qkv, output projection, gated MLP) plus attention
-      ``4 h sum(w_i^2)`` over its windows ``w_i`` (blocks in ``fullatt_block_indexes``
-      attend over the whole frame, ``w = n``; the others over windows of
-      ``window_size`` pixels, :func:`qwen_window_sizes`);
-    * merger, per merged token (``n / m^2``): ``2 (H^2 + H e)`` with ``H = h m^2``.
-    """
-    vc = adapter.model.config.vision_config
-    h, f, depth, p, m = vc.hidden_size, vc.intermediate_size, vc.depth, vc.patch_size, vc.spatial_merge_size
-    t = vc.temporal_patch_size
-    channels = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
-    gh, gw = adapter.grid  # merged tokens per side
-    n = gh * gw * m * m
-    windows = qwen_window_sizes((gh, gw), m, max(1, vc.window_size // m // p))
-    full = set(vc.fullatt_block_indexes or ())
-    attention = sum(4 * h * (n * n if i in full else sum(w * w for w in windows)) for i in range(depth))
-    blocks = depth * 2 * n * (4 * h * h + 3 * h * f) + attention
-    big = h * m * m
-    merger = 2 * (n // (m * m)) * (big * big + big * vc.out_hidden_size)
-    return float(2 * n * channels * t * p * p * h + blocks + merger)
-
-
-def model_notes(adapter: Any, preset: str) -> list[str]:
-    """What a reader needs to know about how a model family is fed and counted."""
-    vc = adapter.model.config.vision_config
-    if hasattr(vc, "image_size"):
-        return []
-    h, w = frame_hw(adapter)
-    m, p = vc.spatial_merge_size, vc.patch_size
-    windows = qwen_window_sizes(adapter.grid, m, max(1, vc.window_size // m // p))
-    full = len(vc.fullatt_block_indexes or ())
-    return [f"{preset}: frames of {h}x{w} pixels, each frame its own temporal step (duplicated in time, as Qwen "
-            f"does for a still image): {h // p * (w // p)} patches and {adapter.tokens_per_frame} merged tokens per "
-            f"frame; position codes are M-RoPE (t, h, w). Its vision tower attends within {len(windows)} windows "
-            f"of at most {max(windows)} patches per frame in {vc.depth - full} of its {vc.depth} blocks and over the "
-            f"whole frame in {full}; outside flash-attention-2, transformers runs that as one attention call per "
-            f"window (a Python loop), which the vision-tower figures include."]
-
-
-# ------------------------------------------------------------------------------------ model
-def encode_pool(adapter: Any, frames: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[n, T, E]`` encoded frames on the device, in the model dtype."""
-    return torch.cat([adapter.encode_frames(frames[i : i + batch]) for i in range(0, frames.shape[0], batch)])
-
-
-def build(preset: str, device: torch.device) -> Any:
-    """A registered model preset (random weights) on ``device``: bf16 on CUDA, float32 elsewhere."""
-    from mukv.session import load_model
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_model(preset, device, dtype)
-
-
-def frame_hw(adapter: Any) -> tuple[int, int]:
-    """``(height, width)`` of the frames the benchmark feeds: the vision tower's input size
-    (LLaVA-OneVision's ``image_size``; Qwen-VL's ``frame_size``), so no resize is timed."""
-    size = getattr(adapter, "frame_size", None)
-    if size is not None:
-        return int(size[0]), int(size[1])
-    return int(adapter.image_size), int(adapter.image_size)
-
-
-def random_frames(adapter: Any, n: int, seed: int) -> torch.Tensor:
-    """``uint8 [n, H, W, 3]`` random frames of :func:`frame_hw`'s size (host memory)."""
-    h, w = frame_hw(adapter)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
-
-
-# ------------------------------------------------------------------------------------ synthetic store
-class SyntheticStore(StorageBackend):
-    """A benchmark-only backend of random blocks of the right shapes.
-
-    Vectors ``[N, V]`` and metadata of every block live on the device; KV lives
-    in a pool of ``pool`` blocks per level (on the device, or in pinned host
-    memory), which block ids map onto with ``id % pool``. ``load_kv`` from a
-    host pool is one asynchronous host-to-device copy per block.
-    """
-
-    name = "bench_synthetic"
-
-    def __init__(self, layout, path=None, device="cpu", spec: dict | None = None, **_: Any):
-        self.layout, self.device = layout, torch.device(device)
-        self._state: dict[str, Any] = {}
-        self.levels: dict[str, dict[str, Any]] = {}
-        spec = spec or {}
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        for name, s in spec["levels"].items():
-            n, k, pool, per_window, frames = s["blocks"], s["kept"], s["pool"], s["per_window"], s["frames"]
-            v = torch.randn(n, layout.vector_dim, device=self.device, generator=gen)
-            window = torch.arange(n, device=self.device) // per_window
-            fs = window * frames
-            shape = (pool, layout.num_layers, 2, layout.num_kv_heads, k, layout.head_dim)
-            if spec.get("kv_on", "device") == "pinned" and self.device.type == "cuda":
-                kv = torch.empty(shape, dtype=layout.dtype, pin_memory=True)
-                step = max(1, pool // 16)
-                for i in range(0, pool, step):
-                    kv[i : i + step].copy_(torch.randn((min(step, pool - i), *shape[1:]), device=self.device,
-                                                       dtype=layout.dtype, generator=gen))
-            else:
-                kv = torch.empty(shape, dtype=layout.dtype, device=self.device).normal_(generator=gen)
-            self.levels[name] = {
-                "n": n, "k": k, "vectors": v, "unit": F.normalize(v, dim=-1), "kv": kv,
-                "frame_start": fs, "frame_end": fs + frames,
-                "t_start": fs.double() / spec.get("fps", FPS), "t_end": (fs + frames - 1).double() / spec.get("fps", FPS),
-            }
-
-    def add(self, blocks):
-        raise NotImplementedError("the synthetic store is built whole")
-
-    def count(self, level: str) -> int:
-        st = self.levels.get(level)
-        return 0 if st is None else st["n"]
-
-    def search(self, level, query, k, within=None):
-        st = self.levels[level]
-        sims = st["unit"] @ F.normalize(query.to(self.device, torch.float32).reshape(-1), dim=0)
-        scores, ids = sims.topk(min(k, st["n"]))
-        return ids, scores
-
-    def vectors(self, level, ids):
-        return self.levels[level]["vectors"].index_select(0, ids.to(self.device))
-
-    def metadata(self, level, ids):
-        st, ids = self.levels[level], ids.to(self.device)
-        return BlockMeta(*(st[c].index_select(0, ids) for c in ("frame_start", "frame_end", "t_start", "t_end")))
-
-    def load_kv(self, level, ids):
-        st = self.levels[level]
-        pool = st["kv"]
-        slots = ids.to(pool.device) % pool.shape[0]
-        if pool.device == self.device:
-            return pool.index_select(0, slots)
-        out = torch.empty((slots.numel(), *pool.shape[1:]), dtype=pool.dtype, device=self.device)
-        for i, s in enumerate(slots.tolist()):
-            out[i].copy_(pool[s], non_blocking=True)
-        return out
-
-    def positions(self, level, ids):
-        k = self.levels[level]["k"]
-        return torch.arange(k, device=self.device).expand(ids.numel(), -1)
-
-    def set_state(self, key, value):
-        self._state[key] = value
-
-    def get_state(self, key, default=None):
-        return self._state.get(key, default)
-
-    def stats(self):
-        tb = self.layout.token_bytes()
-        return {n: {"blocks": s["n"], "tokens": s["n"] * s["k"], "bytes": s["n"] * s["k"] * tb}
-                for n, s in self.levels.items()}
-
-
-class _SyntheticPlugin:
-    @mukv.hookimpl
-    def mukv_register_backends(self, register):
-        register("bench_synthetic", SyntheticStore)
-
-
-def store_spec(adapter: Any, config: MukvConfig, frames: int, kv_on: str, kv_budget_bytes: float) -> dict:
-    """Blocks per level for ``frames`` frames at MuKV's defaults, and the KV pool each gets."""
-    t = adapter.tokens_per_frame
-    tb = adapter.layout.token_bytes()
-    levels, total_bytes = {}, 0
-    for lv in config.levels:
-        length = lv.tokens if lv.tokens else lv.frames * t
-        per_window = t // lv.tokens if lv.tokens else 1
-        k = Compressor.kept_count(lv, length)
-        n = (frames // lv.frames) * per_window
-        levels[lv.name] = {"blocks": n, "kept": k, "per_window": per_window, "frames": lv.frames}
-        total_bytes += n * k * tb
-    for name, s in levels.items():
-        full = s["blocks"] * s["kept"] * tb
-        share = full / total_bytes if total_bytes else 0
-        s["pool"] = int(max(1, min(s["blocks"], (kv_budget_bytes * share) // (s["kept"] * tb))))
-    return {"levels": levels, "kv_on": kv_on, "fps": FPS, "kv_bytes_all": total_bytes,
-            "kv_bytes_held": sum(s["pool"] * s["kept"] * tb for s in levels.values())}
-
-
-def synthetic_reference_store(backend: SyntheticStore) -> ReferenceStore:
-    """The synthetic store in the authors' layout: per-block host vectors, KV from a host pool."""
-    store = ReferenceStore()
-    for name, s in backend.levels.items():
-        st = store.level(name)
-        st.vectors = list(s["vectors"].float().cpu().unbind(0))
-        pool = s["kv"][:256].cpu()  # pageable host copy of (at most) 256 blocks, [pool, Y, 2, H, K, D]
-        blocks = [[(pool[i, y, 0], pool[i, y, 1]) for y in range(pool.shape[1])] for i in range(pool.shape[0])]
-        st.kv = [blocks[i % len(blocks)] for i in range(s["n"])]
-    return store
-
-
-# ------------------------------------------------------------------------------------ ingest
-def fast_ingest(adapter: Any, config: MukvConfig, embeds: torch.Tensor | None, frames: torch.Tensor | None,
-                n: int, chunk: int, stages: bool = False, keep: bool = False, backend: str = "memory",
-                path: Path | None = None, backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Feed ``n`` frames through a fresh session in chunks of ``chunk``.
-
-    ``embeds`` given: encoded frames straight into the ingestor (no vision tower);
-    ``frames`` given: uint8 frames through ``Session.feed`` (vision tower included).
-    ``backend``: "memory" (default), or "lancedb" with a store ``path``; the
-    time then includes waiting for the offload writer to commit every block.
-    """
-    from mukv.session import Session
-
-    dev = adapter.device
-    s = Session(model=adapter, backend=backend, config=config, path=path, backend_options=backend_options or {})
-    times = torch.arange(n, dtype=torch.float64) / FPS
-    stage_t: dict[str, float] = {}
-    if stages:
-        s._ingestor.stage_times = stage_t
-    reset_peak(dev)
-    sync(dev)
-    t0 = time.perf_counter()
-    for i in range(0, n, chunk):
-        j = min(n, i + chunk)
-        if embeds is not None:
-            e = embeds[torch.arange(i, j) % embeds.shape[0]]
-            s._ingestor.add_frames(e, times[i:j])
-        elif stages:
-            te, e = timed(lambda: adapter.encode_frames(frames[torch.arange(i, j) % frames.shape[0]]), dev)
-            stage_t["encode"] = stage_t.get("encode", 0.0) + te
-            s._ingestor.add_frames(e, times[i:j])
-        else:
-            s.feed(frames[torch.arange(i, j) % frames.shape[0]])
-    if backend != "memory":
-        s.backend.flush()  # every block committed to disk
-    sync(dev)
-    elapsed = time.perf_counter() - t0
-    out = {"frames": n, "seconds": elapsed, "fps": n / elapsed, "peak_gib": peak_gib(dev)}
-    if keep:
-        out["session"] = s
-    if stages:
-        out["stages"] = dict(stage_t)
-        out["stages"]["other"] = max(0.0, elapsed - sum(stage_t.values()))
-    return out
-
-
-def ref_ingest(adapter: Any, config: MukvConfig, embeds: torch.Tensor | None, frames: torch.Tensor | None,
-               n: int) -> dict[str, Any]:
-    from mukv.session import Session
-
-    dev = adapter.device
-    s = Session(model=adapter, backend="memory", config=config)
-    ref = ReferenceIngestor.from_session(s)
-    reset_peak(dev)
-    if embeds is not None:
-        t, _ = timed(lambda: ref.add_frames(embeds[torch.arange(n) % embeds.shape[0]]), dev)
-    else:
-        t, _ = timed(lambda: ref.feed(frames[torch.arange(n) % frames.shape[0]]), dev)
-    return {"frames": n, "seconds": t, "fps": n / t, "peak_gib": peak_gib(dev)}
-
-
-def bench_ingest(adapter: Any, config: MukvConfig, sizes: dict[str, int], reps: int, notes: list[str]) -> dict:
-    dev = adapter.device
-    frames = random_frames(adapter, min(sizes["vision"], 128), seed=1)
-    # encoded frames (the "no vision tower" input): the vision tower's own output for random frames, cycled
-    embeds = encode_pool(adapter, frames, config.stream.encode_batch_frames)
-    chunk = config.stream.encode_batch_frames
-    res: dict[str, Any] = {"chunk_frames": chunk}
-
-    # warm-up: every kernel and handle of both paths
-    fast_ingest(adapter, config, embeds, None, 2 * chunk if dev.type == "cuda" else chunk, chunk)
-    fast_ingest(adapter, config, None, frames, chunk, chunk)
-    ref_ingest(adapter, config, embeds, None, 4)
-    ref_ingest(adapter, config, None, frames, 4)
-    free(dev)
-
-    runs = [fast_ingest(adapter, config, embeds, None, sizes["fast"], chunk) for _ in range(reps)]
-    res["fast_no_vision"] = {"fps": median([r["fps"] for r in runs]), "fps_runs": [r["fps"] for r in runs],
-                             "frames": sizes["fast"], "peak_gib": max(r["peak_gib"] for r in runs)}
-    del runs
-    free(dev)
-    runs = [fast_ingest(adapter, config, None, frames, sizes["vision"], chunk) for _ in range(reps)]
-    res["fast_vision"] = {"fps": median([r["fps"] for r in runs]), "fps_runs": [r["fps"] for r in runs],
-                          "frames": sizes["vision"], "peak_gib": max(r["peak_gib"] for r in runs)}
-    del runs
-    free(dev)
-    st = fast_ingest(adapter, config, embeds, None, sizes["fast"], chunk, stages=True)
-    res["stages_no_vision"] = st["stages"]
-    st = fast_ingest(adapter, config, None, frames, sizes["vision"], chunk, stages=True)
-    res["stages_vision"] = st["stages"]
-    del st
-    free(dev)
-    runs = [ref_ingest(adapter, config, embeds, None, sizes["ref"]) for _ in range(max(1, reps - 1))]
-    res["ref_no_vision"] = {"fps": median([r["fps"] for r in runs]), "fps_runs": [r["fps"] for r in runs],
-                            "frames": sizes["ref"], "peak_gib": max(r["peak_gib"] for r in runs)}
-    runs = [ref_ingest(adapter, config, None, frames, sizes["ref"]) for _ in range(max(1, reps - 1))]
-    res["ref_vision"] = {"fps": median([r["fps"] for r in runs]), "fps_runs": [r["fps"] for r in runs],
-                         "frames": sizes["ref"], "peak_gib": max(r["peak_gib"] for r in runs)}
-    if dev.type == "cuda":  # ablations: one fast run each with one optimisation switched off
-        from mukv import model as mukv_model
-
-        abl = {}
-        saved = dict(mukv_model._LOWER_RIGHT_OK)
-        try:
-            mukv_model.FUSED_NORMS = False
-            abl["unfused_rms_norm"] = fast_ingest(adapter, config, embeds, None, sizes["fast"], chunk)["fps"]
-            mukv_model.FUSED_NORMS = True
-            mukv_model._LOWER_RIGHT_OK[dev.type] = False
-            abl["masked_attention_repeated_kv"] = fast_ingest(adapter, config, embeds, None, sizes["fast"], chunk)["fps"]
-        finally:
-            mukv_model.FUSED_NORMS = True
-            mukv_model._LOWER_RIGHT_OK.clear()
-            mukv_model._LOWER_RIGHT_OK.update(saved)
-        res["ablations_fps"] = abl
-        free(dev)
-    res["speedup_no_vision"] = res["fast_no_vision"]["fps"] / res["ref_no_vision"]["fps"]
-    res["speedup_vision"] = res["fast_vision"]["fps"] / res["ref_vision"]["fps"]
-    del embeds, frames
-    free(dev)
-    return res
-
-
-def kernel_kind(name: str) -> str:
-    """The kind of a CUDA kernel, by its name: attention, matmul, copy/gather, softmax/reduce or
-    elementwise/other."""
-    name = name.lower()
-    if any(w in name for w in ("flash", "fmha", "attention", "attn")):
-        return "attention"
-    if any(w in name for w in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "gemv", "cublas")):
-        return "matmul"
-    if any(w in name for w in ("memcpy", "copy", "gather", "index", "cat")):
-        return "copy/gather"
-    if "softmax" in name or "reduce" in name:
-        return "softmax/reduce"
-    return "elementwise/other"
-
-
-def profile_prefill(adapter: Any, config: MukvConfig, out: Path, tag: str) -> dict[str, Any]:
-    """Kernel time of one 64-frame ingest chunk (all three levels), by kind of kernel."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from mukv.session import Session
-
-    dev = adapter.device
-    chunk = config.stream.encode_batch_frames
-    embeds = encode_pool(adapter, random_frames(adapter, chunk, seed=3), chunk)
-    s = Session(model=adapter, backend="memory", config=config)
-    times = torch.arange(2 * chunk, dtype=torch.float64) / FPS
-    s._ingestor.add_frames(embeds, times[:chunk])
-    sync(dev)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        s._ingestor.add_frames(embeds, times[chunk:])
-        sync(dev)
-    kinds: dict[str, float] = {}
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        if not t or getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        kind = kernel_kind(e.key)
-        kinds[kind] = kinds.get(kind, 0.0) + t
-        rows.append((t, kind, e.key[:110]))
-    rows.sort(reverse=True)
-    total = sum(kinds.values()) or 1.0
-    text = [f"{tag}: kernel time of one {chunk}-frame chunk: {total / 1e3:.2f} ms"]
-    text += [f"  {k:18s} {100 * v / total:5.1f}%  {v / 1e3:8.2f} ms" for k, v in sorted(kinds.items(), key=lambda x: -x[1])]
-    text += ["  top kernels:"] + [f"  {t / 1e3:8.2f} ms  {k:16s} {n}" for t, k, n in rows[:25]]
-    (out / f"profile_{tag}.txt").write_text("\n".join(text) + "\n")
-    print("\n".join(text[:8]), flush=True)
-    return {"total_ms": total / 1e3, "share": {k: v / total for k, v in kinds.items()}}
-
-
-# ------------------------------------------------------------------------------------ questions
 def staged_ask(s: Any, question: str) -> dict[str, float]:
     """``Session.ask`` step by step with a synchronisation after each stage (same calls)."""
     dev = s.device
@@ -786,7 +256,7 @@ def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str],
     """Question latency at each stored length in ``plan["stores"]``.
 
     Kinds of rows: "real" (a fast-path ingest into the memory backend),
-    "synthetic" (:class:`SyntheticStore`), "disk" and "disk_cold"
+    "synthetic" (:class:`gpukit.synthetic.SyntheticStore`), "disk" and "disk_cold"
     (:func:`disk_session`; the store lives in a temporary folder, removed at the end).
     Rows are added to ``out`` as they are measured (``on_progress`` is called after each).
     """
@@ -797,7 +267,7 @@ def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str],
 
     dev = adapter.device
     out = {} if out is None else out
-    plugin = _SyntheticPlugin()
+    plugin = SyntheticPlugin()
     mukv.register_plugin(plugin, name="bench_synthetic")
     store_dir = Path(tempfile.mkdtemp(prefix="mukv-bench-", dir=plan.get("store_dir")))
     for label, st in plan["stores"].items():
@@ -856,7 +326,6 @@ def bench_stores(adapter: Any, config: MukvConfig, plan: dict, notes: list[str],
     return out
 
 
-# ------------------------------------------------------------------------------------ plan
 def length_label(hours: float) -> str:
     """``1 h``, ``10 min``, ``128 s`` (stream time at 0.5 fps)."""
     if hours >= 1 and float(hours).is_integer():
@@ -973,149 +442,6 @@ def bench_model(preset: str, device: torch.device, quick: bool, ceilings: dict, 
     del adapter
     free(device)
     return res
-
-
-# ------------------------------------------------------------------------------------ report
-def fmt(x: Any, nd: int = 1) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:,.{nd}f}"
-    return str(x)
-
-
-def ms(x: Any) -> str:
-    return "-" if x is None else f"{1e3 * x:,.1f}"
-
-
-def markdown(results: dict) -> str:
-    lines = []
-    env = results["environment"]
-    lines.append(f"Device: **{env['device']}** ({env.get('memory_gib', 0):.0f} GiB), torch {env['torch']}, "
-                 f"transformers {env['transformers']}, Python {env['python']}; run {env['date']}.")
-    ce = results.get("ceilings", {})
-    if ce:
-        lines.append(f"Measured in the same run: bf16 matrix product {fmt(ce.get('bf16_matmul_tflops'), 0)} TFLOP/s "
-                     f"(8192^3, random data), device copy {fmt(ce.get('d2d_gbps'), 0)} GB/s, host-to-device "
-                     f"{fmt(ce.get('h2d_pinned_gbps'), 0)} GB/s pinned / {fmt(ce.get('h2d_pageable_gbps'), 0)} GB/s "
-                     "pageable.")
-    lines.append("")
-    lines.append("### Ingest (frames per second; bf16; MuKV defaults: 3 levels, 588 prefilled tokens per frame)")
-    lines.append("")
-    lines.append("| model | vision tower | fast fps | reference fps | speedup | fast peak GiB | reference peak GiB | "
-                 "frames timed (fast / ref) |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---|")
-    for preset, m in results["models"].items():
-        ing = m.get("ingest")
-        if not ing:
-            lines.append(f"| {preset} | error: {m.get('ingest_error')} | | | | | | |")
-            continue
-        fh, fw = m.get("frame_hw", (384, 384))
-        for key, label in (("no_vision", "no (encoded frames in)"), ("vision", f"yes ({fh}x{fw} frames in)")):
-            f_, r_ = ing[f"fast_{key}"], ing[f"ref_{key}"]
-            lines.append(f"| {preset} | {label} | {fmt(f_['fps'])} | {fmt(r_['fps'], 2)} | "
-                         f"{fmt(ing[f'speedup_{key}'])}x | {fmt(f_['peak_gib'], 2)} | {fmt(r_['peak_gib'], 2)} | "
-                         f"{f_['frames']} / {r_['frames']} |")
-    lines.append("")
-    abl = [(p, m["ingest"]["ablations_fps"]) for p, m in results["models"].items()
-           if m.get("ingest") and m["ingest"].get("ablations_fps")]
-    if abl:
-        lines.append("Ablations (fast path, no vision tower, one run each with one optimisation off):")
-        lines.append("")
-        lines.append("| model | all on | RMSNorm unfused (transformers' 7 kernels) | masked sdpa + repeated KV heads "
-                     "instead of lower-right flash |")
-        lines.append("|---|---:|---:|---:|")
-        for p, a in abl:
-            lines.append(f"| {p} | {fmt(results['models'][p]['ingest']['fast_no_vision']['fps'])} | "
-                         f"{fmt(a.get('unfused_rms_norm'))} | {fmt(a.get('masked_attention_repeated_kv'))} |")
-        lines.append("")
-    lines.append("Share of fast-path ingest time per stage (instrumented run: a synchronisation after each stage):")
-    lines.append("")
-    lines.append("| model | vision tower | encode | prefill | score | compress + gather | store | other |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
-    for preset, m in results["models"].items():
-        ing = m.get("ingest")
-        if not ing:
-            continue
-        for key, label in (("stages_no_vision", "no"), ("stages_vision", "yes")):
-            stg = ing[key]
-            tot = sum(stg.values()) or 1.0
-            cells = [f"{100 * stg.get(k, 0.0) / tot:.1f}%" for k in ("encode", "prefill", "score", "compress",
-                                                                       "store", "other")]
-            lines.append(f"| {preset} | {label} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("LLM prefill against the bf16 roofline (FLOPs per frame from `prefill_flops` in the script; "
-                 "time = the prefill stage of the instrumented no-vision run):")
-    lines.append("")
-    lines.append("| model | GFLOP per frame (LLM prefill) | GFLOP per frame (vision) | achieved TFLOP/s | "
-                 "% of measured bf16 peak | % of datasheet 989 TFLOP/s | end-to-end TFLOP/s (no vision) |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
-    for preset, m in results["models"].items():
-        ing = m.get("ingest") or {}
-        fl = m.get("flops")
-        if not fl:
-            continue
-        ach = ing.get("prefill_tflops")
-        share = ing.get("prefill_share_of_measured_peak")
-        lines.append(f"| {preset} | {fl['per_frame'] / 1e9:,.1f} | {fl['vision_per_frame'] / 1e9:,.1f} | "
-                     f"{fmt(ach, 0)} | {fmt(None if share is None else 100 * share, 1)}% | "
-                     f"{fmt(None if ach is None else 100 * ach / 989.0, 1)}% | "
-                     f"{fmt(ing.get('ingest_tflops_no_vision'), 0)} |")
-    lines.append("")
-    lines.append("### Questions (milliseconds; medians; time to first token split by stage, each stage ending "
-                 "with a synchronisation)")
-    lines.append("")
-    lines.append("| model | stored | blocks (patch / frame / segment) | KV tokens at answer | query | retrieve | "
-                 "page-in | prompt prefill + first token | TTFT (sum) | TTFT (`Session.ask`) | 32-token answer | "
-                 "peak GiB | reference TTFT | reference 32-token answer | speedup TTFT / answer |")
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for preset, m in results["models"].items():
-        for label, q in m.get("questions", {}).items():
-            if "error" in q:
-                lines.append(f"| {preset} | {label} | error: {q['error']} |" + " |" * 12)
-                continue
-            b = q.get("blocks", {})
-            ref = q.get("ref", {})
-            sp = (f"{fmt(q.get('speedup_ttft'))}x / {fmt(q.get('speedup_full_answer'))}x" if ref else "-")
-            lines.append(
-                f"| {preset} | {label} | {b.get('patch', 0):,} / {b.get('frame', 0):,} / {b.get('segment', 0):,} | "
-                f"{int(q.get('kv_tokens', 0)):,} | {ms(q.get('query'))} | {ms(q.get('retrieve'))} | {ms(q.get('page_in'))} | "
-                f"{ms(q.get('first_token'))} | {ms(q.get('ttft_sum'))} | {ms(q.get('ttft_ask'))} | "
-                f"{ms(q.get('full_answer'))} | {fmt(q.get('peak_gib'), 2)} | {ms(ref.get('ttft'))} | "
-                f"{ms(ref.get('full_answer'))} | {sp} |")
-    lines.append("")
-    lines.append("The same questions with question-time CUDA graphs off (`HFVideoLLM.static_decode = False`), "
-                 "fast path otherwise:")
-    lines.append("")
-    lines.append("| model | stored | query | prompt prefill + first token | TTFT (sum) | 32-token answer |")
-    lines.append("|---|---|---:|---:|---:|---:|")
-    for preset, m in results["models"].items():
-        for label, q in m.get("questions", {}).items():
-            e = q.get("eager_decode")
-            if e:
-                lines.append(f"| {preset} | {label} | {ms(e.get('query'))} | {ms(e.get('first_token'))} | "
-                             f"{ms(e.get('ttft_sum'))} | {ms(e.get('full_answer'))} |")
-    lines.append("")
-    prof = [(p, m["profile"]) for p, m in results["models"].items() if m.get("profile")]
-    if prof:
-        lines.append("Kernel time of one 64-frame ingest chunk (profiler), by kind:")
-        lines.append("")
-        for p, pr in prof:
-            parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(pr["share"].items(), key=lambda x: -x[1]))
-            lines.append(f"- {p}: {pr['total_ms']:.1f} ms; {parts}")
-        lines.append("")
-    lines.append("What each stored length holds:")
-    lines.append("")
-    for preset, m in results["models"].items():
-        for label, q in m.get("questions", {}).items():
-            lines.append(f"- {preset}, {label}: {q.get('store', q.get('error', ''))}")
-    lines.append("")
-    if results.get("notes"):
-        lines.append("Notes:")
-        lines.append("")
-        for n in results["notes"]:
-            lines.append(f"- {n}")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ Parts (``--parts``, default all three):
   first, then the independent sessions' (the same arrivals and questions per N).
 * ``single``: one stream fed in chunks of ``--chunk`` frames, with the vision tower (uint8 frames)
   and without (the vision tower's own output, precomputed), in frames/s and as a share of the bf16
-  roofline: FLOPs per frame from the architecture (``gpu_bench.vision_flops`` + ``gpu_bench.prefill_flops``)
+  roofline: FLOPs per frame from the architecture (``gpukit.flops.vision_flops`` + ``gpukit.flops.prefill_flops``)
   against the card's datasheet dense bf16 rate and the rate measured now.
 * ``stored``: first-token latency and the full answer at ``--store-hours`` of stream stored (ingested
   from precomputed frame embeddings), idle, then under ``--load-streams`` cameras of load (the
