@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_bench as gb  # noqa: E402 - CUDA-event timing and the kernel benchmarks' arguments are shared
+from gpukit.timing import event_ms, kernel_bench_args, write_result  # noqa: E402 - shared by the GPU benchmarks
 
 #: (label, batch, query heads, KV heads, query tokens, key tokens, head dim, lower-right causal)
 SHAPES = (("vision, 32 frames", 32, 16, 16, 729, 729, 72, False),
@@ -28,7 +28,7 @@ SHAPES = (("vision, 32 frames", 32, 16, 16, 729, 729, 72, False),
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = gb.kernel_bench_args("attention_bench", __doc__, argv, reps=20)
+    args = kernel_bench_args("attention_bench", __doc__, argv, reps=20)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                 out = fn()
                 torch.cuda.synchronize()
                 want = out.float() if want is None else want
-                ms = gb.event_ms(fn, args.reps)
+                ms = event_ms(fn, args.reps)
                 row[name] = {"ms": ms, "tflops": flop / ms / 1e9,
                              "rel_err_vs_default": ((out.float() - want).norm() / want.norm()).item()}
             except RuntimeError as e:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["shapes"].append(row)
         print(label, {n: (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" if "ms" in r else r["error"][:80])
                       for n, r in row.items() if isinstance(r, dict)}, flush=True)
-    return gb.write_result(args.out, res)
+    return write_result(args.out, res)
 
 
 if __name__ == "__main__":

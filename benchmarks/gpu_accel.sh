@@ -5,8 +5,13 @@
 #
 # Runs benchmarks/accel_bench.py on llava-onevision-qwen2-0.5b-ov (random weights, vision tower): each mode's
 # vision tower, ingest with and without it against the bf16 roofline, and its agreement with the plain path
-# (visual tokens, kept tokens, stored KV, first-token logits, greedy tokens).
-# Environment: MODES (default: the script's), BUDGET (default 420 s), OUT (default runs/accel).
+# (visual tokens, kept tokens, stored KV, first-token logits, greedy tokens). Before it, with KERNELS=1
+# (default): the fused_mlp GPU test and the kernel benchmarks swiglu_bench.py and attention_bench.py
+# (about a minute together; their files: gpu_tests.log, swiglu.json, attention.json).
+# Environment: MODES (default: plain, the fastest measured set, and that set with fused_mlp with and without
+# graph_prefill), REFERENCE_FRAMES (frames of the reference mode, the authors' path, for the 30x check;
+# default 16), BUDGET (accel_bench's own budget; default 330 s with the
+# kernel step, 420 s without), OUT (default runs/accel), KERNELS (0 skips the kernel step).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${MUKV_SUITE_PYTHON:-python3}
@@ -19,6 +24,15 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
-ARGS=(--device cuda --budget-s "${BUDGET:-420}" --out "$OUT")
-[ -n "${MODES:-}" ] && ARGS+=(--modes "$MODES")
-timeout -s INT -k 15 $(( ${BUDGET:-420} + 120 )) "$PY" benchmarks/accel_bench.py "${ARGS[@]}" 2>&1 | tee "$OUT/accel.log"
+if [ "${KERNELS:-1}" = 1 ]; then
+    timeout -k 10 100 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_mlp.py 2>&1 | tail -20 \
+        | tee "$OUT/gpu_tests.log"
+    timeout -s INT -k 10 90 "$PY" benchmarks/swiglu_bench.py --out "$OUT/swiglu.json" 2>&1 | tee -a "$OUT/kernels.log"
+    timeout -s INT -k 10 50 "$PY" benchmarks/attention_bench.py --out "$OUT/attention.json" 2>&1 | tee -a "$OUT/kernels.log"
+fi
+if [ "${KERNELS:-1}" = 1 ]; then BUDGET=${BUDGET:-330}; else BUDGET=${BUDGET:-420}; fi
+ARGS=(--device cuda --budget-s "$BUDGET" --out "$OUT")
+BEST=fused_vision+fused_llm+fused_norms
+ARGS+=(--modes "${MODES:-plain,$BEST+graph_prefill,$BEST+fused_mlp+graph_prefill,$BEST+fused_mlp}")
+ARGS+=(--reference-frames "${REFERENCE_FRAMES:-16}")
+timeout -s INT -k 15 $(( BUDGET + 120 )) "$PY" benchmarks/accel_bench.py "${ARGS[@]}" 2>&1 | tee "$OUT/accel.log"

@@ -21,19 +21,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_bench as gb  # noqa: E402 - CUDA-event timing and the kernel benchmarks' arguments are shared
+from gpukit.timing import event_ms, kernel_bench_args, write_result  # noqa: E402 - shared by the GPU benchmarks
 
 from mukv.accel import _compiled, swiglu  # noqa: E402
 from mukv.kernels import swiglu as sk  # noqa: E402
 
-#: (label, M, K, N): a 0.5B batch of 64 frames at the patch level (196 tokens a block), 20 segment windows
-#: (784 tokens), a 7B chunk
-SHAPES = (("0.5B patch, 64 blocks", 196 * 64, 896, 4864), ("0.5B segment, 20 blocks", 784 * 20, 896, 4864),
-          ("0.5B frame, 16 blocks", 196 * 16, 896, 4864), ("7B patch, 16 blocks", 196 * 16, 3584, 18944))
+#: (label, M tokens, K hidden, N intermediate): the tokens of one 64-frame chunk at the 0.5B patch level
+#: (256 blocks of 49), of the segment level's 20 windows (784 tokens each), of 16 frames at the frame
+#: level, and 16 frames at 7B
+SHAPES = (("0.5B patch level, 64 frames", 196 * 64, 896, 4864), ("0.5B segment level, 20 windows", 784 * 20, 896, 4864),
+          ("0.5B frame level, 16 frames", 196 * 16, 896, 4864), ("7B patch level, 16 frames", 196 * 16, 3584, 18944))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = gb.kernel_bench_args("swiglu_bench", __doc__, argv, reps=30)
+    args = kernel_bench_args("swiglu_bench", __doc__, argv, reps=30)
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "shapes": []}
     act = _compiled("swiglu", swiglu)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         flop = 4 * m * k * n
         row = {"label": label, "m": m, "k": k, "n": n}
         for name, fn in paths.items():
-            ms = gb.event_ms(fn, args.reps)
+            ms = event_ms(fn, args.reps)
             row[name] = {"ms": ms, "tflops": flop / ms / 1e9}
         exact = sk.swiglu_reference(x.float(), joint.float())
         row["fused_rel_err"] = ((paths["fused"]().float() - exact).norm() / exact.norm()).item()
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"fused {row['fused']['ms']:.3f} ms "
               f"({row['fused']['tflops']:.0f})  torch/fused {row['torch_over_fused']:.2f}x  rel err fused "
               f"{row['fused_rel_err']:.4f} torch {row['torch_rel_err']:.4f}", flush=True)
-    return gb.write_result(args.out, res)
+    return write_result(args.out, res)
 
 
 if __name__ == "__main__":
