@@ -254,13 +254,37 @@ def test_session_with_rekv_reads_its_budget_per_layer(tiny_model, frames):
         assert [b.frame_start for b in ans.blocks] == sorted(b.frame_start for b in ans.blocks)
 
 
-def test_a_level_without_layer_keys_cannot_be_retrieved_per_layer(tiny_model, frames):
+def test_a_level_without_layer_keys_is_refused_before_anything_is_stored(tiny_model, frames, tmp_path):
+    """The layerwise retriever reads per-layer keys: a level it would search without them is refused
+    when the session is built (every question would fail), whether the levels come from config over
+    the rekv policy or from a fork that turns the retriever on."""
     cfg = rekv_config()
     cfg["levels"][0]["layer_keys"] = False
+    with pytest.raises(mukv.ConfigError, match="'frame' would be stored without them"):
+        mukv.Session(model=tiny_model, config=cfg)
+    store = tmp_path / "s.mukv"
+    with pytest.raises(mukv.ConfigError, match="layer_keys"):
+        mukv.Session(model=tiny_model, backend="lancedb", path=store, config=cfg)
+    assert not store.exists() or not mukv.list_streams(store)  # nothing created
+    with pytest.raises(mukv.ConfigError, match="'patch', 'frame', 'segment'"):
+        mukv.Session(model=tiny_model, policy="rekv", config={"levels": MukvConfig().model_dump()["levels"]})
+    with mukv.Session(model=tiny_model) as s:
+        s.feed(frames(4))
+        with pytest.raises(mukv.ConfigError, match="layer_keys"):
+            s.fork(config={"retrieval": {"retriever": "layerwise"}})
+        assert s.ask("what color?", max_new_tokens=2).text is not None  # the session goes on
+
+
+def test_a_level_without_layer_keys_cannot_be_asked_per_layer(tiny_model, frames):
+    """A level the retriever does not search by default (top_k 0) may lack per-layer keys; a question
+    that asks for its blocks anyway gets a clear RetrievalError."""
+    cfg = rekv_config()
+    cfg["levels"].append({"name": "segment", "extractor": "segment", "frames": 2, "keep_ratio": 0.5, "top_k": 0})
     with mukv.Session(model=tiny_model, config=cfg) as s:
         s.feed(frames(4))
+        assert s.ask("what color?", max_new_tokens=2).text is not None
         with pytest.raises(RetrievalError, match="per-layer keys"):
-            s.ask("what color?")
+            s.ask("what color?", top_k={"segment": 1})
 
 
 def test_rekv_stream_on_disk_reopens_with_its_keys_and_window(tiny_model, frames, tmp_path):

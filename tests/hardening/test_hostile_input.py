@@ -304,6 +304,8 @@ def configs(draw):
                 cfg["levels"] = draw(st.one_of(ANY, st.just([]), st.just(cfg["levels"] * 2)))
                 continue
             node = cfg["levels"][draw(st.integers(0, len(cfg["levels"]) - 1))]
+            if not isinstance(node, dict):
+                continue  # the list was replaced by a list of other things (e.g. [5])
             parts = parts[2:]
         for key in parts[:-1]:
             node = node.setdefault(key, {})
