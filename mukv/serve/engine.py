@@ -16,6 +16,11 @@ own :class:`~mukv.serve.queues.FrameQueue`) and jobs (:meth:`Engine.submit_ask`,
         else                           -> sleep until something is queued
 
 so a question waits at most for one ingest step, however many frames are queued.
+
+The engine is put together from parts: the loop and what happens inside an ingest step are
+:mod:`mukv.serve.loop`; who writes each stream when several servers share a store (readers
+refreshed, lost writers demoted, orphaned streams taken over) is :mod:`mukv.serve.ownership`. This
+module keeps the lifecycle, the stream table and what the HTTP layer calls.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import os
 import socket
 import threading
 import time
-import warnings
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -38,7 +42,9 @@ from .config import ServeConfig
 from .errors import Conflict, NotFound, Unavailable
 from .metrics import ServeMetrics
 from .queues import FrameQueue, check_fps
-from .scheduler import IngestScheduler, StepResult
+from .loop import EngineLoop
+from .ownership import StreamOwnership
+from .scheduler import IngestScheduler
 from .sources import SourcePuller, open_source
 from .stream import ServedStream
 
@@ -60,7 +66,7 @@ class _Job:
             self.future.set_exception(exc)
 
 
-class Engine:
+class Engine(EngineLoop, StreamOwnership):
     """Owns the model and the streams of one store (see the module docstring).
 
     Args:
@@ -380,193 +386,6 @@ class Engine:
         self.metrics.question_seconds.observe((first[0] if first else end) - job.arrived, "first_token")
         self.metrics.question_seconds.observe(end - job.arrived, "total")
         return body
-
-    # ------------------------------------------------------------------ the loop (engine thread)
-    def _run(self) -> None:
-        next_look = time.monotonic() + self.config.refresh_s
-        answered = 0  # questions answered since the last ingest step
-        while not self._stop_loop:
-            job = None
-            if self._asks and answered < self.config.questions_per_step:
-                job = self._asks.popleft()
-                answered += 1
-            elif self._control:
-                job = self._control.popleft()
-            if job is not None:
-                job.run()
-                continue
-            works = self.scheduler.plan(self._all(), force=self.state == "stopping")
-            answered = 0
-            if works:
-                t0 = time.monotonic()
-                busy = {w.stream.id for w in works}
-                self.scheduler.batcher.withdraw = lambda sessions: self._withdraw_asked(sessions, works, busy)
-                self.scheduler.batcher.between_stages = lambda: self._answer_between(busy)
-                self.scheduler.run(works, self._step_done)
-                self.metrics.step_seconds.observe(time.monotonic() - t0)
-                self.metrics.batch.observe(sum(int(w.frames.shape[0]) for w in works))
-                continue
-            now = time.monotonic()
-            if now >= next_look and self.state == "ok":
-                try:
-                    self._look()
-                except Exception:  # noqa: BLE001 - the loop must go on
-                    log.exception("looking at the store failed")
-                next_look = time.monotonic() + self.config.refresh_s
-                continue
-            due = self.scheduler.due_in(self._all(), now)
-            self._kick.wait(max(0.0, min(0.5, next_look - now, 0.5 if due is None else due)))
-            self._kick.clear()
-
-    def _withdraw_asked(self, sessions: list[Any], works: list[Any], busy: set[str]) -> list[Any]:
-        """Inside an ingest step, at a stage boundary (engine thread): the step's sessions that
-        waiting questions are on leave the step (``withdraw_asked``), rolled back, their frames back
-        in front of their queues; ``busy`` forgets them, so :meth:`_answer_between` answers them.
-        Frames given back once are stored by the next step that takes them (never given back twice)."""
-        cfg = self.scheduler.config
-        if not (cfg.lend_between_stages and cfg.withdraw_asked and self._asks):
-            return []
-        asked = {job.stream for job in list(self._asks)[: self.config.questions_per_step]}
-        by_session = {id(w.stream.session): w.stream.id for w in works if not w.stays}
-        out = [s for s in sessions if by_session.get(id(s)) in asked]
-        busy.difference_update(by_session[id(s)] for s in out)
-        return out
-
-    def _answer_between(self, busy: set[str]) -> None:
-        """Inside an ingest step, between its stages (engine thread): answer up to
-        ``questions_per_step`` waiting questions on streams the step does not hold (any longer), in
-        arrival order; questions on the step's own streams keep their place and wait for its commit."""
-        if not self.scheduler.config.lend_between_stages or not self._asks:
-            return
-        budget, kept = self.config.questions_per_step, []
-        while budget > 0:
-            try:
-                job = self._asks.popleft()
-            except IndexError:
-                break
-            if job.stream in busy:
-                kept.append(job)
-                continue
-            job.run()
-            budget -= 1
-        self._asks.extendleft(reversed(kept))  # back in front, in their order
-
-    def _step_done(self, r: StepResult) -> None:
-        s = r.stream
-        if r.stored:
-            s.stored += r.frames
-            s.update()  # about a millisecond: the status is current once the step is done
-            s.error = None
-            return
-        exc = r.error
-        s.error = adapter.describe(exc)
-        if adapter.lease_lost(s.session):
-            log.warning("stream %s: %s", s.id, s.error)
-            s.queue.dropped += r.frames
-            self._demote(s)
-        elif isinstance(exc, StoreError) and getattr(s.session.backend, "_failure", None):
-            log.error("stream %s: writing failed: %s", s.id, s.error)
-            s.failed = True  # the store refuses more writes until the stream is reopened
-            s.queue.dropped += r.frames
-            s.queue.clear()
-        else:  # refused frames: nothing of them is stored (a feed is a transaction); they make a gap
-            log.warning("stream %s: frames refused: %s", s.id, s.error)
-            s.queue.lost(r.t_start, r.t_end, r.frames)
-
-    def _demote(self, s: ServedStream) -> None:
-        """A writer that lost its stream to another server goes on as a reader."""
-        try:
-            s.session.close()
-        except MukvError:
-            pass
-        if s.queue is not None:
-            s.queue.close()
-            s.queue.clear()
-        try:
-            s.session = adapter.open_reader(self.config.store, s.id, self.model, self.backend_options)
-        except MukvError as exc:
-            s.failed, s.error = True, adapter.describe(exc)
-            return
-        s.update()  # the store's numbers first: a status read between these lines never shows the role
-        s.owner, s.source = adapter.writer_of(s.session), None  # of a reader with the lost writer's numbers
-        s.role = "reader"
-
-    def _refresh(self, s: ServedStream) -> None:
-        try:
-            adapter.refresh(s.session)
-            s.update()
-            s.owner = adapter.writer_of(s.session)
-        except MukvError as exc:
-            s.error = adapter.describe(exc)
-
-    def _look(self) -> None:
-        """Refresh readers, record gaps of idle writers, find new streams, take over orphaned ones."""
-        for s in self._all():
-            if s.role == "writer":
-                if adapter.lease_lost(s.session):
-                    self._demote(s)
-                    continue
-                if s.queue is not None and not s.failed:
-                    s.queue.expire()
-                    if not s.queue.frames:
-                        gap = s.queue.pop_gap()
-                        if gap is not None:
-                            try:
-                                s.record_gap(gap)
-                            except MukvError as exc:
-                                s.error = adapter.describe(exc)
-                    if time.monotonic() - s.refreshed > self.config.refresh_s:
-                        s.update()
-            elif s.role == "reader":
-                self._refresh(s)
-                self._try_takeover(s)
-        known = {s.id for s in self._all()}
-        for sid in adapter.stream_ids(self.config.store, self.backend_options):
-            if sid not in known and sid not in self._deleted:
-                self._open_existing(sid)
-
-    def _try_takeover(self, s: ServedStream) -> None:
-        """Become the writer of a stream whose writer is gone (a dead server's lease expired)."""
-        files = getattr(s.session.backend, "files", None)
-        if files is None:
-            return
-        if files.remote:
-            from ..backends.disk.lease import StreamLease
-
-            o = self.config.backend_options
-            probe = self._probes.get(s.id)
-            if probe is None:
-                probe = self._probes[s.id] = StreamLease(files, f"streams/{s.id}.json", o.get("lease_ttl", 30.0),
-                                                         self.server_name, o.get("clock_skew", 10.0))
-            if not probe.try_acquire():
-                return
-            probe.hand_over()  # the writer session's backend takes the lease from this owner at once
-            self._probes.pop(s.id, None)
-        else:
-            from ..backends.disk.verify import writer_active
-
-            if writer_active(files, s.id):
-                return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                session = adapter.open_writer(self.config.store, s.id, self.model, self.backend_options,
-                                              thumbnails=self.config.thumbnails)
-            except MukvError as exc:
-                s.error = adapter.describe(exc)
-                return
-        if not adapter.is_writer(session):
-            session.close()
-            return
-        log.warning("stream %s: taken over (its writer is gone)", s.id)
-        old = s.session
-        new = self._served(s.id, session)
-        with self._lock:
-            self._streams[s.id] = new
-        try:
-            old.close()
-        except MukvError:
-            pass
 
     # ------------------------------------------------------------------ metrics
     def _collect(self) -> None:
