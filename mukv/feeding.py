@@ -51,6 +51,8 @@ class SessionFeeding:
                  want: tuple[int, int] | None = None) -> torch.Tensor:
         """Validated frames of the stream's size (or ``want``, the size of frames queued before these;
         resized if asked), as a private copy."""
+        if resize is not None and not isinstance(resize, (bool, np.bool_)):
+            raise InputError(f"resize must be True, False or None (the session's setting); got {resize!r}"[:200])
         t = as_frames(frames)
         hw = (int(t.shape[1]), int(t.shape[2]))
         want = self._stream.frame_hw or want

@@ -29,13 +29,17 @@ go back to the front of its queue for the next batch.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -44,6 +48,19 @@ from .config import format_validation_error
 from .errors import ConfigError, InputError, MukvError
 
 log = logging.getLogger(__name__)
+
+
+def _seconds(value: Any, what: str) -> float:
+    """``value`` as finite seconds; InputError naming ``what`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    try:
+        ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        ok = False
+    if not ok:
+        raise InputError(f"{what} must be a finite number of seconds; got {value!r}"[:200])
+    return float(value)
 
 
 class SchedulerConfig(BaseModel):
@@ -248,7 +265,8 @@ class IngestScheduler:
     Args:
         config: a :class:`SchedulerConfig`, a dict of its fields, or ``None`` for the defaults.
         clock: monotonic seconds (a fake clock in tests).
-        on_batch: called with each :class:`BatchReport` (on the thread that ran the batch).
+        on_batch: called with each :class:`BatchReport` (on the thread that ran the batch); an
+            exception it raises is logged, not raised (the batch is stored by then).
 
     Thread-safe: :meth:`submit` and :meth:`ask` may be called from any thread while :meth:`start`'s
     thread (or the caller, with :meth:`step`) runs batches.
@@ -259,7 +277,10 @@ class IngestScheduler:
         self.config = SchedulerConfig.build(config)
         if not callable(clock):
             raise ConfigError("clock must be a callable returning seconds")
+        if on_batch is not None and not callable(on_batch):
+            raise ConfigError(f"on_batch must be a callable taking a BatchReport, or None; got {type(on_batch).__name__}")
         self.clock = clock
+        self._now()  # a clock that does not return seconds is refused here, not in the middle of a batch
         self.on_batch = on_batch
         self.policy = BatchPolicy(self.config)
         self.batcher = BatchIngest(self.config.encode_batch_frames, self.config.prefill_batch_tokens,
@@ -316,7 +337,7 @@ class IngestScheduler:
             with self._cv:
                 if self._queues.get(id(session)) is not q:
                     raise MukvError("the session was removed from the scheduler meanwhile")
-                q.chunks.append([item.frames, item.times, torch.full((n,), float(self.clock()), dtype=torch.float64)])
+                q.chunks.append([item.frames, item.times, torch.full((n,), self._now(), dtype=torch.float64)])
                 q.frames += n
                 q.seen += n
                 q.last_time = float(item.times[-1])
@@ -350,7 +371,7 @@ class IngestScheduler:
     def due_in(self, now: float | None = None) -> float | None:
         """Seconds until the next batch is due (0: now; ``None``: nothing waits)."""
         with self._cv:
-            return self.policy.due_in(self._waiting(), float(self.clock()) if now is None else now)
+            return self.policy.due_in(self._waiting(), self._now() if now is None else _seconds(now, "now"))
 
     # ------------------------------------------------------------------ batches
     def step(self, now: float | None = None, force: bool = False) -> BatchReport | None:
@@ -364,7 +385,7 @@ class IngestScheduler:
                     self._cv.wait()
             finally:
                 self._batch_waiting = False
-            t = float(self.clock()) if now is None else now
+            t = self._now() if now is None else _seconds(now, "now")
             picks = self.policy.pick(self._waiting(), t, force)
             if not picks:
                 self._cv.notify_all()
@@ -383,16 +404,16 @@ class IngestScheduler:
             self._stays = frozenset(again)
             self._answered = 0
         try:
-            t0 = float(self.clock())
+            t0 = self._now()
             results, stats = self.batcher.run(items)
-            self.policy.observe(stats.frames, float(self.clock()) - t0)  # the batch time, on the scheduler's clock
+            self.policy.observe(stats.frames, self._now() - t0)  # the batch time, on the scheduler's clock
         finally:
             with self._cv:
                 self._busy = self._running = False
                 self._in_batch = frozenset()
                 self._cv.notify_all()
         self._requeue([(it, arr) for r, it, arr in zip(results, items, arrivals) if r.withdrawn])
-        report = BatchReport(results, stats, arrivals, t, float(self.clock()))
+        report = BatchReport(results, stats, arrivals, t, self._now())
         self.totals["batches"] += 1
         self.totals["frames"] += sum(r.frames for r in results if r.ok)
         self.totals["blocks"] += stats.blocks
@@ -403,8 +424,18 @@ class IngestScheduler:
                 self.totals["failed_feeds"] += 1
                 self._failed(r, it)
         if self.on_batch is not None:
-            self.on_batch(report)
+            try:
+                self.on_batch(report)
+            except Exception:  # noqa: BLE001 - the batch is stored; the caller's callback does not undo it
+                log.exception("on_batch raised (the batch is stored)")
         return report
+
+    def _now(self) -> float:
+        """The scheduler's clock, in seconds (ConfigError for a clock that gives something else)."""
+        try:
+            return _seconds(self.clock(), "the clock's time")
+        except InputError as exc:
+            raise ConfigError(f"clock must return seconds: {exc}") from None
 
     def _requeue(self, back: list[tuple[FeedItem, torch.Tensor]]) -> None:
         """Frames of feeds withdrawn from the batch, back in front of their queues with their arrivals
@@ -448,6 +479,14 @@ class IngestScheduler:
         forwards). A question on a stream of the running batch takes the stream out of the batch there
         (``withdraw_asked``; its frames wait for the next batch) or, past the last boundary or with
         ``withdraw_asked`` off, waits for the batch's commit. Frames queued are never waited for."""
+        from .session import Session
+
+        if not isinstance(session, Session):
+            raise InputError(f"ask() takes a mukv.Session; got {type(session).__name__}")
+        try:
+            inspect.signature(Session.ask).bind(session, question, **kwargs)
+        except TypeError as exc:
+            raise InputError(f"ask(): {exc}") from None
         sid = id(session)
         with self._cv:
             self._asks += 1
@@ -528,7 +567,7 @@ class IngestScheduler:
             with self._cv:
                 if self._stopping:
                     return
-                due = self.policy.due_in(self._waiting(), float(self.clock()))
+                due = self.policy.due_in(self._waiting(), self._now())
                 if due is None or due > 0:
                     self._cv.wait(0.5 if due is None else min(due, 0.5))
                     continue

@@ -736,6 +736,53 @@ def test_submit_validates_like_feed_and_continues_queued_times(tiny_model, frame
         BatchIngest().run([FeedItem.of(s, frames(1)), FeedItem.of(s, frames(1))])
 
 
+def test_bad_arguments_to_ask_step_and_the_constructor_are_refused_clearly(tiny_model, frames, caplog):
+    """Every argument of the scheduler's public calls is checked: a clear MukvError, nothing queued or
+    stored changed."""
+    s = mukv.Session(model=tiny_model)
+    with pytest.raises(ConfigError, match="on_batch"):
+        IngestScheduler(on_batch=5)
+    for clock in (lambda: "x", lambda: float("nan"), lambda: None):
+        with pytest.raises(ConfigError, match="clock must return seconds"):
+            IngestScheduler(clock=clock)
+    sched = IngestScheduler(clock=FakeClock())
+    sched.submit(s, frames(2))
+    for now in ("x", float("nan"), float("inf"), None.__class__, True, 10**400, [1.0]):
+        with pytest.raises(InputError, match="now must be a finite number"):
+            sched.step(now=now, force=True)
+        with pytest.raises(InputError, match="now must be a finite number"):
+            sched.due_in(now)
+    assert sched.waiting(s) == 2 and s.stats()["frames"] == 0  # nothing taken
+    for who in (None, 123, "cam"):
+        with pytest.raises(InputError, match="takes a mukv.Session"):
+            sched.ask(who, "what?")
+    with pytest.raises(InputError, match="unexpected keyword"):
+        sched.ask(s, "what?", nonsense=1)
+    with pytest.raises(InputError, match="resize must be"):
+        sched.submit(s, frames(1, size=32), resize="yes")
+    with pytest.raises(InputError, match="resize must be"):
+        s.feed(frames(1), resize=1)
+    assert sched.waiting(s) == 2 and s.stats()["frames"] == 0
+    sched.step(now=np.float32(100.0), force=True)  # numbers of any real type
+    assert s.stats()["frames"] == 2
+
+
+def test_an_on_batch_callback_that_raises_is_logged_and_the_batch_stays_stored(tiny_model, frames, caplog):
+    seen = []
+
+    def on_batch(report):
+        seen.append(report)
+        raise RuntimeError("the caller's bug")
+
+    sched = IngestScheduler(on_batch=on_batch)
+    s = mukv.Session(model=tiny_model)
+    sched.submit(s, frames(3))
+    reports = sched.drain()
+    assert len(reports) == len(seen) == 1 and reports[0].results[0].ok
+    assert s.stats()["frames"] == 3 and sched.totals["frames"] == 3
+    assert "on_batch raised" in caplog.text
+
+
 def test_wall_clock_timestamps_give_a_new_stream_its_origin_when_stored(tiny_model, frames):
     sched = IngestScheduler()
     s = mukv.Session(model=tiny_model)
