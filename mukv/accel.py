@@ -150,6 +150,7 @@ def _apply_norms(adapter: Any, norms: list[nn.Module]) -> None:
 
 def fuse_norms(adapter: Any) -> int:
     """Every RMSNorm of the language model as one compiled kernel; returns how many."""
+    _check_adapter(adapter, "fuse_norms")
     norms = _rms_norms(adapter)
     _apply_norms(adapter, norms)
     return len(norms)
@@ -177,6 +178,8 @@ def _apply_gelu(adapter: Any, mlps: list[nn.Module]) -> None:
 def fuse_vision_mlps(module: nn.Module) -> int:
     """Give every MLP under ``module`` with ``fc1``/``fc2`` and a tanh-GELU activation the fused
     forward; returns how many."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"fuse_vision_mlps: expected a torch module (the vision tower), got {type(module).__name__}")
     mlps = _gelu_mlps(module)
     _apply_gelu(None, mlps)
     return len(mlps)
@@ -204,6 +207,7 @@ def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
 def fuse_llm(adapter: Any) -> int:
     """SwiGLU of every decoder layer's MLP as one kernel, and transformers' Qwen2 rotary
     embedding as one kernel (process-wide); returns how many MLPs were fused."""
+    _check_adapter(adapter, "fuse_llm")
     mlps = _swiglu_mlps(adapter)
     _apply_llm(adapter, mlps)
     return len(mlps)
@@ -262,6 +266,7 @@ def fuse_mlp(adapter: Any) -> int:
     The gate and up weights are replaced by row views of one joint weight (rows interleaved), so
     the layers keep their parameters and the model no extra memory.
     """
+    _check_adapter(adapter, "fuse_mlp")
     _require_fused_mlp(adapter)
     mlps = _plain_swiglu_mlps(adapter)
     _apply_mlp(adapter, mlps)
@@ -278,6 +283,8 @@ def fp8_supported(device: torch.device) -> bool:
 def to_fp8(module: nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``module`` whose sizes FP8 products take (multiples of
     16) by an :class:`FP8Linear`; returns how many were replaced."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"to_fp8: expected a torch module, got {type(module).__name__}")
     n = 0
     if isinstance(module, nn.MultiheadAttention):  # reads its out_proj's weight itself
         return 0
@@ -317,11 +324,18 @@ _FUSIONS: dict[str, tuple[Callable[[Any], list], Callable[[Any, list], None], st
 }
 
 
+def _check_adapter(adapter: Any, what: str) -> None:
+    if not isinstance(getattr(adapter, "language_model", None), nn.Module) or not hasattr(adapter, "device"):
+        raise ConfigError(f"{what}: expected a model adapter (session.model), got {type(adapter).__name__}")
+
+
 def acceleration_names(which: Iterable[str] | str) -> list[str]:
     """``which`` (names of :data:`KNOWN`, or one name) as a list without repeats; ConfigError for
     anything else."""
     if isinstance(which, str):
         which = [which]
+    if isinstance(which, (bytes, bytearray, dict)):
+        raise ConfigError(f"accelerations: expected names of {', '.join(KNOWN)}, got {type(which).__name__}")
     try:
         which = list(dict.fromkeys(which))
     except TypeError:
@@ -340,8 +354,7 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
     whose modules the model lacks.
     """
     which = acceleration_names(which)
-    if not hasattr(adapter, "language_model") or not hasattr(adapter, "device"):
-        raise ConfigError(f"accelerate: expected a model adapter (session.model), got {type(adapter).__name__}")
+    _check_adapter(adapter, "accelerate")
     if "graph_prefill" in which:
         from .graph_prefill import require_cuda
 

@@ -213,3 +213,26 @@ def test_fused_norms_leave_a_norm_of_other_arithmetic_alone():
     assert fuse_norms(adapter) == n
     assert "forward" not in vars(adapter.language_model.layers[0].extra_norm)
     assert "forward" in vars(adapter.language_model.norm)
+
+
+def test_every_public_acceleration_function_refuses_what_is_not_a_model_clearly():
+    from mukv.accel import fuse_llm, fuse_mlp, fuse_norms, fuse_vision_mlps
+    from mukv.kernels import swiglu as sk
+
+    for fn in (fuse_norms, fuse_llm, fuse_mlp):
+        for bad in (None, object(), "tiny-llava-ov"):
+            with pytest.raises(mukv.ConfigError, match="expected a model adapter"):
+                fn(bad)
+    for fn in (fuse_vision_mlps, to_fp8):
+        with pytest.raises(mukv.ConfigError, match="expected a torch module"):
+            fn(None)
+    adapter = build_llava_onevision("tiny-llava-ov")
+    for which in (b"fused_llm", {"fused_llm": True}, 5, None, ["fused_llm", 3]):
+        with pytest.raises(mukv.ConfigError, match="accelerations|unknown acceleration"):
+            accelerate(adapter, which)
+    with pytest.raises(mukv.ConfigError, match="must be tensors"):
+        sk.interleave(None, torch.zeros(2, 2))
+    with pytest.raises(mukv.ConfigError, match="must be tensors"):
+        sk.swiglu_matmul([[1.0]], torch.zeros(2, 1))
+    with pytest.raises(mukv.ConfigError, match="floating-point"):
+        sk.swiglu_matmul(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3, dtype=torch.int32))

@@ -38,6 +38,9 @@ _KERNELS: dict[str, Any] = {}
 
 def interleave(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """``[N, K]`` gate and up weights -> the joint weight ``[2N, K]`` (rows gate 0, up 0, gate 1, ...)."""
+    if not (isinstance(w_gate, torch.Tensor) and isinstance(w_up, torch.Tensor)):
+        raise ConfigError(f"swiglu: gate and up weights must be tensors, got {type(w_gate).__name__} and "
+                          f"{type(w_up).__name__}")
     if w_gate.shape != w_up.shape or w_gate.dim() != 2:
         raise ConfigError(f"swiglu: gate and up weights must be equal 2-d shapes, got {tuple(w_gate.shape)} "
                           f"and {tuple(w_up.shape)}")
@@ -125,6 +128,11 @@ def swiglu_matmul(x: torch.Tensor, w_joint: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[M, N]`` in ``x``'s dtype.
     """
+    if not (isinstance(x, torch.Tensor) and isinstance(w_joint, torch.Tensor)):
+        raise ConfigError(f"swiglu_matmul: x and the joint weight must be tensors, got {type(x).__name__} and "
+                          f"{type(w_joint).__name__}")
+    if not (x.is_floating_point() and w_joint.is_floating_point()):
+        raise ConfigError(f"swiglu_matmul: expected floating-point tensors, got {x.dtype} and {w_joint.dtype}")
     if x.dim() != 2 or w_joint.dim() != 2 or x.shape[1] != w_joint.shape[1] or w_joint.shape[0] % 2:
         raise ConfigError(f"swiglu_matmul: expected x [M, K] and a joint weight [2N, K], got {tuple(x.shape)} "
                           f"and {tuple(w_joint.shape)}")
