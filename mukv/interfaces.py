@@ -541,6 +541,11 @@ class KVCodec(Component):
 class Retriever(Component):
     """Chooses the stored blocks that answer a question."""
 
+    #: True for a retriever that reads each block's per-layer keys (:meth:`BlockIndex.layer_scores`):
+    #: a session refuses it over a level it searches (``top_k`` > 0) that is stored without
+    #: ``layer_keys``, unless the stream was already written with it (a stored stream always opens).
+    needs_layer_keys: ClassVar[bool] = False
+
     @abstractmethod
     def retrieve(self, query: Query, index: BlockIndex, top_k: dict[str, int]) -> list[Hits]:
         """Return one :class:`Hits` per level with a non-zero budget.

@@ -34,7 +34,7 @@ from .loading import (
 )
 from .pipeline import Ingestor, LevelPipeline
 from .registry import registry
-from .specs import build, canonicalize, config_hash, require_json
+from .specs import build, canonicalize, config_hash, require_json, split
 from .state import validate_values
 from .stream import Stream, load_pending
 
@@ -101,6 +101,7 @@ class SessionOpening:
         if path is not None and not stored:
             require_json(self.config, "a stream stored on disk")
         self.retriever, compressor, extractors, scorers = self._components(reg)
+        check_retriever_levels(self.retriever, self.config, stored_retriever(stored))
         self._question_log = _question_log(log_questions, path, stream_id, options)
         self.codec = build_codec(self.config.kv_codec)
 
@@ -119,6 +120,7 @@ class SessionOpening:
                            else MukvConfig.build(merge(model_defaults, _as_dict(config))))
             self.config = canonicalize(self.config, reg)
             self.retriever, compressor, extractors, scorers = self._components(reg)
+            check_retriever_levels(self.retriever, self.config, stored_retriever(stored))
             self.codec = build_codec(self.config.kv_codec)
         lay = self.model.layout
         self.codec.row_layout((lay.num_layers, 2, lay.num_kv_heads, 1, lay.head_dim), lay.dtype)  # can it store them
@@ -277,8 +279,34 @@ class SessionOpening:
             child.levels = [LevelPipeline(lv, lp.split, lp.scorer, lp.compressor, lp.kept)
                             for lv, lp in zip(new.levels, self.levels)]
             child.retriever = build("retrievers", new.retrieval.retriever, new, Retriever, "retrieval.retriever", reg)
+            check_retriever_levels(child.retriever, new, split(self.config.retrieval.retriever)[0])
             child._owner = False
             child._closed = False
             if new.generation.system_prompt != self.config.generation.system_prompt:
                 child.prefix = self.model.prefix(new.generation.system_prompt)
             return child
+
+
+def stored_retriever(stored: dict[str, Any] | None) -> str | None:
+    """The name of the retriever a stored stream was written with (``None``: a new stream)."""
+    spec = ((stored or {}).get("config") or {}).get("retrieval", {}).get("retriever") if stored else None
+    if spec is None and stored:
+        spec = MukvConfig().retrieval.retriever
+    return None if spec is None else split(spec)[0]
+
+
+def check_retriever_levels(retriever: Retriever, config: MukvConfig, written_with: str | None = None) -> None:
+    """ConfigError for a retriever that reads per-layer keys (:attr:`Retriever.needs_layer_keys`) over a
+    level it searches (``top_k`` > 0) stored without them, where every question would fail; a stream
+    already written with that retriever (``written_with``, its name) still opens.
+    """
+    if not getattr(retriever, "needs_layer_keys", False):
+        return
+    missing = [lv.name for lv in config.levels if lv.top_k > 0 and not lv.layer_keys]
+    name = split(config.retrieval.retriever)[0]
+    if not missing or (name is not None and name == written_with):
+        return
+    raise ConfigError(f"retrieval.retriever {name or type(retriever).__name__!r} compares each layer's question "
+                      f"queries with the blocks' per-layer keys, and level(s) {', '.join(repr(m) for m in missing)} "
+                      "are stored without them: set layer_keys true on those levels of a new stream (policy 'rekv' "
+                      "does; levels given in config replace the policy's) or top_k 0, or choose another retriever")

@@ -254,25 +254,40 @@ def test_session_with_rekv_reads_its_budget_per_layer(tiny_model, frames):
         assert [b.frame_start for b in ans.blocks] == sorted(b.frame_start for b in ans.blocks)
 
 
-def test_a_level_without_layer_keys_is_refused_before_anything_is_stored(tiny_model, frames, tmp_path):
+def test_a_level_without_layer_keys_is_refused_before_anything_is_stored(tiny_model, frames, tmp_path, monkeypatch):
     """The layerwise retriever reads per-layer keys: a level it would search without them is refused
-    when the session is built (every question would fail), whether the levels come from config over
-    the rekv policy or from a fork that turns the retriever on."""
+    when a stream is created (every question would fail), whether the levels come from config over
+    the rekv policy, from a reopening or from a fork that turns the retriever on. A stream written
+    that way before the check still opens (inspect works) and answers through another retriever."""
     cfg = rekv_config()
     cfg["levels"][0]["layer_keys"] = False
-    with pytest.raises(mukv.ConfigError, match="'frame' would be stored without them"):
+    with pytest.raises(mukv.ConfigError, match="'frame' are stored without them"):
         mukv.Session(model=tiny_model, config=cfg)
     store = tmp_path / "s.mukv"
     with pytest.raises(mukv.ConfigError, match="layer_keys"):
         mukv.Session(model=tiny_model, backend="lancedb", path=store, config=cfg)
-    assert not store.exists() or not mukv.list_streams(store)  # nothing created
+    assert not store.exists()  # refused before the store was touched
     with pytest.raises(mukv.ConfigError, match="'patch', 'frame', 'segment'"):
         mukv.Session(model=tiny_model, policy="rekv", config={"levels": MukvConfig().model_dump()["levels"]})
-    with mukv.Session(model=tiny_model) as s:
+    with mukv.Session(model=tiny_model, backend="lancedb", path=store) as s:
         s.feed(frames(4))
         with pytest.raises(mukv.ConfigError, match="layer_keys"):
             s.fork(config={"retrieval": {"retriever": "layerwise"}})
         assert s.ask("what color?", max_new_tokens=2).text is not None  # the session goes on
+    with pytest.raises(mukv.ConfigError, match="layer_keys"):
+        mukv.Session.open(store, model=tiny_model, config={"retrieval": {"retriever": "layerwise"}})
+
+    legacy = tmp_path / "legacy.mukv"  # written before sessions checked this
+    monkeypatch.setattr("mukv.opening.check_retriever_levels", lambda *a: None)
+    with mukv.Session(model=tiny_model, backend="lancedb", path=legacy, config=cfg) as s:
+        s.feed(frames(4))
+    monkeypatch.undo()
+    with mukv.Session.open(legacy, model=tiny_model) as s:
+        assert s.stats()["frames"] == 4
+        with pytest.raises(RetrievalError, match="another retriever"):
+            s.ask("what color?")
+        assert s.fork(config={"retrieval": {"retriever": "cosine"}}).ask("what color?", max_new_tokens=2).text \
+            is not None
 
 
 def test_a_level_without_layer_keys_cannot_be_asked_per_layer(tiny_model, frames):

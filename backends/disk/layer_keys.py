@@ -92,14 +92,16 @@ class LayerKeyMirror:
             RetrievalError: the level keeps no per-layer keys.
         """
         if not self.has(level):
-            raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys)")
+            raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys): ask it with "
+                                 "another retriever, e.g. config {\"retrieval\": {\"retriever\": \"semi_hierarchical\"}}")
         return self._data[level][torch.from_numpy(np.asarray(ids, dtype=np.int64))].float()
 
     def scores(self, level: str, queries: torch.Tensor, chunk: int = 65536,
                layers: list[int] | None = None) -> torch.Tensor:
         """``[Y', N]`` inner products of ``queries [Y', V]`` with every held block's keys (of ``layers``)."""
         if not self.has(level):
-            raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys)")
+            raise RetrievalError(f"level {level!r} was stored without per-layer keys (levels.layer_keys): ask it with "
+                                 "another retriever, e.g. config {\"retrieval\": {\"retriever\": \"semi_hierarchical\"}}")
         n = self._n[level]
         q = queries.detach().to("cpu", torch.float32)
         out = torch.empty(q.shape[0], n, dtype=torch.float32)

@@ -28,7 +28,7 @@ import torch
 
 from mukv.blocks import Hits, Query
 from mukv.config import MukvConfig
-from mukv.errors import ConfigError, RetrievalError
+from mukv.errors import RetrievalError
 from mukv.interfaces import BlockIndex, Retriever
 
 
@@ -91,6 +91,8 @@ class LayerwiseRetriever(Retriever):
         recent_blocks: the most recent blocks every layer reads, counted in its top-k.
     """
 
+    needs_layer_keys = True  # a session refuses levels it searches that are stored without them
+
     def __init__(self, chunk_blocks: int = 1, recent_blocks: int = 0, layer_probe: str = "prompt"):
         self.chunk_blocks = chunk_blocks
         self.recent_blocks = recent_blocks
@@ -98,14 +100,6 @@ class LayerwiseRetriever(Retriever):
 
     @classmethod
     def from_config(cls, config: MukvConfig) -> "LayerwiseRetriever":
-        """Raises ConfigError for a level it would search (``top_k`` > 0) that is stored without
-        per-layer keys: every question on the stream would fail."""
-        missing = [lv.name for lv in config.levels if lv.top_k > 0 and not lv.layer_keys]
-        if missing:
-            raise ConfigError(f"retrieval.retriever 'layerwise' compares each layer's question queries with the "
-                              f"blocks' per-layer keys, and level(s) {', '.join(repr(m) for m in missing)} would be "
-                              "stored without them: set layer_keys true on those levels (policy 'rekv' does; "
-                              "levels given in config replace the policy's) or top_k 0, or choose another retriever")
         r = config.retrieval
         return cls(r.chunk_blocks, r.recent_blocks, r.layer_probe)
 
