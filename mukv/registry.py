@@ -325,6 +325,12 @@ def registry() -> Registry:
         return _registry
 
 
+def _check_plugin(plugin: object, what: str) -> None:
+    if plugin is None or isinstance(plugin, (str, bytes, bytearray, int, float, complex)):
+        raise ConfigError(f"{what}: a plugin is a module or an object with @mukv.hookimpl functions; got "
+                          f"{type(plugin).__name__}")
+
+
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Add a plugin (a module or object with ``@mukv.hookimpl`` functions) at runtime.
 
@@ -332,11 +338,14 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
     plugin's components. Registering the same object twice is a no-op.
 
     Raises:
-        ConfigError: the plugin defines a misspelled hook, does not validate against
-            the hook specifications, raises in a hook, or registers a name that is
-            taken; it is then not registered.
+        ConfigError: the plugin is not a module or object, defines no hook or a misspelled
+            one, does not validate against the hook specifications, raises in a hook, or
+            registers a name that is taken; it is then not registered.
     """
     global _registry
+    _check_plugin(plugin, "register_plugin")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"register_plugin: name must be a non-empty string or None; got {name!r}"[:200])
     with _lock:
         pm = plugin_manager()
         if pm.is_registered(plugin):
@@ -347,6 +356,10 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
             plugin_name = pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
             raise ConfigError(f"plugin {label!r} cannot be registered: {_describe(exc)}") from None
+        if not pm.get_hookcallers(plugin):
+            pm.unregister(plugin)
+            raise ConfigError(f"plugin {label!r} defines no @mukv.hookimpl function (hooks: {', '.join(hook_names())}): "
+                              "nothing to register")
         _registry = None
         reg = registry()
         mine = [p for p in reg.problems if p.plugin == plugin_name and p not in _load_problems]
@@ -357,8 +370,10 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
 
 
 def unregister_plugin(plugin: object) -> None:
-    """Remove a plugin added with :func:`register_plugin` (and rebuild the registry)."""
+    """Remove a plugin added with :func:`register_plugin` (and rebuild the registry); a plugin that
+    is not registered is left as it is."""
     global _registry
+    _check_plugin(plugin, "unregister_plugin")
     with _lock:
         pm = plugin_manager()
         if pm.is_registered(plugin):

@@ -57,6 +57,29 @@ def test_a_runtime_plugin_taking_a_builtin_name_is_refused_and_the_builtin_kept(
     assert reg.entries["scorers"]["attention"].plugin == "scorers" and not reg.problems
 
 
+def test_what_is_not_a_plugin_is_refused_and_nothing_is_registered():
+    before = list(reg_mod.plugin_manager().get_plugins())
+    for bad in (None, 5, "scorers", b"x", 1.5):
+        with pytest.raises(ConfigError, match="a plugin is a module or an object"):
+            mukv.register_plugin(bad)
+        with pytest.raises(ConfigError, match="a plugin is a module or an object"):
+            mukv.unregister_plugin(bad)
+    with pytest.raises(ConfigError, match="defines no @mukv.hookimpl"):
+        mukv.register_plugin(object())
+
+    class Policy:
+        @mukv.hookimpl
+        def mukv_register_policies(self, register):
+            register("a_policy_of_this_test", {})
+
+    for name in (5, "", "   "):
+        with pytest.raises(ConfigError, match="name must be a non-empty string"):
+            mukv.register_plugin(Policy(), name=name)
+    assert list(reg_mod.plugin_manager().get_plugins()) == before
+    mukv.unregister_plugin(Policy())  # never registered: nothing happens
+    assert "a_policy_of_this_test" not in mukv.get_registry().entries["policies"]
+
+
 def test_env_allow_list_restricts_loading():
     code = "import mukv; r = mukv.get_registry(); print(sorted(r.names('scorers')), sorted(r.names('retrievers')))"
     out = subprocess.run([sys.executable, "-c", code], env={"MUKV_PLUGINS": "scorers", "PATH": ""},
