@@ -19,7 +19,7 @@ from ..errors import StoreError
 from . import adapter
 from .scheduler import StepResult
 
-log = logging.getLogger("mukv.serve.engine")  # the engine's log, as before the split
+log = logging.getLogger(__name__)
 
 
 class EngineLoop:

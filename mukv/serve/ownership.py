@@ -18,7 +18,7 @@ from ..errors import MukvError
 from . import adapter
 from .stream import ServedStream
 
-log = logging.getLogger("mukv.serve.engine")  # the engine's log, as before the split
+log = logging.getLogger(__name__)
 
 
 class StreamOwnership:
