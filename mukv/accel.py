@@ -275,6 +275,10 @@ def fuse_mlp(adapter: Any) -> int:
 
 def fp8_supported(device: torch.device) -> bool:
     """FP8 tensor-core products exist on this device (CUDA, compute capability 8.9 or more)."""
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ConfigError(f"fp8_supported: expected a torch device; got {device!r}"[:200]) from None
     if device.type != "cuda" or not hasattr(torch, "float8_e4m3fn"):
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)

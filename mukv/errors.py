@@ -61,3 +61,12 @@ class RetrievalError(MukvError, ValueError):
 
 class StoreError(MukvError, RuntimeError):
     """A store is missing, damaged, or does not match the session."""
+
+
+def expect(value: object, types: type | tuple[type, ...], what: str, error: type[MukvError] = InputError) -> None:
+    """Raise ``error`` (InputError by default) naming ``what`` unless ``value`` is one of ``types``: for the
+    public helpers whose arguments would otherwise fail deep inside with an AttributeError."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                                                    else (types,))):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise error(f"{what} must be {names}; got {type(value).__name__}")

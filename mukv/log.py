@@ -26,6 +26,8 @@ import sys
 import time
 from typing import IO
 
+from .errors import ConfigError
+
 #: The logger every mukv module logs under.
 LOGGER = "mukv"
 
@@ -88,6 +90,8 @@ def configure_logging(verbosity: int = 0, json_lines: bool = False, stream: IO[s
 def restore_logging(handler: logging.Handler) -> None:
     """Remove a handler :func:`configure_logging` installed and restore the logger's level and
     propagation as they were before it."""
+    if not isinstance(handler, logging.Handler):
+        raise ConfigError(f"restore_logging takes the handler configure_logging returned; got {type(handler).__name__}")
     logger = logging.getLogger(LOGGER)
     for i, (h, level, propagate) in enumerate(_installed):
         if h is handler:

@@ -153,7 +153,11 @@ def plot_retrieval_timeline(
     Raises:
         InputError: the answer holds no retrieved block.
     """
+    if not isinstance(answer, (Answer, list, tuple)):
+        raise InputError(f"plot_retrieval_timeline takes an Answer (or its blocks); got {type(answer).__name__}")
     blocks = list(answer.blocks if isinstance(answer, Answer) else answer)
+    if not all(isinstance(b, RetrievedBlock) for b in blocks):
+        raise InputError("plot_retrieval_timeline: the blocks must be RetrievedBlock records (Answer.blocks)")
     if not blocks:
         raise InputError("the answer holds no retrieved block to plot")
     period = _frame_period(blocks)
@@ -412,6 +416,15 @@ def plot_token_importance(
 
 
 # ------------------------------------------------------------------------------ memory
+def _session(session: Any, what: str) -> Any:
+    """``session`` when it is a :class:`mukv.Session` (anything with a backend keeping state); else
+    InputError."""
+    backend = getattr(session, "backend", None)
+    if not (callable(getattr(backend, "get_state", None)) and callable(getattr(session, "stats", None))):
+        raise InputError(f"{what} takes a mukv.Session; got {type(session).__name__}")
+    return session
+
+
 def level_tiers(backend: Any) -> dict[str, dict[str, dict[str, int]]]:
     """Blocks, tokens and bytes per level and storage tier of a backend.
 
@@ -425,6 +438,8 @@ def level_tiers(backend: Any) -> dict[str, dict[str, dict[str, int]]]:
         ``{level: {tier: {"blocks": n, "tokens": n, "bytes": n}}}``. Tiers can
         overlap: a block committed to disk may also be cached in the hot tier.
     """
+    if not (callable(getattr(backend, "stats", None)) or isinstance(backend, dict)):
+        raise InputError(f"expected a storage backend (session.backend) or its stats() dict; got {type(backend).__name__}")
     stats = backend.stats() if hasattr(backend, "stats") else dict(backend)
     tier_fn = getattr(backend, "tier_stats", None)
     ts = tier_fn() if callable(tier_fn) else {}
@@ -469,6 +484,7 @@ def memory_snapshot(session: "Session") -> dict[str, Any]:
         ``{"time": stream seconds, "frames": n, "tiers": {"hot": bytes, "disk": bytes, ...},
         "levels": {level: bytes}, "hot_budget": bytes or None}``, JSON-able.
     """
+    _session(session, "memory_snapshot")
     stats = session.backend.stats()
     levels = {name: int(v.get("bytes", 0)) for name, v in stats.items()
               if isinstance(v, dict) and not any(isinstance(x, dict) for x in v.values())}
@@ -490,6 +506,7 @@ def memory_snapshot(session: "Session") -> dict[str, Any]:
 
 def memory_history(session: "Session") -> list[dict[str, Any]]:
     """The memory records kept in a session's store by :func:`record_memory`."""
+    _session(session, "memory_history")
     return list(session.backend.get_state(MEMORY_HISTORY_KEY, None) or [])
 
 
@@ -500,6 +517,7 @@ def record_memory(session: "Session") -> dict[str, Any]:
     can draw a stored stream's memory over time. At most :data:`MAX_HISTORY`
     records are kept (every other old record is dropped when full).
     """
+    _session(session, "record_memory")
     snap = memory_snapshot(session)
     history = memory_history(session)
     if history and history[-1].get("frames") == snap["frames"]:
@@ -538,7 +556,7 @@ def plot_memory(
         InputError: no records.
     """
     if not isinstance(records, (list, tuple)):
-        records = memory_history(records)
+        records = memory_history(_session(records, "plot_memory"))
     records = [r for r in records if isinstance(r, dict)]
     if not records:
         raise InputError("no memory records to plot (record them with mukv.plots.record_memory or mukv ingest)")

@@ -38,7 +38,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from .config import MukvConfig, format_validation_error, merge, policy_fields
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, expect
 
 #: Environment variable naming the user file (overrides the default locations).
 ENV_FILE = "MUKV_CONFIG_FILE"
@@ -113,6 +113,7 @@ def read_file(path: str | Path, what: str | None = None) -> dict[str, Any]:
     Raises:
         InputError: missing, unreadable, invalid, or not an object (the message names the file).
     """
+    expect(path, (str, Path), "read_file: path")
     p = Path(path).expanduser()
     what = what or str(p)
     try:
@@ -172,6 +173,8 @@ def parse_object(raw: str | None, flag: str = "--config") -> dict[str, Any] | No
     Raises:
         InputError: neither, or not an object.
     """
+    if raw is not None:
+        expect(raw, str, f"{flag}: the value")
     if raw is None:
         return None
     if raw.lstrip().startswith("{"):
@@ -318,6 +321,9 @@ def model_defaults(model: Any) -> tuple[dict[str, Any], str]:
     if hasattr(model, "default_config"):  # an adapter
         return dict(model.default_config or {}), f"model {getattr(model, 'name', '?')}"
     name, _, _ = split(model, "model")
+    if name is None:
+        raise ConfigError(f"model must be a registered model name, a checkpoint directory or a model adapter; got "
+                          f"{type(model).__name__}")
     label = f"model {name}"
     entry = registry().entries["models"].get(name)
     if entry is not None:

@@ -210,8 +210,14 @@ def has_objects(config: BaseModel) -> bool:
     return bool(object_fields(config))
 
 
+def _require_config(config: Any, what: str) -> None:
+    if not isinstance(config, BaseModel):
+        raise ConfigError(f"{what}: expected a configuration (a MukvConfig); got {type(config).__name__}")
+
+
 def require_json(config: BaseModel, what: str) -> None:
     """Raise :class:`ConfigError` when ``config`` holds Python objects, which ``what`` cannot record."""
+    _require_config(config, "require_json")
     paths = object_fields(config)
     if paths:
         raise ConfigError(
@@ -374,6 +380,8 @@ def build(role: str, value: Any, config: Any, base: type, field: str, reg: "Regi
     """
     from .interfaces import FunctionScorer, TokenScorer
 
+    if not isinstance(base, type):
+        raise ConfigError(f"build: base must be the interface class the component implements; got {type(base).__name__}")
     r = resolve(role, value, field, reg)
     comp = r.component
     what = f"{singular(role)} {r.name!r}{_where(r.entry)}" if r.name is not None else f"{field} ({_object_label(comp)})"
@@ -405,6 +413,7 @@ def build(role: str, value: Any, config: Any, base: type, field: str, reg: "Regi
 def check(config: BaseModel, reg: "Registry | None" = None) -> list[Resolved]:
     """Resolve every component field of ``config`` (names exist, settings valid), so a
     bad configuration fails before a model loads. Objects are accepted unchecked here."""
+    _require_config(config, "check")
     if reg is None:
         from .registry import registry
 
@@ -427,6 +436,7 @@ def canonical(resolved: Resolved) -> Any:
 def canonicalize(config: BaseModel, reg: "Registry | None" = None) -> BaseModel:
     """``config`` with every component field resolved (see :func:`check`) and written in
     its canonical form (:func:`canonical`)."""
+    _require_config(config, "canonicalize")
     data = config.model_dump()
     changed = False
     for r in check(config, reg):
@@ -446,5 +456,6 @@ def config_hash(config: BaseModel) -> str:
     """A short, stable hash of a configuration (objects hashed by their class name)."""
     import hashlib
 
+    _require_config(config, "config_hash")
     text = json.dumps(json_safe(config.model_dump()), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import expect
 from .questions import SCENE_PHRASE, TEMPLATES
 from .render import mark_box, shape_template
 from .scene import (
@@ -111,6 +112,7 @@ def label_components(cmap: np.ndarray) -> np.ndarray:
 
 def perceive(frame: np.ndarray) -> Percept:
     """Parse one rendered frame (uint8 ``[S, S, 3]``) into a :class:`Percept`."""
+    expect(frame, np.ndarray, "perceive: the frame")
     S = frame.shape[0]
     scale = S / CANONICAL
     cmap = color_map(frame)
@@ -192,6 +194,7 @@ def parse(question: str) -> dict | None:
     Returns ``{"key": ((color, shape), (color, shape)), "kind": str,
     "variant": int, "args": tuple[str, ...]}`` or None if it matches no template.
     """
+    expect(question, str, "parse: the question")
     m = _HEAD.match(question.strip().lower())
     if not m:
         return None
@@ -219,6 +222,8 @@ def solve(question: str, frames: np.ndarray | list) -> str | None:
     named scene is absent, appears in more than one separate run, or the
     asked-about thing is missing or ambiguous.
     """
+    expect(question, str, "solve: the question")
+    expect(frames, (np.ndarray, list), "solve: the frames")
     parsed = parse(question)
     if parsed is None:
         return None

@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Mapping
 
+from ..errors import InputError, expect
 from .scene import (
     COLORS,
     CORNERS,
@@ -79,6 +80,9 @@ _ANSWERS: dict[str, tuple[str, ...]] = {
 
 def answer_space(kind: str) -> list[str]:
     """All answers a question of ``kind`` can have (closed set, single words)."""
+    expect(kind, str, "answer_space: the question kind")
+    if kind not in _ANSWERS:
+        raise InputError(f"answer_space: unknown question kind {kind!r}; kinds: {', '.join(sorted(_ANSWERS))}")
     return list(_ANSWERS[kind])
 
 
@@ -87,6 +91,7 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 def tokenize(text: str) -> list[str]:
     """Lower-case word-level split; every punctuation character is its own token."""
+    expect(text, str, "tokenize: the text")
     return _TOKEN_RE.findall(text.lower())
 
 
@@ -163,6 +168,7 @@ def pose(scene: Scene) -> tuple[str, str]:
         ``(text, answer)``; the answer is computed from the scene's per-frame
         state, never stored separately.
     """
+    expect(scene, Scene, "pose: the scene")
     kind = scene.kind
     q = scene.query
     a = _name(scene.key[0])
@@ -284,6 +290,8 @@ def accuracy_report(results: Iterable[Any]) -> dict[str, Any]:
         ``{"accuracy": float, "n": int, "correct": int}``. Empty groups are
         left out; accuracy of an empty report is ``nan``.
     """
+    if isinstance(results, (str, bytes)) or not isinstance(results, Iterable):
+        raise InputError(f"accuracy_report takes an iterable of results; got {type(results).__name__}")
     groups: dict[str, dict[str, list[int]]] = {"by_kind": {}, "by_level": {}, "by_depth": {}}
     total = [0, 0]
     for item in results:

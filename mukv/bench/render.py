@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import expect
 from .scene import (
     BACKGROUND_RGB,
     CANONICAL,
@@ -119,6 +120,8 @@ def render_state(scene: Scene, t: int, out: np.ndarray) -> np.ndarray:
 
     ``t`` past the scene's natural length shows the last frame. Returns ``out``.
     """
+    expect(scene, Scene, "render_state: the scene")
+    expect(out, np.ndarray, "render_state: out")
     size = out.shape[0]
     t = min(max(int(t), 0), scene.n - 1)
     out[...] = BACKGROUND_RGB[scene.background]
@@ -149,6 +152,7 @@ def render_scene(scene: Scene, size: int = 64, length: int | None = None, start:
         uint8 ``[length, size, size, 3]``. Frames past the natural length
         repeat the last state (rendered once, then copied).
     """
+    expect(scene, Scene, "render_scene: the scene")
     if length is None:
         length = scene.n - start
     out = np.empty((length, size, size, 3), dtype=np.uint8)

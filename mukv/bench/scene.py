@@ -38,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import expect
+
 # --------------------------------------------------------------------------
 # Palette and vocabulary of the world
 # --------------------------------------------------------------------------
@@ -413,6 +415,7 @@ def make_scene(
         RuntimeError: no layout satisfied the constraints (possible when a
             fixed ``key`` meets a dense ``blocked`` matrix).
     """
+    expect(rng, np.random.Generator, "make_scene: rng")
     if max_len < MIN_SCENE_LEN:
         raise ValueError(f"max_len must be >= {MIN_SCENE_LEN}, got {max_len}")
     if kind is None:

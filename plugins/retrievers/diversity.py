@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mukv.errors import expect
+
 
 def diverse_order(vectors: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
     """Positions of the first ``k`` candidates, in ranked order, that are not near-duplicates.
@@ -29,6 +31,7 @@ def diverse_order(vectors: torch.Tensor, k: int, threshold: float) -> torch.Tens
     Returns:
         int64 ``[min(k, n)]`` positions into ``vectors``.
     """
+    expect(vectors, torch.Tensor, "diverse_order: vectors")
     n = int(vectors.shape[0])
     k = min(int(k), n)
     if k <= 0:

@@ -28,7 +28,7 @@ import torch
 
 from mukv.blocks import Hits, Query
 from mukv.config import MukvConfig
-from mukv.errors import RetrievalError
+from mukv.errors import RetrievalError, expect
 from mukv.interfaces import BlockIndex, Retriever
 
 
@@ -40,6 +40,7 @@ def fold_queries(queries: torch.Tensor, vector_dim: int) -> torch.Tensor:
     Raises:
         RetrievalError: query and key heads that do not group.
     """
+    expect(queries, torch.Tensor, "fold_queries: queries")
     y, hq, _, d = queries.shape
     hk = vector_dim // d
     if hk < 1 or hk * d != vector_dim or hq % hk:
@@ -54,6 +55,7 @@ def choose(scores: torch.Tensor, k: int, chunk: int = 1, recent: int = 0) -> tup
     runs of ``chunk`` consecutive blocks by mean score (a shorter last run by its own mean),
     cut to ``k'`` ids.
     """
+    expect(scores, torch.Tensor, "choose: scores")
     y, n = scores.shape
     k = min(int(k), n)
     if k <= 0:
