@@ -160,3 +160,36 @@ def test_time_window_passes_through_to_the_session(serve):
             c.ask("w", QUESTION, since=10.0, until=4.0)
         assert 400 <= e.value.status < 500
         assert c.ask("w", QUESTION, max_new_tokens=2)["blocks"]  # without a window: answered
+
+
+def test_the_client_refuses_bad_arguments_and_names_a_server_it_cannot_reach():
+    """Without a server: every argument checked before anything is sent, and a refused connection is
+    an UnreachableError (a MukvError) naming the server and the request, not httpx's exception."""
+    from serve_helpers import free_port
+
+    from mukv.client import UnreachableError
+
+    for url in (None, 5, "", "not a url", "ftp://host", "http://"):
+        with pytest.raises(mukv.InputError, match="url must be"):
+            mukv.Client(url)
+    for timeout in (0, -1, float("nan"), "5", True):
+        with pytest.raises(mukv.InputError, match="timeout"):
+            mukv.Client("http://127.0.0.1:1", timeout=timeout)
+    with pytest.raises(mukv.InputError, match="token"):
+        mukv.Client("http://127.0.0.1:1", token=5)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with mukv.Client(url, timeout=2) as c:
+        for call in (c.health, c.streams, c.metrics, lambda: c.stream("cam"), lambda: c.ask("cam", "what?"),
+                     lambda: list(c.ask_stream("cam", "what?")), lambda: c.push("cam", frames(1)),
+                     lambda: c.create_stream("cam"), lambda: c.delete_stream("cam")):
+            with pytest.raises(UnreachableError, match=re.escape(url)):
+                call()
+        bad = [(lambda: c.stream(None), "stream_id"), (lambda: c.stream(""), "stream_id"),
+               (lambda: c.ask("cam", 5), "question"), (lambda: c.ask("cam", "q", since=object()), "since"),
+               (lambda: c.ask("cam", "q", until=float("nan")), "until"), (lambda: c.push("cam", None), "frames"),
+               (lambda: c.push("cam", ["/nonexistent/frame.jpg"]), "cannot read"),
+               (lambda: c.push("cam", frames(1), timestamps=["a"]), "timestamps"),
+               (lambda: c.thumbnail("cam", "x"), "index"), (lambda: c.create_stream("cam", source=5), "source")]
+        for call, what in bad:
+            with pytest.raises(mukv.InputError, match=what):
+                call()
