@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import mukv
 from mukv.blocks import CompressedBlocks, EncodedKV, KVLayout
-from mukv.errors import RetrievalError, StoreError
+from mukv.errors import ConfigError, RetrievalError, StoreError
 from mukv.interfaces import BlockMeta, KVCodec, StorageBackend
 
 
@@ -78,9 +78,14 @@ class MemoryBackend(StorageBackend):
             raise StoreError(f"the memory backend takes no options; got {sorted(options)}")
         from mukv.kvcodec import codec_or_none
 
+        if not isinstance(layout, KVLayout):
+            raise ConfigError(f"the memory backend needs the model's KVLayout; got {type(layout).__name__}")
+        from mukv.loading import check_device
+
+        device = check_device(device)
         self.codec = codec_or_none(codec)
         self.layout = layout
-        self.device = torch.device(device)
+        self.device = device
         self._levels: dict[str, _Level] = {}
         self._state: dict[str, Any] = {}
         self._files: dict[str, bytes] = {}

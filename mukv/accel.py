@@ -58,6 +58,8 @@ class FP8Linear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear):
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"FP8Linear wraps an nn.Linear; got {type(linear).__name__}")
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)

@@ -59,6 +59,11 @@ class GraphPrefill:
     """
 
     def __init__(self, eager: Callable[..., Any], bucket: int = 0, max_graphs: int = 32, record: bool = True):
+        if not callable(eager):
+            raise ConfigError(f"graph_prefill: eager must be the model's prefill function; got {type(eager).__name__}")
+        for name, value in (("bucket", bucket), ("max_graphs", max_graphs)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"graph_prefill: {name} must be an integer; got {value!r}"[:200])
         if bucket < 0 or max_graphs < 1:
             raise ConfigError(f"graph_prefill: bucket must be >= 0 and max_graphs >= 1; got {bucket}, {max_graphs}")
         self.eager, self.bucket, self.max_graphs, self.record = eager, bucket, max_graphs, record

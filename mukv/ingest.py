@@ -225,6 +225,10 @@ class LiveFeed:
 
     def __init__(self, session: "Session", source: Any, record: dict[str, Any], resize: bool | None, skip: int,
                  on_chunk: Any = None):
+        from .session import Session
+
+        if not isinstance(session, Session) or not isinstance(record, dict) or "location" not in record:
+            raise InputError("LiveFeed is made by Session.feed_from(..., background=True); use that")
         self.session, self.source, self.label = session, source, record["location"]
         self.blocks = 0
         self.error: BaseException | None = None

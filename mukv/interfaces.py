@@ -634,8 +634,10 @@ class VectorIndex(ABC):
     """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        from .loading import check_device
+
         self.dim = dim
-        self.device = torch.device(device)
+        self.device = check_device(device)
 
     @abstractmethod
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from .errors import InputError, StoreError
+from .errors import ConfigError, InputError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class QuestionLog:
     def __init__(self, root: str, stream_id: str = "default", storage_options: dict[str, Any] | None = None):
         from .backends.disk.files import Files, check_stream_id
 
+        if not isinstance(root, (str, os.PathLike)):
+            raise ConfigError(f"QuestionLog: root must be the store's path or URL; got {type(root).__name__}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ConfigError(f"QuestionLog: storage_options must be a dict; got {type(storage_options).__name__}")
         self.stream_id = check_stream_id(stream_id)
         self.files = Files(str(root), storage_options=storage_options)
         self.folder = f"{LOG_DIR}/{self.stream_id}"

@@ -305,6 +305,8 @@ class Transaction:
     """
 
     def __init__(self, stream: Stream):
+        if not isinstance(stream, Stream):
+            raise StoreError(f"a transaction is opened on a Stream (Stream.transaction()); got {type(stream).__name__}")
         stream.check_writable()
         self.stream = stream
         self.extra: dict[str, Any] = {"files": {}}

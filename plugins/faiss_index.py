@@ -20,6 +20,7 @@ is built, never at plugin load.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, ClassVar
 
 import numpy as np
@@ -67,6 +68,11 @@ class FaissIndex(VectorIndex):
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", ivf_threshold: int = 200_000,
                  nlist: int | None = None, nprobe: int = 32):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise ConfigError(f"faiss index: dim must be a positive integer; got {dim!r}"[:200])
+        for name, value in (("ivf_threshold", ivf_threshold), ("nprobe", nprobe), ("nlist", nlist)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ConfigError(f"faiss index: {name} must be a positive integer; got {value!r}"[:200])
         super().__init__(dim, device)
         if dim <= 0:
             raise ConfigError(f"faiss index: dim must be positive; got {dim}")

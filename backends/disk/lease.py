@@ -31,6 +31,7 @@ No lock file of mukv's own is involved: the object store's compare-and-swap deci
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -38,7 +39,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from mukv.errors import StoreError
+from mukv.errors import ConfigError, StoreError
 
 
 def default_owner() -> str:
@@ -69,8 +70,19 @@ class StreamLease:
 
     def __init__(self, files: Any, rel: str, ttl: float = 30.0, owner: str | None = None,
                  clock_skew: float = 10.0, on_lost: Callable[[str], None] | None = None):
+        if not hasattr(files, "remote") or not callable(getattr(files, "uri", None)):
+            raise StoreError(f"a stream lease needs the store's Files; got {type(files).__name__}")
         if not files.remote:
             raise StoreError("a stream lease is for object stores; local stores use a writer lock")
+        if not isinstance(rel, str) or not rel:
+            raise StoreError(f"a stream lease needs the state file's path in the store; got {rel!r}"[:200])
+        for name, value in (("ttl", ttl), ("clock_skew", clock_skew)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"lease {name} must be a non-negative number of seconds; got {value!r}"[:200])
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise ConfigError(f"lease owner must be a non-empty string; got {owner!r}"[:200])
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be a callable or None; got {type(on_lost).__name__}")
         self.files, self.rel, self.ttl = files, rel, float(ttl)
         self.owner = owner or default_owner()
         self.clock_skew = float(clock_skew)

@@ -12,12 +12,14 @@ distractor scenes from the same generator that fills the long streams.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import InputError, expect
 from .questions import Question, pose
 from .render import render_scene
 from .scene import BACKGROUND_RGB, KINDS, LEVELS, MAX_SCENE_LEN, MIN_SCENE_LEN, Scene, blocked_matrix, make_scene
@@ -40,6 +42,10 @@ class Benchmark:
     """
 
     def __init__(self, spec: StreamSpec, questions: Sequence[Question] | None = None):
+        expect(spec, StreamSpec, "Benchmark: spec")
+        if questions is not None and (isinstance(questions, (str, bytes)) or not all(
+                isinstance(q, Question) for q in questions)):
+            raise InputError("Benchmark: questions must be a sequence of Question records (or None)")
         self.spec = spec
         self._stream: Stream | None = None
         self.questions: list[Question] = list(questions) if questions is not None else self.stream.questions()
@@ -253,6 +259,9 @@ class ClipDataset:
     """
 
     def __init__(self, seed: int, length: int, **kwargs: Any):
+        for name, value in (("seed", seed), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise InputError(f"ClipDataset: {name} must be a non-negative integer; got {value!r}"[:200])
         self.seed = int(seed)
         self.length = int(length)
         self.kwargs = kwargs

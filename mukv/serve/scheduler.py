@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..batching import BatchIngest
+from ..errors import ConfigError
 from ..scheduler import BatchPolicy, SchedulerConfig, Waiting
 from . import adapter
 from .queues import GapRun
@@ -60,6 +61,10 @@ class IngestScheduler:
     """
 
     def __init__(self, max_batch_frames: int, thumbnails: int = 0, config: SchedulerConfig | None = None):
+        if isinstance(max_batch_frames, bool) or not isinstance(max_batch_frames, int) or max_batch_frames < 1:
+            raise ConfigError(f"max_batch_frames must be a positive integer; got {max_batch_frames!r}"[:200])
+        if config is not None and not isinstance(config, SchedulerConfig):
+            raise ConfigError(f"config must be a SchedulerConfig; got {type(config).__name__}")
         base = config or SchedulerConfig()
         self.config = base.model_copy(update={"max_stream_frames": max_batch_frames})
         self.max_batch_frames = max_batch_frames

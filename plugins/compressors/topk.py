@@ -6,10 +6,11 @@ import math
 
 import torch
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from mukv.blocks import PrefilledBlocks
-from mukv.config import MukvConfig
+from mukv.config import MukvConfig, format_validation_error
+from mukv.errors import ConfigError
 from mukv.interfaces import Compressor
 from mukv.specs import PluginSettings
 
@@ -49,8 +50,11 @@ class TopKCompressor(Compressor):
     Settings = TopKSettings
 
     def __init__(self, dedup: bool = False, threshold: float = 0.9, oversample: float = 1.2):
+        try:
+            self.settings = TopKSettings(dedup=dedup, threshold=threshold, oversample=oversample)
+        except ValidationError as exc:
+            raise ConfigError(f"topk compressor: {format_validation_error(exc)}") from None
         self.dedup, self.threshold, self.oversample = dedup, threshold, oversample
-        self.settings = TopKSettings(dedup=dedup, threshold=threshold, oversample=oversample)
 
     @classmethod
     def from_config(cls, config: MukvConfig, settings: TopKSettings | None = None) -> "TopKCompressor":
