@@ -15,7 +15,7 @@ import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,12 +43,15 @@ class Benchmark:
 
     def __init__(self, spec: StreamSpec, questions: Sequence[Question] | None = None):
         expect(spec, StreamSpec, "Benchmark: spec")
-        if questions is not None and (isinstance(questions, (str, bytes)) or not all(
-                isinstance(q, Question) for q in questions)):
-            raise InputError("Benchmark: questions must be a sequence of Question records (or None)")
+        if questions is not None:
+            if isinstance(questions, (str, bytes)) or not isinstance(questions, Iterable):
+                raise InputError("Benchmark: questions must be a sequence of Question records (or None)")
+            questions = list(questions)  # once: a generator is read here
+            if not all(isinstance(q, Question) for q in questions):
+                raise InputError("Benchmark: questions must be a sequence of Question records (or None)")
         self.spec = spec
         self._stream: Stream | None = None
-        self.questions: list[Question] = list(questions) if questions is not None else self.stream.questions()
+        self.questions: list[Question] = questions if questions is not None else self.stream.questions()
 
     @classmethod
     def generate(
