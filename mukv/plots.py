@@ -153,7 +153,7 @@ def plot_retrieval_timeline(
     Raises:
         InputError: the answer holds no retrieved block.
     """
-    if not isinstance(answer, (Answer, list, tuple)):
+    if not isinstance(answer, (Answer, Iterable)) or isinstance(answer, (str, bytes, dict)):
         raise InputError(f"plot_retrieval_timeline takes an Answer (or its blocks); got {type(answer).__name__}")
     blocks = list(answer.blocks if isinstance(answer, Answer) else answer)
     if not all(isinstance(b, RetrievedBlock) for b in blocks):
