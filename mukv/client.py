@@ -63,7 +63,7 @@ class Client:
     Args:
         url: the server, e.g. ``http://127.0.0.1:8000``.
         token: the bearer token, if the server needs one.
-        timeout: seconds to wait for a reply.
+        timeout: seconds to wait for a reply (``None``: without limit).
 
     Raises:
         InputError: a URL that is not ``http://`` or ``https://``, a token that is not a string, or a
@@ -79,12 +79,13 @@ class Client:
                              f"got {url!r}"[:300])
         if token is not None and (not isinstance(token, str) or not token.strip() or "\n" in token or "\r" in token):
             raise InputError("token must be the server's bearer token (a one-line string) or None")
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (math.isfinite(timeout)
-                                                                                  and timeout > 0):
-            raise InputError(f"timeout must be a positive number of seconds; got {timeout!r}"[:200])
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                    or not (math.isfinite(timeout) and timeout > 0)):
+            raise InputError(f"timeout must be a positive number of seconds, or None; got {timeout!r}"[:200])
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.strip().rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=float(timeout))
+        self._http = httpx.Client(base_url=self.url, headers=headers,
+                                  timeout=None if timeout is None else float(timeout))
 
     @contextlib.contextmanager
     def _reaching(self, method: str, path: str) -> Iterator[None]:

@@ -70,9 +70,10 @@ class FaissIndex(VectorIndex):
                  nlist: int | None = None, nprobe: int = 32):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise ConfigError(f"faiss index: dim must be a positive integer; got {dim!r}"[:200])
-        for name, value in (("ivf_threshold", ivf_threshold), ("nprobe", nprobe), ("nlist", nlist)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise ConfigError(f"faiss index: {name} must be a positive integer; got {value!r}"[:200])
+        for name, value, least in (("ivf_threshold", ivf_threshold, 0), ("nprobe", nprobe, 1), ("nlist", nlist, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < least):
+                raise ConfigError(f"faiss index: {name} must be an integer of at least {least}; got {value!r}"[:200])
         super().__init__(dim, device)
         if dim <= 0:
             raise ConfigError(f"faiss index: dim must be positive; got {dim}")
