@@ -21,7 +21,8 @@ ELSEWHERE = ("serve", "Session", "main", "train", "cli")
 JUNK = [None, "x", 5, -1, float("nan"), [], {}, b"\x00", object()]
 
 
-def documented_functions() -> list[str]:
+def documented() -> list[tuple[str, object]]:
+    """``(dotted name, object)`` of everything the reference documents with ``::: mukv....``."""
     names = set()
     for page in DOCS.rglob("*.md"):
         names.update(re.findall(r"^::: (mukv\.[A-Za-z0-9_.]+)", page.read_text(), re.M))
@@ -29,12 +30,14 @@ def documented_functions() -> list[str]:
     for full in sorted(names):
         mod, _, attr = full.rpartition(".")
         try:
-            fn = getattr(importlib.import_module(mod), attr)
+            out.append((full, getattr(importlib.import_module(mod), attr)))
         except (ImportError, AttributeError):
-            continue  # a class member or a module: not a function here
-        if inspect.isfunction(fn) and not any(s in full for s in ELSEWHERE):
-            out.append(full)
+            continue  # a class member or a module
     return out
+
+
+def documented_functions() -> list[str]:
+    return [full for full, fn in documented() if inspect.isfunction(fn) and not any(s in full for s in ELSEWHERE)]
 
 
 FUNCTIONS = documented_functions()
@@ -72,20 +75,9 @@ def documented_classes() -> list[str]:
 
     from pydantic import BaseModel
 
-    names = set()
-    for page in DOCS.rglob("*.md"):
-        names.update(re.findall(r"^::: (mukv\.[A-Za-z0-9_.]+)", page.read_text(), re.M))
-    out = []
-    for full in sorted(names):
-        mod, _, attr = full.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            continue
-        if (inspect.isclass(cls) and not inspect.isabstract(cls) and not dataclasses.is_dataclass(cls)
-                and not issubclass(cls, BaseModel) and not any(s in full for s in MADE_ELSEWHERE)):
-            out.append(full)
-    return out
+    return [full for full, cls in documented()
+            if inspect.isclass(cls) and not inspect.isabstract(cls) and not dataclasses.is_dataclass(cls)
+            and not issubclass(cls, BaseModel) and not any(s in full for s in MADE_ELSEWHERE)]
 
 
 CLASSES = documented_classes()
