@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import numbers
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -26,7 +25,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from . import errors as _errors
-from .errors import InputError, MukvError
+from .errors import InputError, MukvError, expect_number
 
 
 class ServerError(MukvError):
@@ -79,9 +78,8 @@ class Client:
                              f"got {url!r}"[:300])
         if token is not None and (not isinstance(token, str) or not token.strip() or "\n" in token or "\r" in token):
             raise InputError("token must be the server's bearer token (a one-line string) or None")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
-                                    or not (math.isfinite(timeout) and timeout > 0)):
-            raise InputError(f"timeout must be a positive number of seconds, or None; got {timeout!r}"[:200])
+        if timeout is not None:
+            expect_number(timeout, "timeout (or None)", above=0, unit=" of seconds")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.strip().rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers,

@@ -7,6 +7,9 @@ where there is a fixed set of valid choices, lists them.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 
 class MukvError(Exception):
     """Base class of every error mukv raises on purpose."""
@@ -70,3 +73,20 @@ def expect(value: object, types: type | tuple[type, ...], what: str, error: type
                                                                                     else (types,))):
         names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
         raise error(f"{what} must be {names}; got {type(value).__name__}")
+
+
+def expect_number(value: object, what: str, lo: float = -math.inf, hi: float = math.inf, *,
+                  above: float | None = None, unit: str = "", error: type[MukvError] = InputError) -> float:
+    """``value`` as a float when it is a finite real number (numpy's too; not a bool) from ``lo`` to ``hi``
+    and, with ``above``, greater than it; else ``error`` naming ``what`` (``unit``: e.g. " of seconds")."""
+    try:
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+              and lo <= value <= hi and (above is None or value > above))
+    except OverflowError:  # an int past float's range
+        ok = False
+    if not ok:
+        bounds = (f" from {lo:g} to {hi:g}" if math.isfinite(lo) and math.isfinite(hi) else
+                  f" of at least {lo:g}" if math.isfinite(lo) else f" of at most {hi:g}" if math.isfinite(hi) else "")
+        bounds += f" above {above:g}" if above is not None else ""
+        raise error(f"{what} must be a finite number{unit}{bounds}; got {value!r}"[:240])
+    return float(value)

@@ -31,36 +31,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-import numbers
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .batching import BatchIngest, BatchStats, FeedItem, FeedResult
 from .config import format_validation_error
-from .errors import ConfigError, InputError, MukvError
+from .errors import ConfigError, InputError, MukvError, expect_number
 
 log = logging.getLogger(__name__)
-
-
-def _seconds(value: Any, what: str) -> float:
-    """``value`` as finite seconds; InputError naming ``what`` otherwise."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        value = value.item()
-    try:
-        ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Real) and math.isfinite(value)
-    except OverflowError:  # an int past float's range
-        ok = False
-    if not ok:
-        raise InputError(f"{what} must be a finite number of seconds; got {value!r}"[:200])
-    return float(value)
 
 
 class SchedulerConfig(BaseModel):
@@ -371,7 +355,7 @@ class IngestScheduler:
     def due_in(self, now: float | None = None) -> float | None:
         """Seconds until the next batch is due (0: now; ``None``: nothing waits)."""
         with self._cv:
-            return self.policy.due_in(self._waiting(), self._now() if now is None else _seconds(now, "now"))
+            return self.policy.due_in(self._waiting(), self._now() if now is None else expect_number(now, "now", unit=" of seconds"))
 
     # ------------------------------------------------------------------ batches
     def step(self, now: float | None = None, force: bool = False) -> BatchReport | None:
@@ -385,7 +369,7 @@ class IngestScheduler:
                     self._cv.wait()
             finally:
                 self._batch_waiting = False
-            t = self._now() if now is None else _seconds(now, "now")
+            t = self._now() if now is None else expect_number(now, "now", unit=" of seconds")
             picks = self.policy.pick(self._waiting(), t, force)
             if not picks:
                 self._cv.notify_all()
@@ -432,10 +416,7 @@ class IngestScheduler:
 
     def _now(self) -> float:
         """The scheduler's clock, in seconds (ConfigError for a clock that gives something else)."""
-        try:
-            return _seconds(self.clock(), "the clock's time")
-        except InputError as exc:
-            raise ConfigError(f"clock must return seconds: {exc}") from None
+        return expect_number(self.clock(), "clock must return seconds: its time", unit=" of seconds", error=ConfigError)
 
     def _requeue(self, back: list[tuple[FeedItem, torch.Tensor]]) -> None:
         """Frames of feeds withdrawn from the batch, back in front of their queues with their arrivals

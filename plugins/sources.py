@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import mukv
-from mukv.errors import InputError
+from mukv.errors import InputError, expect_number
 from mukv.frames import check_fps, read_video
 from mukv.interfaces import FrameSource
 
@@ -41,10 +41,7 @@ def _count(value: Any, name: str, lo: int = 1, hi: int = 1 << 16) -> int:
 
 
 def _seconds(value: Any, name: str, lo: float = 0.001, hi: float = 86400.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise InputError(f"{name} must be a number of seconds from {lo:g} to {hi:g}; got {value!r}")
-    return float(value)
+    return expect_number(value, name, lo, hi, unit=" of seconds")
 
 
 class VideoFileSource(FrameSource):

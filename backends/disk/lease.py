@@ -31,7 +31,6 @@ No lock file of mukv's own is involved: the object store's compare-and-swap deci
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import threading
@@ -39,7 +38,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from mukv.errors import ConfigError, StoreError
+from mukv.errors import ConfigError, StoreError, expect_number
 
 
 def default_owner() -> str:
@@ -77,8 +76,7 @@ class StreamLease:
         if not isinstance(rel, str) or not rel:
             raise StoreError(f"a stream lease needs the state file's path in the store; got {rel!r}"[:200])
         for name, value in (("ttl", ttl), ("clock_skew", clock_skew)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"lease {name} must be a non-negative number of seconds; got {value!r}"[:200])
+            expect_number(value, f"lease {name}", lo=0, unit=" of seconds", error=ConfigError)
         if owner is not None and (not isinstance(owner, str) or not owner):
             raise ConfigError(f"lease owner must be a non-empty string; got {owner!r}"[:200])
         if on_lost is not None and not callable(on_lost):

@@ -11,7 +11,6 @@ gap, handed to the engine with the next frames it takes, so the gap is committed
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 import time
 from collections import deque
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, expect_number
 
 
 @dataclass
@@ -56,8 +55,7 @@ class FrameQueue:
     def __init__(self, max_lag_s: float, max_bytes: int, fps: float, last_time: float | None = None,
                  frame_hw: tuple[int, int] | None = None):
         for name, value in (("max_lag_s", max_lag_s), ("max_bytes", max_bytes), ("fps", fps)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"FrameQueue: {name} must be a positive number; got {value!r}"[:200])
+            expect_number(value, f"FrameQueue: {name}", above=0, error=ConfigError)
         self.max_lag_s, self.max_bytes, self.fps = float(max_lag_s), int(max_bytes), float(fps)
         self.last_time = last_time  # of the last frame queued (or stored)
         self.frame_hw = frame_hw
