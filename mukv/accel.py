@@ -152,10 +152,7 @@ def _apply_norms(adapter: Any, norms: list[nn.Module]) -> None:
 
 def fuse_norms(adapter: Any) -> int:
     """Every RMSNorm of the language model as one compiled kernel; returns how many."""
-    _check_adapter(adapter, "fuse_norms")
-    norms = _rms_norms(adapter)
-    _apply_norms(adapter, norms)
-    return len(norms)
+    return _fuse("fused_norms", adapter)
 
 
 def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -209,10 +206,7 @@ def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
 def fuse_llm(adapter: Any) -> int:
     """SwiGLU of every decoder layer's MLP as one kernel, and transformers' Qwen2 rotary
     embedding as one kernel (process-wide); returns how many MLPs were fused."""
-    _check_adapter(adapter, "fuse_llm")
-    mlps = _swiglu_mlps(adapter)
-    _apply_llm(adapter, mlps)
-    return len(mlps)
+    return _fuse("fused_llm", adapter)
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -270,9 +264,7 @@ def fuse_mlp(adapter: Any) -> int:
     """
     _check_adapter(adapter, "fuse_mlp")
     _require_fused_mlp(adapter)
-    mlps = _plain_swiglu_mlps(adapter)
-    _apply_mlp(adapter, mlps)
-    return len(mlps)
+    return _fuse("fused_mlp", adapter)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -328,6 +320,15 @@ _FUSIONS: dict[str, tuple[Callable[[Any], list], Callable[[Any, list], None], st
     "fused_mlp": (_plain_swiglu_mlps, _apply_mlp,
                   "the decoder layers of {} have no bias-free SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
 }
+
+
+def _fuse(name: str, adapter: Any) -> int:
+    """The fusion ``name`` of :data:`_FUSIONS` applied to whatever modules of ``adapter`` it finds; how many."""
+    _check_adapter(adapter, name)
+    find, apply, _ = _FUSIONS[name]
+    modules = find(adapter)
+    apply(adapter, modules)
+    return len(modules)
 
 
 def _check_adapter(adapter: Any, what: str) -> None:

@@ -100,8 +100,7 @@ class SessionOpening:
         self.config = canonicalize(self.config, reg)
         if path is not None and not stored:
             require_json(self.config, "a stream stored on disk")
-        self.retriever, compressor, extractors, scorers = self._components(reg)
-        check_retriever_levels(self.retriever, self.config, stored_retriever(stored))
+        self.retriever, compressor, extractors, scorers = self._components(reg, stored)
         self._question_log = _question_log(log_questions, path, stream_id, options)
         self.codec = build_codec(self.config.kv_codec)
 
@@ -119,8 +118,7 @@ class SessionOpening:
             self.config = (MukvConfig.from_policy(policy, under=model_defaults, **_as_dict(config)) if policy is not None
                            else MukvConfig.build(merge(model_defaults, _as_dict(config))))
             self.config = canonicalize(self.config, reg)
-            self.retriever, compressor, extractors, scorers = self._components(reg)
-            check_retriever_levels(self.retriever, self.config, stored_retriever(stored))
+            self.retriever, compressor, extractors, scorers = self._components(reg, stored)
             self.codec = build_codec(self.config.kv_codec)
         lay = self.model.layout
         self.codec.row_layout((lay.num_layers, 2, lay.num_kv_heads, 1, lay.head_dim), lay.dtype)  # can it store them
@@ -217,10 +215,14 @@ class SessionOpening:
                               "(memory, lancedb)")
         return {}
 
-    def _components(self, reg) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
-        """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names."""
+    def _components(self, reg, stored: dict[str, Any] | None
+                    ) -> tuple[Retriever, Compressor, dict[str, GranularityExtractor], dict[str, TokenScorer]]:
+        """The retriever, compressor, and per-level extractors and scorers that ``self.config`` names
+        (``stored``: the stream's stored state, whose retriever :func:`check_retriever_levels` lets open)."""
         cfg = self.config
         retriever = build("retrievers", cfg.retrieval.retriever, cfg, Retriever, "retrieval.retriever", reg)
+        written_with = split(MukvConfig.build(stored.get("config") or {}).retrieval.retriever)[0] if stored else None
+        check_retriever_levels(retriever, cfg, written_with)
         compressor = build("compressors", cfg.compression.compressor, cfg, Compressor, "compression.compressor", reg)
         extractors, scorers = {}, {}
         for i, lv in enumerate(cfg.levels):
@@ -285,14 +287,6 @@ class SessionOpening:
             if new.generation.system_prompt != self.config.generation.system_prompt:
                 child.prefix = self.model.prefix(new.generation.system_prompt)
             return child
-
-
-def stored_retriever(stored: dict[str, Any] | None) -> str | None:
-    """The name of the retriever a stored stream was written with (``None``: a new stream)."""
-    spec = ((stored or {}).get("config") or {}).get("retrieval", {}).get("retriever") if stored else None
-    if spec is None and stored:
-        spec = MukvConfig().retrieval.retriever
-    return None if spec is None else split(spec)[0]
 
 
 def check_retriever_levels(retriever: Retriever, config: MukvConfig, written_with: str | None = None) -> None:
