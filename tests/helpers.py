@@ -45,37 +45,28 @@ def load_benchmark(name: str) -> ModuleType:
     return mod
 
 
-def stored_levels(adapter, frames, question: str = "what happened?", max_new_tokens: int = 4):
-    """Feed ``frames`` to a memory-backed session of ``adapter``: per level its kept token indices and
-    stored KV (float32), and the answer's text to ``question``."""
+def stored_levels(adapter, frames, question: str = "what happened?", max_new_tokens: int = 4, device=None):
+    """Feed ``frames`` (one array, or a list of arrays fed one by one) to a memory-backed session of
+    ``adapter`` (on ``device``): per level its kept token indices and stored KV (float32, on the CPU),
+    and the answer's text to ``question``."""
     import mukv
 
-    s = mukv.Session(model=adapter, backend="memory")
-    s.feed(frames)
+    s = mukv.Session(model=adapter, backend="memory", **({} if device is None else {"device": device}))
+    for chunk in frames if isinstance(frames, list) else [frames]:
+        s.feed(chunk)
     out = {}
     for lv in ("patch", "frame", "segment"):
-        ids = torch.arange(s.backend.count(lv))
-        out[lv] = (s.backend.token_index(lv, ids), s.backend.load_kv(lv, ids).float())
+        ids = torch.arange(s.backend.count(lv), device=s.device)
+        out[lv] = (s.backend.token_index(lv, ids).cpu(), s.backend.load_kv(lv, ids).float().cpu())
     text = s.ask(question, max_new_tokens=max_new_tokens).text
     s.close()
     return out, text
 
 
 def stored_feeds(model, feeds, device):
-    """Feed random frames in chunks of ``feeds`` (frame counts) to a memory-backed session of ``model`` on
-    ``device``: per level its kept token indices and stored KV (float32, on the CPU), and a 6-token
-    answer's text."""
+    """:func:`stored_levels` of random 64x64 frames fed in chunks of ``feeds`` (frame counts), with a
+    6-token answer."""
     import numpy as np
 
-    from mukv.session import Session
-
-    s = Session(model=model, backend="memory", device=device)
-    for i, n in enumerate(feeds):
-        s.feed(np.random.default_rng(i).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8))
-    out = {}
-    for lv in ("patch", "frame", "segment"):
-        ids = torch.arange(s.backend.count(lv), device=device)
-        out[lv] = (s.backend.token_index(lv, ids).cpu(), s.backend.load_kv(lv, ids).float().cpu())
-    text = s.ask("what happened?", max_new_tokens=6).text
-    s.close()
-    return out, text
+    chunks = [np.random.default_rng(i).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8) for i, n in enumerate(feeds)]
+    return stored_levels(model, chunks, max_new_tokens=6, device=device)
