@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
 
 #: The accelerations :func:`accelerate` knows.
 KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "fused_norms",
@@ -210,25 +211,21 @@ def fuse_llm(adapter: Any) -> int:
 
 
 def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from .kernels.swiglu import swiglu_matmul
-
     joint = self.mukv_gate_up
     if x.dtype != joint.dtype or x.device != joint.device:  # e.g. a float32 probe: the composed path
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-    h = swiglu_matmul(x.reshape(-1, x.shape[-1]), joint)
+    h = swiglu_kernel.swiglu_matmul(x.reshape(-1, x.shape[-1]), joint)
     return self.down_proj(h.reshape(*x.shape[:-1], h.shape[-1]))
 
 
 def _require_fused_mlp(adapter: Any) -> None:
     """:class:`ConfigError` unless the fused SwiGLU kernel can run for ``adapter`` (triton installed; a
     CUDA device, or Triton's CPU interpreter)."""
-    from .kernels import swiglu as sk
-
-    why = sk.available()
+    why = swiglu_kernel.available()
     if why:
         raise ConfigError(f"fused_mlp: {why}")
     device = getattr(adapter, "device", torch.device("cpu"))
-    if device.type != "cuda" and not sk.interpreting():
+    if device.type != "cuda" and not swiglu_kernel.interpreting():
         raise ConfigError(f"fused_mlp runs a Triton kernel on a CUDA GPU; this model runs on {device}")
 
 
@@ -243,12 +240,10 @@ def _plain_swiglu_mlps(adapter: Any) -> list[nn.Module]:
 
 
 def _apply_mlp(adapter: Any, mlps: list[nn.Module]) -> None:
-    from .kernels import swiglu as sk
-
     for mlp in mlps:
         gate, up = mlp.gate_proj, mlp.up_proj
         with torch.no_grad():
-            joint = sk.interleave(gate.weight.detach(), up.weight.detach())
+            joint = swiglu_kernel.interleave(gate.weight.detach(), up.weight.detach())
         gate.weight = nn.Parameter(joint[0::2], requires_grad=False)
         up.weight = nn.Parameter(joint[1::2], requires_grad=False)
         mlp.mukv_gate_up = joint

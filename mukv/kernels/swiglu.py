@@ -72,6 +72,9 @@ def _kernel() -> Any:
     key = "interpret" if interpreting() else "tuned"
     if key in _KERNELS:
         return _KERNELS[key]
+    why = available()
+    if why:
+        raise ConfigError(why)
     import triton
     import triton.language as tl
 
@@ -139,15 +142,12 @@ def swiglu_matmul(x: torch.Tensor, w_joint: torch.Tensor) -> torch.Tensor:
     if x.dtype != w_joint.dtype or x.device != w_joint.device:
         raise ConfigError(f"swiglu_matmul: x ({x.dtype}, {x.device}) and the weight ({w_joint.dtype}, "
                           f"{w_joint.device}) differ")
-    why = available()
-    if why:
-        raise ConfigError(why)
     m, k = x.shape
     n2 = w_joint.shape[0]
     out = torch.empty((m, n2 // 2), dtype=x.dtype, device=x.device)
+    kernel = _kernel()  # ConfigError without triton (checked once, when the kernel is first built)
     if m == 0:
         return out
-    kernel = _kernel()
     args = (x, w_joint, out, m, n2, k, x.stride(0), x.stride(1), w_joint.stride(0), w_joint.stride(1),
             out.stride(0), out.stride(1))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 stays float32 (no TF32 products)
