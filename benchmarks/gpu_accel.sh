@@ -8,8 +8,8 @@
 # (visual tokens, kept tokens, stored KV, first-token logits, greedy tokens). Before it, with KERNELS=1
 # (default): the fused_mlp GPU test and the kernel benchmarks swiglu_bench.py and attention_bench.py
 # (about a minute together; their files: gpu_tests.log, swiglu.json, attention.json).
-# Environment: MODES (default: plain, the fastest measured set, and that set with fused_mlp with and without
-# graph_prefill), REFERENCE_FRAMES (frames of the reference mode, the authors' path, for the 30x check;
+# Environment: MODES (default: plain, the fastest measured set (fused_vision+fused_llm+fused_norms+graph_prefill),
+# and that set with fused_mlp, with fused_residual, and with both), REFERENCE_FRAMES (frames of the reference mode, the authors' path, for the 30x check;
 # default 16), BUDGET (accel_bench's own budget; default 330 s with the
 # kernel step, 420 s without), OUT (default runs/accel), KERNELS (0 skips the kernel step).
 set -u -o pipefail
@@ -33,6 +33,6 @@ fi
 if [ "${KERNELS:-1}" = 1 ]; then BUDGET=${BUDGET:-330}; else BUDGET=${BUDGET:-420}; fi
 ARGS=(--device cuda --budget-s "$BUDGET" --out "$OUT")
 BEST=fused_vision+fused_llm+fused_norms
-ARGS+=(--modes "${MODES:-plain,$BEST+graph_prefill,$BEST+fused_mlp+graph_prefill,$BEST+fused_mlp}")
+ARGS+=(--modes "${MODES:-plain,$BEST+graph_prefill,$BEST+fused_mlp+graph_prefill,$BEST+fused_residual+graph_prefill,$BEST+fused_mlp+fused_residual+graph_prefill}")
 ARGS+=(--reference-frames "${REFERENCE_FRAMES:-16}")
 timeout -s INT -k 15 $(( BUDGET + 120 )) "$PY" benchmarks/accel_bench.py "${ARGS[@]}" 2>&1 | tee "$OUT/accel.log"

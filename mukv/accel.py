@@ -28,12 +28,18 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   product with the activation in its epilogue (:mod:`mukv.kernels.swiglu`; the gate and up
   weights become row views of one interleaved joint weight, no extra memory). CUDA only (or
   Triton's CPU interpreter); it replaces ``fused_llm``'s SwiGLU where both are asked for.
+* ``fused_residual``: the residual adds of the decoder layers and of the vision tower's encoder
+  layers: the add after attention in the same compiled kernel as the norm that follows it, the add
+  after the MLP in its last matrix product's epilogue (``torch.addmm`` with the residual stream as
+  its C operand; the vision MLP's bias carried in that residual). Each layer class is checked on a
+  probe input against its own forward first; a layer that differs is left alone.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Callable, Iterable
 
@@ -46,7 +52,7 @@ from .kernels import swiglu as swiglu_kernel  # light: triton is imported when t
 
 #: The accelerations :func:`accelerate` knows.
 KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "fused_norms",
-         "fused_mlp", "graph_prefill")
+         "fused_mlp", "fused_residual", "graph_prefill")
 E4M3_MAX = 448.0
 
 
@@ -111,8 +117,28 @@ def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return _COMPILED[name]
 
 
-def _fused_swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(_compiled("swiglu", swiglu)(self.gate_proj(x), self.up_proj(x)))
+def _fused_swiglu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _compiled("swiglu", swiglu)(self.gate_proj(x), self.up_proj(x))
+
+
+def _swiglu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a SwiGLU MLP's down product: mukv's fused kernel where one was applied, else its own."""
+    fused = getattr(mlp, "mukv_hidden", None)
+    return fused(x) if fused is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def _gelu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a GELU MLP's ``fc2``: mukv's fused epilogue where it was applied, else its own."""
+    fused = getattr(mlp, "mukv_hidden", None)
+    return fused(x) if fused is not None else mlp.activation_fn(mlp.fc1(x))
+
+
+def _down_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(self.mukv_hidden(x))
+
+
+def _fc2_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.fc2(self.mukv_hidden(x))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,13 +182,13 @@ def fuse_norms(adapter: Any) -> int:
     return _fuse("fused_norms", adapter)
 
 
-def _fused_gelu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _fused_gelu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fc1 = self.fc1
     if type(fc1) is not nn.Linear or fc1.bias is None:  # e.g. an FP8Linear: its own product, then GELU
-        return self.fc2(F.gelu(fc1(x), approximate="tanh"))
+        return F.gelu(fc1(x), approximate="tanh")
     x2 = x.reshape(-1, x.shape[-1])
     h = torch._addmm_activation(fc1.bias, x2, fc1.weight.t(), use_gelu=True)  # tanh GELU in the epilogue
-    return self.fc2(h.reshape(*x.shape[:-1], fc1.out_features))
+    return h.reshape(*x.shape[:-1], fc1.out_features)
 
 
 def _gelu_mlps(module: nn.Module) -> list[nn.Module]:
@@ -172,7 +198,8 @@ def _gelu_mlps(module: nn.Module) -> list[nn.Module]:
 
 def _apply_gelu(adapter: Any, mlps: list[nn.Module]) -> None:
     for m in mlps:
-        m.forward = types.MethodType(_fused_gelu_forward, m)
+        m.mukv_hidden = types.MethodType(_fused_gelu_hidden, m)
+        m.forward = types.MethodType(_fc2_forward, m)
 
 
 def fuse_vision_mlps(module: nn.Module) -> int:
@@ -186,8 +213,12 @@ def fuse_vision_mlps(module: nn.Module) -> int:
 
 
 def _swiglu_mlps(adapter: Any) -> list[nn.Module]:
+    return _swiglu_mlps_of(decoder_layers(adapter))
+
+
+def _swiglu_mlps_of(layers: Iterable[nn.Module]) -> list[nn.Module]:
     out = []
-    for layer in decoder_layers(adapter):
+    for layer in layers:
         mlp = getattr(layer, "mlp", None)
         swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
         if swiglu_mlp and type(getattr(mlp, "act_fn", None)).__name__ == "SiLUActivation":
@@ -197,7 +228,9 @@ def _swiglu_mlps(adapter: Any) -> list[nn.Module]:
 
 def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
     for mlp in mlps:
-        mlp.forward = types.MethodType(_fused_swiglu_forward, mlp)
+        if "mukv_gate_up" not in vars(mlp):  # fused_mlp's kernel holds the SwiGLU already
+            mlp.mukv_hidden = types.MethodType(_fused_swiglu_hidden, mlp)
+            mlp.forward = types.MethodType(_down_forward, mlp)
     from transformers.models.qwen2 import modeling_qwen2
 
     if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
@@ -210,12 +243,12 @@ def fuse_llm(adapter: Any) -> int:
     return _fuse("fused_llm", adapter)
 
 
-def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _fused_mlp_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     joint = self.mukv_gate_up
     if x.dtype != joint.dtype or x.device != joint.device:  # e.g. a float32 probe: the composed path
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return swiglu(self.gate_proj(x), self.up_proj(x))
     h = swiglu_kernel.swiglu_matmul(x.reshape(-1, x.shape[-1]), joint)
-    return self.down_proj(h.reshape(*x.shape[:-1], h.shape[-1]))
+    return h.reshape(*x.shape[:-1], h.shape[-1])
 
 
 def _require_fused_mlp(adapter: Any) -> None:
@@ -247,7 +280,8 @@ def _apply_mlp(adapter: Any, mlps: list[nn.Module]) -> None:
         gate.weight = nn.Parameter(joint[0::2], requires_grad=False)
         up.weight = nn.Parameter(joint[1::2], requires_grad=False)
         mlp.mukv_gate_up = joint
-        mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+        mlp.mukv_hidden = types.MethodType(_fused_mlp_hidden, mlp)
+        mlp.forward = types.MethodType(_down_forward, mlp)
 
 
 def fuse_mlp(adapter: Any) -> int:
@@ -260,6 +294,146 @@ def fuse_mlp(adapter: Any) -> int:
     _check_adapter(adapter, "fuse_mlp")
     _require_fused_mlp(adapter)
     return _fuse("fused_mlp", adapter)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``residual + x`` (``[..., D]``, in their dtype) and its :func:`rms_norm`."""
+    s = residual + x
+    return s, rms_norm(s, weight, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` (``[..., D]``) plus ``carry`` ``[D]`` (the next product's bias, carried in the
+    residual stream), and the layer norm of ``residual + x``."""
+    s = residual + x
+    return s + carry, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def _product_add(linear: nn.Linear, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + h @ linear.weight.T`` ``[..., N]``, the add in the product's epilogue (``residual``
+    carries the product's bias, where it has one)."""
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]), linear.weight.t())
+    return out.view(residual.shape)
+
+
+def _epilogue_ok(linear: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> bool:
+    return (type(linear) is nn.Linear and h.dtype == residual.dtype == linear.weight.dtype
+            and h.device == linear.weight.device)
+
+
+def _kernel(name: str, fn: Callable[..., Any], eager: bool) -> Callable[..., Any]:
+    return fn if eager else _compiled(name, fn)
+
+
+def _decoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **kwargs: Any) -> torch.Tensor:
+    """A pre-norm decoder layer (transformers' Qwen2 arithmetic) with its residual adds fused."""
+    residual = hidden_states
+    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    norm, mlp = self.post_attention_layernorm, self.mlp
+    residual, h = _kernel("add_rms_norm", add_rms_norm, eager)(h, residual, norm.weight, norm.variance_epsilon)
+    h = _swiglu_hidden(mlp, h)
+    if not _epilogue_ok(mlp.down_proj, h, residual):  # e.g. an FP8 product
+        return residual + mlp.down_proj(h)
+    return _product_add(mlp.down_proj, h, residual)
+
+
+def _residual_decoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    kwargs.update(zip(self.mukv_arg_names, args))  # arguments given by position, named as the layer's forward names them
+    return _decoder_layer(self, hidden_states, False, **kwargs)
+
+
+def _encoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **kwargs: Any) -> torch.Tensor:
+    """A pre-norm vision encoder layer (transformers' SigLIP arithmetic) with its residual adds fused."""
+    residual = hidden_states
+    h, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
+    norm, mlp = self.layer_norm2, self.mlp
+    fc2 = mlp.fc2
+    if fc2.bias is None or not _epilogue_ok(fc2, h, residual):
+        h = residual + h
+        return h + mlp(norm(h))
+    carry, h = _kernel("add_layer_norm", add_layer_norm, eager)(h, residual, norm.weight, norm.bias, norm.eps,
+                                                                 fc2.bias)
+    return _product_add(fc2, _gelu_hidden(mlp, h), carry)
+
+
+def _residual_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    kwargs.update(zip(self.mukv_arg_names, args))  # transformers passes the attention mask by position
+    return _encoder_layer(self, hidden_states, False, **kwargs)
+
+
+def _is_decoder_layer(layer: nn.Module) -> bool:
+    mlp = getattr(layer, "mlp", None)
+    return (hasattr(layer, "self_attn") and _is_rms_norm(getattr(layer, "input_layernorm", None))
+            and _is_rms_norm(getattr(layer, "post_attention_layernorm", None)) and mlp in _swiglu_mlps_of([layer])
+            and isinstance(mlp.down_proj, nn.Linear))
+
+
+def _is_encoder_layer(layer: nn.Module) -> bool:
+    mlp, norms = getattr(layer, "mlp", None), [getattr(layer, n, None) for n in ("layer_norm1", "layer_norm2")]
+    return (hasattr(layer, "self_attn") and all(type(n) is nn.LayerNorm and n.weight is not None
+                                                and n.bias is not None for n in norms)
+            and hasattr(mlp, "fc1") and isinstance(getattr(mlp, "fc2", None), nn.Linear))
+
+
+def _probe_agrees(layer: nn.Module, fused: Callable[..., torch.Tensor], **kwargs: Any) -> bool:
+    """``fused`` (eager) computes what ``layer``'s own forward computes on a probe of three tokens."""
+    w = next(layer.parameters())
+    tol = 1e-4 if w.dtype == torch.float32 else 5e-2
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        try:
+            probe = torch.randn(1, 3, layer.self_attn.q_proj.in_features, generator=g).to(device=w.device, dtype=w.dtype)
+            want = type(layer).forward(layer, probe, **kwargs)
+            got = fused(layer, probe, True, **kwargs)
+        except Exception:  # a layer of other parts or another signature: not one this fusion knows
+            return False
+    want = want[0] if isinstance(want, tuple) else want
+    return (isinstance(want, torch.Tensor) and want.shape == got.shape
+            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
+
+
+def _residual_layers(adapter: Any) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
+    """The decoder layers and vision encoder layers whose residual adds :data:`fused_residual` fuses, with
+    the forward each gets. One layer of each class is checked on a probe against its own forward."""
+    found: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
+    checked: dict[type, bool] = {}
+    for layer in decoder_layers(adapter):
+        if _is_decoder_layer(layer):
+            if type(layer) not in checked:
+                hd = layer.self_attn.head_dim
+                w = next(layer.parameters())
+                rope = (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype),
+                        torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
+                checked[type(layer)] = _probe_agrees(layer, _decoder_layer, attention_mask=None,
+                                                     position_embeddings=rope)
+            if checked[type(layer)]:
+                found.append((layer, _residual_decoder_forward))
+    try:
+        tower = vision_tower(adapter)
+    except ConfigError:
+        return found
+    for layer in tower.modules():
+        if _is_encoder_layer(layer):
+            if type(layer) not in checked:
+                checked[type(layer)] = _probe_agrees(layer, _encoder_layer, attention_mask=None)
+            if checked[type(layer)]:
+                found.append((layer, _residual_encoder_forward))
+    return found
+
+
+def _apply_residual(adapter: Any, layers: list[tuple[nn.Module, Callable[..., torch.Tensor]]]) -> None:
+    for layer, forward in layers:
+        params = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # after self, hidden_states
+        layer.mukv_arg_names = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
+        layer.forward = types.MethodType(forward, layer)
+
+
+def fuse_residual(adapter: Any) -> int:
+    """The residual adds of every decoder layer and vision encoder layer fused into the next norm's kernel
+    and the MLP's last product (see :data:`KNOWN`'s ``fused_residual``); returns how many layers."""
+    return _fuse("fused_residual", adapter)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -314,6 +488,8 @@ _FUSIONS: dict[str, tuple[Callable[[Any], list], Callable[[Any, list], None], st
     "fused_norms": (_rms_norms, _apply_norms, "the language model of {} has no RMSNorm whose arithmetic it knows"),
     "fused_mlp": (_plain_swiglu_mlps, _apply_mlp,
                   "the decoder layers of {} have no bias-free SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
+    "fused_residual": (_residual_layers, _apply_residual,
+                       "{} has no pre-norm decoder or vision encoder layer whose arithmetic it knows"),
 }
 
 

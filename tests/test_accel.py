@@ -215,11 +215,56 @@ def test_fused_norms_leave_a_norm_of_other_arithmetic_alone():
     assert "forward" in vars(adapter.language_model.norm)
 
 
+def test_fused_residual_stores_what_the_plain_path_stores():
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    plain = build_llava_onevision("tiny-llava-ov")
+    want, want_text = stored_levels(plain, frames)
+    want_visual = plain.encode_frames(frames)
+    for which in (["fused_residual"], ["fused_vision", "fused_llm", "fused_norms", "fused_residual"]):
+        got, got_text, fast, visual = _accelerated_stored(which, frames)
+        layers = [*fast.language_model.layers, *_encoder_layers(fast)]
+        assert all("forward" in vars(layer) for layer in layers), which  # every layer took the fused forward
+        torch.testing.assert_close(visual, want_visual, rtol=1e-4, atol=1e-4)
+        # float32: the adds in the products' epilogues and the compiled norms round differently, by little
+        _assert_stores_alike(got, want, 1e-3, which)
+        assert got_text == want_text
+
+
+def _encoder_layers(adapter):
+    from mukv.accel import vision_tower
+
+    return [m for m in vision_tower(adapter).modules() if type(m).__name__ == "SiglipEncoderLayer"]
+
+
+def test_fused_residual_takes_positional_arguments_and_leaves_a_layer_of_other_arithmetic_alone():
+    from mukv.accel import fuse_residual
+
+    adapter = build_llava_onevision("tiny-llava-ov")
+    layer = _encoder_layers(adapter)[0]
+    x = torch.randn(1, 5, layer.layer_norm1.normalized_shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer(x, None)
+        # the second decoder layer computes something else: its post-attention add is doubled
+        odd = adapter.language_model.layers[1]
+
+        class Doubled(type(odd)):
+            def forward(self, hidden_states, **kwargs):
+                h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+                hidden_states = hidden_states + 2 * h
+                return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+        odd.__class__ = Doubled
+        n = fuse_residual(adapter)
+        assert n == len(adapter.language_model.layers) - 1 + len(_encoder_layers(adapter))
+        assert "forward" not in vars(odd)
+        torch.testing.assert_close(layer(x, None), want, rtol=1e-5, atol=1e-5)  # the mask given by position
+
+
 def test_every_public_acceleration_function_refuses_what_is_not_a_model_clearly():
-    from mukv.accel import fuse_llm, fuse_mlp, fuse_norms, fuse_vision_mlps
+    from mukv.accel import fuse_llm, fuse_mlp, fuse_norms, fuse_residual, fuse_vision_mlps
     from mukv.kernels import swiglu as sk
 
-    for fn in (fuse_norms, fuse_llm, fuse_mlp):
+    for fn in (fuse_norms, fuse_llm, fuse_mlp, fuse_residual):
         for bad in (None, object(), "tiny-llava-ov"):
             with pytest.raises(mukv.ConfigError, match="expected a model adapter"):
                 fn(bad)

@@ -1,5 +1,6 @@
 """On a GPU: the ``fused_mlp`` kernel (:mod:`mukv.kernels.swiglu`, Triton) against the torch composition
-at the real architectures' widths in bf16, and a stream through it storing what the plain path stores.
+at the real architectures' widths in bf16, and a stream through it (alone, and with every other fusion,
+``fused_residual`` among them, recorded into CUDA graphs) storing what the plain path stores.
 
 Run through the device tool (skipped without CUDA or triton)::
 
@@ -52,13 +53,18 @@ def test_the_kernel_reads_strided_rows():
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("which", [["fused_mlp"], ["fused_llm", "fused_mlp", "graph_prefill"]])
+ORDER = ("fused_vision", "fused_llm", "fused_norms", "fused_mlp", "fused_residual", "graph_prefill")
+
+
+@pytest.mark.parametrize("which", [["fused_mlp"], ["fused_llm", "fused_mlp", "graph_prefill"],
+                                   ["fused_vision", "fused_llm", "fused_norms", "fused_mlp", "fused_residual",
+                                    "graph_prefill"]])
 def test_a_stream_through_the_fused_mlp_stores_what_the_plain_path_stores(which):
     feeds = [8, 5, 16]
     # float32: the kernel multiplies in full float32
     want, want_text = stored_feeds(load_model("tiny-llava-ov", DEVICE), feeds, DEVICE)
     fast = load_model("tiny-llava-ov", DEVICE)
-    assert accelerate(fast, which) == [w for w in ("fused_llm", "fused_mlp", "graph_prefill") if w in which]
+    assert accelerate(fast, which) == [w for w in ORDER if w in which]
     got, got_text = stored_feeds(fast, feeds, DEVICE)
     if "graph_prefill" in which:  # the Triton kernel was recorded into the graphs, not left to the eager fallback
         gp = fast.prefill_blocks
