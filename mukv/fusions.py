@@ -1,0 +1,341 @@
+"""The fused forwards behind :mod:`mukv.accel`'s ``fused_*`` accelerations: the elementwise functions
+they compile, the forwards they give a model's modules, and how each finds the modules it may change.
+
+Each ``_apply_*`` replaces a module's ``forward`` on the instance (the class stays transformers'); each
+finder returns only modules whose arithmetic the fused forward reproduces: RMSNorms and whole layers
+are checked on a probe input against their own forward first. :func:`mukv.accel.accelerate` finds every
+fusion's modules before it changes any.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, elementwise (any equal shapes)."""
+    return F.silu(gate) * up
+
+
+def rotate_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of queries ``[B, Hq, T, D]`` and keys ``[B, Hk, T, D]`` with ``cos`` and
+    ``sin`` ``[B, T, D]``: the arithmetic of transformers' ``apply_rotary_pos_emb``."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    half = q.shape[-1] // 2
+    rq = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    rk = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return q * cos + rq * sin, k * cos + rk * sin
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _fused_swiglu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _compiled("swiglu", swiglu)(self.gate_proj(x), self.up_proj(x))
+
+
+def _swiglu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a SwiGLU MLP's down product: mukv's fused kernel where one was applied, else its own."""
+    fused = getattr(mlp, "mukv_hidden", None)
+    return fused(x) if fused is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def _gelu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of a GELU MLP's ``fc2``: mukv's fused epilogue where it was applied, else its own."""
+    fused = getattr(mlp, "mukv_hidden", None)
+    return fused(x) if fused is not None else mlp.activation_fn(mlp.fc1(x))
+
+
+def _down_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(self.mukv_hidden(x))
+
+
+def _fc2_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.fc2(self.mukv_hidden(x))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm (T5 layer norm) of ``x [..., D]`` with ``weight [D]``: statistics
+    in float32, the weight applied after the cast back to ``x``'s dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _fused_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _compiled("rms_norm", rms_norm)(x, self.weight, self.variance_epsilon)
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    """``m`` is an RMSNorm whose forward computes :func:`rms_norm` (checked on a probe input)."""
+    w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", None)
+    if not type(m).__name__.endswith("RMSNorm") or not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return False
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool):
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    probe = (torch.randn(3, w.shape[0], generator=g) + 0.5).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        want = type(m).forward(m, probe)
+        return want.shape == probe.shape and torch.allclose(want.float(), rms_norm(probe, w, float(eps)).float(),
+                                                            rtol=1e-3, atol=1e-3)
+
+
+def _rms_norms(adapter: Any) -> list[nn.Module]:
+    return [m for m in adapter.language_model.modules() if _is_rms_norm(m)]
+
+
+def _apply_norms(adapter: Any, norms: list[nn.Module]) -> None:
+    for m in norms:
+        m.forward = types.MethodType(_fused_norm_forward, m)
+
+
+def _fused_gelu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fc1 = self.fc1
+    if type(fc1) is not nn.Linear or fc1.bias is None:  # e.g. an FP8Linear: its own product, then GELU
+        return F.gelu(fc1(x), approximate="tanh")
+    x2 = x.reshape(-1, x.shape[-1])
+    h = torch._addmm_activation(fc1.bias, x2, fc1.weight.t(), use_gelu=True)  # tanh GELU in the epilogue
+    return h.reshape(*x.shape[:-1], fc1.out_features)
+
+
+def _gelu_mlps(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "fc1") and hasattr(m, "fc2")
+            and type(getattr(m, "activation_fn", None)).__name__ in ("PytorchGELUTanh", "GELUTanh")]
+
+
+def _apply_gelu(adapter: Any, mlps: list[nn.Module]) -> None:
+    for m in mlps:
+        m.mukv_hidden = types.MethodType(_fused_gelu_hidden, m)
+        m.forward = types.MethodType(_fc2_forward, m)
+
+
+def fuse_vision_mlps(module: nn.Module) -> int:
+    """Give every MLP under ``module`` with ``fc1``/``fc2`` and a tanh-GELU activation the fused
+    forward; returns how many."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"fuse_vision_mlps: expected a torch module (the vision tower), got {type(module).__name__}")
+    mlps = _gelu_mlps(module)
+    _apply_gelu(None, mlps)
+    return len(mlps)
+
+
+def _swiglu_mlps(adapter: Any) -> list[nn.Module]:
+    return _swiglu_mlps_of(decoder_layers(adapter))
+
+
+def _swiglu_mlps_of(layers: Iterable[nn.Module]) -> list[nn.Module]:
+    out = []
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        swiglu_mlp = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        if swiglu_mlp and type(getattr(mlp, "act_fn", None)).__name__ == "SiLUActivation":
+            out.append(mlp)
+    return out
+
+
+def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
+    for mlp in mlps:
+        if "mukv_gate_up" not in vars(mlp):  # fused_mlp's kernel holds the SwiGLU already
+            mlp.mukv_hidden = types.MethodType(_fused_swiglu_hidden, mlp)
+            mlp.forward = types.MethodType(_down_forward, mlp)
+    from transformers.models.qwen2 import modeling_qwen2
+
+    if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
+        modeling_qwen2.apply_rotary_pos_emb = _compiled("rope", rotate_pair)
+
+
+def _fused_mlp_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    joint = self.mukv_gate_up
+    if x.dtype != joint.dtype or x.device != joint.device:  # e.g. a float32 probe: the composed path
+        return swiglu(self.gate_proj(x), self.up_proj(x))
+    h = swiglu_kernel.swiglu_matmul(x.reshape(-1, x.shape[-1]), joint)
+    return h.reshape(*x.shape[:-1], h.shape[-1])
+
+
+def _plain_swiglu_mlps(adapter: Any) -> list[nn.Module]:
+    """The SwiGLU MLPs whose gate and up are bias-free ``nn.Linear`` layers of one shape."""
+    out = []
+    for mlp in _swiglu_mlps(adapter):
+        gate, up = mlp.gate_proj, mlp.up_proj
+        if all(type(p) is nn.Linear and p.bias is None for p in (gate, up)) and gate.weight.shape == up.weight.shape:
+            out.append(mlp)
+    return out
+
+
+def _apply_mlp(adapter: Any, mlps: list[nn.Module]) -> None:
+    for mlp in mlps:
+        gate, up = mlp.gate_proj, mlp.up_proj
+        with torch.no_grad():
+            joint = swiglu_kernel.interleave(gate.weight.detach(), up.weight.detach())
+        gate.weight = nn.Parameter(joint[0::2], requires_grad=False)
+        up.weight = nn.Parameter(joint[1::2], requires_grad=False)
+        mlp.mukv_gate_up = joint
+        mlp.mukv_hidden = types.MethodType(_fused_mlp_hidden, mlp)
+        mlp.forward = types.MethodType(_down_forward, mlp)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream ``residual + x`` (``[..., D]``, in their dtype) and its :func:`rms_norm`."""
+    s = residual + x
+    return s, rms_norm(s, weight, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` (``[..., D]``) plus ``carry`` ``[D]`` (the next product's bias, carried in the
+    residual stream), and the layer norm of ``residual + x``."""
+    s = residual + x
+    return s + carry, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def _product_add(linear: nn.Linear, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + h @ linear.weight.T`` ``[..., N]``, the add in the product's epilogue (``residual``
+    carries the product's bias, where it has one)."""
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]), linear.weight.t())
+    return out.view(residual.shape)
+
+
+def _epilogue_ok(linear: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> bool:
+    return (type(linear) is nn.Linear and h.dtype == residual.dtype == linear.weight.dtype
+            and h.device == linear.weight.device)
+
+
+def _kernel(name: str, fn: Callable[..., Any], eager: bool) -> Callable[..., Any]:
+    return fn if eager else _compiled(name, fn)
+
+
+def _decoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **kwargs: Any) -> torch.Tensor:
+    """A pre-norm decoder layer (transformers' Qwen2 arithmetic) with its residual adds fused."""
+    residual = hidden_states
+    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    norm, mlp = self.post_attention_layernorm, self.mlp
+    residual, h = _kernel("add_rms_norm", add_rms_norm, eager)(h, residual, norm.weight, norm.variance_epsilon)
+    h = _swiglu_hidden(mlp, h)
+    if not _epilogue_ok(mlp.down_proj, h, residual):  # e.g. an FP8 product
+        return residual + mlp.down_proj(h)
+    return _product_add(mlp.down_proj, h, residual)
+
+
+def _residual_decoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    kwargs.update(zip(self.mukv_arg_names, args))  # arguments given by position, named as the layer's forward names them
+    return _decoder_layer(self, hidden_states, False, **kwargs)
+
+
+def _encoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **kwargs: Any) -> torch.Tensor:
+    """A pre-norm vision encoder layer (transformers' SigLIP arithmetic) with its residual adds fused."""
+    residual = hidden_states
+    h, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
+    norm, mlp = self.layer_norm2, self.mlp
+    fc2 = mlp.fc2
+    if fc2.bias is None or not _epilogue_ok(fc2, h, residual):
+        h = residual + h
+        return h + mlp(norm(h))
+    carry, h = _kernel("add_layer_norm", add_layer_norm, eager)(h, residual, norm.weight, norm.bias, norm.eps,
+                                                                 fc2.bias)
+    return _product_add(fc2, _gelu_hidden(mlp, h), carry)
+
+
+def _residual_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    kwargs.update(zip(self.mukv_arg_names, args))  # transformers passes the attention mask by position
+    return _encoder_layer(self, hidden_states, False, **kwargs)
+
+
+def _is_decoder_layer(layer: nn.Module) -> bool:
+    mlp = getattr(layer, "mlp", None)
+    return (hasattr(layer, "self_attn") and _is_rms_norm(getattr(layer, "input_layernorm", None))
+            and _is_rms_norm(getattr(layer, "post_attention_layernorm", None)) and mlp in _swiglu_mlps_of([layer])
+            and isinstance(mlp.down_proj, nn.Linear))
+
+
+def _is_encoder_layer(layer: nn.Module) -> bool:
+    mlp, norms = getattr(layer, "mlp", None), [getattr(layer, n, None) for n in ("layer_norm1", "layer_norm2")]
+    return (hasattr(layer, "self_attn") and all(type(n) is nn.LayerNorm and n.weight is not None
+                                                and n.bias is not None for n in norms)
+            and hasattr(mlp, "fc1") and isinstance(getattr(mlp, "fc2", None), nn.Linear))
+
+
+def _probe_agrees(layer: nn.Module, fused: Callable[..., torch.Tensor], **kwargs: Any) -> bool:
+    """``fused`` (eager) computes what ``layer``'s own forward computes on a probe of three tokens."""
+    w = next(layer.parameters())
+    tol = 1e-4 if w.dtype == torch.float32 else 5e-2
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        try:
+            probe = torch.randn(1, 3, layer.self_attn.q_proj.in_features, generator=g).to(device=w.device, dtype=w.dtype)
+            want = type(layer).forward(layer, probe, **kwargs)
+            got = fused(layer, probe, True, **kwargs)
+        except Exception:  # a layer of other parts or another signature: not one this fusion knows
+            return False
+    want = want[0] if isinstance(want, tuple) else want
+    return (isinstance(want, torch.Tensor) and want.shape == got.shape
+            and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
+
+
+def _residual_layers(adapter: Any) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
+    """The decoder layers and vision encoder layers whose residual adds :data:`fused_residual` fuses, with
+    the forward each gets. One layer of each class is checked on a probe against its own forward."""
+    found: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
+    checked: dict[type, bool] = {}
+    for layer in decoder_layers(adapter):
+        if _is_decoder_layer(layer):
+            if type(layer) not in checked:
+                hd = layer.self_attn.head_dim
+                w = next(layer.parameters())
+                rope = (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype),
+                        torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
+                checked[type(layer)] = _probe_agrees(layer, _decoder_layer, attention_mask=None,
+                                                     position_embeddings=rope)
+            if checked[type(layer)]:
+                found.append((layer, _residual_decoder_forward))
+    try:
+        tower = vision_tower(adapter)
+    except ConfigError:
+        return found
+    for layer in tower.modules():
+        if _is_encoder_layer(layer):
+            if type(layer) not in checked:
+                checked[type(layer)] = _probe_agrees(layer, _encoder_layer, attention_mask=None)
+            if checked[type(layer)]:
+                found.append((layer, _residual_encoder_forward))
+    return found
+
+
+def _apply_residual(adapter: Any, layers: list[tuple[nn.Module, Callable[..., torch.Tensor]]]) -> None:
+    for layer, forward in layers:
+        params = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # after self, hidden_states
+        layer.mukv_arg_names = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
+        layer.forward = types.MethodType(forward, layer)
+
+
+def vision_tower(adapter: Any) -> nn.Module:
+    """The adapter's vision tower (LLaVA-OneVision ``vision_tower``, Qwen-VL ``visual``)."""
+    inner = getattr(adapter.model, "model", adapter.model)
+    for name in ("vision_tower", "visual"):
+        tower = getattr(inner, name, None)
+        if isinstance(tower, nn.Module):
+            return tower
+    raise ConfigError(f"model {getattr(adapter, 'name', '?')} has no vision tower that acceleration knows")
+
+
+def decoder_layers(adapter: Any) -> Iterable[nn.Module]:
+    return list(adapter.language_model.layers)
+
