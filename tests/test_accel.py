@@ -230,6 +230,20 @@ def test_fused_residual_stores_what_the_plain_path_stores():
         assert got_text == want_text
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_fused_residual_on_other_architectures_stores_what_their_plain_path_stores(preset):
+    from mukv.session import load_model
+
+    frames = torch.randint(0, 256, (8, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    want, want_text = stored_levels(load_model(preset, torch.device("cpu")), frames)
+    fast = load_model(preset, torch.device("cpu"))
+    assert accelerate(fast, ["fused_residual"]) == ["fused_residual"]
+    assert all("forward" in vars(layer) for layer in fast.language_model.layers)
+    got, got_text = stored_levels(fast, frames)
+    _assert_stores_alike(got, want, 1e-4, preset)
+    assert got_text == want_text
+
+
 def _encoder_layers(adapter):
     from mukv.accel import vision_tower
 
