@@ -10,6 +10,7 @@ fusion's modules before it changes any.
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from typing import Any, Callable, Iterable
 
@@ -19,6 +20,8 @@ from torch import nn
 
 from .errors import ConfigError
 from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
+
+log = logging.getLogger(__name__)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -41,10 +44,40 @@ _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
 def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count)."""
+    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count).
+
+    A call the compiler cannot serve runs ``fn`` eagerly, with one warning per function: dynamo
+    compiles again for each new grad mode, dtype or float argument (an ``eps``) and refuses past its
+    recompile limit (8), which models of several configurations in one process, or a call outside
+    inference mode, reach. The arithmetic is the same either way."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _COMPILED[name] = _EagerFallback(name, torch.compile(fn, dynamic=True, fullgraph=True), fn)
     return _COMPILED[name]
+
+
+def _compiler_refusals() -> tuple[type[BaseException], ...]:
+    """The exceptions with which torch.compile refuses a call (dynamo's, by the names this torch has)."""
+    from torch._dynamo import exc as dynamo_exc
+
+    return tuple(getattr(dynamo_exc, n) for n in ("TorchDynamoException", "FailOnRecompileLimitHit")
+                 if hasattr(dynamo_exc, n))
+
+
+class _EagerFallback:
+    """A compiled function that runs its eager original for the calls the compiler refuses."""
+
+    def __init__(self, name: str, compiled: Callable[..., Any], eager: Callable[..., Any]):
+        self.name, self.compiled, self.eager, self.refused = name, compiled, eager, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.compiled(*args, **kwargs)
+        except _compiler_refusals() as exc:
+            self.refused += 1
+            if self.refused == 1:
+                log.warning("mukv's compiled %s runs eagerly for calls torch.compile refuses (%s: %s)", self.name,
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return self.eager(*args, **kwargs)
 
 
 def _fused_swiglu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +242,11 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 
 def _product_add(linear: nn.Linear, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + h @ linear.weight.T`` ``[..., N]``, the add in the product's epilogue (``residual``
-    carries the product's bias, where it has one)."""
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]), linear.weight.t())
+    carries the product's bias, where it has one). ``residual`` is a tensor this layer made, and the
+    product accumulates into it in place: an out-of-place ``addmm`` would first copy it to its output,
+    the very pass over the residual stream this saves."""
+    out = residual.reshape(-1, residual.shape[-1])
+    out.addmm_(h.reshape(-1, h.shape[-1]), linear.weight.t())
     return out.view(residual.shape)
 
 

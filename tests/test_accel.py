@@ -271,7 +271,14 @@ def test_fused_residual_takes_positional_arguments_and_leaves_a_layer_of_other_a
         n = fuse_residual(adapter)
         assert n == len(adapter.language_model.layers) - 1 + len(_encoder_layers(adapter))
         assert "forward" not in vars(odd)
+        before = x.clone()
         torch.testing.assert_close(layer(x, None), want, rtol=1e-5, atol=1e-5)  # the mask given by position
+        assert torch.equal(x, before)  # the product accumulates in place into its own tensor, not the input
+        h = torch.randn(1, 5, adapter.language_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        before = h.clone()
+        rope = adapter.language_model.rotary_emb(h, torch.arange(5)[None])
+        adapter.language_model.layers[0](h, attention_mask=None, position_embeddings=rope)
+        assert torch.equal(h, before)
 
 
 def test_every_public_acceleration_function_refuses_what_is_not_a_model_clearly():
@@ -295,3 +302,20 @@ def test_every_public_acceleration_function_refuses_what_is_not_a_model_clearly(
         sk.swiglu_matmul([[1.0]], torch.zeros(2, 1))
     with pytest.raises(mukv.ConfigError, match="floating-point"):
         sk.swiglu_matmul(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3, dtype=torch.int32))
+
+
+def test_a_compiled_function_runs_eagerly_where_the_compiler_refuses_a_call(caplog):
+    import torch._dynamo
+
+    from mukv.fusions import _compiled
+
+    def scaled_norm(x, eps):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    fn = _compiled("test_scaled_norm", scaled_norm)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="mukv.fusions"):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):  # dynamo compiles again for each dtype
+            torch.testing.assert_close(fn(x.to(dtype), 1e-6), scaled_norm(x.to(dtype), 1e-6))
+    assert fn.refused == 2
+    assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1  # one warning per function
