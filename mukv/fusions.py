@@ -334,12 +334,11 @@ def _residual_layers(adapter: Any) -> list[tuple[nn.Module, Callable[..., torch.
     for layer in decoder_layers(adapter):
         if _is_decoder_layer(layer):
             if type(layer) not in checked:
-                hd = layer.self_attn.head_dim
-                w = next(layer.parameters())
-                rope = (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype),
-                        torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
-                checked[type(layer)] = _probe_agrees(layer, _decoder_layer, attention_mask=None,
-                                                     position_embeddings=rope)
+                hd, w = getattr(layer.self_attn, "head_dim", None), next(layer.parameters())
+                rope = None if not isinstance(hd, int) else (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype),
+                                                             torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
+                checked[type(layer)] = rope is not None and _probe_agrees(layer, _decoder_layer, attention_mask=None,
+                                                                          position_embeddings=rope)
             if checked[type(layer)]:
                 found.append((layer, _residual_decoder_forward))
     try:
