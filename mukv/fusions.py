@@ -84,16 +84,15 @@ def _fused_swiglu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _compiled("swiglu", swiglu)(self.gate_proj(x), self.up_proj(x))
 
 
-def _swiglu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of a SwiGLU MLP's down product: mukv's fused kernel where one was applied, else its own."""
+def _mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of an MLP's last product (a SwiGLU MLP's ``down_proj``, a GELU MLP's ``fc2``): mukv's
+    fused activation where one was applied, else the MLP's own."""
     fused = getattr(mlp, "mukv_hidden", None)
-    return fused(x) if fused is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-
-def _gelu_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of a GELU MLP's ``fc2``: mukv's fused epilogue where it was applied, else its own."""
-    fused = getattr(mlp, "mukv_hidden", None)
-    return fused(x) if fused is not None else mlp.activation_fn(mlp.fc1(x))
+    if fused is not None:
+        return fused(x)
+    if hasattr(mlp, "gate_proj"):
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return mlp.activation_fn(mlp.fc1(x))
 
 
 def _down_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -265,15 +264,10 @@ def _decoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **
     h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
     norm, mlp = self.post_attention_layernorm, self.mlp
     residual, h = _kernel("add_rms_norm", add_rms_norm, eager)(h, residual, norm.weight, norm.variance_epsilon)
-    h = _swiglu_hidden(mlp, h)
+    h = _mlp_hidden(mlp, h)
     if not _epilogue_ok(mlp.down_proj, h, residual):  # e.g. an FP8 product
         return residual + mlp.down_proj(h)
     return _product_add(mlp.down_proj, h, residual)
-
-
-def _residual_decoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    kwargs.update(zip(self.mukv_arg_names, args))  # arguments given by position, named as the layer's forward names them
-    return _decoder_layer(self, hidden_states, False, **kwargs)
 
 
 def _encoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **kwargs: Any) -> torch.Tensor:
@@ -287,12 +281,15 @@ def _encoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **
         return h + mlp(norm(h))
     carry, h = _kernel("add_layer_norm", add_layer_norm, eager)(h, residual, norm.weight, norm.bias, norm.eps,
                                                                  fc2.bias)
-    return _product_add(fc2, _gelu_hidden(mlp, h), carry)
+    return _product_add(fc2, _mlp_hidden(mlp, h), carry)
 
 
-def _residual_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    kwargs.update(zip(self.mukv_arg_names, args))  # transformers passes the attention mask by position
-    return _encoder_layer(self, hidden_states, False, **kwargs)
+def _residual_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward :func:`_apply_residual` gives a layer: its fused arithmetic (``mukv_fused_layer``:
+    :func:`_decoder_layer` or :func:`_encoder_layer`), with arguments given by position (transformers
+    passes SigLIP's attention mask so) named as the layer's own forward names them."""
+    kwargs.update(zip(self.mukv_arg_names, args))
+    return self.mukv_fused_layer(self, hidden_states, False, **kwargs)
 
 
 def _is_decoder_layer(layer: nn.Module) -> bool:
@@ -326,39 +323,45 @@ def _probe_agrees(layer: nn.Module, fused: Callable[..., torch.Tensor], **kwargs
             and torch.allclose(got.float(), want.float(), rtol=tol, atol=tol))
 
 
+def _decoder_probe(layer: nn.Module) -> dict[str, Any] | None:
+    """The keyword arguments of a decoder layer's probe (identity rotary embedding), None where its attention
+    has no head dimension to build them from."""
+    hd, w = getattr(layer.self_attn, "head_dim", None), next(layer.parameters())
+    if not isinstance(hd, int):
+        return None
+    rope = (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype), torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
+    return {"attention_mask": None, "position_embeddings": rope}
+
+
 def _residual_layers(adapter: Any) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
     """The decoder layers and vision encoder layers whose residual adds :data:`fused_residual` fuses, with
-    the forward each gets. One layer of each class is checked on a probe against its own forward."""
+    the fused arithmetic each gets. One layer of each class is checked on a probe against its own forward."""
+    try:
+        vision = list(vision_tower(adapter).modules())
+    except ConfigError:
+        vision = []
+    kinds = ((decoder_layers(adapter), _is_decoder_layer, _decoder_layer, _decoder_probe),
+             (vision, _is_encoder_layer, _encoder_layer, lambda layer: {"attention_mask": None}))
     found: list[tuple[nn.Module, Callable[..., torch.Tensor]]] = []
     checked: dict[type, bool] = {}
-    for layer in decoder_layers(adapter):
-        if _is_decoder_layer(layer):
+    for layers, is_kind, fused, probe_kwargs in kinds:
+        for layer in layers:
+            if not is_kind(layer):
+                continue
             if type(layer) not in checked:
-                hd, w = getattr(layer.self_attn, "head_dim", None), next(layer.parameters())
-                rope = None if not isinstance(hd, int) else (torch.ones(1, 3, hd, device=w.device, dtype=w.dtype),
-                                                             torch.zeros(1, 3, hd, device=w.device, dtype=w.dtype))
-                checked[type(layer)] = rope is not None and _probe_agrees(layer, _decoder_layer, attention_mask=None,
-                                                                          position_embeddings=rope)
+                kwargs = probe_kwargs(layer)
+                checked[type(layer)] = kwargs is not None and _probe_agrees(layer, fused, **kwargs)
             if checked[type(layer)]:
-                found.append((layer, _residual_decoder_forward))
-    try:
-        tower = vision_tower(adapter)
-    except ConfigError:
-        return found
-    for layer in tower.modules():
-        if _is_encoder_layer(layer):
-            if type(layer) not in checked:
-                checked[type(layer)] = _probe_agrees(layer, _encoder_layer, attention_mask=None)
-            if checked[type(layer)]:
-                found.append((layer, _residual_encoder_forward))
+                found.append((layer, fused))
     return found
 
 
 def _apply_residual(adapter: Any, layers: list[tuple[nn.Module, Callable[..., torch.Tensor]]]) -> None:
-    for layer, forward in layers:
+    for layer, fused in layers:
         params = list(inspect.signature(type(layer).forward).parameters.values())[2:]  # after self, hidden_states
         layer.mukv_arg_names = tuple(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD)
-        layer.forward = types.MethodType(forward, layer)
+        layer.mukv_fused_layer = fused
+        layer.forward = types.MethodType(_residual_forward, layer)
 
 
 def vision_tower(adapter: Any) -> nn.Module:
