@@ -30,8 +30,8 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   Triton's CPU interpreter); it replaces ``fused_llm``'s SwiGLU where both are asked for.
 * ``fused_residual``: the residual adds of the decoder layers and of the vision tower's encoder
   layers: the add after attention in the same compiled kernel as the norm that follows it, the add
-  after the MLP in its last matrix product's epilogue (``torch.addmm`` with the residual stream as
-  its C operand; the vision MLP's bias carried in that residual). Each layer class is checked on a
+  after the MLP in its last matrix product's epilogue (``addmm_`` accumulating into the residual
+  stream in place; the vision MLP's bias carried in that residual). Each layer class is checked on a
   probe input against its own forward first; a layer that differs is left alone.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.

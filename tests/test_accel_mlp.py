@@ -117,7 +117,9 @@ def test_a_stream_through_the_fused_mlp_stores_what_the_plain_path_stores(interp
     got, got_text = stored_levels(fast, frames)
     for lv in want:
         assert torch.equal(got[lv][0], want[lv][0]), lv
-        torch.testing.assert_close(got[lv][1], want[lv][1], rtol=1e-4, atol=1e-4)
+        # fused_residual rounds the adds inside the products, a little more than fused_mlp alone
+        atol = 1e-4 if "fused_residual" in which else 1e-5
+        torch.testing.assert_close(got[lv][1], want[lv][1], rtol=1e-4, atol=atol)
     assert got_text == want_text
 
 
