@@ -9,7 +9,7 @@ import torch
 from helpers import load_benchmark
 
 
-@pytest.mark.parametrize("name", ["swiglu_bench", "attention_bench"])
+@pytest.mark.parametrize("name", ["swiglu_bench", "attention_bench", "rope_bench"])
 def test_a_gpu_benchmark_without_a_gpu_says_so(name):
     mod = load_benchmark(name)
     if torch.cuda.is_available():

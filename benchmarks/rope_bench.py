@@ -1,0 +1,76 @@
+"""The rotary embedding of ``fused_llm`` (:func:`mukv.accel.rotate_pair`, compiled) against the memory it
+must move (issue 18: the profile's rotary kernels took 40 ms of a 512-frame 0.5B prefill).
+
+For each shape (tokens ``T`` of one level forward, the 0.5B architecture's 14 query and 2 key heads of
+64) in bf16 on the GPU, the median time of:
+
+* ``eager``: transformers' arithmetic, uncompiled;
+* ``compiled``: what ``fused_llm`` runs, on the strided ``[B, H, T, D]`` views the attention makes
+  (``q_proj(x).view(B, T, H, D).transpose(1, 2)``);
+* ``compiled_contiguous``: the same compiled function on contiguous ``[B, H, T, D]`` tensors;
+* ``copy``: ``clone`` of the same query and key tensors, the memory floor (one read, one write).
+
+Printed as milliseconds and GB/s of the bytes a rotary pass must move (queries and keys read and
+written, cos and sin read once), with the ratio ``compiled / copy``.
+
+    python benchmarks/rope_bench.py --out runs/rope.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpukit.timing import event_ms, kernel_bench_args, write_result  # noqa: E402 - shared by the GPU benchmarks
+
+from mukv.accel import rotate_pair  # noqa: E402
+from mukv.fusions import _compiled  # noqa: E402
+
+#: (label, tokens): one 64-frame chunk at the patch level (256 blocks of 49), the segment level's 20
+#: windows of 784, 16 frames at the frame level
+SHAPES = (("patch level, 64 frames", 196 * 64), ("segment level, 20 windows", 784 * 20),
+          ("frame level, 16 frames", 196 * 16))
+HQ, HK, D = 14, 2, 64
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = kernel_bench_args("rope_bench", __doc__, argv, reps=50)
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "shapes": []}
+    rope = _compiled("rope", rotate_pair)
+    for label, t in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        xq = torch.randn(1, t, HQ * D, device=dev, generator=g).bfloat16()
+        xk = torch.randn(1, t, HK * D, device=dev, generator=g).bfloat16()
+        q, k = xq.view(1, t, HQ, D).transpose(1, 2), xk.view(1, t, HK, D).transpose(1, 2)
+        qc, kc = q.contiguous(), k.contiguous()
+        ang = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * torch.rand(D // 2, device=dev, generator=g)
+        ang = torch.cat((ang, ang), dim=-1)[None]
+        cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+        paths = {"eager": lambda: rotate_pair(q, k, cos, sin), "compiled": lambda: rope(q, k, cos, sin),
+                 "compiled_contiguous": lambda: rope(qc, kc, cos, sin), "copy": lambda: (xq.clone(), xk.clone())}
+        for fn in paths.values():
+            for _ in range(3):
+                fn()
+        torch.cuda.synchronize()
+        moved = 2 * 2 * t * (HQ + HK) * D + 2 * 2 * t * D  # q, k read and written; cos, sin read
+        row = {"label": label, "tokens": t}
+        for name, fn in paths.items():
+            ms = event_ms(fn, args.reps)
+            row[name] = {"ms": ms, "gb_s": moved / ms / 1e6}
+        want = rotate_pair(q.float(), k.float(), cos.float(), sin.float())
+        got = paths["compiled"]()
+        row["compiled_rel_err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want))
+        row["compiled_over_copy"] = row["compiled"]["ms"] / row["copy"]["ms"]
+        res["shapes"].append(row)
+        print(f"{label:28s} T={t:6d}  " + "  ".join(f"{n} {row[n]['ms']:.4f} ms ({row[n]['gb_s']:.0f} GB/s)"
+                                                   for n in paths) + f"  compiled/copy {row['compiled_over_copy']:.2f}",
+              flush=True)
+    return write_result(args.out, res)
+
+
+if __name__ == "__main__":
+    main()
