@@ -59,6 +59,41 @@ def profiled(fn, device: torch.device, tag: str, top: int) -> dict:
             "top": [{"ms": t / 1e3, "kind": k, "count": c, "name": n} for t, k, c, n in rows[:top]]}
 
 
+def sync_sites(fn, top: int) -> dict:
+    """Where ``fn`` makes the host wait for the GPU: CUDA's sync debug mode warns at each wait, and
+    each warning's innermost frames in mukv, its plugins and backends and transformers are counted."""
+    import traceback
+    import warnings
+
+    roots = ("/mukv/", "/plugins/", "/backends/", "/transformers/")
+    sites: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' hook
+        frames = [f for f in traceback.extract_stack()[:-1] if any(r in f.filename for r in roots)][-3:]
+        key = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                          for f in reversed(frames)) or "(outside mukv)"
+        sites[key] = sites.get(key, 0) + 1
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = saved
+    ranked = sorted(sites.items(), key=lambda x: -x[1])
+    print(f"\nhost waits by call site ({sum(sites.values())} in all):")
+    for k, v in ranked[:top]:
+        print(f"  {v:5d}  {k}")
+    return dict(ranked[:top])
+
+
 def batch_parts(adapter, config: MukvConfig, n: int, device: torch.device, top: int) -> dict:
     """One :class:`~mukv.batching.BatchIngest` batch of ``n`` streams with one frame each, against
     one stream's batch of ``n`` frames: wall time, kernel time and the batch's stages."""
@@ -135,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames)
     tag = f"ingest without vision ({4 * a.frames} frames, chunks of {a.frames})"
     out["ingest"] = profiled(ingest, device, tag, a.top)
+    if device.type == "cuda":
+        out["ingest_sync_sites"] = sync_sites(ingest, a.top)
     st = gb.fast_ingest(adapter, config, embeds, None, 4 * a.frames, a.frames, stages=True)
     print("stages (s):", json.dumps({k: round(v, 4) for k, v in st.get("stages", {}).items()}))
     out["stages"] = st.get("stages")
