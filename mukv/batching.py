@@ -6,7 +6,7 @@ session had been fed alone, with the GPU work of all of them done together::
     per stream: its transaction opens (Stream.begin)
     the vision tower over every stream's frames, encode_batch_frames at a time (frames of one size)
     per stream: its encoded frames join its Ingestor's pending frames
-    per level kind (levels of streams whose blocks are made alike): the windows every stream
+    per level kind (levels of streams whose blocks are made alike, mukv.level_kinds): the windows every stream
         completes, gathered across streams, prefill_batch_tokens at a time
         -> one prefill forward -> scores -> kept tokens -> KV gather (pipeline.prefill_rows,
            pipeline.compress_blocks: the single-stream path's own functions)
@@ -30,7 +30,6 @@ that only the stream that causes it fails.
 from __future__ import annotations
 
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -39,6 +38,7 @@ import torch
 
 from .errors import ConfigError, InputError
 from .pipeline import LevelPipeline, WindowRows, compress_blocks, prefill_rows
+from .level_kinds import LevelKind, LevelKinds, same_component  # noqa: F401 - same_component: importable from here
 from .stream import Transaction
 
 
@@ -140,22 +140,6 @@ class _Part:
     windows: int
 
 
-class _Kind:
-    """Levels of several streams whose blocks are made alike: the same model, system prompt,
-    level configuration (up to top-k and rerank weight), split, scorer and compressor."""
-
-    def __init__(self, model: Any, prefix: Any, lp: LevelPipeline):
-        self.model, self.prefix, self.lp = model, prefix, lp
-        self.signature = _level_signature(lp)
-
-    def accepts(self, model: Any, prefix: Any, lp: LevelPipeline) -> bool:
-        mine = self.lp
-        return (model is self.model and _same_tensor(prefix.kv, self.prefix.kv) and lp.kept == mine.kept
-                and lp.split.shape == mine.split.shape and torch.equal(lp.split.cpu(), mine.split.cpu())
-                and _level_signature(lp) == self.signature and same_component(lp.scorer, mine.scorer)
-                and same_component(lp.compressor, mine.compressor))
-
-
 class BatchIngest:
     """Stores the frames of several sessions of one model in one batched pass (module docstring).
 
@@ -174,8 +158,7 @@ class BatchIngest:
         self.encode_batch_frames = encode_batch_frames
         self.prefill_batch_tokens = prefill_batch_tokens
         self.isolate_failures = bool(isolate_failures)
-        self._kinds: list[_Kind] = []
-        self._kind_of: dict[int, tuple[weakref.ref, int]] = {}  # id(LevelPipeline) -> (ref, index in _kinds)
+        self._kinds = LevelKinds()
         #: Set to a dict to time the stages ("encode", "prefill", "score", "compress", "store", "commit")
         #: in seconds, summed over batches; each timed stage ends with a device synchronisation.
         self.stage_times: dict[str, float] | None = None
@@ -302,7 +285,7 @@ class BatchIngest:
                     continue
                 nw = s._stream.ingestor.ready_windows(lp)
                 if nw > 0:
-                    k = self._kind(model, s.prefix, lp)
+                    k = self._kinds.index(model, s.prefix, lp)
                     groups.setdefault(k, []).append(_Part(lv, lp, s._stream.ingestor.cursor[lp.level.name], nw))
         stats.kinds = len(groups)
         for i, (k, parts) in enumerate(groups.items()):
@@ -346,28 +329,7 @@ class BatchIngest:
     def _encode(self, live: list[_Live], model: Any, stats: BatchStats) -> None:
         """The vision tower over the frames of every stream: frames of one size together,
         ``encode_batch_frames`` at a time (a batch may hold the frames of several streams)."""
-        by_size: dict[tuple[int, int], list[_Live]] = {}
-        for lv in live:
-            f = lv.item.frames
-            by_size.setdefault((int(f.shape[1]), int(f.shape[2])), []).append(lv)
-        cap = self.encode_batch_frames
-        batches: list[list[tuple[_Live, int, int]]] = []
-        for group in by_size.values():
-            pieces: list[tuple[_Live, int, int]] = []
-            count = 0
-            for lv in group:
-                n, a = int(lv.item.frames.shape[0]), 0
-                while a < n:
-                    b = min(n, a + cap - count)
-                    pieces.append((lv, a, b))
-                    count += b - a
-                    a = b
-                    if count == cap:
-                        batches.append(pieces)
-                        pieces, count = [], 0
-            if pieces:
-                batches.append(pieces)
-        for i, pieces in enumerate(batches):
+        for i, pieces in enumerate(_vision_batches(live, self.encode_batch_frames)):
             if i:  # a stage boundary too: questions wait for one vision-tower batch, not for all of them
                 self._between(live, last=False)
                 pieces = [p for p in pieces if not p[0].withdrawn]
@@ -386,7 +348,7 @@ class BatchIngest:
             lv.embeds.append(out[o : o + b - a])
             o += b - a
 
-    def _run_kind(self, kind: _Kind, parts: list[_Part], stats: BatchStats) -> None:
+    def _run_kind(self, kind: LevelKind, parts: list[_Part], stats: BatchStats) -> None:
         """The windows of one level kind across streams, in prefill batches of whole windows."""
         lp = kind.lp
         per_window = lp.split.shape[0]
@@ -407,7 +369,7 @@ class BatchIngest:
         if chunk:
             self._run_chunk(kind, chunk, stats)
 
-    def _run_chunk(self, kind: _Kind, chunk: list[_Part], stats: BatchStats) -> None:
+    def _run_chunk(self, kind: LevelKind, chunk: list[_Part], stats: BatchStats) -> None:
         chunk = [p for p in chunk if p.live.tx.error is None]
         if not chunk:
             return
@@ -419,55 +381,12 @@ class BatchIngest:
         compressed = compress_blocks(lp, blocks, rows.t_start, rows.t_end, self._stage, kind.model)
         del blocks
         stats.prefill_batches += 1
-        per_window = lp.split.shape[0]
         # one finiteness check for the whole chunk (one device synchronisation, not one per stream's
         # store): a stream whose blocks hold NaN or inf is refused alone, the others store unchecked
         bad = (~torch.isfinite(compressed.kv).flatten(1).all(dim=1)).nonzero().flatten().tolist()
         compressed.finite = True
-        placed = {compressed.frame_start.device: compressed}  # the metadata moved once per backend device
-        o = 0
         with self._stage("store"):
-            for p in chunk:
-                n = p.windows * per_window
-                dev = getattr(p.live.item.session.backend, "metadata_device", None)
-                src = compressed
-                if isinstance(dev, torch.device):
-                    if dev not in placed:
-                        placed[dev] = compressed.with_metadata_on(dev)
-                    src = placed[dev]
-                piece = src.rows(o, o + n, level=p.lp.level.name)
-                rows = [r - o for r in bad if o <= r < o + n]
-                o += n
-                if rows:
-                    p.live.tx.error = InputError(
-                        f"KV of {len(rows)} block(s) of level {p.lp.level.name!r} (rows {rows[:8]}"
-                        f"{' ...' if len(rows) > 8 else ''} of this feed) holds NaN or infinite values; refused, "
-                        "nothing of this feed was stored (the model produced non-finite keys or values: in "
-                        "float16 usually an overflow)")
-                    continue
-                try:
-                    p.live.item.session._stream.ingestor.store(p.lp, piece, p.windows)
-                    p.live.blocks += n
-                except Exception as exc:  # noqa: BLE001 - this stream's backend refused: it alone rolls back
-                    p.live.tx.error = exc
-
-    # ------------------------------------------------------------------ level kinds
-    def _kind(self, model: Any, prefix: Any, lp: LevelPipeline) -> int:
-        got = self._kind_of.get(id(lp))
-        if got is not None and got[0]() is lp:
-            k = got[1]
-            if self._kinds[k].model is model:
-                return k
-        for k, kind in enumerate(self._kinds):
-            if kind.accepts(model, prefix, lp):
-                break
-        else:
-            self._kinds.append(_Kind(model, prefix, lp))
-            k = len(self._kinds) - 1
-        if len(self._kind_of) > 65536:  # drop entries of levels gone with their sessions
-            self._kind_of = {i: e for i, e in self._kind_of.items() if e[0]() is not None}
-        self._kind_of[id(lp)] = (weakref.ref(lp), k)
-        return k
+            _store_chunk(chunk, compressed, lp.split.shape[0], bad)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -481,6 +400,63 @@ class BatchIngest:
         yield
         _sync(device)
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _vision_batches(live: list[_Live], cap: int) -> list[list[tuple[_Live, int, int]]]:
+    """The vision-tower batches of a batch's streams: pieces ``(stream, first, end)`` of their frames,
+    frames of one size together, at most ``cap`` frames a batch."""
+    by_size: dict[tuple[int, int], list[_Live]] = {}
+    for lv in live:
+        f = lv.item.frames
+        by_size.setdefault((int(f.shape[1]), int(f.shape[2])), []).append(lv)
+    batches: list[list[tuple[_Live, int, int]]] = []
+    for group in by_size.values():
+        pieces: list[tuple[_Live, int, int]] = []
+        count = 0
+        for lv in group:
+            n, a = int(lv.item.frames.shape[0]), 0
+            while a < n:
+                b = min(n, a + cap - count)
+                pieces.append((lv, a, b))
+                count += b - a
+                a = b
+                if count == cap:
+                    batches.append(pieces)
+                    pieces, count = [], 0
+        if pieces:
+            batches.append(pieces)
+    return batches
+
+
+def _store_chunk(chunk: list[_Part], compressed: Any, per_window: int, bad: list[int]) -> None:
+    """Each stream's rows of one prefill chunk's compressed blocks into its own backend (not committed);
+    a stream whose blocks are not finite, or whose backend refuses them, is marked failed alone.
+    ``bad``: the chunk's rows whose KV is not finite (``compressed`` is known finite elsewhere)."""
+    placed = {compressed.frame_start.device: compressed}  # the metadata moved once per backend device
+    o = 0
+    for p in chunk:
+        n = p.windows * per_window
+        dev = getattr(p.live.item.session.backend, "metadata_device", None)
+        src = compressed
+        if isinstance(dev, torch.device):
+            if dev not in placed:
+                placed[dev] = compressed.with_metadata_on(dev)
+            src = placed[dev]
+        piece = src.rows(o, o + n, level=p.lp.level.name)
+        rows = [r - o for r in bad if o <= r < o + n]
+        o += n
+        if rows:
+            p.live.tx.error = InputError(
+                f"KV of {len(rows)} block(s) of level {p.lp.level.name!r} (rows {rows[:8]}"
+                f"{' ...' if len(rows) > 8 else ''} of this feed) holds NaN or infinite values; refused, "
+                "nothing of this feed was stored (the model produced non-finite keys or values: in "
+                "float16 usually an overflow)")
+            continue
+        try:
+            p.live.item.session._stream.ingestor.store(p.lp, piece, p.windows)
+            p.live.blocks += n
+        except Exception as exc:  # noqa: BLE001 - this stream's backend refused: it alone rolls back
+            p.live.tx.error = exc
 
 
 class _Withdrawn(Exception):
@@ -515,42 +491,6 @@ def _check_item(it: FeedItem, model: Any) -> None:
     if (last is not None and float(t[0]) <= last) or (t.numel() > 1 and not bool((t[1:] > t[:-1]).all())):
         raise InputError(f"stream {it.session.stream_id!r}: times must be strictly increasing and after the "
                          f"stream's last ({last}); got {float(t[0])} .. {float(t[-1])}")
-
-
-def _level_signature(lp: LevelPipeline) -> Any:
-    """What decides how a level's blocks are made, but its name-independent retrieval fields."""
-    return lp.level.model_copy(update={"top_k": 0, "rerank_weight": 0.0})
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
-
-
-def same_component(a: Any, b: Any, _depth: int = 0) -> bool:
-    """Whether two components (scorers, compressors) behave alike: the same object, or objects of one
-    class whose attributes are equal (tensors by value, components compared the same way)."""
-    if a is b:
-        return True
-    if type(a) is not type(b) or _depth > 4:
-        return False
-    da, db = getattr(a, "__dict__", None), getattr(b, "__dict__", None)
-    if da is None or db is None or da.keys() != db.keys():
-        return False
-    for k, va in da.items():
-        vb = db[k]
-        if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
-            if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and _same_tensor(va, vb)):
-                return False
-        elif hasattr(va, "__dict__") and not isinstance(va, type) and not callable(va):
-            if not same_component(va, vb, _depth + 1):
-                return False
-        else:
-            try:
-                if not bool(va == vb):
-                    return False
-            except Exception:  # noqa: BLE001 - incomparable values: not known to be alike
-                return False
-    return True
 
 
 def _sync(device: Any) -> None:
