@@ -13,8 +13,10 @@
 #
 # Steps (cuda; the CPU check runs the same ones on the tiny presets):
 #
-#   install  the carried wheels (.whl: pydantic, zarr, numcodecs, donfig, google-crc32c, lancedb 0.25,
-#            lance-namespace, deprecation) into /tmp/site (MUKV_SUITE_SITE), then mukv (editable, no dependencies)
+#   install  the carried wheels (.whl: pydantic, pydantic-core, typing-inspection, annotated-types, zarr, numcodecs,
+#            donfig, google-crc32c, msgspec (zarr 3.4 imports it), lancedb 0.25, lance-namespace,
+#            lance-namespace-urllib3-client, deprecation; about 40 MB: leave pylance out, it breaks the
+#            64 MiB carry limit) into /tmp/site (MUKV_SUITE_SITE), then mukv (editable, no dependencies)
 #   env      GPU, driver, versions of python, torch, transformers, lancedb, zarr, pyarrow, numpy
 #   tests    pytest tests/gpu (fast path against the reference mode; the disk tier's CUDA staging; asking
 #            while another stream feeds) and the CUDA tests of tests/disk (-k "gpu or cuda")
