@@ -74,19 +74,14 @@ def sync_sites(fn, top: int) -> dict:
                           for f in reversed(frames)) or "(outside mukv)"
         sites[key] = sites.get(key, 0) + 1
 
-    saved = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    finally:
-        warnings.showwarning = saved
+    with warnings.catch_warnings():  # restores the filters and the hook on leaving
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     ranked = sorted(sites.items(), key=lambda x: -x[1])
     print(f"\nhost waits by call site ({sum(sites.values())} in all):")
     for k, v in ranked[:top]:

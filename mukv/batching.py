@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import ConfigError, InputError
-from .pipeline import LevelPipeline, WindowRows, compress_blocks, prefill_rows
 from .level_kinds import LevelKind, LevelKinds, same_component  # noqa: F401 - same_component: importable from here
+from .pipeline import LevelPipeline, WindowRows, compress_blocks, prefill_rows
 from .stream import Transaction
 
 
@@ -431,7 +431,7 @@ def _vision_batches(live: list[_Live], cap: int) -> list[list[tuple[_Live, int, 
 def _store_chunk(chunk: list[_Part], compressed: Any, per_window: int, bad: list[int]) -> None:
     """Each stream's rows of one prefill chunk's compressed blocks into its own backend (not committed);
     a stream whose blocks are not finite, or whose backend refuses them, is marked failed alone.
-    ``bad``: the chunk's rows whose KV is not finite (``compressed`` is known finite elsewhere)."""
+    ``bad``: the chunk's rows whose KV is not finite, checked once by the caller for the whole chunk."""
     placed = {compressed.frame_start.device: compressed}  # the metadata moved once per backend device
     o = 0
     for p in chunk:
