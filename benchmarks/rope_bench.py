@@ -8,6 +8,8 @@ For each shape (tokens ``T`` of one level forward, the 0.5B architecture's 14 qu
 * ``compiled``: what ``fused_llm`` runs, on the strided ``[B, H, T, D]`` views the attention makes
   (``q_proj(x).view(B, T, H, D).transpose(1, 2)``);
 * ``compiled_contiguous``: the same compiled function on contiguous ``[B, H, T, D]`` tensors;
+* ``kernel``: ``fused_rope``'s Triton kernel (:func:`mukv.kernels.rope.rope`) on the strided views
+  (and, apart, at each tile of 16 to 128 tokens and 2, 4 or 8 warps);
 * ``copy``: ``clone`` of the same query and key tensors, the memory floor (one read, one write).
 
 Printed as milliseconds and GB/s of the bytes a rotary pass must move (queries and keys read and
@@ -28,6 +30,7 @@ from gpukit.timing import event_ms, kernel_bench_args, write_result  # noqa: E40
 
 from mukv.accel import rotate_pair  # noqa: E402
 from mukv.fusions import _compiled  # noqa: E402
+from mukv.kernels.rope import rope as rope_kernel  # noqa: E402
 
 #: (label, tokens): one 64-frame chunk at the patch level (256 blocks of 49), the segment level's 20
 #: windows of 784, 16 frames at the frame level
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         ang = torch.cat((ang, ang), dim=-1)[None]
         cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
         paths = {"eager": lambda: rotate_pair(q, k, cos, sin), "compiled": lambda: rope(q, k, cos, sin),
-                 "compiled_contiguous": lambda: rope(qc, kc, cos, sin), "copy": lambda: (xq.clone(), xk.clone())}
+                 "compiled_contiguous": lambda: rope(qc, kc, cos, sin),
+                 "kernel": lambda: rope_kernel(q, k, cos, sin), "copy": lambda: (xq.clone(), xk.clone())}
         for fn in paths.values():
             for _ in range(3):
                 fn()
@@ -62,12 +66,19 @@ def main(argv: list[str] | None = None) -> dict:
             ms = event_ms(fn, args.reps)
             row[name] = {"ms": ms, "gb_s": moved / ms / 1e6}
         want = rotate_pair(q.float(), k.float(), cos.float(), sin.float())
-        got = paths["compiled"]()
-        row["compiled_rel_err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want))
-        row["compiled_over_copy"] = row["compiled"]["ms"] / row["copy"]["ms"]
+        for name in ("compiled", "kernel"):
+            got = paths[name]()
+            row[name + "_rel_err"] = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want))
+            row[name + "_over_copy"] = row[name]["ms"] / row["copy"]["ms"]
+        # the kernel's tile (tokens per program) and warps, to choose mukv.kernels.rope.BLOCK_T
+        row["kernel_tiles"] = {f"{bt}x{w}": event_ms(lambda bt=bt, w=w: rope_kernel(q, k, cos, sin, bt, w), args.reps)
+                               for bt in (16, 32, 64, 128) for w in (2, 4, 8)}
         res["shapes"].append(row)
         print(f"{label:28s} T={t:6d}  " + "  ".join(f"{n} {row[n]['ms']:.4f} ms ({row[n]['gb_s']:.0f} GB/s)"
-                                                   for n in paths) + f"  compiled/copy {row['compiled_over_copy']:.2f}",
+                                                   for n in paths) + f"  compiled/copy {row['compiled_over_copy']:.2f}"
+              f"  kernel/copy {row['kernel_over_copy']:.2f}",
+              flush=True)
+        print("    kernel tiles (tokens x warps, ms): " + ", ".join(f"{k} {v:.4f}" for k, v in row["kernel_tiles"].items()),
               flush=True)
     return write_result(args.out, res)
 

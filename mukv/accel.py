@@ -35,6 +35,12 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   after the MLP in its last matrix product's epilogue (``addmm_`` accumulating into the residual
   stream in place; the vision MLP's bias carried in that residual). Each layer class is checked on a
   probe input against its own forward first; a layer that differs is left alone.
+* ``fused_rope``: the rotary embedding of queries and keys as one Triton kernel
+  (:mod:`mukv.kernels.rope`: each tile of tokens reads its ``cos`` and ``sin`` once and rotates
+  every head, with no index divided at run time), in place of ``fused_llm``'s compiled function
+  (whose kernel moved its bytes at a quarter of a copy's speed on an H100). CUDA only (or Triton's
+  CPU interpreter); process-wide for Qwen2 models like ``fused_llm``'s, and the later of the two
+  applied holds.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """
@@ -47,19 +53,19 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .fusions import (_apply_gelu, _apply_llm, _apply_mlp, _apply_norms, _apply_residual, _compiled, _gelu_mlps,
-                      _plain_swiglu_mlps, _residual_layers, _rms_norms, _swiglu_mlps, add_layer_norm, add_rms_norm,
+from .fusions import (_apply_gelu, _apply_llm, _apply_mlp, _apply_norms, _apply_residual, _apply_rope, _compiled,
+                      _gelu_mlps, _plain_swiglu_mlps, _qwen2_language_models, _residual_layers, _rms_norms, _swiglu_mlps, add_layer_norm, add_rms_norm,
                       decoder_layers, fuse_vision_mlps, rms_norm, rotate_pair, swiglu, vision_tower)
 from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
 
 #: what this module's users import from it (the fused forwards' pieces live in :mod:`mukv.fusions`)
 __all__ = ["KNOWN", "FP8Linear", "accelerate", "acceleration_names", "add_layer_norm", "add_rms_norm",
-           "decoder_layers", "fp8_supported", "fuse_llm", "fuse_mlp", "fuse_norms", "fuse_residual",
+           "decoder_layers", "fp8_supported", "fuse_llm", "fuse_mlp", "fuse_norms", "fuse_residual", "fuse_rope",
            "fuse_vision_mlps", "quantize_rows", "rms_norm", "rotate_pair", "swiglu", "to_fp8", "vision_tower"]
 
 #: The accelerations :func:`accelerate` knows.
 KNOWN = ("compile_vision", "fp8_vision", "compile_llm", "fp8_llm", "fused_vision", "fused_llm", "fused_norms",
-         "fused_mlp", "fused_residual", "graph_prefill")
+         "fused_mlp", "fused_residual", "fused_rope", "graph_prefill")
 E4M3_MAX = 448.0
 
 
@@ -109,15 +115,15 @@ def fuse_llm(adapter: Any) -> int:
     return _fuse("fused_llm", adapter)
 
 
-def _require_fused_mlp(adapter: Any) -> None:
-    """:class:`ConfigError` unless the fused SwiGLU kernel can run for ``adapter`` (triton installed; a
-    CUDA device, or Triton's CPU interpreter)."""
+def _require_triton(adapter: Any, name: str = "fused_mlp") -> None:
+    """:class:`ConfigError` unless the Triton kernel of ``name`` (``fused_mlp``, ``fused_rope``) can run
+    for ``adapter`` (triton installed; a CUDA device, or Triton's CPU interpreter)."""
     why = swiglu_kernel.available()
     if why:
-        raise ConfigError(f"fused_mlp: {why}")
+        raise ConfigError(f"{name}: {why.replace('the fused SwiGLU product', 'its kernel')}")
     device = getattr(adapter, "device", torch.device("cpu"))
     if device.type != "cuda" and not swiglu_kernel.interpreting():
-        raise ConfigError(f"fused_mlp runs a Triton kernel on a CUDA GPU; this model runs on {device}")
+        raise ConfigError(f"{name} runs a Triton kernel on a CUDA GPU; this model runs on {device}")
 
 
 def fuse_mlp(adapter: Any) -> int:
@@ -128,8 +134,19 @@ def fuse_mlp(adapter: Any) -> int:
     the layers keep their parameters and the model no extra memory.
     """
     _check_adapter(adapter, "fuse_mlp")
-    _require_fused_mlp(adapter)
+    _require_triton(adapter, "fused_mlp")
     return _fuse("fused_mlp", adapter)
+
+
+def fuse_rope(adapter: Any) -> int:
+    """transformers' Qwen2 rotary function replaced by the Triton kernel (:mod:`mukv.kernels.rope`;
+    process-wide, see :data:`KNOWN`'s ``fused_rope``); returns 1, or raises ConfigError for a model
+    that is not Qwen2 or a device without the kernel."""
+    _check_adapter(adapter, "fuse_rope")
+    _require_triton(adapter, "fused_rope")
+    if not _qwen2_language_models(adapter):
+        raise ConfigError(f"fused_rope: {_FUSIONS['fused_rope'][2].format(getattr(adapter, 'name', '?'))}")
+    return _fuse("fused_rope", adapter)
 
 
 def fuse_residual(adapter: Any) -> int:
@@ -178,6 +195,8 @@ _FUSIONS: dict[str, tuple[Callable[[Any], list], Callable[[Any, list], None], st
                   "the decoder layers of {} have no bias-free SwiGLU MLP (gate_proj, up_proj, down_proj) it knows"),
     "fused_residual": (_residual_layers, _apply_residual,
                        "{} has no pre-norm decoder or vision encoder layer whose arithmetic it knows"),
+    "fused_rope": (_qwen2_language_models, _apply_rope,
+                   "the language model of {} is not transformers' Qwen2, whose rotary function it replaces"),
 }
 
 
@@ -216,7 +235,7 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
     """Apply accelerations (names of :data:`KNOWN`, or one name) to ``adapter`` in place.
 
     Returns what was applied. Raises ConfigError before anything is changed: for an unknown name,
-    for FP8, ``fused_mlp`` or ``graph_prefill`` where the device cannot run them, or for a fusion
+    for FP8, ``fused_mlp``, ``fused_rope`` or ``graph_prefill`` where the device cannot run them, or for a fusion
     whose modules the model lacks.
     """
     which = acceleration_names(which)
@@ -225,8 +244,9 @@ def accelerate(adapter: Any, which: Iterable[str] | str) -> list[str]:
         from .graph_prefill import require_cuda
 
         require_cuda(adapter)
-    if "fused_mlp" in which:
-        _require_fused_mlp(adapter)
+    for name in ("fused_mlp", "fused_rope"):
+        if name in which:
+            _require_triton(adapter, name)
     if any(w.startswith("fp8") for w in which) and not fp8_supported(adapter.device):
         raise ConfigError(f"FP8 products need a CUDA GPU of compute capability 8.9 or more; "
                           f"this model runs on {adapter.device}")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
+from .kernels import rope as rope_kernel  # light: triton is imported when a kernel is first built
+from .kernels import swiglu as swiglu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,32 @@ def _apply_llm(adapter: Any, mlps: list[nn.Module]) -> None:
 
     if type(adapter.language_model).__module__ == modeling_qwen2.__name__:
         modeling_qwen2.apply_rotary_pos_emb = _compiled("rope", rotate_pair)
+
+
+def kernel_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` as ``fused_rope`` runs it: the Triton kernel
+    (:func:`mukv.kernels.rope.rope`) for the tensors it takes, ``fused_llm``'s compiled function for
+    others (a CPU probe, another dtype of ``cos``)."""
+    if unsqueeze_dim == 1 and rope_kernel.why_not(q, k, cos, sin) is None:
+        return rope_kernel.rope(q, k, cos, sin)
+    return _compiled("rope", rotate_pair)(q, k, cos, sin, unsqueeze_dim)
+
+
+def _qwen2_language_models(adapter: Any) -> list[nn.Module]:
+    """The adapter's language model where it is transformers' Qwen2 (whose rotary function
+    ``fused_llm`` and ``fused_rope`` replace), else nothing."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    lm = adapter.language_model
+    return [lm] if type(lm).__module__ == modeling_qwen2.__name__ else []
+
+
+def _apply_rope(adapter: Any, models: list[nn.Module]) -> None:
+    from transformers.models.qwen2 import modeling_qwen2
+
+    if models:
+        modeling_qwen2.apply_rotary_pos_emb = kernel_rope
 
 
 def _fused_mlp_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -5,4 +5,6 @@ imported only when a kernel is used, so CPU installs do not need it.
 
 * :mod:`mukv.kernels.swiglu`: the SwiGLU MLP's gate and up products and ``silu(gate) * up`` as
   one matrix product with the activation in its epilogue (``fused_mlp``).
+* :mod:`mukv.kernels.rope`: the rotary embedding of queries and keys in one pass at copy speed
+  (``fused_rope``).
 """
