@@ -25,6 +25,26 @@ from .frames import as_frames, as_timestamps, iter_chunks, resize_frames
 from .loading import check_path
 from .state import MAX_STREAM_TIME
 
+#: A feed that encodes its frames at once (``Session.feed``, ``Session.ingest``) takes its private copy
+#: of them in pinned host memory when the model runs on a CUDA GPU, so the vision tower's input
+#: reaches the GPU by an asynchronous copy at full PCIe speed (a copy from pageable memory stages
+#: through a driver buffer at about half of it and blocks the host until every kernel queued before
+#: it has run). Switched off only to measure what it saves (``benchmarks/accel_bench.py
+#: --ablate-pinned-frames``).
+PIN_FRAMES = True
+
+
+def private_copy(frames: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A copy of host ``frames`` that no caller can change: in pinned memory where ``pin`` (and
+    :data:`PIN_FRAMES`), else an ordinary clone (also where pinning fails: no pinned memory left)."""
+    if pin and PIN_FRAMES and frames.device.type == "cpu":
+        try:
+            out = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        except RuntimeError:  # page-locked memory exhausted, or no CUDA driver: the plain copy
+            return frames.clone()
+        return out.copy_(frames)
+    return frames.clone()
+
 
 class SessionFeeding:
     """Feeding steps of :class:`~mukv.session.Session` (a mixin: it validates frames and their times,
@@ -35,22 +55,28 @@ class SessionFeeding:
         with self._lock:
             self._check_writable()
             if isinstance(frames, (np.ndarray, torch.Tensor)):
-                return self._feed_batch(self._checked(frames, resize), timestamps)
+                return self._feed_batch(self._checked(frames, resize, pin=self._pins_frames()), timestamps)
             if timestamps is not None:
                 raise InputError("timestamps can only be given with an array of frames, not an iterable")
             if isinstance(frames, (str, bytes, Path)):
                 raise InputError("feed() takes frames; use ingest() for a video file")
             if not isinstance(frames, Iterable):
                 raise InputError(f"frames must be an array of uint8 [n, H, W, 3] or an iterable of frames; got {type(frames).__name__}")
-            stored = 0
+            stored, pin = 0, self._pins_frames()
             for chunk in iter_chunks(frames, self.config.stream.encode_batch_frames):
-                stored += self._feed_batch(self._checked(chunk, resize), None)
+                stored += self._feed_batch(self._checked(chunk, resize, pin=pin), None)
             return stored
 
+    def _pins_frames(self) -> bool:
+        """Frames this session encodes at once go to a CUDA GPU (see :data:`PIN_FRAMES`)."""
+        device = getattr(self.model, "device", None)
+        return isinstance(device, torch.device) and device.type == "cuda"
+
     def _checked(self, frames: Any, resize: bool | None, copy: bool = True,
-                 want: tuple[int, int] | None = None) -> torch.Tensor:
+                 want: tuple[int, int] | None = None, pin: bool = False) -> torch.Tensor:
         """Validated frames of the stream's size (or ``want``, the size of frames queued before these;
-        resized if asked), as a private copy."""
+        resized if asked), as a private copy (in pinned memory where ``pin``: frames encoded at once
+        on a GPU, see :data:`PIN_FRAMES`)."""
         if resize is not None and not isinstance(resize, (bool, np.bool_)):
             raise InputError(f"resize must be True, False or None (the session's setting); got {resize!r}"[:200])
         t = as_frames(frames)
@@ -62,7 +88,7 @@ class SessionFeeding:
                     f"frame size changed: the stream's frames are {want[0]}x{want[1]}, these are {hw[0]}x{hw[1]}; "
                     "resize them (resize=True, or --resize on the command line), or start a new stream")
             return resize_frames(t, want)
-        return t.clone() if copy else t
+        return private_copy(t, pin) if copy else t
 
     def _stream_times(self, timestamps: Any, n: int, after: "tuple[float | None, float | None, int] | None" = None
                       ) -> tuple[torch.Tensor, float | None]:

@@ -192,7 +192,7 @@ def _feed_source(session: "Session", src: Any, record: dict[str, Any], resize: b
                     continue
             with session._lock:
                 session._check_writable()
-                checked = session._checked(frames, resize)
+                checked = session._checked(frames, resize, pin=session._pins_frames())
                 if tuple(checked.shape[1:3]) != tuple(frames.shape[1:3]):
                     record["resized_from"] = [int(frames.shape[1]), int(frames.shape[2])]
                 times = torch.as_tensor(times, dtype=torch.float64)

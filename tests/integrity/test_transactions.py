@@ -413,3 +413,20 @@ def test_feed_from_options_are_validated(tiny_model, tmp_path, source, location,
         with pytest.raises(MukvError, match=words):
             s.feed_from(source, location, fps=1.0, **options)
         assert s.stats()["frames"] == 0
+
+
+def test_the_private_copy_is_pinned_only_where_asked_and_falls_back_to_a_clone(monkeypatch):
+    """Frames encoded at once on a GPU are copied into pinned memory (``mukv.feeding.PIN_FRAMES``); where
+    pinned memory cannot be had (this CPU build, or none left) the copy is an ordinary clone, equal and
+    independent of the caller's array either way."""
+    from mukv import feeding
+
+    src = torch.from_numpy(frames(3, seed=4))
+    for pin in (False, True):
+        got = feeding.private_copy(src, pin)
+        assert torch.equal(got, src) and got.data_ptr() != src.data_ptr()
+        assert got.is_pinned() == (pin and torch.cuda.is_available())
+    monkeypatch.setattr(feeding, "PIN_FRAMES", False)
+    assert not feeding.private_copy(src, True).is_pinned()
+    strided = src[:, ::2]  # a view: the copy is dense
+    assert torch.equal(feeding.private_copy(strided, True), strided)
