@@ -37,13 +37,25 @@ import mukv  # noqa: E402
 from mukv.accel import accelerate  # noqa: E402
 from mukv.config import MukvConfig  # noqa: E402
 
+from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
+
+_ORIGINAL_ROTARY = modeling_qwen2.apply_rotary_pos_emb
 LEVELS = ("patch", "frame", "segment")
 QUESTIONS = ("what happened first?", "what colour was the object?", "where did the person go?",
              "how many objects were there?", "what changed at the end?", "what was on the table?")
 
 
+def _plain_rotary() -> None:
+    """transformers' own Qwen2 rotary function back in place: ``fused_llm`` and ``fused_rope`` replace it
+    process-wide, so a mode after them would otherwise run theirs."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    modeling_qwen2.apply_rotary_pos_emb = _ORIGINAL_ROTARY
+
+
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"mode": mode}
+    _plain_rotary()
     t, adapter = gb.timed(lambda: gb.build(args.preset, device), device)
     adapter.stop_ids = []  # every answer decodes its whole budget
     which = [] if mode == "plain" else mode.split("+")
@@ -86,6 +98,18 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
                 for key, e, f, n in (("no_vision", embeds, None, args.frames * 2), ("vision", None, pool, args.frames))}
         finally:
             mukv_blocks.ASYNC_METADATA = True
+        gb.free(device)
+    if args.ablate_pinned_frames:
+        # the same ingest with the feeds' private copy of their frames in pageable memory, as before
+        # mukv.feeding.PIN_FRAMES (the vision tower's input then copied synchronously, at staging speed)
+        from mukv import feeding
+
+        feeding.PIN_FRAMES = False
+        try:
+            row["pageable_frames_fps"] = gb.median([gb.fast_ingest(adapter, config, None, pool, args.frames,
+                                                                    args.chunk)["fps"] for _ in range(args.reps)])
+        finally:
+            feeding.PIN_FRAMES = True
         gb.free(device)
     if mode == "plain" and ref is None and args.reference_frames:  # once, in the first plain run
         # the reference mode (the authors' path: every block prefilled alone) on the plain model, same run
@@ -178,6 +202,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"- {r['mode']}: {f(r['sync_metadata_fps']['no_vision'])} / {f(r['sync_metadata_fps']['vision'])} "
                   f"(pinned, asynchronous: {f(r['ingest_no_vision']['fps'])} / {f(r['ingest_vision']['fps'])})"
                   for r in ablated]
+    pageable = [r for r in res["modes"] if "pageable_frames_fps" in r]
+    if pageable:
+        lines += ["", "Ingest with the vision tower, the feeds' frames copied in pageable memory (the ablation of "
+                      "mukv.feeding.PIN_FRAMES), frames/s:"]
+        lines += [f"- {r['mode']}: {f(r['pageable_frames_fps'])} (pinned: {f(r['ingest_vision']['fps'])})"
+                  for r in pageable]
     if ref:
         lines += ["", f"Reference mode (the authors' path, plain model, same run): {f(ref['no_vision'], 2)} frames/s "
                       f"without the vision tower, {f(ref['vision'], 2)} with it."]
@@ -203,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate-async-metadata", action="store_true",
                    help="also measure each mode's ingest with the blocks' frame and time columns copied to the "
                         "GPU from pageable memory (a device wait per copy): what mukv.blocks.to_device saves")
+    p.add_argument("--ablate-pinned-frames", action="store_true",
+                   help="also measure each mode's ingest with the vision tower with the feeds' frames copied in "
+                        "pageable memory: what mukv.feeding.PIN_FRAMES saves")
     p.add_argument("--graph-bucket", type=int, default=None,
                    help="graph_prefill pads batches to a multiple of this many blocks (default: "
                         "mukv.graph_prefill.DEFAULT_BUCKET; 1: no padding, one graph per batch size)")
