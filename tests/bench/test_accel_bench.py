@@ -17,7 +17,7 @@ def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tm
     assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
                      "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
                      "--questions", "1", "--answer-tokens", "2", "--reference-frames", "2",
-                     "--ablate-async-metadata",
+                     "--ablate-async-metadata", "--ablate-pinned-frames",
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "accel.json").read_text())
     plain, fp8, again = res["modes"]
@@ -26,9 +26,10 @@ def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tm
     assert plain["reference"]["vision"] > 0 and plain["reference"]["no_vision"] > 0  # the authors' path, same run
     assert "reference" not in again
     assert plain["sync_metadata_fps"]["vision"] > 0 and plain["sync_metadata_fps"]["no_vision"] > 0
+    assert plain["pageable_frames_fps"] > 0
     assert "FP8" in fp8["error"]
     agree = again["agreement"]  # the plain path against itself: every token kept alike
     assert agree["top1_agreement"] == 1.0 and agree["greedy_agreement"] == 1.0
     assert all(agree[lv]["kept_tokens_same"] == 1.0 for lv in ("patch", "frame", "segment") if agree[lv]["blocks"])
     md = (tmp_path / "accel.md").read_text()
-    assert "| plain |" in md and "Reference mode (the authors' path" in md and "pageable memory" in md
+    assert "| plain |" in md and "Reference mode (the authors' path" in md and "pageable memory" in md and "PIN_FRAMES" in md
