@@ -13,6 +13,9 @@ the same random weights (same seed):
 
     python benchmarks/accel_bench.py --device cuda --modes plain,compile_vision,fp8_vision,... --out runs/accel
 
+A mode may also name ``static_dims`` (not an acceleration): its compiled elementwise functions fix
+each tensor's last dimension and keep the others dynamic (:data:`mukv.fusions.STATIC_LAST_DIM`).
+
 Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov): speed and
 agreement are real, answers are not.
 """
@@ -34,6 +37,7 @@ import gpu_bench as gb  # noqa: E402
 from codec_bench import _spy, first_logits  # noqa: E402
 
 import mukv  # noqa: E402
+from mukv import fusions  # noqa: E402
 from mukv.accel import accelerate  # noqa: E402
 from mukv.config import MukvConfig  # noqa: E402
 
@@ -59,7 +63,11 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
     t, adapter = gb.timed(lambda: gb.build(args.preset, device), device)
     adapter.stop_ids = []  # every answer decodes its whole budget
     which = [] if mode == "plain" else mode.split("+")
-    row["applied"] = accelerate(adapter, which)
+    # "static_dims" is not an acceleration: the compiled helpers of this mode fix each tensor's last
+    # dimension (mukv.fusions.STATIC_LAST_DIM) instead of compiling every dimension dynamic
+    fusions.STATIC_LAST_DIM = "static_dims" in which
+    which = [w for w in which if w != "static_dims"]
+    row["applied"] = accelerate(adapter, which) + (["static_dims"] if fusions.STATIC_LAST_DIM else [])
     config = MukvConfig()
     pool = gb.random_frames(adapter, args.vision_batch, seed=1)
     # vision tower alone (the first call compiles)

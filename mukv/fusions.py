@@ -41,19 +41,29 @@ def rotate_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return q * cos + rq * sin, k * cos + rk * sin
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILED: dict[tuple[str, bool], Callable[..., Any]] = {}
+
+#: Compile the elementwise functions with each tensor's last dimension (the hidden width, the head
+#: dimension) fixed and only the others (batch, tokens) dynamic, instead of every dimension dynamic:
+#: the kernels then index without run-time divisions and reduce a row in one pass (persistent
+#: reductions). Still one kernel for every token count, and one more per width. Off by default
+#: until measured (``benchmarks/accel_bench.py`` modes with ``+static_dims``).
+STATIC_LAST_DIM = False
 
 
 def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count).
+    """``fn`` compiled once per process (dynamic shapes: one kernel for every token count; see
+    :data:`STATIC_LAST_DIM` for which dimensions).
 
     A call the compiler cannot serve runs ``fn`` eagerly, with one warning per function: dynamo
     compiles again for each new grad mode, dtype or float argument (an ``eps``) and refuses past its
     recompile limit (8), which models of several configurations in one process, or a call outside
     inference mode, reach. The arithmetic is the same either way."""
-    if name not in _COMPILED:
-        _COMPILED[name] = _EagerFallback(name, torch.compile(fn, dynamic=True, fullgraph=True), fn)
-    return _COMPILED[name]
+    key = (name, STATIC_LAST_DIM)
+    if key not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=None if STATIC_LAST_DIM else True, fullgraph=True)
+        _COMPILED[key] = _EagerFallback(name, compiled, fn, leading_dynamic=STATIC_LAST_DIM)
+    return _COMPILED[key]
 
 
 def _compiler_refusals() -> tuple[type[BaseException], ...]:
@@ -67,10 +77,19 @@ def _compiler_refusals() -> tuple[type[BaseException], ...]:
 class _EagerFallback:
     """A compiled function that runs its eager original for the calls the compiler refuses."""
 
-    def __init__(self, name: str, compiled: Callable[..., Any], eager: Callable[..., Any]):
+    def __init__(self, name: str, compiled: Callable[..., Any], eager: Callable[..., Any],
+                 leading_dynamic: bool = False):
         self.name, self.compiled, self.eager, self.refused = name, compiled, eager, 0
+        self.leading_dynamic = leading_dynamic
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.leading_dynamic:  # every dimension but the last may change from call to call
+            from torch._dynamo import maybe_mark_dynamic
+
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    for d in range(a.dim() - 1):
+                        maybe_mark_dynamic(a, d)
         try:
             return self.compiled(*args, **kwargs)
         except _compiler_refusals() as exc:

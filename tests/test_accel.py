@@ -319,3 +319,26 @@ def test_a_compiled_function_runs_eagerly_where_the_compiler_refuses_a_call(capl
             torch.testing.assert_close(fn(x.to(dtype), 1e-6), scaled_norm(x.to(dtype), 1e-6))
     assert fn.refused == 2
     assert sum("runs eagerly" in r.getMessage() for r in caplog.records) == 1  # one warning per function
+
+
+@pytest.mark.slow  # compiles the fused helpers once more on the CPU
+def test_compiled_helpers_with_a_fixed_last_dimension_store_what_the_plain_path_stores(monkeypatch):
+    """``mukv.fusions.STATIC_LAST_DIM``: the compiled helpers fix each tensor's last dimension and keep the
+    others dynamic; feeds of several token counts store what the plain path stores, without eager fallbacks."""
+    from mukv import fusions
+
+    frames = torch.randint(0, 256, (12, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    chunks = [frames[:5], frames[5:7], frames[7:]]  # level forwards of several batch sizes
+    want, want_text = stored_levels(build_llava_onevision("tiny-llava-ov"), chunks)
+    monkeypatch.setattr(fusions, "STATIC_LAST_DIM", True)
+    which = ["fused_vision", "fused_llm", "fused_norms", "fused_residual"]
+    from transformers.models.qwen2 import modeling_qwen2
+
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)  # restored after
+    fast = build_llava_onevision("tiny-llava-ov")
+    assert accelerate(fast, which) == which
+    got, got_text = stored_levels(fast, chunks)
+    _assert_stores_alike(got, want, 1e-3, "static last dimension")
+    assert got_text == want_text
+    static = [f for (name, fixed), f in fusions._COMPILED.items() if fixed]
+    assert static and all(f.refused == 0 for f in static)
