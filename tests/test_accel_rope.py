@@ -64,7 +64,10 @@ def test_the_kernel_is_transformers_arithmetic(interpret, b, hq, hk, t, d, batch
     q, k, cos, sin = _inputs(b, hq, hk, t, d, batch_tables=batch_tables, seed=t * d)
     got_q, got_k = rk.rope(q, k, cos, sin)
     want_q, want_k = rk.rope_reference(q, k, cos, sin)
-    assert got_q.is_contiguous() and got_k.is_contiguous()
+    # the queries in their own memory order ([B, T, H, D], what the attention's output projection reads)
+    assert got_q.stride() == q.stride() and got_k.is_contiguous()
+    cq, ck = rk.rope(q.contiguous(), k, cos, sin)
+    assert cq.is_contiguous() and torch.equal(cq, got_q) and torch.equal(ck, got_k)
     assert got_q.shape == q.shape and got_k.shape == k.shape
     torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)

@@ -9,8 +9,10 @@ element.
 
 Here one program takes a tile of ``BLOCK_T`` tokens of one batch row: it reads the tile's ``cos``
 and ``sin`` once, then, for every query head and every key head, reads the two halves of the
-head's vectors, rotates them in float32 and writes them (one rounding to the input's dtype) into
-contiguous ``[B, H, T, D]`` outputs, the layout the attention kernel reads. Head dimension and
+head's vectors, rotates them in float32 and writes them (one rounding to the input's dtype): the
+queries in their own memory order (``[B, T, H, D]`` for the attention's projections, so the
+attention's output needs no copy), the keys contiguous ``[B, H, T, D]`` (the layout of the KV buffer
+they are copied into). Head dimension and
 head counts are compile-time constants, so no index is divided at run time.
 
 Arithmetic: with ``x = (x1, x2)`` the two halves of a head's vector,
@@ -59,7 +61,7 @@ def _kernel() -> Any:
 
     @triton.jit
     def rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, oq_ptr, ok_ptr, T, sqb, sqh, sqt, skb, skh, skt,
-                    scb, sct, ssb, sst, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                    scb, sct, ssb, sst, sob, soh, sot, spb, sph, spt, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
                     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
         b = tl.program_id(1).to(tl.int64)  # offsets in 64 bits: a batch of long blocks passes 2**31 elements
         t = (tl.program_id(0) * BLOCK_T).to(tl.int64) + tl.arange(0, BLOCK_T)
@@ -75,14 +77,14 @@ def _kernel() -> Any:
             src = q_ptr + b * sqb + h * sqh + t[:, None] * sqt + d[None, :]
             x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-            dst = oq_ptr + ((b * HQ + h) * T + t[:, None]) * D + d[None, :]
+            dst = oq_ptr + b * sob + h * soh + t[:, None] * sot + d[None, :]
             tl.store(dst, (x1 * c1 - x2 * s1).to(oq_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(oq_ptr.dtype.element_ty), mask=mask)
         for h in tl.static_range(HK):  # then every key head
             src = k_ptr + b * skb + h * skh + t[:, None] * skt + d[None, :]
             x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-            dst = ok_ptr + ((b * HK + h) * T + t[:, None]) * D + d[None, :]
+            dst = ok_ptr + b * spb + h * sph + t[:, None] * spt + d[None, :]
             tl.store(dst, (x1 * c1 - x2 * s1).to(ok_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(ok_ptr.dtype.element_ty), mask=mask)
 
@@ -129,7 +131,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             Tuning knobs for ``benchmarks/rope_bench.py``.
 
     Returns:
-        ``(q_rot, k_rot)``, contiguous ``[B, Hq, T, D]`` and ``[B, Hk, T, D]`` in the inputs' dtype.
+        ``(q_rot, k_rot)``, ``[B, Hq, T, D]`` in ``q``'s memory order (a dense ``q``; else contiguous)
+        and contiguous ``[B, Hk, T, D]``, in the inputs' dtype. Attention run on ``q_rot`` then writes
+        its output in the ``[B, T, Hq, D]`` memory the output projection reads, without a copy (a
+        contiguous ``q_rot`` cost one copy of the attention's output per layer, measured on an H100).
 
     Raises:
         ConfigError: tensors the kernel does not take (:func:`why_not` says which).
@@ -139,7 +144,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ConfigError(f"rope: {why}")
     b, hq, t, d = q.shape
     hk = k.shape[1]
-    oq = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    oq = torch.empty_like(q)  # in q's memory order where q is dense: the attention's output then needs no copy
     ok = torch.empty((b, hk, t, d), dtype=k.dtype, device=k.device)
     if oq.numel() == 0 or ok.numel() == 0:
         return oq, ok
@@ -152,6 +157,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cb, sb = (cos.stride(0) if cos.shape[0] > 1 else 0), (sin.stride(0) if sin.shape[0] > 1 else 0)
     _kernel()[(-(-t // block_t), b)](
         q, k, cos, sin, oq, ok, t, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        cb, cos.stride(1), sb, sin.stride(1), HQ=hq, HK=hk, D=d, HALF=half,
+        cb, cos.stride(1), sb, sin.stride(1), *(oq.stride()[:3]), *(ok.stride()[:3]), HQ=hq, HK=hk, D=d, HALF=half,
         BLOCK_D=max(16, 1 << (half - 1).bit_length()), BLOCK_T=block_t, num_warps=num_warps)
     return oq, ok

@@ -49,8 +49,9 @@ def test_the_bf16_kernel_is_as_close_to_float32_as_the_compiled_function(b, t, h
     exact = rk.rope_reference(q.float(), k.float(), cos.float(), sin.float())
     got = rk.rope(q, k, cos, sin)
     compiled = _compiled("rope", rotate_pair)(q, k, cos, sin)
+    assert got[0].stride() == q.stride() and got[1].is_contiguous()  # queries in their own memory order
     for x, c, e in zip(got, compiled, exact):
-        assert x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape == e.shape
+        assert x.dtype == torch.bfloat16 and x.shape == e.shape
         err, err_c = ((x.float() - e).norm() / e.norm()).item(), ((c.float() - e).norm() / e.norm()).item()
         assert err < 5e-3 and err <= 1.5 * err_c + 1e-6, (err, err_c)  # one bf16 rounding, as the compiled one
 
