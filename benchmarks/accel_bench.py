@@ -13,8 +13,9 @@ the same random weights (same seed):
 
     python benchmarks/accel_bench.py --device cuda --modes plain,compile_vision,fp8_vision,... --out runs/accel
 
-A mode may also name ``static_dims`` (not an acceleration): its compiled elementwise functions fix
-each tensor's last dimension and keep the others dynamic (:data:`mukv.fusions.STATIC_LAST_DIM`).
+A mode may also name ``static_dims`` or ``dynamic_dims`` (not accelerations): its compiled elementwise
+functions fix each tensor's last dimension and keep the others dynamic, or compile every dimension
+dynamic (:data:`mukv.fusions.STATIC_LAST_DIM`; default: the library's setting).
 
 Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov): speed and
 agreement are real, answers are not.
@@ -44,6 +45,7 @@ from mukv.config import MukvConfig  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 _ORIGINAL_ROTARY = modeling_qwen2.apply_rotary_pos_emb
+_DEFAULT_STATIC = fusions.STATIC_LAST_DIM
 LEVELS = ("patch", "frame", "segment")
 QUESTIONS = ("what happened first?", "what colour was the object?", "where did the person go?",
              "how many objects were there?", "what changed at the end?", "what was on the table?")
@@ -63,11 +65,16 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
     t, adapter = gb.timed(lambda: gb.build(args.preset, device), device)
     adapter.stop_ids = []  # every answer decodes its whole budget
     which = [] if mode == "plain" else mode.split("+")
-    # "static_dims" is not an acceleration: the compiled helpers of this mode fix each tensor's last
-    # dimension (mukv.fusions.STATIC_LAST_DIM) instead of compiling every dimension dynamic
-    fusions.STATIC_LAST_DIM = "static_dims" in which
-    which = [w for w in which if w != "static_dims"]
-    row["applied"] = accelerate(adapter, which) + (["static_dims"] if fusions.STATIC_LAST_DIM else [])
+    # "static_dims" and "dynamic_dims" are not accelerations: the compiled helpers of this mode fix each
+    # tensor's last dimension, or compile every dimension dynamic (mukv.fusions.STATIC_LAST_DIM; default:
+    # the library's); dynamo forgets the other modes' compilations first, so that none fills another's
+    # recompile limit
+    torch._dynamo.reset()
+    fusions.STATIC_LAST_DIM = ("static_dims" in which) or (_DEFAULT_STATIC and "dynamic_dims" not in which)
+    which = [w for w in which if w not in ("static_dims", "dynamic_dims")]
+    row["applied"] = accelerate(adapter, which)
+    if which:  # how the compiled helpers of the accelerations were compiled
+        row["applied"].append("static_dims" if fusions.STATIC_LAST_DIM else "dynamic_dims")
     config = MukvConfig()
     pool = gb.random_frames(adapter, args.vision_batch, seed=1)
     # vision tower alone (the first call compiles)

@@ -45,10 +45,12 @@ _COMPILED: dict[tuple[str, bool], Callable[..., Any]] = {}
 
 #: Compile the elementwise functions with each tensor's last dimension (the hidden width, the head
 #: dimension) fixed and only the others (batch, tokens) dynamic, instead of every dimension dynamic:
-#: the kernels then index without run-time divisions and reduce a row in one pass (persistent
-#: reductions). Still one kernel for every token count, and one more per width. Off by default
-#: until measured (``benchmarks/accel_bench.py`` modes with ``+static_dims``).
-STATIC_LAST_DIM = False
+#: the kernels then index without run-time divisions. Still one kernel for every token count, and
+#: one more per width. Measured on an H100 at the 0.5B architecture (2026-12-07, two runs): the
+#: compiled SwiGLU took 71 instead of 87 ms of a 512-frame prefill, and the fastest set ingested
+#: 1-3% more frames/s without the vision tower, about 1% more with it. ``False`` compiles every
+#: dimension dynamic, as before (``benchmarks/accel_bench.py`` modes with ``+dynamic_dims``).
+STATIC_LAST_DIM = True
 
 
 def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,13 +59,21 @@ def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     A call the compiler cannot serve runs ``fn`` eagerly, with one warning per function: dynamo
     compiles again for each new grad mode, dtype or float argument (an ``eps``) and refuses past its
-    recompile limit (8), which models of several configurations in one process, or a call outside
-    inference mode, reach. The arithmetic is the same either way."""
+    recompile limit (8 per function), which models of several configurations in one process, or calls
+    outside inference mode, reach. With :data:`STATIC_LAST_DIM` each set of widths gets its own copy
+    of ``fn`` (its own code object, so its own recompile limit): a process holding models of several
+    widths does not spend one function's limit on them. The arithmetic is the same either way."""
     key = (name, STATIC_LAST_DIM)
     if key not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=None if STATIC_LAST_DIM else True, fullgraph=True)
-        _COMPILED[key] = _EagerFallback(name, compiled, fn, leading_dynamic=STATIC_LAST_DIM)
+        _COMPILED[key] = (_ByWidth if STATIC_LAST_DIM else _EagerFallback)(name, fn)
     return _COMPILED[key]
+
+
+def _code_copy(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    """A copy of the plain function ``fn`` with its own code object (dynamo keeps compilations, and counts
+    recompilations, per code object)."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{suffix}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _compiler_refusals() -> tuple[type[BaseException], ...]:
@@ -75,21 +85,22 @@ def _compiler_refusals() -> tuple[type[BaseException], ...]:
 
 
 class _EagerFallback:
-    """A compiled function that runs its eager original for the calls the compiler refuses."""
+    """``fn`` compiled with every dimension dynamic (or every one but the last: ``static_last``); its eager original runs for the calls the compiler
+    refuses."""
 
-    def __init__(self, name: str, compiled: Callable[..., Any], eager: Callable[..., Any],
-                 leading_dynamic: bool = False):
-        self.name, self.compiled, self.eager, self.refused = name, compiled, eager, 0
-        self.leading_dynamic = leading_dynamic
+    def __init__(self, name: str, eager: Callable[..., Any], compiled: Callable[..., Any] | None = None,
+                 static_last: bool = False):
+        self.name, self.eager, self.refused = name, eager, 0
+        self.compiled = compiled or torch.compile(eager, dynamic=True, fullgraph=True)
+        self.static_last = static_last
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.leading_dynamic:  # every dimension but the last may change from call to call
-            from torch._dynamo import maybe_mark_dynamic
+        if self.static_last:  # the last dimension a constant of the kernel, the others dynamic
+            from torch._dynamo import mark_static
 
             for a in args:
-                if isinstance(a, torch.Tensor):
-                    for d in range(a.dim() - 1):
-                        maybe_mark_dynamic(a, d)
+                if isinstance(a, torch.Tensor) and a.dim():
+                    mark_static(a, a.dim() - 1)
         try:
             return self.compiled(*args, **kwargs)
         except _compiler_refusals() as exc:
@@ -98,6 +109,28 @@ class _EagerFallback:
                 log.warning("mukv's compiled %s runs eagerly for calls torch.compile refuses (%s: %s)", self.name,
                             type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             return self.eager(*args, **kwargs)
+
+
+class _ByWidth:
+    """``fn`` compiled with each tensor argument's last dimension fixed and the others dynamic: one
+    compiled copy of ``fn`` per set of widths (:func:`_code_copy`), each an :class:`_EagerFallback`."""
+
+    def __init__(self, name: str, eager: Callable[..., Any]):
+        self.name, self.eager, self.copies = name, eager, {}
+
+    @property
+    def refused(self) -> int:
+        """Calls run eagerly because the compiler refused them, over every width."""
+        return sum(c.refused for c in self.copies.values())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        widths = tuple(a.shape[-1] if a.dim() else 0 for a in args if isinstance(a, torch.Tensor))
+        copy = self.copies.get(widths)
+        if copy is None:
+            fn = _code_copy(self.eager, "_".join(map(str, widths)))
+            copy = self.copies[widths] = _EagerFallback(
+                self.name, self.eager, torch.compile(fn, dynamic=True, fullgraph=True), static_last=True)
+        return copy(*args, **kwargs)
 
 
 def _fused_swiglu_hidden(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,29 @@ def event_ms(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(out)
 
 
+def graph_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Milliseconds of device time per call of ``fn``: ``reps`` calls recorded once as a CUDA graph and
+    replayed between two events, so the host's launch time (which :func:`event_ms` counts for a kernel
+    of a few microseconds) is left out, as in the ingest's recorded prefill (``graph_prefill``)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture asks
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()  # once untimed
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def kernel_bench_args(name: str, doc: str, argv: list[str] | None, reps: int) -> argparse.Namespace:
     """``--reps`` and ``--out`` of a GPU kernel benchmark; stops with a clear message without CUDA."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
