@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
         row["kernel_tiles"] = {f"{bt}x{w}": graph_ms(lambda bt=bt, w=w: rope_kernel(q, k, cos, sin, bt, w), args.reps)
                                for bt in (16, 32, 64, 128) for w in (2, 4, 8)}
         res["shapes"].append(row)
-        print(f"{label:28s} T={t:6d}  " + "  ".join(f"{n} {row[n]['graph_ms']:.4f} ms ({row[n]['graph_gb_s']:.0f} GB/s; "
-                                                   f"{row[n]['ms']:.4f} ms with its launch)" for n in paths) + f"  compiled/copy {row['compiled_over_copy']:.2f}"
-              f"  kernel/copy {row['kernel_over_copy']:.2f}",
-              flush=True)
+        cols = "  ".join(f"{n} {row[n]['graph_ms']:.4f} ms ({row[n]['graph_gb_s']:.0f} GB/s; "
+                         f"{row[n]['ms']:.4f} ms with its launch)" for n in paths)
+        print(f"{label:28s} T={t:6d}  {cols}  compiled/copy {row['compiled_over_copy']:.2f}  "
+              f"kernel/copy {row['kernel_over_copy']:.2f}", flush=True)
         print("    kernel tiles (tokens x warps, ms): " + ", ".join(f"{k} {v:.4f}" for k, v in row["kernel_tiles"].items()),
               flush=True)
     return write_result(args.out, res)

@@ -40,7 +40,8 @@ the plain path stays the reference, and the authors'-path comparisons run withou
   every head, with no index divided at run time), in place of ``fused_llm``'s compiled function
   (whose kernel moved its bytes at a quarter of a copy's speed on an H100). CUDA only (or Triton's
   CPU interpreter); process-wide for Qwen2 models like ``fused_llm``'s, and the later of the two
-  applied holds.
+  applied holds. On an H100 at 0.5B: 14 instead of 40 ms of a 512-frame prefill's kernels, +1-1.6%
+  frames/s without the vision tower and +0.8% with it over the fastest set without it.
 * ``graph_prefill``: each level forward of a batch shape recorded once as a CUDA graph and
   replayed (:mod:`mukv.graph_prefill`: batches padded by at most 12.5%); CUDA only.
 """

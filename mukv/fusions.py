@@ -85,8 +85,8 @@ def _compiler_refusals() -> tuple[type[BaseException], ...]:
 
 
 class _EagerFallback:
-    """``fn`` compiled with every dimension dynamic (or every one but the last: ``static_last``); its eager original runs for the calls the compiler
-    refuses."""
+    """``fn`` compiled with every dimension dynamic (or every one but the last: ``static_last``); its
+    eager original runs for the calls the compiler refuses."""
 
     def __init__(self, name: str, eager: Callable[..., Any], compiled: Callable[..., Any] | None = None,
                  static_last: bool = False):

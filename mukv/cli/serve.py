@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: CUDA if available)")
     p.add_argument("--accel", metavar="NAMES",
                    help="accelerated forwards applied to the model at start, comma-separated names of "
-                        "mukv.accel.KNOWN, e.g. fused_vision,fused_llm,fused_norms,graph_prefill (default: none)")
+                        "mukv.accel.KNOWN, e.g. fused_vision,fused_llm,fused_norms,fused_residual,fused_rope,"
+                        "graph_prefill (default: none)")
     p.add_argument("--backend-options", metavar="JSON",
                    help='options of the lancedb backend, e.g. \'{"storage_options": {...}, "lease_ttl": 30}\'')
     p.add_argument("--token", help="bearer token every request must carry (default: $MUKV_SERVE_TOKEN); "

@@ -58,7 +58,7 @@ class ServeConfig(BaseModel):
     accelerations: tuple[str, ...] = ()
     """Accelerated forwards applied to the model at start (names of :data:`mukv.accel.KNOWN`, see
     :func:`mukv.accel.accelerate`), e.g. ``("fused_vision", "fused_llm", "fused_norms", "fused_residual",
-    "graph_prefill")``, the fastest set measured at 0.5B on an H100 (docs/gpu-results.md). They change the
+    "fused_rope", "graph_prefill")``, the fastest set measured at 0.5B on an H100 (docs/gpu-results.md). They change the
     stored KV within floating-point differences; FP8, ``fused_mlp``, ``fused_rope`` and ``graph_prefill``
     need a CUDA GPU (the
     server then refuses to start elsewhere). Default: none, the plain path."""
