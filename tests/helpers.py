@@ -70,3 +70,28 @@ def stored_feeds(model, feeds, device):
 
     chunks = [np.random.default_rng(i).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8) for i, n in enumerate(feeds)]
     return stored_levels(model, chunks, max_new_tokens=6, device=device)
+
+
+def assert_accelerated_stream_stores_alike(which, order, device):
+    """The tiny LLaVA-OneVision in float32 on ``device`` with the accelerations ``which`` applied (in
+    ``order``, the order :func:`mukv.accel.accelerate` applies them) stores what the plain model stores of
+    the same feeds: kept tokens of at least 90% of the blocks alike (a padded graph batch may swap near
+    ties), and the KV of those blocks within float32 tolerances. Recorded graphs, where asked, replayed
+    with every kernel inside them."""
+    from mukv.accel import accelerate
+    from mukv.session import load_model
+
+    feeds = [8, 5, 16]
+    # float32 (load_model picks bf16 on CUDA): the Triton kernels compute in full float32
+    want, _ = stored_feeds(load_model("tiny-llava-ov", device, torch.float32), feeds, device)
+    fast = load_model("tiny-llava-ov", device, torch.float32)
+    assert accelerate(fast, which) == [w for w in order if w in which]
+    got, _ = stored_feeds(fast, feeds, device)
+    if "graph_prefill" in which:  # the kernels were recorded into the graphs, not left to an eager fallback
+        gp = fast.prefill_blocks
+        assert gp.replays > 0 and gp._graphs and all(g.graph is not None for g in gp._graphs.values())
+    for lv in want:
+        (ki, kv), (wi, wv) = got[lv], want[lv]
+        same = (ki == wi).all(dim=1)
+        assert same.float().mean() >= 0.9, (lv, same.float().mean())
+        torch.testing.assert_close(kv[same], wv[same], rtol=1e-3, atol=1e-3)

@@ -346,3 +346,14 @@ def test_compiled_helpers_with_a_fixed_or_dynamic_last_dimension_store_what_the_
         norms = fusions._COMPILED[("rms_norm", True)]
         width = fast.language_model.norm.weight.shape[0]
         assert (width, width) in norms.copies and norms.copies[(width, width)].static_last
+
+
+@pytest.mark.slow  # compiles the fused helpers on the CPU
+def test_the_gpu_tests_stream_comparison_runs_on_the_cpu():
+    """``helpers.assert_accelerated_stream_stores_alike``, which the GPU tests of the Triton kernels use,
+    on the CPU with the fusions that run here (so the GPU tests' own check is itself checked)."""
+    from helpers import assert_accelerated_stream_stores_alike
+
+    assert_accelerated_stream_stores_alike(["fused_llm", "fused_norms", "fused_residual"],
+                                           ("fused_vision", "fused_llm", "fused_norms", "fused_residual"),
+                                           torch.device("cpu"))

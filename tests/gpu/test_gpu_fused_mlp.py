@@ -14,11 +14,9 @@ import importlib.util
 import pytest
 import torch
 
-from mukv.accel import accelerate
 from mukv.kernels import swiglu as sk
-from mukv.session import load_model
 
-from helpers import stored_feeds
+from helpers import assert_accelerated_stream_stores_alike
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -60,18 +58,4 @@ ORDER = ("fused_vision", "fused_llm", "fused_norms", "fused_mlp", "fused_residua
                                    ["fused_vision", "fused_llm", "fused_norms", "fused_mlp", "fused_residual",
                                     "graph_prefill"]])
 def test_a_stream_through_the_fused_mlp_stores_what_the_plain_path_stores(which):
-    feeds = [8, 5, 16]
-    # float32 (load_model picks bf16 on CUDA): the kernel multiplies in full float32, so the stored KV
-    # is compared at float32 tolerances rather than one bf16 rounding of the SwiGLU apart
-    want, want_text = stored_feeds(load_model("tiny-llava-ov", DEVICE, torch.float32), feeds, DEVICE)
-    fast = load_model("tiny-llava-ov", DEVICE, torch.float32)
-    assert accelerate(fast, which) == [w for w in ORDER if w in which]
-    got, got_text = stored_feeds(fast, feeds, DEVICE)
-    if "graph_prefill" in which:  # the Triton kernel was recorded into the graphs, not left to the eager fallback
-        gp = fast.prefill_blocks
-        assert gp.replays > 0 and gp._graphs and all(g.graph is not None for g in gp._graphs.values())
-    for lv in want:
-        (ki, kv), (wi, wv) = got[lv], want[lv]
-        same = (ki == wi).all(dim=1)
-        assert same.float().mean() >= 0.9, (lv, same.float().mean())  # a padded graph batch may swap near ties
-        torch.testing.assert_close(kv[same], wv[same], rtol=1e-3, atol=1e-3)
+    assert_accelerated_stream_stores_alike(which, ORDER, DEVICE)
