@@ -106,8 +106,9 @@ def test_a_server_whose_accelerations_cannot_run_here_refuses_to_start(tmp_path)
     from mukv.session import load_model
 
     if torch.cuda.is_available():
-        pytest.skip("graph_prefill and fused_mlp run on this machine")
-    for name, why in (("graph_prefill", "graph_prefill"), ("fused_mlp", "triton|CUDA GPU")):
+        pytest.skip("graph_prefill, fused_mlp and fused_rope run on this machine")
+    for name, why in (("graph_prefill", "graph_prefill"), ("fused_mlp", "triton|CUDA GPU"),
+                      ("fused_rope", "triton|CUDA GPU")):
         engine = Engine(ServeConfig.build(store=str(tmp_path / "s"), accelerations=[name]),
                         model=load_model("tiny-llava-ov", "cpu"))
         with pytest.raises(ConfigError, match=why):
