@@ -95,6 +95,8 @@ class _EagerFallback:
         self.static_last = static_last
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # inside a compiled region (compile_llm): traced into its graph
+            return self.eager(*args, **kwargs)
         if self.static_last:  # the last dimension a constant of the kernel, the others dynamic
             from torch._dynamo import mark_static
 
@@ -124,6 +126,8 @@ class _ByWidth:
         return sum(c.refused for c in self.copies.values())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # inside a compiled region (compile_llm): traced into its graph
+            return self.eager(*args, **kwargs)
         widths = tuple(a.shape[-1] if a.dim() else 0 for a in args if isinstance(a, torch.Tensor))
         copy = self.copies.get(widths)
         if copy is None:

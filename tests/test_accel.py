@@ -357,3 +357,21 @@ def test_the_gpu_tests_stream_comparison_runs_on_the_cpu():
     assert_accelerated_stream_stores_alike(["fused_llm", "fused_norms", "fused_residual"],
                                            ("fused_vision", "fused_llm", "fused_norms", "fused_residual"),
                                            torch.device("cpu"))
+
+
+@pytest.mark.slow  # compiles the decoder layers on the CPU
+def test_the_fused_helpers_inside_compiled_layers_are_traced_into_their_graphs():
+    """Under ``compile_llm`` the fused helpers are called while dynamo traces a layer: they run their eager
+    arithmetic there (traced into the layer's graph) rather than their own compiled copies, so they add no
+    graph break; the stream stores what the plain path stores."""
+    from torch._dynamo.utils import counters
+
+    frames = torch.randint(0, 256, (8, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    want, want_text = stored_levels(build_llava_onevision("tiny-llava-ov"), frames)
+    counters.clear()
+    which = ["fused_llm", "fused_norms", "fused_residual", "compile_llm"]
+    got, got_text, _, _ = _accelerated_stored(which, frames)
+    breaks = [k.splitlines()[0] for k in counters["graph_break"]]
+    assert all("torch.compiler.disable" in b for b in breaks), breaks  # only mukv's attention, kept eager on purpose
+    _assert_stores_alike(got, want, 1e-3, "compiled layers")
+    assert got_text == want_text
