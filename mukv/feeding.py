@@ -33,11 +33,19 @@ from .state import MAX_STREAM_TIME
 #: --ablate-pinned-frames``).
 PIN_FRAMES = True
 
+#: The largest feed (in bytes of frames) whose copy is pinned. PyTorch keeps freed pinned blocks for
+#: reuse, rounded up to a power of two, so a feed of large frames (a chunk of 4K video) would leave
+#: that much page-locked memory held for the life of the process; such feeds take the ordinary copy.
+#: 256 MiB holds 256 frames of 384 x 384 (113 MB), the chunks the GPU benchmarks feed.
+PIN_MAX_BYTES = 256 << 20
+
 
 def private_copy(frames: torch.Tensor, pin: bool) -> torch.Tensor:
     """A copy of host ``frames`` that no caller can change: in pinned memory where ``pin`` (and
-    :data:`PIN_FRAMES`), else an ordinary clone (also where pinning fails: no pinned memory left)."""
-    if pin and PIN_FRAMES and frames.device.type == "cpu":
+    :data:`PIN_FRAMES`, for at most :data:`PIN_MAX_BYTES`), else an ordinary clone (also where pinning
+    fails: no pinned memory left)."""
+    nbytes = frames.numel() * frames.element_size()
+    if pin and PIN_FRAMES and frames.device.type == "cpu" and nbytes <= PIN_MAX_BYTES:
         try:
             out = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
         except RuntimeError:  # page-locked memory exhausted, or no CUDA driver: the plain copy

@@ -37,10 +37,15 @@ def test_pinned_frames_store_what_pageable_frames_store(monkeypatch):
     model = load_model("tiny-llava-ov", DEVICE, torch.float32)
     got, got_text = stored_levels(model, [c.clone() for c in chunks], device=DEVICE)
     assert seen and all(seen)  # every feed's copy was pinned
+    seen.clear()
+    monkeypatch.setattr(feeding, "PIN_MAX_BYTES", 7 * 56 * 56 * 3 - 1)  # the 7-frame feed is over the cap
+    capped, _ = stored_levels(model, [c.clone() for c in chunks], device=DEVICE)
+    assert seen == [False, False, True]
     monkeypatch.setattr(feeding, "PIN_FRAMES", False)
     want, want_text = stored_levels(model, [c.clone() for c in chunks], device=DEVICE)
     for lv in want:
         assert torch.equal(got[lv][0], want[lv][0]) and torch.equal(got[lv][1], want[lv][1]), lv
+        assert torch.equal(capped[lv][1], want[lv][1]), lv
     assert got_text == want_text
 
 

@@ -426,6 +426,9 @@ def test_the_private_copy_is_pinned_only_where_asked_and_falls_back_to_a_clone(m
         got = feeding.private_copy(src, pin)
         assert torch.equal(got, src) and got.data_ptr() != src.data_ptr()
         assert got.is_pinned() == (pin and torch.cuda.is_available())
+    monkeypatch.setattr(feeding, "PIN_MAX_BYTES", src.numel() - 1)  # a feed larger than the cap: not pinned
+    assert not feeding.private_copy(src, True).is_pinned()
+    monkeypatch.setattr(feeding, "PIN_MAX_BYTES", 256 << 20)
     monkeypatch.setattr(feeding, "PIN_FRAMES", False)
     assert not feeding.private_copy(src, True).is_pinned()
     strided = src[:, ::2]  # a view: the copy is dense
