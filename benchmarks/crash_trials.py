@@ -254,6 +254,9 @@ def checker_child(model, store: str, sids: list[str], seed: int, fd: int) -> Non
     """Verify, resume every stream by two frames, verify again (in a child: lancedb's threads never cross
     a fork of the runner)."""
     problems = []
+    if not Path(store).exists():  # a fresh store's writer stopped before creating it: nothing was committed
+        _log(fd, problems=problems)  # (lost durable data would show in the writer's check)
+        return
     rep = verify_store(store)
     if not rep.ok:
         problems.append("verify: " + "; ".join(p.message for p in rep.damage[:3]))
@@ -322,7 +325,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--series", type=int, default=10, help="trials per store before a fresh one")
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--workdir", help="folder for the stores (default: a temporary one)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios to run in turn (default: all of {', '.join(SCENARIOS)})")
+    p.add_argument("--signals", default="SIGKILL,SIGINT,SIGTERM",
+                   help="comma-separated signals to send in turn (default: SIGKILL,SIGINT,SIGTERM)")
+    p.add_argument("--keep-damaged", metavar="DIR",
+                   help="copy the store of every failed trial into DIR (to read its rows and state)")
     args = p.parse_args(argv)
+    scenarios = tuple(x for x in args.scenarios.split(",") if x)
+    if not scenarios or any(x not in SCENARIOS for x in scenarios):
+        p.error(f"--scenarios takes names of {', '.join(SCENARIOS)}; got {args.scenarios!r}")
+    names = {s.name: s for s in SIGNALS}
+    signals = tuple(names.get(x) for x in args.signals.split(",") if x)
+    if not signals or None in signals:
+        p.error(f"--signals takes names of {', '.join(names)}; got {args.signals!r}")
     from mukv.plugins.models.llava_onevision import build_llava_onevision
 
     model = build_llava_onevision("tiny-llava-ov", device="cpu")
@@ -336,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         if i % args.series == 0:
             store = work / f"store{i // args.series}"
             shutil.rmtree(store, ignore_errors=True)
-        scenario = SCENARIOS[i % len(SCENARIOS)]
-        sig = SIGNALS[(i // len(SCENARIOS)) % len(SIGNALS)]
+        scenario = scenarios[i % len(scenarios)]
+        sig = signals[(i // len(scenarios)) % len(signals)]
         r = trial(model, store, rng, video, scenario, sig)
         r["trial"] = i
+        if not r["ok"] and args.keep_damaged and store.exists():
+            shutil.copytree(store, Path(args.keep_damaged) / f"trial{i}-{scenario}-{r['signal']}", dirs_exist_ok=True)
         results.append(r)
         mark = "ok" if r["ok"] else "FAIL " + " | ".join(r["problems"])
         print(f"trial {i:3d} {scenario:<11} {r['signal']:<7} {mark}", flush=True)
