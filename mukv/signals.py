@@ -52,8 +52,9 @@ def deferred() -> Iterator[None]:
             _deliver(signum, previous.get(signum), frame)
 
     try:
-        for s in _SIGNALS:
-            previous[s] = signal.signal(s, hold)
+        with _blocked():  # both handlers swapped at once: a signal between the two would be raised here
+            for s in _SIGNALS:
+                previous[s] = signal.signal(s, hold)
     except (ValueError, OSError):  # not allowed here (e.g. an embedded interpreter)
         for s, h in previous.items():
             signal.signal(s, h)
@@ -62,10 +63,27 @@ def deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        with _blocked():
+            for s, h in previous.items():
+                signal.signal(s, h)
     if caught:
         _deliver(caught[0], previous.get(caught[0]), None)
+
+
+@contextmanager
+def _blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back by the operating system while handlers are swapped (where the
+    platform can: ``pthread_sigmask``), so neither arrives with one handler swapped and the other not;
+    one that came meanwhile reaches the handlers in place after."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 def _deliver(signum: int, handler: Any, frame: Any) -> None:
@@ -88,9 +106,11 @@ def interrupts_as_exceptions() -> Iterator[None]:
     def raise_it(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, raise_it) for s in _SIGNALS}
+    with _blocked():
+        previous = {s: signal.signal(s, raise_it) for s in _SIGNALS}
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        with _blocked():
+            for s, h in previous.items():
+                signal.signal(s, h)

@@ -133,7 +133,11 @@ class Stream:
         except BaseException:
             tx.rollback()
             raise
-        tx.commit()
+        try:
+            tx.commit()
+        except BaseException:  # an interrupt on the way into the commit, before it was handed over
+            tx.rollback()  # (nothing once the commit is recorded: then it stays, and the interrupt is raised)
+            raise
 
     def begin(self) -> "Transaction":
         """Open a transaction by hand (:meth:`transaction` is the usual way): what a batch over

@@ -433,3 +433,61 @@ def test_the_private_copy_is_pinned_only_where_asked_and_falls_back_to_a_clone(m
     assert not feeding.private_copy(src, True).is_pinned()
     strided = src[:, ::2]  # a view: the copy is dense
     assert torch.equal(feeding.private_copy(strided, True), strided)
+
+
+def test_an_interrupt_on_the_way_into_the_commit_rolls_the_feed_back(any_session, monkeypatch):
+    """An interrupt raised after a feed's body and before its commit is handed over (the signal lands
+    between the two) rolls the feed back: bookkeeping and blocks as before, nothing committed, and a
+    retry stores the frames once (never a stream whose fields run ahead of, or behind, its store)."""
+    from mukv.stream import Transaction
+
+    s = any_session
+    s.feed(frames(2))
+    before = bookkeeping(s)
+    counts = {lv: s.backend.count(lv) for lv in ("patch", "frame", "segment")}
+    real = Transaction.commit
+
+    def interrupted_on_entry(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Transaction, "commit", interrupted_on_entry)
+    with pytest.raises(KeyboardInterrupt):
+        s.feed(frames(3, seed=2))
+    monkeypatch.setattr(Transaction, "commit", real)
+    assert bookkeeping(s) == before
+    assert {lv: s.backend.count(lv) for lv in ("patch", "frame", "segment")} == counts
+    s.feed(frames(3, seed=2))  # the retry: the next frame indices, stored once
+    assert bookkeeping(s)["frames"] == before["frames"] + 3
+    if s.backend.persistent:
+        s.flush()
+        from mukv.backends.disk.verify import verify_store
+
+        assert verify_store(s.backend.files.uri()).ok
+
+
+def test_signal_handlers_are_swapped_with_both_signals_held_back():
+    """``deferred`` and ``interrupts_as_exceptions`` swap the SIGINT and SIGTERM handlers with both signals
+    blocked, so neither lands between the two swaps, and leave the process's signal mask as it was."""
+    import signal
+
+    from mukv import signals
+
+    if not hasattr(signal, "pthread_sigmask"):
+        pytest.skip("no pthread_sigmask on this platform")
+    seen = []
+    real = signal.signal
+
+    def spy(signum, handler):
+        seen.append((signum, set(signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        return real(signum, handler)
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.signal = spy
+    try:
+        with signals.interrupts_as_exceptions(), signals.deferred():
+            pass
+    finally:
+        signal.signal = real
+    assert len(seen) == 8  # two handlers in, two out, for each
+    assert all({signal.SIGINT, signal.SIGTERM} <= blocked for _, blocked in seen)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
