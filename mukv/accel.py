@@ -54,10 +54,11 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from . import kernels  # light: triton is imported when a kernel is first built
 from .fusions import (_apply_gelu, _apply_llm, _apply_mlp, _apply_norms, _apply_residual, _apply_rope, _compiled,
-                      _gelu_mlps, _plain_swiglu_mlps, _qwen2_language_models, _residual_layers, _rms_norms, _swiglu_mlps, add_layer_norm, add_rms_norm,
-                      decoder_layers, fuse_vision_mlps, rms_norm, rotate_pair, swiglu, vision_tower)
-from .kernels import swiglu as swiglu_kernel  # light: triton is imported when the kernel is first built
+                      _gelu_mlps, _plain_swiglu_mlps, _qwen2_language_models, _residual_layers, _rms_norms,
+                      _swiglu_mlps, add_layer_norm, add_rms_norm, decoder_layers, fuse_vision_mlps, rms_norm,
+                      rotate_pair, swiglu, vision_tower)
 
 #: what this module's users import from it (the fused forwards' pieces live in :mod:`mukv.fusions`)
 __all__ = ["KNOWN", "FP8Linear", "accelerate", "acceleration_names", "add_layer_norm", "add_rms_norm",
@@ -119,11 +120,11 @@ def fuse_llm(adapter: Any) -> int:
 def _require_triton(adapter: Any, name: str = "fused_mlp") -> None:
     """:class:`ConfigError` unless the Triton kernel of ``name`` (``fused_mlp``, ``fused_rope``) can run
     for ``adapter`` (triton installed; a CUDA device, or Triton's CPU interpreter)."""
-    why = swiglu_kernel.available()
+    why = kernels.available()
     if why:
-        raise ConfigError(f"{name}: {why.replace('the fused SwiGLU product', 'its kernel')}")
+        raise ConfigError(f"{name}: {why}")
     device = getattr(adapter, "device", torch.device("cpu"))
-    if device.type != "cuda" and not swiglu_kernel.interpreting():
+    if device.type != "cuda" and not kernels.interpreting():
         raise ConfigError(f"{name} runs a Triton kernel on a CUDA GPU; this model runs on {device}")
 
 

@@ -8,3 +8,20 @@ imported only when a kernel is used, so CPU installs do not need it.
 * :mod:`mukv.kernels.rope`: the rotary embedding of queries and keys in one pass at copy speed
   (``fused_rope``).
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def available() -> str | None:
+    """Why the Triton kernels cannot run here (no triton), or ``None``."""
+    if importlib.util.find_spec("triton") is None:  # found, not imported: importing decides the interpreter mode
+        return "Triton kernels need the triton package (installed with torch's CUDA builds)"
+    return None
+
+
+def interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET`` set when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .swiglu import available, interpreting
+from . import available, interpreting
 
 #: Tokens per program: 64 tokens x a head of 64 in bf16 is 8 KB a head read and written.
 BLOCK_T = 64
@@ -55,7 +55,7 @@ def _kernel() -> Any:
         return _KERNELS["rope"]
     why = available()
     if why:
-        raise ConfigError(why.replace("fused SwiGLU product", "rotary kernel"))
+        raise ConfigError(why)
     import triton
     import triton.language as tl
 
@@ -142,6 +142,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     why = why_not(q, k, cos, sin)
     if why:
         raise ConfigError(f"rope: {why}")
+    return launch(q, k, cos, sin, block_t, num_warps)
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None,
+           num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope` for tensors :func:`why_not` has already passed (a caller that checks them first, as
+    ``fused_rope``'s rotary function does once per call, does not check them twice)."""
     b, hq, t, d = q.shape
     hk = k.shape[1]
     oq = torch.empty_like(q)  # in q's memory order where q is dense: the attention's output then needs no copy

@@ -16,13 +16,12 @@ the SiLU and the product each to bf16), so results agree with
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from . import available, interpreting  # noqa: F401 - also importable from here
 
 #: Autotuning candidates (block sizes over tokens, joint-weight rows and the inner dimension; pipeline
 #: stages; warps), tuned once per weight shape on the first call.
@@ -52,18 +51,6 @@ def swiglu_reference(x: torch.Tensor, w_joint: torch.Tensor) -> torch.Tensor:
     ``[2N, K]``; returns ``[M, N]`` in ``x``'s dtype."""
     gate, up = x @ w_joint[0::2].t(), x @ w_joint[1::2].t()
     return torch.nn.functional.silu(gate) * up
-
-
-def available() -> str | None:
-    """Why :func:`swiglu_matmul` cannot run here (no triton), or ``None``."""
-    if importlib.util.find_spec("triton") is None:  # found, not imported: importing decides the interpreter mode
-        return "the fused SwiGLU product needs the triton package (installed with torch's CUDA builds)"
-    return None
-
-
-def interpreting() -> bool:
-    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET`` set when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _kernel() -> Any:
