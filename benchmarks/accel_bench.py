@@ -54,8 +54,6 @@ QUESTIONS = ("what happened first?", "what colour was the object?", "where did t
 def _plain_rotary() -> None:
     """transformers' own Qwen2 rotary function back in place: ``fused_llm`` and ``fused_rope`` replace it
     process-wide, so a mode after them would otherwise run theirs."""
-    from transformers.models.qwen2 import modeling_qwen2
-
     modeling_qwen2.apply_rotary_pos_emb = _ORIGINAL_ROTARY
 
 

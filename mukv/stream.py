@@ -130,13 +130,9 @@ class Stream:
         tx = self.begin()
         try:
             yield tx.extra
-        except BaseException:
-            tx.rollback()
-            raise
-        try:
             tx.commit()
-        except BaseException:  # an interrupt on the way into the commit, before it was handed over
-            tx.rollback()  # (nothing once the commit is recorded: then it stays, and the interrupt is raised)
+        except BaseException:  # the body failed, or an interrupt came on the way into the commit
+            tx.rollback()  # nothing once the commit is recorded: then it stays, and the interrupt is raised
             raise
 
     def begin(self) -> "Transaction":
