@@ -257,7 +257,7 @@ def kernel_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     (:func:`mukv.kernels.rope.rope`) for the tensors it takes, ``fused_llm``'s compiled function for
     others (a CPU probe, another dtype of ``cos``)."""
     if unsqueeze_dim == 1 and rope_kernel.why_not(q, k, cos, sin) is None:
-        return rope_kernel.launch(q, k, cos, sin)
+        return rope_kernel._launch(q, k, cos, sin)
     return _compiled("rope", rotate_pair)(q, k, cos, sin, unsqueeze_dim)
 
 

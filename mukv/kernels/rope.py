@@ -142,10 +142,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     why = why_not(q, k, cos, sin)
     if why:
         raise ConfigError(f"rope: {why}")
-    return launch(q, k, cos, sin, block_t, num_warps)
+    return _launch(q, k, cos, sin, block_t, num_warps)
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None,
+def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None,
            num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope` for tensors :func:`why_not` has already passed (a caller that checks them first, as
     ``fused_rope``'s rotary function does once per call, does not check them twice)."""
