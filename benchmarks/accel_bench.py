@@ -73,7 +73,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
     row["applied"] = accelerate(adapter, which)
     if which:  # how the compiled helpers of the accelerations were compiled
         row["applied"].append("static_dims" if fusions.STATIC_LAST_DIM else "dynamic_dims")
-    config = MukvConfig()
+    config = MukvConfig() if args.encode_batch is None else MukvConfig(stream={"encode_batch_frames": args.encode_batch})
     pool = gb.random_frames(adapter, args.vision_batch, seed=1)
     # vision tower alone (the first call compiles)
     t_first, _ = gb.timed(lambda: adapter.encode_frames(pool), device)
@@ -123,6 +123,23 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
                                                                     args.chunk)["fps"] for _ in range(args.reps)])
         finally:
             feeding.PIN_FRAMES = True
+        gb.free(device)
+    if args.ablate_encode_ahead:
+        # the same ingest with each piece of a feed encoded on the current stream just before its prefill, as
+        # before mukv.encode_ahead (no overlap of the vision tower with the prefill); alternated with the
+        # overlapped order, so that both see the same machine state
+        from mukv import encode_ahead
+
+        serial, ahead = [], []
+        for _ in range(args.reps):
+            encode_ahead.ENCODE_AHEAD = False
+            try:
+                serial.append(gb.fast_ingest(adapter, config, None, pool, args.frames, args.chunk)["fps"])
+            finally:
+                encode_ahead.ENCODE_AHEAD = True
+            ahead.append(gb.fast_ingest(adapter, config, None, pool, args.frames, args.chunk)["fps"])
+        row["encode_ahead_fps"] = {"serial": gb.median(serial), "serial_runs": serial, "ahead": gb.median(ahead),
+                                   "ahead_runs": ahead}
         gb.free(device)
     if mode == "plain" and ref is None and args.reference_frames:  # once, in the first plain run
         # the reference mode (the authors' path: every block prefilled alone) on the plain model, same run
@@ -221,6 +238,15 @@ def markdown(res: dict[str, Any]) -> str:
                       "mukv.feeding.PIN_FRAMES), frames/s:"]
         lines += [f"- {r['mode']}: {f(r['pageable_frames_fps'])} (pinned: {f(r['ingest_vision']['fps'])})"
                   for r in pageable]
+    overlap = [r for r in res["modes"] if "encode_ahead_fps" in r]
+    if overlap:
+        lines += ["", "Ingest with the vision tower, each feed's pieces encoded on the current stream just before "
+                      "their prefill (the ablation of mukv.encode_ahead) against the vision tower of the next pieces "
+                      "run beside the prefill, alternated, frames/s (median; runs):"]
+        lines += [f"- {r['mode']}: serial {f(r['encode_ahead_fps']['serial'])} "
+                  f"({', '.join(f(x) for x in r['encode_ahead_fps']['serial_runs'])}); ahead "
+                  f"{f(r['encode_ahead_fps']['ahead'])} ({', '.join(f(x) for x in r['encode_ahead_fps']['ahead_runs'])})"
+                  for r in overlap]
     if ref:
         lines += ["", f"Reference mode (the authors' path, plain model, same run): {f(ref['no_vision'], 2)} frames/s "
                       f"without the vision tower, {f(ref['vision'], 2)} with it."]
@@ -249,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate-pinned-frames", action="store_true",
                    help="also measure each mode's ingest with the vision tower with the feeds' frames copied in "
                         "pageable memory: what mukv.feeding.PIN_FRAMES saves")
+    p.add_argument("--ablate-encode-ahead", action="store_true",
+                   help="also measure each mode's ingest with the vision tower with each feed's pieces encoded just "
+                        "before their prefill, alternated with the overlapped order: what mukv.encode_ahead saves")
+    p.add_argument("--encode-batch", type=int, default=None,
+                   help="frames per vision batch and feed piece (stream.encode_batch_frames; default: the "
+                        "configuration's)")
     p.add_argument("--graph-bucket", type=int, default=None,
                    help="graph_prefill pads batches to a multiple of this many blocks (default: "
                         "mukv.graph_prefill.DEFAULT_BUCKET; 1: no padding, one graph per batch size)")

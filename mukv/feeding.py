@@ -135,14 +135,10 @@ class SessionFeeding:
     def _feed_batch(self, frames: torch.Tensor, timestamps: Any, source: dict[str, Any] | None = None) -> int:
         self._check_writable()
         ts, origin = self._stream_times(timestamps, int(frames.shape[0]))
-        bs = self.config.stream.encode_batch_frames
         st = self._stream
-
-        def encode(f: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.model.encode_frames(f[i : i + bs]) for i in range(0, f.shape[0], bs)])
-
-        with st.lock:
-            return st.feed(frames, ts, encode, source, wall_origin=origin)
+        with st.lock:  # encoded and prefilled one vision batch at a time (see mukv.encode_ahead)
+            return st.feed(frames, ts, self.model.encode_frames, source, wall_origin=origin,
+                           piece_frames=self.config.stream.encode_batch_frames)
 
     def _ingest(self, path: Any, fps: float | None, upsample: bool, force: bool, resize: bool | None,
                 on_chunk: Any) -> int:

@@ -20,12 +20,13 @@ import threading
 import time
 import uuid
 import zlib
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from .encode_ahead import encoded_pieces
 from .errors import InputError, StoreError
 from .pipeline import Ingestor
 from .signals import deferred
@@ -190,20 +191,26 @@ class Stream:
 
     # -- feeding --------------------------------------------------------------------------------
     def feed(self, frames: torch.Tensor, times: torch.Tensor, encode, source: dict[str, Any] | None = None,
-             thumbnails: bool = True, wall_origin: float | None = None) -> int:
+             thumbnails: bool = True, wall_origin: float | None = None, piece_frames: int | None = None) -> int:
         """Encode ``frames`` (uint8 ``[n, H, W, 3]``, already copied and sized) at stream ``times``
         (float64 ``[n]``, validated), store every block they complete and commit, as one transaction.
 
         Args:
-            encode: ``frames -> embeds [n, T, E]`` (the model's vision side, batched).
+            encode: ``frames -> embeds [m, T, E]`` (the model's vision side) for one piece of at most
+                ``piece_frames`` frames.
             source: the source record to create or update with this chunk (``None``: a plain feed).
             wall_origin: the wall-clock origin a new stream takes from these frames' timestamps.
+            piece_frames: frames encoded and prefilled at a time (``None``: all at once); on a GPU the
+                next pieces are encoded while one is prefilled (:mod:`mukv.encode_ahead`).
         """
+        n = int(frames.shape[0])
         with self.transaction() as tx:
             self.start_feed(wall_origin)
-            embeds = encode(frames)
             first = self.ingestor.frames_seen
-            stored = self.ingestor.add_frames(embeds, times)
+            stored = 0
+            with closing(encoded_pieces(encode, frames, piece_frames or n, self.ingestor.model.device)) as done:
+                for a, b, embeds in done:
+                    stored += self.ingestor.add_frames(embeds, times[a:b])
             self.end_feed(tx["files"], frames, times, first, source, thumbnails)
             return stored
 

@@ -17,7 +17,8 @@ def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tm
     assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
                      "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
                      "--questions", "1", "--answer-tokens", "2", "--reference-frames", "2",
-                     "--ablate-async-metadata", "--ablate-pinned-frames",
+                     "--ablate-async-metadata", "--ablate-pinned-frames", "--ablate-encode-ahead",
+                     "--encode-batch", "4",
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "accel.json").read_text())
     plain, fp8, again = res["modes"]
@@ -27,9 +28,12 @@ def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tm
     assert "reference" not in again
     assert plain["sync_metadata_fps"]["vision"] > 0 and plain["sync_metadata_fps"]["no_vision"] > 0
     assert plain["pageable_frames_fps"] > 0
+    ahead = plain["encode_ahead_fps"]
+    assert ahead["serial"] > 0 and ahead["ahead"] > 0 and len(ahead["serial_runs"]) == len(ahead["ahead_runs"]) == 1
     assert "FP8" in fp8["error"]
     agree = again["agreement"]  # the plain path against itself: every token kept alike
     assert agree["top1_agreement"] == 1.0 and agree["greedy_agreement"] == 1.0
     assert all(agree[lv]["kept_tokens_same"] == 1.0 for lv in ("patch", "frame", "segment") if agree[lv]["blocks"])
     md = (tmp_path / "accel.md").read_text()
     assert "| plain |" in md and "Reference mode (the authors' path" in md and "pageable memory" in md and "PIN_FRAMES" in md
+    assert "mukv.encode_ahead" in md
