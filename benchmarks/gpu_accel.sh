@@ -12,7 +12,7 @@
 # +fused_rope+graph_prefill), and that set with dynamic_dims (every dimension of the compiled helpers dynamic, as
 # before mukv.fusions.STATIC_LAST_DIM), twice each, alternated), REFERENCE_FRAMES (frames of the reference
 # mode, the authors' path, for the 30x check; default 16), ABLATE (extra accel_bench flags, default
-# --ablate-encode-ahead: each mode also without the vision tower run ahead of the prefill), BUDGET (accel_bench's own budget; default 330 s with the kernel step, 420 s without),
+# --compare-encode-ahead: each mode also with mukv.encode_ahead on and off, alternated), BUDGET (accel_bench's own budget; default 330 s with the kernel step, 420 s without),
 # OUT (default runs/accel), KERNELS (0 skips the kernel step).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -38,6 +38,6 @@ ARGS=(--device cuda --budget-s "$BUDGET" --out "$OUT")
 BEST=fused_vision+fused_llm+fused_norms+fused_residual
 ARGS+=(--modes "${MODES:-plain,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims}")
 # shellcheck disable=SC2206
-ARGS+=(${ABLATE---ablate-encode-ahead})
+ARGS+=(${ABLATE---compare-encode-ahead})
 ARGS+=(--reference-frames "${REFERENCE_FRAMES:-16}")
 timeout -s INT -k 15 $(( BUDGET + 120 )) "$PY" benchmarks/accel_bench.py "${ARGS[@]}" 2>&1 | tee "$OUT/accel.log"

@@ -279,9 +279,8 @@ class StreamConfig(BaseModel):
     """Upper bound on tokens in one batched prefill pass (bounds activation memory)."""
 
     encode_batch_frames: int = Field(default=64, ge=1)
-    """Frames per vision-tower batch. A feed of more frames is encoded and prefilled one batch at a
-    time (one transaction still); on a GPU the vision tower of the next batches runs while one is
-    prefilled (:mod:`mukv.encode_ahead`)."""
+    """Frames per vision-tower batch (with :data:`mukv.encode_ahead.ENCODE_AHEAD` on a GPU, a feed of
+    several batches is prefilled one batch at a time while the next batches are encoded)."""
 
 
 def _default_levels() -> list[LevelConfig]:

@@ -1,18 +1,23 @@
-"""A feed's vision tower run ahead of its prefill.
+"""A feed's vision tower run ahead of its prefill (opt-in: :data:`ENCODE_AHEAD`).
 
-A feed of more frames than one vision batch (``stream.encode_batch_frames``) is encoded and prefilled
-piece by piece: the frames of one vision batch are encoded, then every block they complete is
-prefilled, scored, compressed and stored, then the next piece. On a CUDA GPU the vision tower of the
-next pieces runs on a side stream while the current piece is prefilled, so the two overlap on the
-device: the vision tower's large matrix products fill the time in which the prefill's short kernels,
-its memory-bound passes and the host's bookkeeping between them leave the GPU partly idle. The
-pieces, their order and every kernel they run are the same with and without the overlap: only when
-the kernels run changes, so the stored blocks are bit for bit those of the serial order.
+By default a feed encodes all its frames (in vision batches of ``stream.encode_batch_frames``), then
+prefills, scores, compresses and stores every block they complete. With :data:`ENCODE_AHEAD` on and
+the model on a CUDA GPU, a feed of more than one vision batch is encoded and prefilled piece by piece
+instead (one piece per vision batch, all in the feed's one transaction), and the vision tower of the
+next pieces runs on a side CUDA stream while the current piece is prefilled. The two then overlap on
+the device: the vision tower's large matrix products can fill the time in which the prefill's short
+kernels, its memory-bound passes and the host's bookkeeping between them leave the GPU partly idle.
+With and without the side stream the pieces, their order and every kernel they run are the same, so
+what is stored is bit for bit what the serial piece order stores; against the default order only the
+prefill's batches are cut differently (at piece ends), which moves results by floating-point rounding.
+
+It is off by default because it has not been measured on a GPU yet
+(``benchmarks/accel_bench.py --compare-encode-ahead`` measures it against the default, alternated).
 
 Memory: at most :data:`AHEAD` pieces' visual tokens wait for their prefill, and each piece's vision
 activations are freed before the piece after the next is encoded. A piece of frames in pageable host
 memory (a feed over :data:`mukv.feeding.PIN_MAX_BYTES`, resized frames) is copied to pinned memory
-first, so that its copy to the GPU does not hold the host.
+first, so that its copy to the GPU does not hold the host until the side stream's earlier work is done.
 """
 
 from __future__ import annotations
@@ -21,10 +26,9 @@ from typing import Callable, Iterator
 
 import torch
 
-#: On a CUDA GPU, encode a feed's next pieces on a side stream while the current piece is prefilled.
-#: Switched off only to measure what it saves (``benchmarks/accel_bench.py --ablate-encode-ahead``):
-#: the pieces are then encoded on the current stream, each just before its prefill.
-ENCODE_AHEAD = True
+#: On a CUDA GPU, encode and prefill a feed of several vision batches piece by piece, the next pieces'
+#: vision tower on a side stream beside the current piece's prefill. Off by default (not measured yet).
+ENCODE_AHEAD = False
 
 #: Pieces encoded ahead of the one being prefilled (at least 1).
 AHEAD = 2
@@ -47,20 +51,37 @@ def pieces(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
+def ahead(device: torch.device) -> bool:
+    """Whether feeds on ``device`` are encoded ahead (:data:`ENCODE_AHEAD` and a CUDA device)."""
+    return bool(ENCODE_AHEAD) and device.type == "cuda" and torch.cuda.is_available()
+
+
 def encoded_pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, size: int,
                    device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, end, embeds [end - start, T, E])`` of each piece of ``frames`` (``[n, ...]``) in order.
+    """``(start, end, embeds [end - start, T, E])`` of the pieces a feed of ``frames`` (``[n, ...]``) is
+    prefilled in, in order.
 
-    ``encode`` is the model's vision side for one piece (``frames[start:end] -> embeds``). On a CUDA
-    ``device`` with :data:`ENCODE_AHEAD` and more than one piece, up to :data:`AHEAD` pieces are queued
-    on :func:`side_stream` ahead of the one yielded, and the current stream waits for a piece's
-    encoding before its tokens are used; otherwise each piece is encoded when it is taken.
+    ``encode`` is the model's vision side for one vision batch of at most ``size`` frames. Unless
+    :func:`ahead` holds for ``device`` (or there is only one vision batch), that is one piece: every
+    vision batch encoded, then concatenated. Otherwise each vision batch is a piece, up to
+    :data:`AHEAD` pieces are queued on :func:`side_stream` ahead of the one yielded, and the current
+    stream waits for a piece's encoding before its tokens are used.
 
     Close the iterator (``contextlib.closing``) when it is left early: the current stream then waits
-    for the side stream's queued work, so no memory the side stream still writes is handed out again.
+    for the side stream's queued work.
     """
-    bounds = pieces(int(frames.shape[0]), size)
-    if not (ENCODE_AHEAD and device.type == "cuda" and len(bounds) > 1 and torch.cuda.is_available()):
+    n = int(frames.shape[0])
+    bounds = pieces(n, size)
+    if len(bounds) <= 1 or not ahead(device):
+        parts = [encode(frames[a:b]) for a, b in bounds]
+        yield 0, n, parts[0] if len(parts) == 1 else torch.cat(parts)
+        return
+    yield from _on_side_stream(encode, frames, bounds, device)
+
+
+def _on_side_stream(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor,
+                    bounds: list[tuple[int, int]], device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
+    if device.type != "cuda":  # the piece order alone (what the tests of a CPU check)
         for a, b in bounds:
             yield a, b, encode(frames[a:b])
         return

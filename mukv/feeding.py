@@ -136,7 +136,7 @@ class SessionFeeding:
         self._check_writable()
         ts, origin = self._stream_times(timestamps, int(frames.shape[0]))
         st = self._stream
-        with st.lock:  # encoded and prefilled one vision batch at a time (see mukv.encode_ahead)
+        with st.lock:  # in vision batches of encode_batch_frames (see mukv.encode_ahead)
             return st.feed(frames, ts, self.model.encode_frames, source, wall_origin=origin,
                            piece_frames=self.config.stream.encode_batch_frames)
 

@@ -200,8 +200,9 @@ class Stream:
                 ``piece_frames`` frames.
             source: the source record to create or update with this chunk (``None``: a plain feed).
             wall_origin: the wall-clock origin a new stream takes from these frames' timestamps.
-            piece_frames: frames encoded and prefilled at a time (``None``: all at once); on a GPU the
-                next pieces are encoded while one is prefilled (:mod:`mukv.encode_ahead`).
+            piece_frames: frames per vision batch (``None``: one batch); with
+                :data:`mukv.encode_ahead.ENCODE_AHEAD` on a GPU, each batch is prefilled on its own
+                while the next ones are encoded.
         """
         n = int(frames.shape[0])
         with self.transaction() as tx:

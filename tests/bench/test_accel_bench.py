@@ -17,7 +17,7 @@ def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tm
     assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
                      "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
                      "--questions", "1", "--answer-tokens", "2", "--reference-frames", "2",
-                     "--ablate-async-metadata", "--ablate-pinned-frames", "--ablate-encode-ahead",
+                     "--ablate-async-metadata", "--ablate-pinned-frames", "--compare-encode-ahead",
                      "--encode-batch", "4",
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "accel.json").read_text())

@@ -1,6 +1,8 @@
-"""A feed of more frames than one vision batch is encoded and prefilled piece by piece
-(``mukv.encode_ahead``), still one transaction: what it stores equals the same frames fed in
-vision-batch chunks, and a failure in any piece stores nothing of the feed."""
+"""With ``mukv.encode_ahead`` on, a feed of more frames than one vision batch is encoded and prefilled
+piece by piece, still one transaction: what it stores equals the same frames fed in vision-batch
+chunks, and a failure in any piece stores nothing of the feed. On a CPU there is no side stream: the
+tests here force the piece order (``encode_ahead.ahead``), which a GPU runs with its side stream
+(tests/gpu/test_gpu_encode_ahead.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ from test_transactions import bookkeeping
 LEVELS = ("patch", "frame", "segment")
 
 
+@pytest.fixture
+def in_pieces(monkeypatch):
+    monkeypatch.setattr(encode_ahead, "ahead", lambda device: True)
+
+
 def stored(s: mukv.Session) -> dict:
     out = {}
     for lv in LEVELS:
@@ -33,7 +40,19 @@ def test_pieces_cover_the_feed_in_order(n, size, want):
     assert encode_ahead.pieces(n, size) == want
 
 
-def test_on_the_cpu_each_piece_is_encoded_when_it_is_taken():
+def test_by_default_a_feed_is_one_piece_of_every_vision_batch():
+    calls = []
+
+    def encode(f):
+        calls.append(len(f))
+        return f.float()[:, None, None]
+
+    assert not encode_ahead.ENCODE_AHEAD and not encode_ahead.ahead(torch.device("cpu"))
+    (a, b, e), = encode_ahead.encoded_pieces(encode, torch.arange(10), 4, torch.device("cpu"))
+    assert (a, b) == (0, 10) and calls == [4, 4, 2] and torch.equal(e.flatten(), torch.arange(10).float())
+
+
+def test_in_pieces_each_piece_is_encoded_when_it_is_taken(in_pieces):
     calls = []
 
     def encode(f):
@@ -46,7 +65,7 @@ def test_on_the_cpu_each_piece_is_encoded_when_it_is_taken():
     assert [(a, b) for a, b, _ in it] == [(4, 8), (8, 10)] and calls == [0, 4, 8]
 
 
-def test_a_feed_in_pieces_stores_what_vision_batch_chunks_store(tiny_model):
+def test_a_feed_in_pieces_stores_what_vision_batch_chunks_store(tiny_model, in_pieces):
     data = frames(11, seed=3)  # pieces of 4, 4 and 3 frames; segment windows of 2 frames straddle none
     with mukv.Session(model=tiny_model, backend="memory", config=FAST) as one, \
             mukv.Session(model=tiny_model, backend="memory", config=FAST) as chunked:
@@ -63,7 +82,8 @@ def test_a_feed_in_pieces_stores_what_vision_batch_chunks_store(tiny_model):
 
 @pytest.mark.parametrize("backend", ["memory", "lancedb"])
 @pytest.mark.parametrize("failing_piece", [1, 2])
-def test_a_failure_in_a_later_piece_stores_nothing_of_the_feed(tiny_model, tmp_path, backend, failing_piece):
+def test_a_failure_in_a_later_piece_stores_nothing_of_the_feed(tiny_model, tmp_path, backend, failing_piece,
+                                                                 in_pieces):
     path = None if backend == "memory" else tmp_path / "s.mukv"
     with mukv.Session(model=tiny_model, backend=backend, path=path, config=FAST) as s:
         s.feed(frames(3))
@@ -90,7 +110,7 @@ def test_a_failure_in_a_later_piece_stores_nothing_of_the_feed(tiny_model, tmp_p
         assert bookkeeping(s)["frames"] == 13 and bookkeeping(s)["counts"]["frame"] == 13
 
 
-def test_an_interrupt_in_the_vision_tower_of_a_later_piece_rolls_the_feed_back(tiny_model, monkeypatch):
+def test_an_interrupt_in_the_vision_tower_of_a_later_piece_rolls_the_feed_back(tiny_model, monkeypatch, in_pieces):
     with mukv.Session(model=tiny_model, backend="memory", config=FAST) as s:
         s.feed(frames(2))
         before = bookkeeping(s)
@@ -105,13 +125,13 @@ def test_an_interrupt_in_the_vision_tower_of_a_later_piece_rolls_the_feed_back(t
         monkeypatch.setattr(tiny_model, "encode_frames", interrupted)
         with pytest.raises(KeyboardInterrupt):
             s.feed(frames(12, seed=4))
-        monkeypatch.undo()
+        monkeypatch.setattr(tiny_model, "encode_frames", real)
         assert bookkeeping(s) == before
         s.feed(frames(12, seed=4))
         assert bookkeeping(s)["frames"] == 14
 
 
-def test_a_closed_iterator_runs_its_cleanup():
+def test_a_closed_iterator_encodes_nothing_more(in_pieces):
     done = []
 
     def encode(f):
