@@ -22,9 +22,11 @@ first, so that its copy to the GPU does not hold the host until the side stream'
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+from .errors import InputError
 
 #: On a CUDA GPU, encode and prefill a feed of several vision batches piece by piece, the next pieces'
 #: vision tower on a side stream beside the current piece's prefill. Off by default (not measured yet).
@@ -36,9 +38,31 @@ AHEAD = 2
 _SIDE: dict[int, "torch.cuda.Stream"] = {}
 
 
+def _device(device: Any) -> torch.device:
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise InputError(f"device must be a torch.device or a device name; got {device!r}"[:200]) from None
+    if not isinstance(device, torch.device):
+        raise InputError(f"device must be a torch.device or a device name; got {type(device).__name__}")
+    return device
+
+
+def _count(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be a whole number of at least {low}; got {value!r}"[:200])
+    return int(value)
+
+
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
     """The side stream of a CUDA device on which feeds encode ahead (one per device, reused)."""
+    device = _device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise InputError(f"a side stream needs a CUDA device; got {device}")
     index = device.index if device.index is not None else torch.cuda.current_device()
+    if not 0 <= index < torch.cuda.device_count():
+        raise InputError(f"no CUDA device {index} (this process sees {torch.cuda.device_count()})")
     stream = _SIDE.get(index)
     if stream is None:
         stream = _SIDE[index] = torch.cuda.Stream(device=index)
@@ -47,12 +71,13 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 def pieces(n: int, size: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of ``n`` frames cut in pieces of ``size`` (the last one shorter)."""
-    size = max(1, int(size))
+    n, size = _count(n, "n", 0), _count(size, "size", 1)
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
 
 def ahead(device: torch.device) -> bool:
     """Whether feeds on ``device`` are encoded ahead (:data:`ENCODE_AHEAD` and a CUDA device)."""
+    device = _device(device)
     return bool(ENCODE_AHEAD) and device.type == "cuda" and torch.cuda.is_available()
 
 
@@ -70,8 +95,17 @@ def encoded_pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch
     Close the iterator (``contextlib.closing``) when it is left early: the current stream then waits
     for the side stream's queued work.
     """
+    if not callable(encode):
+        raise InputError(f"encode must be a callable frames -> embeds; got {type(encode).__name__}")
+    if not isinstance(frames, torch.Tensor) or frames.dim() < 1:
+        raise InputError(f"frames must be a tensor [n, ...]; got {type(frames).__name__}")
+    device = _device(device)
+    return _pieces(encode, frames, pieces(int(frames.shape[0]), size), device)
+
+
+def _pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, bounds: list[tuple[int, int]],
+            device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
     n = int(frames.shape[0])
-    bounds = pieces(n, size)
     if len(bounds) <= 1 or not ahead(device):
         parts = [encode(frames[a:b]) for a, b in bounds]
         yield 0, n, parts[0] if len(parts) == 1 else torch.cat(parts)

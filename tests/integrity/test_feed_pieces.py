@@ -34,10 +34,31 @@ def stored(s: mukv.Session) -> dict:
 
 
 @pytest.mark.parametrize("n, size, want", [
-    (0, 4, []), (3, 4, [(0, 3)]), (8, 4, [(0, 4), (4, 8)]), (9, 4, [(0, 4), (4, 8), (8, 9)]), (2, 0, [(0, 1), (1, 2)]),
+    (0, 4, []), (3, 4, [(0, 3)]), (8, 4, [(0, 4), (4, 8)]), (9, 4, [(0, 4), (4, 8), (8, 9)]), (2, 1, [(0, 1), (1, 2)]),
 ])
 def test_pieces_cover_the_feed_in_order(n, size, want):
     assert encode_ahead.pieces(n, size) == want
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: encode_ahead.pieces(3, 0), "size must be a whole number of at least 1"),
+    (lambda: encode_ahead.pieces(-1, 4), "n must be"),
+    (lambda: encode_ahead.pieces(True, 4), "n must be"),
+    (lambda: encode_ahead.pieces(4, 2.5), "size must be"),
+    (lambda: encode_ahead.ahead("no such device"), "device must be"),
+    (lambda: encode_ahead.ahead(None), "device must be"),
+    (lambda: encode_ahead.side_stream("cpu"), "needs a CUDA device"),
+    (lambda: encode_ahead.encoded_pieces(None, torch.zeros(3), 1, "cpu"), "encode must be a callable"),
+    (lambda: encode_ahead.encoded_pieces(len, [1, 2], 1, "cpu"), "frames must be a tensor"),
+    (lambda: encode_ahead.encoded_pieces(len, torch.tensor(1.0), 1, "cpu"), "frames must be a tensor"),
+    (lambda: encode_ahead.encoded_pieces(len, torch.zeros(3), 0, "cpu"), "size must be"),
+    (lambda: encode_ahead.encoded_pieces(len, torch.zeros(3), 1, 7), "device must be"),
+])
+def test_bad_arguments_are_refused_by_name(call, words):
+    from mukv.errors import MukvError
+
+    with pytest.raises(MukvError, match=words):
+        call()
 
 
 def test_by_default_a_feed_is_one_piece_of_every_vision_batch():
