@@ -15,7 +15,10 @@ the same random weights (same seed):
 
 A mode may also name ``static_dims`` or ``dynamic_dims`` (not accelerations): its compiled elementwise
 functions fix each tensor's last dimension and keep the others dynamic, or compile every dimension
-dynamic (:data:`mukv.fusions.STATIC_LAST_DIM`; default: the library's setting).
+dynamic (:data:`mukv.fusions.STATIC_LAST_DIM`; default: the library's setting). ``multi_kernel`` (not
+an acceleration either) compiles that mode's kernels with inductor's ``triton.multi_kernel``: a
+reduction as wide as the vision tower's 1,152-wide layer norms, past inductor's 1,024 limit for
+one-pass ("persistent") reductions, is then compiled both ways and the faster one measured is run.
 
 Random-weight real architecture (``--preset``, default llava-onevision-qwen2-0.5b-ov): speed and
 agreement are real, answers are not.
@@ -46,6 +49,7 @@ from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
 _ORIGINAL_ROTARY = modeling_qwen2.apply_rotary_pos_emb
 _DEFAULT_STATIC = fusions.STATIC_LAST_DIM
+_DEFAULT_MULTI_KERNEL = __import__("torch._inductor.config", fromlist=["triton"]).triton.multi_kernel
 LEVELS = ("patch", "frame", "segment")
 QUESTIONS = ("what happened first?", "what colour was the object?", "where did the person go?",
              "how many objects were there?", "what changed at the end?", "what was on the table?")
@@ -69,10 +73,15 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, ref: dic
     # recompile limit
     torch._dynamo.reset()
     fusions.STATIC_LAST_DIM = ("static_dims" in which) or (_DEFAULT_STATIC and "dynamic_dims" not in which)
-    which = [w for w in which if w not in ("static_dims", "dynamic_dims")]
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.multi_kernel = 1 if "multi_kernel" in which else _DEFAULT_MULTI_KERNEL
+    which = [w for w in which if w not in ("static_dims", "dynamic_dims", "multi_kernel")]
     row["applied"] = accelerate(adapter, which)
     if which:  # how the compiled helpers of the accelerations were compiled
         row["applied"].append("static_dims" if fusions.STATIC_LAST_DIM else "dynamic_dims")
+        if inductor_config.triton.multi_kernel:
+            row["applied"].append("multi_kernel")
     config = MukvConfig() if args.encode_batch is None else MukvConfig(stream={"encode_batch_frames": args.encode_batch})
     pool = gb.random_frames(adapter, args.vision_batch, seed=1)
     # vision tower alone (the first call compiles)

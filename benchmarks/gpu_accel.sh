@@ -9,8 +9,9 @@
 # (default): the GPU tests of the Triton kernels and the pinned feed (gpu_tests.log) and the kernel benchmarks
 # named in KERNEL_BENCHES (default "rope": rope_bench.py; also "swiglu", "attention"; their files: <name>.json).
 # Environment: MODES (default: plain, the fastest measured set (fused_vision+fused_llm+fused_norms+fused_residual
-# +fused_rope+graph_prefill), and that set with dynamic_dims (every dimension of the compiled helpers dynamic, as
-# before mukv.fusions.STATIC_LAST_DIM), twice each, alternated), REFERENCE_FRAMES (frames of the reference
+# +fused_rope+graph_prefill), that set with dynamic_dims (every dimension of the compiled helpers dynamic, as
+# before mukv.fusions.STATIC_LAST_DIM) and with multi_kernel (inductor's triton.multi_kernel: the 1,152-wide
+# layer norms also compiled as one-pass reductions, the faster kept), twice each, alternated), REFERENCE_FRAMES (frames of the reference
 # mode, the authors' path, for the 30x check; default 16), ABLATE (extra accel_bench flags, default
 # --compare-encode-ahead: each mode also with mukv.encode_ahead on and off, alternated), BUDGET (accel_bench's own budget; default 330 s with the kernel step, 420 s without),
 # OUT (default runs/accel), KERNELS (0 skips the kernel step).
@@ -36,7 +37,7 @@ fi
 if [ "${KERNELS:-1}" = 1 ]; then BUDGET=${BUDGET:-330}; else BUDGET=${BUDGET:-420}; fi
 ARGS=(--device cuda --budget-s "$BUDGET" --out "$OUT")
 BEST=fused_vision+fused_llm+fused_norms+fused_residual
-ARGS+=(--modes "${MODES:-plain,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims}")
+ARGS+=(--modes "${MODES:-plain,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill+multi_kernel,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill+multi_kernel}")
 # shellcheck disable=SC2206
 ARGS+=(${ABLATE---compare-encode-ahead})
 ARGS+=(--reference-frames "${REFERENCE_FRAMES:-16}")

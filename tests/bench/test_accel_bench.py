@@ -14,14 +14,16 @@ from helpers import load_benchmark
 @pytest.mark.slow
 def test_modes_run_against_the_plain_path_and_a_mode_that_cannot_run_is_a_row(tmp_path):
     mod = load_benchmark("accel_bench")
-    assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain",
+    assert mod.main(["--device", "cpu", "--preset", "tiny-llava-ov", "--modes", "plain,fp8_vision,plain,fused_norms+multi_kernel",
                      "--vision-batch", "4", "--chunk", "8", "--frames", "8", "--reps", "1", "--stream-frames", "8",
                      "--questions", "1", "--answer-tokens", "2", "--reference-frames", "2",
                      "--ablate-async-metadata", "--ablate-pinned-frames", "--compare-encode-ahead",
                      "--encode-batch", "4",
                      "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "accel.json").read_text())
-    plain, fp8, again = res["modes"]
+    plain, fp8, again, multi = res["modes"]
+    assert multi["applied"][-1] == "multi_kernel" and multi["ingest_vision"]["fps"] > 0  # a mode word, not an acceleration
+    assert "multi_kernel" not in again["applied"]
     assert plain["mode"] == "plain" and plain["vision"]["fps"] > 0 and plain["ingest_vision"]["fps"] > 0
     assert "agreement" not in plain  # the reference
     assert plain["reference"]["vision"] > 0 and plain["reference"]["no_vision"] > 0  # the authors' path, same run
