@@ -106,6 +106,8 @@ def encoded_pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch
 def _pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, bounds: list[tuple[int, int]],
             device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
     n = int(frames.shape[0])
+    if not bounds:  # no frames: no piece
+        return
     if len(bounds) <= 1 or not ahead(device):
         parts = [encode(frames[a:b]) for a, b in bounds]
         yield 0, n, parts[0] if len(parts) == 1 else torch.cat(parts)

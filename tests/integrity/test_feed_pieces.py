@@ -73,6 +73,10 @@ def test_by_default_a_feed_is_one_piece_of_every_vision_batch():
     assert (a, b) == (0, 10) and calls == [4, 4, 2] and torch.equal(e.flatten(), torch.arange(10).float())
 
 
+def test_no_frames_are_no_piece():
+    assert list(encode_ahead.encoded_pieces(lambda f: 1 / 0, torch.zeros(0, 2), 4, "cpu")) == []
+
+
 def test_in_pieces_each_piece_is_encoded_when_it_is_taken(in_pieces):
     calls = []
 
