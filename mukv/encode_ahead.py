@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import InputError
+from .loading import check_device
 
 #: On a CUDA GPU, encode and prefill a feed of several vision batches piece by piece, the next pieces'
 #: vision tower on a side stream beside the current piece's prefill. Off by default (not measured yet).
@@ -38,17 +39,6 @@ AHEAD = 2
 _SIDE: dict[int, "torch.cuda.Stream"] = {}
 
 
-def _device(device: Any) -> torch.device:
-    if isinstance(device, str):
-        try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise InputError(f"device must be a torch.device or a device name; got {device!r}"[:200]) from None
-    if not isinstance(device, torch.device):
-        raise InputError(f"device must be a torch.device or a device name; got {type(device).__name__}")
-    return device
-
-
 def _count(value: Any, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InputError(f"{name} must be a whole number of at least {low}; got {value!r}"[:200])
@@ -57,12 +47,10 @@ def _count(value: Any, name: str, low: int) -> int:
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
     """The side stream of a CUDA device on which feeds encode ahead (one per device, reused)."""
-    device = _device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    device = check_device(device)
+    if device.type != "cuda":
         raise InputError(f"a side stream needs a CUDA device; got {device}")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if not 0 <= index < torch.cuda.device_count():
-        raise InputError(f"no CUDA device {index} (this process sees {torch.cuda.device_count()})")
     stream = _SIDE.get(index)
     if stream is None:
         stream = _SIDE[index] = torch.cuda.Stream(device=index)
@@ -77,7 +65,7 @@ def pieces(n: int, size: int) -> list[tuple[int, int]]:
 
 def ahead(device: torch.device) -> bool:
     """Whether feeds on ``device`` are encoded ahead (:data:`ENCODE_AHEAD` and a CUDA device)."""
-    device = _device(device)
+    device = check_device(device)
     return bool(ENCODE_AHEAD) and device.type == "cuda" and torch.cuda.is_available()
 
 
@@ -99,28 +87,26 @@ def encoded_pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch
         raise InputError(f"encode must be a callable frames -> embeds; got {type(encode).__name__}")
     if not isinstance(frames, torch.Tensor) or frames.dim() < 1:
         raise InputError(f"frames must be a tensor [n, ...]; got {type(frames).__name__}")
-    device = _device(device)
+    device = check_device(device)
     return _pieces(encode, frames, pieces(int(frames.shape[0]), size), device)
 
 
 def _pieces(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor, bounds: list[tuple[int, int]],
             device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-    n = int(frames.shape[0])
     if not bounds:  # no frames: no piece
         return
-    if len(bounds) <= 1 or not ahead(device):
+    if len(bounds) == 1 or not ahead(device):  # one piece of every vision batch
         parts = [encode(frames[a:b]) for a, b in bounds]
-        yield 0, n, parts[0] if len(parts) == 1 else torch.cat(parts)
-        return
-    yield from _on_side_stream(encode, frames, bounds, device)
+        yield 0, int(frames.shape[0]), parts[0] if len(parts) == 1 else torch.cat(parts)
+    elif device.type == "cuda":
+        yield from _on_side_stream(encode, frames, bounds, device)
+    else:  # the piece order on one stream (where ahead() holds off a GPU: the CPU tests force it)
+        for a, b in bounds:
+            yield a, b, encode(frames[a:b])
 
 
 def _on_side_stream(encode: Callable[[torch.Tensor], torch.Tensor], frames: torch.Tensor,
                     bounds: list[tuple[int, int]], device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-    if device.type != "cuda":  # the piece order alone (what the tests of a CPU check)
-        for a, b in bounds:
-            yield a, b, encode(frames[a:b])
-        return
     main = torch.cuda.current_stream(device)
     side = side_stream(device)
     side.wait_stream(main)  # inputs the current stream made (the usual input is host memory)
