@@ -16,6 +16,15 @@ def tiny_model():
 
 
 @pytest.fixture
+def interpret(request):
+    """Skips a test unless Triton's interpreter is on (``TRITON_INTERPRET=1``; the Triton kernels' CPU tests)."""
+    from helpers import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip(f"runs under Triton's interpreter: TRITON_INTERPRET=1 python -m pytest {request.path.name}")
+
+
+@pytest.fixture
 def frames():
     """A factory of random uint8 frames ``[n, 64, 64, 3]``."""
 

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from mukv.blocks import PrefilledBlocks
 from mukv.config import LevelConfig
+
+#: The Triton kernels' CPU tests (tests/test_accel_*.py) run under Triton's interpreter where triton is
+#: installed: ``TRITON_INTERPRET=1 python -m pytest tests/test_accel_rope.py`` (triton takes the mode when
+#: first imported, so it is imported here, before a test that unsets the variable builds a model). The
+#: ``interpret`` fixture (tests/conftest.py) skips a test unless the interpreter is on.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CPU builds of torch lack it)")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETING and HAS_TRITON:
+    importlib.import_module("triton")
+
 
 
 def blocks_from_keys(keys: torch.Tensor, attention: torch.Tensor | None = None, keep_ratio: float = 0.5,

@@ -8,9 +8,6 @@ imported, so the variable must be set before anything imports it). The CUDA buil
 error.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -19,21 +16,7 @@ from mukv.accel import accelerate
 from mukv.kernels import swiglu as sk
 from mukv.plugins.models.llava_onevision import build_llava_onevision
 
-from helpers import stored_levels
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CPU builds of torch lack it)")
-
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETING and HAS_TRITON:
-    importlib.import_module("triton")  # now, in interpreter mode, before a test that unsets the variable builds a model
-
-
-@pytest.fixture
-def interpret():
-    if not INTERPRETING:
-        pytest.skip("runs under Triton's interpreter: TRITON_INTERPRET=1 python -m pytest tests/test_accel_mlp.py")
+from helpers import HAS_TRITON, needs_triton, stored_levels
 
 
 def test_interleave_puts_gate_and_up_rows_side_by_side():

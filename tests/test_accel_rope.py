@@ -8,9 +8,6 @@ graphs) and timed by ``benchmarks/rope_bench.py``. Where triton or a GPU is miss
 is refused with a clear error and nothing changes.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -19,19 +16,7 @@ from mukv.accel import accelerate, fuse_rope
 from mukv.kernels import rope as rk
 from mukv.plugins.models.llava_onevision import build_llava_onevision
 
-from helpers import stored_levels
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CPU builds of torch lack it)")
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETING and HAS_TRITON:
-    importlib.import_module("triton")  # now, in interpreter mode
-
-
-@pytest.fixture
-def interpret():
-    if not INTERPRETING:
-        pytest.skip("runs under Triton's interpreter: TRITON_INTERPRET=1 python -m pytest tests/test_accel_rope.py")
+from helpers import HAS_TRITON, INTERPRETING, needs_triton, stored_levels
 
 
 @pytest.fixture(autouse=True)

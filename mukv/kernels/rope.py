@@ -28,14 +28,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from . import available, interpreting
+from . import available, built, interpreting
 
-#: Tokens per program: 64 tokens x a head of 64 in bf16 is 8 KB a head read and written.
-BLOCK_T = 64
+#: Tokens per program, and warps per program (:data:`NUM_WARPS`): timed from CUDA graphs on an H100
+#: (``benchmarks/rope_bench.py``, 2026-12-07), 16 tokens and 8 warps took 0.0207 / 0.0246 / 0.0048 ms at the
+#: patch, segment and frame levels' token counts, against 0.0232 / 0.0281 / 0.0086 ms for 64 and 4.
+BLOCK_T = 16
+NUM_WARPS = 8
 #: Fewer tokens per program under Triton's CPU interpreter (tests run small shapes).
 INTERPRET_BLOCK_T = 8
 
-_KERNELS: dict[str, Any] = {}
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -49,16 +51,7 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * c + rq * s, k * c + rk * s
 
 
-def _kernel() -> Any:
-    """The Triton kernel, built on first use."""
-    if "rope" in _KERNELS:
-        return _KERNELS["rope"]
-    why = available()
-    if why:
-        raise ConfigError(why)
-    import triton
-    import triton.language as tl
-
+def _make(triton: Any, tl: Any) -> Any:
     @triton.jit
     def rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, oq_ptr, ok_ptr, T, sqb, sqh, sqt, skb, skh, skt,
                     scb, sct, ssb, sst, sob, soh, sot, spb, sph, spt, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
@@ -88,8 +81,12 @@ def _kernel() -> Any:
             tl.store(dst, (x1 * c1 - x2 * s1).to(ok_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(ok_ptr.dtype.element_ty), mask=mask)
 
-    _KERNELS["rope"] = rope_kernel
     return rope_kernel
+
+
+def _kernel() -> Any:
+    """The Triton kernel, built on first use."""
+    return built("rope", _make)
 
 
 def why_not(q: Any, k: Any, cos: Any, sin: Any) -> str | None:
@@ -118,7 +115,7 @@ def why_not(q: Any, k: Any, cos: Any, sin: Any) -> str | None:
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None,
-         num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+         num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of ``q`` and ``k`` as one kernel.
 
     Args:
@@ -127,7 +124,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         k: ``[B, Hk, T, D]`` keys, likewise.
         cos, sin: ``[B or 1, T, D]`` the rotary tables (transformers' ``position_embeddings``).
         block_t: tokens per program (a power of two; default :data:`BLOCK_T`, or
-            :data:`INTERPRET_BLOCK_T` under the interpreter); ``num_warps``: warps per program.
+            :data:`INTERPRET_BLOCK_T` under the interpreter); ``num_warps``: warps per program (default
+            :data:`NUM_WARPS`).
             Tuning knobs for ``benchmarks/rope_bench.py``.
 
     Returns:
@@ -146,7 +144,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_t: int | None = None,
-           num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+           num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope` for tensors :func:`why_not` has already passed (a caller that checks them first, as
     ``fused_rope``'s rotary function does once per call, does not check them twice)."""
     b, hq, t, d = q.shape

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from . import available, interpreting  # noqa: F401 - also importable from here
+from . import built, interpreting
 
 #: Autotuning candidates (block sizes over tokens, joint-weight rows and the inner dimension; pipeline
 #: stages; warps), tuned once per weight shape on the first call.
@@ -32,7 +32,6 @@ CONFIGS = (
 #: One small configuration for Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests).
 INTERPRET_CONFIG = (32, 32, 32, 1, 4)
 
-_KERNELS: dict[str, Any] = {}
 
 
 def interleave(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
@@ -53,18 +52,7 @@ def swiglu_reference(x: torch.Tensor, w_joint: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def _kernel() -> Any:
-    """The Triton kernel, built on first use (autotuned on a GPU, one fixed configuration when
-    interpreted)."""
-    key = "interpret" if interpreting() else "tuned"
-    if key in _KERNELS:
-        return _KERNELS[key]
-    why = available()
-    if why:
-        raise ConfigError(why)
-    import triton
-    import triton.language as tl
-
+def _make(triton: Any, tl: Any, interpret: bool) -> Any:
     @triton.jit
     def swiglu_matmul_kernel(a_ptr, w_ptr, c_ptr, M, N2, K, stride_am, stride_ak, stride_wn, stride_wk,
                              stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,14 +86,20 @@ def _kernel() -> Any:
         c_ptrs = c_ptr + rm[:, None] * stride_cm + cn[None, :] * stride_cn
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (cn[None, :] < N2 // 2))
 
-    if key == "interpret":
+    if interpret:
         kernel = swiglu_matmul_kernel
     else:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s,
                                  num_warps=w) for bm, bn, bk, s, w in CONFIGS]
         kernel = triton.autotune(configs=configs, key=["N2", "K"])(swiglu_matmul_kernel)
-    _KERNELS[key] = kernel
     return kernel
+
+
+def _kernel() -> Any:
+    """The Triton kernel, built on first use (autotuned on a GPU, one fixed configuration when
+    interpreted)."""
+    interpret = interpreting()
+    return built("swiglu_interpret" if interpret else "swiglu", lambda triton, tl: _make(triton, tl, interpret))
 
 
 def swiglu_matmul(x: torch.Tensor, w_joint: torch.Tensor) -> torch.Tensor:
