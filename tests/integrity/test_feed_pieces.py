@@ -61,14 +61,14 @@ def test_bad_arguments_are_refused_by_name(call, words):
         call()
 
 
-def test_by_default_a_feed_is_one_piece_of_every_vision_batch():
+def test_off_a_gpu_a_feed_is_one_piece_of_every_vision_batch():
     calls = []
 
     def encode(f):
         calls.append(len(f))
         return f.float()[:, None, None]
 
-    assert not encode_ahead.ENCODE_AHEAD and not encode_ahead.ahead(torch.device("cpu"))
+    assert encode_ahead.ENCODE_AHEAD and not encode_ahead.ahead(torch.device("cpu"))  # on, but only on a GPU
     (a, b, e), = encode_ahead.encoded_pieces(encode, torch.arange(10), 4, torch.device("cpu"))
     assert (a, b) == (0, 10) and calls == [4, 4, 2] and torch.equal(e.flatten(), torch.arange(10).float())
 
