@@ -9,12 +9,12 @@
 # (default): the GPU tests of the Triton kernels and the pinned feed (gpu_tests.log) and the kernel benchmarks
 # named in KERNEL_BENCHES (default "rope": rope_bench.py; also "swiglu", "attention"; their files: <name>.json).
 # Environment: MODES (default: plain, the fastest measured set (fused_vision+fused_llm+fused_norms+fused_residual
-# +fused_rope+graph_prefill), that set with dynamic_dims (every dimension of the compiled helpers dynamic, as
-# before mukv.fusions.STATIC_LAST_DIM) and with multi_kernel (inductor's triton.multi_kernel: the 1,152-wide
-# layer norms also compiled as one-pass reductions, the faster kept), twice each, alternated), REFERENCE_FRAMES (frames of the reference
-# mode, the authors' path, for the 30x check; default 16), ABLATE (extra accel_bench flags, default
-# --compare-encode-ahead: each mode also with mukv.encode_ahead on and off, alternated), BUDGET (accel_bench's own budget; default 330 s with the kernel step, 420 s without),
-# OUT (default runs/accel), KERNELS (0 skips the kernel step).
+# +fused_rope+graph_prefill) and that set with fused_layer_norm (the vision tower's layer norms as one-pass
+# Triton kernels), twice each, alternated), REFERENCE_FRAMES (frames of the reference mode, the authors'
+# path, for the 30x check; default 16), ABLATE (extra accel_bench flags, default none; e.g.
+# --compare-encode-ahead: each mode with mukv.encode_ahead on and off, alternated), BUDGET (accel_bench's own
+# budget; default 330 s with the kernel step, 420 s without), OUT (default runs/accel), KERNELS (0 skips
+# the kernel step).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${MUKV_SUITE_PYTHON:-python3}
@@ -29,7 +29,8 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
 if [ "${KERNELS:-1}" = 1 ]; then
     timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_rope.py \
-        tests/gpu/test_gpu_pinned_feed.py tests/gpu/test_gpu_encode_ahead.py tests/gpu/test_gpu_fused_mlp.py 2>&1 | tail -20 | tee "$OUT/gpu_tests.log"
+        tests/gpu/test_gpu_pinned_feed.py tests/gpu/test_gpu_encode_ahead.py tests/gpu/test_gpu_fused_layer_norm.py \
+        tests/gpu/test_gpu_fused_mlp.py 2>&1 | tail -20 | tee "$OUT/gpu_tests.log"
     for b in ${KERNEL_BENCHES:-rope}; do
         timeout -s INT -k 10 90 "$PY" "benchmarks/${b}_bench.py" --out "$OUT/$b.json" 2>&1 | tee -a "$OUT/kernels.log"
     done
@@ -37,8 +38,9 @@ fi
 if [ "${KERNELS:-1}" = 1 ]; then BUDGET=${BUDGET:-330}; else BUDGET=${BUDGET:-420}; fi
 ARGS=(--device cuda --budget-s "$BUDGET" --out "$OUT")
 BEST=fused_vision+fused_llm+fused_norms+fused_residual
-ARGS+=(--modes "${MODES:-plain,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill+multi_kernel,$BEST+fused_rope+graph_prefill,$BEST+fused_rope+graph_prefill+dynamic_dims,$BEST+fused_rope+graph_prefill+multi_kernel}")
+B=$BEST+fused_rope+graph_prefill
+ARGS+=(--modes "${MODES:-plain,$B,$B+fused_layer_norm,$B,$B+fused_layer_norm}")
 # shellcheck disable=SC2206
-ARGS+=(${ABLATE---compare-encode-ahead})
+ARGS+=(${ABLATE:-})
 ARGS+=(--reference-frames "${REFERENCE_FRAMES:-16}")
 timeout -s INT -k 15 $(( BUDGET + 120 )) "$PY" benchmarks/accel_bench.py "${ARGS[@]}" 2>&1 | tee "$OUT/accel.log"

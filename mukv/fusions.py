@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import rope as rope_kernel  # light: triton is imported when a kernel is first built
+from .kernels import layer_norm as ln_kernel  # light: triton is imported when a kernel is first built
+from .kernels import rope as rope_kernel
 from .kernels import swiglu as swiglu_kernel
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,43 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     return s + carry, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 
+def kernel_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_layer_norm` as ``fused_layer_norm`` runs it: the one-pass Triton kernel
+    (:mod:`mukv.kernels.layer_norm`) for the tensors it takes, the compiled function for others."""
+    if ln_kernel.why_not(x, weight, bias, residual, carry) is None:
+        return ln_kernel._launch(x, weight, bias, float(eps), residual, carry)
+    return _compiled("add_layer_norm", add_layer_norm)(x, residual, weight, bias, eps, carry)
+
+
+def _kernel_layer_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.LayerNorm``'s forward through the one-pass kernel where it takes ``x`` (else the eager one)."""
+    if ln_kernel.why_not(x, self.weight, self.bias) is None:
+        return ln_kernel._launch(x, self.weight, self.bias, float(self.eps))[1]
+    return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _vision_layer_norms(adapter: Any) -> list[nn.Module]:
+    """The vision tower's ``nn.LayerNorm`` modules over one dimension, with weight and bias."""
+    try:
+        tower = vision_tower(adapter)
+    except ConfigError:
+        return []
+    return [m for m in tower.modules() if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1
+            and m.weight is not None and m.bias is not None]
+
+
+def _apply_layer_norms(adapter: Any, norms: list[nn.Module]) -> None:
+    for norm in norms:
+        norm.forward = types.MethodType(_kernel_layer_norm_forward, norm)
+
+
+def runs_layer_norm_kernel(norm: nn.Module) -> bool:
+    """``norm``'s forward is ``fused_layer_norm``'s (then ``fused_residual``'s encoder layer also runs its
+    add and norm through the kernel)."""
+    return getattr(vars(norm).get("forward"), "__func__", None) is _kernel_layer_norm_forward
+
+
 def _product_add(linear: nn.Linear, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + h @ linear.weight.T`` ``[..., N]``, the add in the product's epilogue (``residual``
     carries the product's bias, where it has one). ``residual`` is a tensor this layer made, and the
@@ -362,8 +400,9 @@ def _encoder_layer(self: nn.Module, hidden_states: torch.Tensor, eager: bool, **
     if fc2.bias is None or not _epilogue_ok(fc2, h, residual):
         h = residual + h
         return h + mlp(norm(h))
-    carry, h = _kernel("add_layer_norm", add_layer_norm, eager)(h, residual, norm.weight, norm.bias, norm.eps,
-                                                                 fc2.bias)
+    add_norm = (kernel_add_layer_norm if not eager and runs_layer_norm_kernel(norm)
+                else _kernel("add_layer_norm", add_layer_norm, eager))
+    carry, h = add_norm(h, residual, norm.weight, norm.bias, norm.eps, fc2.bias)
     return _product_add(fc2, _mlp_hidden(mlp, h), carry)
 
 
