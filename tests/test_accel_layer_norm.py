@@ -91,7 +91,7 @@ def test_tensors_the_kernel_does_not_take_are_refused_with_the_reason(interpret)
         with pytest.raises(mukv.ConfigError, match="layer_norm: .*" + reason):
             lk.layer_norm(args[0], args[1], args[2], 1e-6, *args[3:])
     w.requires_grad_(False)
-    for eps in (-1.0, float("nan"), "0.1", True):
+    for eps in (-1.0, float("nan"), float("inf"), "0.1", True, None):
         with pytest.raises(mukv.ConfigError, match="eps"):
             lk.layer_norm(x, w, b, eps)
 

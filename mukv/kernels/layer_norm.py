@@ -19,6 +19,7 @@ float32 rounding only).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -126,8 +127,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     why = why_not(x, weight, bias, residual, carry)
     if why:
         raise ConfigError(f"layer_norm: {why}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ConfigError(f"layer_norm: eps must be a number of at least 0; got {eps!r}"[:200])
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (math.isfinite(eps) and eps >= 0):
+        raise ConfigError(f"layer_norm: eps must be a finite number of at least 0; got {eps!r}"[:200])
     return _launch(x, weight, bias, float(eps), residual, carry)
 
 
