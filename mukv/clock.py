@@ -92,6 +92,8 @@ def is_wall_clock(timestamps: Any) -> bool:
 def unix_array(timestamps: Any) -> np.ndarray:
     """Wall-clock timestamps (datetime64, datetimes, ISO strings or Unix seconds) as float64 Unix seconds."""
     arr = np.asarray(timestamps)
+    if arr.ndim > 1:
+        raise InputError(f"timestamps must be one time per frame, shape [n]; got shape {list(arr.shape)}")
     if arr.dtype.kind == "M":
         if np.isnat(arr).any():
             raise InputError("timestamps contain NaT (not a time)")

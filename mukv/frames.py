@@ -59,7 +59,12 @@ def as_timestamps(timestamps: Any, n: int, after: float | None) -> torch.Tensor 
     if timestamps is None:
         return None
     try:
-        ts = torch.as_tensor(np.asarray(timestamps, dtype=np.float64)).reshape(-1)
+        arr = np.asarray(timestamps)
+        if arr.dtype == np.bool_:
+            raise InputError("timestamps must be numbers (seconds), not booleans")
+        if arr.ndim > 1:
+            raise InputError(f"timestamps must be one number per frame, shape [{n}]; got shape {list(arr.shape)}")
+        ts = torch.as_tensor(arr.astype(np.float64)).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InputError(f"timestamps must be numbers (seconds): {exc}") from None
     if ts.numel() != n:

@@ -165,6 +165,22 @@ def test_feed_hostile_timestamps(ts_session, n, ts):
     assert s._last_time == got[-1]
 
 
+@pytest.mark.parametrize("ts, words", [
+    (np.zeros((2, 2)), "one number per frame, shape [4]; got shape [2, 2]"),
+    ([[0.0], [1.0], [2.0], [3.0]], "one number per frame"),
+    ([True, False, True, False], "not booleans"),
+    (np.array([["2026-12-06T14:03:00Z", "2026-12-06T14:03:01Z"]] * 2), "one time per frame, shape [n]; got shape [2, 2]"),
+    (np.arange(4, dtype=np.float64).reshape(2, 2) + 1.7e9, "one time per frame"),
+    (torch.tensor([True, True, False, False]), "not booleans"),
+])
+def test_timestamps_of_another_shape_or_booleans_are_refused(ts_session, ts, words):
+    # once flattened or read as 0/1: a [2, 2] array of times for four frames, or booleans, was taken as times
+    before = snapshot(ts_session)
+    _, err = call(ts_session.feed, frames(4, seed=4), timestamps=ts)
+    assert isinstance(err, mukv.InputError) and words in str(err), err
+    assert snapshot(ts_session) == before
+
+
 def test_stream_time_out_of_range_is_refused(tiny_model):
     # fps=1e-300 once pushed stream time to 1e300, after which every feed was refused: times are bounded now
     s = mukv.Session(model=tiny_model, backend="memory", config=FAST)
