@@ -73,6 +73,9 @@ class SessionOpening:
             path = check_path(path, "path")
         if not isinstance(stream_id, str):
             raise InputError(f"stream_id must be a string; got {type(stream_id).__name__}")
+        from .backends.disk.files import check_stream_id
+
+        check_stream_id(stream_id)  # one rule for every backend: the id names folders, logs, exports and URLs
         for name, flag in (("progress", progress), ("read_only", read_only), ("resize", resize)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name} must be True or False; got {flag!r}")

@@ -82,7 +82,9 @@ class Session(SessionFeeding, SessionOpening):
             (``{"name": "rekv", "top_k": 32}``); ``config`` is applied over it.
         device: torch device; default CUDA if available else CPU.
         dtype: model dtype; default bf16 on CUDA, float32 on CPU.
-        stream_id: which stream of the store this session reads and writes.
+        stream_id: which stream of the store this session reads and writes: 1 to 128 characters of
+            ``[A-Za-z0-9_.-]``, starting with a letter, digit or underscore, without ``..`` (with every
+            backend; a ``StoreError`` names the rule otherwise).
         backend_options: extra keyword arguments for the backend.
         progress: show progress bars on long work.
         read_only: open a stored stream for reading only: never takes the
