@@ -28,12 +28,38 @@ def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not any(path.glob("*.safetensors")):
         raise StoreError(f"{path}: no .safetensors weights found (mukv loads safetensors only, never pickle)")
-    with _no_hf_progress():  # the library prints no progress bar nobody asked for
-        model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                          local_files_only=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    pre = path / "preprocessor_config.json"
-    return model, tokenizer, (json.loads(pre.read_text()) if pre.exists() else {})
+    try:
+        with _no_hf_progress():  # the library prints no progress bar nobody asked for
+            model = model_cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                              local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        pre = path / "preprocessor_config.json"
+        processor = json.loads(pre.read_text()) if pre.exists() else {}
+    except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' loaders raise any type (a
+        # SafetensorError for a garbage or truncated weights file): the files are bad input, named so
+        raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+    if not isinstance(processor, dict):
+        raise StoreError(f"{pre}: must hold a JSON object; found {type(processor).__name__}")
+    return model, tokenizer, processor
+
+
+def channel_stats(processor: dict[str, Any], key: str, default: tuple[float, ...], path: Any) -> tuple[float, ...]:
+    """``processor[key]`` (a checkpoint's ``image_mean`` or ``image_std``) as three finite numbers, or
+    ``default`` where it has none; :class:`~mukv.errors.StoreError` naming the file otherwise (a std
+    must also be above 0)."""
+    import math
+
+    from .errors import StoreError
+
+    value = processor.get(key, default)
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and (key != "image_std" or all(v > 0 for v in value)))
+    if not ok:
+        raise StoreError(f"{path}/preprocessor_config.json: {key} must be three finite numbers"
+                         f"{' above 0' if key == 'image_std' else ''} (one per RGB channel); got {value!r}"[:300])
+    return tuple(float(v) for v in value)
 
 
 @contextmanager

@@ -117,7 +117,9 @@ def load_model(model: Any, device: torch.device, dtype: torch.dtype | None = Non
             return entry.component.from_pretrained(path, device=device, dtype=dtype, **_kwargs(settings))
         except MukvError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' loaders raise any type
+            # (safetensors' SafetensorError for a garbage or truncated weights file, AttributeError for a
+            # config of the wrong shape); the checkpoint is bad input, named as such
             raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
     presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
+from mukv.checkpoints import channel_stats
 from mukv.model import HFVideoLLM, load_checkpoint, read_model_defaults
 from mukv.specs import PluginSettings
 
@@ -170,7 +171,8 @@ class LlavaOnevisionAdapter(HFVideoLLM):
 
         defaults = read_model_defaults(path)
         model, tokenizer, pre = load_checkpoint(path, LlavaOnevisionForConditionalGeneration, device, dtype)
-        mean, std = tuple(pre.get("image_mean", (0.5, 0.5, 0.5))), tuple(pre.get("image_std", (0.5, 0.5, 0.5)))
+        mean = channel_stats(pre, "image_mean", (0.5, 0.5, 0.5), path)
+        std = channel_stats(pre, "image_std", (0.5, 0.5, 0.5), path)
         adapter = cls(model, tokenizer, image_mean=mean, image_std=std, name=Path(path).name, **kwargs)
         adapter.default_config = defaults
         return adapter

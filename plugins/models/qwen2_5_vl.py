@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mukv.checkpoints import channel_stats
 from mukv.model import MRopeVideoLLM, load_checkpoint, read_model_defaults
 from mukv.rope import MRopeLayout
 
@@ -160,8 +161,8 @@ class QwenVLAdapter(MRopeVideoLLM):
         defaults = read_model_defaults(path)
         model, tokenizer, pre = load_checkpoint(path, getattr(transformers, cls.model_class_name), device, dtype)
         if pre:
-            kwargs.setdefault("image_mean", tuple(pre.get("image_mean", cls.default_mean)))
-            kwargs.setdefault("image_std", tuple(pre.get("image_std", cls.default_std)))
+            kwargs.setdefault("image_mean", channel_stats(pre, "image_mean", tuple(cls.default_mean), path))
+            kwargs.setdefault("image_std", channel_stats(pre, "image_std", tuple(cls.default_std), path))
         kwargs.setdefault("name", Path(path).name)
         adapter = cls(model, tokenizer, **kwargs)
         adapter.default_config = defaults

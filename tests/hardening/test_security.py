@@ -327,6 +327,61 @@ def test_pickle_beside_safetensors_is_never_opened(checkpoint, tmp_path, no_unpi
     assert not marker.exists()
 
 
+def _weights(d):
+    return next(d.glob("*.safetensors"))
+
+
+BAD_CHECKPOINTS = {
+    # once raw safetensors errors (SafetensorError is no OSError or ValueError)
+    "garbage weights": (lambda d: _weights(d).write_bytes(os.urandom(5000)), "cannot load the checkpoint"),
+    "truncated weights": (lambda d: os.truncate(_weights(d), _weights(d).stat().st_size // 2),
+                          "cannot load the checkpoint"),
+    "empty weights": (lambda d: _weights(d).write_bytes(b""), "cannot load the checkpoint"),
+    "a config of the wrong shape": (lambda d: (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "text_config": 5})), "cannot load the checkpoint"),
+    # once accepted, or a raw error when the adapter built its normalisation
+    "image_mean as text": (lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": "x"}'),
+                           "image_mean must be three finite numbers"),
+    "image_std of 0": (lambda d: (d / "preprocessor_config.json").write_text('{"image_std": [0.5, 0, 0.5]}'),
+                       "image_std must be three finite numbers above 0"),
+    "image_mean of two": (lambda d: (d / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5]}'),
+                          "image_mean must be three"),
+    "processor config as a list": (lambda d: (d / "preprocessor_config.json").write_text("[1]"),
+                                   "must hold a JSON object"),
+    "processor config not JSON": (lambda d: (d / "preprocessor_config.json").write_text("{nope"),
+                                  "cannot load the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_a_damaged_checkpoint_is_a_store_error_naming_it(checkpoint, tmp_path, case):
+    import shutil
+
+    d = tmp_path / "damaged"
+    shutil.copytree(checkpoint, d)
+    damage, words = BAD_CHECKPOINTS[case]
+    damage(d)
+    with pytest.raises(mukv.StoreError, match=words) as err:
+        mukv.Session(model=d, backend="memory")
+    assert_clear_error(err.value)
+    assert str(d) in str(err.value)
+
+
+def test_the_installed_tiny_checkpoint_damaged_is_a_store_error(tmp_path, monkeypatch):
+    # mukv-tiny loads through the preset, not through a directory given as the model
+    import shutil
+
+    from mukv.plugins.models import mukv_tiny
+
+    d = tmp_path / "mukv-tiny"
+    shutil.copytree(mukv_tiny.asset_dir(), d)
+    _weights(d).write_bytes(os.urandom(3000))
+    monkeypatch.setattr(mukv_tiny, "asset_dir", lambda: d)
+    with pytest.raises(mukv.StoreError, match="cannot load the checkpoint .*SafetensorError") as err:
+        mukv_tiny.load_mukv_tiny()
+    assert_clear_error(err.value)
+
+
 def test_no_pickle_loading_in_the_source():
     """No torch.load / pickle.load / numpy allow_pickle anywhere in mukv, its plugins or backends."""
     pattern = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|joblib\.load|dill\.load"
