@@ -215,6 +215,8 @@ class StreamValues(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "StreamValues":
         n = self.frames_seen
+        if self.first_time is not None and self.last_time is not None and self.first_time > self.last_time:
+            raise ValueError(f"first_time = {self.first_time} is after last_time = {self.last_time}")
         for lv, c in (self.cursors or {}).items():
             if c > n:
                 raise ValueError(f"cursors.{lv} = {c} is past frames_seen = {n}")

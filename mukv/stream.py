@@ -364,6 +364,20 @@ class Transaction:
                              "is intact: reopen the stream to continue")
 
 
+def pending_file_problem(data: bytes | None, p: Any) -> str | None:
+    """What is wrong with the bytes ``data`` of the pending frames file that state record ``p``
+    (:class:`~mukv.state.PendingFrames`) describes (``None``: the file is missing), or ``None`` if nothing:
+    its CRC-32 and its size (``shape`` x the dtype's bytes). Used by reopening and by ``verify_store``."""
+    if data is None:
+        return f"the pending frames file {p.file} is missing"
+    if zlib.crc32(data) & 0xFFFFFFFF != p.crc32:
+        return f"the pending frames file {p.file} fails its checksum"
+    elem = 4 if p.dtype == "float32" else 2
+    if len(data) != p.shape[0] * p.shape[1] * p.shape[2] * elem:
+        return f"the pending frames file {p.file} has the wrong size"
+    return None
+
+
 def load_pending(backend: Any, values: StreamValues, tokens_per_frame: int, hidden: int
                  ) -> tuple[tuple[int, torch.Tensor, torch.Tensor] | None, str | None]:
     """The stored pending frames of a stream, checked (crc, shape, model); ``(None, why)`` if they cannot
@@ -372,14 +386,10 @@ def load_pending(backend: Any, values: StreamValues, tokens_per_frame: int, hidd
     if p is None:
         return None, None
     data = backend.read_file(p.file)
-    if data is None:
-        return None, f"the pending frames file {p.file} is missing"
-    if zlib.crc32(data) & 0xFFFFFFFF != p.crc32:
-        return None, f"the pending frames file {p.file} fails its checksum"
+    why = pending_file_problem(data, p)
+    if why:
+        return None, why
     if p.shape[1] != tokens_per_frame or p.shape[2] != hidden:
         return None, f"the pending frames were encoded by another model (shape {p.shape})"
-    elem = 4 if p.dtype == "float32" else 2
-    if len(data) != p.shape[0] * p.shape[1] * p.shape[2] * elem:
-        return None, f"the pending frames file {p.file} has the wrong size"
     emb = decode_pending(data, list(p.shape), p.dtype)
     return (p.start, emb, torch.tensor(p.times, dtype=torch.float64)), None

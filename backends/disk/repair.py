@@ -152,7 +152,7 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
     cursors = vals.get("cursors") if valid and isinstance(vals.get("cursors"), dict) else {}
     keep: dict[str, int] = {}
     frame_time: dict[int, float] = {}
-    max_end, max_t = 0, None
+    max_end, max_t, min_t = 0, None, None
     by_level: dict[str, dict[str, np.ndarray]] = {}
     if rows is not None and rows.num_rows:
         lv_col = np.asarray(rows.column("level").to_pylist(), dtype=object)
@@ -180,6 +180,8 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
             max_end = max(max_end, int(cols["frame_end"][sel].max()))
             t = float(cols["t_end"][sel].max())
             max_t = t if max_t is None else max(max_t, t)
+            t0 = float(cols["t_start"][sel].min())
+            min_t = t0 if min_t is None else min(min_t, t0)
             info = LevelInfo(tokens=int(cols["tokens"][sel[0]]),
                              block_shape=[layout["num_layers"], 2, layout["num_kv_heads"], int(cols["tokens"][sel[0]]),
                                           layout["head_dim"]])
@@ -189,6 +191,7 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
             keep[level] = 0
             rep.actions.append(f"{level}: the state counts {n} blocks but none has an index row; count 0")
     rep.counts = {lv: m for lv, m in keep.items()}
+    _plan_pending(files, sid, vals if valid else {}, rep)
     new_vals = dict(vals)
     seen = int(vals.get("frames_seen", 0)) if valid else 0
     if valid and max_end <= seen and all(keep.get(lv, 0) == n for lv, n in counts.items()) and \
@@ -207,6 +210,12 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
     last_time = max_t if (max_t is not None and (not valid or rep.delete_from or vals.get("last_time") is None
                                                   or max_t > vals["last_time"])) else vals.get("last_time")
     new_vals.update(frames_seen=frames_seen, cursors=new_cursors, last_time=last_time, pending=None)
+    first = vals.get("first_time")
+    if not (isinstance(first, (int, float)) and not isinstance(first, bool) and np.isfinite(first)
+            and (min_t is None or first <= min_t) and (last_time is None or first <= last_time)):
+        if min_t is not None or first is not None:
+            rep.actions.append(f"first time: {first!r} -> {min_t!r} (the earliest kept block's)")
+        new_vals["first_time"] = min_t
     new_vals["sources"] = [s for s in (vals.get("sources") or []) if isinstance(s, dict)]
     for s in new_vals["sources"]:
         fr = s.get("frames")
@@ -226,6 +235,23 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
     if not rep.actions:
         rep.actions.append("rewrite the state to agree with the data")
     return rep
+
+
+def _plan_pending(files: Files, sid: str, vals: dict[str, Any], rep: StreamRepair) -> None:
+    """An action dropping the state's pending frames record where its file is missing, of the wrong size
+    or fails its CRC-32 (reopening would go on without those frames; the state then says so too)."""
+    from mukv.stream import pending_file_problem
+
+    if not vals.get("pending"):
+        return
+    p = validate_values(vals, f"stream {sid!r}").pending
+    try:
+        why = pending_file_problem(files.read(f"streams/{sid}/{p.file}"), p)
+    except StoreError as exc:
+        why = f"the pending frames file {p.file} cannot be read ({exc})"
+    if why:
+        rep.actions.append(f"drop the pending frames record ({why}): the levels waiting for frames "
+                           f"{p.start}..{p.start + p.count - 1} go on from the next frame fed")
 
 
 def _keep_prefix(level: str, cols: dict[str, np.ndarray], counted: int | None, txn: int | None,

@@ -23,7 +23,10 @@ model is needed (the KV layout comes from the store's manifest). It checks
    state's block shape), KV bytes as stored matching the row's crc32, and the
    first and last block of every shard decoding to finite values; a shard that
    cannot be read is read again chunk by chunk to narrow down the blocks;
-5. leftovers: index rows and KV beyond the committed counts, KV of levels or
+5. the pending frames file a stream's state names (encoded frames a level has not consumed yet):
+   present, of the recorded size and matching its CRC-32 (``pending_frames``: reopened, the stream
+   would go on without them, so the levels waiting for them would skip those frames);
+6. leftovers: index rows and KV beyond the committed counts, KV of levels or
    streams without a state, temp files. A killed writer leaves them, the next
    writer of the stream removes them, and no reader ever sees them: they are
    reported but do not make a store damaged.
@@ -67,8 +70,8 @@ class Problem:
         severity: "damage", "leftover" or "note" (see :data:`SEVERITIES`).
         kind: what was found: "manifest", "state", "index", "index_fragment",
             "missing_rows", "duplicate_rows", "missing_kv", "kv_array", "unreadable_kv",
-            "corrupt_kv", "undecodable_kv", "orphan_rows", "orphan_kv", "unknown_stream", "temp_files",
-            "index_version", "writer_active".
+            "corrupt_kv", "undecodable_kv", "pending_frames", "orphan_rows", "orphan_kv", "unknown_stream",
+            "temp_files", "index_version", "writer_active".
         message: the finding in words, naming the file, stream, level and blocks.
         stream_id: the stream concerned, if one.
         level: the level concerned, if one.
@@ -180,6 +183,7 @@ def verify_store(path: str, stream_id: str | None = None, storage_options: dict[
     _check_leftover_files(files, stream_id, states, report)
     for sid, state in sorted(states.items()):
         _check_stream(files, sid, state, layout, rows, report, check_kv)
+        _check_pending(files, sid, state, report)
         if rows is not None:
             check_meaning(sid, state, (rows.get("meta") or {}).get(sid, {}), report)
     if rows is not None and rows.get("table") is not None and stream_id is None:
@@ -458,6 +462,33 @@ def _check_stream(files: Files, sid: str, state: dict, layout: dict[str, Any], r
             bad |= set(lost.tolist())
             entry["verified"] = int(sum(1 for i in range(min(n, length)) if i not in bad and i in crc_of))
         levels_report[level] = entry
+
+
+def _check_pending(files: Files, sid: str, state: dict, report: VerifyReport) -> None:
+    """The pending frames file the stream's state names: present, of its size, matching its CRC-32."""
+    from mukv.stream import pending_file_problem
+
+    values = state.get("values")
+    p = getattr(values, "pending", None)
+    if p is None:
+        return
+    try:
+        data = files.read(f"streams/{sid}/{p.file}")
+    except StoreError as exc:
+        why = f"the pending frames file {p.file} cannot be read ({exc})"
+    else:
+        why = pending_file_problem(data, p)
+    if why is None:
+        return
+    try:  # a writer may have committed since the state was read, naming a newer file and removing this one
+        now = (files.read_json(f"streams/{sid}.json") or {}).get("values", {}).get("pending")
+    except (StoreError, AttributeError):
+        now = None
+    if not isinstance(now, dict) or now.get("file") != p.file or now.get("crc32") != p.crc32:
+        return
+    report.add("damage", "pending_frames", f"stream {sid!r}: {why}: frames {p.start}..{p.start + p.count - 1}, "
+               "encoded but not yet stored by every level, are lost (reopened for writing, the stream goes on "
+               f"without them; `mukv repair` drops the record)", sid)
 
 
 def _check_kv(archive: Any, part: Any, level: str, end: int, crc_of: dict[int, int] | None,

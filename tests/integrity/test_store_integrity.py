@@ -52,8 +52,9 @@ def kinds(report) -> set[str]:
     lambda st: st.__setitem__("txn", None),
     lambda st: st["levels"]["frame"].__setitem__("block_shape", [1, 2, 3]),
     lambda st: st.__setitem__("stream_id", "other"),
+    lambda st: st["values"].__setitem__("first_time", st["values"]["last_time"] + 1.0),
 ], ids=["float", "string", "bool", "negative", "frames_float", "cursor_past", "time_text", "txn_null", "shape",
-        "other_id"])
+        "other_id", "first_after_last"])
 def test_a_garbled_state_file_is_refused_and_reported(tiny_model, store, garble):
     st = state(store)
     garble(st)
@@ -66,6 +67,73 @@ def test_a_garbled_state_file_is_refused_and_reported(tiny_model, store, garble)
     report = verify_store(str(store))
     assert not report.ok and "state" in kinds(report)
     assert digest(store) == before  # nothing deleted as "leftovers"
+
+
+def test_repair_gives_a_first_time_after_the_last_one_the_earliest_blocks(tiny_model, store):
+    st = state(store)
+    st["values"]["first_time"] = st["values"]["last_time"] + 1.0
+    (store / "streams" / "default.json").write_text(json.dumps(st))
+    plan = ms.repair(str(store), apply=True)
+    assert any("first time" in a for a in plan.streams[0].actions), plan.summary()
+    assert verify_store(str(store)).ok
+    assert state(store)["values"]["first_time"] == 0.0  # frames(6) fed at the default times from 0
+    with mukv.Session.open(store, model=tiny_model) as s:
+        s.feed(frames(2, seed=1))
+    assert verify_store(str(store)).ok
+
+
+def _damage_pending(path, how: str) -> dict:
+    """Damage the pending frames file the state names (``missing``, ``checksum``, ``size``: the state's
+    CRC-32 made to agree with a shortened file); returns the state's pending record."""
+    import zlib
+
+    st = state(path)
+    p = st["values"]["pending"]
+    f = path / "streams" / "default" / p["file"]
+    if how == "missing":
+        f.unlink()
+    elif how == "checksum":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+    else:
+        data = f.read_bytes()[:-4]
+        f.write_bytes(data)
+        st["values"]["pending"]["crc32"] = zlib.crc32(data) & 0xFFFFFFFF
+        (path / "streams" / "default.json").write_text(json.dumps(st))
+    return p
+
+
+@pytest.mark.parametrize("how, words", [("missing", "is missing"), ("checksum", "fails its checksum"),
+                                        ("size", "has the wrong size")])
+def test_a_damaged_pending_frames_file_is_reported_refused_on_import_and_repaired(tiny_model, tmp_path, how, words):
+    # once unchecked: verify said OK and an import took the copy, while reopening dropped those frames
+    path = tmp_path / "p.mukv"
+    with mukv.Session(model=tiny_model, backend="lancedb", path=path, config=FAST) as s:
+        s.feed(frames(7))  # segments of 2 frames: frame 6 waits in the pending file
+    with mukv.Session(model=tiny_model, backend="lancedb", path=tmp_path / "dst.mukv", config=FAST) as s:
+        s.feed(frames(2))
+    p = _damage_pending(path, how)
+    assert p["start"] == 6 and p["count"] == 1
+    report = verify_store(str(path))
+    assert kinds(report) == {"pending_frames"}, report.summary()
+    assert words in report.damage[0].message and "frames 6..6" in report.damage[0].message
+    dst_before = digest(tmp_path / "dst.mukv")
+    with pytest.raises(StoreError, match="pending frames file"):
+        ms.import_stream(str(tmp_path / "dst.mukv"), str(path), stream_id="copy")
+    assert digest(tmp_path / "dst.mukv") == dst_before
+    before = digest(path)
+    plan = ms.repair(str(path))
+    assert any("drop the pending frames record" in a and words in a for a in plan.streams[0].actions), plan.summary()
+    assert digest(path) == before  # planning changes nothing
+    ms.repair(str(path), apply=True)
+    assert verify_store(str(path)).ok
+    vals = state(path)["values"]
+    assert vals["pending"] is None and vals["frames_seen"] == 7 and vals["cursors"]["segment"] == 6
+    assert not (path / "streams" / "default" / p["file"]).exists()
+    with mukv.Session.open(path, model=tiny_model) as s:
+        s.feed(frames(3, seed=1))
+    assert verify_store(str(path)).ok
 
 
 def test_a_state_that_lost_count_of_committed_blocks_refuses_to_open_for_writing(tiny_model, store):
