@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import os
 import time
@@ -216,10 +217,16 @@ def parse_time(text: str, flag: str = "time") -> float:
     Raises:
         InputError: neither.
     """
+    if not isinstance(text, str):
+        raise InputError(f"{flag}: expected an ISO date/time or Unix seconds as text; got {type(text).__name__}")
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise InputError(f"{flag}: Unix seconds must be a finite number; got {text!r}")
+        return value
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -152,3 +152,14 @@ def test_on_s3_through_a_reopen(s3, tiny_model, capsys):  # noqa: F811
     assert [r["question"] for r in recs] == ["first on s3?", "second on s3?"]
     assert main(["logs", uri, "--backend-options", json.dumps(opts), "--json"]) == 0
     assert [r["question"] for r in json.loads(capsys.readouterr().out)] == ["first on s3?", "second on s3?"]
+
+
+@pytest.mark.parametrize("text", ["1e400", "inf", "-inf", "nan", "garbage", "2026-13-40"])
+def test_log_time_filters_refuse_what_is_no_time(text):
+    # "1e400" (and "nan") once passed as float('inf') / nan and filtered everything or nothing
+    from mukv.logs import parse_time
+
+    with pytest.raises(mukv.InputError, match="--since"):
+        parse_time(text, "--since")
+    assert parse_time("1796690000", "--since") == 1796690000.0
+    assert parse_time("2026-12-06T14:03:00Z", "--since") == 1796565780.0
