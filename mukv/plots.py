@@ -72,9 +72,12 @@ def _save(fig, path: str | Path | None) -> Path | bytes:
         fig.savefig(buf, format="png")
         return buf.getvalue()
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    try:
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    except OSError as exc:  # a folder that cannot be made or written, a path that is a folder
+        raise InputError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
     return path
 
 

@@ -108,6 +108,10 @@ def test_memory_snapshots_and_plot(tiny_model, frames, tmp_path):
     assert plots.plot_memory(records[:1])[:8] == PNG  # a single record still draws
     with pytest.raises(InputError, match="no memory records"):
         plots.plot_memory([], tmp_path / "x.png")
+    (tmp_path / "a-file").write_text("x")
+    for where in (tmp_path / "a-file" / "m.png", tmp_path, "/proc/mukv-none/m.png"):  # under a file; a folder; /proc
+        with pytest.raises(InputError, match="cannot write the plot to"):
+            plots.plot_memory(records, where)
 
 
 def test_history_is_thinned_when_full(tiny_model, frames, monkeypatch):

@@ -183,7 +183,10 @@ class Files:
                 raise StoreError(f"{self.uri(rel)}: cannot write ({exc})") from None
             return
         p = self.local / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that cannot be made (read-only, /proc, a file in the way)
+            raise disk_error(exc, f"creating the folder {p.parent}") from None
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:

@@ -24,7 +24,7 @@ import torch
 
 from mukv.errors import StoreError
 
-from .files import FORMAT, Files, WriterLock, check_stream_id, tree_bytes
+from .files import FORMAT, Files, WriterLock, check_stream_id, disk_error, tree_bytes
 from .state_file import read_state, validate_manifest
 
 MANIFEST = "mukv.json"
@@ -399,7 +399,10 @@ def import_stream(path: str, src: str, stream_id: str | None = None, from_stream
         raise StoreError(f"{src}: does not verify, nothing was imported: {report.damage[0].message}")
     dst = Files(str(path), storage_options)
     if not dst.remote:
-        dst.local.mkdir(parents=True, exist_ok=True)
+        try:
+            dst.local.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise disk_error(exc, f"creating the store folder {dst.local}") from None
     _new_store(dst, manifest)
     if did in stream_ids(dst) or dst.listing(f"kv/{did}"):
         raise StoreError(f"{path}: stream {did!r} exists; import under another id")

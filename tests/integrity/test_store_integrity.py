@@ -346,3 +346,15 @@ def test_a_stream_being_written_cannot_be_deleted(tiny_model, store):
             ms.delete_stream(str(store), "default")
     ms.delete_stream(str(store), "default")
     assert ms.list_streams(str(store)) == []
+
+
+def test_export_and_import_where_no_folder_can_be_made_are_store_errors(store, tmp_path):
+    # once raw FileNotFoundError / NotADirectoryError from mkdir
+    (tmp_path / "a-file").write_text("x")
+    before = digest(store)
+    for dest in (tmp_path / "a-file" / "export", "/proc/mukv-none/export"):
+        with pytest.raises(StoreError):
+            ms.export_stream(str(store), "default", str(dest))
+        with pytest.raises(StoreError):
+            ms.import_stream(str(dest), str(store), stream_id="copy")
+    assert digest(store) == before
