@@ -40,6 +40,68 @@ LOG_DIR = "logs"
 RECORD_VERSION = 1
 
 
+def _finite(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"must be a finite number; got {v!r}"[:120])
+    return float(v)
+
+
+def _record_models() -> tuple[type, type]:
+    """The pydantic models of a record and of its retrieved blocks (built on first use)."""
+    global _MODELS
+    if _MODELS is None:
+        from typing import Annotated
+
+        from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+
+        Num = Annotated[float, BeforeValidator(_finite)]
+
+        class Block(BaseModel):
+            model_config = ConfigDict(extra="allow")
+            level: StrictStr
+            block_id: StrictInt
+            t_start: Num
+            score: Num
+
+        class Record(BaseModel):
+            model_config = ConfigDict(extra="allow")
+            question: StrictStr
+            answer: StrictStr
+            unix_time: Num
+            stream_time: Num = 0.0
+            time: StrictStr = "?"
+            stream_id: StrictStr = "?"
+            model: StrictStr = "?"
+            config_hash: StrictStr = "?"
+            kv_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+            blocks: list[Block] = []
+            timings: dict[StrictStr, Num] = {}
+            notes: list[StrictStr] = []
+
+        _MODELS = (Record, Block)
+    return _MODELS
+
+
+_MODELS: tuple[type, type] | None = None
+
+
+def check_record(rec: Any) -> dict[str, Any]:
+    """``rec`` if it is a question-log record that :func:`format_record` and the filters can read
+    (fields of the right types, times and scores finite numbers; fields it does not know are kept);
+    :class:`InputError` naming the first wrong field otherwise."""
+    from pydantic import ValidationError
+
+    if not isinstance(rec, dict):
+        raise InputError(f"a question-log record must be a JSON object; got {type(rec).__name__}")
+    try:
+        _record_models()[0].model_validate(rec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "record"
+        raise InputError(f"not a question-log record: {where}: {err.get('msg', 'invalid')}"[:300]) from None
+    return rec
+
+
 class QuestionLog:
     """The question log of one stream of a store (a local directory or an ``s3://`` URI).
 
@@ -120,10 +182,10 @@ class QuestionLog:
         """One record (``None``: missing or unreadable, with a warning)."""
         try:
             value = self.files.read_json(f"{self.folder}/{rid}.json")
-        except StoreError as exc:
+            return None if value is None else check_record(value)
+        except (StoreError, InputError) as exc:
             log.warning("question log: skipping %s (%s)", rid, exc)
             return None
-        return value
 
     def config(self, chash: str) -> dict[str, Any] | None:
         """The configuration a record's ``config_hash`` names (``None`` if not kept)."""
@@ -182,8 +244,14 @@ def _matches(rec: dict[str, Any], q: str | None, model: str | None, chash: str |
 
 
 def format_record(rec: dict[str, Any], per_level: int = 3) -> str:
-    """A record as text: time, model and configuration, question, answer, blocks, timings."""
+    """A record as text: time, model and configuration, question, answer, blocks, timings.
+
+    Raises:
+        InputError: ``rec`` is not a record (:func:`check_record`).
+    """
     from .plots import format_time
+
+    check_record(rec)
 
     lines = [f"## {rec.get('time', '?')}  (stream {rec.get('stream_id', '?')!r} at "
              f"{format_time(float(rec.get('stream_time') or 0))}, model {rec.get('model', '?')}, "

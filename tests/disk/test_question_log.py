@@ -163,3 +163,42 @@ def test_log_time_filters_refuse_what_is_no_time(text):
         parse_time(text, "--since")
     assert parse_time("1796690000", "--since") == 1796690000.0
     assert parse_time("2026-12-06T14:03:00Z", "--since") == 1796565780.0
+
+
+BAD_RECORDS = {
+    # each once an internal error (ValueError / TypeError) in `mukv logs`, or shown as an empty record
+    "stream_time as text": lambda r: r.__setitem__("stream_time", "x"),
+    "score as text": lambda r: r["blocks"][0].__setitem__("score", "x"),
+    "timing as text": lambda r: r.__setitem__("timings", {"total": "x"}),
+    "notes a number": lambda r: r.__setitem__("notes", 5),
+    "blocks a number": lambda r: r.__setitem__("blocks", 5),
+    "unix_time a boolean": lambda r: r.__setitem__("unix_time", True),
+    "no question": lambda r: r.pop("question"),
+    "an empty object": lambda r: r.clear(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_a_malformed_record_is_skipped_with_a_warning(tmp_path, tiny_model, capsys, caplog, case):
+    from mukv.logs import check_record, format_record
+
+    path = tmp_path / "s"
+    with Session(model=tiny_model, backend="lancedb", path=path, log_questions=True) as s:
+        s.feed(_frames(4))
+        s.ask("first?", max_new_tokens=1)
+        s.ask("second?", max_new_tokens=1)
+    qlog = QuestionLog(str(path))
+    first = path / "logs" / "default" / f"{qlog.ids()[0]}.json"
+    rec = json.loads(first.read_text())
+    assert rec["blocks"], rec
+    check_record(rec)  # what the log writes is a record
+    BAD_RECORDS[case](rec)
+    first.write_text(json.dumps(rec))
+    with pytest.raises(mukv.InputError, match="question-log record"):
+        format_record(rec)
+    assert [r["question"] for r in qlog.records()] == ["second?"]
+    assert "skipping" in caplog.text
+    capsys.readouterr()
+    assert main(["logs", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "second?" in out.out and "first?" not in out.out and "internal error" not in out.err
