@@ -19,6 +19,7 @@ is safe from any thread.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import textwrap
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
 
 #: Store state key under which :func:`record_memory` keeps a stream's memory history.
 MEMORY_HISTORY_KEY = "memory_history"
+log = logging.getLogger(__name__)
 #: Most records kept in a store's memory history (older ones are thinned out).
 MAX_HISTORY = 2048
 
@@ -507,10 +509,49 @@ def memory_snapshot(session: "Session") -> dict[str, Any]:
             "levels": levels, "hot_budget": budget}
 
 
+def memory_record_problem(rec: Any) -> str | None:
+    """What is wrong with one memory record (as :func:`memory_snapshot` makes them), or ``None``:
+    ``frames`` a count, ``time`` a finite number, ``tiers`` and ``levels`` maps of names to byte
+    counts, ``hot_budget`` a byte count or null."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(rec, dict):
+        return f"not an object ({type(rec).__name__})"
+    if not count(rec.get("frames")):
+        return f"frames must be a count; got {rec.get('frames')!r}"[:160]
+    t = rec.get("time")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return f"time must be a finite number; got {t!r}"[:160]
+    for key in ("tiers", "levels"):
+        m = rec.get(key)
+        if not isinstance(m, dict) or not all(isinstance(k, str) and count(v) for k, v in m.items()):
+            return f"{key} must map names to byte counts; got {m!r}"[:160]
+    if rec.get("hot_budget") is not None and not count(rec["hot_budget"]):
+        return f"hot_budget must be a byte count or null; got {rec['hot_budget']!r}"[:160]
+    return None
+
+
 def memory_history(session: "Session") -> list[dict[str, Any]]:
-    """The memory records kept in a session's store by :func:`record_memory`."""
+    """The memory records kept in a session's store by :func:`record_memory`. Records the store holds
+    that are not memory records (a damaged state file; :func:`memory_record_problem`) are left out, each
+    with a warning naming it."""
     _session(session, "memory_history")
-    return list(session.backend.get_state(MEMORY_HISTORY_KEY, None) or [])
+    raw = session.backend.get_state(MEMORY_HISTORY_KEY, None)
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        log.warning("stream %r: its memory history is not a list (%s); ignored", session.stream_id,
+                    type(raw).__name__)
+        return []
+    out = []
+    for i, rec in enumerate(raw):
+        why = memory_record_problem(rec)
+        if why:
+            log.warning("stream %r: memory record %d left out: %s", session.stream_id, i, why)
+        else:
+            out.append(rec)
+    return out
 
 
 def record_memory(session: "Session") -> dict[str, Any]:
@@ -556,11 +597,14 @@ def plot_memory(
         ``path`` as a :class:`~pathlib.Path`, or the PNG bytes.
 
     Raises:
-        InputError: no records.
+        InputError: no records, or a record that is not a memory record (:func:`memory_record_problem`).
     """
     if not isinstance(records, (list, tuple)):
         records = memory_history(_session(records, "plot_memory"))
-    records = [r for r in records if isinstance(r, dict)]
+    for i, r in enumerate(records):
+        why = memory_record_problem(r)
+        if why:
+            raise InputError(f"plot_memory: record {i}: {why}")
     if not records:
         raise InputError("no memory records to plot (record them with mukv.plots.record_memory or mukv ingest)")
     if float(records[0].get("time", 0.0)) > 0:  # start the curves at an empty store

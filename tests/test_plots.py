@@ -153,3 +153,29 @@ def test_level_tiers_reads_the_shapes_backends_report():
 def test_formatting_helpers():
     assert plots.format_bytes(1536) == "1.5 KiB" and plots.format_bytes(10) == "10 B"
     assert plots.format_time(75) == "1:15" and plots.format_time(3600 * 25 + 61) == "1d 1:01:01"
+
+
+@pytest.mark.parametrize("history, words", [
+    (5, "not a list"), ([5], "not an object"), ([{"frames": "x"}], "frames must be a count"),
+    ([{"frames": 1, "time": "x", "levels": {}, "tiers": {}}], "time must be a finite number"),
+    ([{"frames": 1, "time": 1.0, "levels": {"patch": "x"}, "tiers": {}}], "levels must map"),
+])
+def test_a_damaged_memory_history_is_left_out_and_heals(tiny_model, frames, tmp_path, caplog, history, words):
+    # once an internal error in mukv plot memory, mukv inspect, and in mukv ingest after every chunk
+    import json
+
+    path = tmp_path / "s.mukv"
+    with mukv.Session(model=tiny_model, backend="lancedb", path=path) as s:
+        s.feed(frames(4))
+        plots.record_memory(s)
+    state = json.loads((path / "streams" / "default.json").read_text())
+    state["values"]["memory_history"] = history
+    (path / "streams" / "default.json").write_text(json.dumps(state))
+    with mukv.Session.open(path, model=tiny_model) as s:
+        assert plots.memory_history(s) == []
+        assert words in caplog.text
+        s.feed(frames(4, seed=1))
+        plots.record_memory(s)  # the history starts again from the records that are whole
+        assert [r["frames"] for r in plots.memory_history(s)] == [8]
+    with pytest.raises(InputError, match="plot_memory: record 0: "):
+        plots.plot_memory(history if isinstance(history, list) else [history])
