@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ..errors import InputError
 from .questions import Question, pose
 from .render import render_into, render_state
 from .scene import (
@@ -58,6 +59,8 @@ TAG_TAIL = 7
 _CHUNK = 4096
 #: Most questions one stream can carry (so that reserved key pairs stay under a third of all 840).
 MAX_QUESTIONS = 240
+#: Frames of one generated stream at most (231 days at 0.5 fps): its timeline is built in memory.
+MAX_FRAMES = 10_000_000
 _SPARE_KEYS = 32
 
 
@@ -93,19 +96,22 @@ class StreamSpec:
         object.__setattr__(self, "kinds", tuple(self.kinds))
         object.__setattr__(self, "filler_s", tuple(float(v) for v in self.filler_s))
         if self.seed < 0:
-            raise ValueError("seed must be non-negative")
-        if self.fps <= 0 or self.minutes <= 0:
-            raise ValueError("minutes and fps must be positive")
+            raise InputError("seed must be non-negative")
+        if not (math.isfinite(self.fps) and math.isfinite(self.minutes) and self.fps > 0 and self.minutes > 0):
+            raise InputError("minutes and fps must be positive finite numbers")
+        if self.minutes * 60.0 * self.fps > MAX_FRAMES:
+            raise InputError(f"a generated stream holds at most {MAX_FRAMES:,} frames; {self.minutes:g} minutes at "
+                             f"{self.fps:g} fps would be {self.minutes * 60.0 * self.fps:.3g} (use several seeds)")
         if self.size < 16:
-            raise ValueError("size must be at least 16 pixels")
+            raise InputError("size must be at least 16 pixels")
         if not 0 <= self.questions <= MAX_QUESTIONS:
-            raise ValueError(f"questions must be in [0, {MAX_QUESTIONS}] per stream; use more seeds for more")
+            raise InputError(f"questions must be in [0, {MAX_QUESTIONS}] per stream; use more seeds for more")
         bad = [k for k in self.kinds if k not in LEVELS]
         if bad or not self.kinds:
-            raise ValueError(f"unknown question kinds {bad}; expected a subset of {KINDS}")
+            raise InputError(f"unknown question kinds {bad}; expected a subset of {KINDS}")
         lo, hi = self.filler_s
         if not 0 < lo <= hi:
-            raise ValueError("filler_s must be (lo, hi) with 0 < lo <= hi")
+            raise InputError("filler_s must be (lo, hi) with 0 < lo <= hi")
 
     @property
     def num_frames(self) -> int:
@@ -235,7 +241,7 @@ class Stream:
             # Depths in frames: log-uniform, stratified over the questions.
             room = N - 1 - MAX_SCENE_LEN
             if room < 2:
-                raise ValueError(f"stream of {N} frames is too short for questions")
+                raise InputError(f"stream of {N} frames is too short for questions")
             min_d = max(1, int(math.ceil(spec.min_depth_s * self.fps)))
             if min_d > room // 4:
                 min_d = max(1, room // 8)

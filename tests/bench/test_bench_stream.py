@@ -109,8 +109,16 @@ def test_state_matches_scene(stream):
 
 
 def test_spec_validation_and_short_streams():
+    import mukv
+
     with pytest.raises(ValueError):
         StreamSpec(seed=0, minutes=10, questions=10_000)
+    for minutes in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(mukv.InputError, match="positive finite"):
+            StreamSpec(seed=0, minutes=minutes)
+    # once built in memory until the process was killed (mukv demo --minutes 1e9)
+    with pytest.raises(mukv.InputError, match="at most 10,000,000 frames"):
+        StreamSpec(seed=0, minutes=1e9)
     with pytest.raises(ValueError):
         StreamSpec(seed=0, minutes=10, kinds=("nope",))
     with pytest.raises(ValueError):
