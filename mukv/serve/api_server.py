@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any
 
+from ..errors import ConfigError
 from .config import ServeConfig, is_loopback
 
 #: seconds open requests (a streamed answer) get to finish after SIGTERM
@@ -31,7 +32,11 @@ def run(config: ServeConfig, model: Any = None, log_level: str = "info") -> None
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     with socket.socket(family) as probe:  # a port in use fails here, in one line, before the model loads
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((config.host, config.port))
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:  # a port in use or not ours to take, a host name that does not resolve
+            raise ConfigError(f"serve: cannot listen on {config.host!r} port {config.port}: "
+                              f"{exc.strerror or exc}") from None
     engine = Engine(config, model)
     engine.load()  # a bad model or store fails here, as a mukv error, before uvicorn starts
     app = create_app(config, engine=engine)

@@ -167,3 +167,23 @@ def serve_once(tmp_path_factory, tiny_model):
         c.push("s", frames(6))
         stored(c, "s", 6)
         yield url, c
+
+
+def test_an_address_that_cannot_be_taken_is_a_config_error_before_anything_loads(tmp_path):
+    # once a raw OSError ("[Errno 98] Address already in use", "[Errno -2] Name or service not known")
+    import socket
+
+    import mukv
+    from mukv.serve import api_server
+    from mukv.serve.config import ServeConfig
+
+    store = tmp_path / "s"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(mukv.ConfigError, match=f"cannot listen on '127.0.0.1' port {port}: Address already in use"):
+            api_server.run(ServeConfig(store=str(store), port=port))
+    with pytest.raises(mukv.ConfigError, match="cannot listen on 'no-such-host.invalid' port"):
+        api_server.run(ServeConfig(store=str(store), host="no-such-host.invalid", token="t" * 20, port=0))
+    assert not store.exists()  # nothing loaded, nothing created
