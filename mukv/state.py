@@ -181,7 +181,7 @@ class GapRecord(BaseModel):
     """Stream time of the first dropped frame."""
     t_end: Time
     """Stream time of the last dropped frame."""
-    frames: Annotated[StrictInt, Field(ge=1)]
+    frames: Annotated[StrictInt, Field(ge=1, le=1 << 62)]
     """How many frames were dropped."""
     after_frame: Count
     """Stream index of the frame before the gap (frames stored so far)."""

@@ -36,6 +36,8 @@ from .state import MAX_STREAM_TIME, SourceRecord, StreamValues
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: gaps kept per stream (older adjacent ones merge)
 MAX_GAPS = 10_000
+#: Frames one :meth:`Stream.record_gap` call may record (a week at 1,000 fps is 6e8).
+MAX_GAP_FRAMES = 1 << 40
 
 
 def encode_pending(embeds: torch.Tensor) -> tuple[bytes, str]:
@@ -281,8 +283,8 @@ class Stream:
 
     def record_gap(self, t_start: float, t_end: float, frames: int, reason: str = "dropped") -> None:
         """Record frames that arrived but were not stored (committed at once)."""
-        if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-            raise InputError(f"a gap needs a positive number of frames; got {frames!r}")
+        if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_GAP_FRAMES:
+            raise InputError(f"a gap needs a positive number of frames, at most {MAX_GAP_FRAMES:,}; got {frames!r}"[:200])
         for name, v in (("t_start", t_start), ("t_end", t_end)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(float(v)) <= MAX_STREAM_TIME:
                 raise InputError(f"gap {name} must be a finite stream time in seconds; got {v!r}")

@@ -284,3 +284,24 @@ def test_fork_shares_memory_and_refuses_storage_changes(tiny_model, frames):
             s.fork(config={"compression": {"dedup": True}})
         window.close()  # closing a fork leaves the parent's store open
         assert s.ask("q?").levels() == {"frame": 8}
+
+
+def test_record_gap_records_merges_persists_and_refuses_bad_gaps(tiny_model, frames, tmp_path):
+    path = tmp_path / "g.mukv"
+    with mukv.Session(model=tiny_model, backend="lancedb", path=path) as s:
+        s.feed(frames(2))
+        before = s.stats()
+        for args in [(5.0, 1.0, 3), (float("nan"), 1.0, 3), (0.0, float("inf"), 3), (0.0, 1.0, 0), (0.0, 1.0, -1),
+                     (0.0, 1.0, True), (0.0, 1.0, 2.5), (0.0, 1.0, 1 << 41), (0.0, 1.0, 10**19), ("0", 1.0, 3)]:
+            with pytest.raises(InputError, match="gap"):
+                s.record_gap(*args)
+        with pytest.raises(InputError, match="reason"):
+            s.record_gap(0.0, 1.0, 3, reason="x" * 201)
+        assert s.stats() == before  # nothing recorded by a refused gap
+        s.record_gap(4.0, 6.0, 2)
+        s.record_gap(6.5, 8.0, 3)  # same place in the stream, same reason: one gap
+        gaps = s.stats()["gaps"]
+        assert len(gaps) == 1 and gaps[0]["frames"] == 5 and gaps[0]["after_frame"] == 2
+        assert (gaps[0]["t_start"], gaps[0]["t_end"]) == (4.0, 8.0)
+    with mukv.Session.open(path, model=tiny_model, read_only=True) as r:
+        assert r.stats()["gaps"] == gaps  # committed at once, read back as recorded
