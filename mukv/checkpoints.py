@@ -37,11 +37,19 @@ def load_checkpoint(path, model_cls, device: torch.device | str = "cpu", dtype: 
         processor = json.loads(pre.read_text()) if pre.exists() else {}
     except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' loaders raise any type (a
         # SafetensorError for a garbage or truncated weights file): the files are bad input, named so
-        raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        raise checkpoint_error(path, exc) from None
     if not isinstance(processor, dict):
         raise StoreError(f"{pre}: must hold a JSON object; found {type(processor).__name__}")
     return model, tokenizer, processor
+
+
+def checkpoint_error(path: Any, exc: BaseException) -> Exception:
+    """The :class:`~mukv.errors.StoreError` for a checkpoint at ``path`` that a loader refused with ``exc``
+    (any type: transformers' and safetensors' loaders raise their own), naming both."""
+    from .errors import StoreError
+
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: {first})")
 
 
 def channel_stats(processor: dict[str, Any], key: str, default: tuple[float, ...], path: Any) -> tuple[float, ...]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import checkpoint_error
 from .config import MukvConfig
 from .errors import ConfigError, InputError, MukvError, StoreError
 from .interfaces import ModelAdapter
@@ -120,8 +121,7 @@ def load_model(model: Any, device: torch.device, dtype: torch.dtype | None = Non
         except Exception as exc:  # noqa: BLE001 - transformers' and safetensors' loaders raise any type
             # (safetensors' SafetensorError for a garbage or truncated weights file, AttributeError for a
             # config of the wrong shape); the checkpoint is bad input, named as such
-            raise StoreError(f"{path}: cannot load the checkpoint ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+            raise checkpoint_error(path, exc) from None
     presets = [n for n, e in reg.entries["models"].items() if not isinstance(e.component, type)]
     raise ConfigError(f"unknown model {name!r}: not a registered preset and not a directory; presets: {sorted(presets)}")
 

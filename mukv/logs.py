@@ -28,9 +28,12 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from .errors import ConfigError, InputError, StoreError
+from .state import FiniteNumber
 
 log = logging.getLogger(__name__)
 
@@ -40,61 +43,43 @@ LOG_DIR = "logs"
 RECORD_VERSION = 1
 
 
-def _finite(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"must be a finite number; got {v!r}"[:120])
-    return float(v)
+class _Block(BaseModel):
+    """A retrieved block of a record, as far as :func:`format_record` reads it."""
+
+    model_config = ConfigDict(extra="allow")
+    level: StrictStr
+    block_id: StrictInt
+    t_start: FiniteNumber
+    score: FiniteNumber
 
 
-def _record_models() -> tuple[type, type]:
-    """The pydantic models of a record and of its retrieved blocks (built on first use)."""
-    global _MODELS
-    if _MODELS is None:
-        from typing import Annotated
+class _Record(BaseModel):
+    """A question-log record, as far as the filters and :func:`format_record` read it (fields it does not
+    know are kept)."""
 
-        from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
-
-        Num = Annotated[float, BeforeValidator(_finite)]
-
-        class Block(BaseModel):
-            model_config = ConfigDict(extra="allow")
-            level: StrictStr
-            block_id: StrictInt
-            t_start: Num
-            score: Num
-
-        class Record(BaseModel):
-            model_config = ConfigDict(extra="allow")
-            question: StrictStr
-            answer: StrictStr
-            unix_time: Num
-            stream_time: Num = 0.0
-            time: StrictStr = "?"
-            stream_id: StrictStr = "?"
-            model: StrictStr = "?"
-            config_hash: StrictStr = "?"
-            kv_tokens: Annotated[StrictInt, Field(ge=0)] = 0
-            blocks: list[Block] = []
-            timings: dict[StrictStr, Num] = {}
-            notes: list[StrictStr] = []
-
-        _MODELS = (Record, Block)
-    return _MODELS
-
-
-_MODELS: tuple[type, type] | None = None
+    model_config = ConfigDict(extra="allow")
+    question: StrictStr
+    answer: StrictStr
+    unix_time: FiniteNumber
+    stream_time: FiniteNumber = 0.0
+    time: StrictStr = "?"
+    stream_id: StrictStr = "?"
+    model: StrictStr = "?"
+    config_hash: StrictStr = "?"
+    kv_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    blocks: list[_Block] = []
+    timings: dict[StrictStr, FiniteNumber] = {}
+    notes: list[StrictStr] = []
 
 
 def check_record(rec: Any) -> dict[str, Any]:
     """``rec`` if it is a question-log record that :func:`format_record` and the filters can read
     (fields of the right types, times and scores finite numbers; fields it does not know are kept);
     :class:`InputError` naming the first wrong field otherwise."""
-    from pydantic import ValidationError
-
     if not isinstance(rec, dict):
         raise InputError(f"a question-log record must be a JSON object; got {type(rec).__name__}")
     try:
-        _record_models()[0].model_validate(rec)
+        _Record.model_validate(rec)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "record"

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -52,6 +53,17 @@ def _finite(v: float | int | None, lo: float = -MAX_STREAM_TIME, hi: float = MAX
 
 
 Time = Annotated[StrictFloat | StrictInt, Field()]
+
+
+def finite_number(v: Any) -> float:
+    """``v`` as a float: an int or float (not a bool) that is finite; ``ValueError`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"must be a finite number; got {v!r}"[:120])
+    return float(v)
+
+
+#: A field holding a finite number (int or float, never a bool, NaN or infinity), read as a float.
+FiniteNumber = Annotated[float, BeforeValidator(finite_number)]
 
 
 class Contract(BaseModel):

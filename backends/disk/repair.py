@@ -30,7 +30,7 @@ from mukv.errors import StoreError
 from mukv.state import validate_values
 
 from .files import FORMAT, FORMAT_VERSION, Files, check_stream_id
-from .state_file import LevelInfo, validate_manifest, validate_state
+from .state_file import LevelInfo, stored_pending_problem, validate_manifest, validate_state
 from .zarr_kv import block_crc
 
 MANIFEST = "mukv.json"
@@ -240,15 +240,10 @@ def _plan_stream(files: Files, manifest: Any, sid: str, check_kv: bool) -> Strea
 def _plan_pending(files: Files, sid: str, vals: dict[str, Any], rep: StreamRepair) -> None:
     """An action dropping the state's pending frames record where its file is missing, of the wrong size
     or fails its CRC-32 (reopening would go on without those frames; the state then says so too)."""
-    from mukv.stream import pending_file_problem
-
     if not vals.get("pending"):
         return
     p = validate_values(vals, f"stream {sid!r}").pending
-    try:
-        why = pending_file_problem(files.read(f"streams/{sid}/{p.file}"), p)
-    except StoreError as exc:
-        why = f"the pending frames file {p.file} cannot be read ({exc})"
+    why = stored_pending_problem(files, sid, p)
     if why:
         rep.actions.append(f"drop the pending frames record ({why}): the levels waiting for frames "
                            f"{p.start}..{p.start + p.count - 1} go on from the next frame fed")

@@ -109,6 +109,20 @@ def read_state(files: Files, stream_id: str, layout: dict[str, Any] | None = Non
     return validate_state(raw, files.uri(rel), stream_id, layout)
 
 
+def stored_pending_problem(files: Files, stream_id: str, pending: Any) -> str | None:
+    """What is wrong with the pending frames file that ``pending`` (a
+    :class:`~mukv.state.PendingFrames` record of the stream's state) names in the stream's folder, or
+    ``None``: missing, unreadable, of the wrong size or failing its CRC-32
+    (:func:`mukv.stream.pending_file_problem`). Used by ``verify_store`` and ``mukv repair``."""
+    from mukv.stream import pending_file_problem
+
+    try:
+        data = files.read(f"streams/{stream_id}/{pending.file}")
+    except StoreError as exc:
+        return f"the pending frames file {pending.file} cannot be read ({exc})"
+    return pending_file_problem(data, pending)
+
+
 class LayoutRecord(BaseModel):
     """The KV layout a store was created for (manifest field ``layout``)."""
 

@@ -49,7 +49,7 @@ import numpy as np
 from mukv.errors import StoreError
 
 from .files import FORMAT, FORMAT_VERSION, Files, check_stream_id
-from .state_file import read_state
+from .state_file import read_state, stored_pending_problem
 from .verify_meaning import check_meaning
 from .zarr_kv import block_crc, describe_ids, dtype_from_name
 
@@ -466,18 +466,8 @@ def _check_stream(files: Files, sid: str, state: dict, layout: dict[str, Any], r
 
 def _check_pending(files: Files, sid: str, state: dict, report: VerifyReport) -> None:
     """The pending frames file the stream's state names: present, of its size, matching its CRC-32."""
-    from mukv.stream import pending_file_problem
-
-    values = state.get("values")
-    p = getattr(values, "pending", None)
-    if p is None:
-        return
-    try:
-        data = files.read(f"streams/{sid}/{p.file}")
-    except StoreError as exc:
-        why = f"the pending frames file {p.file} cannot be read ({exc})"
-    else:
-        why = pending_file_problem(data, p)
+    p = getattr(state.get("values"), "pending", None)
+    why = stored_pending_problem(files, sid, p) if p is not None else None
     if why is None:
         return
     try:  # a writer may have committed since the state was read, naming a newer file and removing this one
