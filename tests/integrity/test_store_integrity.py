@@ -358,3 +358,26 @@ def test_export_and_import_where_no_folder_can_be_made_are_store_errors(store, t
         with pytest.raises(StoreError):
             ms.import_stream(str(dest), str(store), stream_id="copy")
     assert digest(store) == before
+
+
+def test_verify_does_not_call_a_pending_file_a_writer_replaced_meanwhile_damage(tiny_model, tmp_path):
+    # verify reads the state, then the file it names; a writer committing in between names a newer file and
+    # removes the old one: that is no damage
+    from mukv.backends.disk.files import Files
+    from mukv.backends.disk.verify import VerifyReport, _check_pending, _read_states
+
+    path = tmp_path / "p.mukv"
+    with mukv.Session(model=tiny_model, backend="lancedb", path=path, config=FAST) as s:
+        s.feed(frames(7))
+        s.flush()
+        files = Files(str(path))
+        layout = json.loads((path / "mukv.json").read_text())["layout"]
+        old = _read_states(files, "default", layout, VerifyReport(str(path)))["default"]
+        s.feed(frames(2, seed=1))  # frames 7, 8: the pending file of frame 6 goes, frame 8's comes
+        s.flush()
+    assert old["values"].pending.start == 6 and state(path)["values"]["pending"]["start"] == 8
+    assert not (path / "streams" / "default" / old["values"].pending.file).exists()  # the file it names is gone
+    report = VerifyReport(str(path))
+    _check_pending(files, "default", old, report)
+    assert report.problems == []
+    assert verify_store(str(path)).ok
