@@ -60,8 +60,8 @@ def as_timestamps(timestamps: Any, n: int, after: float | None) -> torch.Tensor 
         return None
     try:
         arr = np.asarray(timestamps)
-        if arr.dtype == np.bool_:
-            raise InputError("timestamps must be numbers (seconds), not booleans")
+        if arr.dtype == np.bool_ or arr.dtype.kind == "c":
+            raise InputError(f"timestamps must be real numbers (seconds), not {'booleans' if arr.dtype == np.bool_ else 'complex'}")
         if arr.ndim > 1:
             raise InputError(f"timestamps must be one number per frame, shape [{n}]; got shape {list(arr.shape)}")
         ts = torch.as_tensor(arr.astype(np.float64)).reshape(-1)

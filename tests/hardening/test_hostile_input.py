@@ -172,6 +172,7 @@ def test_feed_hostile_timestamps(ts_session, n, ts):
     (np.array([["2026-12-06T14:03:00Z", "2026-12-06T14:03:01Z"]] * 2), "one time per frame, shape [n]; got shape [2, 2]"),
     (np.arange(4, dtype=np.float64).reshape(2, 2) + 1.7e9, "one time per frame"),
     (torch.tensor([True, True, False, False]), "not booleans"),
+    (np.array([1 + 2j, 2, 3, 4]), "not complex"),  # astype(float64) would drop the imaginary part
 ])
 def test_timestamps_of_another_shape_or_booleans_are_refused(ts_session, ts, words):
     # once flattened or read as 0/1: a [2, 2] array of times for four frames, or booleans, was taken as times
